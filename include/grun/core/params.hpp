@@ -1,0 +1,139 @@
+#pragma once
+// grun/core/params.hpp — parameters as plain aggregates of views, reflected with Boost.PFR.
+//
+// A policy declares its parameters once, as an aggregate of `param<T>` fields (or of nested
+// aggregates), plus a `shape(params&, dims)` that sets each field's extents. Everything else —
+// allocation, zero-grad, AdamW, parameter counting, (de)serialization — walks those fields
+// generically with for_each_param, so no policy writes per-parameter boilerplate.
+#include <boost/pfr.hpp>
+
+#include <array>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "tensor.hpp"
+
+namespace grun {
+
+/// One contiguous parameter tensor: a matrix [rows, cols] or, when `is_vector`, a vector [cols]
+/// (rows == 1). Non-owning; trivially copyable so it crosses to the device by value.
+template <class T, class Space = host_space>
+struct param {
+  using value_type = T;
+  using memory_space = Space;
+  T* data = nullptr;
+  index_t rows = 0;
+  index_t cols = 0;
+  bool is_vector = false;
+
+  GRUN_HD index_t size() const { return rows * cols; }
+  GRUN_HD T& operator()(index_t i, index_t j) const { return data[i * cols + j]; }
+  GRUN_HD T& operator[](index_t i) const { return data[i]; }
+  GRUN_HD T* row(index_t i) const { return data + i * cols; }
+  /// Shape as written to files: [cols] for a vector, [rows, cols] for a matrix.
+  std::vector<index_t> shape() const {
+    return is_vector ? std::vector<index_t>{cols} : std::vector<index_t>{rows, cols};
+  }
+  matrix_view<T, Space> view() const { return {data, {rows, cols}}; }
+};
+
+/// Shape-only constructors used by policies' shape() functions.
+template <class T, class S> void set_matrix(param<T, S>& p, index_t rows, index_t cols) {
+  p.rows = rows; p.cols = cols; p.is_vector = false;
+}
+template <class T, class S> void set_vector(param<T, S>& p, index_t n) {
+  p.rows = 1; p.cols = n; p.is_vector = true;
+}
+
+namespace detail {
+template <class X> struct is_param : std::false_type {};
+template <class T, class S> struct is_param<param<T, S>> : std::true_type {};
+}  // namespace detail
+
+/// Calls f(param&) for every leaf param of an aggregate, depth first, in declaration order.
+template <class Params, class F>
+void for_each_param(Params& p, F&& f) {
+  if constexpr (detail::is_param<std::remove_const_t<Params>>::value) {
+    f(p);
+  } else {
+    static_assert(std::is_aggregate_v<std::remove_const_t<Params>>,
+                  "grun::for_each_param: a parameter struct must be an aggregate of grun::param fields");
+    boost::pfr::for_each_field(p, [&](auto& field) { for_each_param(field, f); });
+  }
+}
+
+/// Calls f(a_leaf, b_leaf) pairwise over two aggregates of the same type (params and grads, say).
+template <class Params, class Other, class F>
+void for_each_param_pair(Params& a, Other& b, F&& f) {
+  if constexpr (detail::is_param<std::remove_const_t<Params>>::value) {
+    f(a, b);
+  } else {
+    constexpr std::size_t n = boost::pfr::tuple_size_v<std::remove_const_t<Params>>;
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (for_each_param_pair(boost::pfr::get<I>(a), boost::pfr::get<I>(b), f), ...);
+    }(std::make_index_sequence<n>{});
+  }
+}
+
+/// Number of scalar parameters.
+template <class Params>
+index_t parameter_count(const Params& p) {
+  index_t n = 0;
+  for_each_param(p, [&](const auto& leaf) { n += leaf.size(); });
+  return n;
+}
+
+namespace detail {
+template <class P> auto& first_leaf(P& p) {
+  if constexpr (is_param<P>::value) return p;
+  else return first_leaf(boost::pfr::get<0>(p));
+}
+}  // namespace detail
+
+/// Storage type of a parameter aggregate (the value_type of its first leaf).
+template <class Params>
+using param_value_t = typename std::remove_cvref_t<decltype(detail::first_leaf(std::declval<Params&>()))>::value_type;
+
+/// Host storage for one parameter aggregate: one aligned buffer carved into the fields, so
+/// an optimizer or a copy touches one contiguous block.
+template <class Params>
+class owned_params {
+ public:
+  using value_type = param_value_t<Params>;
+
+  owned_params() = default;
+  /// `shaped` carries extents only (data pointers null), as set by a policy's shape().
+  explicit owned_params(const Params& shaped) : view_(shaped) {
+    storage_ = buffer<value_type>(parameter_count(view_));
+    index_t offset = 0;
+    for_each_param(view_, [&](auto& leaf) { leaf.data = storage_.data() + offset; offset += leaf.size(); });
+  }
+  owned_params(const owned_params& o) : owned_params(o.view_) { copy_from(o); }
+  owned_params& operator=(const owned_params& o) {
+    if (this != &o) { *this = owned_params(o.view_); copy_from(o); }
+    return *this;
+  }
+  owned_params(owned_params&&) noexcept = default;
+  owned_params& operator=(owned_params&&) noexcept = default;
+
+  Params& operator*() { return view_; }
+  const Params& operator*() const { return view_; }
+  Params* operator->() { return &view_; }
+  const Params* operator->() const { return &view_; }
+  value_type* data() { return storage_.data(); }
+  const value_type* data() const { return storage_.data(); }
+  index_t size() const { return storage_.size(); }
+  void zero() { if (size()) std::memset(static_cast<void*>(data()), 0, sizeof(value_type) * size()); }
+
+ private:
+  void copy_from(const owned_params& o) {
+    if (size()) std::memcpy(static_cast<void*>(data()), o.data(), sizeof(value_type) * size());
+  }
+  Params view_{};
+  buffer<value_type> storage_;
+};
+
+}  // namespace grun
