@@ -35,8 +35,9 @@ concept memory_space = std::same_as<S, host_space> || std::same_as<S, cuda_space
 template <class T, int Rank, memory_space Space = host_space>
 class tensor_view {
   static_assert(Rank >= 1 && Rank <= 4, "grun::tensor_view: rank must be 1..4");
-  static_assert(is_storage_type_v<std::remove_const_t<T>>,
-                "grun::tensor_view: value type must be float, double, grun::half or grun::bfloat16");
+  static_assert(is_storage_type_v<std::remove_const_t<T>> || std::is_integral_v<std::remove_const_t<T>>,
+                "grun::tensor_view: value type must be float, double, grun::half, grun::bfloat16 or an "
+                "integer (labels, positions)");
 
  public:
   using value_type = T;
@@ -161,7 +162,8 @@ void require_rows_contiguous(const V& v, const char* what) {
 /// A 64-byte aligned, zero-initialised host array. Move-only; view() hands out tensor_views.
 template <class T>
 class buffer {
-  static_assert(is_storage_type_v<T>, "grun::buffer: element type must be a grun storage type");
+  static_assert(is_storage_type_v<T> || std::is_integral_v<T>,
+                "grun::buffer: element type must be a grun storage type or an integer");
   struct free_deleter { void operator()(T* p) const { ::operator delete[](p, std::align_val_t{64}); } };
 
  public:
