@@ -1,0 +1,5 @@
+#pragma once
+#define GRUN_VERSION_MAJOR 0
+#define GRUN_VERSION_MINOR 1
+#define GRUN_VERSION_PATCH 0
+#define GRUN_VERSION_STRING "0.1.0"
