@@ -93,9 +93,19 @@ template <class P> auto& first_leaf(P& p) {
 }
 }  // namespace detail
 
-/// Storage type of a parameter aggregate (the value_type of its first leaf).
+namespace detail {
+template <class P> struct param_value {
+  using type = typename std::remove_cvref_t<decltype(first_leaf(std::declval<P&>()))>::value_type;
+};
+/// An aggregate may name its storage type (needed when its first field is an empty aggregate,
+/// e.g. a gate without parameters).
+template <class P> requires requires { typename P::value_type; }
+struct param_value<P> { using type = typename P::value_type; };
+}  // namespace detail
+
+/// Storage type of a parameter aggregate (its value_type if it declares one, else the value_type of its first leaf).
 template <class Params>
-using param_value_t = typename std::remove_cvref_t<decltype(detail::first_leaf(std::declval<Params&>()))>::value_type;
+using param_value_t = typename detail::param_value<std::remove_const_t<Params>>::type;
 
 /// Host storage for one parameter aggregate: one aligned buffer carved into the fields, so
 /// an optimizer or a copy touches one contiguous block.

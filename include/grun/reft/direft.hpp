@@ -1,0 +1,100 @@
+#pragma once
+// grun/reft/direft.hpp — direct low-rank ReFT (Wu et al. 2024, "ReFT", DiReFT variant without the
+// orthogonality and the subtraction):
+//     Δ(h) = W2ᵀ (W1 h + b),   W1 [r, d], W2 [r, d], b [r]
+//
+// Field names follow pyreft's layout so checkpoints line up with loreft's:
+//   rotate_layer = W2 (the up-projection, stored [r, d]; on disk [d, r] like loreft's, IO transposes),
+//   weight = W1, bias = b (the learned source). Unlike loreft, rotate_layer is NOT constrained:
+//   has_rotation = false, so an orthogonality policy other than ortho::none does not compile with it.
+#include <array>
+#include <cmath>
+#include <string_view>
+#include <vector>
+
+#include "../concepts.hpp"
+#include "../ortho/none.hpp"
+#include "../ortho/qr_retraction.hpp"
+
+namespace grun::reft {
+
+template <index_t Rank>
+struct direft {
+  static_assert(Rank > 0, "grun::reft::direft: rank r must be positive");
+  static constexpr const char* name = "reft::direft";
+  static constexpr index_t rank = Rank;
+  static constexpr bool has_rotation = false;
+  using default_ortho = ortho::none;
+
+  template <class T, class Space = host_space>
+  struct params {
+    param<T, Space> rotate_layer;  // W2 [r, d]  (up-projection)
+    param<T, Space> weight;        // W1 [r, d]  (down-projection)
+    param<T, Space> bias;          // b  [r]
+  };
+  static constexpr std::array<std::string_view, 3> param_names{"rotate_layer", "weight", "bias"};
+
+  template <class T, class S>
+  static void shape(params<T, S>& p, index_t d) {
+    set_matrix(p.rotate_layer, Rank, d);
+    set_matrix(p.weight, Rank, d);
+    set_vector(p.bias, Rank);
+  }
+  /// scratch = [u = W1 h + b (r)]
+  GRUN_HD static constexpr index_t scratch_size(index_t) { return Rank; }
+
+  template <class Acc, class P>
+  GRUN_HD static void forward(const P& p, const Acc* h, index_t d, Acc* delta, Acc* scratch) {
+    Acc* u = scratch;
+    for (index_t k = 0; k < Rank; ++k) {
+      const auto* wk = p.weight.row(k);
+      Acc s = load<Acc>(p.bias[k]);
+      for (index_t j = 0; j < d; ++j) s += load<Acc>(wk[j]) * h[j];
+      u[k] = s;
+    }
+    for (index_t j = 0; j < d; ++j) delta[j] = Acc(0);
+    for (index_t k = 0; k < Rank; ++k) {
+      const auto* w2 = p.rotate_layer.row(k);
+      for (index_t j = 0; j < d; ++j) delta[j] += load<Acc>(w2[j]) * u[k];
+    }
+  }
+
+  // du = W2 δ;  dW2_k += u_k δ,  dW1_k += du_k h,  db += du,  dh += W1ᵀ du.
+  template <class Acc, class P, class G>
+  GRUN_HD static void backward(const P& p, const G& grads, const Acc* h, index_t d, Acc* scratch, const Acc* ddelta,
+                               Acc* dh) {
+    const Acc* u = scratch;
+    for (index_t k = 0; k < Rank; ++k) {
+      const auto* w2 = p.rotate_layer.row(k);
+      const auto* w1 = p.weight.row(k);
+      Acc du = 0;
+      for (index_t j = 0; j < d; ++j) du += load<Acc>(w2[j]) * ddelta[j];
+      auto* g2 = grads.rotate_layer.row(k);
+      auto* g1 = grads.weight.row(k);
+      grads.bias[k] += du;
+      for (index_t j = 0; j < d; ++j) {
+        g2[j] += u[k] * ddelta[j];
+        g1[j] += du * h[j];
+        dh[j] += du * load<Acc>(w1[j]);
+      }
+    }
+  }
+
+  /// Initialization (used by grun::init): W2 = orthonormalized Gaussian rows (as pyreft initializes
+  /// its rotate_layer), W1 ~ N(0, 1/d), b = 0.
+  template <class T, class S, class Rng>
+  static void init(const params<T, S>& p, Rng& rng) {
+    const index_t r = p.rotate_layer.rows, d = p.rotate_layer.cols;
+    std::vector<double> W2(static_cast<std::size_t>(r * d));
+    for (auto& x : W2) x = rng.normal();
+    if (r <= d) ortho::detail::orthonormalize_rows(W2.data(), r, d);
+    for (index_t i = 0; i < r * d; ++i) p.rotate_layer[i] = store<T>(W2[i]);
+    const double sd = 1.0 / std::sqrt(double(d));
+    for (index_t i = 0; i < p.weight.size(); ++i) p.weight[i] = store<T>(sd * rng.normal());
+    for (index_t i = 0; i < p.bias.size(); ++i) p.bias[i] = store<T>(0.0);
+  }
+};
+
+static_assert(reft_policy<direft<4>>);
+
+}  // namespace grun::reft

@@ -1,0 +1,126 @@
+#pragma once
+// grun/reft/loreft.hpp — low-rank linear subspace ReFT (Wu et al. 2024, "ReFT", arXiv 2404.03592, eq. 2):
+//     Δ(h) = Rᵀ (W h + b − R h),   R [r, d] (orthonormal rows for loreft), W [r, d], b [r]
+// The edit replaces the coordinates of h in R's row space by W h + b and leaves the orthogonal
+// complement alone. noreft<r> is the same formula with R unconstrained.
+//
+// Memory layout: R is stored [r, d] (rows = the subspace basis). Reference checkpoints (pyreft)
+// store `rotate_layer` as [d, r]; IO transposes that one tensor.
+#include <array>
+#include <cmath>
+#include <string_view>
+#include <vector>
+
+#include "../concepts.hpp"
+#include "../ortho/none.hpp"
+#include "../ortho/qr_retraction.hpp"
+
+namespace grun::reft {
+
+namespace detail {
+/// Shared body of loreft and noreft (they differ only in the default orthogonality policy).
+template <index_t Rank>
+struct lowrank_edit {
+  static_assert(Rank > 0, "grun::reft: rank r must be positive");
+  static constexpr index_t rank = Rank;
+  static constexpr bool has_rotation = true;
+
+  template <class T, class Space = host_space>
+  struct params {
+    param<T, Space> rotate_layer;  // R [r, d]
+    param<T, Space> weight;        // W [r, d]   (learned_source.weight)
+    param<T, Space> bias;          // b [r]      (learned_source.bias)
+  };
+  static constexpr std::array<std::string_view, 3> param_names{"rotate_layer", "weight", "bias"};
+
+  template <class T, class S>
+  static void shape(params<T, S>& p, index_t d) {
+    set_matrix(p.rotate_layer, Rank, d);
+    set_matrix(p.weight, Rank, d);
+    set_vector(p.bias, Rank);
+  }
+  template <class T, class S> static param<T, S>& rotation(params<T, S>& p) { return p.rotate_layer; }
+  template <class T, class S> static const param<T, S>& rotation(const params<T, S>& p) { return p.rotate_layer; }
+
+  /// scratch = [s = R h (r) | e = W h + b − R h (r)]
+  GRUN_HD static constexpr index_t scratch_size(index_t) { return 2 * Rank; }
+
+  template <class Acc, class P>
+  GRUN_HD static void forward(const P& p, const Acc* h, index_t d, Acc* delta, Acc* scratch) {
+    Acc* s = scratch;
+    Acc* e = scratch + Rank;
+    for (index_t k = 0; k < Rank; ++k) {
+      const auto* rk = p.rotate_layer.row(k);
+      const auto* wk = p.weight.row(k);
+      Acc sr = 0, sw = 0;
+      for (index_t j = 0; j < d; ++j) {
+        sr += load<Acc>(rk[j]) * h[j];
+        sw += load<Acc>(wk[j]) * h[j];
+      }
+      s[k] = sr;
+      e[k] = sw + load<Acc>(p.bias[k]) - sr;
+    }
+    for (index_t j = 0; j < d; ++j) delta[j] = Acc(0);
+    for (index_t k = 0; k < Rank; ++k) {
+      const auto* rk = p.rotate_layer.row(k);
+      for (index_t j = 0; j < d; ++j) delta[j] += load<Acc>(rk[j]) * e[k];
+    }
+  }
+
+  // With δ = dL/dΔ and de = R δ [r]:
+  //   dR_k += e_k δ − de_k h,   dW_k += de_k h,   db += de,   dh += Σ_k de_k (W_k − R_k).
+  template <class Acc, class P, class G>
+  GRUN_HD static void backward(const P& p, const G& grads, const Acc* h, index_t d, Acc* scratch, const Acc* ddelta,
+                               Acc* dh) {
+    const Acc* e = scratch + Rank;
+    for (index_t k = 0; k < Rank; ++k) {
+      const auto* rk = p.rotate_layer.row(k);
+      const auto* wk = p.weight.row(k);
+      Acc de = 0;
+      for (index_t j = 0; j < d; ++j) de += load<Acc>(rk[j]) * ddelta[j];
+      auto* gr = grads.rotate_layer.row(k);
+      auto* gw = grads.weight.row(k);
+      grads.bias[k] += de;
+      for (index_t j = 0; j < d; ++j) {
+        gr[j] += e[k] * ddelta[j] - de * h[j];
+        gw[j] += de * h[j];
+        dh[j] += de * (load<Acc>(wk[j]) - load<Acc>(rk[j]));
+      }
+    }
+  }
+
+  /// Initialization (used by grun::init): R = orthonormalized Gaussian rows; W ~ N(0, 1/d) (the
+  /// scale of nn.Linear's default init); b = 0.
+  template <class T, class S, class Rng>
+  static void init(const params<T, S>& p, Rng& rng) {
+    const index_t r = p.rotate_layer.rows, d = p.rotate_layer.cols;
+    std::vector<double> R(static_cast<std::size_t>(r * d));
+    for (auto& x : R) x = rng.normal();
+    ortho::detail::orthonormalize_rows(R.data(), r, d);
+    for (index_t i = 0; i < r * d; ++i) p.rotate_layer[i] = store<T>(R[i]);
+    const double sd = 1.0 / std::sqrt(double(d));
+    for (index_t i = 0; i < p.weight.size(); ++i) p.weight[i] = store<T>(sd * rng.normal());
+    for (index_t i = 0; i < p.bias.size(); ++i) p.bias[i] = store<T>(0.0);
+  }
+};
+}  // namespace detail
+
+/// LoReFT: R's rows orthonormal, kept so by QR retraction unless another ortho policy is named.
+template <index_t Rank>
+struct loreft : detail::lowrank_edit<Rank> {
+  static constexpr const char* name = "reft::loreft";
+  using default_ortho = ortho::qr_retraction;
+};
+
+/// NoReFT: the LoReFT formula with R an ordinary trainable matrix.
+template <index_t Rank>
+struct noreft : detail::lowrank_edit<Rank> {
+  static constexpr const char* name = "reft::noreft";
+  using default_ortho = ortho::none;
+};
+
+static_assert(reft_policy<loreft<4>>);
+static_assert(reft_policy<loreft<1>>);
+static_assert(reft_policy<noreft<4>>);
+
+}  // namespace grun::reft

@@ -1,0 +1,150 @@
+// Gates: row math against finite differences (double), algebraic laws, initialization, metadata,
+// and a user-defined gate composed with loreft through gated_intervention (the extension point).
+#include "test_intervention_common.hpp"
+
+using namespace grun_test;
+
+namespace {
+
+/// FD check of one gate's row math: L = a·g(h) for random h and a.
+template <class Gate>
+void check_gate_row_fd(index_t d, std::uint64_t seed) {
+  using P = typename Gate::template params<double>;
+  P shaped{};
+  Gate::shape(shaped, d);
+  owned_params<P> p(shaped), grads(shaped);
+  randomize(*p, seed, 0.4);
+  std::vector<double> h = random_vector(d, seed + 1);
+  std::vector<double> scratch(static_cast<std::size_t>(std::max<index_t>(Gate::scratch_size(d), 1)));
+  const double a = 0.7;
+  auto loss = [&]() { return a * Gate::forward(*p, h.data(), d, scratch.data()); };
+  const double g = Gate::forward(*p, h.data(), d, scratch.data());
+  std::vector<double> dh(static_cast<std::size_t>(d), 0.0);
+  Gate::backward(*p, *grads, h.data(), d, scratch.data(), g, a, dh.data());
+
+  std::vector<double> an, nu;
+  auto ps = scalars(*p);
+  auto gs = scalars(*grads);
+  for (std::size_t i = 0; i < ps.size(); ++i) {
+    an.push_back(*gs[i]);
+    nu.push_back(central_difference(ps[i], loss));
+  }
+  CHECK(rel_err(an, nu) < 1e-6);
+  an.clear();
+  nu.clear();
+  for (index_t j = 0; j < d; ++j) {
+    an.push_back(dh[std::size_t(j)]);
+    nu.push_back(central_difference(&h[std::size_t(j)], loss));
+  }
+  CHECK(rel_err(an, nu) < 1e-6);
+}
+
+// A user-defined gate written here, outside the library: g = σ(β · Σ_j h_j²/d − τ), "fires on
+// large-norm rows", with two scalar parameters β, τ. Nothing in grun names it.
+struct norm_gate {
+  static constexpr const char* name = "test::norm_gate";
+  template <class T, class Space = host_space>
+  struct params {
+    param<T, Space> beta;  // [1]
+    param<T, Space> tau;   // [1]
+  };
+  static constexpr std::array<std::string_view, 2> param_names{"beta", "tau"};
+  template <class T, class S> static void shape(params<T, S>& p, index_t) {
+    set_vector(p.beta, 1);
+    set_vector(p.tau, 1);
+  }
+  static constexpr index_t scratch_size(index_t) { return 1; }
+  template <class Acc, class P>
+  static Acc forward(const P& p, const Acc* h, index_t d, Acc* scratch) {
+    Acc m = 0;
+    for (index_t j = 0; j < d; ++j) m += h[j] * h[j];
+    scratch[0] = m / Acc(d);
+    return sigmoid(load<Acc>(p.beta[0]) * scratch[0] - load<Acc>(p.tau[0]));
+  }
+  template <class Acc, class P, class G>
+  static void backward(const P& p, const G& grads, const Acc* h, index_t d, Acc* scratch, Acc g, Acc dg, Acc* dh) {
+    const Acc dz = dg * g * (Acc(1) - g);
+    grads.beta[0] += dz * scratch[0];
+    grads.tau[0] -= dz;
+    const Acc k = dz * load<Acc>(p.beta[0]) * Acc(2) / Acc(d);
+    for (index_t j = 0; j < d; ++j) dh[j] += k * h[j];
+  }
+};
+static_assert(gate_policy<norm_gate>);
+
+}  // namespace
+
+TEST_CASE("gate row math matches finite differences", "[gate][fd]") {
+  for (index_t d : {1, 7, 33}) {
+    INFO("d = " << d);
+    check_gate_row_fd<gate::linear>(d, 10 + std::uint64_t(d));
+    check_gate_row_fd<gate::mlp<5, 3>>(d, 20 + std::uint64_t(d));
+    check_gate_row_fd<gate::mlp<16, 8>>(d, 30 + std::uint64_t(d));
+    check_gate_row_fd<norm_gate>(d, 40 + std::uint64_t(d));
+  }
+}
+
+TEST_CASE("gate laws: zero parameters give σ(0), always gives 1", "[gate][laws]") {
+  const index_t d = 7;
+  std::vector<double> h = random_vector(d, 1);
+  {
+    gate::linear::params<double> s{};
+    gate::linear::shape(s, d);
+    owned_params<decltype(s)> p(s);
+    CHECK(gate::linear::forward(*p, h.data(), d, static_cast<double*>(nullptr)) == 0.5);
+  }
+  {
+    gate::mlp<4, 3>::params<double> s{};
+    gate::mlp<4, 3>::shape(s, d);
+    owned_params<decltype(s)> p(s);
+    std::vector<double> scratch(7);
+    CHECK(gate::mlp<4, 3>::forward(*p, h.data(), d, scratch.data()) == 0.5);
+  }
+  gate::always::params<double> none{};
+  CHECK(gate::always::forward(none, h.data(), d, static_cast<double*>(nullptr)) == 1.0);
+  std::vector<double> dh(std::size_t(d), 0.0);
+  gate::always::backward(none, none, h.data(), d, static_cast<double*>(nullptr), 1.0, 5.0, dh.data());
+  CHECK(std::all_of(dh.begin(), dh.end(), [](double x) { return x == 0.0; }));
+}
+
+TEST_CASE("gate shapes and reference names", "[gate]") {
+  using L = gated_intervention<gate::linear, reft::loreft<4>>;
+  auto s = L::shape<float>(33);
+  CHECK(s.gate.weight.rows == 1);
+  CHECK(s.gate.weight.cols == 33);
+  CHECK(s.gate.bias.is_vector);
+  CHECK(parameter_count(s.gate) == 33 + 1);  // d + 1 per layer (DESIGN)
+  CHECK(gate::linear::param_names[0] == "weight");
+  using M = gated_intervention<gate::mlp<>, reft::loreft<4>>;
+  auto m = M::shape<float>(10);
+  CHECK(m.gate.w1.rows == 256);
+  CHECK(m.gate.w2.rows == 64);
+  CHECK(m.gate.w2.cols == 256);
+  CHECK(m.gate.w3.cols == 64);
+  CHECK(gate::mlp<>::param_names[4] == "4.weight");
+  CHECK(gate::always::param_names.size() == 0);
+  using A = gated_intervention<gate::always, reft::loreft<4>>;
+  CHECK(parameter_count(A::shape<float>(10).gate) == 0);
+}
+
+TEST_CASE("initialized gates start near 0.5", "[gate][init]") {
+  const index_t d = 64, n = 32;
+  auto h = random_matrix<float>(n, d, 5);
+  host_matrix<float> out(n, d);
+  std::vector<float> gates(static_cast<std::size_t>(n));
+  auto pos = positions::all(n);
+  gated_intervention<gate::linear, reft::loreft<4>>::module<float> lin(d, 1);
+  lin.forward(exec::host, h.view(), pos, out.view(), vector_view<float>(gates.data(), {n}));
+  for (float g : gates) CHECK(std::abs(g - 0.5f) < 0.05f);
+  gated_intervention<gate::mlp<>, reft::loreft<4>>::module<float> mlp(d, 1);
+  mlp.forward(exec::host, h.view(), pos, out.view(), vector_view<float>(gates.data(), {n}));
+  for (float g : gates) CHECK(std::abs(g - 0.5f) < 0.05f);
+}
+
+TEST_CASE("a user-defined gate composes with loreft", "[gate][extension][fd]") {
+  using U = gated_intervention<norm_gate, reft::loreft<3>>;
+  check_intervention_fd<U>(7, 5, positions::rows({4, 0, 2}), 3, true, 0.5);
+  check_intervention_fd<U>(33, 3, positions::all(3), 4, false, 0.5);
+  U::module<float> m(9, 2);  // default init (no init() in the policy) and the owning type work too
+  CHECK(parameter_count(m.parameters().gate) == 2);
+}
