@@ -22,6 +22,8 @@
 namespace grun_test {
 using namespace grun;
 
+inline std::size_t sz(index_t n) { return static_cast<std::size_t>(n); }
+
 /// Every scalar of a parameter aggregate, in for_each_param order.
 template <class P>
 auto scalars(const P& p) {
@@ -58,7 +60,7 @@ inline std::vector<double> random_vector(index_t n, std::uint64_t seed, double s
   return v;
 }
 
-/// ‖a − b‖ / max(‖a‖, ‖b‖, 1e-300)
+/// ‖a − b‖ / max(‖a‖, ‖b‖, 1e-8) (the floor keeps identically-zero gradients from reading as 100 % error)
 inline double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
   REQUIRE(a.size() == b.size());
   double num = 0, na = 0, nb = 0;
@@ -67,7 +69,7 @@ inline double rel_err(const std::vector<double>& a, const std::vector<double>& b
     na += a[i] * a[i];
     nb += b[i] * b[i];
   }
-  return std::sqrt(num) / std::max({std::sqrt(na), std::sqrt(nb), 1e-300});
+  return std::sqrt(num) / std::max({std::sqrt(na), std::sqrt(nb), 1e-8});
 }
 
 /// Central difference of f w.r.t. the scalar *x.

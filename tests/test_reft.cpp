@@ -1,0 +1,152 @@
+// ReFT parameterizations: row math against finite differences (double), and the algebraic laws of
+// LoReFT (identity edit when W = R, b = 0; edits live in R's row space; the edit sets R h' = W h + b).
+#include "test_intervention_common.hpp"
+
+using namespace grun_test;
+
+namespace {
+
+template <class Reft>
+struct reft_fixture {
+  using P = typename Reft::template params<double>;
+  index_t d;
+  owned_params<P> p, grads;
+  explicit reft_fixture(index_t d_) : d(d_), p(shaped(d_)), grads(shaped(d_)) {}
+  static P shaped(index_t d) {
+    P s{};
+    Reft::shape(s, d);
+    return s;
+  }
+  std::vector<double> delta(const std::vector<double>& h) const {
+    std::vector<double> out(sz(d)), scratch(sz(Reft::scratch_size(d)));
+    Reft::forward(*p, h.data(), d, out.data(), scratch.data());
+    return out;
+  }
+};
+
+/// FD check: L = cᵀ Δ(h).
+template <class Reft>
+void check_reft_row_fd(index_t d, std::uint64_t seed) {
+  reft_fixture<Reft> f(d);
+  randomize(*f.p, seed, 0.5);
+  std::vector<double> h = random_vector(d, seed + 1), c = random_vector(d, seed + 2);
+  std::vector<double> delta(sz(d)), scratch(sz(Reft::scratch_size(d)));
+  auto loss = [&]() {
+    Reft::forward(*f.p, h.data(), d, delta.data(), scratch.data());
+    double L = 0;
+    for (index_t j = 0; j < d; ++j) L += c[std::size_t(j)] * delta[std::size_t(j)];
+    return L;
+  };
+  loss();
+  std::vector<double> dh(sz(d), 0.0);
+  Reft::backward(*f.p, *f.grads, h.data(), d, scratch.data(), c.data(), dh.data());
+  std::vector<double> an, nu;
+  auto ps = scalars(*f.p);
+  auto gs = scalars(*f.grads);
+  for (std::size_t i = 0; i < ps.size(); ++i) {
+    an.push_back(*gs[i]);
+    nu.push_back(central_difference(ps[i], loss));
+  }
+  CHECK(rel_err(an, nu) < 1e-6);
+  an.clear();
+  nu.clear();
+  for (index_t j = 0; j < d; ++j) {
+    an.push_back(dh[std::size_t(j)]);
+    nu.push_back(central_difference(&h[std::size_t(j)], loss));
+  }
+  CHECK(rel_err(an, nu) < 1e-6);
+}
+
+void orthonormal_rows(const param<double>& R, std::uint64_t seed) {
+  std::vector<double> tmp(sz(R.size()));
+  grun::rng g(seed);
+  for (auto& x : tmp) x = g.normal();
+  ortho::detail::orthonormalize_rows(tmp.data(), R.rows, R.cols);
+  std::copy(tmp.begin(), tmp.end(), R.data);
+}
+
+}  // namespace
+
+TEST_CASE("reft row math matches finite differences", "[reft][fd]") {
+  for (index_t d : {1, 7, 33}) {
+    INFO("d = " << d);
+    check_reft_row_fd<reft::loreft<1>>(d, 100 + std::uint64_t(d));
+    check_reft_row_fd<reft::loreft<4>>(d, 200 + std::uint64_t(d));
+    check_reft_row_fd<reft::noreft<3>>(d, 300 + std::uint64_t(d));
+    check_reft_row_fd<reft::direft<1>>(d, 400 + std::uint64_t(d));
+    check_reft_row_fd<reft::direft<4>>(d, 500 + std::uint64_t(d));
+  }
+}
+
+TEST_CASE("loreft with W = R and b = 0 is the identity edit", "[reft][laws]") {
+  const index_t d = 33;
+  reft_fixture<reft::loreft<4>> f(d);
+  orthonormal_rows(f.p->rotate_layer, 3);
+  std::copy(f.p->rotate_layer.data, f.p->rotate_layer.data + f.p->rotate_layer.size(), f.p->weight.data);
+  auto delta = f.delta(random_vector(d, 4));
+  for (double x : delta) CHECK(std::abs(x) < 1e-14);
+}
+
+TEST_CASE("loreft edits live in R's row space and set R h' = W h + b", "[reft][laws]") {
+  const index_t d = 33, r = 4, n = 6;
+  using U = gated_intervention<gate::always, reft::loreft<4>>;
+  U::module<double> m(d, 9);
+  randomize(m.parameters().reft.weight, 10, 0.3);
+  randomize(m.parameters().reft.bias, 11, 0.3);
+  auto h = random_matrix<double>(n, d, 12);
+  host_matrix<double> out(n, d);
+  std::vector<double> gates(static_cast<std::size_t>(n));
+  m.forward(exec::host, h.view(), positions::all(n), out.view(), vector_view<double>(gates.data(), {n}));
+  const auto& R = m.parameters().reft.rotate_layer;
+  const auto& W = m.parameters().reft.weight;
+  const auto& b = m.parameters().reft.bias;
+  for (index_t i = 0; i < n; ++i) {
+    CHECK(gates[std::size_t(i)] == 1.0);
+    // e = h' − h; e − Rᵀ(R e) must vanish.
+    std::vector<double> e(sz(d)), proj(sz(d), 0.0);
+    for (index_t j = 0; j < d; ++j) e[std::size_t(j)] = out(i, j) - h(i, j);
+    for (index_t k = 0; k < r; ++k) {
+      double s = 0;
+      for (index_t j = 0; j < d; ++j) s += R(k, j) * e[std::size_t(j)];
+      for (index_t j = 0; j < d; ++j) proj[std::size_t(j)] += s * R(k, j);
+    }
+    for (index_t j = 0; j < d; ++j) CHECK(std::abs(e[std::size_t(j)] - proj[std::size_t(j)]) < 1e-12);
+    // R h' = W h + b
+    for (index_t k = 0; k < r; ++k) {
+      double rh = 0, wh = b[k];
+      for (index_t j = 0; j < d; ++j) { rh += R(k, j) * out(i, j); wh += W(k, j) * h(i, j); }
+      CHECK(std::abs(rh - wh) < 1e-12);
+    }
+  }
+}
+
+TEST_CASE("zero parameters give a zero edit", "[reft][laws]") {
+  const index_t d = 7;
+  reft_fixture<reft::noreft<2>> a(d);
+  reft_fixture<reft::direft<2>> b(d);
+  for (double x : a.delta(random_vector(d, 1))) CHECK(x == 0.0);
+  for (double x : b.delta(random_vector(d, 1))) CHECK(x == 0.0);
+  // direft with W1 = 0 is the constant edit W2ᵀ b
+  randomize(b.p->rotate_layer, 2);
+  b.p->bias[0] = 1.5;
+  b.p->bias[1] = -0.5;
+  auto delta = b.delta(random_vector(d, 3));
+  for (index_t j = 0; j < d; ++j)
+    CHECK(delta[std::size_t(j)] == Approx(1.5 * b.p->rotate_layer(0, j) - 0.5 * b.p->rotate_layer(1, j)).margin(1e-15));
+}
+
+TEST_CASE("reft shapes, names and defaults", "[reft]") {
+  using L = gated_intervention<gate::linear, reft::loreft<4>>;
+  static_assert(std::is_same_v<L::ortho_type, ortho::qr_retraction>);
+  static_assert(std::is_same_v<gated_intervention<gate::linear, reft::noreft<4>>::ortho_type, ortho::none>);
+  static_assert(std::is_same_v<gated_intervention<gate::linear, reft::direft<4>>::ortho_type, ortho::none>);
+  auto s = L::shape<float>(4096);
+  CHECK(parameter_count(s.reft) == 2 * 4 * 4096 + 4);  // DESIGN: LoReFT r = 4 adds 2·4·d + 4
+  CHECK(s.reft.rotate_layer.rows == 4);  // [r, d] in memory; files hold [d, r]
+  CHECK(s.reft.rotate_layer.cols == 4096);
+  CHECK(reft::loreft<4>::param_names[0] == "rotate_layer");
+  CHECK(reft::direft<4>::param_names[1] == "weight");
+  CHECK_THROWS_AS(L::shape<float>(3), shape_error);   // qr_retraction needs d >= r
+  CHECK_THROWS_AS(L::shape<float>(0), shape_error);
+  CHECK_NOTHROW(gated_intervention<gate::linear, reft::direft<4>>::shape<float>(3));
+}
