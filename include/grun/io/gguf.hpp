@@ -29,7 +29,8 @@
 //   running aligned sum; each tensor's bytes inside the file.
 //
 // Metadata strings (chat template included) are stored as bytes and never interpreted here.
-// Host byte order is assumed little-endian (static_assert below); mmap'd files are read-only.
+// Host byte order is assumed little-endian (static_assert below). open() maps the file read-only
+// (MAP_PRIVATE): like any mmap reader, it assumes nobody truncates the file while it is open.
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -86,7 +87,7 @@ inline constexpr gguf_type_traits gguf_type_table[] = {
     {gguf_type::F32, "F32", 1, 4},           {gguf_type::F16, "F16", 1, 2},
     {gguf_type::Q4_0, "Q4_0", 32, 18},       {gguf_type::Q4_1, "Q4_1", 32, 20},
     {gguf_type::Q5_0, "Q5_0", 32, 22},       {gguf_type::Q5_1, "Q5_1", 32, 24},
-    {gguf_type::Q8_0, "Q8_0", 32, 34},       {gguf_type::Q8_1, "Q8_1", 32, 36},
+    {gguf_type::Q8_0, "Q8_0", 32, 34},       {gguf_type::Q8_1, "Q8_1", 32, 36},  // (the Python package says 40: stale)
     {gguf_type::Q2_K, "Q2_K", 256, 84},      {gguf_type::Q3_K, "Q3_K", 256, 110},
     {gguf_type::Q4_K, "Q4_K", 256, 144},     {gguf_type::Q5_K, "Q5_K", 256, 176},
     {gguf_type::Q6_K, "Q6_K", 256, 210},     {gguf_type::Q8_K, "Q8_K", 256, 292},
@@ -295,8 +296,10 @@ inline void read_array(cursor& c, gguf_value& v, const std::string& what, int de
   const auto n = static_cast<std::size_t>(v.count);
   switch (v.element_type) {
     case gguf_value_type::array: {
-      gguf_value inner;  // validated, then dropped
-      for (std::size_t i = 0; i < n; ++i) read_array(c, inner, what, depth + 1);
+      for (std::size_t i = 0; i < n; ++i) {
+        gguf_value inner;  // validated, then dropped
+        read_array(c, inner, what, depth + 1);
+      }
       return;
     }
     case gguf_value_type::string: v.strings.reserve(n); break;
