@@ -425,12 +425,12 @@ class bpe_tokenizer {
     while (i < text.size()) {
       const added_token* hit = added_first_byte_[static_cast<unsigned char>(text[i])] ? match_added(text, i, parse_special) : nullptr;
       if (!hit) { ++i; continue; }
-      pre_tokenize(text.substr(start, i - start), bpe_piece);
+      split_text(text.substr(start, i - start), bpe_piece);
       out.push_back(hit->id);
       i += hit->text.size();
       start = i;
     }
-    pre_tokenize(text.substr(start), bpe_piece);
+    split_text(text.substr(start), bpe_piece);
     return out;
   }
 
@@ -449,8 +449,13 @@ class bpe_tokenizer {
   /// The pre-tokenizer's pieces of `text` (no added-token matching), as byte ranges' contents.
   std::vector<std::string> pre_tokenize(std::string_view text) const {
     std::vector<std::string> pieces;
-    pre_tokenize(text, [&](std::string_view p) { pieces.emplace_back(p); });
+    split_text(text, [&](std::string_view p) { pieces.emplace_back(p); });
     return pieces;
+  }
+  /// Whether PCRE2 JIT-compiled the pre-tokenizer pattern (else its interpreter runs).
+  bool regex_jit() const {
+    std::size_t size = 0;
+    return pcre2_pattern_info_8(regex_.get(), PCRE2_INFO_JITSIZE, &size) == 0 && size > 0;
   }
 
   std::int32_t vocab_size() const { return static_cast<std::int32_t>(vocab_.tokens.size()); }
@@ -557,7 +562,7 @@ class bpe_tokenizer {
 
   // ---- pre-tokenization ----------------------------------------------------------------------------
   template <class Emit>
-  void pre_tokenize(std::string_view text, Emit&& emit) const {
+  void split_text(std::string_view text, Emit&& emit) const {
     if (text.empty()) return;
     pcre2_data_ptr data(pcre2_match_data_create_8(4, nullptr));
     if (!data) grun::fail<grun::error>("tokenizer: out of memory creating PCRE2 match data");

@@ -375,7 +375,7 @@ TEST_CASE("tokenizer: SmolLM2 token ids match Hugging Face", "[tokenizer][model]
     dropped += kept != text;
     CHECK(tok.decode(ids) == kept);
   }
-  std::cout << "tokenizer: " << matched << "/" << cases.size() << " strings match HF ids (" << literal_matched
+  std::cout << "tokenizer: PCRE2 " << (tok.regex_jit() ? "JIT" : "interpreter") << "; " << matched << "/" << cases.size() << " strings match HF ids (" << literal_matched
             << " with special tokens as text; " << dropped << " contain bytes without a token)" << std::endl;
 }
 
