@@ -144,10 +144,15 @@ namespace grun::loss::detail {
 /// shapes and the memory space; here: device present, vector path when rows are 16-byte aligned.
 template <>
 struct token_nll_impl<exec::cuda_t> {
-  template <class T, class L, class A>
-  static void forward(const exec::cuda_t& ex, const tensor_view<T, 2, cuda_space>& logits,
-                      const tensor_view<L, 1, cuda_space>& labels, const tensor_view<A, 1, cuda_space>& nll,
-                      const tensor_view<A, 1, cuda_space>& lse) {
+  // Views of any space are accepted so that the front end's run-time space check (host view →
+  // shape_error) compiles; only cuda_space views ever reach a launch.
+  template <class T, class L, class A, memory_space Sp>
+  static void forward(const exec::cuda_t& ex, const tensor_view<T, 2, Sp>& logits,
+                      const tensor_view<L, 1, Sp>& labels, const tensor_view<A, 1, Sp>& nll,
+                      const tensor_view<A, 1, Sp>& lse) {
+    if constexpr (!std::is_same_v<Sp, cuda_space>) {
+      require_space<cuda_space>(logits, "token_nll_forward: logits");
+    } else {
     using E = std::remove_const_t<T>;
     using Acc = acc_t<E>;
     constexpr int B = cuda::detail::nll_block, W = cuda::vec_width<E>;
@@ -161,12 +166,16 @@ struct token_nll_impl<exec::cuda_t> {
     else
       cuda::detail::token_nll_forward_kernel<B, 1, Acc><<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, nll, lse);
     GRUN_CUDA_CHECK_LAUNCH();
+    }
   }
 
-  template <bool Accumulate, class T, class L, class A, class G>
-  static void backward(const exec::cuda_t& ex, const tensor_view<T, 2, cuda_space>& logits,
-                       const tensor_view<L, 1, cuda_space>& labels, const tensor_view<A, 1, cuda_space>& lse,
-                       const tensor_view<A, 1, cuda_space>& dnll, const tensor_view<G, 2, cuda_space>& dlogits) {
+  template <bool Accumulate, class T, class L, class A, class G, memory_space Sp>
+  static void backward(const exec::cuda_t& ex, const tensor_view<T, 2, Sp>& logits,
+                       const tensor_view<L, 1, Sp>& labels, const tensor_view<A, 1, Sp>& lse,
+                       const tensor_view<A, 1, Sp>& dnll, const tensor_view<G, 2, Sp>& dlogits) {
+    if constexpr (!std::is_same_v<Sp, cuda_space>) {
+      require_space<cuda_space>(logits, "token_nll_backward: logits");
+    } else {
     using E = std::remove_const_t<T>;
     using Acc = acc_t<E>;
     constexpr int B = cuda::detail::nll_block;
@@ -185,6 +194,7 @@ struct token_nll_impl<exec::cuda_t> {
       cuda::detail::token_nll_backward_kernel<B, 1, Accumulate, Acc>
           <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, lse, dnll, dlogits);
     GRUN_CUDA_CHECK_LAUNCH();
+    }
   }
 };
 

@@ -1,0 +1,159 @@
+#pragma once
+// grun/cuda/adamw.cuh — fused AdamW on exec::cuda: every parameter tensor of a module (or of a
+// stack) updated by one launch, with optim::adamw_update (the host's GRUN_HD element math).
+//
+// The leaves of the four aggregates (params, grads, m, v) become segments {θ, g, m, v, n}. When
+// the leaves sit back to back in all four — the layout device_params / owned_params give, one
+// buffer carved in declaration order — the segments fuse into one flat array and the kernel is a
+// plain grid-stride loop; otherwise up to max_segments segments travel in the kernel's parameter
+// block and each thread finds its segment by a scan of the (constant-cached) offsets.
+#include <cub/device/device_reduce.cuh>
+#include <thrust/iterator/transform_iterator.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "check.cuh"  // first: exec::host_t before exec/cuda.hpp
+
+#include <grun/optim/adamw.hpp>
+
+namespace grun::cuda {
+
+namespace detail {
+
+inline constexpr int adamw_max_segments = 48;  // 48 × 40 B: well inside the 4 KiB parameter block
+
+template <class T, class S>
+struct adamw_segment {
+  T* theta;
+  const T* grad;
+  S* m;
+  S* v;
+  index_t begin;  // running offset over all segments
+};
+template <class T, class S>
+struct adamw_table {
+  adamw_segment<T, S> seg[adamw_max_segments];
+  int count;
+  index_t total;
+};
+
+template <class Acc, class T, class S>
+__global__ void adamw_kernel(adamw_table<T, S> tab, optim::adamw_coeffs<Acc> c) {
+  const index_t stride = index_t(gridDim.x) * blockDim.x;
+  int s = 0;
+  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < tab.total; i += stride) {
+    while (s + 1 < tab.count && i >= tab.seg[s + 1].begin) ++s;  // i only grows: the scan resumes
+    const auto& sg = tab.seg[s];
+    const index_t k = i - sg.begin;
+    Acc t = load<Acc>(sg.theta[k]), m = load<Acc>(sg.m[k]), v = load<Acc>(sg.v[k]);
+    optim::adamw_update<Acc>(t, load<Acc>(sg.grad[k]), m, v, c);
+    sg.theta[k] = store<T>(t);
+    sg.m[k] = store<S>(m);
+    sg.v[k] = store<S>(v);
+  }
+}
+
+template <class T>
+struct square_of {
+  __device__ double operator()(const T& a) const { const double f = load<double>(a); return f * f; }
+};
+
+template <class T, class S, class Acc>
+void launch_adamw(const exec::cuda_t& ex, const adamw_table<T, S>& tab, const optim::adamw_coeffs<Acc>& c) {
+  if (tab.total == 0) return;
+  require_device("adamw step");
+  const int block = 256;
+  const index_t blocks = std::min<index_t>(ceil_div(tab.total, block), 4096);
+  adamw_kernel<Acc><<<unsigned(blocks), block, 0, stream_of(ex)>>>(tab, c);
+  GRUN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace detail
+
+/// AdamW over n contiguous elements (a flat parameter buffer: a whole device_params). One launch.
+template <class Acc, class T, class S>
+void adamw_step_flat(const exec::cuda_t& ex, T* theta, const T* grad, S* m, S* v, index_t n,
+                     const optim::adamw_coeffs<Acc>& c) {
+  require<shape_error>(n >= 0, "adamw_step_flat: expected n >= 0, got ", n);
+  detail::adamw_table<T, S> tab{};
+  tab.seg[0] = {theta, grad, m, v, 0};
+  tab.count = 1;
+  tab.total = n;
+  detail::launch_adamw(ex, tab, c);
+}
+
+/// Global L2 norm of a flat device array (for gradient clipping), cub::DeviceReduce over squares:
+/// run-to-run deterministic (fixed reduction tree, no atomics). Synchronizes the stream.
+template <class T>
+double l2_norm(const exec::cuda_t& ex, const T* x, index_t n) {
+  if (n == 0) return 0.0;
+  require_device("l2_norm");
+  thrust::device_vector<double> out(1);
+  auto it = thrust::make_transform_iterator(x, detail::square_of<T>{});
+  std::size_t bytes = 0;
+  GRUN_CUDA_CHECK(cub::DeviceReduce::Sum(nullptr, bytes, it, thrust::raw_pointer_cast(out.data()), n, stream_of(ex)));
+  thrust::device_vector<unsigned char> tmp(bytes);
+  GRUN_CUDA_CHECK(cub::DeviceReduce::Sum(thrust::raw_pointer_cast(tmp.data()), bytes, it,
+                                         thrust::raw_pointer_cast(out.data()), n, stream_of(ex)));
+  double s = 0;
+  GRUN_CUDA_CHECK(cudaMemcpyAsync(&s, thrust::raw_pointer_cast(out.data()), sizeof(double), cudaMemcpyDeviceToHost,
+                                  stream_of(ex)));
+  GRUN_CUDA_CHECK(cudaStreamSynchronize(stream_of(ex)));
+  return std::sqrt(s);
+}
+
+}  // namespace grun::cuda
+
+namespace grun::optim::detail {
+
+/// exec::cuda for an AdamW step over aggregates whose leaves all live in cuda_space (params,
+/// grads and the moments m, v). One launch for every leaf of the aggregate.
+template <>
+struct adamw_impl<exec::cuda_t> {
+  template <class Params, class Acc>
+  static void step(const exec::cuda_t& ex, const Params& p, const Params& g, const Params& m, const Params& v,
+                   const adamw_coeffs<Acc>& c) {
+    using T = param_value_t<Params>;
+    using S = T;
+    cuda::detail::adamw_table<T, S> tab{};
+    index_t total = 0;
+    bool fused = true;  // all four aggregates laid out back to back
+    const T* next_p = nullptr;
+    for_each_param_quad(p, g, m, v, [&](const auto& pl, const auto& gl, const auto& ml, const auto& vl) {
+      static_assert(std::is_same_v<typename std::remove_cvref_t<decltype(pl)>::memory_space, cuda_space>,
+                    "grun: no adamw step for host_space parameters on exec::cuda (use device_params)");
+      if (pl.size() == 0) return;
+      if (tab.count == 0) {
+        tab.seg[0] = {pl.data, gl.data, ml.data, vl.data, 0};
+        tab.count = 1;
+      } else {
+        const auto& f = tab.seg[0];
+        fused = fused && pl.data == next_p && gl.data == f.grad + total && ml.data == f.m + total &&
+                vl.data == f.v + total;
+        if (!fused) {
+          require<shape_error>(tab.count < cuda::detail::adamw_max_segments, "adamw step on exec::cuda: expected at most ",
+                               cuda::detail::adamw_max_segments, " non-contiguous parameter tensors per step, got more");
+          tab.seg[tab.count++] = {pl.data, gl.data, ml.data, vl.data, total};
+        }
+      }
+      total += pl.size();
+      next_p = pl.data + pl.size();
+    });
+    if (fused && tab.count > 0) tab.count = 1;
+    else if (!fused) {
+      // Rebuild from scratch as a segment list (the first leaves were folded before a gap appeared).
+      tab = {};
+      total = 0;
+      for_each_param_quad(p, g, m, v, [&](const auto& pl, const auto& gl, const auto& ml, const auto& vl) {
+        if (pl.size() == 0) return;
+        tab.seg[tab.count++] = {pl.data, gl.data, ml.data, vl.data, total};
+        total += pl.size();
+      });
+    }
+    tab.total = total;
+    cuda::detail::launch_adamw(ex, tab, c);
+  }
+};
+
+}  // namespace grun::optim::detail

@@ -1,0 +1,82 @@
+// check.cuh: checked CUDA calls, device discovery, device buffers, storage bridges.
+#include <grun/cuda/check.cuh>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "agreement.hpp"
+
+namespace gc = grun::cuda;
+
+TEST_CASE("GRUN_CUDA_CHECK throws grun::error naming the call, file, line and the runtime's words", "[nodevice][core]") {
+  try {
+    GRUN_CUDA_CHECK(cudaErrorInvalidValue);
+    FAIL("no exception");
+  } catch (const grun::error& e) {
+    const std::string what = e.what();
+    CHECK(what.rfind("grun: ", 0) == 0);
+    CHECK(what.find("cudaErrorInvalidValue") != std::string::npos);
+    CHECK(what.find("test_cuda_core.cu:") != std::string::npos);
+    CHECK(what.find(cudaGetErrorString(cudaErrorInvalidValue)) != std::string::npos);
+  }
+  CHECK_NOTHROW(GRUN_CUDA_CHECK(cudaSuccess));
+}
+
+TEST_CASE("device discovery never throws; allocation without a device is a grun::error", "[nodevice][core]") {
+  const bool present = gc::device_available();
+  CHECK(present == (gc::device_count() > 0));
+  if (!present) {
+    WARN("no CUDA device: checking that a device allocation fails by name");
+    CHECK_THROWS_AS(gc::device_buffer<float>(16), grun::error);
+    CHECK_NOTHROW(gc::device_buffer<float>(0));  // empty buffers need no device
+  }
+  CHECK_THROWS_AS(gc::device_buffer<float>(-1), grun::shape_error);
+}
+
+TEST_CASE("a host view handed to a cuda_space requirement is a shape_error", "[nodevice][core]") {
+  grun::buffer<float> h(4);
+  CHECK_THROWS_AS(gc::require_device_view(h.view(), "x"), grun::shape_error);
+  CHECK_NOTHROW(gc::require_device_view(grun::vector_view<float, grun::cuda_space>(nullptr, {0}), "x"));
+}
+
+namespace {
+template <class T>
+__global__ void roundtrip_kernel(const float* in, T* out, float* back, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) { gc::dstore(out + i, in[i]); back[i] = gc::dload(out + i); }
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("device conversions of half/bfloat16 equal the host's bit for bit", "[core]", grun::half, grun::bfloat16) {
+  GRUN_REQUIRE_DEVICE();
+  std::vector<float> in;
+  for (float v : {0.f, -0.f, 1.f, -2.5f, 65504.f, 65520.f, 1e-8f, 6.1e-5f, 3.14159f, 1e30f, -1e-40f}) in.push_back(v);
+  grun::test::fill_uniform(std::span<float>(in.data(), in.size()), 1, -4.f, 4.f);
+  for (int k = 0; k < 1000; ++k) in.push_back(std::ldexp(1.f + k / 1000.f, (k % 60) - 30));
+  gc::device_buffer<float> in_d{std::span<const float>(in)}, back_d{grun::index_t(in.size())};
+  gc::device_buffer<TestType> out_d(grun::index_t(in.size()));
+  roundtrip_kernel<<<unsigned((in.size() + 255) / 256), 256>>>(in_d.data(), out_d.data(), back_d.data(), int(in.size()));
+  GRUN_CUDA_CHECK_LAUNCH();
+  const auto out = out_d.to_host();
+  const auto back = back_d.to_host();
+  for (std::size_t i = 0; i < in.size(); ++i) {
+    const TestType h = grun::store<TestType>(in[i]);
+    INFO("x = " << in[i]);
+    CHECK(out[i].bits == h.bits);
+    CHECK(back[i] == grun::load<float>(h));
+  }
+}
+
+TEST_CASE("device_buffer round-trips host data and hands out cuda_space views", "[core]") {
+  GRUN_REQUIRE_DEVICE();
+  std::vector<int> h = {1, 2, 3, 4, 5, 6};
+  gc::device_buffer<int> d{std::span<const int>(h)};
+  CHECK(d.to_host() == h);
+  auto v = d.view<2>({2, 3});
+  static_assert(std::is_same_v<decltype(v)::memory_space, grun::cuda_space>);
+  CHECK(v.extent(1) == 3);
+  CHECK_THROWS_AS(d.view<2>({4, 3}), grun::shape_error);
+  CHECK_NOTHROW(gc::require_device_pointer(d.data(), "d"));
+  CHECK_THROWS_AS(gc::require_device_pointer(h.data(), "h"), grun::shape_error);
+}
