@@ -292,6 +292,16 @@ TEST_CASE("gguf: dequantization of each type matches hand-computed values", "[gg
         CHECK(x[32 * blk + 16 + j] == 0.5f * static_cast<float>(15 - j) - 1.0f);
       }
   }
+  SECTION("a tensor_info that is not this file's is rejected, not read out of bounds") {
+    gguf_tensor_info forged = f.tensor("w.q4_0");
+    forged.nbytes = 1u << 30;
+    CHECK_THROWS_WITH(f.tensor_bytes(forged), Contains("GGUF tensor data") && Contains("w.q4_0"));
+    forged = f.tensor("w.q4_0");
+    forged.shape = {std::int64_t(1) << 40};
+    CHECK_THROWS_AS(f.dequantize(forged), grun::format_error);
+    forged.name = "elsewhere";
+    CHECK_THROWS_AS(f.tensor_bytes(forged), grun::format_error);
+  }
   SECTION("dequantize_into checks the output size") {
     std::vector<float> out(31);
     CHECK_THROWS_AS(f.dequantize_into(f.tensor("w.q4_0"), out), grun::shape_error);

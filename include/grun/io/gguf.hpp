@@ -434,30 +434,24 @@ class gguf_file {
     return *t;
   }
   /// The tensor's bytes inside the file (valid as long as any copy of this gguf_file lives).
+  /// `t` must describe a tensor of this file (checked: a tensor_info from another file, or one
+  /// edited by the caller, is a format_error rather than an out-of-bounds read).
   std::span<const std::byte> tensor_bytes(const gguf_tensor_info& t) const {
-    std::uint64_t begin = 0, end = 0;
-    const bool ok = detail::gguf::add(data_offset_, t.offset, begin) && detail::gguf::add(begin, t.nbytes, end) &&
-                    end <= bytes_.size();
-    if (!ok)
-      fail<format_error>(source_, ": GGUF tensor data: tensor '", t.name, "': expected bytes inside the file (",
-                         bytes_.size(), " bytes), got offset ", t.offset, " + ", t.nbytes, " bytes after data start ",
-                         data_offset_, " (a tensor_info from another file?)");
-    return bytes_.subspan(static_cast<std::size_t>(begin), static_cast<std::size_t>(t.nbytes));
+    const gguf_tensor_info& own = owned(t);
+    return bytes_.subspan(static_cast<std::size_t>(data_offset_ + own.offset), static_cast<std::size_t>(own.nbytes));
   }
 
   /// Decodes F32 / F16 / BF16 / Q8_0 / Q4_0 / Q4_1 into `out` (n_elements floats), in ggml
   /// order (ne[0] fastest): element (i0, i1, ...) lands at i0 + ne0·(i1 + ne1·(...)).
   void dequantize_into(const gguf_tensor_info& t, std::span<float> out) const {
+    (void)owned(t);  // first: shape, type and bytes are then the validated ones
     if (!can_dequantize(t.type))
       fail<format_error>(source_, ": GGUF dequantize: tensor '", t.name, "': expected type F32, F16, BF16, Q8_0, Q4_0 or Q4_1, got ",
                          name_of(t.type));
     const auto n = t.n_elements();
     require<shape_error>(out.size() == static_cast<std::size_t>(n), "GGUF dequantize: tensor '", t.name, "': expected an output of ",
                          n, " floats, got ", out.size());
-    const auto bytes = tensor_bytes(t);
-    // nbytes was derived from the shape and type when the file was read; recheck for foreign infos.
-    require<format_error>(bytes.size() == expected_nbytes(t), source_, ": GGUF byte count: tensor '", t.name,
-                          "': expected ", expected_nbytes(t), " bytes for its shape and type, got ", bytes.size());
+    const auto bytes = tensor_bytes(t);  // nbytes matches shape and type: checked when the file was read
     const auto* src = reinterpret_cast<const unsigned char*>(bytes.data());
     float* dst = out.data();
     // Rows are contiguous and ne[0] is a multiple of the block size, so the whole tensor is one
@@ -473,10 +467,10 @@ class gguf_file {
     }
   }
   std::vector<float> dequantize(const gguf_tensor_info& t) const {
-    if (!can_dequantize(t.type))  // before allocating
+    (void)owned(t);  // before allocating n floats
+    if (!can_dequantize(t.type))
       fail<format_error>(source_, ": GGUF dequantize: tensor '", t.name, "': expected type F32, F16, BF16, Q8_0, Q4_0 or Q4_1, got ",
                          name_of(t.type));
-    (void)tensor_bytes(t);  // bounds-check before allocating n floats
     std::vector<float> out(static_cast<std::size_t>(t.n_elements()));
     dequantize_into(t, out);
     return out;
@@ -506,11 +500,13 @@ class gguf_file {
     return v;
   }
 
-  static std::uint64_t expected_nbytes(const gguf_tensor_info& t) {
-    const auto& tr = traits_of(t.type);
-    std::uint64_t n = t.shape.empty() ? 0 : static_cast<std::uint64_t>(t.shape[0]) / tr.block_size * tr.type_size;
-    for (std::size_t i = 1; i < t.shape.size(); ++i) n *= static_cast<std::uint64_t>(t.shape[i]);
-    return n;
+  /// This file's entry for t, when t is (a copy of) one of this file's tensor_infos.
+  const gguf_tensor_info& owned(const gguf_tensor_info& t) const {
+    const gguf_tensor_info* own = find(t.name);
+    if (!own || own->offset != t.offset || own->nbytes != t.nbytes || own->type != t.type || own->shape != t.shape)
+      fail<format_error>(source_, ": GGUF tensor data: tensor '", t.name,
+                         "': expected a tensor_info of this file, got one that does not match its directory");
+    return *own;
   }
 
   void parse() {
