@@ -1,0 +1,316 @@
+// gated_intervention: full compositions against finite differences (double), positions, in-place use,
+// thread-count independence, dtype agreement, input validation, concurrent apply, seeded init.
+#include "test_intervention_common.hpp"
+
+#include <thread>
+
+using namespace grun_test;
+
+namespace {
+template <class I>
+void fd_suite(std::uint64_t seed) {
+  for (index_t d : {7, 33}) {
+    INFO("d = " << d);
+    check_intervention_fd<I>(d, 5, positions::rows({3, 0, 4}), seed, true, 0.5);
+    check_intervention_fd<I>(d, 4, positions::all(4), seed + 1, false, 0.5);
+    check_intervention_fd<I>(d, 1, positions::all(1), seed + 2, true, 0.5);  // T = 1
+    const index_t lengths[] = {2, 3};
+    check_intervention_fd<I>(d, 6, positions::last_prompt_token(lengths, 3), seed + 3, true, 0.5);
+    check_intervention_fd<I>(d, 3, positions{}, seed + 4, true, 0.5);  // empty positions
+  }
+}
+
+template <class T>
+struct run_result {
+  host_matrix<T> out, dh;
+  std::vector<T> gates;
+};
+
+template <class I, class T>
+run_result<T> run(const typename I::template params<T>& p, const host_matrix<T>& h, const host_matrix<T>& dout,
+                  const positions& pos, unsigned threads, const std::vector<T>* dgates = nullptr) {
+  const index_t n = h.rows, d = h.cols, P = pos.size();
+  run_result<T> r{host_matrix<T>(n, d), host_matrix<T>(n, d), std::vector<T>(sz(P))};
+  I::forward(exec::host(threads), p, h.view(), pos, r.out.view(), vector_view<T>(r.gates.data(), {P}));
+  owned_params<typename I::template params<T>> grads(p);
+  I::backward(exec::host(threads), p, h.view(), pos, dout.view(),
+              dgates ? vector_view<const T>(dgates->data(), {P}) : vector_view<const T>(), r.dh.view(), *grads);
+  return r;
+}
+}  // namespace
+
+TEST_CASE("linear gate × {loreft, noreft, direft} match finite differences", "[intervention][fd]") {
+  fd_suite<gated_intervention<gate::linear, reft::loreft<4>>>(1000);
+  fd_suite<gated_intervention<gate::linear, reft::noreft<2>>>(1100);
+  fd_suite<gated_intervention<gate::linear, reft::direft<3>>>(1200);
+}
+TEST_CASE("mlp gate × {loreft, noreft, direft} match finite differences", "[intervention][fd]") {
+  fd_suite<gated_intervention<gate::mlp<6, 4>, reft::loreft<4>>>(2000);
+  fd_suite<gated_intervention<gate::mlp<6, 4>, reft::noreft<1>>>(2100);
+  fd_suite<gated_intervention<gate::mlp<6, 4>, reft::direft<2>>>(2200);
+}
+TEST_CASE("always gate × {loreft, direft} match finite differences", "[intervention][fd]") {
+  fd_suite<gated_intervention<gate::always, reft::loreft<4>>>(3000);
+  fd_suite<gated_intervention<gate::always, reft::direft<2>>>(3100);
+}
+
+TEST_CASE("the default mlp<256, 64> gate matches finite differences on sampled coordinates", "[intervention][fd]") {
+  using I = gated_intervention<gate::mlp<>, reft::loreft<4>>;
+  const index_t d = 7, n = 3;
+  owned_params<I::params<double>> p(I::shape<double>(d)), grads(I::shape<double>(d));
+  init(*p, 5);
+  randomize(p->gate.w3, 6, 0.5);
+  auto h = random_matrix<double>(n, d, 7), c = random_matrix<double>(n, d, 8);
+  auto pos = positions::all(n);
+  std::vector<double> cg = random_vector(n, 9), gates(sz(n));
+  host_matrix<double> out(n, d), dh(n, d);
+  auto loss = [&]() {
+    I::forward(exec::host, *p, h.view(), pos, out.view(), vector_view<double>(gates.data(), {n}));
+    double L = 0;
+    for (index_t i = 0; i < n * d; ++i) L += c.storage[i] * out.storage[i];
+    for (index_t q = 0; q < n; ++q) L += cg[sz(q)] * gates[sz(q)];
+    return L;
+  };
+  I::backward(exec::host(2), *p, h.view(), pos, c.view(), vector_view<const double>(cg.data(), {n}), dh.view(), *grads);
+  auto ps = scalars(*p);
+  auto gs = scalars(*grads);
+  std::vector<double> an, nu;
+  grun::rng pick(10);
+  for (int s = 0; s < 300; ++s) {
+    const std::size_t i = pick.next() % ps.size();
+    an.push_back(*gs[i]);
+    nu.push_back(central_difference(ps[i], loss));
+  }
+  CHECK(rel_err(an, nu) < 1e-6);
+}
+
+TEST_CASE("unselected rows pass through and in-place equals out-of-place", "[intervention]") {
+  using I = gated_intervention<gate::linear, reft::loreft<4>>;
+  I::module<float> m(16, 3);
+  auto h = random_matrix<float>(10, 16, 4);
+  auto pos = positions::rows({7, 2});
+  host_matrix<float> out(10, 16);
+  std::vector<float> g1(2), g2(2);
+  m.forward(exec::host, h.view(), pos, out.view(), vector_view<float>(g1.data(), {2}));
+  for (index_t i = 0; i < 10; ++i)
+    for (index_t j = 0; j < 16; ++j)
+      if (i != 7 && i != 2) CHECK(out(i, j) == h(i, j));
+      else CHECK(out(i, j) != h(i, j));
+  auto inplace = h;
+  m.forward(exec::host, inplace.view(), pos, inplace.view(), vector_view<float>(g2.data(), {2}));
+  CHECK(std::memcmp(inplace.storage.data(), out.storage.data(), sizeof(float) * 160) == 0);
+  CHECK(g1 == g2);
+  // backward in place (dh aliases dout) equals out of place
+  using P = I::params<float>;
+  owned_params<P> ga(m.parameters()), gb(m.parameters());
+  auto dout = random_matrix<float>(10, 16, 5);
+  host_matrix<float> dh(10, 16);
+  I::backward(exec::host, m.parameters(), h.view(), pos, dout.view(), vector_view<const float>(), dh.view(), *ga);
+  auto dio = dout;
+  I::backward(exec::host, m.parameters(), h.view(), pos, dio.view(), vector_view<const float>(), dio.view(), *gb);
+  CHECK(std::memcmp(dio.storage.data(), dh.storage.data(), sizeof(float) * 160) == 0);
+  CHECK(std::memcmp(ga.data(), gb.data(), sizeof(float) * std::size_t(ga.size())) == 0);
+  for (index_t j = 0; j < 16; ++j) CHECK(dh(0, j) == dout(0, j));  // identity on unselected rows
+}
+
+TEST_CASE("results do not depend on the number of threads", "[intervention][threads]") {
+  using I = gated_intervention<gate::mlp<8, 4>, reft::loreft<4>>;
+  const index_t n = 300, d = 12;
+  I::module<float> m(d, 1);
+  auto h = random_matrix<float>(n, d, 2), dout = random_matrix<float>(n, d, 3);
+  std::vector<index_t> rows;
+  for (index_t i = 0; i < n; i += 2) rows.push_back(i);
+  auto pos = positions::rows(rows);
+  std::vector<float> dg(rows.size(), 0.25f);
+  owned_params<I::params<float>> g1(m.parameters());
+  auto ref = run<I, float>(m.parameters(), h, dout, pos, 1, &dg);
+  {
+    I::backward(exec::host(1), m.parameters(), h.view(), pos, dout.view(),
+                vector_view<const float>(dg.data(), {index_t(dg.size())}), ref.dh.view(), *g1);
+  }
+  for (unsigned t : {2u, 3u, 8u, 0u}) {
+    INFO("threads = " << t);
+    auto r = run<I, float>(m.parameters(), h, dout, pos, t, &dg);
+    CHECK(std::memcmp(r.out.storage.data(), ref.out.storage.data(), sizeof(float) * n * d) == 0);
+    CHECK(std::memcmp(r.dh.storage.data(), ref.dh.storage.data(), sizeof(float) * n * d) == 0);
+    owned_params<I::params<float>> g(m.parameters());
+    I::backward(exec::host(t), m.parameters(), h.view(), pos, dout.view(),
+                vector_view<const float>(dg.data(), {index_t(dg.size())}), r.dh.view(), *g);
+    CHECK(std::memcmp(g.data(), g1.data(), sizeof(float) * std::size_t(g.size())) == 0);
+  }
+}
+
+TEST_CASE("float and double agree; half and bfloat16 storage compute in fp32", "[intervention][dtype]") {
+  using I = gated_intervention<gate::linear, reft::loreft<4>>;
+  const index_t n = 6, d = 33;
+  I::module<double> md(d, 7);
+  auto pos = positions::rows({0, 3, 5});
+  auto hd = random_matrix<double>(n, d, 8), dd = random_matrix<double>(n, d, 9);
+  auto ref = run<I, double>(md.parameters(), hd, dd, pos, 1);
+
+  auto compare = [&]<class T>(T, double tol) {
+    owned_params<I::params<T>> p(I::shape<T>(d));
+    for_each_param_pair(*p, md.parameters(), [](auto& a, const auto& b) {
+      for (index_t i = 0; i < b.size(); ++i) a[i] = store<T>(b[i]);
+    });
+    host_matrix<T> h(n, d), dout(n, d);
+    for (index_t i = 0; i < n * d; ++i) { h.storage[i] = store<T>(hd.storage[i]); dout.storage[i] = store<T>(dd.storage[i]); }
+    auto r = run<I, T>(*p, h, dout, pos, 2);
+    double worst = 0;
+    for (index_t i = 0; i < n * d; ++i) {
+      worst = std::max(worst, std::abs(load<double>(r.out.storage[i]) - ref.out.storage[i]));
+      worst = std::max(worst, std::abs(load<double>(r.dh.storage[i]) - ref.dh.storage[i]));
+    }
+    for (std::size_t q = 0; q < 3; ++q) worst = std::max(worst, std::abs(load<double>(r.gates[q]) - ref.gates[q]));
+    CHECK(worst < tol);
+  };
+  compare(float{}, 1e-5);
+  compare(half{}, 2e-2);
+  compare(bfloat16{}, 1e-1);
+}
+
+TEST_CASE("bad inputs throw shape_error naming expected and got", "[intervention][errors]") {
+  using I = gated_intervention<gate::linear, reft::loreft<4>>;
+  const index_t n = 5, d = 8;
+  I::module<float> m(d, 1);
+  auto h = random_matrix<float>(n, d, 2);
+  host_matrix<float> out(n, d), dh(n, d), wrong(n, d + 1);
+  std::vector<float> g(8);
+  auto pos = positions::rows({1, 2});
+  auto gv = vector_view<float>(g.data(), {2});
+  auto fwd = [&](auto&&... a) { I::forward(exec::host, m.parameters(), a...); };
+
+  CHECK_THROWS_WITH(fwd(wrong.view(), pos, wrong.view(), gv), Catch::Contains("expected shape [1, 9]"));
+  CHECK_THROWS_WITH(fwd(h.view(), pos, wrong.view(), gv), Catch::Contains("out: expected shape [5, 8]"));
+  CHECK_THROWS_WITH(fwd(h.view(), pos, out.view(), vector_view<float>(g.data(), {3})),
+                    Catch::Contains("gates (one per position): expected extent 2"));
+  CHECK_THROWS_WITH(fwd(h.view(), positions::rows({1, 5}), out.view(), gv), Catch::Contains("expected a row in [0, 5)"));
+  CHECK_THROWS_WITH(fwd(h.view(), positions::all(6), out.view(), vector_view<float>(g.data(), {6})),
+                    Catch::Contains("built for 6 rows"));
+  // a column-strided h (every other element)
+  host_matrix<float> wide(n, 2 * d);
+  matrix_view<const float> strided(wide.storage.data(), {n, d}, {2 * d, 2});
+  CHECK_THROWS_WITH(fwd(strided, pos, out.view(), gv), Catch::Contains("unit stride"));
+  // a row-strided h is fine (rows contiguous)
+  matrix_view<const float> rowstrided(wide.storage.data(), {n, d}, {2 * d, 1});
+  CHECK_NOTHROW(fwd(rowstrided, pos, out.view(), gv));
+  // partially overlapping out
+  host_matrix<float> big(n + 1, d);
+  matrix_view<float> shifted(big.storage.data() + d, {n, d});
+  CHECK_THROWS_WITH(fwd(matrix_view<const float>(big.storage.data(), {n, d}), pos, shifted, gv),
+                    Catch::Contains("partially overlapping"));
+  // parameters of the wrong shape / without storage
+  auto bad = m.parameters();
+  bad.reft.weight.cols = d + 1;
+  CHECK_THROWS_WITH(I::forward(exec::host, bad, h.view(), pos, out.view(), gv), Catch::Contains("reft.weight"));
+  auto null = m.parameters();
+  null.gate.bias.data = nullptr;
+  CHECK_THROWS_WITH(I::forward(exec::host, null, h.view(), pos, out.view(), gv), Catch::Contains("null data"));
+  // backward
+  owned_params<I::params<float>> grads(m.parameters());
+  auto bwd = [&](auto&&... a) { I::backward(exec::host, m.parameters(), a...); };
+  CHECK_THROWS_WITH(bwd(h.view(), pos, wrong.view(), vector_view<const float>(), dh.view(), *grads),
+                    Catch::Contains("dout: expected shape [5, 8]"));
+  CHECK_THROWS_WITH(bwd(h.view(), pos, out.view(), vector_view<const float>(g.data(), {3}), dh.view(), *grads),
+                    Catch::Contains("dgates must be empty"));
+  CHECK_THROWS_WITH(bwd(h.view(), pos, out.view(), vector_view<const float>(), wrong.view(), *grads),
+                    Catch::Contains("dh: expected shape"));
+  auto h2 = h;
+  CHECK_THROWS_WITH(bwd(h2.view(), pos, out.view(), vector_view<const float>(), h2.view(), *grads),
+                    Catch::Contains("dh must not overlap h"));
+  auto badg = *grads;
+  badg.gate.weight.cols = 3;
+  CHECK_THROWS_WITH(bwd(h.view(), pos, out.view(), vector_view<const float>(), dh.view(), badg),
+                    Catch::Contains("(grads): parameter gate.weight"));
+  CHECK_THROWS_AS(I::module<float>(0, 1), shape_error);
+}
+
+TEST_CASE("positions: constructors and validation", "[intervention][positions]") {
+  auto a = positions::all(4);
+  CHECK(a.size() == 4);
+  CHECK(a[3] == 3);
+  CHECK(a.expected_rows() == 4);
+  const index_t lengths[] = {3, 1, 5};
+  auto l = positions::last_prompt_token(lengths, 5);
+  CHECK(std::vector<index_t>(l.span().begin(), l.span().end()) == std::vector<index_t>{2, 5, 14});
+  CHECK(l.expected_rows() == 15);
+  const index_t zero[] = {2, 0};
+  CHECK_THROWS_WITH(positions::last_prompt_token(zero, 4), Catch::Contains("must be in 1..4 (seq_len), got 0"));
+  const index_t too_long[] = {5};
+  CHECK_THROWS_AS(positions::last_prompt_token(too_long, 4), shape_error);
+  CHECK_THROWS_AS(positions::last_prompt_token(lengths, 0), shape_error);
+  CHECK_THROWS_WITH(positions::rows({1, 4, 1}), Catch::Contains("row 1 appears more than once"));
+  CHECK_THROWS_WITH(positions::rows({-1}), Catch::Contains(">= 0"));
+  CHECK_THROWS_AS(positions::all(-1), shape_error);
+  CHECK(positions::rows({}).empty());
+  CHECK(positions{}.size() == 0);
+  CHECK_NOTHROW(positions::rows({9}).validate(10, "t"));
+  CHECK_THROWS_AS(positions::rows({10}).validate(10, "t"), shape_error);
+}
+
+TEST_CASE("one trained module applied from many threads at once gives identical results", "[intervention][threads]") {
+  using I = gated_intervention<gate::mlp<16, 8>, reft::loreft<4>, ortho::householder>;
+  const index_t n = 40, d = 24;
+  const I::module<float> m(d, 11);
+  auto h = random_matrix<float>(n, d, 12);
+  auto pos = positions::all(n);
+  host_matrix<float> ref(n, d);
+  std::vector<float> ref_g(sz(n));
+  m.forward(exec::host, h.view(), pos, ref.view(), vector_view<float>(ref_g.data(), {n}));
+  constexpr int workers = 8;
+  std::vector<host_matrix<float>> outs;
+  std::vector<std::vector<float>> gates(workers, std::vector<float>(sz(n)));
+  for (int w = 0; w < workers; ++w) outs.emplace_back(n, d);
+  std::vector<std::thread> pool;
+  for (int w = 0; w < workers; ++w)
+    pool.emplace_back([&, w] {
+      for (int rep = 0; rep < 20; ++rep)
+        m.forward(exec::host(unsigned(1 + w % 3)), h.view(), pos, outs[sz(w)].view(),
+                  vector_view<float>(gates[sz(w)].data(), {n}));
+    });
+  for (auto& t : pool) t.join();
+  for (int w = 0; w < workers; ++w) {
+    CHECK(std::memcmp(outs[sz(w)].storage.data(), ref.storage.data(), sizeof(float) * n * d) == 0);
+    CHECK(gates[sz(w)] == ref_g);
+  }
+}
+
+TEST_CASE("init is deterministic for a seed", "[intervention][init]") {
+  using I = gated_intervention<gate::linear, reft::loreft<4>>;
+  I::module<float> a(33, 42), b(33, 42), c(33, 43);
+  CHECK(std::memcmp(a.owned_parameters().data(), b.owned_parameters().data(), sizeof(float) * 33 * 9 + 20) == 0);
+  CHECK(std::memcmp(a.owned_parameters().data(), c.owned_parameters().data(), sizeof(float) * 33) != 0);
+  // The generator's integers are fixed by its definition (xoshiro256** seeded by splitmix64).
+  grun::rng g(0);
+  const std::uint64_t first = g.next(), second = g.next();
+  grun::rng g2(0);
+  CHECK(g2.next() == first);
+  CHECK(g2.next() == second);
+  CHECK(first != second);
+  // Uniforms in [0, 1), normals with the right moments.
+  grun::rng n(1);
+  double s = 0, s2 = 0;
+  for (int i = 0; i < 20000; ++i) { const double x = n.normal(); s += x; s2 += x * x; }
+  CHECK(std::abs(s / 20000) < 0.03);
+  CHECK(std::abs(s2 / 20000 - 1) < 0.05);
+  // The gate's stream does not depend on the reft and vice versa: same seed, different gate, same R.
+  using M = gated_intervention<gate::mlp<4, 2>, reft::loreft<4>>;
+  M::module<float> mm(33, 42);
+  CHECK(std::memcmp(mm.parameters().reft.rotate_layer.data, a.parameters().reft.rotate_layer.data, sizeof(float) * 132) == 0);
+}
+
+TEST_CASE("quickstart: the owning module", "[intervention][module]") {
+  using unlearner = gated_intervention<gate::linear, reft::loreft<4>>;
+  const index_t batch = 2, seq = 5, d = 16;
+  unlearner::module<float> m(d, /*seed=*/1);
+  auto h = random_matrix<float>(batch * seq, d, 3);
+  host_matrix<float> out(batch * seq, d), dh(batch * seq, d);
+  std::vector<float> gates(sz(batch));
+  const index_t lengths[] = {3, 5};
+  auto pos = positions::last_prompt_token(lengths, seq);
+  m.forward(exec::host, h.view(), pos, out.view(), vector_view<float>(gates.data(), {batch}));
+  m.backward(exec::host, h.view(), pos, out.view(), vector_view<const float>(), dh.view());
+  CHECK(parameter_count(m.parameters()) == (d + 1) + (2 * 4 * d + 4));
+  CHECK(m.dim() == d);
+  m.retract();
+}
