@@ -1,0 +1,122 @@
+// intervention_stack: sequential unlearning, h' = h + s(K) Σ_k g_k Δ_k.
+#include "test_intervention_common.hpp"
+
+using namespace grun_test;
+
+namespace {
+using stack_t = intervention_stack<gate::linear, reft::loreft<4>, ortho::qr_retraction, double>;
+using I = stack_t::intervention;
+}  // namespace
+
+TEST_CASE("appending a module leaves earlier modules' contributions bitwise unchanged", "[stack]") {
+  intervention_stack<gate::mlp<8, 4>, reft::loreft<4>, ortho::qr_retraction, float> st(16);
+  st.append(1);
+  auto h = random_matrix<float>(6, 16, 2);
+  auto pos = positions::rows({0, 3, 5});
+  host_matrix<float> before(6, 16), after(6, 16);
+  std::vector<float> gb(3), ga(3);
+  st.forward_module(exec::host, 0, h.view(), pos, before.view(), vector_view<float>(gb.data(), {3}));
+  const float* storage = st.module(0).reft.weight.data;
+  st.append(2);
+  st.append(st.module(1));  // a copy of trained parameters
+  CHECK(st.size() == 3);
+  CHECK(st.module(0).reft.weight.data == storage);  // never moved
+  st.forward_module(exec::host, 0, h.view(), pos, after.view(), vector_view<float>(ga.data(), {3}));
+  CHECK(std::memcmp(before.storage.data(), after.storage.data(), sizeof(float) * 96) == 0);
+  CHECK(gb == ga);
+}
+
+TEST_CASE("stack forward is h + s(K) Σ_k g_k Δ_k", "[stack]") {
+  const index_t n = 5, d = 9;
+  stack_t st(d, 0.6, 0.6);
+  st.append(1);
+  st.append(2);
+  st.append(3);
+  CHECK(st.scale() == Approx(0.6 * 3 + 0.6));
+  auto h = random_matrix<double>(n, d, 4);
+  auto pos = positions::rows({4, 1});
+  host_matrix<double> out(n, d), single(n, d);
+  std::vector<double> gates(6), g1(2);
+  st.forward(exec::host(2), h.view(), pos, out.view(), matrix_view<double>(gates.data(), {3, 2}));
+  std::vector<double> expect(sz(n * d));
+  for (index_t i = 0; i < n * d; ++i) expect[sz(i)] = 0;
+  for (index_t k = 0; k < 3; ++k) {
+    st.forward_module(exec::host, k, h.view(), pos, single.view(), vector_view<double>(g1.data(), {2}));
+    CHECK(gates[sz(2 * k)] == g1[0]);
+    CHECK(gates[sz(2 * k + 1)] == g1[1]);
+    for (index_t i = 0; i < n * d; ++i) expect[sz(i)] += single.storage[i] - h.storage[i];
+  }
+  for (index_t i = 0; i < n * d; ++i) CHECK(out.storage[i] == Approx(h.storage[i] + st.scale() * expect[sz(i)]).margin(1e-13));
+  // K = 1 with the default scale is exactly the single intervention
+  stack_t one(d);
+  one.append(st.module(0));
+  one.forward(exec::host, h.view(), pos, out.view(), matrix_view<double>(gates.data(), {1, 2}));
+  st.forward_module(exec::host, 0, h.view(), pos, single.view(), vector_view<double>(g1.data(), {2}));
+  CHECK(std::memcmp(out.storage.data(), single.storage.data(), sizeof(double) * n * d) == 0);
+}
+
+TEST_CASE("stack backward matches finite differences for the trained module", "[stack][fd]") {
+  for (index_t trained : {-1, 0, 1}) {
+    INFO("trained = " << trained);
+    const index_t n = 4, d = 7, K = 3;
+    stack_t st(d, 0.6, 0.6);
+    for (index_t k = 0; k < K; ++k) {
+      st.append(std::uint64_t(10 + k));
+      randomize(st.owned_module(k)->gate, std::uint64_t(20 + k), 0.5);
+      randomize(st.owned_module(k)->reft.weight, std::uint64_t(30 + k), 0.5);
+    }
+    auto h = random_matrix<double>(n, d, 5), c = random_matrix<double>(n, d, 6);
+    auto pos = positions::rows({2, 0, 3});
+    const index_t P = pos.size();
+    std::vector<double> cg = random_vector(K * P, 7), gates(sz(K * P));
+    host_matrix<double> out(n, d), dh(n, d);
+    auto loss = [&]() {
+      st.forward(exec::host, h.view(), pos, out.view(), matrix_view<double>(gates.data(), {K, P}));
+      double L = 0;
+      for (index_t i = 0; i < n * d; ++i) L += c.storage[i] * out.storage[i];
+      for (index_t i = 0; i < K * P; ++i) L += cg[sz(i)] * gates[sz(i)];
+      return L;
+    };
+    owned_params<stack_t::params_type> grads(I::shape<double>(d));
+    st.backward(exec::host(2), h.view(), pos, c.view(), matrix_view<const double>(cg.data(), {K, P}), dh.view(), *grads,
+                trained);
+    const index_t k = trained < 0 ? K - 1 : trained;
+    auto ps = scalars(*st.owned_module(k));
+    auto gs = scalars(*grads);
+    std::vector<double> an, nu;
+    for (std::size_t i = 0; i < ps.size(); ++i) {
+      an.push_back(*gs[i]);
+      nu.push_back(central_difference(ps[i], loss));
+    }
+    CHECK(rel_err(an, nu) < 1e-6);
+    an.clear();
+    nu.clear();
+    for (index_t i = 0; i < n * d; ++i) {
+      an.push_back(dh.storage[i]);
+      nu.push_back(central_difference(&h.storage[i], loss));
+    }
+    CHECK(rel_err(an, nu) < 1e-6);
+  }
+}
+
+TEST_CASE("stack: bad inputs", "[stack][errors]") {
+  stack_t st(7);
+  auto h = random_matrix<double>(3, 7, 1);
+  host_matrix<double> out(3, 7);
+  std::vector<double> g(6);
+  auto pos = positions::rows({0, 2});
+  CHECK_THROWS_WITH(st.forward(exec::host, h.view(), pos, out.view(), matrix_view<double>(g.data(), {1, 2})),
+                    Catch::Contains("stack is empty"));
+  st.append(1);
+  CHECK_THROWS_WITH(st.forward(exec::host, h.view(), pos, out.view(), matrix_view<double>(g.data(), {2, 2})),
+                    Catch::Contains("gates: expected shape [1, 2]"));
+  owned_params<stack_t::params_type> grads(I::shape<double>(7));
+  CHECK_THROWS_WITH(st.backward(exec::host, h.view(), pos, out.view(), matrix_view<const double>(), out.view(), *grads, 3),
+                    Catch::Contains("module index 3 out of range"));
+  CHECK_THROWS_AS(st.module(1), shape_error);
+  owned_params<stack_t::params_type> other(I::shape<double>(8));
+  CHECK_THROWS_WITH(st.append(*other), Catch::Contains("expected shape [1, 7]"));
+  auto wide = random_matrix<double>(3, 8, 1);
+  CHECK_THROWS_WITH(st.forward(exec::host, wide.view(), pos, out.view(), matrix_view<double>(g.data(), {1, 2})),
+                    Catch::Contains("expected 7 columns"));
+}
