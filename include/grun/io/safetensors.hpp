@@ -168,7 +168,10 @@ inline std::optional<std::size_t> first_invalid_utf8(std::string_view s) {
 
 inline std::string shape_text(const std::vector<index_t>& s) {
   std::string out = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(s[i]);
+  }
   return out + "]";
 }
 inline std::string json_type_text(const nlohmann::json& j) {
