@@ -1,0 +1,16 @@
+// Device parameters handed to the host executor must be rejected at compile time.
+#include <grun/gate/linear.hpp>
+#include <grun/intervention.hpp>
+#include <grun/reft/loreft.hpp>
+
+using unlearner = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
+#ifdef GRUN_FAILTEST_CONTROL
+using space = grun::host_space;
+#else
+using space = grun::cuda_space;
+#endif
+
+void apply(const unlearner::params<float, space>& p, grun::matrix_view<const float, space> h,
+           grun::matrix_view<float, space> out, grun::vector_view<float, space> gates) {
+  unlearner::forward(grun::exec::host, p, h, grun::positions::all(h.extent(0)), out, gates);
+}
