@@ -4,6 +4,7 @@
 // The tag itself is plain C++ so host code can name it; the algorithms it dispatches to live in
 // kernels/ and are only visible when the translation unit is compiled by nvcc.
 #include "../core/tensor.hpp"
+#include "host.hpp"
 
 namespace grun::exec {
 
