@@ -271,6 +271,32 @@ TEST_CASE("safetensors: malformed files are rejected with format_error", "[safet
   }
 }
 
+TEST_CASE("safetensors: reads a file written by the reference Python implementation", "[safetensors]") {
+  // safetensors 0.8.0 (numpy API): save({"w": f32 [2,3], "h": f16 [2], "x": f64 [1], "e": f32 [0,3],
+  // "i": i64 [2]}, metadata={"format": "pt", "note": "café"}) — bytes verbatim, header padded with spaces.
+  const std::string hex =
+    "48010000000000007b225f5f6d657461646174615f5f223a7b226e6f7465223a22636166c3a9222c22666f726d617422"
+    "3a227074227d2c2269223a7b226474797065223a22493634222c227368617065223a5b325d2c22646174615f6f666673"
+    "657473223a5b302c31365d7d2c2278223a7b226474797065223a22463634222c227368617065223a5b315d2c22646174"
+    "615f6f666673657473223a5b31362c32345d7d2c2265223a7b226474797065223a22463332222c227368617065223a5b"
+    "302c335d2c22646174615f6f666673657473223a5b32342c32345d7d2c2277223a7b226474797065223a22463332222c"
+    "227368617065223a5b322c335d2c22646174615f6f666673657473223a5b32342c34385d7d2c2268223a7b2264747970"
+    "65223a22463136222c227368617065223a5b325d2c22646174615f6f666673657473223a5b34382c35325d7d7d202020"
+    "0700000000000000f8ffffffffffffff555555555555d53f0000c03f000010c0000040400000003e000000800000e040"
+    "003800bc";
+  std::vector<std::byte> bytes(hex.size() / 2);
+  for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<std::byte>(std::stoi(hex.substr(2 * i, 2), nullptr, 16));
+  const auto f = parse(bytes);
+  REQUIRE(f.tensors().size() == 5);
+  CHECK(f.metadata().at("note") == "caf\xc3\xa9");
+  CHECK(decode<float>(f, "w", std::vector<index_t>{2, 3}) == std::vector<float>{1.5f, -2.25f, 3.0f, 0.125f, -0.0f, 7.0f});
+  CHECK(decode<float>(f, "h") == std::vector<float>{0.5f, -1.0f});
+  CHECK(decode<double>(f, "x")[0] == 1.0 / 3.0);
+  CHECK(f.at("e").numel == 0);
+  CHECK(f.at("i").dtype == st_dtype::i64);
+  CHECK(f.tensors().front().name == "i");  // sorted by offset
+}
+
 TEST_CASE("safetensors: finite check is opt-in and names the tensor", "[safetensors]") {
   std::vector<float> v = {1.0f, std::numeric_limits<float>::quiet_NaN()};
   std::vector<tensor_record> recs{make_tensor<float>("ok", {1}, std::span<const float>(v.data(), 1)),
