@@ -372,3 +372,33 @@ TEST_CASE("adapter io: bad save requests and unwritable paths", "[adapter_io]") 
   REQUIRE_THROWS_CONTAINING(save_adapter(p, m, one_site()), grun::error, p.string());
   CHECK(dir.entries() == 0);
 }
+
+TEST_CASE("adapter io: AdamW state round-trips and training resumes bit for bit", "[adapter_io][optim]") {
+  temp_dir dir;
+  const auto path = dir.path / "opt.safetensors";
+  using params = linear_loreft::params<float>;
+  linear_loreft::module<float> m(8, 1);
+  auto& grads = m.owned_gradients();
+  for (index_t i = 0; i < grads.size(); ++i) grads.data()[i] = 0.01f * float(i % 7) - 0.02f;
+  optim::adamw<params> opt(m.parameters(), {.lr = 1e-2});
+  for (int t = 0; t < 3; ++t) opt.step(m.parameters(), m.gradients());
+  save_optimizer_state(path, opt);
+
+  optim::adamw<params> resumed(m.parameters(), {.lr = 1e-2});
+  load_optimizer_state(path, resumed);
+  CHECK(resumed.steps() == 3);
+  CHECK(same_bytes(resumed.first_moment(), opt.first_moment()));
+  CHECK(same_bytes(resumed.second_moment(), opt.second_moment()));
+  linear_loreft::module<float> copy(8, 1);
+  copy.owned_parameters() = m.owned_parameters();
+  opt.step(m.parameters(), m.gradients());
+  resumed.step(copy.parameters(), m.gradients());
+  CHECK(same_bytes(copy.owned_parameters(), m.owned_parameters()));
+
+  // a state for another shape is refused and leaves the optimizer untouched
+  linear_loreft::module<float> wide(16, 1);
+  optim::adamw<params> other(wide.parameters());
+  REQUIRE_THROWS_AS(load_optimizer_state(path, other), shape_error);
+  CHECK(other.steps() == 0);
+  REQUIRE_THROWS_CONTAINING(load_optimizer_state(dir.path / "nope", other), grun::error, "nope");
+}

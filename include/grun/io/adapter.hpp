@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "../intervention.hpp"
+#include "../optim/adamw.hpp"
 #include "../stack.hpp"
 #include "safetensors.hpp"
 
@@ -444,6 +445,64 @@ adapter_info load_module(const std::filesystem::path& path, M& module, const ada
   auto& dst = module.owned_parameters();
   std::copy(tmp.data(), tmp.data() + tmp.size(), dst.data());
   return info;
+}
+
+// ---- optimizer state ------------------------------------------------------------------------------
+/// Saves AdamW's state (m, v in their storage dtype, bitwise; step count and hyper-parameters in
+/// the metadata) so training resumes exactly. Keys: `m.<i>` / `v.<i>`, i = leaf index in
+/// for_each_param order (the shapes are those of the parameters).
+template <class Params>
+void save_optimizer_state(const std::filesystem::path& path, const optim::adamw<Params>& opt) {
+  using T = typename optim::adamw<Params>::value_type;
+  std::vector<tensor_record> records;
+  const auto add = [&](const char* prefix, const Params& state) {
+    index_t i = 0;
+    for_each_param(state, [&](const auto& leaf) {
+      records.push_back(make_tensor<T>(prefix + std::to_string(i++), leaf.shape(),
+                                       std::span<const T>(leaf.data, static_cast<std::size_t>(leaf.size()))));
+    });
+  };
+  add("m.", *opt.first_moment());
+  add("v.", *opt.second_moment());
+  const auto& o = opt.options();
+  const metadata_map meta = {
+      {"format", "grun.optimizer"}, {"format_version", "1"}, {"optimizer", "adamw"},
+      {"step", std::to_string(opt.steps())}, {"lr", detail::format_double(o.lr)},
+      {"beta1", detail::format_double(o.beta1)}, {"beta2", detail::format_double(o.beta2)},
+      {"eps", detail::format_double(o.eps)}, {"weight_decay", detail::format_double(o.weight_decay)},
+      {"max_grad_norm", detail::format_double(o.max_grad_norm)}};
+  write_safetensors(path, records, meta);
+}
+
+/// Restores state saved by save_optimizer_state into `opt` (same parameter aggregate shape; the
+/// hyper-parameters stay those `opt` was built with). All-or-nothing: on error `opt` is unchanged.
+template <class Params>
+void load_optimizer_state(const std::filesystem::path& path, optim::adamw<Params>& opt) {
+  using T = typename optim::adamw<Params>::value_type;
+  const auto f = safetensors_file::read(path, read_options{.check_finite = true});
+  const std::string& fmt = detail::meta(f, "format");
+  require<format_error>(fmt == "grun.optimizer" && detail::meta(f, "optimizer") == "adamw", f.source(),
+                        ": expected a grun AdamW state (format \"grun.optimizer\", optimizer \"adamw\"), got format \"",
+                        fmt, "\"");
+  const auto step = detail::parse_int<std::int64_t>(detail::meta(f, "step"), f.source(), "step");
+  require<format_error>(step >= 0, f.source(), ": expected a non-negative step, got ", step);
+  owned_params<Params> m(opt.first_moment()), v(opt.second_moment());
+  std::set<std::string> consumed;
+  const auto read = [&](const char* prefix, const Params& state) {
+    index_t i = 0;
+    for_each_param(state, [&](const auto& leaf) {
+      const std::string key = prefix + std::to_string(i++);
+      const auto values = decode<T>(f, key, leaf.shape());
+      std::copy(values.begin(), values.end(), leaf.data);
+      consumed.insert(key);
+    });
+  };
+  read("m.", *m);
+  read("v.", *v);
+  detail::require_all_consumed(f, consumed);
+  opt.first_moment() = std::move(m);
+  opt.second_moment() = std::move(v);
+  opt.set_steps(step);
 }
 
 }  // namespace grun::io
