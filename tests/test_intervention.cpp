@@ -314,3 +314,56 @@ TEST_CASE("quickstart: the owning module", "[intervention][module]") {
   CHECK(m.dim() == d);
   m.retract();
 }
+
+// ---- the dispatch seam: a mock executor that records what reaches it (Thrust-style) ----------
+namespace {
+struct recording_exec {
+  using memory_space = host_space;
+  static constexpr const char* name = "test::recording_exec";
+};
+struct dispatch_log {
+  int forwards = 0, backwards = 0;
+  index_t modules = -1, trained = -1;
+  double scale = 0;
+};
+dispatch_log g_log;
+}  // namespace
+
+template <class G, class R, class O>
+struct grun::detail::intervention_impl<recording_exec, grun::gated_intervention<G, R, O>> {
+  using host = intervention_impl<exec::host_t, gated_intervention<G, R, O>>;
+  template <class P, class... A>
+  static void forward(const recording_exec&, std::span<const P> m, double scale, A&&... rest) {
+    ++g_log.forwards;
+    g_log.modules = index_t(m.size());
+    g_log.scale = scale;
+    host::forward(exec::host, m, scale, std::forward<A>(rest)...);
+  }
+  template <class P, class... A>
+  static void backward(const recording_exec&, std::span<const P> m, double scale, index_t trained, A&&... rest) {
+    ++g_log.backwards;
+    g_log.trained = trained;
+    host::backward(exec::host, m, scale, trained, std::forward<A>(rest)...);
+  }
+};
+
+TEST_CASE("executors reach the implementation through detail::intervention_impl", "[intervention][dispatch]") {
+  static_assert(executor<recording_exec>);
+  intervention_stack<gate::linear, reft::loreft<2>, ortho::qr_retraction, double> st(5, 0.5, 1.0);
+  st.append(1);
+  st.append(2);
+  auto h = random_matrix<double>(3, 5, 3);
+  host_matrix<double> out(3, 5), ref(3, 5), dh(3, 5);
+  std::vector<double> gates(4);
+  auto pos = positions::rows({0, 2});
+  st.forward(recording_exec{}, h.view(), pos, out.view(), matrix_view<double>(gates.data(), {2, 2}));
+  st.forward(exec::host, h.view(), pos, ref.view(), matrix_view<double>(gates.data(), {2, 2}));
+  CHECK(g_log.forwards == 1);
+  CHECK(g_log.modules == 2);
+  CHECK(g_log.scale == 2.0);
+  CHECK(std::memcmp(out.storage.data(), ref.storage.data(), sizeof(double) * 15) == 0);
+  owned_params<decltype(st)::params_type> grads(st.module(0));
+  st.backward(recording_exec{}, h.view(), pos, out.view(), matrix_view<const double>(), dh.view(), *grads, 0);
+  CHECK(g_log.backwards == 1);
+  CHECK(g_log.trained == 0);
+}

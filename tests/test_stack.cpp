@@ -120,3 +120,32 @@ TEST_CASE("stack: bad inputs", "[stack][errors]") {
   CHECK_THROWS_WITH(st.forward(exec::host, wide.view(), pos, out.view(), matrix_view<double>(g.data(), {1, 2})),
                     Catch::Contains("expected 7 columns"));
 }
+
+TEST_CASE("a householder stack matches finite differences", "[stack][fd][householder]") {
+  using S = intervention_stack<gate::mlp<4, 3>, reft::loreft<2>, ortho::householder, double>;
+  const index_t n = 3, d = 6, K = 2;
+  S st(d, 0.6, 0.6);
+  st.append(1);
+  st.append(2);
+  randomize(st.owned_module(1)->gate, 3, 0.5);
+  auto h = random_matrix<double>(n, d, 4), c = random_matrix<double>(n, d, 5);
+  auto pos = positions::all(n);
+  std::vector<double> gates(sz(K * n));
+  host_matrix<double> out(n, d), dh(n, d);
+  auto loss = [&]() {
+    st.forward(exec::host, h.view(), pos, out.view(), matrix_view<double>(gates.data(), {K, n}));
+    double L = 0;
+    for (index_t i = 0; i < n * d; ++i) L += c.storage[i] * out.storage[i];
+    return L;
+  };
+  owned_params<S::params_type> grads(S::intervention::shape<double>(d));
+  st.backward(exec::host, h.view(), pos, c.view(), matrix_view<const double>(), dh.view(), *grads);
+  auto ps = scalars(*st.owned_module(1));
+  auto gs = scalars(*grads);
+  std::vector<double> an, nu;
+  for (std::size_t i = 0; i < ps.size(); ++i) {
+    an.push_back(*gs[i]);
+    nu.push_back(central_difference(ps[i], loss));
+  }
+  CHECK(rel_err(an, nu) < 1e-6);
+}
