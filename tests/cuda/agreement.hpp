@@ -21,7 +21,7 @@ template <class T> constexpr double tolerance() {
 
 /// Norm-wise relative error max|a − b| / max(max|b|, tiny): stable when single entries are ~0.
 template <class A, class B>
-double rel_error(std::span<const A> a, std::span<const B> b) {
+double rel_error(std::span<A> a, std::span<B> b) {
   REQUIRE(a.size() == b.size());
   double num = 0, den = 0;
   for (std::size_t i = 0; i < a.size(); ++i) {

@@ -1,0 +1,148 @@
+// benchmarks/cuda/bench_cuda.cu — timings of grun's CUDA kernels with cudaEvents, printed as
+//   RESULT <name> <milliseconds> <bytes_moved_at_minimum>
+// lines for benchmarks/gpu_check.sh, which joins them with the PyTorch timings into one table.
+// The copy bandwidth (cudaMemcpy device→device, read + write counted) is measured in the same run,
+// so "% of copy bandwidth" compares like with like on whatever GPU this runs on.
+//
+//   bench_cuda [--quick]      --quick: smaller sizes (smoke test of the script itself)
+#include <grun/cuda/adamw.cuh>
+#include <grun/cuda/intervention.cuh>
+#include <grun/cuda/nll.cuh>
+#include <grun/gate/linear.hpp>
+#include <grun/gate/mlp.hpp>
+#include <grun/reft/loreft.hpp>
+
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <vector>
+
+namespace gc = grun::cuda;
+using grun::cuda_space;
+using grun::index_t;
+using bf16 = grun::bfloat16;
+
+namespace {
+
+/// Median of `reps` timed runs after `warmup` untimed ones, in milliseconds.
+double time_ms(const std::function<void()>& f, int warmup = 3, int reps = 10) {
+  for (int i = 0; i < warmup; ++i) f();
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  cudaEvent_t a, b;
+  GRUN_CUDA_CHECK(cudaEventCreate(&a));
+  GRUN_CUDA_CHECK(cudaEventCreate(&b));
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    GRUN_CUDA_CHECK(cudaEventRecord(a));
+    f();
+    GRUN_CUDA_CHECK(cudaEventRecord(b));
+    GRUN_CUDA_CHECK(cudaEventSynchronize(b));
+    float t = 0;
+    GRUN_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  GRUN_CUDA_CHECK(cudaEventDestroy(a));
+  GRUN_CUDA_CHECK(cudaEventDestroy(b));
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+void result(const char* name, double ms, double bytes) { std::printf("RESULT %s %.6f %.0f\n", name, ms, bytes); }
+
+template <class T>
+void fill(gc::device_buffer<T>& d, unsigned seed, float lo, float hi) {
+  std::vector<T> h(std::size_t(d.size()));
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> u(lo, hi);
+  for (auto& x : h) x = grun::store<T>(u(g));
+  d.copy_from_host(h);
+}
+
+void bench_copy(index_t bytes) {
+  gc::device_buffer<unsigned char> a(bytes), b(bytes);
+  const double ms = time_ms([&] { GRUN_CUDA_CHECK(cudaMemcpy(b.data(), a.data(), std::size_t(bytes), cudaMemcpyDeviceToDevice)); });
+  result("copy_d2d", ms, 2.0 * double(bytes));  // one read + one write
+}
+
+template <class I>
+void bench_intervention(const char* name, index_t T_, index_t d) {
+  using P = typename I::template params<bf16, cuda_space>;
+  gc::device_params<P> p(I::template shape<bf16, cuda_space>(d)), g(*p);
+  {
+    gc::device_buffer<bf16> tmp(p.size());
+    fill(tmp, 1, -0.05f, 0.05f);
+    GRUN_CUDA_CHECK(cudaMemcpy(p.data(), tmp.data(), sizeof(bf16) * std::size_t(p.size()), cudaMemcpyDeviceToDevice));
+  }
+  gc::device_buffer<bf16> h(T_ * d), out(T_ * d), dout(T_ * d), dh(T_ * d), gates(T_);
+  fill(h, 2, -1.f, 1.f);
+  fill(dout, 3, -1.f, 1.f);
+  const auto pos = grun::positions::all(T_);
+  const grun::matrix_view<const bf16, cuda_space> hv(h.data(), {T_, d});
+  const double fwd = time_ms([&] { I::forward(grun::exec::cuda, *p, hv, pos, out.template view<2>({T_, d}), gates.view()); });
+  result((std::string(name) + "_fwd").c_str(), fwd, 2.0 * double(T_ * d) * 2);
+  const grun::vector_view<const bf16, cuda_space> no_dgates(nullptr, {0});
+  const double fb = time_ms(
+      [&] {
+        I::forward(grun::exec::cuda, *p, hv, pos, out.template view<2>({T_, d}), gates.view());
+        I::backward(grun::exec::cuda, *p, hv, pos, grun::matrix_view<const bf16, cuda_space>(dout.data(), {T_, d}), no_dgates,
+                    dh.template view<2>({T_, d}), *g);
+      },
+      1, 3);
+  result((std::string(name) + "_fwdbwd").c_str(), fb, 5.0 * double(T_ * d) * 2);  // h, dout read; out, dh written; h again
+}
+
+void bench_nll(index_t T_, index_t V) {
+  gc::device_buffer<bf16> x(T_ * V);
+  fill(x, 4, -4.f, 4.f);
+  std::vector<std::int64_t> y(std::size_t(T_));
+  for (index_t t = 0; t < T_; ++t) y[std::size_t(t)] = (t * 7919) % V;
+  gc::device_buffer<std::int64_t> yd{std::span<const std::int64_t>(y)};
+  gc::device_buffer<float> nll(T_), lse(T_), dn(T_);
+  fill(dn, 5, 1.f, 1.f);
+  const grun::matrix_view<const bf16, cuda_space> xv(x.data(), {T_, V});
+  const grun::vector_view<const std::int64_t, cuda_space> yv(yd.data(), {T_});
+  const double fwd = time_ms([&] { grun::loss::token_nll_forward(grun::exec::cuda, xv, yv, nll.view(), lse.view()); });
+  result("nll_fwd", fwd, double(T_ * V) * 2);
+  // fwd + bwd, gradient written in place over the logits (values change; timing does not)
+  gc::device_buffer<bf16> dx(T_ * V);
+  const double fb = time_ms([&] {
+    grun::loss::token_nll_forward(grun::exec::cuda, xv, yv, nll.view(), lse.view());
+    grun::loss::token_nll_backward(grun::exec::cuda, xv, yv, grun::vector_view<const float, cuda_space>(lse.data(), {T_}),
+                                   grun::vector_view<const float, cuda_space>(dn.data(), {T_}), dx.view<2>({T_, V}));
+  });
+  result("nll_fwdbwd", fb, 2.0 * double(T_ * V) * 2);  // the issue's yardstick: one read + one write
+}
+
+void bench_adamw(index_t d) {
+  using I = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
+  using P = I::params<float, cuda_space>;
+  gc::device_params<P> p(I::shape<float, cuda_space>(d)), g(*p), m(*p), v(*p);
+  grun::optim::adamw_coeffs<float> c{4e-3f, 0.9f, 0.999f, 1e-8f, 1.f - 4e-5f, 0.1f, 0.001f, 1.f};
+  const double ms = time_ms([&] { grun::optim::detail::adamw_impl<grun::exec::cuda_t>::step(grun::exec::cuda, *p, *g, *m, *v, c); });
+  result("adamw_mlp_loreft4", ms, 7.0 * double(p.size()) * 4);  // read θ g m v, write θ m v
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  if (!gc::device_available()) {
+    std::fprintf(stderr, "SKIPPED: no CUDA device\n");
+    return 77;
+  }
+  cudaDeviceProp prop{};
+  GRUN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("DEVICE %s\n", prop.name);
+  try {
+    bench_copy(quick ? (index_t(64) << 20) : (index_t(1) << 30));
+    using lin = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
+    bench_intervention<lin>("intervention_linear_loreft4", quick ? 1024 : 16384, 4096);
+    bench_nll(quick ? 512 : 8192, quick ? 32768 : 131072);
+    bench_adamw(4096);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,245 @@
+#pragma once
+// grun/cuda/intervention.cuh — exec::cuda for gated_intervention (and intervention_stack, which
+// reaches the same seam with K modules): detail::intervention_impl<exec::cuda_t, gated_intervention<G, R, O>>.
+//
+//   forward   h' = h + s · Σ_k g_k(h) Δ_k(h)   on the rows named by the position list
+//   backward  dh (identity + gate + ReFT paths), parameter gradients of module `trained`
+//
+// This is the GENERIC device path: one thread per selected row runs the policies' own GRUN_HD row
+// math (gated_intervention::forward_row / backward_row) — the very code exec::host runs — so it
+// works for every gate/ReFT policy, a user's included, and agrees with the host by construction.
+// All K modules of a stack are evaluated in the same launch.
+//
+// Parameter gradients are reduced in two deterministic stages, like the host: stage 1 gives each
+// slot (one thread, a fixed contiguous block of positions) its own gradient aggregate; stage 2 sums
+// the slots in slot order per parameter (one thread per parameter, in double). No atomics: the
+// result is bitwise repeatable whatever the launch order, so exec::cuda_t::deterministic holds.
+//
+// Not here yet (see the report of issue 4): the block-cooperative fused kernel (vectorized rows,
+// CUB block reductions over d, parameters reused across a tile of rows) and the cuBLASLt GEMM for
+// the mlp gate's first layer; parametrized rotations (ortho::householder) are refused at compile time.
+#include <cub/block/block_reduce.cuh>
+
+#include <algorithm>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "check.cuh"  // first: exec::host_t before exec/cuda.hpp
+
+#include <grun/intervention.hpp>
+
+namespace grun::cuda {
+
+namespace detail {
+
+/// Device scratch that lives for one call, allocated stream-ordered (no device-wide sync).
+template <class T>
+struct stream_scratch {
+  T* ptr = nullptr;
+  cudaStream_t stream = nullptr;
+  stream_scratch(index_t n, cudaStream_t s) : stream(s) {
+    if (n > 0) GRUN_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&ptr), sizeof(T) * std::size_t(n), s));
+  }
+  ~stream_scratch() { if (ptr) (void)cudaFreeAsync(ptr, stream); }
+  stream_scratch(const stream_scratch&) = delete;
+  stream_scratch& operator=(const stream_scratch&) = delete;
+};
+
+/// Copies every row of src [N, d] to dst unless they are the same tensor (rows contiguous).
+template <class T>
+void copy_rows(matrix_view<const T, cuda_space> src, matrix_view<T, cuda_space> dst, cudaStream_t s) {
+  if (src.size() == 0) return;
+  if (static_cast<const void*>(src.data()) == static_cast<const void*>(dst.data()) && src.stride(0) == dst.stride(0)) return;
+  GRUN_CUDA_CHECK(cudaMemcpy2DAsync(dst.data(), sizeof(T) * std::size_t(dst.stride(0)), src.data(),
+                                    sizeof(T) * std::size_t(src.stride(0)), sizeof(T) * std::size_t(src.extent(1)),
+                                    std::size_t(src.extent(0)), cudaMemcpyDeviceToDevice, s));
+}
+
+template <class I, class T>
+__global__ void intervention_forward_kernel(const module_params<I, T, cuda_space>* modules, index_t K, float scale,
+                                            matrix_view<const T, cuda_space> h, const index_t* pos, index_t q0,
+                                            index_t q1, matrix_view<T, cuda_space> out,
+                                            matrix_view<T, cuda_space> gates, acc_t<T>* work) {
+  using Acc = acc_t<T>;
+  const index_t q = q0 + index_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (q >= q1) return;
+  const index_t d = h.extent(1);
+  Acc* hx = work + (q - q0) * (3 * d + I::scratch_size(d));
+  Acc* delta = hx + d;
+  Acc* sum = delta + d;
+  Acc* scratch = sum + d;
+  const index_t row = pos[q];
+  const T* hr = h.row(row);
+  for (index_t j = 0; j < d; ++j) { hx[j] = load<Acc>(hr[j]); sum[j] = Acc(0); }
+  for (index_t k = 0; k < K; ++k) {
+    const Acc g = I::forward_row(modules[k], hx, d, delta, scratch);
+    gates(k, q) = store<T>(g);
+    for (index_t j = 0; j < d; ++j) sum[j] += g * delta[j];
+  }
+  T* o = out.row(row);
+  for (index_t j = 0; j < d; ++j) o[j] = store<T>(hx[j] + Acc(scale) * sum[j]);
+}
+
+/// Stage 1 of backward: slot b handles positions [b·block, (b+1)·block) serially and accumulates
+/// the trained module's gradients into its own aggregate (slots[b]); frozen modules' into a sink.
+template <class I, class T, class PA>
+__global__ void intervention_backward_kernel(const module_params<I, T, cuda_space>* modules, index_t K, index_t trained,
+                                             float scale, matrix_view<const T, cuda_space> h, const index_t* pos,
+                                             index_t P, index_t block, matrix_view<const T, cuda_space> dout,
+                                             matrix_view<const T, cuda_space> dgates, matrix_view<T, cuda_space> dh,
+                                             const PA* slot_params, const PA* sink_params, index_t np,
+                                             acc_t<T>* slots, acc_t<T>* work, index_t nslots) {
+  using Acc = acc_t<T>;
+  const index_t b = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= nslots) return;
+  const index_t d = h.extent(1);
+  const PA& slot = slot_params[b];  // bound on the host: device code never reflects over fields
+  const PA& sink = K > 1 ? sink_params[b] : slot;
+  for (index_t i = 0; i < np; ++i) slots[b * np + i] = Acc(0);
+  Acc* hx = work + b * (5 * d + I::scratch_size(d));
+  Acc* dx = hx + d;
+  Acc* dhx = dx + d;
+  Acc* delta = dhx + d;
+  Acc* tmp = delta + d;
+  Acc* scratch = tmp + d;
+  const bool has_dgates = dgates.size() != 0;
+  const index_t qend = P < (b + 1) * block ? P : (b + 1) * block;
+  for (index_t q = b * block; q < qend; ++q) {
+    const index_t row = pos[q];
+    const T* hr = h.row(row);
+    const T* dr = dout.row(row);
+    for (index_t j = 0; j < d; ++j) { hx[j] = load<Acc>(hr[j]); dx[j] = load<Acc>(dr[j]); dhx[j] = dx[j]; }
+    for (index_t k = 0; k < K; ++k) {
+      const Acc g = I::forward_row(modules[k], hx, d, delta, scratch);
+      const Acc dg = has_dgates ? load<Acc>(dgates(k, q)) : Acc(0);
+      I::backward_row(modules[k], k == trained ? slot : sink, hx, d, scratch, g, delta, dx, dg, Acc(scale), tmp, dhx);
+    }
+    T* o = dh.row(row);
+    for (index_t j = 0; j < d; ++j) o[j] = store<T>(dhx[j]);
+  }
+}
+
+/// Stage 2: grads[i] = Σ_b slots[b][i], b in order, in double (one thread per parameter).
+template <class T, class Acc>
+__global__ void sum_slots_kernel(const Acc* slots, index_t nslots, index_t np, T* const* leaves, const index_t* offsets,
+                                 int nleaves) {
+  const index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= np) return;
+  double s = 0;
+  for (index_t b = 0; b < nslots; ++b) s += double(slots[b * np + i]);
+  int leaf = 0;
+  while (leaf + 1 < nleaves && i >= offsets[leaf + 1]) ++leaf;
+  leaves[leaf][i - offsets[leaf]] = store<T>(s);
+}
+
+}  // namespace detail
+
+}  // namespace grun::cuda
+
+namespace grun::detail {
+
+template <class G, class R, class O>
+struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
+  using I = gated_intervention<G, R, O>;
+  static_assert(!O::is_parametrization,
+                "grun: no forward for gated_intervention with a parametrized rotation (ortho::householder) on exec::cuda "
+                "yet; use ortho::qr_retraction (retract with grun::cuda::qr_retract) or exec::host");
+
+  /// Bytes of per-thread work space a launch may take (rows are processed in chunks beyond this).
+  static constexpr index_t work_budget = index_t(256) << 20;
+
+  template <class T, class S>
+  static void forward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
+                      matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates) {
+    static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
+    using Acc = acc_t<T>;
+    const cudaStream_t s = cuda::stream_of(ex);
+    const index_t d = h.extent(1), P = pos.size(), K = index_t(modules.size());
+    if (h.extent(0) == 0) return;
+    cuda::require_device("gated_intervention::forward");
+    cuda::detail::copy_rows<T>(h, out, s);
+    if (P == 0 || K == 0) return;
+    cuda::detail::stream_scratch<module_params<I, T, cuda_space>> mods(K, s);
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(mods.ptr, modules.data(), sizeof(modules[0]) * std::size_t(K), cudaMemcpyHostToDevice, s));
+    cuda::detail::stream_scratch<index_t> dpos(P, s);
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(dpos.ptr, pos.data(), sizeof(index_t) * std::size_t(P), cudaMemcpyHostToDevice, s));
+    const index_t ws = 3 * d + I::scratch_size(d);
+    const index_t chunk = std::clamp<index_t>(work_budget / index_t(sizeof(Acc) * ws), 1, P);
+    cuda::detail::stream_scratch<Acc> work(chunk * ws, s);
+    for (index_t q0 = 0; q0 < P; q0 += chunk) {
+      const index_t q1 = std::min(P, q0 + chunk);
+      cuda::detail::intervention_forward_kernel<I, T><<<unsigned(cuda::ceil_div(q1 - q0, 128)), 128, 0, s>>>(
+          mods.ptr, K, float(scale), h, dpos.ptr, q0, q1, out, gates, work.ptr);
+      GRUN_CUDA_CHECK_LAUNCH();
+    }
+    // Host memory handed to cudaMemcpyAsync (modules, pos) is pageable: the copies have been
+    // staged before the call returned, so the caller may free them at once.
+  }
+
+  template <class T, class S>
+  static void backward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
+                       index_t trained, matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
+                       matrix_view<const T, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
+    static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
+    using Acc = acc_t<T>;
+    using PA = typename I::template params<Acc, cuda_space>;
+    const cudaStream_t s = cuda::stream_of(ex);
+    const index_t d = h.extent(1), P = pos.size(), K = index_t(modules.size());
+    if (h.extent(0) == 0 && parameter_count(grads) == 0) return;
+    cuda::require_device("gated_intervention::backward");
+    cuda::detail::copy_rows<T>(dout, dh, s);
+
+    // Leaf layout of the gradient aggregate (for binding slots and for the final scatter).
+    const PA shaped = I::template shape<Acc, cuda_space>(d);
+    std::vector<index_t> offsets;
+    std::vector<T*> leaves;
+    index_t np = 0;
+    for_each_param_pair(shaped, grads, [&](const auto& sl, const auto& gl) {
+      offsets.push_back(np);
+      leaves.push_back(gl.data);
+      np += sl.size();
+    });
+    offsets.push_back(np);
+    const int nleaves = int(leaves.size());
+    cuda::detail::stream_scratch<index_t> doff(index_t(offsets.size()), s);
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(doff.ptr, offsets.data(), sizeof(index_t) * offsets.size(), cudaMemcpyHostToDevice, s));
+    cuda::detail::stream_scratch<T*> dleaves(nleaves, s);
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(dleaves.ptr, leaves.data(), sizeof(T*) * leaves.size(), cudaMemcpyHostToDevice, s));
+
+    const index_t ws = 5 * d + I::scratch_size(d);
+    const index_t per_slot = index_t(sizeof(Acc)) * (np * (K > 1 ? 2 : 1) + ws);
+    const index_t max_slots = std::clamp<index_t>(work_budget / per_slot, 1, 4096);
+    const index_t block = std::max<index_t>(1, cuda::ceil_div(std::max<index_t>(P, 1), max_slots));
+    const index_t nslots = std::max<index_t>(1, cuda::ceil_div(P, block));
+    cuda::detail::stream_scratch<Acc> slots(nslots * np, s), sinks(K > 1 ? nslots * np : 0, s), work(nslots * ws, s);
+    // One gradient aggregate per slot (and per sink), bound on the host and copied over.
+    std::vector<PA> bound(std::size_t(nslots * (K > 1 ? 2 : 1)));
+    for (index_t b = 0; b < nslots; ++b) {
+      bound[std::size_t(b)] = bind_params(shaped, slots.ptr + b * np);
+      if (K > 1) bound[std::size_t(nslots + b)] = bind_params(shaped, sinks.ptr + b * np);
+    }
+    cuda::detail::stream_scratch<PA> dbound(index_t(bound.size()), s);
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(dbound.ptr, bound.data(), sizeof(PA) * bound.size(), cudaMemcpyHostToDevice, s));
+    if (P > 0 && K > 0) {
+      cuda::detail::stream_scratch<module_params<I, T, cuda_space>> mods(K, s);
+      GRUN_CUDA_CHECK(cudaMemcpyAsync(mods.ptr, modules.data(), sizeof(modules[0]) * std::size_t(K), cudaMemcpyHostToDevice, s));
+      cuda::detail::stream_scratch<index_t> dpos(P, s);
+      GRUN_CUDA_CHECK(cudaMemcpyAsync(dpos.ptr, pos.data(), sizeof(index_t) * std::size_t(P), cudaMemcpyHostToDevice, s));
+      cuda::detail::intervention_backward_kernel<I, T><<<unsigned(cuda::ceil_div(nslots, 64)), 64, 0, s>>>(
+          mods.ptr, K, trained, float(scale), h, dpos.ptr, P, block, dout, dgates, dh, dbound.ptr,
+          dbound.ptr + (K > 1 ? nslots : 0), np, slots.ptr, work.ptr, nslots);
+      GRUN_CUDA_CHECK_LAUNCH();
+    } else if (np > 0) {
+      GRUN_CUDA_CHECK(cudaMemsetAsync(slots.ptr, 0, sizeof(Acc) * std::size_t(np), s));
+    }
+    if (np > 0) {
+      const index_t used = (P > 0 && K > 0) ? nslots : 1;
+      cuda::detail::sum_slots_kernel<T, Acc><<<unsigned(cuda::ceil_div(np, 256)), 256, 0, s>>>(slots.ptr, used, np,
+                                                                                              dleaves.ptr, doff.ptr, nleaves);
+      GRUN_CUDA_CHECK_LAUNCH();
+    }
+  }
+};
+
+}  // namespace grun::detail

@@ -1,0 +1,122 @@
+// Fused AdamW (one launch over every parameter tensor) and the device QR retraction agree with
+// the host's optim::adamw_update and ortho::qr_retraction.
+#include <grun/cuda/adamw.cuh>
+#include <grun/cuda/retract.cuh>
+#include <grun/gate/mlp.hpp>
+#include <grun/intervention.hpp>
+#include <grun/reft/loreft.hpp>
+
+#include <vector>
+
+#include "agreement.hpp"
+
+namespace gc = grun::cuda;
+using grun::cuda_space;
+using grun::index_t;
+using I = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
+
+namespace {
+template <class T>
+grun::optim::adamw_coeffs<grun::acc_t<T>> coeffs() {
+  return {grun::acc_t<T>(4e-3), grun::acc_t<T>(0.9), grun::acc_t<T>(0.999), grun::acc_t<T>(1e-8),
+          grun::acc_t<T>(1 - 4e-3 * 1e-2), grun::acc_t<T>(1 - 0.9 * 0.9), grun::acc_t<T>(1 - 0.999 * 0.999),
+          grun::acc_t<T>(0.75)};
+}
+}  // namespace
+
+TEST_CASE("cuda adamw: host parameters on exec::cuda do not compile; an empty aggregate is a no-op", "[nodevice][adamw]") {
+  // The static_assert is the guard for host_space leaves; here: zero-sized work needs no device.
+  gc::device_params<I::params<float, cuda_space>> none;
+  grun::optim::detail::adamw_impl<grun::exec::cuda_t>::step(grun::exec::cuda, *none, *none, *none, *none, coeffs<float>());
+  SUCCEED();
+}
+
+TEMPLATE_TEST_CASE("cuda adamw: one launch over a module agrees with optim::adamw_update", "[adamw]", float, grun::bfloat16,
+                   grun::half) {
+  GRUN_REQUIRE_DEVICE();
+  using T = TestType;
+  using Hp = I::params<T>;
+  using Dp = I::params<T, cuda_space>;
+  const index_t d = 45;
+  grun::owned_params<Hp> p(I::shape<T>(d)), g(*p), m(*p), v(*p);
+  grun::test::fill_uniform(p.data() ? std::span<T>(p.data(), std::size_t(p.size())) : std::span<T>(), 1);
+  grun::test::fill_uniform(std::span<T>(g.data(), std::size_t(g.size())), 2);
+  grun::test::fill_uniform(std::span<T>(m.data(), std::size_t(m.size())), 3, -0.1f, 0.1f);
+  grun::test::fill_uniform(std::span<T>(v.data(), std::size_t(v.size())), 4, 0.f, 0.1f);
+  gc::device_params<Dp> pd(I::shape<T, cuda_space>(d)), gd(*pd), md(*pd), vd(*pd);
+  auto up = [](auto& dev, const auto& host) {
+    GRUN_CUDA_CHECK(cudaMemcpy(dev.data(), host.data(), sizeof(T) * std::size_t(host.size()), cudaMemcpyHostToDevice));
+  };
+  up(pd, p); up(gd, g); up(md, m); up(vd, v);
+  const auto c = coeffs<T>();
+  grun::optim::detail::adamw_impl<grun::exec::host_t>::step(grun::exec::host, *p, *g, *m, *v, c);
+  grun::optim::detail::adamw_impl<grun::exec::cuda_t>::step(grun::exec::cuda, *pd, *gd, *md, *vd, c);
+  std::vector<T> out(std::size_t(p.size()));
+  GRUN_CUDA_CHECK(cudaMemcpy(out.data(), pd.data(), sizeof(T) * out.size(), cudaMemcpyDeviceToHost));
+  CHECK(grun::test::rel_error(std::span<const T>(out), std::span<const T>(p.data(), out.size())) < grun::test::tolerance<T>());
+  GRUN_CUDA_CHECK(cudaMemcpy(out.data(), vd.data(), sizeof(T) * out.size(), cudaMemcpyDeviceToHost));
+  CHECK(grun::test::rel_error(std::span<const T>(out), std::span<const T>(v.data(), out.size())) < grun::test::tolerance<T>());
+}
+
+TEST_CASE("cuda adamw: leaves in separate buffers take the segment path", "[adamw]") {
+  GRUN_REQUIRE_DEVICE();
+  struct two { grun::param<float, cuda_space> a, b; };
+  const index_t na = 1000, nb = 333;
+  std::vector<float> host(std::size_t(4 * (na + nb)));
+  grun::test::fill_uniform(std::span<float>(host), 5, 0.01f, 1.f);
+  gc::device_buffer<float> A{std::span<const float>(host.data(), std::size_t(4 * na))},
+      B{std::span<const float>(host.data() + 4 * na, std::size_t(4 * nb))};
+  auto leaf = [](float* p, index_t n) { grun::param<float, cuda_space> x; x.data = p; grun::set_vector(x, n); return x; };
+  two p{leaf(A.data(), na), leaf(B.data(), nb)}, g{leaf(A.data() + na, na), leaf(B.data() + nb, nb)},
+      m{leaf(A.data() + 2 * na, na), leaf(B.data() + 2 * nb, nb)}, v{leaf(A.data() + 3 * na, na), leaf(B.data() + 3 * nb, nb)};
+  const auto c = coeffs<float>();
+  grun::optim::detail::adamw_impl<grun::exec::cuda_t>::step(grun::exec::cuda, p, g, m, v, c);
+  const auto a = A.to_host();
+  const auto b = B.to_host();
+  for (index_t i = 0; i < na; i += 97) {
+    float t = host[i], mm = host[2 * na + i], vv = host[3 * na + i];
+    grun::optim::adamw_update<float>(t, host[na + i], mm, vv, c);
+    CHECK(a[i] == Approx(t).epsilon(1e-6));
+  }
+  for (index_t i = 0; i < nb; i += 31) {
+    const float* hb = host.data() + 4 * na;
+    float t = hb[i], mm = hb[2 * nb + i], vv = hb[3 * nb + i];
+    grun::optim::adamw_update<float>(t, hb[nb + i], mm, vv, c);
+    CHECK(b[i] == Approx(t).epsilon(1e-6));
+  }
+}
+
+TEMPLATE_TEST_CASE("cuda qr_retract agrees with ortho::qr_retraction", "[adamw][ortho]", float, grun::bfloat16) {
+  GRUN_REQUIRE_DEVICE();
+  using T = TestType;
+  for (auto [r, d] : {std::pair<index_t, index_t>{4, 37}, {1, 1}, {32, 4096}, {8, 8}}) {
+    grun::buffer<T> R(r * d);
+    grun::test::fill_uniform(R.span(), unsigned(r * d));
+    gc::device_buffer<T> Rd(R.span());
+    grun::param<T> hp;
+    hp.data = R.data();
+    grun::set_matrix(hp, r, d);
+    grun::param<T, cuda_space> dp;
+    dp.data = Rd.data();
+    grun::set_matrix(dp, r, d);
+    grun::ortho::qr_retraction::retract(hp);
+    gc::qr_retract(grun::exec::cuda, dp);
+    INFO("r = " << r << ", d = " << d);
+    CHECK(grun::test::rel_error(Rd.to_host(), R) < grun::test::tolerance<T>());
+  }
+  gc::device_buffer<float> zero(8);
+  grun::param<float, cuda_space> z;
+  z.data = zero.data();
+  grun::set_matrix(z, 2, 4);
+  CHECK_THROWS_AS(gc::qr_retract(grun::exec::cuda, z), grun::numeric_error);
+}
+
+TEST_CASE("cuda l2_norm matches the host sum of squares", "[adamw]") {
+  GRUN_REQUIRE_DEVICE();
+  std::vector<float> x(100001);
+  grun::test::fill_uniform(std::span<float>(x), 8);
+  double s = 0;
+  for (float v : x) s += double(v) * v;
+  gc::device_buffer<float> xd{std::span<const float>(x)};
+  CHECK(gc::l2_norm(grun::exec::cuda, xd.data(), xd.size()) == Approx(std::sqrt(s)).epsilon(1e-12));
+}
