@@ -95,7 +95,7 @@ void bench_intervention(const char* name, index_t T_, index_t d) {
 void bench_nll(index_t T_, index_t V) {
   gc::device_buffer<bf16> x(T_ * V);
   fill(x, 4, -4.f, 4.f);
-  std::vector<std::int64_t> y(std::size_t(T_));
+  std::vector<std::int64_t> y(static_cast<std::size_t>(T_));
   for (index_t t = 0; t < T_; ++t) y[std::size_t(t)] = (t * 7919) % V;
   gc::device_buffer<std::int64_t> yd{std::span<const std::int64_t>(y)};
   gc::device_buffer<float> nll(T_), lse(T_), dn(T_);
