@@ -29,6 +29,7 @@
 #include "exec/cuda.hpp"
 #include "init.hpp"
 #include "positions.hpp"
+#include "rowmath.hpp"
 
 namespace grun {
 
@@ -164,12 +165,8 @@ struct gated_intervention {
                                    const Acc* delta, const Acc* dout, Acc dg_ext, Acc s, Acc* work, Acc* dh) {
     Acc dg = dg_ext;
     const Acc sg = s * g;
-    Acc dot = 0;
-    for (index_t j = 0; j < d; ++j) {
-      dot += dout[j] * delta[j];
-      work[j] = sg * dout[j];
-    }
-    dg += s * dot;
+    for (index_t j = 0; j < d; ++j) work[j] = sg * dout[j];
+    dg += s * detail::dot<Acc>(dout, delta, d);
     Reft::backward(p.reft, grads.reft, h, d, scratch + Gate::scratch_size(d), work, dh);
     Gate::backward(p.gate, grads.gate, h, d, scratch, g, dg, dh);
   }
@@ -383,6 +380,8 @@ template <class G, class R, class O>
 struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
   using I = gated_intervention<G, R, O>;
   static constexpr index_t forward_block = 16;
+  /// Gates with a host block form (forward_block / backward_block over host_block_rows rows).
+  static constexpr bool gate_blocks = requires { G::host_block_rows; };
 
   template <class T, class S>
   static void forward(const exec::host_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
@@ -397,11 +396,51 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
     copy_unselected(ex, h, out, mask);
 
     const unsigned threads = resolve_threads(ex.threads);
+    const Acc s = static_cast<Acc>(scale);
+    if constexpr (gate_blocks) {
+      // The gate's block form (e.g. mlp: W1 read once per block of rows, not once per row).
+      constexpr index_t B = G::host_block_rows;
+      const index_t nblocks = (P + B - 1) / B;
+      const index_t gs = G::scratch_size(d), rs = R::scratch_size(d);
+      const index_t ws = B * (2 * d + gs + 1) + d + rs;
+      std::vector<std::vector<Acc>> work(std::min<index_t>(threads, std::max<index_t>(nblocks, 1)),
+                                         std::vector<Acc>(std::size_t(ws)));
+      parallel_blocks(threads, nblocks, [&](index_t blk, unsigned w) {
+        const index_t q0 = blk * B, nb = std::min(P, q0 + B) - q0;
+        Acc* base = work[w].data();
+        Acc *hx[B], *sum[B], *gscr[B];
+        for (index_t b = 0; b < B; ++b) {
+          hx[b] = base + b * d;
+          sum[b] = base + (B + b) * d;
+          gscr[b] = base + 2 * B * d + b * gs;
+        }
+        Acc* gv = base + B * (2 * d + gs);
+        Acc* delta = gv + B;
+        Acc* rscr = delta + d;
+        for (index_t b = 0; b < nb; ++b) {
+          const T* hr = h.row(pos[q0 + b]);
+          for (index_t j = 0; j < d; ++j) { hx[b][j] = load<Acc>(hr[j]); sum[b][j] = Acc(0); }
+        }
+        for (index_t k = 0; k < K; ++k) {
+          const auto& pk = *pa[std::size_t(k)];
+          G::forward_block(pk.gate, hx, nb, d, gscr, gv);
+          for (index_t b = 0; b < nb; ++b) {
+            R::forward(pk.reft, hx[b], d, delta, rscr);
+            gates(k, q0 + b) = store<T>(gv[b]);
+            grun::detail::axpy_row(gv[b], delta, sum[b], d);
+          }
+        }
+        for (index_t b = 0; b < nb; ++b) {
+          T* o = out.row(pos[q0 + b]);
+          for (index_t j = 0; j < d; ++j) o[j] = store<T>(hx[b][j] + s * sum[b][j]);
+        }
+      });
+      return;
+    }
     const index_t nblocks = (P + forward_block - 1) / forward_block;
     const index_t ws = 3 * d + I::scratch_size(d);
     std::vector<std::vector<Acc>> work(std::min<index_t>(threads, std::max<index_t>(nblocks, 1)),
                                        std::vector<Acc>(std::size_t(ws)));
-    const Acc s = static_cast<Acc>(scale);
     parallel_blocks(threads, nblocks, [&](index_t b, unsigned w) {
       Acc* hx = work[w].data();
       Acc* delta = hx + d;
@@ -461,33 +500,89 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
     const Acc s = static_cast<Acc>(scale);
     const bool has_dgates = dgates.size() != 0;
 
-    parallel_blocks(threads, nblocks, [&](index_t b, unsigned w) {
-      const PA slot = bind_params(shaped, slots.data() + b * np);
-      Acc* hx = work[w].data();
-      Acc* dx = hx + d;
-      Acc* dhx = dx + d;
-      Acc* delta = dhx + d;
-      Acc* tmp = delta + d;
-      Acc* scratch = tmp + d;
-      for (index_t q = b * block; q < std::min(P, (b + 1) * block); ++q) {
-        const index_t row = pos[q];
-        const T* hr = h.row(row);
-        const T* dr = dout.row(row);
-        for (index_t j = 0; j < d; ++j) {
-          hx[j] = load<Acc>(hr[j]);
-          dx[j] = load<Acc>(dr[j]);
-          dhx[j] = dx[j];  // the identity path of h' = h + …
+    if constexpr (gate_blocks) {
+      // Rows of a slot's block in chunks of B, in order: the gate's block form accumulates each
+      // parameter gradient over the chunk's rows in row order, as the row path would.
+      constexpr index_t B = G::host_block_rows;
+      const index_t gs = G::scratch_size(d), rs = R::scratch_size(d);
+      const index_t bws = B * (3 * d + gs + 2) + 2 * d + rs;
+      std::vector<std::vector<Acc>> bwork(static_cast<std::size_t>(workers), std::vector<Acc>(std::size_t(bws)));
+      parallel_blocks(threads, nblocks, [&](index_t blk, unsigned w) {
+        const PA slot = bind_params(shaped, slots.data() + blk * np);
+        Acc* base = bwork[w].data();
+        Acc *hx[B], *dx[B], *dhx[B], *gscr[B];
+        for (index_t b = 0; b < B; ++b) {
+          hx[b] = base + b * d;
+          dx[b] = base + (B + b) * d;
+          dhx[b] = base + (2 * B + b) * d;
+          gscr[b] = base + 3 * B * d + b * gs;
         }
-        for (index_t k = 0; k < K; ++k) {
-          const Acc g = I::forward_row(*pa[std::size_t(k)], hx, d, delta, scratch);
-          const Acc dg = has_dgates ? load<Acc>(dgates(k, q)) : Acc(0);
-          I::backward_row(*pa[std::size_t(k)], k == trained ? slot : sinks[w], hx, d, scratch, g, delta, dx, dg, s,
-                          tmp, dhx);
+        Acc* gv = base + B * (3 * d + gs);
+        Acc* dgv = gv + B;
+        Acc* delta = dgv + B;
+        Acc* tmp = delta + d;
+        Acc* rscr = tmp + d;
+        const index_t qend = std::min(P, (blk + 1) * block);
+        for (index_t q0 = blk * block; q0 < qend; q0 += B) {
+          const index_t nb = std::min(qend, q0 + B) - q0;
+          for (index_t b = 0; b < nb; ++b) {
+            const T* hr = h.row(pos[q0 + b]);
+            const T* dr = dout.row(pos[q0 + b]);
+            for (index_t j = 0; j < d; ++j) {
+              hx[b][j] = load<Acc>(hr[j]);
+              dx[b][j] = load<Acc>(dr[j]);
+              dhx[b][j] = dx[b][j];  // the identity path of h' = h + …
+            }
+          }
+          for (index_t k = 0; k < K; ++k) {
+            const auto& pk = *pa[std::size_t(k)];
+            const PA& gk = k == trained ? slot : sinks[w];
+            G::forward_block(pk.gate, hx, nb, d, gscr, gv);
+            for (index_t b = 0; b < nb; ++b) {
+              // backward_row's ReFT half: dL/dg = dg_ext + s·doutᵀΔ, dL/dΔ = s·g·dout.
+              R::forward(pk.reft, hx[b], d, delta, rscr);
+              const Acc sg = s * gv[b];
+              for (index_t j = 0; j < d; ++j) tmp[j] = sg * dx[b][j];
+              dgv[b] = (has_dgates ? load<Acc>(dgates(k, q0 + b)) : Acc(0)) + s * grun::detail::dot<Acc>(dx[b], delta, d);
+              R::backward(pk.reft, gk.reft, hx[b], d, rscr, tmp, dhx[b]);
+            }
+            G::backward_block(pk.gate, gk.gate, hx, nb, d, gscr, gv, dgv, dhx);
+          }
+          for (index_t b = 0; b < nb; ++b) {
+            T* o = dh.row(pos[q0 + b]);
+            for (index_t j = 0; j < d; ++j) o[j] = store<T>(dhx[b][j]);
+          }
         }
-        T* o = dh.row(row);
-        for (index_t j = 0; j < d; ++j) o[j] = store<T>(dhx[j]);
-      }
-    });
+      });
+    } else {
+      parallel_blocks(threads, nblocks, [&](index_t b, unsigned w) {
+        const PA slot = bind_params(shaped, slots.data() + b * np);
+        Acc* hx = work[w].data();
+        Acc* dx = hx + d;
+        Acc* dhx = dx + d;
+        Acc* delta = dhx + d;
+        Acc* tmp = delta + d;
+        Acc* scratch = tmp + d;
+        for (index_t q = b * block; q < std::min(P, (b + 1) * block); ++q) {
+          const index_t row = pos[q];
+          const T* hr = h.row(row);
+          const T* dr = dout.row(row);
+          for (index_t j = 0; j < d; ++j) {
+            hx[j] = load<Acc>(hr[j]);
+            dx[j] = load<Acc>(dr[j]);
+            dhx[j] = dx[j];  // the identity path of h' = h + …
+          }
+          for (index_t k = 0; k < K; ++k) {
+            const Acc g = I::forward_row(*pa[std::size_t(k)], hx, d, delta, scratch);
+            const Acc dg = has_dgates ? load<Acc>(dgates(k, q)) : Acc(0);
+            I::backward_row(*pa[std::size_t(k)], k == trained ? slot : sinks[w], hx, d, scratch, g, delta, dx, dg, s,
+                            tmp, dhx);
+          }
+          T* o = dh.row(row);
+          for (index_t j = 0; j < d; ++j) o[j] = store<T>(dhx[j]);
+        }
+      });
+    }
 
     std::vector<double> total(std::size_t(np), 0.0);
     for (index_t b = 0; b < nblocks; ++b) {

@@ -7,6 +7,7 @@
 #include <string_view>
 
 #include "../concepts.hpp"
+#include "../rowmath.hpp"
 
 namespace grun::gate {
 
@@ -29,9 +30,7 @@ struct linear {
 
   template <class Acc, class P>
   GRUN_HD static Acc forward(const P& p, const Acc* h, index_t d, Acc* /*scratch*/) {
-    Acc z = load<Acc>(p.bias[0]);
-    for (index_t j = 0; j < d; ++j) z += load<Acc>(p.weight[j]) * h[j];
-    return sigmoid(z);
+    return sigmoid(load<Acc>(p.bias[0]) + grun::detail::dot<Acc>(p.weight.data, h, d));
   }
 
   // dz = dg · σ'(z) = dg · g (1 − g);  dw += dz h,  dc += dz,  dh += dz w.
@@ -40,10 +39,7 @@ struct linear {
                                Acc* dh) {
     const Acc dz = dg * g * (Acc(1) - g);
     grads.bias[0] += dz;
-    for (index_t j = 0; j < d; ++j) {
-      grads.weight[j] += dz * h[j];
-      dh[j] += dz * load<Acc>(p.weight[j]);
-    }
+    grun::detail::outer_and_back(dz, p.weight.data, h, grads.weight.data, dh, d);
   }
 
   /// Initialization (used by grun::init): w ~ N(0, (0.01/√d)²), c = 0, so wᵀh ≈ 0.01·rms(h) and

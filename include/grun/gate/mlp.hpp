@@ -6,8 +6,10 @@
 #include <array>
 #include <cmath>
 #include <string_view>
+#include <type_traits>
 
 #include "../concepts.hpp"
+#include "../rowmath.hpp"
 
 namespace grun::gate {
 
@@ -42,62 +44,158 @@ struct mlp {
   /// with their gradients (relu'(x) = [a > 0] is read before each overwrite).
   GRUN_HD static constexpr index_t scratch_size(index_t) { return H1 + H2; }
 
-  template <class Acc, class P>
-  GRUN_HD static Acc forward(const P& p, const Acc* h, index_t d, Acc* scratch) {
-    Acc* a1 = scratch;       // [H1]
-    Acc* a2 = scratch + H1;  // [H2]
-    for (index_t i = 0; i < H1; ++i) {
-      Acc z = load<Acc>(p.b1[i]);
-      const auto* w = p.w1.row(i);
-      for (index_t j = 0; j < d; ++j) z += load<Acc>(w[j]) * h[j];
-      a1[i] = z > Acc(0) ? z : Acc(0);
+  /// a[i] = relu(b[i] + W[i]·x) for i < rows, W [rows, n]: 8 rows per pass over x.
+  template <class Acc, class W, class B, class X>
+  GRUN_HD static void dense_relu(const W& w, const B& b, const X* x, index_t rows, index_t n, Acc* a) {
+    constexpr int N = 8;
+    for (index_t i0 = 0; i0 < rows; i0 += N) {
+      const int g = int(rows - i0 < N ? rows - i0 : N);
+      const decltype(w.row(0)) wr[N] = {w.row(i0), w.row(i0 + (1 < g ? 1 : 0)), w.row(i0 + (2 < g ? 2 : 0)),
+                                        w.row(i0 + (3 < g ? 3 : 0)), w.row(i0 + (4 < g ? 4 : 0)),
+                                        w.row(i0 + (5 < g ? 5 : 0)), w.row(i0 + (6 < g ? 6 : 0)),
+                                        w.row(i0 + (7 < g ? 7 : 0))};
+      Acc z[N];
+      grun::detail::multi_dot<Acc, N>(wr, x, n, z);
+      for (int i = 0; i < g; ++i) {
+        const Acc v = load<Acc>(b[i0 + i]) + z[i];
+        a[i0 + i] = v > Acc(0) ? v : Acc(0);
+      }
     }
-    for (index_t i = 0; i < H2; ++i) {
-      Acc z = load<Acc>(p.b2[i]);
-      const auto* w = p.w2.row(i);
-      for (index_t j = 0; j < H1; ++j) z += load<Acc>(w[j]) * a1[j];
-      a2[i] = z > Acc(0) ? z : Acc(0);
-    }
-    Acc z = load<Acc>(p.b3[0]);
-    for (index_t j = 0; j < H2; ++j) z += load<Acc>(p.w3[j]) * a2[j];
-    return sigmoid(z);
   }
 
+  /// The layers after the first: a1 [H1] → g.
+  template <class Acc, class P>
+  GRUN_HD static Acc head(const P& p, Acc* scratch) {
+    Acc* a1 = scratch;
+    Acc* a2 = scratch + H1;
+    dense_relu(p.w2, p.b2, a1, H2, H1, a2);
+    return sigmoid(load<Acc>(p.b3[0]) + grun::detail::dot<Acc>(p.w3.data, a2, H2));
+  }
+
+  template <class Acc, class P>
+  GRUN_HD static Acc forward(const P& p, const Acc* h, index_t d, Acc* scratch) {
+    dense_relu(p.w1, p.b1, h, H1, d, scratch);  // a1 [H1]
+    return head(p, scratch);
+  }
+
+  /// Backward through the layers after the first: leaves dz1 = dL/d(W1 h + b1) in a1 (scratch).
   template <class Acc, class P, class G>
-  GRUN_HD static void backward(const P& p, const G& grads, const Acc* h, index_t d, Acc* scratch, Acc g, Acc dg,
-                               Acc* dh) {
+  GRUN_HD static void head_backward(const P& p, const G& grads, Acc* scratch, Acc g, Acc dg) {
     Acc* a1 = scratch;
     Acc* a2 = scratch + H1;
     const Acc dz = dg * g * (Acc(1) - g);
     grads.b3[0] += dz;
     for (index_t i = 0; i < H2; ++i) grads.w3[i] += dz * a2[i];
     for (index_t i = 0; i < H2; ++i) a2[i] = a2[i] > Acc(0) ? dz * load<Acc>(p.w3[i]) : Acc(0);  // a2 := dz2
+    Acc s[H1];  // W2ᵀ dz2, accumulated row by row (i in order)
+    for (index_t j = 0; j < H1; ++j) s[j] = Acc(0);
     for (index_t i = 0; i < H2; ++i) {
       const Acc dz2 = a2[i];
       grads.b2[i] += dz2;
-      auto* gw = grads.w2.row(i);
-      for (index_t j = 0; j < H1; ++j) gw[j] += dz2 * a1[j];
+      if (dz2 == Acc(0)) continue;
+      grun::detail::outer_and_back(dz2, p.w2.row(i), a1, grads.w2.row(i), s, H1);
     }
-    for (index_t j = 0; j < H1; ++j) {  // a1 := dz1 = [a1 > 0] · W2ᵀ dz2
-      if (a1[j] > Acc(0)) {
-        Acc s = 0;
-        for (index_t i = 0; i < H2; ++i) s += load<Acc>(p.w2(i, j)) * a2[i];
-        a1[j] = s;
-      } else {
-        a1[j] = Acc(0);
-      }
-    }
+    for (index_t j = 0; j < H1; ++j) a1[j] = a1[j] > Acc(0) ? s[j] : Acc(0);  // a1 := dz1 = [a1 > 0] · W2ᵀ dz2
+  }
+
+  template <class Acc, class P, class G>
+  GRUN_HD static void backward(const P& p, const G& grads, const Acc* h, index_t d, Acc* scratch, Acc g, Acc dg,
+                               Acc* dh) {
+    head_backward(p, grads, scratch, g, dg);
+    const Acc* a1 = scratch;
     for (index_t i = 0; i < H1; ++i) {
       const Acc dz1 = a1[i];
       if (dz1 == Acc(0)) continue;
       grads.b1[i] += dz1;
-      auto* gw = grads.w1.row(i);
-      const auto* w = p.w1.row(i);
-      for (index_t j = 0; j < d; ++j) {
-        gw[j] += dz1 * h[j];
-        dh[j] += dz1 * load<Acc>(w[j]);
+      grun::detail::outer_and_back(dz1, p.w1.row(i), h, grads.w1.row(i), dh, d);
+    }
+  }
+
+  // ---- host fast path: B rows at once --------------------------------------------------------
+  // Row by row, the first layer streams all of W1 [H1, d] (4 MB at d = 4096) per row. The block
+  // forms below read W1 once per block of rows (a small cache- and register-blocked GEMM); every
+  // value they produce is the one the row functions produce for that row (same dots, same order).
+  // exec::host uses them for up to host_block_rows rows at a time; the CUDA kernels keep the rows.
+  static constexpr index_t host_block_rows = 32;
+
+  /// g[b] = g(h[b]) for b < B; scratch[b] as forward leaves it.
+  template <class Acc, class P>
+  static void forward_block(const P& p, const Acc* const* h, index_t B, index_t d, Acc* const* scratch, Acc* g) {
+    using WT = std::remove_pointer_t<decltype(p.w1.row(0))>;
+    constexpr int M = 2, N = 4;  // tile: M rows of W1 × N rows of h
+    for (index_t i0 = 0; i0 < H1; i0 += M) {
+      const WT* w[M];
+      for (int m = 0; m < M; ++m) w[m] = p.w1.row(i0 + m < H1 ? i0 + m : i0);
+      for (index_t b0 = 0; b0 < B; b0 += N) {
+        const Acc* x[N];
+        for (int k = 0; k < N; ++k) x[k] = h[b0 + k < B ? b0 + k : b0];
+        Acc z[M][N];
+        grun::detail::tile_dot<Acc, M, N>(w, x, d, z);
+        for (int m = 0; m < M && i0 + m < H1; ++m)
+          for (int k = 0; k < N && b0 + k < B; ++k) {
+            const Acc v = load<Acc>(p.b1[i0 + m]) + z[m][k];
+            scratch[b0 + k][i0 + m] = v > Acc(0) ? v : Acc(0);
+          }
       }
     }
+    for (index_t b = 0; b < B; ++b) g[b] = head(p, scratch[b]);
+  }
+
+  /// backward for B rows (after forward_block with the same scratch): grads += Σ_b, dh[b] += the gate path.
+  template <class Acc, class P, class G>
+  static void backward_block(const P& p, const G& grads, const Acc* const* h, index_t B, index_t d,
+                             Acc* const* scratch, const Acc* g, const Acc* dg, Acc* const* dh) {
+    for (index_t b = 0; b < B; ++b) head_backward(p, grads, scratch[b], g[b], dg[b]);  // scratch[b][:H1] = dz1
+    constexpr int L = 8;
+    // db1 += Σ_b dz1[b];  dW1[i] += Σ_b dz1[b][i] h[b]: 4 rows of dW1 held in registers per chunk.
+    for (index_t i = 0; i < H1; ++i)
+      for (index_t b = 0; b < B; ++b) grads.b1[i] += scratch[b][i];
+    constexpr int M = 4;
+    index_t i0 = 0;
+    for (; i0 + M <= H1; i0 += M) {
+      decltype(grads.w1.row(0)) gw[M];
+      for (int m = 0; m < M; ++m) gw[m] = grads.w1.row(i0 + m);
+      index_t j = 0;
+      for (; j + L <= d; j += L) {
+        Acc acc[M][L];
+        for (int m = 0; m < M; ++m)
+          for (int l = 0; l < L; ++l) acc[m][l] = gw[m][j + l];
+        for (index_t b = 0; b < B; ++b) {
+          const Acc* hb = h[b] + j;
+          for (int m = 0; m < M; ++m) {
+            const Acc c = scratch[b][i0 + m];
+            for (int l = 0; l < L; ++l) acc[m][l] += c * hb[l];
+          }
+        }
+        for (int m = 0; m < M; ++m)
+          for (int l = 0; l < L; ++l) gw[m][j + l] = acc[m][l];
+      }
+      for (; j < d; ++j)
+        for (int m = 0; m < M; ++m)
+          for (index_t b = 0; b < B; ++b) gw[m][j] += scratch[b][i0 + m] * h[b][j];
+    }
+    for (; i0 < H1; ++i0)
+      for (index_t b = 0; b < B; ++b) grun::detail::axpy_row(scratch[b][i0], h[b], grads.w1.row(i0), d);
+    // dh[b] += Σ_i dz1[b][i] W1[i]: a 2L-wide slab of dh[b] in registers while W1's slab (H1 × 2L,
+    // 16 KB for fp32) stays in L1 across the rows of the block.
+    constexpr int J = 2 * L;
+    index_t j0 = 0;
+    for (; j0 + J <= d; j0 += J)
+      for (index_t b = 0; b < B; ++b) {
+        Acc acc[J];
+        Acc* db = dh[b] + j0;
+        for (int l = 0; l < J; ++l) acc[l] = db[l];
+        const Acc* c = scratch[b];
+        for (index_t i = 0; i < H1; ++i) {
+          if (c[i] == Acc(0)) continue;
+          const auto* w = p.w1.row(i) + j0;
+          for (int l = 0; l < J; ++l) acc[l] += c[i] * load<Acc>(w[l]);
+        }
+        for (int l = 0; l < J; ++l) db[l] = acc[l];
+      }
+    for (; j0 < d; ++j0)
+      for (index_t b = 0; b < B; ++b)
+        for (index_t i = 0; i < H1; ++i) dh[b][j0] += scratch[b][i] * load<Acc>(p.w1(i, j0));
   }
 
   /// Initialization (used by grun::init): He-normal hidden layers (W1 ~ N(0, 2/d), W2 ~ N(0, 2/H1)),

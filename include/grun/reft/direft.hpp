@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../concepts.hpp"
+#include "../rowmath.hpp"
 #include "../ortho/none.hpp"
 #include "../ortho/qr_retraction.hpp"
 
@@ -46,17 +47,18 @@ struct direft {
   template <class Acc, class P>
   GRUN_HD static void forward(const P& p, const Acc* h, index_t d, Acc* delta, Acc* scratch) {
     Acc* u = scratch;
-    for (index_t k = 0; k < Rank; ++k) {
-      const auto* wk = p.weight.row(k);
-      Acc s = load<Acc>(p.bias[k]);
-      for (index_t j = 0; j < d; ++j) s += load<Acc>(wk[j]) * h[j];
-      u[k] = s;
+    // W1 h: up to 8 rows per pass over h.
+    for (index_t k0 = 0; k0 < Rank; k0 += group) {
+      constexpr int N = int(Rank < group ? Rank : group);
+      const int g = int(Rank - k0 < group ? Rank - k0 : group);
+      const std::remove_pointer_t<decltype(p.weight.row(0))>* rows[N];
+      Acc dots[N];
+      for (int i = 0; i < N; ++i) rows[i] = p.weight.row(k0 + (i < g ? i : 0));
+      grun::detail::multi_dot<Acc, N>(rows, h, d, dots);
+      for (int i = 0; i < g; ++i) u[k0 + i] = load<Acc>(p.bias[k0 + i]) + dots[i];
     }
     for (index_t j = 0; j < d; ++j) delta[j] = Acc(0);
-    for (index_t k = 0; k < Rank; ++k) {
-      const auto* w2 = p.rotate_layer.row(k);
-      for (index_t j = 0; j < d; ++j) delta[j] += load<Acc>(w2[j]) * u[k];
-    }
+    for (index_t k = 0; k < Rank; ++k) grun::detail::axpy_row(u[k], p.rotate_layer.row(k), delta, d);
   }
 
   // du = W2 δ;  dW2_k += u_k δ,  dW1_k += du_k h,  db += du,  dh += W1ᵀ du.
@@ -64,21 +66,23 @@ struct direft {
   GRUN_HD static void backward(const P& p, const G& grads, const Acc* h, index_t d, Acc* scratch, const Acc* ddelta,
                                Acc* dh) {
     const Acc* u = scratch;
+    Acc du[Rank];
+    for (index_t k0 = 0; k0 < Rank; k0 += group) {
+      constexpr int N = int(Rank < group ? Rank : group);
+      const int g = int(Rank - k0 < group ? Rank - k0 : group);
+      const std::remove_pointer_t<decltype(p.weight.row(0))>* rows[N];
+      Acc dots[N];
+      for (int i = 0; i < N; ++i) rows[i] = p.rotate_layer.row(k0 + (i < g ? i : 0));
+      grun::detail::multi_dot<Acc, N>(rows, ddelta, d, dots);
+      for (int i = 0; i < g; ++i) du[k0 + i] = dots[i];
+    }
     for (index_t k = 0; k < Rank; ++k) {
-      const auto* w2 = p.rotate_layer.row(k);
-      const auto* w1 = p.weight.row(k);
-      Acc du = 0;
-      for (index_t j = 0; j < d; ++j) du += load<Acc>(w2[j]) * ddelta[j];
-      auto* g2 = grads.rotate_layer.row(k);
-      auto* g1 = grads.weight.row(k);
-      grads.bias[k] += du;
-      for (index_t j = 0; j < d; ++j) {
-        g2[j] += u[k] * ddelta[j];
-        g1[j] += du * h[j];
-        dh[j] += du * load<Acc>(w1[j]);
-      }
+      grads.bias[k] += du[k];
+      grun::detail::axpy_row(u[k], ddelta, grads.rotate_layer.row(k), d);
+      grun::detail::outer_and_back(du[k], p.weight.row(k), h, grads.weight.row(k), dh, d);
     }
   }
+  static constexpr index_t group = 8;
 
   /// Initialization (used by grun::init): W2 = orthonormalized Gaussian rows (as pyreft initializes
   /// its rotate_layer), W1 ~ N(0, 1/d), b = 0.

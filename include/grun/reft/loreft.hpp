@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../concepts.hpp"
+#include "../rowmath.hpp"
 #include "../ortho/none.hpp"
 #include "../ortho/qr_retraction.hpp"
 
@@ -49,22 +50,26 @@ struct lowrank_edit {
   GRUN_HD static void forward(const P& p, const Acc* h, index_t d, Acc* delta, Acc* scratch) {
     Acc* s = scratch;
     Acc* e = scratch + Rank;
-    for (index_t k = 0; k < Rank; ++k) {
-      const auto* rk = p.rotate_layer.row(k);
-      const auto* wk = p.weight.row(k);
-      Acc sr = 0, sw = 0;
-      for (index_t j = 0; j < d; ++j) {
-        sr += load<Acc>(rk[j]) * h[j];
-        sw += load<Acc>(wk[j]) * h[j];
+    // R h and W h: up to 4 rows of each per pass over h (8 dots in flight, h read once per pass).
+    for (index_t k0 = 0; k0 < Rank; k0 += group) {
+      constexpr int G = int(Rank < group ? Rank : group);
+      const std::remove_pointer_t<decltype(p.weight.row(0))>* rows[2 * G];
+      Acc dots[2 * G];
+      const int g = int(Rank - k0 < group ? Rank - k0 : group);
+      for (int i = 0; i < G; ++i) {
+        const index_t k = k0 + (i < g ? i : 0);
+        rows[i] = p.rotate_layer.row(k);
+        rows[G + i] = p.weight.row(k);
       }
-      s[k] = sr;
-      e[k] = sw + load<Acc>(p.bias[k]) - sr;
+      grun::detail::multi_dot<Acc, 2 * G>(rows, h, d, dots);
+      for (int i = 0; i < g; ++i) {
+        s[k0 + i] = dots[i];
+        e[k0 + i] = dots[G + i] + load<Acc>(p.bias[k0 + i]) - dots[i];
+      }
     }
+    // Δ = Rᵀ e: one store per coordinate, k summed in order.
     for (index_t j = 0; j < d; ++j) delta[j] = Acc(0);
-    for (index_t k = 0; k < Rank; ++k) {
-      const auto* rk = p.rotate_layer.row(k);
-      for (index_t j = 0; j < d; ++j) delta[j] += load<Acc>(rk[j]) * e[k];
-    }
+    for (index_t k = 0; k < Rank; ++k) grun::detail::axpy_row(e[k], p.rotate_layer.row(k), delta, d);
   }
 
   // With δ = dL/dΔ and de = R δ [r]:
@@ -73,21 +78,34 @@ struct lowrank_edit {
   GRUN_HD static void backward(const P& p, const G& grads, const Acc* h, index_t d, Acc* scratch, const Acc* ddelta,
                                Acc* dh) {
     const Acc* e = scratch + Rank;
+    Acc de[Rank];
+    for (index_t k0 = 0; k0 < Rank; k0 += 2 * group) {
+      constexpr int N = int(Rank < 2 * group ? Rank : 2 * group);
+      const int g = int(Rank - k0 < 2 * group ? Rank - k0 : 2 * group);
+      const std::remove_pointer_t<decltype(p.weight.row(0))>* rows[N];
+      Acc dots[N];
+      for (int i = 0; i < N; ++i) rows[i] = p.rotate_layer.row(k0 + (i < g ? i : 0));
+      grun::detail::multi_dot<Acc, N>(rows, ddelta, d, dots);
+      for (int i = 0; i < g; ++i) de[k0 + i] = dots[i];
+    }
     for (index_t k = 0; k < Rank; ++k) {
-      const auto* rk = p.rotate_layer.row(k);
-      const auto* wk = p.weight.row(k);
-      Acc de = 0;
-      for (index_t j = 0; j < d; ++j) de += load<Acc>(rk[j]) * ddelta[j];
-      auto* gr = grads.rotate_layer.row(k);
-      auto* gw = grads.weight.row(k);
-      grads.bias[k] += de;
-      for (index_t j = 0; j < d; ++j) {
-        gr[j] += e[k] * ddelta[j] - de * h[j];
-        gw[j] += de * h[j];
-        dh[j] += de * (load<Acc>(wk[j]) - load<Acc>(rk[j]));
-      }
+      grads.bias[k] += de[k];
+      lowrank_grad_row(e[k], de[k], p.rotate_layer.row(k), p.weight.row(k), ddelta, h, grads.rotate_layer.row(k),
+                       grads.weight.row(k), dh, d);
     }
   }
+  /// One k of the backward: gr += e δ − de h,  gw += de h,  dh += de (w − r).
+  template <class Acc, class W, class GW>
+  GRUN_HD static void lowrank_grad_row(Acc ek, Acc dek, const W* __restrict__ r, const W* __restrict__ w,
+                                       const Acc* __restrict__ ddelta, const Acc* __restrict__ h, GW* __restrict__ gr,
+                                       GW* __restrict__ gw, Acc* __restrict__ dh, index_t d) {
+    for (index_t j = 0; j < d; ++j) {
+      gr[j] += ek * ddelta[j] - dek * h[j];
+      gw[j] += dek * h[j];
+      dh[j] += dek * (load<Acc>(w[j]) - load<Acc>(r[j]));
+    }
+  }
+  static constexpr index_t group = 4;
 
   /// Initialization (used by grun::init): R = orthonormalized Gaussian rows; W ~ N(0, 1/d) (the
   /// scale of nn.Linear's default init); b = 0.
