@@ -56,44 +56,6 @@ struct lse_state {
   GRUN_HD Acc value() const { return m + std::log(s); }
 };
 
-namespace detail {
-
-/// e^x, the same arithmetic as simd::exp (Cody–Waite + degree-6 polynomial, ~1 ulp; std::exp for
-/// double) but with every select done on integer bit patterns. Why: under the default
-/// -ftrapping-math GCC 12 sinks simd::exp's float work into the non-underflow arm of its
-/// `underflow ? 0 : y` and then refuses to if-convert (a float op might trap), so simd::exp only
-/// vectorizes with AVX-512 masking (-march=native here), not for SSE2/AVX2 users. Bit-pattern
-/// masks keep the loop straight-line for every ISA. Ordering of negative floats is the reverse of
-/// their bits as unsigned: x < −87.33654 ⇔ bits > 0xC2AEAC4F; NaN (either sign) is passed through.
-template <class Acc>
-GRUN_HD GRUN_FORCEINLINE Acc vexp(Acc x) {
-  if constexpr (std::is_same_v<Acc, double>) {
-    return std::exp(x);
-  } else {
-    const std::uint32_t ux = __builtin_bit_cast(std::uint32_t, x);
-    const std::uint32_t nan = 0u - std::uint32_t((ux & 0x7FFFFFFFu) > 0x7F800000u);
-    const std::uint32_t under = 0u - std::uint32_t(ux > 0xC2AEAC4Fu);                             // x < −87.33654
-    const std::uint32_t over = 0u - std::uint32_t((ux < 0x80000000u) & (ux > 0x42B17217u));      // x > 88.72283
-    const std::uint32_t clamped = (0xC2AEAC4Fu & under) | (((0x42B17217u & over) | (ux & ~over)) & ~under);
-    const float xc = __builtin_bit_cast(float, clamped);
-    const float t = xc * 1.44269504088896341f + 12582912.0f;  // n = round(x·log2 e) in t's low bits
-    const float n = t - 12582912.0f;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const std::int32_t e = __builtin_bit_cast(std::int32_t, t) - 0x4B400000 + 127;
-    const std::uint32_t y = __builtin_bit_cast(std::uint32_t, p * __builtin_bit_cast(float, e << 23)) & ~under;
-    return __builtin_bit_cast(float, (ux & nan) | (y & ~nan));
-  }
-}
-
-}  // namespace detail
 
 /// Online log-sum-exp of one row x[0..n), vectorizable without -ffast-math.
 ///
@@ -101,7 +63,7 @@ GRUN_HD GRUN_FORCEINLINE Acc vexp(Acc x) {
 /// row is swept in chunks of C = 16·L elements (1 KiB of floats, so the second look hits L1): a
 /// first look at the chunk raises each lane's max (compare + select), then each s_k is rescaled
 /// once and the chunk adds exp(x − m_k), one exp per element. Every loop is over k < L
-/// with constant trip count, so GCC vectorizes it for any x86-64 ISA (detail::vexp), and the
+/// with constant trip count, so GCC vectorizes it for any x86-64 ISA (simd::exp), and the
 /// lanes are merged in a fixed order at the end (lse_state::merge): the result depends only on
 /// (x, n), never on threads or chunking. A NaN never raises a max but flows into its lane's sum.
 /// The memory is still read once; x − m_k ≤ 0 always, so ±1e4 logits cannot overflow.
@@ -119,9 +81,9 @@ GRUN_HD lse_state<Acc> row_lse(const T* x, index_t n) {
     for (int k = 0; k < L; ++k) cm[k] = m[k];
     for (index_t j = 0; j < len; j += L)
       for (int k = 0; k < L; ++k) { const Acc a = load<Acc>(p[j + k]); cm[k] = a > cm[k] ? a : cm[k]; }
-    for (int k = 0; k < L; ++k) { s[k] *= detail::vexp<Acc>(m[k] - cm[k]); m[k] = cm[k]; }  // exp(0) = 1 exactly
+    for (int k = 0; k < L; ++k) { s[k] *= simd::exp<Acc>(m[k] - cm[k]); m[k] = cm[k]; }  // exp(0) = 1 exactly
     for (index_t j = 0; j < len; j += L)
-      for (int k = 0; k < L; ++k) s[k] += detail::vexp<Acc>(load<Acc>(p[j + k]) - m[k]);
+      for (int k = 0; k < L; ++k) s[k] += simd::exp<Acc>(load<Acc>(p[j + k]) - m[k]);
     v += len;
   }
   lse_state<Acc> st;
@@ -157,17 +119,17 @@ GRUN_HD void row_nll_backward(const T* x, index_t n, index_t label, Acc lse, Acc
   index_t v = 0;
   for (; v + L <= n; v += L) {
     Acc g[L];
-    for (int k = 0; k < L; ++k) g[k] = dnll * detail::vexp<Acc>(load<Acc>(x[v + k]) - lse);
+    for (int k = 0; k < L; ++k) g[k] = dnll * simd::exp<Acc>(load<Acc>(x[v + k]) - lse);
     if constexpr (Accumulate)
       for (int k = 0; k < L; ++k) g[k] += load<Acc>(dx[v + k]);
     for (int k = 0; k < L; ++k) dx[v + k] = store<G>(g[k]);
   }
   for (; v < n; ++v) {
-    Acc g = dnll * detail::vexp<Acc>(load<Acc>(x[v]) - lse);
+    Acc g = dnll * simd::exp<Acc>(load<Acc>(x[v]) - lse);
     if constexpr (Accumulate) g += load<Acc>(dx[v]);
     dx[v] = store<G>(g);
   }
-  Acc g = dnll * (detail::vexp<Acc>(x_label - lse) - Acc(1));
+  Acc g = dnll * (simd::exp<Acc>(x_label - lse) - Acc(1));
   if constexpr (Accumulate) g += d_label;
   dx[label] = store<G>(g);
 }
