@@ -5,7 +5,10 @@
 //   forward   h' = h + s · Σ_k g_k(h) Δ_k(h)   on the rows named by the position list
 //   backward  dh (identity + gate + ReFT paths), parameter gradients of module `trained`
 //
-// This is the GENERIC device path: one thread per selected row runs the policies' own GRUN_HD row
+// Two device paths. The shipped rank-r policies (gate::linear / gate::always × reft::loreft /
+// noreft / direft, r ≤ 32) take the block-cooperative FUSED kernels of intervention_fused.cuh
+// (fused::supported<G, R, O>). Everything else takes the GENERIC path below (cuda::detail::generic):
+// one thread per selected row runs the policies' own GRUN_HD row
 // math (gated_intervention::forward_row / backward_row) — the very code exec::host runs — so it
 // works for every gate/ReFT policy, a user's included, and agrees with the host by construction.
 // All K modules of a stack are evaluated in the same launch.
@@ -15,10 +18,8 @@
 // the slots in slot order per parameter (one thread per parameter, in double). No atomics: the
 // result is bitwise repeatable whatever the launch order, so exec::cuda_t::deterministic holds.
 //
-// Not here yet (see the report of issue 4): the block-cooperative fused kernel (vectorized rows,
-// CUB block reductions over d, parameters reused across a tile of rows) and the cuBLASLt GEMM for
-// the mlp gate's first layer; parametrized rotations (ortho::householder) are refused at compile time.
-#include <cub/block/block_reduce.cuh>
+// Not here yet: the cuBLASLt GEMM for gate::mlp's first layer (mlp takes the generic path);
+// parametrized rotations (ortho::householder) are refused at compile time.
 
 #include <algorithm>
 #include <span>
@@ -26,35 +27,14 @@
 #include <vector>
 
 #include "check.cuh"  // first: exec::host_t before exec/cuda.hpp
+#include "intervention_fused.cuh"
+#include "scratch.cuh"
 
 #include <grun/intervention.hpp>
 
 namespace grun::cuda {
 
 namespace detail {
-
-/// Device scratch that lives for one call, allocated stream-ordered (no device-wide sync).
-template <class T>
-struct stream_scratch {
-  T* ptr = nullptr;
-  cudaStream_t stream = nullptr;
-  stream_scratch(index_t n, cudaStream_t s) : stream(s) {
-    if (n > 0) GRUN_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&ptr), sizeof(T) * std::size_t(n), s));
-  }
-  ~stream_scratch() { if (ptr) (void)cudaFreeAsync(ptr, stream); }
-  stream_scratch(const stream_scratch&) = delete;
-  stream_scratch& operator=(const stream_scratch&) = delete;
-};
-
-/// Copies every row of src [N, d] to dst unless they are the same tensor (rows contiguous).
-template <class T>
-void copy_rows(matrix_view<const T, cuda_space> src, matrix_view<T, cuda_space> dst, cudaStream_t s) {
-  if (src.size() == 0) return;
-  if (static_cast<const void*>(src.data()) == static_cast<const void*>(dst.data()) && src.stride(0) == dst.stride(0)) return;
-  GRUN_CUDA_CHECK(cudaMemcpy2DAsync(dst.data(), sizeof(T) * std::size_t(dst.stride(0)), src.data(),
-                                    sizeof(T) * std::size_t(src.stride(0)), sizeof(T) * std::size_t(src.extent(1)),
-                                    std::size_t(src.extent(0)), cudaMemcpyDeviceToDevice, s));
-}
 
 template <class I, class T>
 __global__ void intervention_forward_kernel(const module_params<I, T, cuda_space>* modules, index_t K, float scale,
@@ -149,9 +129,33 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   /// Bytes of per-thread work space a launch may take (rows are processed in chunks beyond this).
   static constexpr index_t work_budget = index_t(256) << 20;
 
+  /// The fused kernels take this policy (intervention_fused.cuh); otherwise the generic path runs.
+  static constexpr bool fused = cuda::fused::supported<G, R, O>;
+
   template <class T, class S>
   static void forward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                       matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates) {
+    static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
+    if constexpr (fused)
+      if (cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
+    generic_forward<T, S>(ex, modules, scale, h, pos, out, gates);
+  }
+
+  template <class T, class S>
+  static void backward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
+                       index_t trained, matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
+                       matrix_view<const T, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
+    static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
+    if constexpr (fused)
+      if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
+    generic_backward<T, S>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);
+  }
+
+  /// The generic path (one thread per row, the policies' own row math); public so tests can compare.
+  template <class T, class S>
+  static void generic_forward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
+                              matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out,
+                              matrix_view<T, S> gates) {
     static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
     using Acc = acc_t<T>;
     const cudaStream_t s = cuda::stream_of(ex);
@@ -178,9 +182,10 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   }
 
   template <class T, class S>
-  static void backward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
-                       index_t trained, matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
-                       matrix_view<const T, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
+  static void generic_backward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
+                               index_t trained, matrix_view<const T, S> h, const positions& pos,
+                               matrix_view<const T, S> dout, matrix_view<const T, S> dgates, matrix_view<T, S> dh,
+                               const module_params<I, T, S>& grads) {
     static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
     using Acc = acc_t<T>;
     using PA = typename I::template params<Acc, cuda_space>;

@@ -1,0 +1,691 @@
+#pragma once
+// grun/cuda/intervention_fused.cuh — block-cooperative fused kernels for the shipped rank-r
+// policies: gate::linear / gate::always × reft::loreft<r> / noreft<r> / direft<r>, r ≤ 32.
+// intervention.cuh dispatches here (fused::supported<G, R, O>) and keeps the generic per-thread
+// path for every other policy (gate::mlp, a user's policies).
+//
+// The math, for one selected row h [d] and module k (U, D [r, d] rows, b [r], gate w [d], c):
+//   loreft/noreft (U = R, D = W):   e = D h + b − U h,   Δ = Uᵀ e            (ReFT eq. 2)
+//   direft        (U = W2, D = W1): e = D h + b,         Δ = Uᵀ e
+//   g = σ(wᵀh + c) (linear) or 1 (always);     h' = h + s Σ_k g_k Δ_k
+// so a row needs 2r+1 dots over d, then one axpy pass over d. Backward (x = dout row, δ = s g x):
+//   ux_i = U_i·x,  de_i = s g ux_i,  dL/dg = dg_ext + s Σ_i e_i ux_i,  dz = dL/dg · g(1 − g)
+//   dh = x + Σ_k [ Σ_i de_i (D_i − [lo] U_i) + dz w ]
+//   dU_i += s g e_i x − [lo] de_i h,   dD_i += de_i h,   db += de,   dw += dz h,   dc += dz
+// i.e. 3r+1 dots per row and module, then rank-(2r+1) updates of the gradients.
+//
+// Kernels (one stream, no host round trip; positions gathered on the device):
+//   pack_kernel      parameters of the K modules → fp32 [K][2r+1 rows of dp | b | c] (dp = d rounded
+//                    up to 8: every row 32-byte aligned, so float4 loads; the exact fp32 value of each
+//                    stored parameter, which is what the host row math loads too). Small (L2-resident).
+//   forward_kernel   one CTA per tile of ROWS selected rows: 16-byte vector loads of h (bf16/fp16 × 8,
+//                    fp32 × 4; scalar when d or the rows are not 16-byte aligned), the 2r+1 dots of every
+//                    row of the tile reduced in ONE cub::BlockReduce over a small array type, then the
+//                    write of h' in the same kernel (the tile of h staged in shared memory when it fits,
+//                    else re-read, which hits L2). All K modules of a stack in the same launch.
+//   coef_kernel      backward, per tile of rows: the 3r+1 dots of each module reduced like the forward;
+//                    per-row coefficients (de, dz, s g e) to a small fp32 buffer [P][K][2r+1].
+//   slot_kernel      backward, grid (slot, column block): each slot is a fixed run of consecutive
+//                    positions; a thread owns 4 (or 1) columns, walks the slot's rows, accumulates the
+//                    trained module's 2r+1 gradient rows in registers and writes them to the slot's own
+//                    partial-sum area, and writes dh for its columns (dout re-read, parameters held in
+//                    registers for K = 1, r ≤ 8).
+//   sum_slots_kernel the deterministic second stage: every gradient entry = Σ over slots in slot
+//                    order, in double, stored into the gradient leaves. No atomics anywhere, and the slot
+//                    size depends only on (P, d, r): bitwise-repeatable on a given GPU.
+#include <cub/block/block_reduce.cuh>
+
+#include <algorithm>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "scratch.cuh"
+
+#include <grun/gate/always.hpp>
+#include <grun/gate/linear.hpp>
+#include <grun/intervention.hpp>
+#include <grun/reft/direft.hpp>
+#include <grun/reft/loreft.hpp>
+
+namespace grun::cuda::fused {
+
+// ---- which policies have fused kernels ------------------------------------------------------
+template <class G> struct gate_kind { static constexpr int value = -1; };
+template <> struct gate_kind<gate::always> { static constexpr int value = 0; };
+template <> struct gate_kind<gate::linear> { static constexpr int value = 1; };
+
+/// value: 1 = loreft/noreft (Δ = Uᵀ(D h + b − U h)), 0 = direft (Δ = Uᵀ(D h + b)), −1 = no fused kernel.
+template <class R> struct reft_kind { static constexpr int value = -1; static constexpr index_t rank = 0; };
+template <index_t r> struct reft_kind<reft::loreft<r>> { static constexpr int value = 1; static constexpr index_t rank = r; };
+template <index_t r> struct reft_kind<reft::noreft<r>> { static constexpr int value = 1; static constexpr index_t rank = r; };
+template <index_t r> struct reft_kind<reft::direft<r>> { static constexpr int value = 0; static constexpr index_t rank = r; };
+
+/// Largest rank with fused kernels (register arrays are sized by r at compile time).
+inline constexpr index_t max_rank = 32;
+
+template <class G, class R, class O>
+inline constexpr bool supported = gate_kind<G>::value >= 0 && reft_kind<R>::value >= 0 && reft_kind<R>::rank >= 1 &&
+                                  reft_kind<R>::rank <= max_rank && !O::is_parametrization;
+
+namespace detail {
+
+inline constexpr int block = 128;  // threads per CTA of every fused kernel
+
+/// N floats reduced as one value by cub::BlockReduce (one reduction for all dots of a tile).
+template <int N>
+struct farr {
+  float v[N];
+};
+struct farr_sum {
+  template <int N>
+  __device__ __forceinline__ farr<N> operator()(const farr<N>& a, const farr<N>& b) const {
+    farr<N> c;
+#pragma unroll
+    for (int i = 0; i < N; ++i) c.v[i] = a.v[i] + b.v[i];
+    return c;
+  }
+};
+
+/// V consecutive stored elements → float (one aligned V·sizeof(T)-byte load when V > 1).
+template <class T, int V>
+__device__ __forceinline__ void load_row(const T* p, float (&x)[V]) {
+  if constexpr (V == 1) {
+    x[0] = dload(p);
+  } else {
+    const vec<T, V> v = *reinterpret_cast<const vec<T, V>*>(p);
+#pragma unroll
+    for (int e = 0; e < V; ++e) x[e] = dload(&v.v[e]);
+  }
+}
+template <class T, int V>
+__device__ __forceinline__ void store_row(T* p, const float (&x)[V]) {
+  if constexpr (V == 1) {
+    dstore(p, x[0]);
+  } else {
+    vec<T, V> v;
+#pragma unroll
+    for (int e = 0; e < V; ++e) dstore(&v.v[e], x[e]);
+    *reinterpret_cast<vec<T, V>*>(p) = v;
+  }
+}
+/// V packed fp32 parameters (read-only path; float4 when V is a multiple of 4 — packed rows are 32-byte aligned).
+template <int V>
+__device__ __forceinline__ void load_param(const float* __restrict__ p, float (&x)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < V; e += 4) {
+      const float4 t = __ldg(reinterpret_cast<const float4*>(p + e));
+      x[e] = t.x; x[e + 1] = t.y; x[e + 2] = t.z; x[e + 3] = t.w;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) x[e] = __ldg(p + e);
+  }
+}
+
+__device__ __forceinline__ float dsigmoid(float z) { return grun::sigmoid(z); }
+
+/// Raw pointers of one module's parameters (w, c null for gate::always).
+template <class T>
+struct src_ptrs {
+  const T* U;
+  const T* D;
+  const T* b;
+  const T* w;
+  const T* c;
+};
+template <class T>
+struct dst_ptrs {
+  T* U;
+  T* D;
+  T* b;
+  T* w;
+  T* c;
+};
+
+/// Packed layout of one module: rows 0..r−1 = U, r..2r−1 = D, 2r = w (zeros without a gate), each
+/// dp floats; then b [r], c at (2r+1)·dp. ms = module stride (a multiple of 8 floats).
+GRUN_HD constexpr index_t padded_dim(index_t d) { return (d + 7) / 8 * 8; }
+GRUN_HD constexpr index_t module_stride(index_t r, index_t dp) { return (2 * r + 1) * dp + (r + 1 + 7) / 8 * 8; }
+
+template <class T>
+__global__ void pack_kernel(const src_ptrs<T>* __restrict__ src, index_t K, int r, index_t d, index_t dp, index_t ms,
+                            float* __restrict__ out) {
+  const index_t n = K * ms;
+  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x) {
+    const index_t k = i / ms, o = i % ms;
+    const src_ptrs<T> s = src[k];
+    const index_t row = o / dp, j = o % dp;
+    float v = 0.f;
+    if (row < 2 * r + 1) {
+      if (j < d) {
+        const T* p = row < r ? s.U + row * d : row < 2 * r ? s.D + (row - r) * d : s.w;
+        if (row < 2 * r || s.w != nullptr) v = dload(p + j);
+      }
+    } else {
+      const index_t t = o - (2 * r + 1) * dp;
+      if (t < r) v = dload(s.b + t);
+      else if (t == r && s.c != nullptr) v = dload(s.c);
+    }
+    out[i] = v;
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+/// One CTA per tile of ROWS consecutive positions. Dynamic shared memory: coef [K][ROWS][R] floats,
+/// then (when `stage`) the tile of h as stored, ROWS × d elements.
+template <class T, int V, int R, int ROWS, bool LO, bool GATED>
+__global__ void __launch_bounds__(block) forward_kernel(const float* __restrict__ pk, index_t ms, index_t dp, index_t K,
+                                                        float scale, matrix_view<const T, cuda_space> h,
+                                                        const index_t* __restrict__ pos, index_t P,
+                                                        matrix_view<T, cuda_space> out, matrix_view<T, cuda_space> gates,
+                                                        bool stage, index_t coef_floats) {
+  constexpr int NP = 2 * R + 1;
+  using A = farr<ROWS * NP>;
+  using BR = cub::BlockReduce<A, block>;
+  __shared__ typename BR::TempStorage tmp;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* coef = reinterpret_cast<float*>(smem);
+  T* tile = reinterpret_cast<T*>(smem + coef_floats * sizeof(float));
+
+  const index_t d = h.extent(1), nvec = d / V;
+  const index_t q0 = index_t(blockIdx.x) * ROWS;
+  const int nr = int(P - q0 < ROWS ? P - q0 : ROWS);
+  const T* hr[ROWS];
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) hr[rr] = h.row(pos[q0 + (rr < nr ? rr : 0)]);
+
+  for (index_t k = 0; k < K; ++k) {
+    const float* pm = pk + k * ms;
+    A a;
+#pragma unroll
+    for (int i = 0; i < ROWS * NP; ++i) a.v[i] = 0.f;
+    for (index_t v = threadIdx.x; v < nvec; v += block) {
+      float x[ROWS][V];
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) {
+        load_row<T, V>(hr[rr] + v * V, x[rr]);
+        if (k == 0 && stage) {
+          if constexpr (V == 1) tile[rr * d + v] = hr[rr][v];
+          else *reinterpret_cast<vec<T, V>*>(tile + rr * d + v * V) = *reinterpret_cast<const vec<T, V>*>(hr[rr] + v * V);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < NP; ++i) {
+        if (!LO && i < R) continue;     // direft needs no U h
+        if (!GATED && i == 2 * R) continue;
+        float p[V];
+        load_param<V>(pm + i * dp + v * V, p);
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr)
+#pragma unroll
+          for (int e = 0; e < V; ++e) a.v[rr * NP + i] = fmaf(p[e], x[rr][e], a.v[rr * NP + i]);
+      }
+    }
+    a = BR(tmp).Reduce(a, farr_sum{});
+    if (threadIdx.x == 0) {
+      const float* sc = pm + NP * dp;  // b [R], c
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) {
+        if (rr >= nr) break;
+        const float g = GATED ? dsigmoid(sc[R] + a.v[rr * NP + 2 * R]) : 1.f;
+        dstore(&gates(k, q0 + rr), g);
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          const float e = a.v[rr * NP + R + i] + sc[i] - (LO ? a.v[rr * NP + i] : 0.f);
+          coef[(k * ROWS + rr) * R + i] = scale * g * e;
+        }
+      }
+    }
+    __syncthreads();  // coef visible; tmp free for the next module
+  }
+
+  const T* src[ROWS];
+  T* dst[ROWS];
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    src[rr] = stage ? tile + rr * d : hr[rr];
+    dst[rr] = out.row(pos[q0 + (rr < nr ? rr : 0)]);
+  }
+  for (index_t v = threadIdx.x; v < nvec; v += block) {
+    float o[ROWS][V];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) load_row<T, V>(src[rr] + v * V, o[rr]);
+    for (index_t k = 0; k < K; ++k) {
+      const float* pm = pk + k * ms;
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        float p[V];
+        load_param<V>(pm + i * dp + v * V, p);
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) {
+          const float c = coef[(k * ROWS + rr) * R + i];
+#pragma unroll
+          for (int e = 0; e < V; ++e) o[rr][e] = fmaf(c, p[e], o[rr][e]);
+        }
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr)
+      if (rr < nr) store_row<T, V>(dst[rr] + v * V, o[rr]);
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+/// Per tile of ROWS positions and every module k: the dots U·h, D·h, w·h, U·x (x = dout row), then
+///   cf[q][k] = { −[lo] de (coefficient of U in dh) | de (of D) | dz (of w) }            [2r+1]
+///   rc[q]    = { s g e (of x in dU) | de (of h in dD, −[lo]·it in dU) | dz (of h in dw) } [2r+1], trained k
+template <class T, int V, int R, int ROWS, bool LO, bool GATED>
+__global__ void __launch_bounds__(block) coef_kernel(const float* __restrict__ pk, index_t ms, index_t dp, index_t K,
+                                                     index_t trained, float scale, matrix_view<const T, cuda_space> h,
+                                                     matrix_view<const T, cuda_space> dout,
+                                                     matrix_view<const T, cuda_space> dgates,
+                                                     const index_t* __restrict__ pos, index_t P, float* __restrict__ cf,
+                                                     float* __restrict__ rc) {
+  constexpr int NP = 2 * R + 1, ND = 3 * R + 1;
+  using A = farr<ROWS * ND>;
+  using BR = cub::BlockReduce<A, block>;
+  __shared__ typename BR::TempStorage tmp;
+  const index_t d = h.extent(1), nvec = d / V;
+  const index_t q0 = index_t(blockIdx.x) * ROWS;
+  const int nr = int(P - q0 < ROWS ? P - q0 : ROWS);
+  const bool has_dg = dgates.size() != 0;
+  const T* hr[ROWS];
+  const T* xr[ROWS];
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) {
+    const index_t row = pos[q0 + (rr < nr ? rr : 0)];
+    hr[rr] = h.row(row);
+    xr[rr] = dout.row(row);
+  }
+  for (index_t k = 0; k < K; ++k) {
+    const float* pm = pk + k * ms;
+    A a;
+#pragma unroll
+    for (int i = 0; i < ROWS * ND; ++i) a.v[i] = 0.f;
+    for (index_t v = threadIdx.x; v < nvec; v += block) {
+      float x[ROWS][V], y[ROWS][V];
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) {
+        load_row<T, V>(hr[rr] + v * V, x[rr]);
+        load_row<T, V>(xr[rr] + v * V, y[rr]);
+      }
+#pragma unroll
+      for (int i = 0; i < NP; ++i) {
+        if (!GATED && i == 2 * R) continue;
+        float p[V];
+        load_param<V>(pm + i * dp + v * V, p);
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr)
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            if (LO || i >= R) a.v[rr * ND + i] = fmaf(p[e], x[rr][e], a.v[rr * ND + i]);
+            if (i < R) a.v[rr * ND + NP + i] = fmaf(p[e], y[rr][e], a.v[rr * ND + NP + i]);
+          }
+      }
+    }
+    a = BR(tmp).Reduce(a, farr_sum{});
+    if (threadIdx.x == 0) {
+      const float* sc = pm + NP * dp;
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) {
+        if (rr >= nr) break;
+        const index_t q = q0 + rr;
+        const float* ar = a.v + rr * ND;
+        const float g = GATED ? dsigmoid(sc[R] + ar[2 * R]) : 1.f;
+        float dg = has_dg ? dload(&dgates(k, q)) : 0.f;
+        float e[R];
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          e[i] = ar[R + i] + sc[i] - (LO ? ar[i] : 0.f);
+          dg += scale * e[i] * ar[NP + i];
+        }
+        const float dz = GATED ? dg * g * (1.f - g) : 0.f;
+        float* c = cf + (q * K + k) * NP;
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          const float de = scale * g * ar[NP + i];
+          c[i] = LO ? -de : 0.f;
+          c[R + i] = de;
+        }
+        c[2 * R] = dz;
+        if (k == trained) {
+          float* t = rc + q * NP;
+#pragma unroll
+          for (int i = 0; i < R; ++i) {
+            t[i] = scale * g * e[i];
+            t[R + i] = scale * g * ar[NP + i];
+          }
+          t[2 * R] = dz;
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+/// Grid (slot, column block). A thread owns CW columns [col, col + CW) of the slot's rows
+/// q ∈ [slot·rps, min(P, (slot+1)·rps)): it accumulates the trained module's gradient rows for those
+/// columns into the slot's partial sums (slots + slot·ms, the packed layout) and writes dh.
+/// HOLD (K = 1, r ≤ 8): the module's parameter columns stay in registers across the rows.
+template <class T, int CW, int R, bool LO, bool GATED, bool HOLD>
+__global__ void __launch_bounds__(block) slot_kernel(const float* __restrict__ pk, index_t ms, index_t dp, index_t K,
+                                                     matrix_view<const T, cuda_space> h,
+                                                     matrix_view<const T, cuda_space> dout,
+                                                     const index_t* __restrict__ pos, index_t P, index_t rps,
+                                                     const float* __restrict__ cf, const float* __restrict__ rc,
+                                                     matrix_view<T, cuda_space> dh, float* __restrict__ slots) {
+  constexpr int NP = 2 * R + 1;
+  constexpr int G = R < 8 ? R : 8;  // gradient rows of U (and of D) accumulated per pass over the slot
+  static_assert(!HOLD || R <= 8);
+  const index_t d = h.extent(1);
+  const index_t q0 = index_t(blockIdx.x) * rps, q1 = P < q0 + rps ? P : q0 + rps;
+  float* slot = slots + index_t(blockIdx.x) * ms;
+  if (blockIdx.y == 0 && threadIdx.x == 0) {
+    // db = Σ de, dc = Σ dz over the slot's rows, in row order.
+    for (int i = 0; i < R; ++i) {
+      float s = 0.f;
+      for (index_t q = q0; q < q1; ++q) s += rc[q * NP + R + i];
+      slot[NP * dp + i] = s;
+    }
+    float s = 0.f;
+    if (GATED)
+      for (index_t q = q0; q < q1; ++q) s += rc[q * NP + 2 * R];
+    slot[NP * dp + R] = s;
+  }
+  const index_t c = index_t(blockIdx.y) * block + threadIdx.x;
+  if (c >= d / CW) return;
+  const index_t col = c * CW;
+
+  float hu[HOLD ? R : 1][CW], hd[HOLD ? R : 1][CW], hw[CW];
+  if constexpr (HOLD) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      load_param<CW>(pk + i * dp + col, hu[i]);
+      load_param<CW>(pk + (R + i) * dp + col, hd[i]);
+    }
+    if (GATED) load_param<CW>(pk + 2 * R * dp + col, hw);
+  }
+
+  for (int i0 = 0; i0 < R; i0 += G) {
+    const bool last = i0 + G >= R;  // dh is written in the last pass (dout may alias dh)
+    float X[G][CW], Y[G][CW], Z[CW];
+#pragma unroll
+    for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+      for (int e = 0; e < CW; ++e) X[gi][e] = Y[gi][e] = 0.f;
+#pragma unroll
+    for (int e = 0; e < CW; ++e) Z[e] = 0.f;
+    for (index_t q = q0; q < q1; ++q) {
+      const index_t row = pos[q];
+      float x[CW], y[CW];
+      load_row<T, CW>(h.row(row) + col, x);
+      load_row<T, CW>(dout.row(row) + col, y);
+      const float* t = rc + q * NP;
+#pragma unroll
+      for (int gi = 0; gi < G; ++gi) {
+        if (i0 + gi >= R) break;
+        const float a = __ldg(t + i0 + gi), de = __ldg(t + R + i0 + gi);
+#pragma unroll
+        for (int e = 0; e < CW; ++e) {
+          X[gi][e] = fmaf(a, y[e], X[gi][e]);
+          Y[gi][e] = fmaf(de, x[e], Y[gi][e]);
+        }
+      }
+      if (GATED && i0 == 0) {
+        const float dz = __ldg(t + 2 * R);
+#pragma unroll
+        for (int e = 0; e < CW; ++e) Z[e] = fmaf(dz, x[e], Z[e]);
+      }
+      if (last) {
+        float o[CW];
+#pragma unroll
+        for (int e = 0; e < CW; ++e) o[e] = y[e];
+        for (index_t k = 0; k < (HOLD ? 1 : K); ++k) {
+          const float* ck = cf + (q * K + k) * NP;
+          const float* pm = pk + k * ms;
+#pragma unroll
+          for (int i = 0; i < R; ++i) {
+            float pu[CW], pd[CW];
+            if constexpr (HOLD) {
+#pragma unroll
+              for (int e = 0; e < CW; ++e) { pu[e] = hu[i][e]; pd[e] = hd[i][e]; }
+            } else {
+              if (LO) load_param<CW>(pm + i * dp + col, pu);
+              load_param<CW>(pm + (R + i) * dp + col, pd);
+            }
+            const float cu = __ldg(ck + i), cd = __ldg(ck + R + i);
+#pragma unroll
+            for (int e = 0; e < CW; ++e) {
+              if (LO) o[e] = fmaf(cu, pu[e], o[e]);
+              o[e] = fmaf(cd, pd[e], o[e]);
+            }
+          }
+          if (GATED) {
+            float pw[CW];
+            if constexpr (HOLD) {
+#pragma unroll
+              for (int e = 0; e < CW; ++e) pw[e] = hw[e];
+            } else {
+              load_param<CW>(pm + 2 * R * dp + col, pw);
+            }
+            const float cz = __ldg(ck + 2 * R);
+#pragma unroll
+            for (int e = 0; e < CW; ++e) o[e] = fmaf(cz, pw[e], o[e]);
+          }
+        }
+        store_row<T, CW>(dh.row(row) + col, o);
+      }
+    }
+#pragma unroll
+    for (int gi = 0; gi < G; ++gi) {
+      if (i0 + gi >= R) break;
+#pragma unroll
+      for (int e = 0; e < CW; ++e) {
+        slot[(i0 + gi) * dp + col + e] = X[gi][e] - (LO ? Y[gi][e] : 0.f);
+        slot[(R + i0 + gi) * dp + col + e] = Y[gi][e];
+      }
+    }
+    if (i0 == 0)
+#pragma unroll
+      for (int e = 0; e < CW; ++e) slot[2 * R * dp + col + e] = Z[e];
+  }
+}
+
+/// Second stage: every gradient entry = Σ_b slots[b], b in slot order, in double; stored into the
+/// gradient leaves (overwritten). With no slots (P = 0) the gradients become zero.
+template <class T, int R, bool GATED>
+__global__ void sum_slots_kernel(const float* __restrict__ slots, index_t nslots, index_t ms, index_t dp, index_t d,
+                                 dst_ptrs<T> dst) {
+  constexpr int NP = 2 * R + 1;
+  const index_t n = NP * d + R + 1;
+  const index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  index_t off;
+  T* p;
+  if (i < 2 * R * d) {
+    const index_t rw = i / d, j = i % d;
+    off = rw * dp + j;
+    p = rw < R ? dst.U + i : dst.D + (i - R * d);
+  } else if (i < NP * d) {
+    if (!GATED) return;
+    off = 2 * R * dp + (i - 2 * R * d);
+    p = dst.w + (i - 2 * R * d);
+  } else if (i < NP * d + R) {
+    off = NP * dp + (i - NP * d);
+    p = dst.b + (i - NP * d);
+  } else {
+    if (!GATED) return;
+    off = NP * dp + R;
+    p = dst.c;
+  }
+  double s = 0;
+  for (index_t b = 0; b < nslots; ++b) s += double(slots[b * ms + off]);
+  *p = store<T>(s);
+}
+
+template <int R> constexpr int forward_rows() { return 2 * R + 1 <= 9 ? 4 : 2 * R + 1 <= 17 ? 2 : 1; }
+template <int R> constexpr int backward_rows() { return 3 * R + 1 <= 13 ? 2 : 1; }  // x and dout rows both in registers
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+/// A view whose rows can be read with 16-byte vectors of V elements.
+template <class T, class View>
+bool vector_rows(const View& v, int V) {
+  return v.extent(1) % V == 0 && aligned16(v.data()) && (v.stride(0) * index_t(sizeof(T))) % 16 == 0;
+}
+
+/// Packs K modules' parameters (fp32, padded) into a stream-scoped scratch buffer.
+template <class I, class T>
+void pack(std::span<const module_params<I, T, cuda_space>> modules, index_t d, index_t dp, index_t ms,
+          cuda::detail::stream_scratch<float>& packed, cuda::detail::stream_scratch<src_ptrs<T>>& srcs, cudaStream_t s) {
+  constexpr int R = int(I::rank);
+  const index_t K = index_t(modules.size());
+  std::vector<src_ptrs<T>> host(static_cast<std::size_t>(K));
+  for (index_t k = 0; k < K; ++k) {
+    const auto& m = modules[std::size_t(k)];
+    src_ptrs<T>& p = host[std::size_t(k)];
+    p.U = m.reft.rotate_layer.data;
+    p.D = m.reft.weight.data;
+    p.b = m.reft.bias.data;
+    if constexpr (gate_kind<typename I::gate_type>::value == 1) {
+      p.w = m.gate.weight.data;
+      p.c = m.gate.bias.data;
+    } else {
+      p.w = nullptr;
+      p.c = nullptr;
+    }
+  }
+  GRUN_CUDA_CHECK(cudaMemcpyAsync(srcs.ptr, host.data(), sizeof(src_ptrs<T>) * host.size(), cudaMemcpyHostToDevice, s));
+  const index_t n = K * ms;
+  const unsigned grid = unsigned(std::min<index_t>(cuda::ceil_div(n, 256), 4096));
+  pack_kernel<T><<<grid, 256, 0, s>>>(srcs.ptr, K, R, d, dp, ms, packed.ptr);
+  GRUN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace detail
+
+/// Fused forward (see the file comment). Returns false, having done nothing, when this call is not
+/// one the fused kernels take (rows not contiguous, too many modules for shared memory); the caller
+/// then runs the generic path.
+template <class I, class T>
+bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
+             matrix_view<const T, cuda_space> h, const positions& pos, matrix_view<T, cuda_space> out,
+             matrix_view<T, cuda_space> gates) {
+  using G = typename I::gate_type;
+  using Rf = typename I::reft_type;
+  static_assert(supported<G, Rf, typename I::ortho_type>);
+  constexpr int R = int(I::rank);
+  constexpr bool LO = reft_kind<Rf>::value == 1, GATED = gate_kind<G>::value == 1;
+  constexpr int ROWS = detail::forward_rows<R>();
+  const index_t N = h.extent(0), d = h.extent(1), P = pos.size(), K = index_t(modules.size());
+  const index_t coef_floats = (K * ROWS * R + 3) / 4 * 4;
+  if (h.stride(1) != 1 || out.stride(1) != 1 || coef_floats * index_t(sizeof(float)) > 32 * 1024) return false;
+  if (N == 0) return true;
+  require_device("gated_intervention::forward");
+  const cudaStream_t s = stream_of(ex);
+  if (!cuda::detail::selects_every_row(pos, N)) cuda::detail::copy_rows<T>(h, out, s);
+  if (P == 0 || K == 0) return true;
+
+  const index_t dp = detail::padded_dim(d), ms = detail::module_stride(R, dp);
+  cuda::detail::stream_scratch<float> packed(K * ms, s);
+  cuda::detail::stream_scratch<detail::src_ptrs<T>> srcs(K, s);
+  detail::pack<I, T>(modules, d, dp, ms, packed, srcs, s);
+  cuda::detail::stream_scratch<index_t> dpos(P, s);
+  GRUN_CUDA_CHECK(cudaMemcpyAsync(dpos.ptr, pos.data(), sizeof(index_t) * std::size_t(P), cudaMemcpyHostToDevice, s));
+
+  constexpr int VW = vec_width<T>;
+  const bool vec = detail::vector_rows<T>(h, VW) && detail::vector_rows<T>(out, VW);
+  const index_t tile_bytes = index_t(ROWS) * d * index_t(sizeof(T));
+  const bool stage = coef_floats * index_t(sizeof(float)) + tile_bytes <= 40 * 1024;
+  const std::size_t smem = std::size_t(coef_floats * index_t(sizeof(float)) + (stage ? tile_bytes : 0));
+  const unsigned grid = unsigned(cuda::ceil_div(P, ROWS));
+  if (vec)
+    detail::forward_kernel<T, VW, R, ROWS, LO, GATED><<<grid, detail::block, smem, s>>>(
+        packed.ptr, ms, dp, K, float(scale), h, dpos.ptr, P, out, gates, stage, coef_floats);
+  else
+    detail::forward_kernel<T, 1, R, ROWS, LO, GATED><<<grid, detail::block, smem, s>>>(
+        packed.ptr, ms, dp, K, float(scale), h, dpos.ptr, P, out, gates, stage, coef_floats);
+  GRUN_CUDA_CHECK_LAUNCH();
+  return true;
+}
+
+/// Fused backward (see the file comment): dh and the trained module's gradients (overwritten).
+/// Returns false, having done nothing, when the call is not one the fused kernels take.
+template <class I, class T>
+bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
+              index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
+              matrix_view<const T, cuda_space> dout, matrix_view<const T, cuda_space> dgates,
+              matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads) {
+  using G = typename I::gate_type;
+  using Rf = typename I::reft_type;
+  static_assert(supported<G, Rf, typename I::ortho_type>);
+  constexpr int R = int(I::rank);
+  constexpr bool LO = reft_kind<Rf>::value == 1, GATED = gate_kind<G>::value == 1;
+  constexpr int ROWS = detail::backward_rows<R>();
+  constexpr int NP = 2 * R + 1;
+  const index_t N = h.extent(0), d = h.extent(1), P = pos.size(), K = index_t(modules.size());
+  if (h.stride(1) != 1 || dout.stride(1) != 1 || dh.stride(1) != 1 || K < 1) return false;
+  const cudaStream_t s = stream_of(ex);
+  require_device("gated_intervention::backward");
+  if (!cuda::detail::selects_every_row(pos, N)) cuda::detail::copy_rows<T>(dout, dh, s);
+
+  const index_t dp = detail::padded_dim(d), ms = detail::module_stride(R, dp);
+  // Slots: runs of rps consecutive positions; their number and size depend on (P, d, r) only.
+  const index_t max_slots = std::clamp<index_t>((index_t(256) << 20) / (ms * index_t(sizeof(float))), 1, 512);
+  const index_t rps = std::max<index_t>(16, cuda::ceil_div(P, max_slots));
+  const index_t nslots = P > 0 ? cuda::ceil_div(P, rps) : 0;
+
+  detail::dst_ptrs<T> dst{grads.reft.rotate_layer.data, grads.reft.weight.data, grads.reft.bias.data, nullptr, nullptr};
+  if constexpr (GATED) {
+    dst.w = grads.gate.weight.data;
+    dst.c = grads.gate.bias.data;
+  }
+  cuda::detail::stream_scratch<float> slots(nslots * ms, s);
+  if (P > 0) {
+    cuda::detail::stream_scratch<float> packed(K * ms, s);
+    cuda::detail::stream_scratch<detail::src_ptrs<T>> srcs(K, s);
+    detail::pack<I, T>(modules, d, dp, ms, packed, srcs, s);
+    cuda::detail::stream_scratch<index_t> dpos(P, s);
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(dpos.ptr, pos.data(), sizeof(index_t) * std::size_t(P), cudaMemcpyHostToDevice, s));
+    cuda::detail::stream_scratch<float> cf(P * K * NP, s), rc(P * NP, s);
+    // rc rows of a trained index outside [0, K) stay unset: make them zero (no gradient).
+    GRUN_CUDA_CHECK(cudaMemsetAsync(rc.ptr, 0, sizeof(float) * std::size_t(P * NP), s));
+
+    constexpr int VW = vec_width<T>;
+    const bool vec = detail::vector_rows<T>(h, VW) && detail::vector_rows<T>(dout, VW) && detail::vector_rows<T>(dh, VW);
+    const unsigned grid1 = unsigned(cuda::ceil_div(P, ROWS));
+    if (vec)
+      detail::coef_kernel<T, VW, R, ROWS, LO, GATED><<<grid1, detail::block, 0, s>>>(
+          packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr, P, cf.ptr, rc.ptr);
+    else
+      detail::coef_kernel<T, 1, R, ROWS, LO, GATED><<<grid1, detail::block, 0, s>>>(
+          packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr, P, cf.ptr, rc.ptr);
+    GRUN_CUDA_CHECK_LAUNCH();
+
+    const bool hold = K == 1 && R <= 8;
+    const int CW = vec ? 4 : 1;
+    const dim3 grid2(unsigned(nslots), unsigned(std::max<index_t>(1, cuda::ceil_div(d / CW, detail::block))));
+    auto launch = [&](auto cw, auto hd) {
+      constexpr int C = decltype(cw)::value;
+      constexpr bool H = decltype(hd)::value && R <= 8;
+      detail::slot_kernel<T, C, R, LO, GATED, H><<<grid2, detail::block, 0, s>>>(
+          packed.ptr, ms, dp, K, h, dout, dpos.ptr, P, rps, cf.ptr, rc.ptr, dh, slots.ptr);
+    };
+    if (vec) {
+      if (hold) launch(std::integral_constant<int, 4>{}, std::true_type{});
+      else launch(std::integral_constant<int, 4>{}, std::false_type{});
+    } else {
+      if (hold) launch(std::integral_constant<int, 1>{}, std::true_type{});
+      else launch(std::integral_constant<int, 1>{}, std::false_type{});
+    }
+    GRUN_CUDA_CHECK_LAUNCH();
+  }
+  const index_t nout = NP * d + R + 1;
+  detail::sum_slots_kernel<T, R, GATED><<<unsigned(cuda::ceil_div(nout, 256)), 256, 0, s>>>(slots.ptr, nslots, ms, dp, d,
+                                                                                             dst);
+  GRUN_CUDA_CHECK_LAUNCH();
+  return true;
+}
+
+}  // namespace grun::cuda::fused
