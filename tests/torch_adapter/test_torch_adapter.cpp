@@ -1,0 +1,322 @@
+// The libtorch adapter (grun/adapters/torch.hpp): autograd through the modules equals grun's direct
+// host calls, training with torch's and grun's AdamW reduces a toy loss, bad input is rejected by name.
+#include <catch2/catch.hpp>
+
+#include <grun/adapters/torch.hpp>
+#include <grun/optim/adamw.hpp>
+#include <grun/stack.hpp>
+
+#include <torch/optim/adamw.h>
+
+#include <cmath>
+#include <vector>
+
+namespace ta = grun::torch_adapter;
+using grun::index_t;
+using torch::Tensor;
+
+namespace {
+
+Tensor randn(std::vector<int64_t> shape, int64_t seed, at::ScalarType dt = at::kDouble) {
+  torch::manual_seed(uint64_t(seed));
+  return torch::randn(shape, at::TensorOptions().dtype(dt));
+}
+Tensor rows_of(std::vector<int64_t> r) { return torch::tensor(r, at::kLong); }
+
+double max_abs(const Tensor& a, const Tensor& b) { return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>(); }
+
+template <class P>
+Tensor flat_of(const P& p) {  // copies an aggregate's leaves, in layout order, into a 1-D double tensor
+  std::vector<double> v;
+  auto copy = p;
+  grun::for_each_param(copy, [&](auto& leaf) {
+    for (index_t i = 0; i < leaf.size(); ++i) v.push_back(grun::load<double>(leaf[i]));
+  });
+  return torch::tensor(v, at::kDouble);
+}
+
+/// Module forward + autograd backward vs grun's forward/backward on the same parameters.
+template <class Gate, class Reft>
+void check_against_grun(index_t d, int64_t seed) {
+  using M = ta::intervention<Gate, Reft>;
+  using I = typename M::grun_type;
+  auto m = std::make_shared<M>(d, uint64_t(seed), at::kDouble);
+  {  // move the gates off 0.5 so the gate path matters
+    torch::NoGradGuard ng;
+    m->flat().add_(0.3 * randn({m->parameter_count()}, seed + 1));
+  }
+  const Tensor h = randn({2, 3, d}, seed + 2).requires_grad_(true);
+  const Tensor rows = rows_of({4, 0, 5});
+  auto [y, g] = m->forward(h, rows);
+  const Tensor wy = randn({2, 3, d}, seed + 3), wg = randn({3}, seed + 4);
+  ((y * wy).sum() + (g * wg).sum()).backward();
+
+  const auto pos = grun::positions::rows({4, 0, 5});
+  const Tensor hc = h.detach().reshape({6, d}).contiguous();
+  Tensor out = torch::empty_like(hc), gates = torch::empty({3}, hc.options());
+  const auto p = m->template params_view<double>();
+  I::forward(grun::exec::host, p, ta::view<const double, 2>(hc), pos, ta::view<double, 2>(out),
+             ta::view<double, 1>(gates));
+  CHECK(max_abs(y.reshape({6, d}), out) == 0.0);
+  CHECK(max_abs(g, gates) == 0.0);
+
+  grun::owned_params<typename I::template params<double>> grads(I::template shape<double>(d));
+  const Tensor dout = wy.reshape({6, d}).contiguous();
+  Tensor dh = torch::empty_like(hc);
+  I::backward(grun::exec::host, p, ta::view<const double, 2>(hc), pos, ta::view<const double, 2>(dout),
+              ta::view<const double, 1>(wg), ta::view<double, 2>(dh), *grads);
+  CHECK(max_abs(h.grad().reshape({6, d}), dh) == 0.0);
+  CHECK(max_abs(m->flat().grad(), flat_of(*grads)) == 0.0);
+}
+
+}  // namespace
+
+TEST_CASE("torch adapter: module autograd equals grun's host forward/backward", "[torch_adapter]") {
+  check_against_grun<grun::gate::linear, grun::reft::loreft<4>>(8, 10);
+  check_against_grun<grun::gate::mlp<>, grun::reft::loreft<2>>(6, 20);
+  check_against_grun<grun::gate::always, grun::reft::direft<4>>(8, 30);
+  check_against_grun<grun::gate::linear, grun::reft::noreft<1>>(5, 40);
+}
+
+TEST_CASE("torch adapter: flat layout and named views match owned_params", "[torch_adapter]") {
+  using I = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
+  const index_t d = 7;
+  CHECK(ta::flat_size<I>(d) == (d + 1) + (2 * 4 * d + 4));
+  ta::intervention<grun::gate::linear, grun::reft::loreft<4>> m(d, 3);
+  typename I::template module<float> ref(d, 3);  // same seed, grun's own storage
+  const Tensor expect = flat_of(ref.parameters()).to(at::kFloat);
+  CHECK(max_abs(m.flat(), expect) == 0.0);
+  const auto named = m.named_params();
+  REQUIRE(named.size() == 5);
+  CHECK(named[0].name == "gate.weight");
+  CHECK(named[0].tensor.sizes() == at::IntArrayRef({1, d}));
+  CHECK(named[1].name == "gate.bias");
+  CHECK(named[1].tensor.sizes() == at::IntArrayRef({1}));
+  CHECK(named[2].name == "reft.rotate_layer");
+  CHECK(named[2].tensor.sizes() == at::IntArrayRef({4, d}));
+  CHECK(named[4].name == "reft.bias");
+  // views alias flat: IO writes through them
+  {
+    torch::NoGradGuard ng;
+    named[4].tensor.fill_(2.5f);
+  }
+  CHECK(m.params_view<float>().reft.bias[3] == 2.5f);
+}
+
+TEST_CASE("torch adapter: stack equals grun::intervention_stack (frozen + trainable, scale)", "[torch_adapter]") {
+  using G = grun::gate::linear;
+  using R = grun::reft::loreft<2>;
+  using I = grun::gated_intervention<G, R>;
+  const index_t d = 6;
+  ta::intervention_stack<G, R> s(d, 0.6, 0.6, at::kDouble);
+  s.append(1);
+  s.append(2);  // module0 frozen, module1 trainable
+  CHECK(s.size() == 2);
+  CHECK_FALSE(s.module_flat(0).requires_grad());
+  CHECK(s.trainable().requires_grad());
+  CHECK(s.scale() == Approx(1.8));
+
+  grun::intervention_stack<G, R, grun::ortho::qr_retraction, double> ref(d, 0.6, 0.6);
+  ref.append(ta::bind_params<I, double>(s.module_flat(0).detach(), d));
+  ref.append(ta::bind_params<I, double>(s.module_flat(1).detach(), d));
+
+  const Tensor h = randn({5, d}, 3).requires_grad_(true);
+  const Tensor rows = rows_of({1, 3, 4});
+  auto [y, g] = s.forward(h, rows);
+  CHECK(g.sizes() == at::IntArrayRef({2, 3}));
+  const Tensor wy = randn({5, d}, 4), wg = randn({2, 3}, 5);
+  ((y * wy).sum() + (g * wg).sum()).backward();
+
+  const auto pos = grun::positions::rows({1, 3, 4});
+  const Tensor hc = h.detach();
+  Tensor out = torch::empty_like(hc), gates = torch::empty({2, 3}, hc.options());
+  ref.forward(grun::exec::host, ta::view<const double, 2>(hc), pos, ta::view<double, 2>(out),
+              ta::view<double, 2>(gates));
+  CHECK(max_abs(y, out) == 0.0);
+  CHECK(max_abs(g, gates) == 0.0);
+  Tensor dh = torch::empty_like(hc);
+  grun::owned_params<I::params<double>> grads(I::shape<double>(d));
+  ref.backward(grun::exec::host, ta::view<const double, 2>(hc), pos, ta::view<const double, 2>(wy),
+               ta::view<const double, 2>(wg), ta::view<double, 2>(dh), *grads);
+  CHECK(max_abs(h.grad(), dh) == 0.0);
+  CHECK(max_abs(s.trainable().grad(), flat_of(*grads)) == 0.0);
+  CHECK_FALSE(s.module_flat(0).grad().defined());
+
+  // all frozen: still differentiable in h
+  ta::intervention_stack<G, R> f(d, 0.0, 1.0, at::kDouble);
+  f.append_frozen(s.module_flat(0));
+  CHECK_FALSE(f.trainable().defined());
+  const Tensor h2 = randn({5, d}, 6).requires_grad_(true);
+  auto [y2, g2] = f.forward(h2, rows);
+  y2.sum().backward();
+  CHECK(h2.grad().defined());
+}
+
+TEST_CASE("torch adapter: token_nll equals torch's cross entropy, gradient included", "[torch_adapter]") {
+  const Tensor logits = randn({5, 11}, 7).requires_grad_(true);
+  const Tensor labels = torch::tensor(std::vector<int64_t>{3, -100, 0, 10, 5}, at::kLong);
+  const Tensor nll = ta::token_nll(logits, labels);
+  const Tensor w = randn({5}, 8);
+  (nll * w).sum().backward();
+
+  const Tensor l2 = logits.detach().clone().requires_grad_(true);
+  const Tensor ref = torch::nn::functional::cross_entropy(
+      l2, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone).ignore_index(-100));
+  (ref * w).sum().backward();
+  CHECK(max_abs(nll, ref) < 1e-12);
+  CHECK(max_abs(logits.grad(), l2.grad()) < 1e-12);
+
+  const Tensor lh = logits.detach().to(at::kBFloat16);
+  CHECK(ta::token_nll(lh, labels).scalar_type() == at::kFloat);
+}
+
+namespace {
+/// A toy objective: gates → 1 on the first half of the rows, → 0 on the rest (BCE), and the edited
+/// rows of the first half pulled towards a target.
+Tensor toy_loss(ta::any_intervention& m, const Tensor& h, const Tensor& target) {
+  const int64_t n = h.size(0);
+  const Tensor rows = torch::arange(n, at::kLong);
+  auto [y, g] = m.forward(h, rows);
+  const Tensor label = torch::cat({torch::ones({n / 2}, g.options()), torch::zeros({n - n / 2}, g.options())});
+  return torch::binary_cross_entropy(g, label) + (y.narrow(0, 0, n / 2) - target).pow(2).mean();
+}
+}  // namespace
+
+TEST_CASE("torch adapter: training reduces a toy loss with torch's AdamW and with grun's AdamW", "[torch_adapter]") {
+  const index_t d = 8;
+  const Tensor h = torch::cat({randn({8, d}, 11, at::kFloat) + 1.0, randn({8, d}, 12, at::kFloat) - 1.0});
+  const Tensor target = randn({8, d}, 13, at::kFloat);
+
+  SECTION("torch::optim::AdamW + retract()") {
+    auto m = ta::make_intervention("linear", "loreft", 4, d, 5);
+    torch::optim::AdamW opt(m->parameters(), torch::optim::AdamWOptions(2e-2));
+    const double first = toy_loss(*m, h, target).item<double>();
+    double last = first;
+    for (int step = 0; step < 60; ++step) {
+      opt.zero_grad();
+      Tensor loss = toy_loss(*m, h, target);
+      loss.backward();
+      opt.step();
+      m->retract();
+      last = loss.item<double>();
+    }
+    CHECK(last < 0.5 * first);
+    const Tensor R = m->named_params()[2].tensor;  // reft.rotate_layer [4, d]: rows stay orthonormal
+    CHECK(max_abs(R.matmul(R.t()), torch::eye(4)) < 1e-5);
+  }
+  SECTION("grun::optim::adamw over params_view / grads_view") {
+    using M = ta::intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
+    M m(d, 5);
+    grun::optim::adamw<M::params_type<float>> opt(m.params_view<float>(), {.lr = 1e-2});
+    const double first = toy_loss(m, h, target).item<double>();
+    double last = first;
+    for (int step = 0; step < 60; ++step) {
+      m.zero_grad();
+      Tensor loss = toy_loss(m, h, target);
+      loss.backward();
+      opt.step(m.params_view<float>(), m.grads_view<float>());
+      last = loss.item<double>();
+    }
+    CHECK(last < 0.5 * first);
+    const Tensor R = m.named_params()[8].tensor;
+    CHECK(m.named_params()[8].name == "reft.rotate_layer");
+    CHECK(max_abs(R.matmul(R.t()), torch::eye(4)) < 1e-5);
+  }
+}
+
+TEST_CASE("torch adapter: runtime factory", "[torch_adapter]") {
+  for (const char* gate : {"linear", "mlp", "always"})
+    for (const char* reft : {"loreft", "noreft", "direft"})
+      for (int64_t r : {1, 2, 4, 8, 16, 32}) {
+        auto m = ta::make_intervention(gate, reft, r, 40, 1);
+        CHECK(m->gate_kind() == gate);
+        CHECK(m->reft_kind() == reft);
+        CHECK(m->rank() == r);
+        CHECK(m->dim() == 40);
+      }
+  auto m = ta::make_intervention("always", "direft", 2, 5, 1);
+  CHECK(m->parameter_count() == 2 * 2 * 5 + 2);
+  CHECK(m->parameters().size() == 1);
+  CHECK_THROWS_AS(ta::make_intervention("relu", "loreft", 4, 8, 1), grun::error);
+  CHECK_THROWS_WITH(ta::make_intervention("linear", "lora", 4, 8, 1), Catch::Contains("loreft, noreft or direft"));
+  CHECK_THROWS_WITH(ta::make_intervention("linear", "loreft", 3, 8, 1), Catch::Contains("1, 2, 4, 8, 16, 32"));
+
+  auto s = ta::make_intervention_stack("mlp", "loreft", 4, 8);
+  CHECK(s->size() == 0);
+  const Tensor h = randn({3, 8}, 1, at::kFloat);
+  auto [y0, g0] = s->forward(h, rows_of({2}));
+  CHECK(max_abs(y0, h) == 0.0);
+  CHECK(g0.sizes() == at::IntArrayRef({0, 1}));
+  s->append(1);
+  s->append(2);
+  CHECK(s->size() == 2);
+  CHECK(s->named_params(1).size() == 9);
+  auto [y, g] = s->forward(h, rows_of({2}));
+  CHECK(g.sizes() == at::IntArrayRef({2, 1}));
+}
+
+TEST_CASE("torch adapter: half and bfloat16 inputs", "[torch_adapter]") {
+  auto m = ta::make_intervention("linear", "loreft", 4, 16, 2);
+  const Tensor h = randn({4, 16}, 3, at::kFloat);
+  auto [yf, gf] = m->forward(h, rows_of({0, 3}));
+  for (auto dt : {at::kHalf, at::kBFloat16}) {
+    const Tensor hx = h.to(dt).requires_grad_(true);
+    auto [y, g] = m->forward(hx, rows_of({0, 3}));  // module casts to its float parameters and back
+    CHECK(y.scalar_type() == dt);
+    CHECK(max_abs(y, yf) < 0.05);
+    y.sum().backward();
+    CHECK(hx.grad().scalar_type() == dt);
+    // native half / bf16 storage: flat in the same dtype
+    using I = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
+    auto [y2, g2] = ta::apply_intervention<I>(h.to(dt), m->flat().detach().to(dt), rows_of({0, 3}));
+    CHECK(y2.scalar_type() == dt);
+    CHECK(max_abs(y2, yf) < 0.1);
+    CHECK(max_abs(g2, gf) < 0.01);
+  }
+}
+
+TEST_CASE("torch adapter: non-contiguous inputs are copied, not rejected", "[torch_adapter]") {
+  using I = grun::gated_intervention<grun::gate::linear, grun::reft::direft<2>>;
+  const index_t d = 5;
+  const Tensor flat = ta::detail::init_flat<I>(d, 4, at::kDouble);
+  const Tensor ht = randn({d, 6}, 9).t();  // [6, d], column-major
+  REQUIRE_FALSE(ht.is_contiguous());
+  auto [y1, g1] = ta::apply_intervention<I>(ht, flat, rows_of({5, 2}));
+  auto [y2, g2] = ta::apply_intervention<I>(ht.contiguous(), flat, rows_of({5, 2}));
+  CHECK(max_abs(y1, y2) == 0.0);
+  CHECK(max_abs(g1, g2) == 0.0);
+}
+
+TEST_CASE("torch adapter: bad input throws shape_error naming expected and got", "[torch_adapter]") {
+  using I = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<2>>;
+  const index_t d = 4;
+  const Tensor flat = ta::detail::init_flat<I>(d, 1, at::kFloat);
+  const Tensor h = randn({3, d}, 1, at::kFloat);
+  using grun::shape_error;
+  using Catch::Contains;
+  CHECK_THROWS_WITH(ta::apply_intervention<I>(h, flat, rows_of({3})), Contains("expected a row in [0, 3)"));
+  CHECK_THROWS_AS(ta::apply_intervention<I>(h, flat, rows_of({1, 1})), shape_error);
+  CHECK_THROWS_WITH(ta::apply_intervention<I>(h, flat, rows_of({-1})), Contains(">= 0"));
+  CHECK_THROWS_WITH(ta::apply_intervention<I>(h, flat, torch::tensor({0}, at::kInt)), Contains("expected dtype Long"));
+  CHECK_THROWS_WITH(ta::apply_intervention<I>(h, flat, torch::zeros({1, 1}, at::kLong)), Contains("expected 1 dimension"));
+  CHECK_THROWS_WITH(ta::apply_intervention<I>(h, flat.narrow(0, 0, 5), rows_of({0})), Contains("expected 23 parameters"));
+  CHECK_THROWS_WITH(ta::apply_intervention<I>(h, flat.to(at::kDouble), rows_of({0})), Contains("expected the dtype of h"));
+  CHECK_THROWS_WITH(ta::apply_intervention<I>(h.to(at::kInt), flat.to(at::kInt), rows_of({0})),
+                    Contains("expected dtype Float, Double, Half or BFloat16"));
+  CHECK_THROWS_AS(ta::apply_intervention<I>(randn({3, 5}, 1, at::kFloat), flat, rows_of({0})), shape_error);
+  CHECK_THROWS_AS(ta::apply_intervention<I>(torch::Tensor(), flat, rows_of({0})), shape_error);
+
+  auto m = ta::make_intervention("linear", "loreft", 2, d, 1);
+  CHECK_THROWS_WITH(m->forward(randn({2, 5}, 1, at::kFloat), rows_of({0})), Contains("expected [.., 4]"));
+
+  CHECK_THROWS_WITH(ta::token_nll(randn({2, 3}, 1), torch::tensor(std::vector<int64_t>{0, 3}, at::kLong)),
+                    Contains("outside the vocabulary"));
+  CHECK_THROWS_WITH(ta::token_nll(randn({2, 3}, 1), torch::tensor(std::vector<int64_t>{0}, at::kLong)),
+                    Contains("expected shape [2]"));
+  CHECK_THROWS_WITH(ta::token_nll(randn({2, 3}, 1), torch::tensor({0, 1}, at::kInt)), Contains("expected dtype Long"));
+
+  ta::intervention_stack<grun::gate::linear, grun::reft::loreft<2>> s(d);
+  s.append(1);
+  CHECK_THROWS_WITH(s.append_frozen(torch::zeros({3})), Contains("expected a 1-D tensor of 23 parameters"));
+  CHECK_THROWS_AS(s.module_flat(5), shape_error);
+}
