@@ -380,6 +380,29 @@ template <class G, class R, class O>
 struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
   using I = gated_intervention<G, R, O>;
   static constexpr index_t forward_block = 16;
+  /// Pointers to each module's parameters in the compute type Acc: the caller's own when they are
+  /// already Acc and used as stored (no copy: 4 MB per call for an mlp gate at d = 4096), else
+  /// converted (and R materialized) into `owned`.
+  template <class Acc, class T, class S>
+  static std::vector<const typename I::template params<Acc>*> compute_params(
+      std::span<const module_params<I, T, S>> modules, index_t d,
+      std::vector<owned_params<typename I::template params<Acc>>>& owned) {
+    std::vector<const typename I::template params<Acc>*> out;
+    out.reserve(modules.size());
+    owned.reserve(modules.size());
+    for (const auto& m : modules) {
+      if constexpr (std::is_same_v<T, Acc> && std::is_same_v<S, host_space> && !O::is_parametrization) {
+        out.push_back(&m);
+      } else {
+        owned.push_back(acc_params<I, Acc, T>(m, d));
+        out.push_back(&*owned.back());
+      }
+    }
+    return out;
+  }
+  /// Row stride of a block's row buffers: d plus one cache line, so rows d = 4096 floats apart
+  /// do not all map to the same cache sets when a kernel reads one chunk of every row.
+  static index_t padded_stride(index_t d) { return d + 16; }
   /// Gates with a host block form (forward_block / backward_block over host_block_rows rows).
   static constexpr bool gate_blocks = requires { G::host_block_rows; };
 
@@ -388,9 +411,8 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
                       matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates) {
     using Acc = acc_t<T>;
     const index_t n = h.extent(0), d = h.extent(1), P = pos.size(), K = index_t(modules.size());
-    std::vector<owned_params<typename I::template params<Acc>>> pa;
-    pa.reserve(modules.size());
-    for (const auto& m : modules) pa.push_back(acc_params<I, Acc, T>(m, d));
+    std::vector<owned_params<typename I::template params<Acc>>> owned;
+    const auto pa = compute_params<Acc>(modules, d, owned);
     std::vector<char> mask(std::size_t(n), 0);
     for (index_t q = 0; q < P; ++q) mask[std::size_t(pos[q])] = 1;
     copy_unselected(ex, h, out, mask);
@@ -402,7 +424,8 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
       constexpr index_t B = G::host_block_rows;
       const index_t nblocks = (P + B - 1) / B;
       const index_t gs = G::scratch_size(d), rs = R::scratch_size(d);
-      const index_t ws = B * (2 * d + gs + 1) + d + rs;
+      const index_t ld = padded_stride(d);
+      const index_t ws = B * (2 * ld + gs + 1) + d + rs;
       std::vector<std::vector<Acc>> work(std::min<index_t>(threads, std::max<index_t>(nblocks, 1)),
                                          std::vector<Acc>(std::size_t(ws)));
       parallel_blocks(threads, nblocks, [&](index_t blk, unsigned w) {
@@ -410,11 +433,11 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
         Acc* base = work[w].data();
         Acc *hx[B], *sum[B], *gscr[B];
         for (index_t b = 0; b < B; ++b) {
-          hx[b] = base + b * d;
-          sum[b] = base + (B + b) * d;
-          gscr[b] = base + 2 * B * d + b * gs;
+          hx[b] = base + b * ld;
+          sum[b] = base + (B + b) * ld;
+          gscr[b] = base + 2 * B * ld + b * gs;
         }
-        Acc* gv = base + B * (2 * d + gs);
+        Acc* gv = base + B * (2 * ld + gs);
         Acc* delta = gv + B;
         Acc* rscr = delta + d;
         for (index_t b = 0; b < nb; ++b) {
@@ -468,9 +491,8 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
     using Acc = acc_t<T>;
     using PA = typename I::template params<Acc>;
     const index_t n = h.extent(0), d = h.extent(1), P = pos.size(), K = index_t(modules.size());
-    std::vector<owned_params<PA>> pa;
-    pa.reserve(modules.size());
-    for (const auto& m : modules) pa.push_back(acc_params<I, Acc, T>(m, d));
+    std::vector<owned_params<PA>> owned;
+    const auto pa = compute_params<Acc>(modules, d, owned);
     std::vector<char> mask(std::size_t(n), 0);
     for (index_t q = 0; q < P; ++q) mask[std::size_t(pos[q])] = 1;
     copy_unselected(ex, dout, dh, mask);
@@ -505,19 +527,20 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
       // parameter gradient over the chunk's rows in row order, as the row path would.
       constexpr index_t B = G::host_block_rows;
       const index_t gs = G::scratch_size(d), rs = R::scratch_size(d);
-      const index_t bws = B * (3 * d + gs + 2) + 2 * d + rs;
+      const index_t ld = padded_stride(d);
+      const index_t bws = B * (3 * ld + gs + 2) + 2 * d + rs;
       std::vector<std::vector<Acc>> bwork(static_cast<std::size_t>(workers), std::vector<Acc>(std::size_t(bws)));
       parallel_blocks(threads, nblocks, [&](index_t blk, unsigned w) {
         const PA slot = bind_params(shaped, slots.data() + blk * np);
         Acc* base = bwork[w].data();
         Acc *hx[B], *dx[B], *dhx[B], *gscr[B];
         for (index_t b = 0; b < B; ++b) {
-          hx[b] = base + b * d;
-          dx[b] = base + (B + b) * d;
-          dhx[b] = base + (2 * B + b) * d;
-          gscr[b] = base + 3 * B * d + b * gs;
+          hx[b] = base + b * ld;
+          dx[b] = base + (B + b) * ld;
+          dhx[b] = base + (2 * B + b) * ld;
+          gscr[b] = base + 3 * B * ld + b * gs;
         }
-        Acc* gv = base + B * (3 * d + gs);
+        Acc* gv = base + B * (3 * ld + gs);
         Acc* dgv = gv + B;
         Acc* delta = dgv + B;
         Acc* tmp = delta + d;

@@ -125,9 +125,11 @@ struct mlp {
     constexpr int M = 2, N = 4;  // tile: M rows of W1 × N rows of h
     for (index_t i0 = 0; i0 < H1; i0 += M) {
       const WT* w[M];
+      GRUN_UNROLL
       for (int m = 0; m < M; ++m) w[m] = p.w1.row(i0 + m < H1 ? i0 + m : i0);
       for (index_t b0 = 0; b0 < B; b0 += N) {
         const Acc* x[N];
+        GRUN_UNROLL
         for (int k = 0; k < N; ++k) x[k] = h[b0 + k < B ? b0 + k : b0];
         Acc z[M][N];
         grun::detail::tile_dot<Acc, M, N>(w, x, d, z);
@@ -146,53 +148,81 @@ struct mlp {
   static void backward_block(const P& p, const G& grads, const Acc* const* h, index_t B, index_t d,
                              Acc* const* scratch, const Acc* g, const Acc* dg, Acc* const* dh) {
     for (index_t b = 0; b < B; ++b) head_backward(p, grads, scratch[b], g[b], dg[b]);  // scratch[b][:H1] = dz1
-    constexpr int L = 8;
-    // db1 += Σ_b dz1[b];  dW1[i] += Σ_b dz1[b][i] h[b]: 4 rows of dW1 held in registers per chunk.
+    // db1 += Σ_b dz1[b];  dW1[i] += Σ_b dz1[b][i] h[b] (b in order, as row by row).
     for (index_t i = 0; i < H1; ++i)
       for (index_t b = 0; b < B; ++b) grads.b1[i] += scratch[b][i];
-    constexpr int M = 4;
+    using GT = std::remove_cv_t<std::remove_pointer_t<decltype(grads.w1.row(0))>>;
+    using WT = std::remove_cv_t<std::remove_pointer_t<decltype(p.w1.row(0))>>;
+    constexpr int M = 4;  // rows of dW1 held in registers per chunk
     index_t i0 = 0;
     for (; i0 + M <= H1; i0 += M) {
-      decltype(grads.w1.row(0)) gw[M];
+      GT* gw[M];
       for (int m = 0; m < M; ++m) gw[m] = grads.w1.row(i0 + m);
       index_t j = 0;
-      for (; j + L <= d; j += L) {
-        Acc acc[M][L];
-        for (int m = 0; m < M; ++m)
-          for (int l = 0; l < L; ++l) acc[m][l] = gw[m][j + l];
-        for (index_t b = 0; b < B; ++b) {
-          const Acc* hb = h[b] + j;
-          for (int m = 0; m < M; ++m) {
-            const Acc c = scratch[b][i0 + m];
-            for (int l = 0; l < L; ++l) acc[m][l] += c * hb[l];
+#if !defined(__CUDA_ARCH__)
+      if constexpr (std::is_same_v<GT, Acc>) {
+        using V = grun::detail::hvec_t<Acc>;
+        constexpr int VL = grun::detail::hvec_lanes<Acc>;
+        for (; j + VL <= d; j += VL) {
+          V acc[M];
+          GRUN_UNROLL
+          for (int m = 0; m < M; ++m) acc[m] = grun::detail::vload(gw[m] + j);
+          for (index_t b = 0; b < B; ++b) {
+            const V hb = grun::detail::vload(h[b] + j);
+            GRUN_UNROLL
+            for (int m = 0; m < M; ++m) acc[m] += grun::detail::vsplat(scratch[b][i0 + m]) * hb;
           }
+          GRUN_UNROLL
+          for (int m = 0; m < M; ++m) grun::detail::vstore(gw[m] + j, acc[m]);
         }
-        for (int m = 0; m < M; ++m)
-          for (int l = 0; l < L; ++l) gw[m][j + l] = acc[m][l];
       }
+#endif
       for (; j < d; ++j)
         for (int m = 0; m < M; ++m)
           for (index_t b = 0; b < B; ++b) gw[m][j] += scratch[b][i0 + m] * h[b][j];
     }
     for (; i0 < H1; ++i0)
       for (index_t b = 0; b < B; ++b) grun::detail::axpy_row(scratch[b][i0], h[b], grads.w1.row(i0), d);
-    // dh[b] += Σ_i dz1[b][i] W1[i]: a 2L-wide slab of dh[b] in registers while W1's slab (H1 × 2L,
-    // 16 KB for fp32) stays in L1 across the rows of the block.
-    constexpr int J = 2 * L;
+    // dh[b] += Σ_i dz1[b][i] W1[i] (i in order, zeros included): a slab of 4 rows of dh in
+    // registers while W1's slab (H1 × 16 floats = 16 KB) stays in L1 across the rows of the block.
     index_t j0 = 0;
-    for (; j0 + J <= d; j0 += J)
-      for (index_t b = 0; b < B; ++b) {
-        Acc acc[J];
-        Acc* db = dh[b] + j0;
-        for (int l = 0; l < J; ++l) acc[l] = db[l];
-        const Acc* c = scratch[b];
-        for (index_t i = 0; i < H1; ++i) {
-          if (c[i] == Acc(0)) continue;
-          const auto* w = p.w1.row(i) + j0;
-          for (int l = 0; l < J; ++l) acc[l] += c[i] * load<Acc>(w[l]);
+#if !defined(__CUDA_ARCH__)
+    if constexpr (std::is_same_v<WT, Acc>) {
+      using V = grun::detail::hvec_t<Acc>;
+      constexpr int VL = grun::detail::hvec_lanes<Acc>, U = 2, NB = 4;  // NB rows × U vectors: 8 FMA chains
+      // W1's slab packed contiguous: read in place, its rows lie d apart, and for d a multiple of
+      // 1024 they all fall into the same few cache sets.
+      for (; j0 + U * VL <= d; j0 += U * VL) {
+        for (index_t b0 = 0; b0 < B; b0 += NB) {
+          const int nb = int(B - b0 < NB ? B - b0 : NB);
+          V acc[NB][U];
+          const Acc* c[NB];
+          GRUN_UNROLL
+          for (int k = 0; k < NB; ++k) {
+            const index_t b = b0 + (k < nb ? k : 0);  // clamped rows compute, but are not stored
+            c[k] = scratch[b];
+            GRUN_UNROLL
+            for (int u = 0; u < U; ++u) acc[k][u] = grun::detail::vload(dh[b] + j0 + u * VL);
+          }
+          for (index_t i = 0; i < H1; ++i) {
+            const Acc* w = p.w1.row(i) + j0;
+            V wv[U];
+            GRUN_UNROLL
+            for (int u = 0; u < U; ++u) wv[u] = grun::detail::vload(w + u * VL);
+            GRUN_UNROLL
+            for (int k = 0; k < NB; ++k) {
+              const V cv = grun::detail::vsplat(c[k][i]);
+              GRUN_UNROLL
+              for (int u = 0; u < U; ++u) acc[k][u] += cv * wv[u];
+            }
+          }
+          for (int k = 0; k < nb; ++k)
+            GRUN_UNROLL
+            for (int u = 0; u < U; ++u) grun::detail::vstore(dh[b0 + k] + j0 + u * VL, acc[k][u]);
         }
-        for (int l = 0; l < J; ++l) db[l] = acc[l];
       }
+    }
+#endif
     for (; j0 < d; ++j0)
       for (index_t b = 0; b < B; ++b)
         for (index_t i = 0; i < H1; ++i) dh[b][j0] += scratch[b][i] * load<Acc>(p.w1(i, j0));

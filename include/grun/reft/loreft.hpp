@@ -9,6 +9,7 @@
 #include <array>
 #include <cmath>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "../concepts.hpp"
@@ -68,8 +69,7 @@ struct lowrank_edit {
       }
     }
     // Δ = Rᵀ e: one store per coordinate, k summed in order.
-    for (index_t j = 0; j < d; ++j) delta[j] = Acc(0);
-    for (index_t k = 0; k < Rank; ++k) grun::detail::axpy_row(e[k], p.rotate_layer.row(k), delta, d);
+    rotate_back(p, e, delta, d);
   }
 
   // With δ = dL/dΔ and de = R δ [r]:
@@ -88,8 +88,48 @@ struct lowrank_edit {
       grun::detail::multi_dot<Acc, N>(rows, ddelta, d, dots);
       for (int i = 0; i < g; ++i) de[k0 + i] = dots[i];
     }
+    for (index_t k = 0; k < Rank; ++k) grads.bias[k] += de[k];
+#if !defined(__CUDA_ARCH__)
+    using WT = std::remove_cv_t<std::remove_pointer_t<decltype(p.weight.row(0))>>;
+    using GT = std::remove_cv_t<std::remove_pointer_t<decltype(grads.weight.row(0))>>;
+    if constexpr (std::is_same_v<WT, Acc> && std::is_same_v<GT, Acc> && Rank <= 8) {
+      // All k in one pass (dh loaded and stored once); per element the same operations in the
+      // same order as the per-k loop below.
+      using V = grun::detail::hvec_t<Acc>;
+      constexpr int L = grun::detail::hvec_lanes<Acc>;
+      const Acc *r[Rank], *w[Rank];
+      Acc *gr[Rank], *gw[Rank];
+      V ev[Rank], dev[Rank];
+      for (index_t k = 0; k < Rank; ++k) {
+        r[k] = p.rotate_layer.row(k);
+        w[k] = p.weight.row(k);
+        gr[k] = grads.rotate_layer.row(k);
+        gw[k] = grads.weight.row(k);
+        ev[k] = grun::detail::vsplat(e[k]);
+        dev[k] = grun::detail::vsplat(de[k]);
+      }
+      index_t j = 0;
+      for (; j + L <= d; j += L) {
+        const V hv = grun::detail::vload(h + j), dv = grun::detail::vload(ddelta + j);
+        V dhv = grun::detail::vload(dh + j);
+        GRUN_UNROLL
+        for (index_t k = 0; k < Rank; ++k) {
+          grun::detail::vstore(gr[k] + j, grun::detail::vload(gr[k] + j) + (ev[k] * dv - dev[k] * hv));
+          grun::detail::vstore(gw[k] + j, grun::detail::vload(gw[k] + j) + dev[k] * hv);
+          dhv += dev[k] * (grun::detail::vload(w[k] + j) - grun::detail::vload(r[k] + j));
+        }
+        grun::detail::vstore(dh + j, dhv);
+      }
+      for (; j < d; ++j)
+        for (index_t k = 0; k < Rank; ++k) {
+          gr[k][j] += e[k] * ddelta[j] - de[k] * h[j];
+          gw[k][j] += de[k] * h[j];
+          dh[j] += de[k] * (w[k][j] - r[k][j]);
+        }
+      return;
+    }
+#endif
     for (index_t k = 0; k < Rank; ++k) {
-      grads.bias[k] += de[k];
       lowrank_grad_row(e[k], de[k], p.rotate_layer.row(k), p.weight.row(k), ddelta, h, grads.rotate_layer.row(k),
                        grads.weight.row(k), dh, d);
     }
@@ -106,6 +146,16 @@ struct lowrank_edit {
     }
   }
   static constexpr index_t group = 4;
+
+  /// delta = Rᵀ e [d] (k summed in order), up to 8 rows of R per pass.
+  template <class Acc, class P>
+  GRUN_HD static void rotate_back(const P& p, const Acc* e, Acc* delta, index_t d) {
+    constexpr int N = int(Rank < 8 ? Rank : 8);
+    const std::remove_pointer_t<decltype(p.rotate_layer.row(0))>* rows[N];
+    for (int i = 0; i < N; ++i) rows[i] = p.rotate_layer.row(i);
+    grun::detail::multi_axpy_set<Acc, N>(e, rows, delta, d);
+    for (index_t k = N; k < Rank; ++k) grun::detail::axpy_row(e[k], p.rotate_layer.row(k), delta, d);
+  }
 
   /// Initialization (used by grun::init): R = orthonormalized Gaussian rows; W ~ N(0, 1/d) (the
   /// scale of nn.Linear's default init); b = 0.
