@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -26,7 +27,9 @@ const llm::llama_model& model() {
       std::fflush(stdout);
       std::exit(77);
     }
-    llm::set_threads();
+    // One intra-op thread: ctest may run other tests beside this one on a 2-core machine, and
+    // OpenMP teams spinning at barriers on a contended core are several times slower.
+    llm::set_threads(1);
     return std::make_unique<llm::llama_model>(llm::llama_model::load(path));
   }();
   return *m;
@@ -112,9 +115,9 @@ TEST_CASE("a right-padded batch gives every sequence its unpadded logits", "[mod
   REQUIRE(logits.sizes() == torch::IntArrayRef(want));
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     INFO("sequence " << i);
-    CHECK(max_abs_error(logits[static_cast<std::int64_t>(i)], cases[i]) < 1e-2);
-    const auto alone = model().forward(ids_tensor(seqs[i]), {}, opt).logits[0];
-    CHECK((logits[static_cast<std::int64_t>(i)] - alone).abs().max().item<double>() < 1e-3);
+    // Unpadded forwards agree with the reference to ~1e-5 (previous case), so 1e-3 here means
+    // the padding changed nothing beyond summation order.
+    CHECK(max_abs_error(logits[static_cast<std::int64_t>(i)], cases[i]) < 1e-3);
   }
 }
 
@@ -143,16 +146,18 @@ TEST_CASE("KV-cached incremental decoding equals the full forward", "[model]") {
 TEST_CASE("greedy generate (batched, cached) equals argmax of repeated full forwards", "[model]") {
   torch::NoGradGuard no_grad;
   const auto& cases = reference().at("cases");
-  const std::vector<std::vector<std::int64_t>> prompts = {ids_of(cases[0]), ids_of(cases[5]), ids_of(cases[3])};
+  // Different lengths, so the batch is right-padded while decoding.
+  const std::vector<std::vector<std::int64_t>> prompts = {ids_of(cases[0]), ids_of(cases[3])};
   llm::generate_options g;
-  g.max_new_tokens = 6;
+  g.max_new_tokens = 5;
   const auto out = model().generate(prompts, g);
   REQUIRE(out.size() == prompts.size());
+  llm::forward_options last;
+  last.logits = llm::logits_mode::last;
   for (std::size_t i = 0; i < prompts.size(); ++i) {
     std::vector<std::int64_t> seq = prompts[i], expect;
-    for (int s = 0; s < 6; ++s) {
-      const auto logits = model().forward(ids_tensor(seq)).logits[0];
-      const auto t = logits[static_cast<std::int64_t>(seq.size()) - 1].argmax().item<std::int64_t>();
+    for (int s = 0; s < 5; ++s) {
+      const auto t = model().forward(ids_tensor(seq), {}, last).logits[0].argmax().item<std::int64_t>();
       expect.push_back(t);
       seq.push_back(t);
     }
@@ -284,4 +289,33 @@ TEST_CASE("bad input to a loaded model is rejected with grun errors", "[model]")
   llm::forward_options bad_hook;
   bad_hook.hook = [](int, torch::Tensor h) { return h.narrow(1, 0, 1); };
   CHECK_THROWS_AS(m.forward(torch::tensor({1, 2}, torch::kInt64).view({1, 2}), {}, bad_hook), grun::shape_error);
+}
+
+// Hidden (run with "[.bench]"): prints forward / generate times; asserts nothing about time.
+TEST_CASE("forward throughput", "[.bench][model]") {
+  const auto& m = model();
+  const auto time_it = [](const char* what, int reps, const auto& f) {
+    f();  // warm-up
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < reps; ++i) f();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
+    std::printf("  %-52s %8.3f s (threads %d)\n", what, s, at::get_num_threads());
+  };
+  for (int threads : {1, 2}) {
+    at::set_num_threads(threads);
+    torch::NoGradGuard no_grad;
+    const torch::Tensor ids = torch::randint(0, m.config().vocab_size, {16, 64}, torch::kInt64);
+    const torch::Tensor one = torch::randint(0, m.config().vocab_size, {1, 37}, torch::kInt64);
+    llm::forward_options last;
+    last.logits = llm::logits_mode::last;
+    llm::forward_options all;
+    time_it("forward 1 x 37, all logits", 3, [&] { return m.forward(one, {}, all); });
+    time_it("forward 16 x 64, last-token logits", 2, [&] { return m.forward(ids, {}, last); });
+    time_it("forward 16 x 64, all logits", 1, [&] { return m.forward(ids, {}, all); });
+    llm::generate_options g;
+    g.max_new_tokens = 16;
+    std::vector<std::vector<std::int64_t>> prompts(8, std::vector<std::int64_t>(40, 100));
+    time_it("generate 8 prompts x 40 tokens, 16 new", 1, [&] { return m.generate(prompts, g); });
+  }
+  llm::set_threads(1);
 }
