@@ -143,6 +143,42 @@ TEST_CASE("KV-cached incremental decoding equals the full forward", "[model]") {
   }
 }
 
+TEST_CASE("forward_with_prefix over cached prefix keys equals the full forward", "[model]") {
+  // The trainer's fast path: prompts without their last token are a fixed prefix (right-padded,
+  // different lengths); the suffix (last prompt token + answer) runs from a block output.
+  torch::NoGradGuard no_grad;
+  const auto& cases = reference().at("cases");
+  const std::vector<std::vector<std::int64_t>> seqs = {ids_of(cases[1]), ids_of(cases[3])};
+  const std::int64_t n_suffix = 4, layer = 14;
+  std::vector<std::vector<std::int64_t>> prefixes;
+  for (const auto& s : seqs) prefixes.emplace_back(s.begin(), s.end() - n_suffix);
+  const auto pb = llm::make_batch(prefixes, 2);
+  auto cache = model().make_cache(2, pb.ids.size(1));
+  llm::forward_options none;
+  none.logits = llm::logits_mode::none;
+  model().forward(pb.ids, pb.mask, none, &cache);
+  llm::prefix_kv prefix;
+  for (std::size_t l = 0; l < cache.k.size(); ++l) {
+    prefix.k.push_back(cache.k[l]);
+    prefix.v.push_back(cache.v[l]);
+  }
+  prefix.valid = cache.valid;
+  prefix.length = cache.n_tokens;
+
+  std::vector<torch::Tensor> suffix_h, want;
+  llm::forward_options cap;
+  cap.capture = {static_cast<int>(layer)};
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const auto r = model().forward(ids_tensor(seqs[i]), {}, cap);
+    const auto P = static_cast<std::int64_t>(prefixes[i].size());
+    suffix_h.push_back(r.captured.at(static_cast<int>(layer))[0].narrow(0, P, n_suffix));
+    want.push_back(r.logits[0].narrow(0, P, n_suffix));
+  }
+  const auto got = model().forward_with_prefix(static_cast<int>(layer), torch::stack(suffix_h), torch::ones({2, n_suffix}, torch::kBool),
+                                               prefix).logits;  // [2, n_suffix, V]
+  CHECK((got - torch::stack(want)).abs().max().item<double>() < 1e-3);
+}
+
 TEST_CASE("greedy generate (batched, cached) equals argmax of repeated full forwards", "[model]") {
   torch::NoGradGuard no_grad;
   const auto& cases = reference().at("cases");
