@@ -5,6 +5,11 @@
 // gradients.
 //
 // [model] cases need the example model; without it the program exits 77 (ctest: Skipped).
+// libtorch first: it brings glog, whose CHECK(cond) would otherwise replace Catch's (an abort,
+// not a reported, counted assertion).
+#include "llm/model.hpp"
+#undef CHECK
+
 #include <catch2/catch.hpp>
 
 #include <nlohmann/json.hpp>
@@ -14,8 +19,6 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
-
-#include "llm/model.hpp"
 
 namespace {
 
