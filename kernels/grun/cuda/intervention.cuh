@@ -18,8 +18,9 @@
 // the slots in slot order per parameter (one thread per parameter, in double). No atomics: the
 // result is bitwise repeatable whatever the launch order, so exec::cuda_t::deterministic holds.
 //
-// Not here yet: the cuBLASLt GEMM for gate::mlp's first layer (mlp takes the generic path);
-// parametrized rotations (ortho::householder) are refused at compile time.
+// gate::mlp × those ReFTs takes intervention_mlp.cuh: the first gate layer as cuBLASLt GEMMs on
+// tensor cores, then the same fused ReFT kernels (link CUDA::cublasLt).
+// Parametrized rotations (ortho::householder) are refused at compile time.
 
 #include <algorithm>
 #include <span>
@@ -28,6 +29,7 @@
 
 #include "check.cuh"  // first: exec::host_t before exec/cuda.hpp
 #include "intervention_fused.cuh"
+#include "intervention_mlp.cuh"
 #include "scratch.cuh"
 
 #include <grun/intervention.hpp>
@@ -131,13 +133,18 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
 
   /// The fused kernels take this policy (intervention_fused.cuh); otherwise the generic path runs.
   static constexpr bool fused = cuda::fused::supported<G, R, O>;
+  /// gate::mlp with a rank-r ReFT: cuBLASLt first layer + fused ReFT kernels (intervention_mlp.cuh).
+  static constexpr bool fused_mlp = cuda::mlp_gate::supported<G, R, O>;
 
   template <class T, class S>
   static void forward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                       matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates) {
     static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
-    if constexpr (fused)
+    if constexpr (fused) {
       if (cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
+    } else if constexpr (fused_mlp) {
+      if (cuda::mlp_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
+    }
     generic_forward<T, S>(ex, modules, scale, h, pos, out, gates);
   }
 
@@ -146,8 +153,11 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
                        index_t trained, matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
                        matrix_view<const T, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
     static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
-    if constexpr (fused)
+    if constexpr (fused) {
       if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
+    } else if constexpr (fused_mlp) {
+      if (cuda::mlp_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
+    }
     generic_backward<T, S>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);
   }
 

@@ -72,6 +72,10 @@ namespace detail {
 
 inline constexpr int block = 128;  // threads per CTA of every fused kernel
 
+/// How a kernel gets g: none (g ≡ 1), linear (σ(wᵀh + c), computed here), external (g given per
+/// module and position in fp32 [K][P], e.g. by the mlp gate's GEMM + epilogue; dL/dz exported).
+inline constexpr int gate_none = 0, gate_linear = 1, gate_external = 2;
+
 /// N floats reduced as one value by cub::BlockReduce (one reduction for all dots of a tile).
 template <int N>
 struct farr {
@@ -175,13 +179,14 @@ __global__ void pack_kernel(const src_ptrs<T>* __restrict__ src, index_t K, int 
 // ---- forward ------------------------------------------------------------------------------------
 /// One CTA per tile of ROWS consecutive positions. Dynamic shared memory: coef [K][ROWS][R] floats,
 /// then (when `stage`) the tile of h as stored, ROWS × d elements.
-template <class T, int V, int R, int ROWS, bool LO, bool GATED>
+template <class T, int V, int R, int ROWS, bool LO, int GM>
 __global__ void __launch_bounds__(block) forward_kernel(const float* __restrict__ pk, index_t ms, index_t dp, index_t K,
                                                         float scale, matrix_view<const T, cuda_space> h,
                                                         const index_t* __restrict__ pos, index_t P,
                                                         matrix_view<T, cuda_space> out, matrix_view<T, cuda_space> gates,
-                                                        bool stage, index_t coef_floats) {
+                                                        const float* __restrict__ gext, bool stage, index_t coef_floats) {
   constexpr int NP = 2 * R + 1;
+  constexpr bool GATED = GM == gate_linear;
   using A = farr<ROWS * NP>;
   using BR = cub::BlockReduce<A, block>;
   __shared__ typename BR::TempStorage tmp;
@@ -229,7 +234,9 @@ __global__ void __launch_bounds__(block) forward_kernel(const float* __restrict_
 #pragma unroll
       for (int rr = 0; rr < ROWS; ++rr) {
         if (rr >= nr) break;
-        const float g = GATED ? dsigmoid(sc[R] + a.v[rr * NP + 2 * R]) : 1.f;
+        const float g = GATED               ? dsigmoid(sc[R] + a.v[rr * NP + 2 * R])
+                        : GM == gate_external ? gext[k * P + q0 + rr]
+                                              : 1.f;
         dstore(&gates(k, q0 + rr), g);
 #pragma unroll
         for (int i = 0; i < R; ++i) {
@@ -276,14 +283,16 @@ __global__ void __launch_bounds__(block) forward_kernel(const float* __restrict_
 /// Per tile of ROWS positions and every module k: the dots U·h, D·h, w·h, U·x (x = dout row), then
 ///   cf[q][k] = { −[lo] de (coefficient of U in dh) | de (of D) | dz (of w) }            [2r+1]
 ///   rc[q]    = { s g e (of x in dU) | de (of h in dD, −[lo]·it in dU) | dz (of h in dw) } [2r+1], trained k
-template <class T, int V, int R, int ROWS, bool LO, bool GATED>
+template <class T, int V, int R, int ROWS, bool LO, int GM>
 __global__ void __launch_bounds__(block) coef_kernel(const float* __restrict__ pk, index_t ms, index_t dp, index_t K,
                                                      index_t trained, float scale, matrix_view<const T, cuda_space> h,
                                                      matrix_view<const T, cuda_space> dout,
                                                      matrix_view<const T, cuda_space> dgates,
                                                      const index_t* __restrict__ pos, index_t P, float* __restrict__ cf,
-                                                     float* __restrict__ rc) {
+                                                     float* __restrict__ rc, const float* __restrict__ gext,
+                                                     float* __restrict__ dzext) {
   constexpr int NP = 2 * R + 1, ND = 3 * R + 1;
+  constexpr bool GATED = GM == gate_linear;
   using A = farr<ROWS * ND>;
   using BR = cub::BlockReduce<A, block>;
   __shared__ typename BR::TempStorage tmp;
@@ -333,7 +342,7 @@ __global__ void __launch_bounds__(block) coef_kernel(const float* __restrict__ p
         if (rr >= nr) break;
         const index_t q = q0 + rr;
         const float* ar = a.v + rr * ND;
-        const float g = GATED ? dsigmoid(sc[R] + ar[2 * R]) : 1.f;
+        const float g = GATED ? dsigmoid(sc[R] + ar[2 * R]) : GM == gate_external ? gext[k * P + q] : 1.f;
         float dg = has_dg ? dload(&dgates(k, q)) : 0.f;
         float e[R];
 #pragma unroll
@@ -341,7 +350,9 @@ __global__ void __launch_bounds__(block) coef_kernel(const float* __restrict__ p
           e[i] = ar[R + i] + sc[i] - (LO ? ar[i] : 0.f);
           dg += scale * e[i] * ar[NP + i];
         }
-        const float dz = GATED ? dg * g * (1.f - g) : 0.f;
+        // dL/dz of the gate's last pre-activation (g = σ(z) for linear and mlp alike).
+        const float dz = GM != gate_none ? dg * g * (1.f - g) : 0.f;
+        if (GM == gate_external) dzext[k * P + q] = dz;
         float* c = cf + (q * K + k) * NP;
 #pragma unroll
         for (int i = 0; i < R; ++i) {
@@ -349,7 +360,7 @@ __global__ void __launch_bounds__(block) coef_kernel(const float* __restrict__ p
           c[i] = LO ? -de : 0.f;
           c[R + i] = de;
         }
-        c[2 * R] = dz;
+        c[2 * R] = GATED ? dz : 0.f;
         if (k == trained) {
           float* t = rc + q * NP;
 #pragma unroll
@@ -357,7 +368,7 @@ __global__ void __launch_bounds__(block) coef_kernel(const float* __restrict__ p
             t[i] = scale * g * e[i];
             t[R + i] = scale * g * ar[NP + i];
           }
-          t[2 * R] = dz;
+          t[2 * R] = GATED ? dz : 0.f;
         }
       }
     }
@@ -375,7 +386,8 @@ __global__ void __launch_bounds__(block) slot_kernel(const float* __restrict__ p
                                                      matrix_view<const T, cuda_space> dout,
                                                      const index_t* __restrict__ pos, index_t P, index_t rps,
                                                      const float* __restrict__ cf, const float* __restrict__ rc,
-                                                     matrix_view<T, cuda_space> dh, float* __restrict__ slots) {
+                                                     const float* __restrict__ dhg, matrix_view<T, cuda_space> dh,
+                                                     float* __restrict__ slots) {
   constexpr int NP = 2 * R + 1;
   constexpr int G = R < 8 ? R : 8;  // gradient rows of U (and of D) accumulated per pass over the slot
   static_assert(!HOLD || R <= 8);
@@ -442,6 +454,12 @@ __global__ void __launch_bounds__(block) slot_kernel(const float* __restrict__ p
         float o[CW];
 #pragma unroll
         for (int e = 0; e < CW; ++e) o[e] = y[e];
+        if (dhg != nullptr) {  // a gate path computed elsewhere (mlp: Σ_k dZ1_k W1_k) [P, d] fp32
+          float gp[CW];
+          load_param<CW>(dhg + q * d + col, gp);
+#pragma unroll
+          for (int e = 0; e < CW; ++e) o[e] += gp[e];
+        }
         for (index_t k = 0; k < (HOLD ? 1 : K); ++k) {
           const float* ck = cf + (q * K + k) * NP;
           const float* pm = pk + k * ms;
@@ -565,18 +583,17 @@ void pack(std::span<const module_params<I, T, cuda_space>> modules, index_t d, i
 
 }  // namespace detail
 
-/// Fused forward (see the file comment). Returns false, having done nothing, when this call is not
-/// one the fused kernels take (rows not contiguous, too many modules for shared memory); the caller
-/// then runs the generic path.
-template <class I, class T>
-bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
-             matrix_view<const T, cuda_space> h, const positions& pos, matrix_view<T, cuda_space> out,
-             matrix_view<T, cuda_space> gates) {
-  using G = typename I::gate_type;
+/// Fused forward core for gate mode GM (gext: [K][P] fp32 gate values when GM = gate_external).
+/// Returns false, having done nothing, when this call is not one the fused kernels take (rows not
+/// contiguous, too many modules for shared memory); the caller then runs the generic path.
+template <class I, class T, int GM>
+bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
+                  matrix_view<const T, cuda_space> h, const positions& pos, matrix_view<T, cuda_space> out,
+                  matrix_view<T, cuda_space> gates, const float* gext) {
   using Rf = typename I::reft_type;
-  static_assert(supported<G, Rf, typename I::ortho_type>);
+  static_assert(reft_kind<Rf>::value >= 0 && I::rank <= max_rank);
   constexpr int R = int(I::rank);
-  constexpr bool LO = reft_kind<Rf>::value == 1, GATED = gate_kind<G>::value == 1;
+  constexpr bool LO = reft_kind<Rf>::value == 1;
   constexpr int ROWS = detail::forward_rows<R>();
   const index_t N = h.extent(0), d = h.extent(1), P = pos.size(), K = index_t(modules.size());
   const index_t coef_floats = (K * ROWS * R + 3) / 4 * 4;
@@ -601,27 +618,41 @@ bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_sp
   const std::size_t smem = std::size_t(coef_floats * index_t(sizeof(float)) + (stage ? tile_bytes : 0));
   const unsigned grid = unsigned(cuda::ceil_div(P, ROWS));
   if (vec)
-    detail::forward_kernel<T, VW, R, ROWS, LO, GATED><<<grid, detail::block, smem, s>>>(
-        packed.ptr, ms, dp, K, float(scale), h, dpos.ptr, P, out, gates, stage, coef_floats);
+    detail::forward_kernel<T, VW, R, ROWS, LO, GM><<<grid, detail::block, smem, s>>>(
+        packed.ptr, ms, dp, K, float(scale), h, dpos.ptr, P, out, gates, gext, stage, coef_floats);
   else
-    detail::forward_kernel<T, 1, R, ROWS, LO, GATED><<<grid, detail::block, smem, s>>>(
-        packed.ptr, ms, dp, K, float(scale), h, dpos.ptr, P, out, gates, stage, coef_floats);
+    detail::forward_kernel<T, 1, R, ROWS, LO, GM><<<grid, detail::block, smem, s>>>(
+        packed.ptr, ms, dp, K, float(scale), h, dpos.ptr, P, out, gates, gext, stage, coef_floats);
   GRUN_CUDA_CHECK_LAUNCH();
   return true;
 }
 
-/// Fused backward (see the file comment): dh and the trained module's gradients (overwritten).
-/// Returns false, having done nothing, when the call is not one the fused kernels take.
+/// Fused forward (see the file comment) for gate::linear / gate::always.
 template <class I, class T>
-bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
-              index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
-              matrix_view<const T, cuda_space> dout, matrix_view<const T, cuda_space> dgates,
-              matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads) {
+bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
+             matrix_view<const T, cuda_space> h, const positions& pos, matrix_view<T, cuda_space> out,
+             matrix_view<T, cuda_space> gates) {
   using G = typename I::gate_type;
+  static_assert(supported<G, typename I::reft_type, typename I::ortho_type>);
+  constexpr int GM = gate_kind<G>::value == 1 ? detail::gate_linear : detail::gate_none;
+  return forward_impl<I, T, GM>(ex, modules, scale, h, pos, out, gates, nullptr);
+}
+
+/// Fused backward core for gate mode GM: dh and the ReFT (and linear gate) gradients of module
+/// `trained` (overwritten). With gate_external, gext [K][P] holds g, and after the coefficient
+/// kernel `mid(dz)` runs with dz [K][P] = dL/dz (the gate's last pre-activation, device fp32); it
+/// returns a device [P, d] fp32 gate path added to dh (or nullptr). Returns false, having done
+/// nothing, when the call is not one the fused kernels take.
+template <class I, class T, int GM, class Mid>
+bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
+                   index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
+                   matrix_view<const T, cuda_space> dout, matrix_view<const T, cuda_space> dgates,
+                   matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads, const float* gext,
+                   Mid&& mid) {
   using Rf = typename I::reft_type;
-  static_assert(supported<G, Rf, typename I::ortho_type>);
+  static_assert(reft_kind<Rf>::value >= 0 && I::rank <= max_rank);
   constexpr int R = int(I::rank);
-  constexpr bool LO = reft_kind<Rf>::value == 1, GATED = gate_kind<G>::value == 1;
+  constexpr bool LO = reft_kind<Rf>::value == 1, GATED = GM == detail::gate_linear;
   constexpr int ROWS = detail::backward_rows<R>();
   constexpr int NP = 2 * R + 1;
   const index_t N = h.extent(0), d = h.extent(1), P = pos.size(), K = index_t(modules.size());
@@ -648,7 +679,7 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
     detail::pack<I, T>(modules, d, dp, ms, packed, srcs, s);
     cuda::detail::stream_scratch<index_t> dpos(P, s);
     GRUN_CUDA_CHECK(cudaMemcpyAsync(dpos.ptr, pos.data(), sizeof(index_t) * std::size_t(P), cudaMemcpyHostToDevice, s));
-    cuda::detail::stream_scratch<float> cf(P * K * NP, s), rc(P * NP, s);
+    cuda::detail::stream_scratch<float> cf(P * K * NP, s), rc(P * NP, s), dz(GM == detail::gate_external ? K * P : 0, s);
     // rc rows of a trained index outside [0, K) stay unset: make them zero (no gradient).
     GRUN_CUDA_CHECK(cudaMemsetAsync(rc.ptr, 0, sizeof(float) * std::size_t(P * NP), s));
 
@@ -656,12 +687,13 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
     const bool vec = detail::vector_rows<T>(h, VW) && detail::vector_rows<T>(dout, VW) && detail::vector_rows<T>(dh, VW);
     const unsigned grid1 = unsigned(cuda::ceil_div(P, ROWS));
     if (vec)
-      detail::coef_kernel<T, VW, R, ROWS, LO, GATED><<<grid1, detail::block, 0, s>>>(
-          packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr, P, cf.ptr, rc.ptr);
+      detail::coef_kernel<T, VW, R, ROWS, LO, GM><<<grid1, detail::block, 0, s>>>(
+          packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr, P, cf.ptr, rc.ptr, gext, dz.ptr);
     else
-      detail::coef_kernel<T, 1, R, ROWS, LO, GATED><<<grid1, detail::block, 0, s>>>(
-          packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr, P, cf.ptr, rc.ptr);
+      detail::coef_kernel<T, 1, R, ROWS, LO, GM><<<grid1, detail::block, 0, s>>>(
+          packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr, P, cf.ptr, rc.ptr, gext, dz.ptr);
     GRUN_CUDA_CHECK_LAUNCH();
+    const float* dhg = mid(static_cast<const float*>(dz.ptr));
 
     const bool hold = K == 1 && R <= 8;
     const int CW = vec ? 4 : 1;
@@ -670,7 +702,7 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
       constexpr int C = decltype(cw)::value;
       constexpr bool H = decltype(hd)::value && R <= 8;
       detail::slot_kernel<T, C, R, LO, GATED, H><<<grid2, detail::block, 0, s>>>(
-          packed.ptr, ms, dp, K, h, dout, dpos.ptr, P, rps, cf.ptr, rc.ptr, dh, slots.ptr);
+          packed.ptr, ms, dp, K, h, dout, dpos.ptr, P, rps, cf.ptr, rc.ptr, dhg, dh, slots.ptr);
     };
     if (vec) {
       if (hold) launch(std::integral_constant<int, 4>{}, std::true_type{});
@@ -686,6 +718,20 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
                                                                                              dst);
   GRUN_CUDA_CHECK_LAUNCH();
   return true;
+}
+
+/// Fused backward (see the file comment) for gate::linear / gate::always: dh and the trained
+/// module's gradients (overwritten).
+template <class I, class T>
+bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
+              index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
+              matrix_view<const T, cuda_space> dout, matrix_view<const T, cuda_space> dgates,
+              matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads) {
+  using G = typename I::gate_type;
+  static_assert(supported<G, typename I::reft_type, typename I::ortho_type>);
+  constexpr int GM = gate_kind<G>::value == 1 ? detail::gate_linear : detail::gate_none;
+  return backward_impl<I, T, GM>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, nullptr,
+                                 [](const float*) -> const float* { return nullptr; });
 }
 
 }  // namespace grun::cuda::fused

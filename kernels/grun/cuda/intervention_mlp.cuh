@@ -1,0 +1,429 @@
+#pragma once
+// grun/cuda/intervention_mlp.cuh — gate::mlp<H1, H2> × reft::loreft / noreft / direft (r ≤ 32) on
+// exec::cuda, with the first gate layer as a real GEMM on tensor cores (cuBLASLt).
+//
+//   g(h) = σ(w3ᵀ a2 + b3),  a2 = relu(W2 a1 + b2),  a1 = relu(W1 h + b1)     (gate/mlp.hpp)
+//
+// Forward, per module k:
+//   Z1 [P, H1] = Hs W1ᵀ             cuBLASLt: bf16/fp16 inputs on tensor cores, fp32 accumulate and
+//                                   output; fp32 inputs with CUBLAS_COMPUTE_32F (true fp32, no TF32, so the
+//                                   fp32 agreement with the host holds at 1e-5)
+//   head_forward_kernel             one warp per row: a1 = relu(Z1 + b1), a2 = relu(W2 a1 + b2),
+//                                   g = σ(w3·a2 + b3) (cub::WarpReduce), all fp32
+//   then the fused ReFT kernel (intervention_fused.cuh) with the gate values given (gate_external).
+// Backward: the fused coefficient kernel yields dz3 = dL/d(w3·a2 + b3) per module and row; then
+//   head_backward_kernel            dz2 = [a2 > 0] dz3 w3,  dz1 = [a1 > 0] W2ᵀ dz2
+//   DHg [P, d] = Σ_k dZ1_k W1_k     cuBLASLt (the gate path of dh, added by the fused slot kernel
+//                                   before the single rounding of dh)
+//   dW1 = dZ1ᵀ Hs, dW2 = dZ2ᵀ A1    cuBLASLt (trained module only)
+//   db1, db2, dw3, db3              column sums in row order, in double (colsum_kernel)
+// Hs is h itself when every row is selected in order, else the selected rows gathered once.
+//
+// Determinism: cuBLASLt returns the same bits for the same algorithm, problem and workspace on
+// the same GPU; the algorithm is the first heuristic answer for a fixed workspace size, and with
+// exec::cuda_t::deterministic split-K reductions are restricted to CUBLASLT_REDUCTION_SCHEME_NONE.
+// Everything else here is fixed-order. Users of this header link CUDA::cublasLt.
+#include <cublasLt.h>
+
+#include <cub/warp/warp_reduce.cuh>
+
+#include "intervention_fused.cuh"
+
+#include <grun/gate/mlp.hpp>
+
+namespace grun::cuda::mlp_gate {
+
+template <class G> struct mlp_kind { static constexpr bool value = false; };
+template <index_t H1, index_t H2> struct mlp_kind<gate::mlp<H1, H2>> {
+  static constexpr bool value = true;
+  static constexpr int h1 = int(H1), h2 = int(H2);
+};
+
+template <class G, class R, class O>
+inline constexpr bool supported = mlp_kind<G>::value && fused::reft_kind<R>::value >= 0 &&
+                                  fused::reft_kind<R>::rank >= 1 && fused::reft_kind<R>::rank <= fused::max_rank &&
+                                  !O::is_parametrization;
+
+namespace detail {
+
+inline void check_lt(cublasStatus_t status, const char* call, const char* file, int line) {
+  if (status == CUBLAS_STATUS_SUCCESS) return;
+  fail<error>("cuBLASLt call failed: ", call, " at ", file, ":", line, ": status ", int(status));
+}
+#define GRUN_CUBLASLT_CHECK(call) ::grun::cuda::mlp_gate::detail::check_lt((call), #call, __FILE__, __LINE__)
+
+/// One cuBLASLt handle for the process (created on first use, never destroyed).
+inline cublasLtHandle_t lt_handle() {
+  static const cublasLtHandle_t handle = [] {
+    cublasLtHandle_t h = nullptr;
+    GRUN_CUBLASLT_CHECK(cublasLtCreate(&h));
+    return h;
+  }();
+  return handle;
+}
+
+template <class T> constexpr cudaDataType_t data_type() {
+  if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
+  else if constexpr (std::is_same_v<T, half>) return CUDA_R_16F;
+  else if constexpr (std::is_same_v<T, bfloat16>) return CUDA_R_16BF;
+  else static_assert(sizeof(T) == 0, "grun::cuda::mlp_gate: storage type without a cuBLASLt data type");
+}
+
+/// Workspace handed to every matmul (fixed, so the chosen algorithm does not depend on free memory).
+inline constexpr std::size_t workspace_bytes = std::size_t(32) << 20;
+
+/// D (column-major [m, n], fp32, leading dimension ldd) = op(A) op(B) + beta D; fp32 compute.
+struct gemm_args {
+  cublasOperation_t ta, tb;
+  index_t m, n, k;
+  const void* A;
+  cudaDataType_t at;
+  index_t lda;
+  const void* B;
+  cudaDataType_t bt;
+  index_t ldb;
+  float beta;
+  float* D;
+  index_t ldd;
+};
+
+/// Largest power of two ≤ 256 dividing both the address and the row pitch (ld · element size): the
+/// alignment cuBLASLt may assume (its heuristics default to 256 bytes, which user views need not meet).
+inline std::uint32_t alignment_of(const void* p, index_t ld, std::size_t elem) {
+  std::uint64_t a = std::uint64_t(reinterpret_cast<std::uintptr_t>(p)) | (std::uint64_t(ld) * elem) | 256u;
+  return std::uint32_t(a & (~a + 1));  // lowest set bit
+}
+inline std::size_t size_of(cudaDataType_t t) { return t == CUDA_R_32F ? 4 : 2; }
+
+inline void gemm(const gemm_args& g, void* workspace, cudaStream_t s, bool deterministic);
+
+/// The same, arguments spelled out (a braced gemm_args inside a device-launching lambda trips cudafe++).
+inline void gemm(cublasOperation_t ta, cublasOperation_t tb, index_t m, index_t n, index_t k, const void* A,
+                 cudaDataType_t at, index_t lda, const void* B, cudaDataType_t bt, index_t ldb, float beta, float* D,
+                 index_t ldd, void* workspace, cudaStream_t s, bool deterministic) {
+  gemm_args g;
+  g.ta = ta; g.tb = tb; g.m = m; g.n = n; g.k = k;
+  g.A = A; g.at = at; g.lda = lda;
+  g.B = B; g.bt = bt; g.ldb = ldb;
+  g.beta = beta; g.D = D; g.ldd = ldd;
+  gemm(g, workspace, s, deterministic);
+}
+
+inline void gemm(const gemm_args& g, void* workspace, cudaStream_t s, bool deterministic) {
+  if (g.m == 0 || g.n == 0) return;
+  if (g.k == 0) {
+    if (g.beta == 0.f)
+      GRUN_CUDA_CHECK(cudaMemset2DAsync(g.D, sizeof(float) * std::size_t(g.ldd), 0, sizeof(float) * std::size_t(g.m),
+                                        std::size_t(g.n), s));
+    return;
+  }
+  struct guard {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatmulPreference_t pref = nullptr;
+    ~guard() {
+      if (pref) cublasLtMatmulPreferenceDestroy(pref);
+      if (d) cublasLtMatrixLayoutDestroy(d);
+      if (b) cublasLtMatrixLayoutDestroy(b);
+      if (a) cublasLtMatrixLayoutDestroy(a);
+      if (op) cublasLtMatmulDescDestroy(op);
+    }
+  } x;
+  GRUN_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&x.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  GRUN_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(x.op, CUBLASLT_MATMUL_DESC_TRANSA, &g.ta, sizeof(g.ta)));
+  GRUN_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(x.op, CUBLASLT_MATMUL_DESC_TRANSB, &g.tb, sizeof(g.tb)));
+  const bool an = g.ta == CUBLAS_OP_N, bn = g.tb == CUBLAS_OP_N;
+  GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&x.a, g.at, std::uint64_t(an ? g.m : g.k), std::uint64_t(an ? g.k : g.m),
+                                                 std::int64_t(g.lda)));
+  GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&x.b, g.bt, std::uint64_t(bn ? g.k : g.n), std::uint64_t(bn ? g.n : g.k),
+                                                 std::int64_t(g.ldb)));
+  GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&x.d, CUDA_R_32F, std::uint64_t(g.m), std::uint64_t(g.n), std::int64_t(g.ldd)));
+  GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&x.pref));
+  const std::uint64_t ws = workspace_bytes;
+  GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  const std::uint32_t align_a = alignment_of(g.A, g.lda, size_of(g.at)), align_b = alignment_of(g.B, g.ldb, size_of(g.bt)),
+                      align_d = alignment_of(g.D, g.ldd, sizeof(float));
+  GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
+                                                           sizeof(align_a)));
+  GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
+                                                           sizeof(align_b)));
+  GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d,
+                                                           sizeof(align_d)));
+  GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d,
+                                                           sizeof(align_d)));
+  if (deterministic) {
+    const std::uint32_t mask = CUBLASLT_REDUCTION_SCHEME_NONE;
+    GRUN_CUBLASLT_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask, sizeof(mask)));
+  }
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  GRUN_CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(lt_handle(), x.op, x.a, x.b, x.d, x.d, x.pref, 1, &result, &found));
+  require<error>(found > 0, "gate::mlp on exec::cuda: cuBLASLt has no algorithm for a ", g.m, " × ", g.n, " × ", g.k,
+                 " matmul", deterministic ? " without split-K reduction (deterministic mode)" : "");
+  const float alpha = 1.f;
+  GRUN_CUBLASLT_CHECK(cublasLtMatmul(lt_handle(), x.op, &alpha, g.A, x.a, g.B, x.b, &g.beta, g.D, x.d, g.D, x.d,
+                                     &result.algo, workspace, workspace_bytes, s));
+}
+
+/// out [P, ld] (ld ≥ d) = the rows of h at pos.
+template <class T>
+__global__ void gather_rows_kernel(matrix_view<const T, cuda_space> h, const index_t* __restrict__ pos, index_t P,
+                                   T* __restrict__ out, index_t ld) {
+  const index_t d = h.extent(1), n = P * d;
+  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x)
+    out[(i / d) * ld + i % d] = h.row(pos[i / d])[i % d];
+}
+
+/// Operands of the tensor-core GEMMs are kept 16-byte aligned (address and row pitch), so cuBLASLt
+/// never has to fall back for odd d or odd views: 2-byte types are padded to 8 elements per row.
+inline bool aligned_rows(const void* p, index_t ld, std::size_t elem) {
+  return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0 && (std::size_t(ld) * elem) % 16 == 0;
+}
+
+inline constexpr int head_rows = 4;  // rows (warps) per CTA of the head kernels
+
+/// a1 = relu(z1 + b1) (in place over z1), a2 = relu(W2 a1 + b2), g = σ(w3·a2 + b3). One warp per row.
+template <class T, int H1, int H2>
+__global__ void __launch_bounds__(32 * head_rows) head_forward_kernel(float* __restrict__ a1, float* __restrict__ a2,
+                                                                      const T* __restrict__ b1, const T* __restrict__ w2,
+                                                                      const T* __restrict__ b2, const T* __restrict__ w3,
+                                                                      const T* __restrict__ b3, index_t P,
+                                                                      float* __restrict__ g) {
+  using WR = cub::WarpReduce<float>;
+  __shared__ typename WR::TempStorage tmp[head_rows];
+  __shared__ float act[head_rows][H1];
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const index_t q = index_t(blockIdx.x) * head_rows + warp;
+  if (q >= P) return;  // whole warps leave; no block-wide barrier below
+  for (int j = lane; j < H1; j += 32) {
+    const float v = fmaxf(a1[q * H1 + j] + dload(b1 + j), 0.f);
+    act[warp][j] = v;
+    a1[q * H1 + j] = v;
+  }
+  __syncwarp();
+  float part = 0.f;
+  for (int o = lane; o < H2; o += 32) {
+    float z = 0.f;
+    const T* w = w2 + index_t(o) * H1;
+    for (int j = 0; j < H1; ++j) z = fmaf(dload(w + j), act[warp][j], z);
+    const float v = fmaxf(z + dload(b2 + o), 0.f);
+    a2[q * H2 + o] = v;
+    part = fmaf(dload(w3 + o), v, part);
+  }
+  const float z3 = WR(tmp[warp]).Sum(part);
+  if (lane == 0) g[q] = grun::sigmoid(dload(b3) + z3);
+}
+
+/// dz2 = [a2 > 0] dz3 w3 (fp32 [P, H2]),  dz1 = [a1 > 0] W2ᵀ dz2 (as T for the GEMMs, and fp32). One warp per row.
+template <class T, int H1, int H2>
+__global__ void __launch_bounds__(32 * head_rows) head_backward_kernel(const float* __restrict__ a1,
+                                                                       const float* __restrict__ a2,
+                                                                       const float* __restrict__ dz3,
+                                                                       const T* __restrict__ w2, const T* __restrict__ w3,
+                                                                       index_t P, T* __restrict__ dz1, index_t ld1,
+                                                                       float* __restrict__ dz1f, float* __restrict__ dz2) {
+  __shared__ float grad[head_rows][H2];
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const index_t q = index_t(blockIdx.x) * head_rows + warp;
+  if (q >= P) return;
+  const float dz = dz3[q];
+  for (int o = lane; o < H2; o += 32) {
+    const float v = a2[q * H2 + o] > 0.f ? dz * dload(w3 + o) : 0.f;
+    grad[warp][o] = v;
+    dz2[q * H2 + o] = v;
+  }
+  __syncwarp();
+  for (int j = lane; j < H1; j += 32) {
+    float s = 0.f;
+    for (int o = 0; o < H2; ++o) s = fmaf(grad[warp][o], dload(w2 + index_t(o) * H1 + j), s);
+    const float v = a1[q * H1 + j] > 0.f ? s : 0.f;
+    dstore(dz1 + q * ld1 + j, v);
+    dz1f[q * H1 + j] = v;
+  }
+}
+
+/// out[c] = Σ_r weight[r] · x[r, c] (weight ≡ 1 when null), rows in order, in double. One thread per column.
+template <class T>
+__global__ void colsum_kernel(const float* __restrict__ x, index_t rows, index_t cols, index_t ld,
+                              const float* __restrict__ weight, T* __restrict__ out) {
+  const index_t c = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  double s = 0;
+  for (index_t r = 0; r < rows; ++r) s += double(weight ? weight[r] : 1.f) * double(x[r * ld + c]);
+  out[c] = store<T>(s);
+}
+
+template <class T>
+__global__ void convert_kernel(const float* __restrict__ x, index_t n, T* __restrict__ out) {
+  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x)
+    out[i] = store<T>(x[i]);
+}
+
+inline unsigned grid_for(index_t n, int threads) {
+  return unsigned(std::clamp<index_t>(cuda::ceil_div(n, threads), 1, 65535));
+}
+
+/// The selected rows of h as one [P, d] matrix with 16-byte aligned rows: h itself when every row is
+/// selected in order and h's rows are aligned, else the rows gathered once (row pitch d rounded up to 8).
+template <class T>
+struct selected_rows {
+  cuda::detail::stream_scratch<T> gathered;
+  cuda::detail::stream_scratch<index_t> dpos;
+  const T* data = nullptr;
+  index_t ld = 0;
+  static bool direct(matrix_view<const T, cuda_space> h, const positions& pos) {
+    return cuda::detail::selects_every_row(pos, h.extent(0)) && aligned_rows(h.data(), h.stride(0), sizeof(T));
+  }
+  selected_rows(matrix_view<const T, cuda_space> h, const positions& pos, cudaStream_t s)
+      : gathered(direct(h, pos) ? 0 : pos.size() * fused::detail::padded_dim(h.extent(1)), s),
+        dpos(gathered.ptr ? pos.size() : 0, s) {
+    if (gathered.ptr == nullptr) {
+      data = h.data();
+      ld = h.stride(0);
+      return;
+    }
+    const index_t P = pos.size(), d = h.extent(1);
+    ld = fused::detail::padded_dim(d);
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(dpos.ptr, pos.data(), sizeof(index_t) * std::size_t(P), cudaMemcpyHostToDevice, s));
+    gather_rows_kernel<T><<<grid_for(P * d, 256), 256, 0, s>>>(h, dpos.ptr, P, gathered.ptr, ld);
+    GRUN_CUDA_CHECK_LAUNCH();
+    data = gathered.ptr;
+  }
+};
+
+/// W1 [H1, d] with 16-byte aligned rows: the parameter itself, or a padded copy (pitch d rounded up to 8).
+template <class T>
+struct aligned_w1 {
+  cuda::detail::stream_scratch<T> copy;
+  const T* data = nullptr;
+  index_t ld = 0;
+  aligned_w1(const T* w1, index_t h1, index_t d, cudaStream_t s)
+      : copy(aligned_rows(w1, d, sizeof(T)) ? 0 : h1 * fused::detail::padded_dim(d), s) {
+    if (copy.ptr == nullptr) {
+      data = w1;
+      ld = d;
+      return;
+    }
+    ld = fused::detail::padded_dim(d);
+    GRUN_CUDA_CHECK(cudaMemcpy2DAsync(copy.ptr, sizeof(T) * std::size_t(ld), w1, sizeof(T) * std::size_t(d),
+                                      sizeof(T) * std::size_t(d), std::size_t(h1), cudaMemcpyDeviceToDevice, s));
+    data = copy.ptr;
+  }
+};
+
+/// Z1 = Hs W1ᵀ then the head: a1s [P, H1], a2s [P, H2], g [P] for one module.
+template <class T, int H1, int H2, class GP>
+void gate_forward(const GP& gp, const T* hs, index_t ldh, index_t P, index_t d, float* a1s, float* a2s, float* g,
+                  void* ws, cudaStream_t s, bool deterministic) {
+  // Row-major Z1 [P, H1] is column-major [H1, P] = op_T(W1 as column-major [d, H1]) · (Hs as column-major [d, P]).
+  const aligned_w1<T> w1(gp.w1.data, H1, d, s);
+  gemm(CUBLAS_OP_T, CUBLAS_OP_N, H1, P, d, w1.data, data_type<T>(), w1.ld, hs, data_type<T>(), ldh, 0.f, a1s, H1, ws, s,
+       deterministic);
+  head_forward_kernel<T, H1, H2><<<unsigned(cuda::ceil_div(P, head_rows)), 32 * head_rows, 0, s>>>(
+      a1s, a2s, gp.b1.data, gp.w2.data, gp.b2.data, gp.w3.data, gp.b3.data, P, g);
+  GRUN_CUDA_CHECK_LAUNCH();
+}
+
+template <class I, class T, class View>
+bool applicable(const View& h, index_t K) {
+  constexpr int R = int(I::rank);
+  const index_t coef_floats = (K * fused::detail::forward_rows<R>() * R + 3) / 4 * 4;
+  return h.stride(1) == 1 && K >= 1 && coef_floats * index_t(sizeof(float)) <= 32 * 1024;
+}
+
+}  // namespace detail
+
+/// Forward (see the file comment). Returns false, having done nothing, when the call is not one
+/// these kernels take (the caller runs the generic path).
+template <class I, class T>
+bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
+             matrix_view<const T, cuda_space> h, const positions& pos, matrix_view<T, cuda_space> out,
+             matrix_view<T, cuda_space> gates) {
+  using G = typename I::gate_type;
+  static_assert(supported<G, typename I::reft_type, typename I::ortho_type>);
+  constexpr int H1 = mlp_kind<G>::h1, H2 = mlp_kind<G>::h2;
+  const index_t N = h.extent(0), d = h.extent(1), P = pos.size(), K = index_t(modules.size());
+  if (!detail::applicable<I, T>(h, K) || out.stride(1) != 1) return false;
+  if (N == 0 || P == 0)
+    return fused::forward_impl<I, T, fused::detail::gate_external>(ex, modules, scale, h, pos, out, gates, nullptr);
+  require_device("gated_intervention::forward");
+  const cudaStream_t s = stream_of(ex);
+  detail::selected_rows<T> hs(h, pos, s);
+  cuda::detail::stream_scratch<float> a1s(P * H1, s), a2s(P * H2, s), g(K * P, s);
+  cuda::detail::stream_scratch<unsigned char> ws(index_t(detail::workspace_bytes), s);
+  for (index_t k = 0; k < K; ++k)
+    detail::gate_forward<T, H1, H2>(modules[std::size_t(k)].gate, hs.data, hs.ld, P, d, a1s.ptr, a2s.ptr, g.ptr + k * P,
+                                    ws.ptr, s, ex.deterministic);
+  return fused::forward_impl<I, T, fused::detail::gate_external>(ex, modules, scale, h, pos, out, gates, g.ptr);
+}
+
+/// Backward (see the file comment): dh and the trained module's gradients (gate and ReFT, overwritten).
+template <class I, class T>
+bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
+              index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
+              matrix_view<const T, cuda_space> dout, matrix_view<const T, cuda_space> dgates,
+              matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads) {
+  using G = typename I::gate_type;
+  static_assert(supported<G, typename I::reft_type, typename I::ortho_type>);
+  constexpr int H1 = mlp_kind<G>::h1, H2 = mlp_kind<G>::h2;
+  const index_t d = h.extent(1), P = pos.size(), K = index_t(modules.size());
+  if (!detail::applicable<I, T>(h, K) || dout.stride(1) != 1 || dh.stride(1) != 1) return false;
+  require_device("gated_intervention::backward");
+  const cudaStream_t s = stream_of(ex);
+  auto no_gate_path = [](const float*) -> const float* { return nullptr; };
+  if (P == 0) {
+    // No rows: dh = dout, every gradient zero.
+    const bool ok = fused::backward_impl<I, T, fused::detail::gate_external>(ex, modules, scale, trained, h, pos, dout,
+                                                                              dgates, dh, grads, nullptr, no_gate_path);
+    const auto& gg = grads.gate;
+    for (const auto* leaf : {&gg.w1, &gg.b1, &gg.w2, &gg.b2, &gg.w3, &gg.b3})
+      if (leaf->size() > 0) GRUN_CUDA_CHECK(cudaMemsetAsync(leaf->data, 0, sizeof(T) * std::size_t(leaf->size()), s));
+    return ok;
+  }
+  detail::selected_rows<T> hs(h, pos, s);
+  cuda::detail::stream_scratch<float> a1s(K * P * H1, s), a2s(K * P * H2, s), g(K * P, s);
+  cuda::detail::stream_scratch<unsigned char> ws(index_t(detail::workspace_bytes), s);
+  for (index_t k = 0; k < K; ++k)
+    detail::gate_forward<T, H1, H2>(modules[std::size_t(k)].gate, hs.data, hs.ld, P, d, a1s.ptr + k * P * H1,
+                                    a2s.ptr + k * P * H2, g.ptr + k * P, ws.ptr, s, ex.deterministic);
+  constexpr index_t H1p = (H1 + 7) / 8 * 8;  // dZ1's row pitch as T (16-byte aligned rows)
+  cuda::detail::stream_scratch<T> dz1(P * H1p, s);
+  cuda::detail::stream_scratch<float> dz1f(P * H1, s), dz2(P * H2, s), dhg(P * d, s), dw1(H1 * d, s), dw2(H2 * H1, s);
+  auto gate_path = [&](const float* dz3) -> const float* {
+    for (index_t k = 0; k < K; ++k) {
+      const auto& gp = modules[std::size_t(k)].gate;
+      const float* a1k = a1s.ptr + k * P * H1;
+      const float* a2k = a2s.ptr + k * P * H2;
+      detail::head_backward_kernel<T, H1, H2><<<unsigned(cuda::ceil_div(P, detail::head_rows)), 32 * detail::head_rows, 0, s>>>(
+          a1k, a2k, dz3 + k * P, gp.w2.data, gp.w3.data, P, dz1.ptr, H1p, dz1f.ptr, dz2.ptr);
+      GRUN_CUDA_CHECK_LAUNCH();
+      // DHg (+)= dZ1 W1: row-major [P, d] = column-major [d, P] = (W1 as column-major [d, H1]) · (dZ1 as column-major [H1, P]).
+      const detail::aligned_w1<T> w1(gp.w1.data, H1, d, s);
+      detail::gemm(CUBLAS_OP_N, CUBLAS_OP_N, d, P, H1, w1.data, detail::data_type<T>(), w1.ld, dz1.ptr,
+                    detail::data_type<T>(), H1p, k == 0 ? 0.f : 1.f, dhg.ptr, d,
+                   ws.ptr, s, ex.deterministic);
+      if (k != trained) continue;
+      const auto& gg = grads.gate;
+      // dW1 = dZ1ᵀ Hs: row-major [H1, d] = column-major [d, H1] = (Hs as column-major [d, P]) · op_T(dZ1 as column-major [H1, P]).
+      detail::gemm(CUBLAS_OP_N, CUBLAS_OP_T, d, H1, P, hs.data, detail::data_type<T>(), hs.ld, dz1.ptr,
+                    detail::data_type<T>(), H1p, 0.f, dw1.ptr, d,
+                   ws.ptr, s, ex.deterministic);
+      // dW2 = dZ2ᵀ A1: row-major [H2, H1] = column-major [H1, H2] = (A1 as column-major [H1, P]) · op_T(dZ2 as column-major [H2, P]).
+      detail::gemm(CUBLAS_OP_N, CUBLAS_OP_T, H1, H2, P, a1k, CUDA_R_32F, H1, dz2.ptr, CUDA_R_32F, H2, 0.f, dw2.ptr, H1,
+                   ws.ptr, s, ex.deterministic);
+      detail::convert_kernel<T><<<detail::grid_for(H1 * d, 256), 256, 0, s>>>(dw1.ptr, H1 * d, gg.w1.data);
+      detail::convert_kernel<T><<<detail::grid_for(H2 * H1, 256), 256, 0, s>>>(dw2.ptr, H2 * H1, gg.w2.data);
+      detail::colsum_kernel<T><<<unsigned(cuda::ceil_div(H1, 128)), 128, 0, s>>>(dz1f.ptr, P, H1, H1, nullptr, gg.b1.data);
+      detail::colsum_kernel<T><<<unsigned(cuda::ceil_div(H2, 128)), 128, 0, s>>>(dz2.ptr, P, H2, H2, nullptr, gg.b2.data);
+      detail::colsum_kernel<T><<<unsigned(cuda::ceil_div(H2, 128)), 128, 0, s>>>(a2k, P, H2, H2, dz3 + k * P, gg.w3.data);
+      detail::colsum_kernel<T><<<1, 32, 0, s>>>(dz3 + k * P, P, 1, 1, nullptr, gg.b3.data);
+      GRUN_CUDA_CHECK_LAUNCH();
+    }
+    return dhg.ptr;
+  };
+  return fused::backward_impl<I, T, fused::detail::gate_external>(ex, modules, scale, trained, h, pos, dout, dgates, dh,
+                                                                   grads, g.ptr, gate_path);
+}
+
+}  // namespace grun::cuda::mlp_gate
