@@ -15,6 +15,7 @@ packages=(
   nlohmann-json3-dev      # safetensors / GGUF headers, reports
   libeigen3-dev           # Eigen adapter
   libtorch-dev            # libtorch adapter, side-by-side benchmarks, the example host stack
+  libopenblas0-openmp     # an optimized BLAS for libtorch (the reference BLAS is ~5x slower)
   python3-torch           # gradcheck of the TORCH_LIBRARY ops (matches libtorch-dev)
   libcli11-dev libfmt-dev # grun-unlearn CLI
   libpcre2-dev            # tokenizer pre-tokenizer regex
