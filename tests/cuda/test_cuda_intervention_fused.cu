@@ -1,5 +1,6 @@
-// The fused intervention kernels (kernels/grun/cuda/intervention_fused.cuh) agree with exec::host
-// and with the generic device path: every shipped gate × ReFT pair with fused kernels, r = 1 … 32,
+// The fused intervention kernels (kernels/grun/cuda/intervention_fused.cuh, and the cuBLASLt mlp gate
+// of intervention_mlp.cuh) agree with exec::host and with the generic device path: every shipped
+// gate × ReFT pair with fused kernels, r = 1 … 32,
 // fp32 / bf16 / fp16, vectorized and scalar rows (d odd, row stride not 16-byte aligned), P = 1, an
 // empty position list, every row selected (no copy), in-place forward and backward, stacks of K
 // modules, many slots; backward bitwise repeatable.
@@ -78,7 +79,8 @@ template <class I, class T>
 void check(const config& c) {
   using Hp = hparams<I, T>;
   using Dp = dparams<I, T>;
-  static_assert(grun::detail::intervention_impl<grun::exec::cuda_t, I>::fused, "this test is about the fused kernels");
+  using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
+  static_assert(impl::fused || impl::fused_mlp, "this test is about the fused kernels");
   const auto pos = grun::positions::rows(c.rows);
   const index_t N = c.N, d = c.d, K = c.K, P = pos.size();
   INFO("d = " << d << ", N = " << N << ", P = " << P << ", K = " << K << ", pad = " << c.pad << ", in place "
@@ -122,8 +124,10 @@ void check(const config& c) {
   dview<T> outv = c.in_place ? hd.view() : outd.view();
   dview<T> dhv = c.in_place ? doutd.view() : dhd.view();
 
-  // Backward first when in place (it reads h, which the in-place forward overwrites).
-  cuda_impl::backward(grun::exec::cuda, std::span<const Dp>(dv), c.scale, c.trained, cdview<T>(hd.view()), pos,
+  // Backward first when in place (it reads h, which the in-place forward overwrites). Deterministic
+  // mode (cuBLASLt without split-K for the mlp gate) so the repeat below can be compared bitwise.
+  const grun::exec::cuda_t det{nullptr, true};
+  cuda_impl::backward(det, std::span<const Dp>(dv), c.scale, c.trained, cdview<T>(hd.view()), pos,
                       cdview<T>(doutd.view()), cdview<T>(dgatesd.view()), dhv, *grads_d);
   GRUN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto dh_d = (c.in_place ? doutd : dhd).download();
@@ -131,7 +135,7 @@ void check(const config& c) {
   if (!c.in_place) {
     // Determinism: the same call again gives the same bits (gradients and dh).
     gc::device_params<Dp> again(I::template shape<T, cuda_space>(d));
-    cuda_impl::backward(grun::exec::cuda, std::span<const Dp>(dv), c.scale, c.trained, cdview<T>(hd.view()), pos,
+    cuda_impl::backward(det, std::span<const Dp>(dv), c.scale, c.trained, cdview<T>(hd.view()), pos,
                         cdview<T>(doutd.view()), cdview<T>(dgatesd.view()), dhv, *again);
     const auto gd2 = flat<I, T>(again);
     CHECK(std::memcmp(gd.data(), gd2.data(), sizeof(T) * gd.size()) == 0);
@@ -226,7 +230,10 @@ using mlp_lo4 = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4
 
 static_assert(grun::detail::intervention_impl<grun::exec::cuda_t, lin_lo4>::fused);
 static_assert(grun::detail::intervention_impl<grun::exec::cuda_t, all_di8>::fused);
-static_assert(!grun::detail::intervention_impl<grun::exec::cuda_t, mlp_lo4>::fused, "mlp gate takes the generic path");
+static_assert(!grun::detail::intervention_impl<grun::exec::cuda_t, mlp_lo4>::fused &&
+                  grun::detail::intervention_impl<grun::exec::cuda_t, mlp_lo4>::fused_mlp,
+              "mlp gate: cuBLASLt first layer + fused ReFT kernels");
+using mlp_di2 = grun::gated_intervention<grun::gate::mlp<24, 8>, grun::reft::direft<2>>;
 static_assert(!grun::cuda::fused::supported<grun::gate::linear, grun::reft::loreft<33>, grun::ortho::qr_retraction>,
               "r > 32 takes the generic path");
 
@@ -261,4 +268,17 @@ TEMPLATE_TEST_CASE("fused intervention agrees with the generic device path", "[i
   check_against_generic<lin_lo4, TestType>(64, 256, iota(64));
   check_against_generic<lin_di4, TestType>(50, 129, {49, 1, 2, 30});
   check_against_generic<all_no2, TestType>(9, 8, {4});
+}
+
+TEMPLATE_TEST_CASE("mlp gate (cuBLASLt first layer) agrees with exec::host", "[intervention][fused][mlp]", float,
+                   grun::bfloat16, grun::half) {
+  GRUN_REQUIRE_DEVICE();
+  check_all<mlp_lo4, TestType>();
+  check<mlp_di2, TestType>({30, 50, {29, 3, 4, 11}, 2, 1, 0.8});
+}
+TEMPLATE_TEST_CASE("mlp gate path agrees with the generic device path", "[intervention][fused][mlp]", float,
+                   grun::bfloat16) {
+  GRUN_REQUIRE_DEVICE();
+  check_against_generic<mlp_lo4, TestType>(64, 256, iota(64));
+  check_against_generic<mlp_lo4, TestType>(33, 77, {32, 0, 5});
 }
