@@ -10,12 +10,15 @@
 #include <grun/cuda/nll.cuh>
 #include <grun/gate/linear.hpp>
 #include <grun/gate/mlp.hpp>
+#include <grun/reft/direft.hpp>
 #include <grun/reft/loreft.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace gc = grun::cuda;
@@ -65,9 +68,13 @@ void bench_copy(index_t bytes) {
   result("copy_d2d", ms, 2.0 * double(bytes));  // one read + one write
 }
 
+/// Forward, in-place forward and forward+backward of one module over every row of h [T, d] (bf16).
+/// Policies with fused kernels (intervention_fused.cuh) take them through exec::cuda; with
+/// `generic` the generic per-thread path is timed instead (the fallback for other policies).
 template <class I>
-void bench_intervention(const char* name, index_t T_, index_t d) {
+void bench_intervention(const std::string& name, index_t T_, index_t d, bool generic = false) {
   using P = typename I::template params<bf16, cuda_space>;
+  using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
   gc::device_params<P> p(I::template shape<bf16, cuda_space>(d)), g(*p);
   {
     gc::device_buffer<bf16> tmp(p.size());
@@ -79,17 +86,38 @@ void bench_intervention(const char* name, index_t T_, index_t d) {
   fill(dout, 3, -1.f, 1.f);
   const auto pos = grun::positions::all(T_);
   const grun::matrix_view<const bf16, cuda_space> hv(h.data(), {T_, d});
-  const double fwd = time_ms([&] { I::forward(grun::exec::cuda, *p, hv, pos, out.template view<2>({T_, d}), gates.view()); });
-  result((std::string(name) + "_fwd").c_str(), fwd, 2.0 * double(T_ * d) * 2);
-  const grun::vector_view<const bf16, cuda_space> no_dgates(nullptr, {0});
-  const double fb = time_ms(
-      [&] {
-        I::forward(grun::exec::cuda, *p, hv, pos, out.template view<2>({T_, d}), gates.view());
-        I::backward(grun::exec::cuda, *p, hv, pos, grun::matrix_view<const bf16, cuda_space>(dout.data(), {T_, d}), no_dgates,
-                    dh.template view<2>({T_, d}), *g);
-      },
-      1, 3);
-  result((std::string(name) + "_fwdbwd").c_str(), fb, 5.0 * double(T_ * d) * 2);  // h, dout read; out, dh written; h again
+  const grun::matrix_view<const bf16, cuda_space> dv(dout.data(), {T_, d});
+  const grun::matrix_view<const bf16, cuda_space> no_dgates(nullptr, {0, 0});
+  const P one[1] = {*p};
+  const std::span<const P> mods(one);
+  const auto gv = gates.template view<2>({1, T_});
+  auto fwd = [&](grun::matrix_view<bf16, cuda_space> o) {
+    if (generic) impl::template generic_forward<bf16, cuda_space>(grun::exec::cuda, mods, 1.0, hv, pos, o, gv);
+    else impl::forward(grun::exec::cuda, mods, 1.0, hv, pos, o, gv);
+  };
+  auto bwd = [&] {
+    if (generic)
+      impl::template generic_backward<bf16, cuda_space>(grun::exec::cuda, mods, 1.0, 0, hv, pos, dv, no_dgates,
+                                                        dh.template view<2>({T_, d}), *g);
+    else
+      impl::backward(grun::exec::cuda, mods, 1.0, 0, hv, pos, dv, no_dgates, dh.template view<2>({T_, d}), *g);
+  };
+  const bool slow = generic || !impl::fused;  // the per-thread path: few repetitions
+  const int warm = slow ? 1 : 3, reps = slow ? 3 : 10;
+  const double elems = double(T_ * d);
+  // Minimum traffic: read h, write h' (gates and parameters are negligible).
+  result((name + "_fwd").c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); }, warm, reps), 2.0 * elems * 2);
+  if (!slow) {
+    // In place (out = h): h' overwrites h; values drift over repetitions, the timing does not.
+    gc::device_buffer<bf16> hh(T_ * d);
+    GRUN_CUDA_CHECK(cudaMemcpy(hh.data(), h.data(), sizeof(bf16) * std::size_t(T_ * d), cudaMemcpyDeviceToDevice));
+    const grun::matrix_view<bf16, cuda_space> hhv(hh.data(), {T_, d});
+    result((name + "_fwd_inplace").c_str(),
+           time_ms([&] { impl::forward(grun::exec::cuda, mods, 1.0, grun::matrix_view<const bf16, cuda_space>(hhv), pos, hhv, gv); }, warm, reps), 2.0 * elems * 2);
+  }
+  // fwd + bwd minimum: fwd reads h, writes h'; bwd reads h and dout, writes dh.
+  result((name + "_fwdbwd").c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, slow ? 2 : 5),
+         5.0 * elems * 2);
 }
 
 void bench_nll(index_t T_, index_t V) {
@@ -137,7 +165,13 @@ int main(int argc, char** argv) {
   try {
     bench_copy(quick ? (index_t(64) << 20) : (index_t(1) << 30));
     using lin = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
-    bench_intervention<lin>("intervention_linear_loreft4", quick ? 1024 : 16384, 4096);
+    using lin_di = grun::gated_intervention<grun::gate::linear, grun::reft::direft<4>>;
+    using mlp = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
+    const index_t T_ = quick ? 1024 : 16384;
+    bench_intervention<lin>("intervention_linear_loreft4", T_, 4096);          // fused kernels
+    bench_intervention<lin_di>("intervention_linear_direft4", T_, 4096);       // fused kernels
+    bench_intervention<lin>("intervention_linear_loreft4_generic", 1024, 4096, true);  // the fallback path, for scale
+    bench_intervention<mlp>("intervention_mlp_loreft4", 1024, 4096);           // generic (mlp gate: no fused kernel yet)
     bench_nll(quick ? 512 : 8192, quick ? 32768 : 131072);
     bench_adamw(4096);
   } catch (const std::exception& e) {

@@ -4,6 +4,7 @@
 Prints lines  RESULT <name>_<variant> <milliseconds>  with variant eager or compile (torch.compile).
 Same sizes, dtype (bf16) and math as benchmarks/cuda/bench_cuda.cu:
   intervention: h' = h + sigmoid(h w + c) * ((h W^T + b - h R^T) R) on every row (linear gate + LoReFT r = 4)
+                h' = h + sigmoid(h w + c) * ((h W1^T + b) W2)          (linear gate + DiReFT r = 4)
   nll:          sum of token cross entropy over logits [T, V] (fp32 accumulate), forward and backward
   copy:         torch copy_ device to device (a sanity check of bench_cuda's copy bandwidth)
 Usage: torch_reference.py [--quick] [--no-compile]
@@ -47,20 +48,26 @@ def intervention(h, w, c, W, b, R):
     return h + g * delta, g
 
 
-def bench_intervention(T, d, r=4):
+def intervention_direft(h, w, c, W1, b, W2):
+    g = torch.sigmoid(h @ w + c)  # [T, 1]
+    delta = (h @ W1.t() + b) @ W2  # [T, d]
+    return h + g * delta, g
+
+
+def bench_intervention(T, d, r=4, fn_eager=intervention, name="intervention_linear_loreft4"):
     g = torch.Generator(device=dev).manual_seed(0)
     h = torch.rand(T, d, device=dev, dtype=bf16, generator=g) * 2 - 1
     dout = torch.rand(T, d, device=dev, dtype=bf16, generator=g) * 2 - 1
     params = [(torch.rand(*s, device=dev, dtype=bf16, generator=g) - 0.5) * 0.1 for s in [(d, 1), (1,), (r, d), (r,), (r, d)]]
 
     def variants():
-        yield "eager", intervention
+        yield "eager", fn_eager
         if COMPILE:
-            yield "compile", torch.compile(intervention)
+            yield "compile", torch.compile(fn_eager)
 
     for tag, fn in variants():
         with torch.no_grad():
-            result(f"intervention_linear_loreft4_fwd_{tag}", time_ms(lambda: fn(h, *params)))
+            result(f"{name}_fwd_{tag}", time_ms(lambda: fn(h, *params)))
         hh = h.clone().requires_grad_(True)
         ps = [p.clone().requires_grad_(True) for p in params]
 
@@ -68,7 +75,7 @@ def bench_intervention(T, d, r=4):
             out, _ = fn(hh, *ps)
             torch.autograd.backward(out, dout)
 
-        result(f"intervention_linear_loreft4_fwdbwd_{tag}", time_ms(fwdbwd, 2, 3))
+        result(f"{name}_fwdbwd_{tag}", time_ms(fwdbwd, 2, 5))
 
 
 def nll(x, y):
@@ -112,4 +119,5 @@ if __name__ == "__main__":
     print(f"TORCH {torch.__version__} on {torch.cuda.get_device_name(0)}", flush=True)
     bench_copy((64 << 20) if QUICK else (1 << 30))
     bench_intervention(1024 if QUICK else 16384, 4096)
+    bench_intervention(1024 if QUICK else 16384, 4096, fn_eager=intervention_direft, name="intervention_linear_direft4")
     bench_nll(512 if QUICK else 8192, 32768 if QUICK else 131072)
