@@ -69,7 +69,7 @@ void bench_copy(index_t bytes) {
 }
 
 /// Forward, in-place forward and forward+backward of one module over every row of h [T, d] (bf16).
-/// Policies with fused kernels (intervention_fused.cuh) take them through exec::cuda; with
+/// Policies with fused kernels (intervention_fused.cuh, intervention_mlp.cuh) take them through exec::cuda; with
 /// `generic` the generic per-thread path is timed instead (the fallback for other policies).
 template <class I>
 void bench_intervention(const std::string& name, index_t T_, index_t d, bool generic = false) {
@@ -102,7 +102,7 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, bool gen
     else
       impl::backward(grun::exec::cuda, mods, 1.0, 0, hv, pos, dv, no_dgates, dh.template view<2>({T_, d}), *g);
   };
-  const bool slow = generic || !impl::fused;  // the per-thread path: few repetitions
+  const bool slow = generic || !(impl::fused || impl::fused_mlp);  // the per-thread path: few repetitions
   const int warm = slow ? 1 : 3, reps = slow ? 3 : 10;
   const double elems = double(T_ * d);
   // Minimum traffic: read h, write h' (gates and parameters are negligible).
@@ -171,7 +171,7 @@ int main(int argc, char** argv) {
     bench_intervention<lin>("intervention_linear_loreft4", T_, 4096);          // fused kernels
     bench_intervention<lin_di>("intervention_linear_direft4", T_, 4096);       // fused kernels
     bench_intervention<lin>("intervention_linear_loreft4_generic", 1024, 4096, true);  // the fallback path, for scale
-    bench_intervention<mlp>("intervention_mlp_loreft4", 1024, 4096);           // generic (mlp gate: no fused kernel yet)
+    bench_intervention<mlp>("intervention_mlp_loreft4", T_, 4096);             // cuBLASLt first layer + fused ReFT
     bench_nll(quick ? 512 : 8192, quick ? 32768 : 131072);
     bench_adamw(4096);
   } catch (const std::exception& e) {
