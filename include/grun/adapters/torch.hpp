@@ -51,6 +51,8 @@
 //    (gradients are returned in the caller's shape). Wrong rank, dtype, device, length, or a row index
 //    outside [0, N) or repeated → grun::shape_error naming expected vs got, before any work.
 //  * rows index h viewed as [N, d], N = numel / d (batch × seq_len): see grun::positions.
+//  * compile time: the runtime factories (and the op library) instantiate 54 module types × 2 compute
+//    types; a translation unit that calls them takes minutes at -O3. Keep such calls in one TU.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
@@ -62,6 +64,7 @@
 #endif
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <string>
@@ -142,6 +145,11 @@ inline void require_device(const Tensor& t, const char* what) {
   require<shape_error>(t.defined(), what, ": expected a defined tensor, got an undefined one");
   require<shape_error>(t.is_cpu() || t.is_cuda(), what, ": expected a CPU or CUDA tensor, got device ",
                        t.device().str());
+}
+/// Autograd inspects its inputs before any forward runs: undefined tensors are caught here first.
+inline void require_defined(std::initializer_list<std::pair<const Tensor&, const char*>> ts, const char* op) {
+  for (const auto& [t, name] : ts)
+    require<shape_error>(t.defined(), op, ": ", name, ": expected a defined tensor, got an undefined one");
 }
 inline void require_same_device(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name) {
   require<shape_error>(a.device() == b.device(), a_name, " and ", b_name, ": expected the same device, got ",
@@ -467,6 +475,7 @@ struct token_nll_function : torch::autograd::Function<token_nll_function> {
 /// h' = h with rows + g(h)Δ(h), gates [P]; differentiable in h and flat (and through gates).
 template <class I>
 std::tuple<Tensor, Tensor> apply_intervention(const Tensor& h, const Tensor& flat, const Tensor& rows) {
+  detail::require_defined({{h, "h"}, {flat, "flat"}, {rows, "rows"}}, "grun::torch_adapter::gated_intervention");
   auto r = detail::intervention_function<I>::apply(h, flat, rows);
   return {r[0], r[1]};
 }
@@ -476,6 +485,8 @@ std::tuple<Tensor, Tensor> apply_intervention(const Tensor& h, const Tensor& fla
 template <class I>
 std::tuple<Tensor, Tensor> apply_stack(const Tensor& h, const Tensor& frozen, const Tensor& flat, const Tensor& rows,
                                        double scale) {
+  detail::require_defined({{h, "h"}, {frozen, "frozen"}, {flat, "flat"}, {rows, "rows"}},
+                          "grun::torch_adapter::intervention_stack");
   auto r = detail::stack_function<I>::apply(h, frozen.detach(), flat, rows, scale);
   return {r[0], r[1]};
 }
@@ -483,6 +494,7 @@ std::tuple<Tensor, Tensor> apply_stack(const Tensor& h, const Tensor& frozen, co
 /// Per-token nll [T] = lse(logits_t) − logits_t[labels_t] (0 where labels == −100), fused one-pass
 /// forward and backward (loss/token_nll.hpp). float for float/half/bf16 logits, double for double.
 inline Tensor token_nll(const Tensor& logits, const Tensor& labels) {
+  detail::require_defined({{logits, "logits"}, {labels, "labels"}}, "grun::torch_adapter::token_nll");
   return detail::token_nll_function::apply(logits, labels)[0];
 }
 
@@ -762,7 +774,10 @@ class intervention_stack final : public any_intervention_stack {
 
 /// A module chosen at run time: gate "linear" | "mlp" | "always", reft "loreft" | "noreft" | "direft",
 /// rank in {1, 2, 4, 8, 16, 32}. Unknown kinds or ranks throw grun::error naming the accepted values.
-inline std::shared_ptr<any_intervention> make_intervention(std::string_view gate, std::string_view reft,
+/// (A template only so that translation units which never call it do not instantiate its 54 module
+/// types — several minutes of compile time; call it from one translation unit of a program.)
+template <class = void>
+std::shared_ptr<any_intervention> make_intervention(std::string_view gate, std::string_view reft,
                                                            std::int64_t rank, index_t d, std::uint64_t seed,
                                                            at::ScalarType dtype = at::kFloat) {
   return detail::with_kinds(gate, reft, rank, [&](auto tag) -> std::shared_ptr<any_intervention> {
@@ -772,8 +787,9 @@ inline std::shared_ptr<any_intervention> make_intervention(std::string_view gate
   });
 }
 
-/// An empty stack chosen at run time (same kinds); s(K) = a·K + b.
-inline std::shared_ptr<any_intervention_stack> make_intervention_stack(std::string_view gate, std::string_view reft,
+/// An empty stack chosen at run time (same kinds); s(K) = a·K + b. (A template for the same reason.)
+template <class = void>
+std::shared_ptr<any_intervention_stack> make_intervention_stack(std::string_view gate, std::string_view reft,
                                                                        std::int64_t rank, index_t d, double a = 0.0,
                                                                        double b = 1.0,
                                                                        at::ScalarType dtype = at::kFloat) {
