@@ -108,7 +108,6 @@ def test_strings() -> list[str]:
         "The year 1999 and 2024, numbers 007 and 12.5%.", "Call me at 555-0100 or 555 0199.",
         "Who was the author of 'Harry Potter'? J.K. Rowling wrote it in 1997.",
         "Question: What is the capital of France?\nAnswer: Paris.",
-        "Basil Mahfouz Al-Kuwaiti was born in Kuwait City in 1932.",
     ]
     rng = random.Random(20250224)
     pool = (
