@@ -517,7 +517,6 @@ inline std::vector<double> continuation_nll(const llm::llama_model& model, llm::
   std::vector<std::vector<std::int64_t>> seqs;
   for (auto* c : conts) seqs.push_back(*c);
   const auto batch = llm::make_batch(seqs, 0);
-  const auto L = batch.ids.size(1);
   llm::forward_options fo;
   fo.logits = llm::logits_mode::all;
   const Tensor logits = model.forward(batch.ids, batch.mask, fo, &cache).logits;  // [B, L, V]
@@ -534,7 +533,6 @@ inline std::vector<double> continuation_nll(const llm::llama_model& model, llm::
   }
   const Tensor nll = grun::torch_adapter::token_nll(torch::stack(rows), torch::tensor(labels, torch::kInt64));
   const Tensor sums = torch::zeros({B}, torch::kFloat64).index_add(0, torch::tensor(seq, torch::kInt64), nll.to(torch::kFloat64));
-  (void)L;
   std::vector<double> out(static_cast<std::size_t>(B));
   for (std::int64_t b = 0; b < B; ++b) out[std::size_t(b)] = sums[b].item<double>();
   return out;
