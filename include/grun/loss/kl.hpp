@@ -36,6 +36,28 @@ struct kl_state {
     }
     cur.push(x);
   }
+  /// Combines two partial states over disjoint parts of a row (block reductions on the device).
+  ///
+  /// Both w and ref.s are sums scaled by exp(−ref.m): w = Σ exp(r_v − m_r)(r_v − x_v) and
+  /// s_r = Σ exp(r_v − m_r). With m = max(m_a, m_b), each side is brought to the common max by
+  /// the same factor exp(m_side − m) ≤ 1 before adding:
+  ///   s_r = s_a·exp(m_a − m) + s_b·exp(m_b − m),   w = w_a·exp(m_a − m) + w_b·exp(m_b − m)
+  /// (one of the two factors is 1, so one exp per merge). cur is an ordinary log-sum-exp merge.
+  /// An empty state (m = lowest_finite, s = w = 0) is the identity: its factor is exp(≤ 0) and
+  /// 0·factor = 0, never (−inf) − (−inf) or 0·inf, so merges stay NaN-free.
+  GRUN_HD GRUN_FORCEINLINE void merge(const kl_state& o) {
+    if (o.ref.m > ref.m) {
+      const Acc scale = std::exp(ref.m - o.ref.m);
+      ref.s = ref.s * scale + o.ref.s;
+      w = w * scale + o.w;
+      ref.m = o.ref.m;
+    } else {
+      const Acc scale = std::exp(o.ref.m - ref.m);
+      ref.s += o.ref.s * scale;
+      w += o.w * scale;
+    }
+    cur.merge(o.cur);
+  }
   GRUN_HD Acc value() const { return w / ref.s - (ref.m - cur.m) - std::log(ref.s) + std::log(cur.s); }
 };
 
