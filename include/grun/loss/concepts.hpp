@@ -25,10 +25,13 @@ enum class loss_role { forget, retain, gate, any };
 
 /// One side (forget or retain) of a batch. T is the storage type of logits and hidden states;
 /// sequence-level values and gates are in the accumulate type acc_t<T>. Leave what the policy
-/// does not need empty.
-template <class T>
+/// does not need empty. Every view lives in memory space Sp: host_space for exec::host,
+/// cuda_space for exec::cuda (the losses then run on the device, see detail/terms.hpp).
+template <class T, memory_space Sp = host_space>
 struct side_inputs {
   using acc = acc_t<T>;
+  template <class U> using vector_view = tensor_view<U, 1, Sp>;
+  template <class U> using matrix_view = tensor_view<U, 2, Sp>;
   // Sequence level, B sequences (sequence_nll):
   vector_view<const acc> nll;                // [B] NLL_θ(y_b|x_b): summed token NLL with the intervention
   vector_view<const acc> nll_ref;            // [B] the same under the frozen reference model
@@ -49,10 +52,13 @@ struct side_inputs {
   vector_view<const acc> gate_logit;         // [G] z with g = σ(z), when the gate exposes it
 };
 
-/// Where ∂L/∂(input) goes; same shapes as side_inputs. Leave a view empty to skip that gradient.
-template <class T>
+/// Where ∂L/∂(input) goes; same shapes and memory space as side_inputs. Leave a view empty to
+/// skip that gradient.
+template <class T, memory_space Sp = host_space>
 struct side_grads {
   using acc = acc_t<T>;
+  template <class U> using vector_view = tensor_view<U, 1, Sp>;
+  template <class U> using matrix_view = tensor_view<U, 2, Sp>;
   vector_view<acc> nll;           // [B]
   vector_view<acc> refusal_nll;   // [B]
   matrix_view<T> logits;          // [T, V]
@@ -61,13 +67,15 @@ struct side_grads {
   vector_view<acc> gate_logit;    // [G]
 };
 
-template <class T>
+template <class T, memory_space Sp = host_space>
 struct inputs {
-  side_inputs<T> forget, retain;
+  using memory_space = Sp;
+  side_inputs<T, Sp> forget, retain;
 };
-template <class T>
+template <class T, memory_space Sp = host_space>
 struct grads {
-  side_grads<T> forget, retain;
+  using memory_space = Sp;
+  side_grads<T, Sp> forget, retain;
 };
 
 /// grun::loss::loss_policy — the contract of every loss.
@@ -81,6 +89,8 @@ struct grads {
 ///   needs_gates      reads gate (or gate_logit) values
 ///   evaluate(ex, in, g, weight) -> acc_t<T>: returns L (unweighted) and adds weight · ∂L/∂x into
 ///                    the non-empty views of g; an input with nothing to average gives 0, not NaN.
+///                    in and g live in ex's memory space (inputs<T, cuda_space> with exec::cuda;
+///                    the value then comes back to the host, one stream synchronization per term).
 /// Policies are small copyable structs whose data members are runtime knobs (β, γ, c, eps).
 template <class P>
 concept loss_policy = std::copyable<P> && std::default_initializable<P> &&

@@ -61,19 +61,21 @@ struct objective {
   }
 
   /// Zeroes every non-empty view of g, then adds each term's weighted gradient into it.
-  template <executor E, class T>
-  objective_terms<acc_t<T>> value_and_grad(const E& ex, const inputs<T>& in, const grads<T>& g, index_t step = 0) const {
+  /// in and g live where ex runs (inputs<T, cuda_space> with exec::cuda).
+  template <executor E, class T, memory_space Sp>
+  objective_terms<acc_t<T>> value_and_grad(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g,
+                                           index_t step = 0) const {
     check_weights();
-    zero(g.forget);
-    zero(g.retain);
+    zero(ex, g.forget);
+    zero(ex, g.retain);
     return run(ex, in, g, step);
   }
 
   /// The same terms without any gradient.
-  template <executor E, class T>
-  objective_terms<acc_t<T>> value(const E& ex, const inputs<T>& in, index_t step = 0) const {
+  template <executor E, class T, memory_space Sp>
+  objective_terms<acc_t<T>> value(const E& ex, const inputs<T, Sp>& in, index_t step = 0) const {
     check_weights();
-    return run(ex, in, grads<T>{}, step);
+    return run(ex, in, grads<T, Sp>{}, step);
   }
 
  private:
@@ -83,17 +85,17 @@ struct objective {
     require<numeric_error>(std::isfinite(w_gate) && w_gate >= 0, "loss::objective: w_gate: expected a finite weight >= 0, got ",
                            w_gate);
   }
-  template <class T>
-  static void zero(const side_grads<T>& s) {
-    detail::zero_grad_view(s.nll);
-    detail::zero_grad_view(s.refusal_nll);
-    detail::zero_grad_view(s.logits);
-    detail::zero_grad_view(s.hidden);
-    detail::zero_grad_view(s.gate);
-    detail::zero_grad_view(s.gate_logit);
+  template <executor E, class T, memory_space Sp>
+  static void zero(const E& ex, const side_grads<T, Sp>& s) {
+    detail::zero_view(ex, s.nll, "loss::objective: gradient nll");
+    detail::zero_view(ex, s.refusal_nll, "loss::objective: gradient refusal_nll");
+    detail::zero_view(ex, s.logits, "loss::objective: gradient logits");
+    detail::zero_view(ex, s.hidden, "loss::objective: gradient hidden");
+    detail::zero_view(ex, s.gate, "loss::objective: gradient gate");
+    detail::zero_view(ex, s.gate_logit, "loss::objective: gradient gate_logit");
   }
-  template <executor E, class T>
-  objective_terms<acc_t<T>> run(const E& ex, const inputs<T>& in, const grads<T>& g, index_t step) const {
+  template <executor E, class T, memory_space Sp>
+  objective_terms<acc_t<T>> run(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, index_t step) const {
     using Acc = acc_t<T>;
     objective_terms<Acc> out;
     out.warmup = static_cast<Acc>(warmup(step));

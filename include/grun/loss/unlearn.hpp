@@ -10,8 +10,11 @@
 //   ga, npo, simnpo, idk, dpo, rmu           retain_nll, retain_kl,   gate_bce, gate_bce_logits
 //                                            rmu_retain               (none fits any slot)
 //
-// Sequence-level terms are O(B) and run on the host for every executor; token- and
-// representation-level terms (retain_kl, rmu, rmu_retain) dispatch on the executor.
+// Every policy runs on the executor it is given, with inputs<T, Sp> in that executor's memory:
+// the per-item math is written once as a GRUN_HD term (detail/terms.hpp) that exec::host loops
+// over and exec::cuda runs in one block (kernels/grun/cuda/losses.cuh); retain_kl, rmu and
+// rmu_retain run the fused KL and mean-squared kernels. On exec::cuda the value comes back to the
+// host (one stream synchronization per term); gradients stay on the device.
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -19,6 +22,7 @@
 
 #include "concepts.hpp"
 #include "detail/parallel.hpp"
+#include "detail/terms.hpp"
 #include "kl.hpp"
 #include "token_nll.hpp"
 
@@ -44,39 +48,10 @@ void require_grad_or_empty(const V& g, index_t n, const char* policy, const char
   require<shape_error>(g.empty() || g.extent(0) == n, "loss::", policy, ": gradient ", field,
                        ": expected extent ", n, " or an empty view (no gradient), got ", g.extent(0));
 }
-template <class C>
-void require_counts(const C& count, const char* policy, const char* field) {
-  for (index_t b = 0; b < count.extent(0); ++b)
-    require<shape_error>(count(b) >= 0, "loss::", policy, ": ", field, "[", b, "]: expected an answer length >= 0, got ",
-                         count(b));
-}
 inline void require_positive(double x, const char* policy, const char* knob) {
   require<numeric_error>(std::isfinite(x) && x > 0, "loss::", policy, ": ", knob, ": expected a finite value > 0, got ", x);
 }
-
-/// Mean NLL of one side's answers; adds dscale · ∂mean/∂NLL_b into dnll (if non-empty).
-template <class Acc>
-Acc nll_mean(nll_reduction r, const vector_view<const Acc>& nll, const vector_view<const index_t>& count,
-             const vector_view<Acc>& dnll, Acc dscale, const char* policy, const char* nll_field,
-             const char* count_field) {
-  const index_t B = nll.extent(0);
-  require_per_sequence(count, B, policy, count_field);
-  require_counts(count, policy, count_field);
-  require_grad_or_empty(dnll, B, policy, nll_field);
-  index_t denom = 0;
-  for (index_t b = 0; b < B; ++b)
-    if (count(b) > 0) denom += r == nll_reduction::token_mean ? count(b) : 1;
-  if (denom == 0) return Acc(0);
-  Acc sum = Acc(0);
-  for (index_t b = 0; b < B; ++b)
-    if (count(b) > 0) sum += nll(b);
-  if (!dnll.empty()) {
-    const Acc d = dscale / static_cast<Acc>(denom);
-    for (index_t b = 0; b < B; ++b)
-      if (count(b) > 0) dnll(b) += d;
-  }
-  return sum / static_cast<Acc>(denom);
-}
+inline constexpr const char* expected_length = "expected an answer length >= 0, got a negative one";
 
 /// −(2/β)·logσ(z) and its derivative −(2/β)·σ(−z): the shared core of NPO, SimNPO and DPO.
 /// (d/dz logσ(z) = σ(−z).) At z = 0 the derivative is −1/β, so a term's first step moves
@@ -87,42 +62,169 @@ GRUN_HD GRUN_FORCEINLINE Acc neg_log_sigmoid_scaled(Acc z, Acc beta, Acc* dz) {
   return -(Acc(2) / beta) * log_sigmoid(z);
 }
 
-template <class T>
-void zero_grad_view(const T& v) {
-  using E = typename T::element_type;
-  if constexpr (T::rank == 1) {
-    for (index_t i = 0; i < v.extent(0); ++i) v(i) = store<E>(acc_t<E>(0));
-  } else {
-    for (index_t i = 0; i < v.extent(0); ++i)
-      for (index_t j = 0; j < v.extent(1); ++j) v(i, j) = store<E>(acc_t<E>(0));
+// ---- per-item terms (see detail/terms.hpp for the contract) --------------------------------
+
+/// Mean NLL of one side's answers (ga, idk, retain_nll): v_b = NLL_b, n_b = |y_b| (token_mean) or
+/// 1 (sequence_mean) for |y_b| > 0; ∂v_b/∂NLL_b = 1.
+template <class Acc, memory_space Sp>
+struct nll_mean_term {
+  using memory_space = Sp;
+  tensor_view<const Acc, 1, Sp> nll;
+  tensor_view<const index_t, 1, Sp> count;
+  tensor_view<Acc, 1, Sp> dnll;
+  nll_reduction reduction;
+  GRUN_HD index_t size() const { return nll.extent(0); }
+  GRUN_HD int invalid(index_t b) const { return count(b) < 0 ? 1 : 0; }
+  GRUN_HD index_t denominator(index_t b) const {
+    return count(b) == 0 ? 0 : (reduction == nll_reduction::token_mean ? count(b) : 1);
   }
+  GRUN_HD Acc apply(index_t b, Acc scale) const {
+    if (count(b) == 0) return Acc(0);
+    if (!dnll.empty()) dnll(b) += scale;
+    return nll(b);
+  }
+};
+
+/// Mean NLL (see nll_reduction); adds weight · ∂mean/∂NLL_b into dnll (if non-empty).
+template <class Acc, executor E, memory_space Sp>
+Acc nll_mean(const E& ex, nll_reduction r, const tensor_view<const Acc, 1, Sp>& nll,
+             const tensor_view<const index_t, 1, Sp>& count, const tensor_view<Acc, 1, Sp>& dnll, Acc weight,
+             const char* policy, const char* nll_field, const char* count_field) {
+  const index_t B = nll.extent(0);
+  require_per_sequence(count, B, policy, count_field);
+  require_grad_or_empty(dnll, B, policy, nll_field);
+  return mean_of(reduce_terms<Acc>(ex, nll_mean_term<Acc, Sp>{nll, count, dnll, r}, weight, policy, {count_field},
+                                   expected_length));
 }
 
-/// (1/(P·d)) Σ (h − target)² with target(p, j) given by a callable; adds weight · 2(h − target)/(P·d).
-template <class T, class Target>
-acc_t<T> mean_squared(const exec::host_t& ex, const matrix_view<const T>& h, const matrix_view<T>& dh,
-                      acc_t<T> weight, Target target) {
-  using Acc = acc_t<T>;
-  const index_t P = h.extent(0), d = h.extent(1);
-  if (P * d == 0) return Acc(0);
-  buffer<Acc> rows(P);
-  const Acc inv = Acc(1) / static_cast<Acc>(P * d);
-  parallel_rows(ex, P, d, [&](index_t p) {
-    Acc s = Acc(0);
-    for (index_t j = 0; j < d; ++j) {
-      const Acc e = load<Acc>(h(p, j)) - target(p, j);
-      s += e * e;
-      if (!dh.empty()) dh(p, j) = store<T>(load<Acc>(dh(p, j)) + weight * Acc(2) * e * inv);
+/// NPO: v_b = −(2/β) logσ(β (NLL_θ,b − NLL_ref,b)) for |y_b| > 0.
+template <class Acc, memory_space Sp>
+struct npo_term {
+  using memory_space = Sp;
+  tensor_view<const Acc, 1, Sp> nll, nll_ref;
+  tensor_view<const index_t, 1, Sp> count;
+  tensor_view<Acc, 1, Sp> dnll;
+  Acc beta;
+  GRUN_HD index_t size() const { return nll.extent(0); }
+  GRUN_HD int invalid(index_t b) const { return count(b) < 0 ? 1 : 0; }
+  GRUN_HD index_t denominator(index_t b) const { return count(b) > 0 ? 1 : 0; }
+  GRUN_HD Acc apply(index_t b, Acc scale) const {
+    if (count(b) == 0) return Acc(0);
+    Acc dz;
+    const Acc v = neg_log_sigmoid_scaled(beta * (nll(b) - nll_ref(b)), beta, &dz);
+    if (!dnll.empty()) dnll(b) += scale * dz * beta;
+    return v;
+  }
+};
+
+/// SimNPO: v_b = −(2/β) logσ(β NLL_b / |y_b| − γ) for |y_b| > 0.
+template <class Acc, memory_space Sp>
+struct simnpo_term {
+  using memory_space = Sp;
+  tensor_view<const Acc, 1, Sp> nll;
+  tensor_view<const index_t, 1, Sp> count;
+  tensor_view<Acc, 1, Sp> dnll;
+  Acc beta, gamma;
+  GRUN_HD index_t size() const { return nll.extent(0); }
+  GRUN_HD int invalid(index_t b) const { return count(b) < 0 ? 1 : 0; }
+  GRUN_HD index_t denominator(index_t b) const { return count(b) > 0 ? 1 : 0; }
+  GRUN_HD Acc apply(index_t b, Acc scale) const {
+    if (count(b) == 0) return Acc(0);
+    const Acc len = static_cast<Acc>(count(b));
+    Acc dz;
+    const Acc v = neg_log_sigmoid_scaled(beta * nll(b) / len - gamma, beta, &dz);
+    if (!dnll.empty()) dnll(b) += scale * dz * beta / len;
+    return v;
+  }
+};
+
+/// DPO: v_b = −(2/β) logσ(β[(NLL_θ(y_l) − NLL_ref(y_l)) − (NLL_θ(y_w) − NLL_ref(y_w))]) where both
+/// answers have tokens; y_l = the forget answer (nll), y_w = the refusal (rnll).
+template <class Acc, memory_space Sp>
+struct dpo_term {
+  using memory_space = Sp;
+  tensor_view<const Acc, 1, Sp> nll, nll_ref, rnll, rnll_ref;
+  tensor_view<const index_t, 1, Sp> count, rcount;
+  tensor_view<Acc, 1, Sp> dnll, drnll;
+  Acc beta;
+  GRUN_HD index_t size() const { return nll.extent(0); }
+  GRUN_HD int invalid(index_t b) const { return count(b) < 0 ? 1 : (rcount(b) < 0 ? 2 : 0); }
+  GRUN_HD index_t denominator(index_t b) const { return count(b) > 0 && rcount(b) > 0 ? 1 : 0; }
+  GRUN_HD Acc apply(index_t b, Acc scale) const {
+    if (count(b) == 0 || rcount(b) == 0) return Acc(0);
+    const Acc h = beta * ((nll(b) - nll_ref(b)) - (rnll(b) - rnll_ref(b)));
+    Acc dh;
+    const Acc v = neg_log_sigmoid_scaled(h, beta, &dh);
+    if (!dnll.empty()) dnll(b) += scale * dh * beta;
+    if (!drnll.empty()) drnll(b) -= scale * dh * beta;
+    return v;
+  }
+};
+
+/// Gate BCE from gate values over forget (items [0, G_f), target 1) then retain (target 0):
+/// v = −log max(g, ε) or −log max(1 − g, ε); gradient −1/max(g, ε) or 1/max(1 − g, ε).
+template <class Acc, memory_space Sp>
+struct gate_bce_term {
+  using memory_space = Sp;
+  tensor_view<const Acc, 1, Sp> gf, gr;
+  tensor_view<Acc, 1, Sp> dgf, dgr;
+  Acc eps;
+  GRUN_HD index_t size() const { return gf.extent(0) + gr.extent(0); }
+  GRUN_HD int invalid(index_t) const { return 0; }
+  GRUN_HD index_t denominator(index_t) const { return 1; }
+  GRUN_HD Acc apply(index_t i, Acc scale) const {
+    using std::log;
+    const index_t nf = gf.extent(0);
+    if (i < nf) {
+      const Acc p = gf(i) > eps ? gf(i) : eps;
+      if (!dgf.empty()) dgf(i) -= scale / p;
+      return -log(p);
     }
-    rows[p] = s;
-  });
-  Acc total = Acc(0);
-  for (index_t p = 0; p < P; ++p) total += rows[p];  // row order: independent of the thread count
-  return total * inv;
-}
+    const Acc q = Acc(1) - gr(i - nf) > eps ? Acc(1) - gr(i - nf) : eps;
+    if (!dgr.empty()) dgr(i - nf) += scale / q;
+    return -log(q);
+  }
+};
 
-template <class T>
-void require_hidden(const matrix_view<const T>& h, const matrix_view<T>& dh, const char* policy) {
+/// Gate BCE from logits: v = softplus(−z) (forget) or softplus(z) (retain), ∂v/∂z = σ(z) − y.
+template <class Acc, memory_space Sp>
+struct gate_bce_logits_term {
+  using memory_space = Sp;
+  tensor_view<const Acc, 1, Sp> zf, zr;
+  tensor_view<Acc, 1, Sp> dzf, dzr;
+  GRUN_HD index_t size() const { return zf.extent(0) + zr.extent(0); }
+  GRUN_HD int invalid(index_t) const { return 0; }
+  GRUN_HD index_t denominator(index_t) const { return 1; }
+  GRUN_HD Acc apply(index_t i, Acc scale) const {
+    const index_t nf = zf.extent(0);
+    if (i < nf) {
+      if (!dzf.empty()) dzf(i) += scale * (sigmoid(zf(i)) - Acc(1));
+      return -log_sigmoid(zf(i));
+    }
+    if (!dzr.empty()) dzr(i - nf) += scale * sigmoid(zr(i - nf));
+    return -log_sigmoid(-zr(i - nf));
+  }
+};
+
+/// Token mean of per-token KL (retain_kl): n_t = [label_t ≠ −100], v_t = KL_t (0 on ignored rows);
+/// writes ∂L/∂KL_t = scale into dkl (if non-empty) for token_kl_backward.
+template <class Acc, class L, memory_space Sp>
+struct token_mean_term {
+  using memory_space = Sp;
+  tensor_view<const L, 1, Sp> labels;
+  tensor_view<const Acc, 1, Sp> value;
+  tensor_view<Acc, 1, Sp> dvalue;
+  GRUN_HD index_t size() const { return labels.extent(0); }
+  GRUN_HD int invalid(index_t) const { return 0; }
+  GRUN_HD index_t denominator(index_t t) const { return labels(t) != ignore_index ? 1 : 0; }
+  GRUN_HD Acc apply(index_t t, Acc scale) const {
+    if (!dvalue.empty()) dvalue(t) = scale;
+    return value(t);
+  }
+};
+
+template <class T, memory_space Sp>
+void require_hidden(const tensor_view<const T, 2, Sp>& h, const tensor_view<T, 2, Sp>& dh, const char* policy) {
   require<shape_error>(dh.empty() || (dh.extent(0) == h.extent(0) && dh.extent(1) == h.extent(1)), "loss::", policy,
                        ": gradient hidden: expected shape ", grun::detail::shape_string(h),
                        " or an empty view, got ", grun::detail::shape_string(dh));
@@ -141,9 +243,9 @@ struct ga {
                         needs_logits = false, needs_gates = false;
   nll_reduction reduction = nll_reduction::token_mean;
 
-  template <executor E, class T>
-  acc_t<T> evaluate(const E&, const inputs<T>& in, const grads<T>& g, acc_t<T> weight) const {
-    return -detail::nll_mean(reduction, in.forget.nll, in.forget.count, g.forget.nll, -weight, name, "forget.nll",
+  template <executor E, class T, memory_space Sp>
+  acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
+    return -detail::nll_mean(ex, reduction, in.forget.nll, in.forget.count, g.forget.nll, -weight, name, "forget.nll",
                              "forget.count");
   }
 };
@@ -162,28 +264,17 @@ struct npo {
                         needs_logits = false, needs_gates = false;
   double beta = 0.1;
 
-  template <executor E, class T>
-  acc_t<T> evaluate(const E&, const inputs<T>& in, const grads<T>& g, acc_t<T> weight) const {
+  template <executor E, class T, memory_space Sp>
+  acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
     using Acc = acc_t<T>;
     detail::require_positive(beta, name, "beta");
     const auto& f = in.forget;
     const index_t B = f.nll.extent(0);
     detail::require_per_sequence(f.count, B, name, "forget.count");
     detail::require_per_sequence(f.nll_ref, B, name, "forget.nll_ref");
-    detail::require_counts(f.count, name, "forget.count");
     detail::require_grad_or_empty(g.forget.nll, B, name, "forget.nll");
-    index_t n = 0;
-    for (index_t b = 0; b < B; ++b) n += f.count(b) > 0;
-    if (n == 0) return Acc(0);
-    const Acc be = static_cast<Acc>(beta), inv = Acc(1) / static_cast<Acc>(n);
-    Acc sum = Acc(0);
-    for (index_t b = 0; b < B; ++b) {
-      if (f.count(b) == 0) continue;
-      Acc dz;
-      sum += detail::neg_log_sigmoid_scaled(be * (f.nll(b) - f.nll_ref(b)), be, &dz);
-      if (!g.forget.nll.empty()) g.forget.nll(b) += weight * inv * dz * be;
-    }
-    return sum * inv;
+    const detail::npo_term<Acc, Sp> term{f.nll, f.nll_ref, f.count, g.forget.nll, static_cast<Acc>(beta)};
+    return detail::mean_of(detail::reduce_terms<Acc>(ex, term, weight, name, {"forget.count"}, detail::expected_length));
   }
 };
 
@@ -199,29 +290,17 @@ struct simnpo {
   double beta = 0.1;
   double gamma = 0.0;
 
-  template <executor E, class T>
-  acc_t<T> evaluate(const E&, const inputs<T>& in, const grads<T>& g, acc_t<T> weight) const {
+  template <executor E, class T, memory_space Sp>
+  acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
     using Acc = acc_t<T>;
     detail::require_positive(beta, name, "beta");
     require<numeric_error>(std::isfinite(gamma), "loss::simnpo: gamma: expected a finite value, got ", gamma);
     const auto& f = in.forget;
     const index_t B = f.nll.extent(0);
     detail::require_per_sequence(f.count, B, name, "forget.count");
-    detail::require_counts(f.count, name, "forget.count");
     detail::require_grad_or_empty(g.forget.nll, B, name, "forget.nll");
-    index_t n = 0;
-    for (index_t b = 0; b < B; ++b) n += f.count(b) > 0;
-    if (n == 0) return Acc(0);
-    const Acc be = static_cast<Acc>(beta), ga_ = static_cast<Acc>(gamma), inv = Acc(1) / static_cast<Acc>(n);
-    Acc sum = Acc(0);
-    for (index_t b = 0; b < B; ++b) {
-      if (f.count(b) == 0) continue;
-      const Acc len = static_cast<Acc>(f.count(b));
-      Acc dz;
-      sum += detail::neg_log_sigmoid_scaled(be * f.nll(b) / len - ga_, be, &dz);
-      if (!g.forget.nll.empty()) g.forget.nll(b) += weight * inv * dz * be / len;
-    }
-    return sum * inv;
+    const detail::simnpo_term<Acc, Sp> term{f.nll, f.count, g.forget.nll, static_cast<Acc>(beta), static_cast<Acc>(gamma)};
+    return detail::mean_of(detail::reduce_terms<Acc>(ex, term, weight, name, {"forget.count"}, detail::expected_length));
   }
 };
 
@@ -234,9 +313,9 @@ struct idk {
                         needs_logits = false, needs_gates = false;
   nll_reduction reduction = nll_reduction::token_mean;
 
-  template <executor E, class T>
-  acc_t<T> evaluate(const E&, const inputs<T>& in, const grads<T>& g, acc_t<T> weight) const {
-    return detail::nll_mean(reduction, in.forget.refusal_nll, in.forget.refusal_count, g.forget.refusal_nll, weight,
+  template <executor E, class T, memory_space Sp>
+  acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
+    return detail::nll_mean(ex, reduction, in.forget.refusal_nll, in.forget.refusal_count, g.forget.refusal_nll, weight,
                             name, "forget.refusal_nll", "forget.refusal_count");
   }
 };
@@ -257,8 +336,8 @@ struct dpo {
                         needs_logits = false, needs_gates = false;
   double beta = 0.1;
 
-  template <executor E, class T>
-  acc_t<T> evaluate(const E&, const inputs<T>& in, const grads<T>& g, acc_t<T> weight) const {
+  template <executor E, class T, memory_space Sp>
+  acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
     using Acc = acc_t<T>;
     detail::require_positive(beta, name, "beta");
     const auto& f = in.forget;
@@ -268,24 +347,12 @@ struct dpo {
     detail::require_per_sequence(f.refusal_nll, B, name, "forget.refusal_nll");
     detail::require_per_sequence(f.refusal_nll_ref, B, name, "forget.refusal_nll_ref");
     detail::require_per_sequence(f.refusal_count, B, name, "forget.refusal_count");
-    detail::require_counts(f.count, name, "forget.count");
-    detail::require_counts(f.refusal_count, name, "forget.refusal_count");
     detail::require_grad_or_empty(g.forget.nll, B, name, "forget.nll");
     detail::require_grad_or_empty(g.forget.refusal_nll, B, name, "forget.refusal_nll");
-    index_t n = 0;
-    for (index_t b = 0; b < B; ++b) n += f.count(b) > 0 && f.refusal_count(b) > 0;
-    if (n == 0) return Acc(0);
-    const Acc be = static_cast<Acc>(beta), inv = Acc(1) / static_cast<Acc>(n);
-    Acc sum = Acc(0);
-    for (index_t b = 0; b < B; ++b) {
-      if (f.count(b) == 0 || f.refusal_count(b) == 0) continue;
-      const Acc h = be * ((f.nll(b) - f.nll_ref(b)) - (f.refusal_nll(b) - f.refusal_nll_ref(b)));
-      Acc dh;
-      sum += detail::neg_log_sigmoid_scaled(h, be, &dh);
-      if (!g.forget.nll.empty()) g.forget.nll(b) += weight * inv * dh * be;
-      if (!g.forget.refusal_nll.empty()) g.forget.refusal_nll(b) -= weight * inv * dh * be;
-    }
-    return sum * inv;
+    const detail::dpo_term<Acc, Sp> term{f.nll,           f.nll_ref, f.refusal_nll,       f.refusal_nll_ref, f.count,
+                                         f.refusal_count, g.forget.nll, g.forget.refusal_nll, static_cast<Acc>(beta)};
+    return detail::mean_of(detail::reduce_terms<Acc>(ex, term, weight, name, {"forget.count", "forget.refusal_count"},
+                                                     detail::expected_length));
   }
 };
 
@@ -300,17 +367,15 @@ struct rmu {
                         needs_logits = false, needs_gates = false;
   double c = 20.0;
 
-  template <executor E, class T>
-  acc_t<T> evaluate(const E& ex, const inputs<T>& in, const grads<T>& g, acc_t<T> weight) const {
-    static_assert(std::is_same_v<E, exec::host_t>, "grun: no evaluate for loss::rmu on this executor");
+  template <executor E, class T, memory_space Sp>
+  acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
     using Acc = acc_t<T>;
     require<numeric_error>(std::isfinite(c), "loss::rmu: c: expected a finite steering coefficient, got ", c);
     const auto& h = in.forget.hidden;
     require_extent(in.forget.direction, 0, h.extent(1), "loss::rmu: forget.direction (u, one per hidden column)");
     detail::require_hidden(h, g.forget.hidden, name);
-    const Acc cc = static_cast<Acc>(c);
-    const auto& u = in.forget.direction;
-    return detail::mean_squared(ex, h, g.forget.hidden, weight, [&](index_t, index_t j) { return cc * u(j); });
+    return detail::mean_squared(ex, h, g.forget.hidden, weight,
+                                detail::steering_target<Acc, Sp>{in.forget.direction, static_cast<Acc>(c)}, name);
   }
 };
 
@@ -346,9 +411,9 @@ struct retain_nll {
                         needs_logits = false, needs_gates = false;
   nll_reduction reduction = nll_reduction::token_mean;
 
-  template <executor E, class T>
-  acc_t<T> evaluate(const E&, const inputs<T>& in, const grads<T>& g, acc_t<T> weight) const {
-    return detail::nll_mean(reduction, in.retain.nll, in.retain.count, g.retain.nll, weight, name, "retain.nll",
+  template <executor E, class T, memory_space Sp>
+  acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
+    return detail::nll_mean(ex, reduction, in.retain.nll, in.retain.count, g.retain.nll, weight, name, "retain.nll",
                             "retain.count");
   }
 };
@@ -361,8 +426,8 @@ struct retain_kl {
   static constexpr bool needs_nll = false, needs_reference = true, needs_refusal = false, needs_hidden = false,
                         needs_logits = true, needs_gates = false;
 
-  template <executor E, class T>
-  acc_t<T> evaluate(const E& ex, const inputs<T>& in, const grads<T>& g, acc_t<T> weight) const {
+  template <executor E, class T, memory_space Sp>
+  acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
     using Acc = acc_t<T>;
     const auto& r = in.retain;
     const index_t Tn = r.logits.extent(0);
@@ -370,24 +435,28 @@ struct retain_kl {
     require<shape_error>(r.logits_ref.extent(0) == Tn && r.logits_ref.extent(1) == r.logits.extent(1),
                          "loss::retain_kl: retain.logits_ref: expected the shape of retain.logits ",
                          grun::detail::shape_string(r.logits), ", got ", grun::detail::shape_string(r.logits_ref));
-    index_t n = 0;
-    for (index_t t = 0; t < Tn; ++t) n += r.labels(t) != ignore_index;
-    if (!g.retain.logits.empty()) {
-      require_extent(g.retain.logits, 0, Tn, "loss::retain_kl: gradient retain.logits");
-      require_extent(g.retain.logits, 1, r.logits.extent(1), "loss::retain_kl: gradient retain.logits");
+    if constexpr (!std::is_same_v<Sp, typename E::memory_space>) {
+      detail::require_executor_space<E, Sp>(name);
+      return Acc(0);
+    } else {
+      const bool want_grad = !g.retain.logits.empty();
+      if (want_grad) {
+        require_extent(g.retain.logits, 0, Tn, "loss::retain_kl: gradient retain.logits");
+        require_extent(g.retain.logits, 1, r.logits.extent(1), "loss::retain_kl: gradient retain.logits");
+      }
+      if (Tn == 0) return Acc(0);
+      // kl | lse | lse_ref | dkl, one temporary where ex runs.
+      auto tmp = detail::temporary_impl<E>::template make<Acc>(ex, 4 * Tn);
+      const tensor_view<Acc, 1, Sp> kl(tmp.data(), {Tn}), lse(tmp.data() + Tn, {Tn}), lse_ref(tmp.data() + 2 * Tn, {Tn}),
+          dkl(tmp.data() + 3 * Tn, {want_grad ? Tn : 0});
+      token_kl_forward(ex, r.logits, r.logits_ref, r.labels, kl, lse, lse_ref);
+      // L = Σ_t KL_t / #answer tokens (ignored rows hold 0); dkl_t = weight / #answer tokens.
+      const auto totals = detail::reduce_terms<Acc>(
+          ex, detail::token_mean_term<Acc, std::int64_t, Sp>{r.labels, kl, dkl}, weight, name, {}, "");
+      if (want_grad && totals.denominator > 0)
+        token_kl_backward(ex, r.logits, r.logits_ref, r.labels, lse, lse_ref, dkl, g.retain.logits, /*accumulate=*/true);
+      return detail::mean_of(totals);
     }
-    if (n == 0) return Acc(0);
-    buffer<Acc> kl(Tn), lse(Tn), lse_ref(Tn), dkl(Tn);
-    token_kl_forward(ex, r.logits, r.logits_ref, r.labels, kl.view(), lse.view(), lse_ref.view());
-    Acc sum = Acc(0);
-    for (index_t t = 0; t < Tn; ++t) sum += kl[t];  // ignored rows hold 0
-    const Acc inv = Acc(1) / static_cast<Acc>(n);
-    if (!g.retain.logits.empty()) {
-      for (index_t t = 0; t < Tn; ++t) dkl[t] = weight * inv;
-      token_kl_backward(ex, r.logits, r.logits_ref, r.labels, lse.view(), lse_ref.view(), dkl.view(), g.retain.logits,
-                        /*accumulate=*/true);
-    }
-    return sum * inv;
   }
 };
 
@@ -398,9 +467,8 @@ struct rmu_retain {
   static constexpr bool needs_nll = false, needs_reference = true, needs_refusal = false, needs_hidden = true,
                         needs_logits = false, needs_gates = false;
 
-  template <executor E, class T>
-  acc_t<T> evaluate(const E& ex, const inputs<T>& in, const grads<T>& g, acc_t<T> weight) const {
-    static_assert(std::is_same_v<E, exec::host_t>, "grun: no evaluate for loss::rmu_retain on this executor");
+  template <executor E, class T, memory_space Sp>
+  acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
     using Acc = acc_t<T>;
     const auto& h = in.retain.hidden;
     const auto& h0 = in.retain.hidden_ref;
@@ -408,8 +476,8 @@ struct rmu_retain {
                          "loss::rmu_retain: retain.hidden_ref: expected the shape of retain.hidden ",
                          grun::detail::shape_string(h), ", got ", grun::detail::shape_string(h0));
     detail::require_hidden(h, g.retain.hidden, name);
-    return detail::mean_squared(ex, h, g.retain.hidden, weight,
-                                [&](index_t p, index_t j) { return load<Acc>(h0(p, j)); });
+    static_assert(std::is_same_v<Acc, acc_t<T>>);
+    return detail::mean_squared(ex, h, g.retain.hidden, weight, detail::reference_target<T, Sp>{h0}, name);
   }
 };
 
@@ -429,29 +497,16 @@ struct gate_bce {
                         needs_logits = false, needs_gates = true;
   double eps = 1e-6;
 
-  template <executor E, class T>
-  acc_t<T> evaluate(const E&, const inputs<T>& in, const grads<T>& g, acc_t<T> weight) const {
+  template <executor E, class T, memory_space Sp>
+  acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
     using Acc = acc_t<T>;
     require<numeric_error>(eps > 0 && eps < 0.5, "loss::gate_bce: eps: expected 0 < eps < 0.5, got ", eps);
     const auto& gf = in.forget.gate;
     const auto& gr = in.retain.gate;
     detail::require_grad_or_empty(g.forget.gate, gf.extent(0), name, "forget.gate");
     detail::require_grad_or_empty(g.retain.gate, gr.extent(0), name, "retain.gate");
-    const index_t n = gf.extent(0) + gr.extent(0);
-    if (n == 0) return Acc(0);
-    const Acc e = static_cast<Acc>(eps), inv = Acc(1) / static_cast<Acc>(n);
-    Acc sum = Acc(0);
-    for (index_t i = 0; i < gf.extent(0); ++i) {
-      const Acc p = gf(i) > e ? gf(i) : e;
-      sum -= std::log(p);
-      if (!g.forget.gate.empty()) g.forget.gate(i) -= weight * inv / p;
-    }
-    for (index_t i = 0; i < gr.extent(0); ++i) {
-      const Acc q = Acc(1) - gr(i) > e ? Acc(1) - gr(i) : e;
-      sum -= std::log(q);
-      if (!g.retain.gate.empty()) g.retain.gate(i) += weight * inv / q;
-    }
-    return sum * inv;
+    const detail::gate_bce_term<Acc, Sp> term{gf, gr, g.forget.gate, g.retain.gate, static_cast<Acc>(eps)};
+    return detail::mean_of(detail::reduce_terms<Acc>(ex, term, weight, name, {}, ""));
   }
 };
 
@@ -464,26 +519,15 @@ struct gate_bce_logits {
   static constexpr bool needs_nll = false, needs_reference = false, needs_refusal = false, needs_hidden = false,
                         needs_logits = false, needs_gates = true;
 
-  template <executor E, class T>
-  acc_t<T> evaluate(const E&, const inputs<T>& in, const grads<T>& g, acc_t<T> weight) const {
+  template <executor E, class T, memory_space Sp>
+  acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
     using Acc = acc_t<T>;
     const auto& zf = in.forget.gate_logit;
     const auto& zr = in.retain.gate_logit;
     detail::require_grad_or_empty(g.forget.gate_logit, zf.extent(0), name, "forget.gate_logit");
     detail::require_grad_or_empty(g.retain.gate_logit, zr.extent(0), name, "retain.gate_logit");
-    const index_t n = zf.extent(0) + zr.extent(0);
-    if (n == 0) return Acc(0);
-    const Acc inv = Acc(1) / static_cast<Acc>(n);
-    Acc sum = Acc(0);
-    for (index_t i = 0; i < zf.extent(0); ++i) {
-      sum -= log_sigmoid(zf(i));
-      if (!g.forget.gate_logit.empty()) g.forget.gate_logit(i) += weight * inv * (sigmoid(zf(i)) - Acc(1));
-    }
-    for (index_t i = 0; i < zr.extent(0); ++i) {
-      sum -= log_sigmoid(-zr(i));
-      if (!g.retain.gate_logit.empty()) g.retain.gate_logit(i) += weight * inv * sigmoid(zr(i));
-    }
-    return sum * inv;
+    const detail::gate_bce_logits_term<Acc, Sp> term{zf, zr, g.forget.gate_logit, g.retain.gate_logit};
+    return detail::mean_of(detail::reduce_terms<Acc>(ex, term, weight, name, {}, ""));
   }
 };
 
@@ -496,8 +540,8 @@ struct none {
   static constexpr bool needs_nll = false, needs_reference = false, needs_refusal = false, needs_hidden = false,
                         needs_logits = false, needs_gates = false;
 
-  template <executor E, class T>
-  acc_t<T> evaluate(const E&, const inputs<T>&, const grads<T>&, acc_t<T>) const { return acc_t<T>(0); }
+  template <executor E, class T, memory_space Sp>
+  acc_t<T> evaluate(const E&, const inputs<T, Sp>&, const grads<T, Sp>&, acc_t<T>) const { return acc_t<T>(0); }
 };
 
 static_assert(loss_policy<ga>);

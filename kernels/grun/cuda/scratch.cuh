@@ -16,6 +16,7 @@ struct stream_scratch {
     if (n > 0) GRUN_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&ptr), sizeof(T) * std::size_t(n), s));
   }
   ~stream_scratch() { if (ptr) (void)cudaFreeAsync(ptr, stream); }
+  T* data() const { return ptr; }
   stream_scratch(const stream_scratch&) = delete;
   stream_scratch& operator=(const stream_scratch&) = delete;
 };
