@@ -528,6 +528,22 @@ TEST_CASE("losses: bad input is a clear grun::error", "[loss]") {
   g = b.g();
   g.retain.hidden = {b.d_hr.data(), {5, 3}};
   CHECK_THROWS_AS(loss::rmu_retain{}.evaluate(exec::host, b.in(), g, 1.0), shape_error);
+  // Which of DPO's two length fields is malformed, and how many entries are.
+  b.rcount[1] = -4;
+  b.rcount[3] = -1;
+  CHECK_THROWS_WITH(loss::dpo{}.evaluate(exec::host, b.in(), loss::grads<double>{}, 1.0),
+                    Catch::Contains("loss::dpo: forget.refusal_count[1]") && Catch::Contains("2 malformed entries"));
+}
+
+TEST_CASE("losses: inputs tagged cuda_space on exec::host are a shape_error, not a read of device memory", "[loss]") {
+  // Views in cuda_space are never dereferenced on the host: the executor's memory space is checked first.
+  loss::inputs<float, cuda_space> in;
+  in.forget.nll = {nullptr, {3}};
+  in.forget.count = {nullptr, {3}};
+  CHECK_THROWS_WITH(loss::ga{}.evaluate(exec::host, in, loss::grads<float, cuda_space>{}, 1.f),
+                    Catch::Contains("loss::ga: inputs are in cuda memory") && Catch::Contains("exec::host"));
+  CHECK_THROWS_AS(loss::rmu_retain{}.evaluate(exec::host, in, loss::grads<float, cuda_space>{}, 1.f), shape_error);
+  CHECK_THROWS_AS(loss::retain_kl{}.evaluate(exec::host, in, loss::grads<float, cuda_space>{}, 1.f), shape_error);
 }
 
 TEST_CASE("retain_kl: results do not depend on the thread count", "[loss][kl]") {
