@@ -7,6 +7,7 @@
 //   bench_cuda [--quick]      --quick: smaller sizes (smoke test of the script itself)
 #include <grun/cuda/adamw.cuh>
 #include <grun/cuda/intervention.cuh>
+#include <grun/cuda/kl.cuh>
 #include <grun/cuda/nll.cuh>
 #include <grun/gate/linear.hpp>
 #include <grun/gate/mlp.hpp>
@@ -142,6 +143,47 @@ void bench_nll(index_t T_, index_t V) {
   result("nll_fwdbwd", fb, 2.0 * double(T_ * V) * 2);  // the issue's yardstick: one read + one write
 }
 
+/// Uniform [lo, hi) straight on the device (a hash of the index, not a quality RNG): the KL rows
+/// fill 2 × 2 GiB of logits without building them on the host first.
+template <class T>
+__global__ void fill_hash_kernel(T* p, index_t n, unsigned seed, float lo, float hi) {
+  for (index_t i = blockIdx.x * index_t(blockDim.x) + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x) {
+    std::uint64_t h = std::uint64_t(i) * 0x9E3779B97F4A7C15ull + seed;
+    h ^= h >> 31; h *= 0xBF58476D1CE4E5B9ull; h ^= h >> 29;
+    gc::dstore(p + i, lo + (hi - lo) * float(h >> 40) * 0x1p-24f);
+  }
+}
+template <class T>
+void fill_device(gc::device_buffer<T>& d, unsigned seed, float lo, float hi) {
+  fill_hash_kernel<<<1024, 256>>>(d.data(), d.size(), seed, lo, hi);
+  GRUN_CUDA_CHECK_LAUNCH();
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+void bench_kl(index_t T_, index_t V) {
+  gc::device_buffer<bf16> x(T_ * V), r(T_ * V);
+  fill_device(x, 6, -4.f, 4.f);
+  fill_device(r, 7, -4.f, 4.f);
+  std::vector<std::int64_t> y(static_cast<std::size_t>(T_), 0);  // labels are only a mask here: every row counts
+  gc::device_buffer<std::int64_t> yd{std::span<const std::int64_t>(y)};
+  gc::device_buffer<float> kl(T_), lse(T_), lse_ref(T_), dk(T_);
+  fill(dk, 8, 1.f, 1.f);
+  const grun::matrix_view<const bf16, cuda_space> xv(x.data(), {T_, V}), rv(r.data(), {T_, V});
+  const grun::vector_view<const std::int64_t, cuda_space> yv(yd.data(), {T_});
+  const double fwd = time_ms([&] { grun::loss::token_kl_forward(grun::exec::cuda, xv, rv, yv, kl.view(), lse.view(), lse_ref.view()); });
+  result("kl_fwd", fwd, 2.0 * double(T_ * V) * 2);  // one read of each logit tensor
+  gc::device_buffer<bf16> dx(T_ * V);
+  const double fb = time_ms([&] {
+    grun::loss::token_kl_forward(grun::exec::cuda, xv, rv, yv, kl.view(), lse.view(), lse_ref.view());
+    grun::loss::token_kl_backward(grun::exec::cuda, xv, rv, yv, grun::vector_view<const float, cuda_space>(lse.data(), {T_}),
+                                  grun::vector_view<const float, cuda_space>(lse_ref.data(), {T_}),
+                                  grun::vector_view<const float, cuda_space>(dk.data(), {T_}), dx.view<2>({T_, V}));
+  });
+  // The yardstick: read both logit tensors once, write dlogits once (the fused kernels read both
+  // twice, since backward needs the saved log-sum-exps).
+  result("kl_fwdbwd", fb, 3.0 * double(T_ * V) * 2);
+}
+
 void bench_adamw(index_t d) {
   using I = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
   using P = I::params<float, cuda_space>;
@@ -173,6 +215,7 @@ int main(int argc, char** argv) {
     bench_intervention<lin>("intervention_linear_loreft4_generic", 1024, 4096, true);  // the fallback path, for scale
     bench_intervention<mlp>("intervention_mlp_loreft4", T_, 4096);             // cuBLASLt first layer + fused ReFT
     bench_nll(quick ? 512 : 8192, quick ? 32768 : 131072);
+    bench_kl(quick ? 512 : 8192, quick ? 32768 : 131072);
     bench_adamw(4096);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda: %s\n", e.what());

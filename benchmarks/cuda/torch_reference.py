@@ -6,6 +6,8 @@ Same sizes, dtype (bf16) and math as benchmarks/cuda/bench_cuda.cu:
   intervention: h' = h + sigmoid(h w + c) * ((h W^T + b - h R^T) R) on every row (linear gate + LoReFT r = 4)
                 h' = h + sigmoid(h w + c) * ((h W1^T + b) W2)          (linear gate + DiReFT r = 4)
   nll:          sum of token cross entropy over logits [T, V] (fp32 accumulate), forward and backward
+  kl:           per-token KL(softmax(r) || softmax(x)) over logits x, r [T, V] (fp32 accumulate),
+                forward and backward to x (r is a frozen reference: no gradient)
   copy:         torch copy_ device to device (a sanity check of bench_cuda's copy bandwidth)
 Usage: torch_reference.py [--quick] [--no-compile]
 """
@@ -106,6 +108,36 @@ def bench_nll(T, V):
         torch.cuda.empty_cache()
 
 
+def kl(x, r):
+    # KL(p_ref || p_theta) per token; the logits are upcast like nll's, to match grun's fp32 accumulate.
+    return F.kl_div(F.log_softmax(x.float(), -1), F.log_softmax(r.float(), -1), log_target=True,
+                    reduction="none").sum(-1)
+
+
+def bench_kl(T, V):
+    g = torch.Generator(device=dev).manual_seed(2)
+    x = (torch.rand(T, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
+    r = (torch.rand(T, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
+
+    def variants():
+        yield "eager", kl
+        if COMPILE:
+            yield "compile", torch.compile(kl)
+
+    for tag, fn in variants():
+        with torch.no_grad():
+            result(f"kl_fwd_{tag}", time_ms(lambda: fn(x, r)))
+        xx = x.clone().requires_grad_(True)
+
+        def fwdbwd():
+            xx.grad = None
+            fn(xx, r).sum().backward()  # dkl = 1 per token, as in bench_cuda
+
+        result(f"kl_fwdbwd_{tag}", time_ms(fwdbwd, 2, 5))
+        del xx
+        torch.cuda.empty_cache()
+
+
 def bench_copy(nbytes):
     a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
@@ -121,3 +153,4 @@ if __name__ == "__main__":
     bench_intervention(1024 if QUICK else 16384, 4096)
     bench_intervention(1024 if QUICK else 16384, 4096, fn_eager=intervention_direft, name="intervention_linear_direft4")
     bench_nll(512 if QUICK else 8192, 32768 if QUICK else 131072)
+    bench_kl(512 if QUICK else 8192, 32768 if QUICK else 131072)
