@@ -29,8 +29,8 @@ namespace grun::cuda {
 
 namespace detail {
 
-/// Threads per row. Two rows are read per block, so 512 × 8 bf16 per row and sweep keeps as
-/// many bytes in flight per block as the NLL kernel at the same occupancy.
+/// Threads per row, as for the NLL kernel: a sweep takes 512 × 8 bf16 from each of the two rows,
+/// so a block has twice the NLL kernel's bytes in flight (V = 131072: 32 sweeps).
 inline constexpr int kl_block = 512;
 
 /// Elements per vector for a kernel touching storage types Ts...: the narrowest 16-byte width.
