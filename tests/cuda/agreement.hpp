@@ -37,9 +37,9 @@ template <class A, class B>
 double rel_error(const std::vector<A>& a, const std::vector<B>& b) {
   return rel_error(std::span<const A>(a), std::span<const B>(b));
 }
-template <class A>
-double rel_error(const std::vector<A>& a, const buffer<A>& b) {
-  return rel_error(std::span<const A>(a), b.span());
+template <class A, class B>
+double rel_error(const std::vector<A>& a, const buffer<B>& b) {
+  return rel_error(std::span<const A>(a), std::span<const B>(b.data(), static_cast<std::size_t>(b.size())));
 }
 
 /// Deterministic uniform fill in [lo, hi), stored in T.
