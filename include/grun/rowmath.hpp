@@ -13,6 +13,8 @@
 /// multi_dot / tile_dot in memory, one store-forwarded load and store per FMA).
 #if defined(__CUDA_ARCH__)
 #define GRUN_UNROLL _Pragma("unroll")
+#elif defined(__CUDACC__)  // nvcc's host pass: its front end warns on GCC's pragma (#1675-D)
+#define GRUN_UNROLL
 #elif defined(__clang__)
 #define GRUN_UNROLL _Pragma("clang loop unroll(full)")
 #elif defined(__GNUC__)

@@ -184,7 +184,9 @@ void token_kl_backward(const E& ex, tensor_view<T, 2, Sp> logits, tensor_view<R,
   require_rows_contiguous(dlogits, "token_kl_backward: dlogits");
   require_extent(dlogits, 0, logits.extent(0), "token_kl_backward: dlogits");
   require_extent(dlogits, 1, logits.extent(1), "token_kl_backward: dlogits");
-  require<shape_error>(!accumulate || static_cast<const void*>(dlogits.data()) != static_cast<const void*>(logits.data()),
+  // (An empty dlogits aliases nothing: empty buffers may share a null data pointer.)
+  require<shape_error>(!accumulate || dlogits.empty() ||
+                           static_cast<const void*>(dlogits.data()) != static_cast<const void*>(logits.data()),
                        "token_kl_backward: accumulate = true needs dlogits separate from logits, got the same buffer");
   require_space<typename E::memory_space>(logits, "token_kl_backward: logits");
   if (accumulate) detail::token_kl_impl<E>::template backward<true>(ex, logits, logits_ref, labels, lse, lse_ref, dkl, dlogits);

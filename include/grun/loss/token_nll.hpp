@@ -245,7 +245,9 @@ void token_nll_backward(const E& ex, tensor_view<T, 2, Sp> logits, tensor_view<L
   require_rows_contiguous(dlogits, "token_nll_backward: dlogits");
   require_extent(dlogits, 0, logits.extent(0), "token_nll_backward: dlogits");
   require_extent(dlogits, 1, logits.extent(1), "token_nll_backward: dlogits");
-  require<shape_error>(!accumulate || static_cast<const void*>(dlogits.data()) != static_cast<const void*>(logits.data()),
+  // (An empty dlogits aliases nothing: empty buffers may share a null data pointer.)
+  require<shape_error>(!accumulate || dlogits.empty() ||
+                           static_cast<const void*>(dlogits.data()) != static_cast<const void*>(logits.data()),
                        "token_nll_backward: accumulate = true needs dlogits separate from logits, got the same buffer");
   require_space<typename E::memory_space>(logits, "token_nll_backward: logits");
   if (accumulate) detail::token_nll_impl<E>::template backward<true>(ex, logits, labels, lse_c, dnll_c, dlogits);
