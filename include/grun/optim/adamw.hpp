@@ -109,6 +109,31 @@ struct adamw_options {
 };
 
 namespace detail {
+/// The per-step scalars of step t (1-based) from the options and the gradients' global norm
+/// (clipping folded into grad_scale). Shared by optim::adamw and cuda::adamw.
+template <class Acc>
+adamw_coeffs<Acc> fold_coeffs(const adamw_options& o, std::int64_t t, double grad_norm) {
+  adamw_coeffs<Acc> c{};
+  c.lr = static_cast<Acc>(o.lr);
+  c.beta1 = static_cast<Acc>(o.beta1);
+  c.beta2 = static_cast<Acc>(o.beta2);
+  c.eps = static_cast<Acc>(o.eps);
+  c.decay = static_cast<Acc>(1.0 - o.lr * o.weight_decay);
+  c.bc1 = static_cast<Acc>(1.0 - std::pow(o.beta1, double(t)));
+  c.bc2 = static_cast<Acc>(1.0 - std::pow(o.beta2, double(t)));
+  c.grad_scale = Acc(1);
+  if (o.max_grad_norm > 0 && grad_norm > o.max_grad_norm) c.grad_scale = static_cast<Acc>(o.max_grad_norm / (grad_norm + 1e-6));
+  return c;
+}
+/// The option checks shared by optim::adamw and cuda::adamw.
+inline void check_adamw_options(const adamw_options& o) {
+  require<error>(o.lr >= 0 && std::isfinite(o.lr), "adamw: expected lr >= 0, got ", o.lr);
+  require<error>(o.beta1 >= 0 && o.beta1 < 1, "adamw: expected 0 <= beta1 < 1, got ", o.beta1);
+  require<error>(o.beta2 >= 0 && o.beta2 < 1, "adamw: expected 0 <= beta2 < 1, got ", o.beta2);
+  require<error>(o.eps > 0, "adamw: expected eps > 0, got ", o.eps);
+  require<error>(o.weight_decay >= 0, "adamw: expected weight_decay >= 0, got ", o.weight_decay);
+  require<error>(o.max_grad_norm >= 0, "adamw: expected max_grad_norm >= 0 (0 = off), got ", o.max_grad_norm);
+}
 /// Executor dispatch for one step. Specialize for exec::cuda_t in kernels/ (fused AdamW).
 template <class Exec>
 struct adamw_impl {
@@ -196,18 +221,7 @@ class adamw {
     require<numeric_error>(std::isfinite(norm), "adamw::step: expected finite gradients, got global norm ", norm,
                            " (parameters left unchanged)");
     ++t_;
-    adamw_coeffs<acc_type> c{};
-    c.lr = static_cast<acc_type>(opt_.lr);
-    c.beta1 = static_cast<acc_type>(opt_.beta1);
-    c.beta2 = static_cast<acc_type>(opt_.beta2);
-    c.eps = static_cast<acc_type>(opt_.eps);
-    c.decay = static_cast<acc_type>(1.0 - opt_.lr * opt_.weight_decay);
-    c.bc1 = static_cast<acc_type>(1.0 - std::pow(opt_.beta1, double(t_)));
-    c.bc2 = static_cast<acc_type>(1.0 - std::pow(opt_.beta2, double(t_)));
-    c.grad_scale = acc_type(1);
-    if (opt_.max_grad_norm > 0 && norm > opt_.max_grad_norm)
-      c.grad_scale = static_cast<acc_type>(opt_.max_grad_norm / (norm + 1e-6));
-    detail::adamw_impl<Exec>::step(ex, params, grads, *m_, *v_, c);
+    detail::adamw_impl<Exec>::step(ex, params, grads, *m_, *v_, detail::fold_coeffs<acc_type>(opt_, t_, norm));
     post_step(params);
     return norm;
   }
@@ -225,14 +239,7 @@ class adamw {
   }
 
  private:
-  void check_options() const {
-    require<error>(opt_.lr >= 0 && std::isfinite(opt_.lr), "adamw: expected lr >= 0, got ", opt_.lr);
-    require<error>(opt_.beta1 >= 0 && opt_.beta1 < 1, "adamw: expected 0 <= beta1 < 1, got ", opt_.beta1);
-    require<error>(opt_.beta2 >= 0 && opt_.beta2 < 1, "adamw: expected 0 <= beta2 < 1, got ", opt_.beta2);
-    require<error>(opt_.eps > 0, "adamw: expected eps > 0, got ", opt_.eps);
-    require<error>(opt_.weight_decay >= 0, "adamw: expected weight_decay >= 0, got ", opt_.weight_decay);
-    require<error>(opt_.max_grad_norm >= 0, "adamw: expected max_grad_norm >= 0 (0 = off), got ", opt_.max_grad_norm);
-  }
+  void check_options() const { detail::check_adamw_options(opt_); }
   void check_shapes(const Params& params, const Params& grads) const {
     std::size_t k = 0;
     auto check = [&](const auto& a, const auto& b, const char* what) {

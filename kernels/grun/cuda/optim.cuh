@@ -1,0 +1,121 @@
+#pragma once
+// grun/cuda/optim.cuh — cuda::adamw: optim::adamw for parameters that live on the device.
+//
+//   grun::cuda::device_params<unlearner::params<float, grun::cuda_space>> p(...), g(*p);
+//   grun::cuda::adamw<unlearner::params<float, grun::cuda_space>> opt(*p, {.lr = 4e-3});
+//   unlearner::backward(grun::exec::cuda, *p, h, pos, dout, dgates, dh, *g);
+//   opt.step(grun::exec::cuda, *p, *g);   // norm, clip, ONE fused AdamW launch, QR retraction of R
+//
+// Same options, same per-step scalars (optim::detail::fold_coeffs) and the same update math
+// (optim::adamw_update, run by kernels/grun/cuda/adamw.cuh) as the host optimizer; the moments m, v
+// are device_params of the same aggregate. A step synchronizes the stream twice: once for the
+// gradient norm (clipping and the finiteness check need it on the host before anything changes)
+// and once in the retraction (a degenerate R is reported as numeric_error).
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "adamw.cuh"
+#include "check.cuh"
+#include "retract.cuh"
+
+#include <grun/intervention.hpp>
+#include <grun/optim/adamw.hpp>
+#include <grun/ortho/qr_retraction.hpp>
+
+namespace grun::cuda {
+
+/// optim::retract_after_step on the device: a gated_intervention module whose ortho policy is
+/// qr_retraction gets its R retracted by one block (retract.cuh); ortho::none needs nothing.
+/// Parametrizations (householder) have no device kernels and are refused at compile time.
+template <class P>
+void retract_after_step(const exec::cuda_t& ex, const P& p) {
+  if constexpr (optim::detail::module_params_traits<P>::value) {
+    using I = typename optim::detail::module_params_traits<P>::intervention;
+    using R = typename I::reft_type;
+    using O = typename I::ortho_type;
+    if constexpr (R::has_rotation && !O::is_parametrization) {
+      static_assert(std::is_same_v<O, ortho::qr_retraction>,
+                    "grun::cuda::adamw: the device retraction exists for ortho::qr_retraction (and ortho::none)");
+      qr_retract(ex, R::rotation(p.reft));
+    }
+  }
+}
+
+template <class Params>
+class adamw {
+ public:
+  using params_type = Params;
+  using value_type = param_value_t<Params>;
+  using acc_type = acc_t<value_type>;
+
+  /// State shaped like `shape` (a cuda_space aggregate; only its extents are read), zeroed.
+  explicit adamw(const Params& shape, optim::adamw_options opt = {}) : opt_(opt), m_(shape), v_(shape) {
+    optim::detail::check_adamw_options(opt_);
+  }
+
+  const optim::adamw_options& options() const { return opt_; }
+  void set_lr(double lr) {
+    optim::adamw_options o = opt_;
+    o.lr = lr;
+    optim::detail::check_adamw_options(o);
+    opt_ = o;
+  }
+  std::int64_t steps() const { return t_; }
+  /// Forgets the moments and the step count.
+  void reset() { m_.zero(); v_.zero(); t_ = 0; }
+  device_params<Params>& first_moment() { return m_; }
+  device_params<Params>& second_moment() { return v_; }
+
+  /// params ← AdamW(params, grads) in one launch, then the retraction. Returns the gradients'
+  /// global L2 norm before clipping; numeric_error (nothing changed) when it is not finite.
+  double step(const exec::cuda_t& ex, const Params& params, const Params& grads) {
+    return step(ex, params, grads, [&](const Params& p) { retract_after_step(ex, p); });
+  }
+  /// As above with a caller-supplied post-step hook instead of retract_after_step.
+  template <class PostStep>
+    requires std::invocable<PostStep&, const Params&>
+  double step(const exec::cuda_t& ex, const Params& params, const Params& grads, PostStep&& post_step) {
+    check_shapes(params, grads);
+    const double norm = grad_norm(ex, grads);
+    require<numeric_error>(std::isfinite(norm), "cuda::adamw::step: expected finite gradients, got global norm ", norm,
+                           " (parameters left unchanged)");
+    ++t_;
+    optim::detail::adamw_impl<exec::cuda_t>::step(ex, params, grads, *m_, *v_,
+                                                  optim::detail::fold_coeffs<acc_type>(opt_, t_, norm));
+    post_step(params);
+    return norm;
+  }
+
+  /// Global L2 norm of a device aggregate: Σ over leaves of cub::DeviceReduce sums of squares, in double.
+  static double grad_norm(const exec::cuda_t& ex, const Params& grads) {
+    double s = 0;
+    for_each_param(grads, [&](const auto& leaf) {
+      const double n = l2_norm(ex, leaf.data, leaf.size());
+      s += n * n;
+    });
+    return std::sqrt(s);
+  }
+
+ private:
+  void check_shapes(const Params& params, const Params& grads) const {
+    std::size_t k = 0;
+    auto check = [&](const auto& a, const auto& b, const char* what) {
+      require<shape_error>(a.rows == b.rows && a.cols == b.cols, "cuda::adamw::step: parameter #", k, ": expected ", what,
+                           " of shape [", a.rows, ", ", a.cols, "] (the optimizer state's), got [", b.rows, ", ",
+                           b.cols, "]");
+      require<shape_error>(b.size() == 0 || b.data != nullptr, "cuda::adamw::step: parameter #", k, ": ", what,
+                           " has no storage (null data)");
+      ++k;
+    };
+    for_each_param_pair(*m_, params, [&](const auto& a, const auto& b) { check(a, b, "parameters"); });
+    k = 0;
+    for_each_param_pair(*m_, grads, [&](const auto& a, const auto& b) { check(a, b, "gradients"); });
+  }
+
+  optim::adamw_options opt_;
+  device_params<Params> m_, v_;
+  std::int64_t t_ = 0;
+};
+
+}  // namespace grun::cuda

@@ -1,0 +1,86 @@
+// cuda::adamw (device moments, one fused launch, device QR retraction) agrees with optim::adamw
+// step for step, clips the same way, and refuses non-finite gradients without changing anything.
+#include <grun/cuda/optim.cuh>
+#include <grun/gate/linear.hpp>
+#include <grun/gate/mlp.hpp>
+#include <grun/reft/loreft.hpp>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "agreement.hpp"
+
+namespace gc = grun::cuda;
+using grun::cuda_space;
+using grun::index_t;
+
+namespace {
+/// A host module's parameters copied to a device aggregate of the same shapes.
+template <class I, class Hp>
+gc::device_params<typename I::template params<float, cuda_space>> upload(const grun::owned_params<Hp>& h, index_t d) {
+  gc::device_params<typename I::template params<float, cuda_space>> p(I::template shape<float, cuda_space>(d));
+  GRUN_CUDA_CHECK(cudaMemcpy(p.data(), h.data(), sizeof(float) * std::size_t(h.size()), cudaMemcpyHostToDevice));
+  return p;
+}
+template <class D>
+std::vector<float> download(const D& p) {
+  std::vector<float> out(std::size_t(p.size()));
+  GRUN_CUDA_CHECK(cudaMemcpy(out.data(), p.data(), sizeof(float) * out.size(), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+template <class I>
+void check_steps(index_t d, grun::optim::adamw_options o, int steps) {
+  using Hp = typename I::template params<float>;
+  using Dp = typename I::template params<float, cuda_space>;
+  grun::owned_params<Hp> p(I::template shape<float>(d)), g(*p);
+  grun::init(*p, 5);
+  auto pd = upload<I>(p, d);
+  gc::device_params<Dp> gd(I::template shape<float, cuda_space>(d));
+  grun::optim::adamw<Hp> host(*p, o);
+  gc::adamw<Dp> dev(*pd, o);
+  for (int s = 0; s < steps; ++s) {
+    grun::test::fill_uniform(std::span<float>(g.data(), std::size_t(g.size())), unsigned(100 + s), -2.f, 2.f);
+    GRUN_CUDA_CHECK(cudaMemcpy(gd.data(), g.data(), sizeof(float) * std::size_t(g.size()), cudaMemcpyHostToDevice));
+    const double nh = host.step(*p, *g);
+    const double nd = dev.step(grun::exec::cuda, *pd, *gd);
+    CHECK(nd == Approx(nh).epsilon(1e-9));
+  }
+  const auto back = download(pd);
+  INFO("d = " << d << ", steps = " << steps << ", max_grad_norm = " << o.max_grad_norm);
+  CHECK(grun::test::rel_error(std::span<const float>(back), std::span<const float>(p.data(), std::size_t(p.size()))) < 1e-5);
+  CHECK(dev.steps() == steps);
+}
+}  // namespace
+
+TEST_CASE("cuda::adamw agrees with optim::adamw, retraction included", "[optim]") {
+  GRUN_REQUIRE_DEVICE();
+  using linear = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
+  using mlp = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<8>>;
+  check_steps<linear>(77, {.lr = 1e-2}, 5);
+  check_steps<linear>(4096, {.lr = 4e-3, .max_grad_norm = 1.0}, 3);  // clipped: norm ≫ 1
+  check_steps<mlp>(130, {.lr = 4e-3, .weight_decay = 0.1}, 4);
+}
+
+TEST_CASE("cuda::adamw refuses non-finite gradients and leaves the parameters alone", "[optim]") {
+  GRUN_REQUIRE_DEVICE();
+  using I = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
+  using Hp = I::params<float>;
+  using Dp = I::params<float, cuda_space>;
+  const index_t d = 33;
+  static_assert(std::is_same_v<decltype(upload<I>(std::declval<grun::owned_params<Hp>&>(), d)), gc::device_params<Dp>>);
+  grun::owned_params<Hp> p(I::shape<float>(d)), g(*p);
+  grun::init(*p, 9);
+  g.data()[7] = std::numeric_limits<float>::quiet_NaN();
+  auto pd = upload<I>(p, d), gd = upload<I>(g, d);
+  gc::adamw<Dp> dev(*pd, {.lr = 1e-2});
+  CHECK_THROWS_AS(dev.step(grun::exec::cuda, *pd, *gd), grun::numeric_error);
+  CHECK(dev.steps() == 0);
+  CHECK(download(pd) == std::vector<float>(p.data(), p.data() + p.size()));
+}
+
+TEST_CASE("cuda::adamw: bad options are refused like optim::adamw's", "[nodevice][optim]") {
+  CHECK_THROWS_AS(grun::optim::detail::check_adamw_options({.lr = -1}), grun::error);
+  CHECK_THROWS_WITH(grun::optim::detail::check_adamw_options({.beta2 = 1.0}), Catch::Contains("beta2"));
+}
