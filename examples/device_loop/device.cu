@@ -39,21 +39,6 @@ struct cuda_backend {
   void step(O& opt, const P& p, const P& g) { opt.step(ex, p, g); }
 };
 
-struct host_backend {  // the same as host.cpp's, for the side-by-side run
-  using space = grun::host_space;
-  grun::exec::host_t ex = grun::exec::host;
-  grun::buffer<float> upload(const grun::buffer<float>& x, grun::index_t, grun::index_t) { return x; }
-  grun::buffer<float> zeros(grun::index_t r, grun::index_t c) { return grun::buffer<float>(r * c); }
-  std::vector<float> download(const grun::buffer<float>& x, grun::index_t n) { return {x.data(), x.data() + n}; }
-  template <class P>
-  grun::owned_params<P> upload_params(const grun::owned_params<P>& init, grun::index_t) { return init; }
-  template <class P>
-  grun::owned_params<P> zero_params(grun::index_t d) { return grun::owned_params<P>(device_loop::unlearner::shape<float>(d)); }
-  template <class P>
-  grun::optim::adamw<P> optimizer(const P& shape, grun::optim::adamw_options o) { return grun::optim::adamw<P>(shape, o); }
-  template <class O, class P>
-  void step(O& opt, const P& p, const P& g) { opt.step(p, g); }
-};
 }  // namespace
 
 int main() {
@@ -64,7 +49,7 @@ int main() {
   try {
     const device_loop::problem pb;
     cuda_backend dev;
-    host_backend host;
+    device_loop::host_backend host;
     const auto dlog = device_loop::train(dev, pb);
     const auto hlog = device_loop::train(host, pb);
     const bool ok = device_loop::report("cuda", dlog) & device_loop::report("host", hlog);

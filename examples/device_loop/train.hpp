@@ -104,6 +104,24 @@ std::vector<step_log> train(Backend& be, const problem& pb) {
   return log;
 }
 
+/// exec::host storage for train(): buffers in host memory, optim::adamw.
+struct host_backend {
+  using space = grun::host_space;
+  grun::exec::host_t ex = grun::exec::host;
+
+  grun::buffer<float> upload(const grun::buffer<float>& x, index_t, index_t) { return x; }
+  grun::buffer<float> zeros(index_t r, index_t c) { return grun::buffer<float>(r * c); }
+  std::vector<float> download(const grun::buffer<float>& x, index_t n) { return {x.data(), x.data() + n}; }
+  template <class P>
+  grun::owned_params<P> upload_params(const grun::owned_params<P>& init, index_t) { return init; }
+  template <class P>
+  grun::owned_params<P> zero_params(index_t d) { return grun::owned_params<P>(unlearner::shape<float>(d)); }
+  template <class P>
+  grun::optim::adamw<P> optimizer(const P& shape, grun::optim::adamw_options o) { return grun::optim::adamw<P>(shape, o); }
+  template <class O, class P>
+  void step(O& opt, const P& p, const P& g) { opt.step(p, g); }
+};
+
 /// Prints the log every `every` steps and judges it: the loss fell by half, and the gate separates
 /// forget from retain rows (mean gate ≥ 0.9 on forget, ≤ 0.1 on retain).
 inline bool report(const char* backend, const std::vector<step_log>& log, int every = 25) {

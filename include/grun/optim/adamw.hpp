@@ -125,6 +125,23 @@ adamw_coeffs<Acc> fold_coeffs(const adamw_options& o, std::int64_t t, double gra
   if (o.max_grad_norm > 0 && grad_norm > o.max_grad_norm) c.grad_scale = static_cast<Acc>(o.max_grad_norm / (grad_norm + 1e-6));
   return c;
 }
+/// Every leaf of params and grads has the optimizer state's shape and storage (shared by
+/// optim::adamw and cuda::adamw; `who` names the caller in the error).
+template <class Params>
+void check_adamw_shapes(const Params& state, const Params& params, const Params& grads, const char* who) {
+  std::size_t k = 0;
+  auto check = [&](const auto& a, const auto& b, const char* what) {
+    require<shape_error>(a.rows == b.rows && a.cols == b.cols, who, ": parameter #", k, ": expected ", what,
+                         " of shape [", a.rows, ", ", a.cols, "] (the optimizer state's), got [", b.rows, ", ", b.cols,
+                         "]");
+    require<shape_error>(b.size() == 0 || b.data != nullptr, who, ": parameter #", k, ": ", what,
+                         " has no storage (null data)");
+    ++k;
+  };
+  for_each_param_pair(state, params, [&](const auto& a, const auto& b) { check(a, b, "parameters"); });
+  k = 0;
+  for_each_param_pair(state, grads, [&](const auto& a, const auto& b) { check(a, b, "gradients"); });
+}
 /// The option checks shared by optim::adamw and cuda::adamw.
 inline void check_adamw_options(const adamw_options& o) {
   require<error>(o.lr >= 0 && std::isfinite(o.lr), "adamw: expected lr >= 0, got ", o.lr);
@@ -241,18 +258,7 @@ class adamw {
  private:
   void check_options() const { detail::check_adamw_options(opt_); }
   void check_shapes(const Params& params, const Params& grads) const {
-    std::size_t k = 0;
-    auto check = [&](const auto& a, const auto& b, const char* what) {
-      require<shape_error>(a.rows == b.rows && a.cols == b.cols, "adamw::step: parameter #", k, ": expected ", what,
-                           " of shape [", a.rows, ", ", a.cols, "] (the optimizer state's), got [", b.rows, ", ",
-                           b.cols, "]");
-      require<shape_error>(b.size() == 0 || b.data != nullptr, "adamw::step: parameter #", k, ": ", what,
-                           " has no storage (null data)");
-    };
-    k = 0;
-    for_each_param_pair(*m_, params, [&](const auto& a, const auto& b) { check(a, b, "parameters"); ++k; });
-    k = 0;
-    for_each_param_pair(*m_, grads, [&](const auto& a, const auto& b) { check(a, b, "gradients"); ++k; });
+    detail::check_adamw_shapes(*m_, params, grads, "adamw::step");
   }
 
   adamw_options opt_;

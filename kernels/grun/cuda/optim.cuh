@@ -99,18 +99,7 @@ class adamw {
 
  private:
   void check_shapes(const Params& params, const Params& grads) const {
-    std::size_t k = 0;
-    auto check = [&](const auto& a, const auto& b, const char* what) {
-      require<shape_error>(a.rows == b.rows && a.cols == b.cols, "cuda::adamw::step: parameter #", k, ": expected ", what,
-                           " of shape [", a.rows, ", ", a.cols, "] (the optimizer state's), got [", b.rows, ", ",
-                           b.cols, "]");
-      require<shape_error>(b.size() == 0 || b.data != nullptr, "cuda::adamw::step: parameter #", k, ": ", what,
-                           " has no storage (null data)");
-      ++k;
-    };
-    for_each_param_pair(*m_, params, [&](const auto& a, const auto& b) { check(a, b, "parameters"); });
-    k = 0;
-    for_each_param_pair(*m_, grads, [&](const auto& a, const auto& b) { check(a, b, "gradients"); });
+    optim::detail::check_adamw_shapes(*m_, params, grads, "cuda::adamw::step");
   }
 
   optim::adamw_options opt_;
