@@ -1,0 +1,237 @@
+#pragma once
+// tests/cuda/fused_intervention_check.hpp — the agreement checks of the fused intervention kernels
+// (kernels/grun/cuda/intervention_fused.cuh, and the cuBLASLt mlp gate of intervention_mlp.cuh),
+// shared by the test_cuda_intervention_fused*.cu files. The cases are spread over several files
+// because each (policy, dtype) pair instantiates host and device kernels: one file held them all and
+// took ~4.5 minutes of nvcc for sm_90 alone; split, the files compile in parallel.
+//
+// check<I, T>: the fused path (exec::cuda) against exec::host — forward, gates, dh, every parameter
+// gradient — plus a bitwise repeat of the backward (deterministic mode).
+// check_against_generic<I, T>: the fused path against the generic per-thread device path.
+// check_all<I, T>: check<I, T> over the shapes that matter — d odd (scalar rows), P = 1, an empty
+// position list, T = 1, unaligned row stride, in place, stacks of K modules, many slots.
+#include <grun/cuda/intervention.cuh>
+#include <grun/gate/always.hpp>
+#include <grun/gate/linear.hpp>
+#include <grun/gate/mlp.hpp>
+#include <grun/reft/direft.hpp>
+#include <grun/reft/loreft.hpp>
+
+#include <cstring>
+#include <vector>
+
+#include "agreement.hpp"
+
+namespace grun::test::fused_case {
+
+namespace gc = grun::cuda;
+
+
+template <class I, class T>
+using dparams = typename I::template params<T, cuda_space>;
+template <class I, class T>
+using hparams = typename I::template params<T, grun::host_space>;
+
+template <class T>
+using dview = grun::matrix_view<T, cuda_space>;
+template <class T>
+using cdview = grun::matrix_view<const T, cuda_space>;
+
+template <class I, class T>
+gc::device_params<dparams<I, T>> to_device(const grun::owned_params<hparams<I, T>>& host, index_t d) {
+  gc::device_params<dparams<I, T>> dev(I::template shape<T, cuda_space>(d));
+  GRUN_CUDA_CHECK(cudaMemcpy(dev.data(), host.data(), sizeof(T) * std::size_t(host.size()), cudaMemcpyHostToDevice));
+  return dev;
+}
+template <class I, class T>
+std::vector<T> flat(const gc::device_params<dparams<I, T>>& p) {
+  std::vector<T> out(std::size_t(p.size()));
+  GRUN_CUDA_CHECK(cudaMemcpy(out.data(), p.data(), sizeof(T) * out.size(), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+/// A device matrix [N, d] with row stride ld ≥ d (ld > d: rows not 16-byte aligned → scalar path).
+template <class T>
+struct strided {
+  gc::device_buffer<T> buf;
+  index_t N, d, ld;
+  strided(index_t n, index_t dd, index_t l) : buf(std::max<index_t>(1, n * l)), N(n), d(dd), ld(l) {}
+  dview<T> view() { return dview<T>(buf.data(), {N, d}, {ld, 1}); }
+  void upload(const grun::host_matrix<T>& h) {
+    if (N * d == 0) return;
+    GRUN_CUDA_CHECK(cudaMemcpy2D(buf.data(), sizeof(T) * ld, h.storage.data(), sizeof(T) * d, sizeof(T) * d, N,
+                                 cudaMemcpyHostToDevice));
+  }
+  grun::host_matrix<T> download() {
+    grun::host_matrix<T> h(N, d);
+    if (N * d == 0) return h;
+    GRUN_CUDA_CHECK(cudaMemcpy2D(h.storage.data(), sizeof(T) * d, buf.data(), sizeof(T) * ld, sizeof(T) * d, N,
+                                 cudaMemcpyDeviceToHost));
+    return h;
+  }
+};
+
+struct config {
+  index_t N, d;
+  std::vector<index_t> rows;  // positions
+  index_t K = 1, trained = 0;
+  double scale = 1.0;
+  index_t pad = 0;             // row stride d + pad on the device
+  bool in_place = false;       // out == h, dh == dout
+};
+
+template <class I, class T>
+void check(const config& c) {
+  using Hp = hparams<I, T>;
+  using Dp = dparams<I, T>;
+  using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
+  static_assert(impl::fused || impl::fused_mlp, "this test is about the fused kernels");
+  const auto pos = grun::positions::rows(c.rows);
+  const index_t N = c.N, d = c.d, K = c.K, P = pos.size();
+  INFO("d = " << d << ", N = " << N << ", P = " << P << ", K = " << K << ", pad = " << c.pad << ", in place "
+              << c.in_place << ", " << I::gate_type::name << " + " << I::reft_type::name << "<" << I::rank << ">");
+  std::vector<grun::owned_params<Hp>> hm;
+  std::vector<gc::device_params<Dp>> dm;
+  for (index_t k = 0; k < K; ++k) {
+    hm.emplace_back(I::template shape<T>(d));
+    grun::init(*hm.back(), std::uint64_t(21 + k));
+    grun::for_each_param(*hm.back(), [&](auto& leaf) {  // spread the parameters: every path matters
+      std::mt19937 gen(unsigned(leaf.size() + 13 * k));
+      std::normal_distribution<float> nd(0.f, 0.3f);
+      for (index_t i = 0; i < leaf.size(); ++i) leaf[i] = grun::store<T>(grun::load<float>(leaf[i]) + nd(gen));
+    });
+    dm.push_back(to_device<I, T>(hm.back(), d));
+  }
+  std::vector<Hp> hv;
+  std::vector<Dp> dv;
+  for (auto& m : hm) hv.push_back(*m);
+  for (auto& m : dm) dv.push_back(*m);
+
+  grun::host_matrix<T> h(N, d), dout(N, d), out_h(N, d), dh_h(N, d), gates_h(K, P), dgates(K, P);
+  grun::test::fill_uniform(h.storage.span(), 1, -2.f, 2.f);
+  grun::test::fill_uniform(dout.storage.span(), 2);
+  grun::test::fill_uniform(dgates.storage.span(), 3);
+  grun::owned_params<Hp> grads_h(I::template shape<T>(d));
+  using host_impl = grun::detail::intervention_impl<grun::exec::host_t, I>;
+  using cuda_impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
+  host_impl::forward(grun::exec::host, std::span<const Hp>(hv), c.scale, grun::matrix_view<const T>(h.view()), pos,
+                     out_h.view(), gates_h.view());
+  host_impl::backward(grun::exec::host, std::span<const Hp>(hv), c.scale, c.trained, grun::matrix_view<const T>(h.view()),
+                      pos, grun::matrix_view<const T>(dout.view()), grun::matrix_view<const T>(dgates.view()),
+                      dh_h.view(), *grads_h);
+
+  const index_t ld = d + c.pad;
+  strided<T> hd(N, d, ld), outd(N, d, ld), doutd(N, d, ld), dhd(N, d, ld);
+  hd.upload(h);
+  doutd.upload(dout);
+  gc::device_matrix<T> gatesd(K, P), dgatesd(dgates);
+  gc::device_params<Dp> grads_d(I::template shape<T, cuda_space>(d));
+  dview<T> outv = c.in_place ? hd.view() : outd.view();
+  dview<T> dhv = c.in_place ? doutd.view() : dhd.view();
+
+  // Backward first when in place (it reads h, which the in-place forward overwrites). Deterministic
+  // mode (cuBLASLt without split-K for the mlp gate) so the repeat below can be compared bitwise.
+  const grun::exec::cuda_t det{nullptr, true};
+  cuda_impl::backward(det, std::span<const Dp>(dv), c.scale, c.trained, cdview<T>(hd.view()), pos,
+                      cdview<T>(doutd.view()), cdview<T>(dgatesd.view()), dhv, *grads_d);
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto dh_d = (c.in_place ? doutd : dhd).download();
+  const auto gd = flat<I, T>(grads_d);
+  if (!c.in_place) {
+    // Determinism: the same call again gives the same bits (gradients and dh).
+    gc::device_params<Dp> again(I::template shape<T, cuda_space>(d));
+    cuda_impl::backward(det, std::span<const Dp>(dv), c.scale, c.trained, cdview<T>(hd.view()), pos,
+                        cdview<T>(doutd.view()), cdview<T>(dgatesd.view()), dhv, *again);
+    const auto gd2 = flat<I, T>(again);
+    CHECK(std::memcmp(gd.data(), gd2.data(), sizeof(T) * gd.size()) == 0);
+    const auto dh2 = dhd.download();
+    CHECK(std::memcmp(dh2.storage.data(), dh_d.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+  }
+  cuda_impl::forward(grun::exec::cuda, std::span<const Dp>(dv), c.scale, cdview<T>(hd.view()), pos, outv,
+                     gatesd.view());
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto out_d = (c.in_place ? hd : outd).download();
+
+  const double tol = grun::test::tolerance<T>();
+  CHECK(grun::test::rel_error(out_d.storage.span(), out_h.storage.span()) < tol);
+  if (P > 0) CHECK(grun::test::rel_error(gatesd.to_host().storage.span(), gates_h.storage.span()) < tol);
+  CHECK(grun::test::rel_error(dh_d.storage.span(), dh_h.storage.span()) < tol);
+  if (P > 0) {
+    // Each parameter tensor on its own scale (bias gradients are sums over P rows, weights over P·d).
+    std::vector<T> gh(grads_h.data(), grads_h.data() + grads_h.size());
+    index_t off = 0;
+    grun::for_each_param(*grads_h, [&](const auto& leaf) {
+      const auto n = std::size_t(leaf.size());
+      INFO("gradient leaf at offset " << off << ", " << leaf.rows << " × " << leaf.cols);
+      CHECK(grun::test::rel_error(std::span<const T>(gd.data() + off, n), std::span<const T>(gh.data() + off, n)) < tol);
+      off += leaf.size();
+    });
+  } else {
+    for (const T& x : gd) CHECK(grun::load<float>(x) == 0.f);
+  }
+}
+
+/// The fused path against the generic device path (same device, same inputs).
+template <class I, class T>
+void check_against_generic(index_t N, index_t d, std::vector<index_t> rows) {
+  using Hp = hparams<I, T>;
+  using Dp = dparams<I, T>;
+  const auto pos = grun::positions::rows(rows);
+  const index_t P = pos.size();
+  grun::owned_params<Hp> hp(I::template shape<T>(d));
+  grun::init(*hp, 7);
+  auto dp = to_device<I, T>(hp, d);
+  const Dp one[1] = {*dp};
+  grun::host_matrix<T> h(N, d), dout(N, d);
+  grun::test::fill_uniform(h.storage.span(), 4, -2.f, 2.f);
+  grun::test::fill_uniform(dout.storage.span(), 5);
+  gc::device_matrix<T> hd(h), doutd(dout), o1(N, d), o2(N, d), g1(1, P), g2(1, P), dh1(N, d), dh2(N, d);
+  gc::device_params<Dp> gr1(I::template shape<T, cuda_space>(d)), gr2(I::template shape<T, cuda_space>(d));
+  using cuda_impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
+  const cdview<T> none(nullptr, {0, 0});
+  cuda_impl::forward(grun::exec::cuda, std::span<const Dp>(one), 1.0, cdview<T>(hd.view()), pos, o1.view(), g1.view());
+  cuda_impl::template generic_forward<T, cuda_space>(grun::exec::cuda, std::span<const Dp>(one), 1.0, cdview<T>(hd.view()),
+                                                     pos, o2.view(), g2.view());
+  cuda_impl::backward(grun::exec::cuda, std::span<const Dp>(one), 1.0, 0, cdview<T>(hd.view()), pos,
+                      cdview<T>(doutd.view()), none, dh1.view(), *gr1);
+  cuda_impl::template generic_backward<T, cuda_space>(grun::exec::cuda, std::span<const Dp>(one), 1.0, 0,
+                                                      cdview<T>(hd.view()), pos, cdview<T>(doutd.view()), none,
+                                                      dh2.view(), *gr2);
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  const double tol = grun::test::tolerance<T>();
+  CHECK(grun::test::rel_error(o1.to_host().storage.span(), o2.to_host().storage.span()) < tol);
+  CHECK(grun::test::rel_error(g1.to_host().storage.span(), g2.to_host().storage.span()) < tol);
+  CHECK(grun::test::rel_error(dh1.to_host().storage.span(), dh2.to_host().storage.span()) < tol);
+  const auto a = flat<I, T>(gr1), b = flat<I, T>(gr2);
+  CHECK(grun::test::rel_error(std::span<const T>(a), std::span<const T>(b)) < tol);
+}
+
+inline std::vector<index_t> iota(index_t n) {
+  std::vector<index_t> v(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) v[std::size_t(i)] = i;
+  return v;
+}
+
+template <class I, class T>
+void check_all() {
+  check<I, T>({5, 37, {3}});                                         // d odd (scalar rows), P = 1
+  check<I, T>({40, 64, {0, 5, 9, 17, 39, 21}});                      // vector rows, a position list
+  check<I, T>({12, 33, {}});                                         // empty position list
+  check<I, T>({1, 48, {0}});                                         // T = 1, every row selected
+  check<I, T>({33, 40, {1, 2, 3, 4, 5, 6, 7, 8, 30}, 1, 0, 1.0, 3}); // row stride not 16-byte aligned
+  check<I, T>({20, 72, {19, 0, 7, 8}, 1, 0, 1.0, 0, true});         // in place
+  check<I, T>({70, 96, iota(70), 3, 1, 0.6 * 3 + 0.6});              // stack of K = 3, every row, train the middle
+  check<I, T>({600, 1001, iota(600)});                               // d odd, many slots (P/16 = 38)
+  check<I, T>({300, 1024, {299, 5, 17, 42, 128, 256, 3, 4, 6, 8}, 2, 0, 0.9});  // K = 2 (parameters re-read)
+}
+
+using lin_lo4 = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
+using lin_lo1 = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<1>>;
+using lin_no32 = grun::gated_intervention<grun::gate::linear, grun::reft::noreft<32>>;
+using all_no2 = grun::gated_intervention<grun::gate::always, grun::reft::noreft<2>>;
+using lin_di4 = grun::gated_intervention<grun::gate::linear, grun::reft::direft<4>>;
+using all_di8 = grun::gated_intervention<grun::gate::always, grun::reft::direft<8>>;
+using mlp_lo4 = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
+using mlp_di2 = grun::gated_intervention<grun::gate::mlp<24, 8>, grun::reft::direft<2>>;
+
+}  // namespace grun::test::fused_case
