@@ -9,7 +9,14 @@ Same sizes, dtype (bf16) and math as benchmarks/cuda/bench_cuda.cu:
   kl:           per-token KL(softmax(r) || softmax(x)) over logits x, r [T, V] (fp32 accumulate),
                 forward and backward to x (r is a frozen reference: no gradient)
   copy:         torch copy_ device to device (a sanity check of bench_cuda's copy bandwidth)
-Usage: torch_reference.py [--quick] [--no-compile]
+  nll, Liger:   LigerCrossEntropyLoss (Triton, reads the bf16 logits directly) at the NLL size, as
+                RESULT nll_fwd_liger / nll_fwdbwd_liger — only if liger_kernel imports (gpu_check.sh tries pip only with GRUN_TRY_LIGER=1).
+
+Every computation is timed eagerly first (variant eager), then again under torch.compile (variant
+compile) while time remains: a compile pass that would start after --compile-deadline is skipped and
+says so on a NOTE line, so a slow first compile cannot crowd out the eager numbers.
+Other lines: TORCH <version> on <gpu>, LIGER <version>, NOTE <text> (read by gpu_table.py).
+Usage: torch_reference.py [--quick] [--no-compile] [--compile-deadline UNIX_SECONDS]
 """
 import sys
 import time
@@ -19,6 +26,9 @@ import torch.nn.functional as F
 
 QUICK = "--quick" in sys.argv
 COMPILE = "--no-compile" not in sys.argv
+# Wall-clock time (time.time()) after which no torch.compile pass starts; None: no limit.
+DEADLINE = float(sys.argv[sys.argv.index("--compile-deadline") + 1]) if "--compile-deadline" in sys.argv else None
+PASS = "eager"  # the variant timed now: main() runs every computation eagerly, then under torch.compile
 dev = "cuda"
 bf16 = torch.bfloat16
 
@@ -44,6 +54,24 @@ def result(name, ms):
     print(f"RESULT {name} {ms:.6f}", flush=True)
 
 
+def note(text):
+    print(f"NOTE {text}", flush=True)
+
+
+def variants(fn):
+    """(tag, callable) of the current pass: fn itself, or torch.compile(fn) in the compile pass."""
+    yield PASS, (fn if PASS == "eager" else torch.compile(fn))
+
+
+def compile_allowed(what):
+    if not COMPILE:
+        return False
+    if DEADLINE is not None and time.time() > DEADLINE:
+        note(f"torch.compile of {what} skipped: past gpu_check's compile cutoff")
+        return False
+    return True
+
+
 def intervention(h, w, c, W, b, R):
     g = torch.sigmoid(h @ w + c)  # [T, 1]
     delta = (h @ W.t() + b - h @ R.t()) @ R  # [T, d]
@@ -62,12 +90,7 @@ def bench_intervention(T, d, r=4, fn_eager=intervention, name="intervention_line
     dout = torch.rand(T, d, device=dev, dtype=bf16, generator=g) * 2 - 1
     params = [(torch.rand(*s, device=dev, dtype=bf16, generator=g) - 0.5) * 0.1 for s in [(d, 1), (1,), (r, d), (r,), (r, d)]]
 
-    def variants():
-        yield "eager", fn_eager
-        if COMPILE:
-            yield "compile", torch.compile(fn_eager)
-
-    for tag, fn in variants():
+    for tag, fn in variants(fn_eager):
         with torch.no_grad():
             result(f"{name}_fwd_{tag}", time_ms(lambda: fn(h, *params)))
         hh = h.clone().requires_grad_(True)
@@ -89,12 +112,7 @@ def bench_nll(T, V):
     x = (torch.rand(T, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
     y = torch.arange(T, device=dev) * 7919 % V
 
-    def variants():
-        yield "eager", nll
-        if COMPILE:
-            yield "compile", torch.compile(nll)
-
-    for tag, fn in variants():
+    for tag, fn in variants(nll):
         with torch.no_grad():
             result(f"nll_fwd_{tag}", time_ms(lambda: fn(x, y)))
         xx = x.clone().requires_grad_(True)
@@ -119,12 +137,7 @@ def bench_kl(T, V):
     x = (torch.rand(T, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
     r = (torch.rand(T, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
 
-    def variants():
-        yield "eager", kl
-        if COMPILE:
-            yield "compile", torch.compile(kl)
-
-    for tag, fn in variants():
+    for tag, fn in variants(kl):
         with torch.no_grad():
             result(f"kl_fwd_{tag}", time_ms(lambda: fn(x, r)))
         xx = x.clone().requires_grad_(True)
@@ -138,19 +151,75 @@ def bench_kl(T, V):
         torch.cuda.empty_cache()
 
 
+def bench_liger_nll(T, V):
+    """Liger-Kernel's fused cross entropy at the NLL size and inputs (sum over tokens), when it imports.
+
+    Liger reads the bf16 logits directly (fp32 math inside). With an input that requires grad its
+    forward also writes dloss/dlogits over the logits in place, so its backward is (nearly) free:
+    fwd+bwd ~ one read + one write. Without grad (liger >= 0.4) the forward computes the loss only.
+    The in-place writes change the logits' values over the repetitions, not the timing.
+    """
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except Exception as e:  # not installed, or installed against another torch / triton
+        note(f"liger_kernel not importable ({type(e).__name__}: {str(e)[:80]}): no Liger rows")
+        return
+    try:
+        from importlib.metadata import version
+        print(f"LIGER {version('liger-kernel')}", flush=True)
+    except Exception:
+        print("LIGER (version unknown)", flush=True)
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = (torch.rand(T, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
+    y = torch.arange(T, device=dev) * 7919 % V
+    try:
+        loss = LigerCrossEntropyLoss(reduction="sum")  # older versions take mean: same work
+        with torch.no_grad():
+            result("nll_fwd_liger", time_ms(lambda: loss(x, y)))
+        xx = x.clone().requires_grad_(True)
+
+        def fwdbwd():
+            xx.grad = None
+            loss(xx, y).backward()
+
+        result("nll_fwdbwd_liger", time_ms(fwdbwd, 2, 5))
+    except Exception as e:  # a Triton / driver mismatch must not cost the other rows
+        note(f"Liger cross entropy failed ({type(e).__name__}: {str(e)[:120]})")
+    torch.cuda.empty_cache()
+
+
 def bench_copy(nbytes):
     a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
     result("copy_d2d_torch", time_ms(lambda: b.copy_(a)))
 
 
-if __name__ == "__main__":
+def main():
+    global PASS
     if not torch.cuda.is_available():
         print("SKIPPED: torch sees no CUDA device", file=sys.stderr)
-        sys.exit(77)
+        return 77
     print(f"TORCH {torch.__version__} on {torch.cuda.get_device_name(0)}", flush=True)
+    T, d = (1024 if QUICK else 16384), 4096
+    T_logits, V = (512 if QUICK else 8192), (32768 if QUICK else 131072)
     bench_copy((64 << 20) if QUICK else (1 << 30))
-    bench_intervention(1024 if QUICK else 16384, 4096)
-    bench_intervention(1024 if QUICK else 16384, 4096, fn_eager=intervention_direft, name="intervention_linear_direft4")
-    bench_nll(512 if QUICK else 8192, 32768 if QUICK else 131072)
-    bench_kl(512 if QUICK else 8192, 32768 if QUICK else 131072)
+    computations = [
+        ("intervention linear+loreft4", lambda: bench_intervention(T, d)),
+        ("intervention linear+direft4",
+         lambda: bench_intervention(T, d, fn_eager=intervention_direft, name="intervention_linear_direft4")),
+        ("nll", lambda: bench_nll(T_logits, V)),
+        ("kl", lambda: bench_kl(T_logits, V)),
+    ]
+    PASS = "eager"
+    for what, run in computations:
+        run()
+    bench_liger_nll(T_logits, V)
+    PASS = "compile"
+    for what, run in computations:
+        if compile_allowed(what):
+            run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
