@@ -117,32 +117,28 @@ struct adamw_impl<exec::cuda_t> {
     using T = param_value_t<Params>;
     using S = T;
     cuda::detail::adamw_table<T, S> tab{};
-    index_t total = 0;
-    bool fused = true;  // all four aggregates laid out back to back
-    const T* next_p = nullptr;
+    index_t total = 0, leaves = 0;
+    bool fused = true;  // every non-empty leaf starts where the one before it ended, in all four aggregates
     for_each_param_quad(p, g, m, v, [&](const auto& pl, const auto& gl, const auto& ml, const auto& vl) {
       static_assert(std::is_same_v<typename std::remove_cvref_t<decltype(pl)>::memory_space, cuda_space>,
                     "grun: no adamw step for host_space parameters on exec::cuda (use device_params)");
       if (pl.size() == 0) return;
-      if (tab.count == 0) {
+      if (leaves == 0) {
         tab.seg[0] = {pl.data, gl.data, ml.data, vl.data, 0};
-        tab.count = 1;
       } else {
         const auto& f = tab.seg[0];
-        fused = fused && pl.data == next_p && gl.data == f.grad + total && ml.data == f.m + total &&
+        fused = fused && pl.data == f.theta + total && gl.data == f.grad + total && ml.data == f.m + total &&
                 vl.data == f.v + total;
-        if (!fused) {
-          require<shape_error>(tab.count < cuda::detail::adamw_max_segments, "adamw step on exec::cuda: expected at most ",
-                               cuda::detail::adamw_max_segments, " non-contiguous parameter tensors per step, got more");
-          tab.seg[tab.count++] = {pl.data, gl.data, ml.data, vl.data, total};
-        }
       }
+      ++leaves;
       total += pl.size();
-      next_p = pl.data + pl.size();
     });
-    if (fused && tab.count > 0) tab.count = 1;
-    else if (!fused) {
-      // Rebuild from scratch as a segment list (the first leaves were folded before a gap appeared).
+    tab.count = leaves > 0 ? 1 : 0;  // fused: seg[0] spans all `total` elements
+    if (!fused) {
+      // One segment per non-empty leaf, counted before any is written (the table has a fixed size).
+      require<shape_error>(leaves <= cuda::detail::adamw_max_segments, "adamw step on exec::cuda: expected at most ",
+                           cuda::detail::adamw_max_segments, " non-contiguous parameter tensors per step, got ", leaves,
+                           " (keep the leaves in one buffer, e.g. grun::cuda::device_params)");
       tab = {};
       total = 0;
       for_each_param_quad(p, g, m, v, [&](const auto& pl, const auto& gl, const auto& ml, const auto& vl) {
