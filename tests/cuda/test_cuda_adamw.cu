@@ -31,6 +31,30 @@ TEST_CASE("cuda adamw: host parameters on exec::cuda do not compile; an empty ag
   SUCCEED();
 }
 
+TEST_CASE("cuda adamw: more separate leaves than the segment table holds is a shape_error, before any launch",
+          "[nodevice][adamw]") {
+  // 50 leaves, the first 10 back to back and a gap before every later one: the segment table (48)
+  // must be sized before it is written (it once was overrun when the first gap came late). Host
+  // memory stands in for device memory: nothing is read before the check.
+  struct five { grun::param<float, cuda_space> a, b, c, d, e; };
+  struct fifty { five f0, f1, f2, f3, f4, f5, f6, f7, f8, f9; };
+  const index_t n = 3, leaves = 50;
+  std::vector<float> arena(std::size_t(4 * leaves * (n + 1)));
+  fifty p{}, g{}, m{}, v{};
+  index_t k = 0;
+  for (fifty* agg : {&p, &g, &m, &v}) {
+    float* base = arena.data() + k++ * leaves * (n + 1);
+    index_t i = 0;
+    grun::for_each_param(*agg, [&](auto& leaf) {
+      leaf.data = base + i * n + (i >= 10 ? i - 9 : 0);
+      grun::set_vector(leaf, n);
+      ++i;
+    });
+  }
+  CHECK_THROWS_AS(grun::optim::detail::adamw_impl<grun::exec::cuda_t>::step(grun::exec::cuda, p, g, m, v, coeffs<float>()),
+                  grun::shape_error);
+}
+
 TEMPLATE_TEST_CASE("cuda adamw: one launch over a module agrees with optim::adamw_update", "[adamw]", float, grun::bfloat16,
                    grun::half) {
   GRUN_REQUIRE_DEVICE();
