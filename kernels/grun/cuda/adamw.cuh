@@ -7,13 +7,19 @@
 // buffer carved in declaration order — the segments fuse into one flat array and the kernel is a
 // plain grid-stride loop; otherwise up to max_segments segments travel in the kernel's parameter
 // block and each thread finds its segment by a scan of the (constant-cached) offsets.
+//
+// Sums of squares (gradient norms) are cub::DeviceReduce runs on the executor's stream into
+// stream-ordered scratch: the only synchronization is the one that brings the result to the host.
 #include <cub/device/device_reduce.cuh>
 #include <thrust/iterator/transform_iterator.h>
 
+#include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
 #include "check.cuh"  // first: exec::host_t before exec/cuda.hpp
+#include "scratch.cuh"
 
 #include <grun/optim/adamw.hpp>
 
@@ -59,6 +65,22 @@ struct square_of {
   __device__ double operator()(const T& a) const { const double f = load<double>(a); return f * f; }
 };
 
+/// *out (device) = Σ x[i]² over n elements, in double: cub::DeviceReduce on stream s (fixed
+/// reduction tree, no atomics: run-to-run deterministic). Asynchronous: no synchronization.
+template <class T>
+void sum_of_squares_async(const T* x, index_t n, double* out, cudaStream_t s) {
+  if (n == 0) {
+    GRUN_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(double), s));
+    return;
+  }
+  auto it = thrust::make_transform_iterator(x, square_of<T>{});
+  std::size_t bytes = 0;
+  GRUN_CUDA_CHECK(cub::DeviceReduce::Sum(nullptr, bytes, it, out, n, s));
+  // At least one byte: a null temporary would make the second call a size query again.
+  stream_scratch<unsigned char> tmp(std::max<index_t>(index_t(bytes), 1), s);
+  GRUN_CUDA_CHECK(cub::DeviceReduce::Sum(tmp.ptr, bytes, it, out, n, s));
+}
+
 template <class T, class S, class Acc>
 void launch_adamw(const exec::cuda_t& ex, const adamw_table<T, S>& tab, const optim::adamw_coeffs<Acc>& c) {
   if (tab.total == 0) return;
@@ -84,23 +106,18 @@ void adamw_step_flat(const exec::cuda_t& ex, T* theta, const T* grad, S* m, S* v
 }
 
 /// Global L2 norm of a flat device array (for gradient clipping), cub::DeviceReduce over squares:
-/// run-to-run deterministic (fixed reduction tree, no atomics). Synchronizes the stream.
+/// run-to-run deterministic (fixed reduction tree, no atomics). Synchronizes the stream (once).
 template <class T>
 double l2_norm(const exec::cuda_t& ex, const T* x, index_t n) {
   if (n == 0) return 0.0;
   require_device("l2_norm");
-  thrust::device_vector<double> out(1);
-  auto it = thrust::make_transform_iterator(x, detail::square_of<T>{});
-  std::size_t bytes = 0;
-  GRUN_CUDA_CHECK(cub::DeviceReduce::Sum(nullptr, bytes, it, thrust::raw_pointer_cast(out.data()), n, stream_of(ex)));
-  thrust::device_vector<unsigned char> tmp(bytes);
-  GRUN_CUDA_CHECK(cub::DeviceReduce::Sum(thrust::raw_pointer_cast(tmp.data()), bytes, it,
-                                         thrust::raw_pointer_cast(out.data()), n, stream_of(ex)));
-  double s = 0;
-  GRUN_CUDA_CHECK(cudaMemcpyAsync(&s, thrust::raw_pointer_cast(out.data()), sizeof(double), cudaMemcpyDeviceToHost,
-                                  stream_of(ex)));
-  GRUN_CUDA_CHECK(cudaStreamSynchronize(stream_of(ex)));
-  return std::sqrt(s);
+  const cudaStream_t s = stream_of(ex);
+  detail::stream_scratch<double> out(1, s);
+  detail::sum_of_squares_async(x, n, out.ptr, s);
+  double sum = 0;
+  GRUN_CUDA_CHECK(cudaMemcpyAsync(&sum, out.ptr, sizeof(double), cudaMemcpyDeviceToHost, s));
+  GRUN_CUDA_CHECK(cudaStreamSynchronize(s));
+  return std::sqrt(sum);
 }
 
 }  // namespace grun::cuda

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "adamw.cuh"
 #include "check.cuh"
@@ -87,14 +88,26 @@ class adamw {
     return norm;
   }
 
-  /// Global L2 norm of a device aggregate: Σ over leaves of cub::DeviceReduce sums of squares, in double.
+  /// Global L2 norm of a device aggregate: one cub::DeviceReduce sum of squares per leaf into a
+  /// device array (stream-ordered, no sync in between), one copy to the host, one stream
+  /// synchronization; the leaves' sums are added on the host in leaf order, in double.
   static double grad_norm(const exec::cuda_t& ex, const Params& grads) {
-    double s = 0;
+    index_t leaves = 0;
+    for_each_param(grads, [&](const auto& leaf) { leaves += leaf.size() > 0 ? 1 : 0; });
+    if (leaves == 0) return 0.0;
+    require_device("cuda::adamw::step (gradient norm)");
+    const cudaStream_t s = stream_of(ex);
+    detail::stream_scratch<double> sums(leaves, s);
+    index_t i = 0;
     for_each_param(grads, [&](const auto& leaf) {
-      const double n = l2_norm(ex, leaf.data, leaf.size());
-      s += n * n;
+      if (leaf.size() > 0) detail::sum_of_squares_async(leaf.data, leaf.size(), sums.ptr + i++, s);
     });
-    return std::sqrt(s);
+    std::vector<double> host(static_cast<std::size_t>(leaves));
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(host.data(), sums.ptr, sizeof(double) * host.size(), cudaMemcpyDeviceToHost, s));
+    GRUN_CUDA_CHECK(cudaStreamSynchronize(s));
+    double total = 0;
+    for (const double x : host) total += x;
+    return std::sqrt(total);
   }
 
  private:
