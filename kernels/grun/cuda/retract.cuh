@@ -6,6 +6,7 @@
 #include <cub/block/block_reduce.cuh>
 
 #include "check.cuh"
+#include "scratch.cuh"
 
 #include <grun/ortho/qr_retraction.hpp>
 
@@ -61,12 +62,15 @@ void qr_retract(const exec::cuda_t& ex, const param<T, cuda_space>& R) {
   require<shape_error>(R.rows <= R.cols, "qr_retract: expected rank r <= hidden size d, got r = ", R.rows, ", d = ", R.cols);
   require_device("qr_retract");
   const cudaStream_t s = stream_of(ex);
-  device_buffer<double> w(R.size());
-  device_buffer<int> status(1);
-  detail::qr_retract_kernel<<<1, detail::retract_block, 0, s>>>(R.data, w.data(), R.rows, R.cols, status.data());
+  // Scratch and the status reset on the executor's stream: a device_buffer would zero the status on
+  // the legacy default stream, unordered with a non-blocking `s` (a failure could be overwritten).
+  detail::stream_scratch<double> w(R.size(), s);
+  detail::stream_scratch<int> status(1, s);
+  GRUN_CUDA_CHECK(cudaMemsetAsync(status.ptr, 0, sizeof(int), s));
+  detail::qr_retract_kernel<<<1, detail::retract_block, 0, s>>>(R.data, w.ptr, R.rows, R.cols, status.ptr);
   GRUN_CUDA_CHECK_LAUNCH();
   int st = 0;
-  GRUN_CUDA_CHECK(cudaMemcpyAsync(&st, status.data(), sizeof(int), cudaMemcpyDeviceToHost, s));
+  GRUN_CUDA_CHECK(cudaMemcpyAsync(&st, status.ptr, sizeof(int), cudaMemcpyDeviceToHost, s));
   GRUN_CUDA_CHECK(cudaStreamSynchronize(s));
   require<numeric_error>(st == 0 || st > 1000, "qr_retraction: row ", st - 1,
                          " of R is zero or not finite; cannot orthonormalize");
