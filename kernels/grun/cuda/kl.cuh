@@ -21,7 +21,7 @@
 #include <type_traits>
 
 #include "check.cuh"  // first: brings exec::host_t before exec/cuda.hpp needs it
-#include "nll.cuh"    // fast_exp, vector_ok
+#include "nll.cuh"    // fast_exp, vector_ok, acc_load / acc_store
 
 #include <grun/loss/kl.hpp>
 
@@ -40,17 +40,6 @@ inline constexpr int common_vec_width = [] {
   ((w = vec_width<Ts> < w ? vec_width<Ts> : w), ...);
   return w;
 }();
-
-/// Storage → accumulate type: the hardware conversion for 2-byte types (as nll.cuh's dload),
-/// a plain conversion otherwise (keeps double storage in double).
-template <class Acc, class T> __device__ __forceinline__ Acc kl_load(const T* p) {
-  if constexpr (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>) return static_cast<Acc>(dload(p));
-  else return static_cast<Acc>(*p);
-}
-template <class G, class Acc> __device__ __forceinline__ void kl_store(G* p, Acc v) {
-  if constexpr (std::is_same_v<G, half> || std::is_same_v<G, bfloat16>) dstore(p, static_cast<float>(v));
-  else *p = static_cast<G>(v);
-}
 
 template <class Acc>
 struct kl_merge {
@@ -91,8 +80,8 @@ token_kl_forward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<R, 2, cuda_
     Acc xm = st.cur.m, rm = st.ref.m;
 #pragma unroll
     for (int k = 0; k < W; ++k) {
-      xb[k] = kl_load<Acc>(&xv.v[k]);
-      rb[k] = kl_load<Acc>(&rv.v[k]);
+      xb[k] = acc_load<Acc>(&xv.v[k]);
+      rb[k] = acc_load<Acc>(&rv.v[k]);
       xm = xb[k] > xm ? xb[k] : xm;
       rm = rb[k] > rm ? rb[k] : rm;
     }
@@ -115,7 +104,7 @@ token_kl_forward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<R, 2, cuda_
     st.w += sw;
     st.cur.s += sx;
   }
-  for (index_t v = nvec * W + threadIdx.x; v < V; v += Block) st.push(kl_load<Acc>(rrow + v), kl_load<Acc>(xrow + v));
+  for (index_t v = nvec * W + threadIdx.x; v < V; v += Block) st.push(acc_load<Acc>(rrow + v), acc_load<Acc>(xrow + v));
 
   const state total = reduce(tmp).Reduce(st, kl_merge<Acc>{});
   if (threadIdx.x == 0) {
@@ -141,9 +130,9 @@ token_kl_backward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<R, 2, cuda
     if constexpr (!Accumulate) {
       vec<G, W> zero;
 #pragma unroll
-      for (int k = 0; k < W; ++k) kl_store(&zero.v[k], Acc(0));
+      for (int k = 0; k < W; ++k) acc_store(&zero.v[k], Acc(0));
       for (index_t i = threadIdx.x; i < nvec; i += Block) reinterpret_cast<vec<G, W>*>(out)[i] = zero;
-      for (index_t v = nvec * W + threadIdx.x; v < V; v += Block) kl_store(out + v, Acc(0));
+      for (index_t v = nvec * W + threadIdx.x; v < V; v += Block) acc_store(out + v, Acc(0));
     }
     return;
   }
@@ -159,16 +148,16 @@ token_kl_backward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<R, 2, cuda
     if constexpr (Accumulate) o = reinterpret_cast<const vec<G, W>*>(out)[i];
 #pragma unroll
     for (int k = 0; k < W; ++k) {
-      Acc d = g * (fast_exp(kl_load<Acc>(&xv.v[k]) - lx) - fast_exp(kl_load<Acc>(&rv.v[k]) - lr));
-      if constexpr (Accumulate) d += kl_load<Acc>(&o.v[k]);
-      kl_store(&o.v[k], d);
+      Acc d = g * (fast_exp(acc_load<Acc>(&xv.v[k]) - lx) - fast_exp(acc_load<Acc>(&rv.v[k]) - lr));
+      if constexpr (Accumulate) d += acc_load<Acc>(&o.v[k]);
+      acc_store(&o.v[k], d);
     }
     reinterpret_cast<vec<G, W>*>(out)[i] = o;
   }
   for (index_t v = nvec * W + threadIdx.x; v < V; v += Block) {
-    Acc d = g * (fast_exp(kl_load<Acc>(xrow + v) - lx) - fast_exp(kl_load<Acc>(rrow + v) - lr));
-    if constexpr (Accumulate) d += kl_load<Acc>(out + v);
-    kl_store(out + v, d);
+    Acc d = g * (fast_exp(acc_load<Acc>(xrow + v) - lx) - fast_exp(acc_load<Acc>(rrow + v) - lr));
+    if constexpr (Accumulate) d += acc_load<Acc>(out + v);
+    acc_store(out + v, d);
   }
 }
 

@@ -32,6 +32,18 @@ template <class Acc> __device__ __forceinline__ Acc fast_exp(Acc x) {
   else return exp(x);
 }
 
+/// Storage → accumulate type: the hardware conversion for the 2-byte types, a plain conversion
+/// otherwise — double logits stay double (dload's float would round them to 24 bits).
+template <class Acc, class T> __device__ __forceinline__ Acc acc_load(const T* p) {
+  if constexpr (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>) return static_cast<Acc>(dload(p));
+  else return static_cast<Acc>(*p);
+}
+/// Accumulate type → storage: round-to-nearest-even for the 2-byte types, a plain conversion otherwise.
+template <class G, class Acc> __device__ __forceinline__ void acc_store(G* p, Acc v) {
+  if constexpr (std::is_same_v<G, half> || std::is_same_v<G, bfloat16>) dstore(p, static_cast<float>(v));
+  else *p = static_cast<G>(v);
+}
+
 /// Threads per row. 512 × 8 bf16 = 4096 logits per sweep: V = 131072 takes 32 sweeps, enough
 /// loads in flight per SM to saturate HBM with 2–4 resident blocks.
 inline constexpr int nll_block = 512;
@@ -75,14 +87,14 @@ token_nll_forward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<L, 1, cuda
     Acc buf[W];
     Acc bm = st.m;
 #pragma unroll
-    for (int k = 0; k < W; ++k) { buf[k] = static_cast<Acc>(dload(&v.v[k])); bm = buf[k] > bm ? buf[k] : bm; }
+    for (int k = 0; k < W; ++k) { buf[k] = acc_load<Acc>(&v.v[k]); bm = buf[k] > bm ? buf[k] : bm; }
     if (bm > st.m) { st.s *= fast_exp(st.m - bm); st.m = bm; }
     Acc bs = Acc(0);
 #pragma unroll
     for (int k = 0; k < W; ++k) bs += fast_exp(buf[k] - st.m);
     st.s += bs;
   }
-  for (index_t v = nvec * W + threadIdx.x; v < V; v += Block) st.push(static_cast<Acc>(dload(row + v)));
+  for (index_t v = nvec * W + threadIdx.x; v < V; v += Block) st.push(acc_load<Acc>(row + v));
 
   const state total = reduce(tmp).Reduce(st, lse_merge<Acc>{});
   if (threadIdx.x == 0) {
@@ -91,7 +103,7 @@ token_nll_forward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<L, 1, cuda
     } else {
       const Acc ls = log(total.s);
       lse(t) = static_cast<A>(total.m + ls);
-      nll(t) = static_cast<A>((total.m - static_cast<Acc>(dload(row + y))) + ls);
+      nll(t) = static_cast<A>((total.m - acc_load<Acc>(row + y)) + ls);
     }
   }
 }
@@ -108,7 +120,7 @@ token_nll_backward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<L, 1, cud
   G* out = dx.row(t);
   if (y == loss::ignore_index) {
     if constexpr (!Accumulate)
-      for (index_t v = threadIdx.x; v < V; v += Block) dstore(out + v, 0.0f);
+      for (index_t v = threadIdx.x; v < V; v += Block) acc_store(out + v, Acc(0));
     return;
   }
   const E* row = x.row(t);
@@ -121,16 +133,16 @@ token_nll_backward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<L, 1, cud
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       const index_t col = i * W + k;
-      Acc d = g * (fast_exp(static_cast<Acc>(dload(&v.v[k])) - l) - (col == y ? Acc(1) : Acc(0)));
-      if constexpr (Accumulate) d += static_cast<Acc>(dload(&o.v[k]));
-      dstore(&o.v[k], static_cast<float>(d));
+      Acc d = g * (fast_exp(acc_load<Acc>(&v.v[k]) - l) - (col == y ? Acc(1) : Acc(0)));
+      if constexpr (Accumulate) d += acc_load<Acc>(&o.v[k]);
+      acc_store(&o.v[k], d);
     }
     reinterpret_cast<vec<G, W>*>(out)[i] = o;
   }
   for (index_t v = nvec * W + threadIdx.x; v < V; v += Block) {
-    Acc d = g * (fast_exp(static_cast<Acc>(dload(row + v)) - l) - (v == y ? Acc(1) : Acc(0)));
-    if constexpr (Accumulate) d += static_cast<Acc>(dload(out + v));
-    dstore(out + v, static_cast<float>(d));
+    Acc d = g * (fast_exp(acc_load<Acc>(row + v) - l) - (v == y ? Acc(1) : Acc(0)));
+    if constexpr (Accumulate) d += acc_load<Acc>(out + v);
+    acc_store(out + v, d);
   }
 }
 
