@@ -1,7 +1,10 @@
 // Fused token NLL and sequence sums on exec::cuda agree with exec::host (same row math).
 #include <grun/cuda/nll.cuh>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <random>
 #include <vector>
 
 #include "agreement.hpp"
@@ -111,6 +114,48 @@ TEMPLATE_TEST_CASE("cuda token_nll agrees with exec::host", "[nll]", float, grun
   check_nll_agreement<TestType>(33, 32000, 32000);  // vector path, several sweeps
   check_nll_agreement<TestType>(5, 131072, 131072);
   check_nll_agreement<TestType>(0, 17, 17);         // T = 0: nothing launched
+}
+
+TEST_CASE("cuda token_nll: double logits stay double (nll, lse and gradient agree to 1e-12)", "[nll]") {
+  GRUN_REQUIRE_DEVICE();
+  // Logits that fp32 cannot represent: a float round trip anywhere shows as ~1e-8 (rel_error
+  // compares through float, so the check here is its own, in double).
+  const index_t T_ = 5, V = 1001;  // odd V: 2-double vector sweep plus a tail
+  std::vector<double> x(std::size_t(T_ * V));
+  std::mt19937_64 gen(11);
+  std::uniform_real_distribution<double> u(-8.0, 8.0);
+  for (double& v : x) v = u(gen);
+  std::vector<std::int64_t> y = {3, grun::loss::ignore_index, 1000, 0, 517};
+  std::vector<double> dnll = {0.5, 0.75, 1.0, 1.25, 1.5};
+  std::vector<double> nll_h(T_), lse_h(T_), dx_h(x.size());
+  grun::loss::token_nll_forward(grun::exec::host, grun::matrix_view<const double>(x.data(), {T_, V}),
+                                grun::vector_view<const std::int64_t>(y.data(), {T_}),
+                                grun::vector_view<double>(nll_h.data(), {T_}), grun::vector_view<double>(lse_h.data(), {T_}));
+  grun::loss::token_nll_backward(grun::exec::host, grun::matrix_view<const double>(x.data(), {T_, V}),
+                                 grun::vector_view<const std::int64_t>(y.data(), {T_}),
+                                 grun::vector_view<const double>(lse_h.data(), {T_}),
+                                 grun::vector_view<const double>(dnll.data(), {T_}),
+                                 grun::matrix_view<double>(dx_h.data(), {T_, V}));
+  gc::device_buffer<double> x_d{std::span<const double>(x)}, nll_d(T_), lse_d(T_), dnll_d{std::span<const double>(dnll)},
+      dx_d(T_ * V);
+  gc::device_buffer<std::int64_t> y_d{std::span<const std::int64_t>(y)};
+  const grun::matrix_view<const double, cuda_space> xv(x_d.data(), {T_, V});
+  const grun::vector_view<const std::int64_t, cuda_space> yv(y_d.data(), {T_});
+  grun::loss::token_nll_forward(grun::exec::cuda, xv, yv, nll_d.view(), lse_d.view());
+  grun::loss::token_nll_backward(grun::exec::cuda, xv, yv, grun::vector_view<const double, cuda_space>(lse_d.data(), {T_}),
+                                 grun::vector_view<const double, cuda_space>(dnll_d.data(), {T_}),
+                                 grun::matrix_view<double, cuda_space>(dx_d.data(), {T_, V}));
+  auto rel = [](const std::vector<double>& a, const std::vector<double>& b) {
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      num = std::max(num, std::abs(a[i] - b[i]));
+      den = std::max(den, std::abs(b[i]));
+    }
+    return num / std::max(den, 1e-300);
+  };
+  CHECK(rel(nll_d.to_host(), nll_h) < 1e-12);
+  CHECK(rel(lse_d.to_host(), lse_h) < 1e-12);
+  CHECK(rel(dx_d.to_host(), dx_h) < 1e-12);
 }
 
 TEST_CASE("cuda token_nll: every label ignored gives nll 0 and a zero gradient", "[nll]") {
