@@ -27,6 +27,9 @@
 
 #include <cub/warp/warp_reduce.cuh>
 
+#include <mutex>
+#include <vector>
+
 #include "intervention_fused.cuh"
 
 #include <grun/gate/mlp.hpp>
@@ -48,18 +51,24 @@ namespace detail {
 
 inline void check_lt(cublasStatus_t status, const char* call, const char* file, int line) {
   if (status == CUBLAS_STATUS_SUCCESS) return;
-  fail<error>("cuBLASLt call failed: ", call, " at ", file, ":", line, ": status ", int(status));
+  fail<error>("cuBLASLt call failed: ", call, " at ", file, ":", line, ": ", cublasLtGetStatusName(status), " (",
+              int(status), ")");
 }
 #define GRUN_CUBLASLT_CHECK(call) ::grun::cuda::mlp_gate::detail::check_lt((call), #call, __FILE__, __LINE__)
 
-/// One cuBLASLt handle for the process (created on first use, never destroyed).
+/// One cuBLASLt handle per device (a handle belongs to the device current when it was created),
+/// created on first use there and never destroyed. cuBLASLt handles may be shared across threads;
+/// the table itself is guarded.
 inline cublasLtHandle_t lt_handle() {
-  static const cublasLtHandle_t handle = [] {
-    cublasLtHandle_t h = nullptr;
-    GRUN_CUBLASLT_CHECK(cublasLtCreate(&h));
-    return h;
-  }();
-  return handle;
+  int device = 0;
+  GRUN_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex guard;
+  static std::vector<cublasLtHandle_t> handles;
+  const std::lock_guard<std::mutex> lock(guard);
+  if (handles.size() <= std::size_t(device)) handles.resize(std::size_t(device) + 1, nullptr);
+  cublasLtHandle_t& h = handles[std::size_t(device)];
+  if (h == nullptr) GRUN_CUBLASLT_CHECK(cublasLtCreate(&h));
+  return h;
 }
 
 template <class T> constexpr cudaDataType_t data_type() {
@@ -158,11 +167,18 @@ inline void gemm(const gemm_args& g, void* workspace, cudaStream_t s, bool deter
   }
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  GRUN_CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(lt_handle(), x.op, x.a, x.b, x.d, x.d, x.pref, 1, &result, &found));
-  require<error>(found > 0, "gate::mlp on exec::cuda: cuBLASLt has no algorithm for a ", g.m, " × ", g.n, " × ", g.k,
-                 " matmul", deterministic ? " without split-K reduction (deterministic mode)" : "");
+  const cublasLtHandle_t handle = lt_handle();
+  // "No algorithm" comes back either as NOT_SUPPORTED or as success with zero results: both are
+  // reported as one grun::error naming the problem; any other failure is a cuBLASLt error.
+  const cublasStatus_t heuristic =
+      cublasLtMatmulAlgoGetHeuristic(handle, x.op, x.a, x.b, x.d, x.d, x.pref, 1, &result, &found);
+  if (heuristic != CUBLAS_STATUS_NOT_SUPPORTED) GRUN_CUBLASLT_CHECK(heuristic);
+  require<error>(heuristic == CUBLAS_STATUS_SUCCESS && found > 0, "gate::mlp on exec::cuda: cuBLASLt has no algorithm for a ",
+                 g.m, " × ", g.n, " × ", g.k, " matmul (", g.at == CUDA_R_32F ? "fp32" : "16-bit", " inputs, alignment A/B/D ",
+                 align_a, "/", align_b, "/", align_d, " bytes)",
+                 deterministic ? " without split-K reduction (deterministic mode)" : "");
   const float alpha = 1.f;
-  GRUN_CUBLASLT_CHECK(cublasLtMatmul(lt_handle(), x.op, &alpha, g.A, x.a, g.B, x.b, &g.beta, g.D, x.d, g.D, x.d,
+  GRUN_CUBLASLT_CHECK(cublasLtMatmul(handle, x.op, &alpha, g.A, x.a, g.B, x.b, &g.beta, g.D, x.d, g.D, x.d,
                                      &result.algo, workspace, workspace_bytes, s));
 }
 
