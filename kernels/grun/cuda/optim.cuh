@@ -63,8 +63,15 @@ class adamw {
     opt_ = o;
   }
   std::int64_t steps() const { return t_; }
-  /// Forgets the moments and the step count.
-  void reset() { m_.zero(); v_.zero(); t_ = 0; }
+  /// Forgets the moments and the step count. device_buffer::zero is a cudaMemset on the default
+  /// stream, unordered with a non-blocking executor stream: wait for it, so the next step (on any
+  /// stream) reads zeros and its writes cannot be overwritten by a late memset.
+  void reset() {
+    m_.zero();
+    v_.zero();
+    if (m_.size() > 0) GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+    t_ = 0;
+  }
   device_params<Params>& first_moment() { return m_; }
   device_params<Params>& second_moment() { return v_; }
 
