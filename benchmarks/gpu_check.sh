@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
 # benchmarks/gpu_check.sh — everything issue 4 asks of a GPU slot, in one go (target: < 5 minutes).
 #
-#   1. configure + build ONLY the CUDA targets (tests/cuda, benchmarks/cuda) with nvcc,
-#      for the GPU present (CMAKE_CUDA_ARCHITECTURES=native unless GRUN_CUDA_ARCHS is set);
+#   0. stop at once, before building anything, when nvidia-smi shows no NVIDIA GPU;
+#   1. configure + build ONLY the CUDA targets (tests/cuda, benchmarks/cuda) with nvcc, for the GPU
+#      present (CMAKE_CUDA_ARCHITECTURES=native unless GRUN_CUDA_ARCHS is set); the tests and
+#      bench_cuda build side by side, every CUDA test file is its own TU (ninja -k 0: one broken
+#      file does not stop the others);
 #   2. run the CUDA tests with ctest (they must PASS here, not skip);
 #   3. run bench_cuda (cudaEvent timings + the D2D copy bandwidth of this run);
-#   4. run torch_reference.py (PyTorch eager and torch.compile of the same math), if torch imports;
-#   5. print ONE table: grun time, % of copy bandwidth, torch eager / compile times and ratios.
+#   4. run torch_reference.py (PyTorch eager of the same math, then torch.compile while time remains,
+#      Liger's fused cross entropy if liger_kernel imports), if torch imports with CUDA;
+#   5. print ONE table (benchmarks/cuda/gpu_table.py): GPU name, grun time, % of copy bandwidth,
+#      torch eager / compile times and ratios, issue 4's targets MET / MISSED, the time of each phase.
 #
 # Usage: benchmarks/gpu_check.sh [--quick] [--no-compile] [--build-dir DIR] [--jobs N]
+#        benchmarks/gpu_check.sh --table-only RESULTS_FILE
 #   --quick       small sizes (checks the script itself in ~1 minute)
 #   --no-compile  skip torch.compile (its first compile can take a minute)
-# Exit status: non-zero when the build or a CUDA test fails, or no GPU is visible.
+#   --table-only  print the table of an earlier run's results file (BUILD_DIR/results.txt); needs no GPU
+# Environment:
+#   GRUN_CUDA_ARCHS=90          CUDA architectures to build (default: native)
+#   GRUN_GPU_CHECK_BUDGET_S=300 the whole run's time budget: torch_reference.py is stopped at its end
+#   GRUN_COMPILE_CUTOFF_S=180   no torch.compile pass starts later than this many seconds into the run
+#   GRUN_TRY_LIGER=1            pip install --no-deps liger-kernel if it does not import (failure is fine)
+#   GRUN_NVIDIA_SMI=nvidia-smi  the device query (tests point it at `false` to act out a GPU-less machine)
+# Exit status: 0 all passed; 1 a build, a CUDA test or bench_cuda failed (or tests skipped);
+#              2 bad arguments; 3 no NVIDIA GPU visible (nothing was built).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,111 +34,137 @@ build="$root/build-gpu-check"
 jobs="$(nproc 2>/dev/null || echo 8)"
 quick=""
 nocompile=""
+table_only=""
 while [[ $# -gt 0 ]]; do
+  if [[ $1 == --build-dir || $1 == --jobs || $1 == --table-only ]] && [[ $# -lt 2 ]]; then
+    echo "gpu_check.sh: $1 needs a value" >&2; exit 2
+  fi
   case "$1" in
     --quick) quick="--quick" ;;
     --no-compile) nocompile="--no-compile" ;;
     --build-dir) build="$2"; shift ;;
     --jobs) jobs="$2"; shift ;;
+    --table-only) table_only="$2"; shift ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
 done
+
+if [[ -n $table_only ]]; then
+  exec python3 "$here/cuda/gpu_table.py" "$table_only"
+fi
+
 archs="${GRUN_CUDA_ARCHS:-native}"
+budget="${GRUN_GPU_CHECK_BUDGET_S:-300}"
+compile_cutoff="${GRUN_COMPILE_CUTOFF_S:-180}"
+smi="${GRUN_NVIDIA_SMI:-nvidia-smi}"
 start=$(date +%s)
 log() { printf '[gpu_check %4ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# 0. A GPU, or stop before spending minutes on nvcc.
+gpu_info="$("$smi" --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -n 1)" || gpu_info=""
+if [[ -z $gpu_info || $gpu_info == *"No devices"* || $gpu_info == *"has failed"* ]]; then
+  echo "gpu_check.sh: no NVIDIA GPU visible ('$smi' is missing, failed, or lists no GPU); nothing was built" >&2
+  exit 3
+fi
+log "GPU: $gpu_info"
 export PATH="/usr/local/cuda/bin:$PATH"
 
+mkdir -p "$build"
+results="$build/results.txt"
+{ echo "SMI $gpu_info"; [[ -n $quick ]] && echo "MODE quick"; true; } >"$results"
+note() { echo "NOTE $*" >>"$results"; log "$*"; }
+phase_start=$start
+phase_done() { local now; now=$(date +%s); echo "PHASE $1 $(( now - phase_start ))" >>"$results"; phase_start=$now; }
+rc=0
+
+# 1. Configure both projects, then build the tests and the benchmark side by side.
 log "configure ($build, CUDA archs: $archs)"
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGRUN_ENABLE_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES="$archs" -DGRUN_BUILD_BENCHMARKS=OFF -DGRUN_BUILD_EXAMPLES=OFF >"$build.configure.log" 2>&1 \
-  || { cat "$build.configure.log"; exit 1; }
-cuda_tests=$(cd "$root/tests/cuda" && ls test_cuda_*.cu | sed 's/\.cu$//' | tr '\n' ' ')
-log "build CUDA tests: $cuda_tests"
-cmake --build "$build" -j "$jobs" --target $cuda_tests
-# The benchmark is built standalone so nothing but the CUDA targets is compiled.
-log "build bench_cuda"
+  -DCMAKE_CUDA_ARCHITECTURES="$archs" -DGRUN_BUILD_BENCHMARKS=OFF -DGRUN_BUILD_EXAMPLES=OFF >"$build/gpu_check.configure.log" 2>&1 \
+  || { cat "$build/gpu_check.configure.log"; exit 1; }
+# The benchmark is configured standalone so nothing but the CUDA targets is compiled.
 cmake -S "$here/cuda" -B "$build/bench" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$archs" \
-  >"$build.bench-configure.log" 2>&1 || { cat "$build.bench-configure.log"; exit 1; }
-cmake --build "$build/bench" -j "$jobs"
+  >"$build/gpu_check.bench-configure.log" 2>&1 || { cat "$build/gpu_check.bench-configure.log"; exit 1; }
+phase_done configure
+cuda_tests=$(cd "$root/tests/cuda" && ls test_cuda_*.cu | sed 's/\.cu$//' | tr '\n' ' ')
+log "build with -j $jobs: bench_cuda and CUDA tests $cuda_tests(logs: $build/gpu_check.*.log)"
+cmake --build "$build/bench" -j "$jobs" >"$build/gpu_check.bench-build.log" 2>&1 &
+bench_build_pid=$!
+if ! cmake --build "$build" -j "$jobs" --target $cuda_tests -- -k 0 >"$build/gpu_check.build.log" 2>&1; then
+  grep -E "error|FAILED" "$build/gpu_check.build.log" | head -n 40 >&2 || true
+  note "building the CUDA tests FAILED (the tests that built still run; see $build/gpu_check.build.log)"
+  rc=1
+fi
+if ! wait $bench_build_pid; then
+  grep -E "error|FAILED" "$build/gpu_check.bench-build.log" | head -n 40 >&2 || true
+  note "building bench_cuda FAILED (see $build/gpu_check.bench-build.log)"
+  rc=1
+fi
+phase_done build
 
+# 2. The CUDA tests: on a GPU every one must pass, none may skip.
 log "CUDA tests"
-test_rc=0
-(cd "$build" && ctest -L cuda --output-on-failure 2>&1) | tee "$build.ctest.log" || true
-grep -q "tests passed, 0 tests failed" "$build.ctest.log" || test_rc=1
-if grep -q "(Skipped)" "$build.ctest.log"; then
-  echo "gpu_check.sh: CUDA tests were SKIPPED — the tests saw no CUDA device" >&2
-  test_rc=1
+(cd "$build" && ctest -L cuda --output-on-failure --timeout 120 -j 4 2>&1) | tee "$build/gpu_check.ctest.log" || true
+if ! grep -q "tests passed, 0 tests failed" "$build/gpu_check.ctest.log"; then
+  note "CUDA tests FAILED: $(grep -E "tests passed|tests failed" "$build/gpu_check.ctest.log" | tail -n 1)"
+  rc=1
 fi
+if grep -q "(Skipped)" "$build/gpu_check.ctest.log"; then
+  note "CUDA tests were SKIPPED — the tests saw no CUDA device"
+  rc=1
+fi
+phase_done tests
 
+# 3. grun's timings.
 log "bench_cuda $quick"
-results="$build/results.txt"
-"$build/bench/bench_cuda" $quick | tee "$results"
-
-if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  log "torch_reference.py $quick $nocompile"
-  timeout 200 python3 "$here/cuda/torch_reference.py" $quick $nocompile | tee -a "$results" \
-    || echo "gpu_check.sh: torch_reference.py failed or timed out; table shows what finished" >&2
+if [[ -x "$build/bench/bench_cuda" ]]; then
+  bench_rc=0
+  timeout 150 "$build/bench/bench_cuda" $quick | tee -a "$results" || bench_rc=$?
+  if (( bench_rc == 77 )); then
+    note "bench_cuda saw no CUDA device (exit 77): no grun timings"
+    rc=1
+  elif (( bench_rc != 0 )); then
+    note "bench_cuda failed (exit $bench_rc; 124: stopped after 150 s); the table shows what it printed"
+    rc=1
+  fi
 else
-  echo "gpu_check.sh: PyTorch with CUDA not importable; table without torch columns" >&2
+  note "bench_cuda was not built: no grun timings"
+fi
+phase_done bench_cuda
+
+# 4. PyTorch (and Liger) on the same math; torch.compile only while time remains.
+if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  if [[ "${GRUN_TRY_LIGER:-0}" == 1 ]] && ! python3 -c "import liger_kernel" 2>/dev/null; then
+    # --no-deps: never let pip replace the installed torch / triton.
+    log "GRUN_TRY_LIGER=1: pip install --no-deps liger-kernel (90 s at most)"
+    timeout 90 python3 -m pip install --quiet --no-deps liger-kernel >"$build/gpu_check.liger-install.log" 2>&1 \
+      || note "pip install liger-kernel failed or timed out (no network?); no Liger rows"
+  fi
+  elapsed=$(( $(date +%s) - start ))
+  if [[ -n $nocompile ]]; then
+    compile_args=(--no-compile)
+    note "torch.compile skipped (--no-compile)"
+  elif (( elapsed > compile_cutoff )); then
+    compile_args=(--no-compile)
+    note "torch.compile skipped: ${elapsed} s elapsed before PyTorch started, past the ${compile_cutoff} s cutoff (GRUN_COMPILE_CUTOFF_S)"
+  else
+    compile_args=(--compile-deadline $(( start + compile_cutoff )))
+  fi
+  torch_limit=$(( budget - elapsed - 10 ))
+  (( torch_limit < 60 )) && torch_limit=60
+  log "torch_reference.py $quick ${compile_args[*]} (stopped after $torch_limit s)"
+  timeout "$torch_limit" python3 "$here/cuda/torch_reference.py" $quick "${compile_args[@]}" | tee -a "$results" \
+    || note "torch_reference.py failed or was stopped after $torch_limit s; the table shows what finished"
+  phase_done torch
+else
+  note "PyTorch with CUDA not importable: table without torch columns"
 fi
 
+# 5. The table.
 log "table"
-python3 - "$results" <<'PY'
-import sys
-ms, nbytes, device, torch_info = {}, {}, "?", ""
-for line in open(sys.argv[1]):
-    p = line.split()
-    if not p: continue
-    if p[0] == "DEVICE": device = " ".join(p[1:])
-    elif p[0] == "TORCH": torch_info = " ".join(p[1:])
-    elif p[0] == "RESULT":
-        ms[p[1]] = float(p[2])
-        if len(p) > 3: nbytes[p[1]] = float(p[3])
-copy_gbs = nbytes["copy_d2d"] / ms["copy_d2d"] / 1e6 if "copy_d2d" in ms else float("nan")
-print(f"\nGPU: {device}   copy bandwidth (cudaMemcpy D2D, read+write): {copy_gbs:.0f} GB/s   {torch_info}")
-rows = [
-  ("intervention_linear_loreft4_fwd", "fused fwd linear+loreft4 d=4096 T=16384 bf16", "fwd"),
-  ("intervention_linear_loreft4_fwd_inplace", "  same, in place (out = h)", "fwd"),
-  ("intervention_linear_loreft4_fwdbwd", "fused fwd+bwd linear+loreft4 (same sizes)", "fwdbwd"),
-  ("intervention_linear_direft4_fwd", "fused fwd linear+direft4 d=4096 T=16384 bf16", "fwd"),
-  ("intervention_linear_direft4_fwd_inplace", "  same, in place (out = h)", "fwd"),
-  ("intervention_linear_direft4_fwdbwd", "fused fwd+bwd linear+direft4 (same sizes)", "fwdbwd"),
-  ("intervention_linear_loreft4_generic_fwd", "generic fwd linear+loreft4 T=1024 (fallback)", ""),
-  ("intervention_linear_loreft4_generic_fwdbwd", "generic fwd+bwd linear+loreft4 T=1024", ""),
-  ("intervention_mlp_loreft4_fwd", "mlp<256,64>+loreft4 fwd (cuBLASLt) T=16384", ""),
-  ("intervention_mlp_loreft4_fwd_inplace", "  same, in place (out = h)", ""),
-  ("intervention_mlp_loreft4_fwdbwd", "mlp<256,64>+loreft4 fwd+bwd (cuBLASLt) T=16384", ""),
-  ("nll_fwd", "NLL fwd T=8192 V=131072 bf16", ""),
-  ("nll_fwdbwd", "NLL fwd+bwd T=8192 V=131072 bf16", "rw"),
-  ("kl_fwd", "KL fwd T=8192 V=131072 bf16", ""),
-  ("kl_fwdbwd", "KL fwd+bwd T=8192 V=131072 bf16", "rw"),
-  ("adamw_mlp_loreft4", "AdamW mlp+loreft4 d=4096 (1 launch)", ""),
-]
-def verdict(kind, pct, rw, eager_ratio):
-    # Issue 4's targets (H100): fwd ≥ 70% of copy BW; fwd+bwd ≥ 5× eager; NLL fwd+bwd ≤ 2× read+write
-    # (kind "rw": time ≤ 2× that of moving the row's own minimal bytes at copy bandwidth; KL too).
-    if kind == "fwd": return f"≥70% copy BW: {'MET' if pct >= 70 else 'MISSED'}"
-    if kind == "fwdbwd":
-        return "≥5× eager: " + ("-" if eager_ratio is None else ("MET" if eager_ratio >= 5 else "MISSED"))
-    if kind == "rw": return f"≤2× read+write: {'MET' if rw <= 2 else 'MISSED'}"
-    return ""
-hdr = f"{'computation':48} {'grun ms':>9} {'GB/s':>7} {'% copy':>7} {'×(r+w)':>7} {'eager ms':>9} {'eager/grun':>10} {'compile ms':>10} {'comp/grun':>9}  target"
-print(hdr); print("-" * len(hdr))
-for key, label, kind in rows:
-    if key not in ms: continue
-    t = ms[key]; b = nbytes.get(key, 0)
-    gbs = b / t / 1e6 if t else 0
-    pct = 100 * gbs / copy_gbs if copy_gbs == copy_gbs else float("nan")
-    rw = t / (b / copy_gbs / 1e6) if kind == "rw" and b else float("nan")
-    e, c = ms.get(key + "_eager"), ms.get(key + "_compile")
-    f = lambda v: f"{v:9.3f}" if v is not None else f"{'-':>9}"
-    rr = lambda v: f"{v / t:9.2f}×" if v is not None else f"{'-':>10}"
-    rws = f"{rw:7.2f}" if rw == rw else f"{'':>7}"
-    print(f"{label:48} {t:9.3f} {gbs:7.0f} {pct:6.1f}% {rws} {f(e)} {rr(e)} {f(c):>10} {rr(c)}  "
-          f"{verdict(kind, pct, rw, None if e is None else e / t)}")
-PY
-log "done (tests rc=$test_rc)"
-exit $test_rc
+python3 "$here/cuda/gpu_table.py" "$results" || rc=1
+total=$(( $(date +%s) - start ))
+(( total > budget )) && log "over the ${budget} s budget (GRUN_GPU_CHECK_BUDGET_S)"
+log "done in $total s (exit $rc); results: $results (reprint: $0 --table-only $results)"
+exit $rc

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""The one table benchmarks/gpu_check.sh prints: grun's CUDA timings beside PyTorch's, against issue 4's targets.
+
+Usage: gpu_table.py RESULTS_FILE        (gpu_check.sh --table-only RESULTS_FILE does the same)
+
+RESULTS_FILE is what gpu_check.sh collects from bench_cuda and torch_reference.py, one item a line:
+  RESULT <key> <ms> [<bytes>]   a timing; bytes = the minimal traffic (read + write) of grun's computation.
+                                torch_reference.py's keys are grun's plus _eager / _compile / _liger.
+  DEVICE <name>                 the GPU bench_cuda ran on           SMI <name, memory, driver> (nvidia-smi)
+  TORCH <version on gpu>        LIGER <version>                     NOTE <text>   (printed as given)
+  PHASE <name> <seconds>        gpu_check.sh's phases               MODE quick    (--quick sizes)
+Unknown lines are ignored, so a log can be fed as it is.
+
+The copy bandwidth is bench_cuda's cudaMemcpy device to device of the same run (copy_d2d: one read + one
+write counted), so "% copy" compares like with like on whatever GPU ran it. Issue 4's targets (H100):
+  fwd     the fused forward moves its minimal bytes at >= 70% of copy bandwidth;
+  fwdbwd  the fused forward + backward is >= 5x faster than PyTorch eager of the same math;
+  rw      NLL (and KL) forward + backward take <= 2x the time of one read + one write of their bytes
+          at copy bandwidth.
+"""
+import math
+import sys
+
+# (key, label, target kind). The labels carry the full-size runs' sizes (MODE quick says when they don't apply).
+ROWS = [
+    ("intervention_linear_loreft4_fwd", "fused fwd linear+loreft4 d=4096 T=16384 bf16", "fwd"),
+    ("intervention_linear_loreft4_fwd_inplace", "  same, in place (out = h)", "fwd"),
+    ("intervention_linear_loreft4_fwdbwd", "fused fwd+bwd linear+loreft4 (same sizes)", "fwdbwd"),
+    ("intervention_linear_direft4_fwd", "fused fwd linear+direft4 d=4096 T=16384 bf16", "fwd"),
+    ("intervention_linear_direft4_fwd_inplace", "  same, in place (out = h)", "fwd"),
+    ("intervention_linear_direft4_fwdbwd", "fused fwd+bwd linear+direft4 (same sizes)", "fwdbwd"),
+    ("intervention_linear_loreft4_generic_fwd", "generic fwd linear+loreft4 T=1024 (fallback)", ""),
+    ("intervention_linear_loreft4_generic_fwdbwd", "generic fwd+bwd linear+loreft4 T=1024", ""),
+    ("intervention_mlp_loreft4_fwd", "mlp<256,64>+loreft4 fwd (cuBLASLt) T=16384", ""),
+    ("intervention_mlp_loreft4_fwd_inplace", "  same, in place (out = h)", ""),
+    ("intervention_mlp_loreft4_fwdbwd", "mlp<256,64>+loreft4 fwd+bwd (cuBLASLt) T=16384", ""),
+    ("nll_fwd", "NLL fwd T=8192 V=131072 bf16", ""),
+    ("nll_fwdbwd", "NLL fwd+bwd T=8192 V=131072 bf16", "rw"),
+    ("kl_fwd", "KL fwd T=8192 V=131072 bf16", ""),
+    ("kl_fwdbwd", "KL fwd+bwd T=8192 V=131072 bf16", "rw"),
+    ("adamw_mlp_loreft4", "AdamW mlp+loreft4 d=4096 (1 launch)", ""),
+]
+TARGETS = {"fwd": "≥70% copy BW", "fwdbwd": "≥5× eager", "rw": "≤2× read+write"}
+# Keys that are not rows of the main table: the yardstick and the cross-entropy comparison.
+OTHER_KEYS = ["copy_d2d", "copy_d2d_torch", "nll_fwd_liger", "nll_fwdbwd_liger"]
+
+NAN = float("nan")
+
+
+def parse(lines):
+    r = {"ms": {}, "bytes": {}, "device": None, "smi": None, "torch": None, "liger": None, "notes": [],
+         "phases": [], "quick": False}
+    for line in lines:
+        p = line.split()
+        if not p:
+            continue
+        rest = line.strip()[len(p[0]):].strip()
+        if p[0] == "RESULT" and len(p) >= 3:
+            try:
+                r["ms"][p[1]] = float(p[2])
+                if len(p) > 3:
+                    r["bytes"][p[1]] = float(p[3])
+            except ValueError:
+                r["notes"].append(f"unreadable line: {line.strip()}")
+        elif p[0] == "DEVICE":
+            r["device"] = rest
+        elif p[0] == "SMI":
+            r["smi"] = rest
+        elif p[0] == "TORCH":
+            r["torch"] = rest
+        elif p[0] == "LIGER":
+            r["liger"] = rest
+        elif p[0] == "NOTE":
+            r["notes"].append(rest)
+        elif p[0] == "PHASE" and len(p) == 3:
+            r["phases"].append((p[1], float(p[2])))
+        elif p[0] == "MODE" and "quick" in p[1:]:
+            r["quick"] = True
+    return r
+
+
+def copy_bandwidth_gbs(r):
+    """GB/s of bench_cuda's device-to-device copy (read + write bytes over time); nan when absent."""
+    t, b = r["ms"].get("copy_d2d"), r["bytes"].get("copy_d2d")
+    return b / t / 1e6 if t and b else NAN
+
+
+def verdict(kind, pct_copy, rw_ratio, eager_speedup):
+    """(status, text) of one row against issue 4's target: status MET, MISSED or NOT MEASURED; None without a target."""
+    if not kind:
+        return None, ""
+    value = {"fwd": pct_copy, "fwdbwd": eager_speedup, "rw": rw_ratio}[kind]
+    if value is None or math.isnan(value):
+        return "NOT MEASURED", f"{TARGETS[kind]}: not measured"
+    met = value >= 70 if kind == "fwd" else value >= 5 if kind == "fwdbwd" else value <= 2
+    return ("MET" if met else "MISSED"), f"{TARGETS[kind]}: {'MET' if met else 'MISSED'}"
+
+
+def fmt(v, width, digits=3, suffix=""):
+    return f"{'-':>{width}}" if v is None or math.isnan(v) else f"{v:{width - len(suffix)}.{digits}f}{suffix}"
+
+
+def render(r):
+    out = []
+    ms, nbytes = r["ms"], r["bytes"]
+    copy = copy_bandwidth_gbs(r)
+    gpu = r["device"] or (r["smi"].split(",")[0] if r["smi"] else "? (no DEVICE line: bench_cuda did not run)")
+    out.append("")
+    out.append(f"GPU: {gpu}" + (f"   [nvidia-smi: {r['smi']}]" if r["smi"] else ""))
+    torch_copy = ms.get("copy_d2d_torch")
+    out.append(f"copy bandwidth (bench_cuda cudaMemcpy D2D, read+write): {fmt(copy, 6, 0).strip()} GB/s"
+               + (f"   (torch copy_ of the same size: {fmt(nbytes['copy_d2d'] / torch_copy / 1e6, 6, 0).strip()} GB/s)"
+                  if torch_copy and "copy_d2d" in nbytes else ""))
+    out.append(f"PyTorch: {r['torch'] or 'not run'}" + (f"   Liger: {r['liger']}" if r["liger"] else ""))
+    if r["quick"]:
+        out.append("MODE quick: smaller sizes than the labels say; the targets are for the full sizes")
+    out.append("")
+
+    hdr = (f"{'computation':48} {'grun ms':>9} {'GB/s':>7} {'% copy':>7} {'×(r+w)':>7} {'eager ms':>9} "
+           f"{'eager/grun':>10} {'compile ms':>10} {'comp/grun':>9}  target")
+    out.append(hdr)
+    out.append("-" * len(hdr))
+    verdicts = []  # (status, row name, detail)
+    parent = ""
+    for key, label, kind in ROWS:
+        name = f"{parent}, in place" if label.startswith(" ") else label
+        parent = parent if label.startswith(" ") else label
+        if key not in ms:
+            if kind:
+                verdicts.append(("NOT MEASURED", name, "no grun result"))
+            continue
+        t, b = ms[key], nbytes.get(key, 0.0)
+        gbs = b / t / 1e6 if t and b else NAN
+        pct = 100 * gbs / copy
+        rw = t / (b / copy / 1e6) if kind == "rw" and b and not math.isnan(copy) else NAN
+        eager, comp = ms.get(key + "_eager"), ms.get(key + "_compile")
+        speedup = eager / t if eager is not None and t else None
+        status, text = verdict(kind, pct, rw, speedup)
+        ratio = lambda v: fmt(None if v is None else v / t, 10, 2, "×")
+        out.append(f"{label:48} {fmt(t, 9)} {fmt(gbs, 7, 0)} {fmt(pct, 7, 1, '%')} {fmt(rw, 7, 2)} {fmt(eager, 9)} "
+                   f"{ratio(eager)} {fmt(comp, 10)} {ratio(comp):>9}  {text}".rstrip())
+        if status:
+            detail = {"fwd": f"{fmt(pct, 5, 1).strip()}% of copy BW",
+                      "fwdbwd": f"{fmt(speedup, 5, 2).strip()}× faster than eager",
+                      "rw": f"{fmt(rw, 5, 2).strip()}× the read+write time"}[kind]
+            verdicts.append((status, name, detail))
+
+    # Cross entropy: grun beside every reference of the same computation, each ratio = reference / grun.
+    ce = [("grun token_nll (exec::cuda, bf16 logits)", "nll_fwd", "nll_fwdbwd"),
+          ("PyTorch F.cross_entropy eager (logits.float())", "nll_fwd_eager", "nll_fwdbwd_eager"),
+          ("PyTorch torch.compile of the same", "nll_fwd_compile", "nll_fwdbwd_compile"),
+          ("Liger LigerCrossEntropyLoss (bf16 logits)", "nll_fwd_liger", "nll_fwdbwd_liger")]
+    if any(k in ms for _, f, fb in ce for k in (f, fb)):
+        out.append("")
+        h2 = f"{'cross entropy, NLL size (sum over tokens)':48} {'fwd ms':>9} {'×grun':>8} {'fwd+bwd ms':>11} {'×grun':>8}"
+        out.append(h2)
+        out.append("-" * len(h2))
+        g_f, g_fb = ms.get("nll_fwd"), ms.get("nll_fwdbwd")
+        for label, kf, kfb in ce:
+            f, fb = ms.get(kf), ms.get(kfb)
+            rel = lambda v, g: fmt(None if v is None or not g else v / g, 8, 2, "×")
+            if f is None and fb is None:
+                why = "not installed / not importable" if kf.endswith("liger") else "not run"
+                out.append(f"{label:48} {why}")
+                continue
+            out.append(f"{label:48} {fmt(f, 9)} {rel(f, g_f)} {fmt(fb, 11)} {rel(fb, g_fb)}")
+
+    # Keys without a row (a benchmark added without one here): shown, not lost. tests/gpu_check flags them.
+    row_keys = {k for k, _, _ in ROWS}
+    known = row_keys | {k + v for k in row_keys for v in ("_eager", "_compile")} | set(OTHER_KEYS)
+    extra = [k for k in ms if k not in known]
+    if extra:
+        out.append("")
+        out.append("other results (no row in gpu_table.py yet):")
+        for k in extra:
+            b = nbytes.get(k, 0.0)
+            out.append(f"  {k:46} {fmt(ms[k], 9)} ms" + (f" {fmt(b / ms[k] / 1e6, 7, 0)} GB/s" if b and ms[k] else ""))
+
+    out.append("")
+    counts = {s: sum(1 for v in verdicts if v[0] == s) for s in ("MET", "MISSED", "NOT MEASURED")}
+    out.append(f"Issue 4 targets: {counts['MET']} MET, {counts['MISSED']} MISSED, {counts['NOT MEASURED']} not measured")
+    for status, label, detail in verdicts:
+        out.append(f"  {status:12} {label:56} {detail}")
+    if r["notes"]:
+        out.append("")
+        out.append("Notes:")
+        out.extend(f"  {n}" for n in r["notes"])
+    if r["phases"]:
+        out.append("")
+        out.append("Phases: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in r["phases"])
+                   + f"  (total {sum(s for _, s in r['phases']):.0f} s)")
+    return "\n".join(out)
+
+
+def main(argv):
+    if len(argv) != 2:
+        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+        return 2
+    with open(argv[1], encoding="utf-8", errors="replace") as f:
+        print(render(parse(f)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
