@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Checks of benchmarks/gpu_check.sh and benchmarks/cuda/gpu_table.py that need no GPU.
+
+Usage: test_gpu_check.py {no_gpu|keys|table} REPO_ROOT     (registered by tests/gpu_check/CMakeLists.txt)
+Exit 0 when every check of the group holds; otherwise each failure is printed and the exit status is 1.
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+MODE, ROOT = sys.argv[1], sys.argv[2]
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks", "cuda"))
+import gpu_table  # noqa: E402
+
+failures = []
+
+
+def check(ok, what):
+    print(("ok    " if ok else "FAIL  ") + what)
+    if not ok:
+        failures.append(what)
+
+
+def run(args, env=None):
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------- no_gpu
+def test_no_gpu():
+    with tempfile.TemporaryDirectory() as tmp:
+        build = os.path.join(tmp, "build")
+        env = dict(os.environ, GRUN_NVIDIA_SMI="false")  # a device query that finds nothing
+        p = run(["bash", SCRIPT, "--build-dir", build, "--quick"], env)
+        check(p.returncode == 3, f"no GPU: exit 3 (got {p.returncode})")
+        check("no NVIDIA GPU visible" in p.stderr, f"no GPU: says 'no NVIDIA GPU visible' (stderr: {p.stderr.strip()!r})")
+        check(not os.path.exists(build) and not os.path.exists(build + ".configure.log"),
+              "no GPU: stops before configuring (no build directory, no configure log)")
+        env = dict(os.environ, GRUN_NVIDIA_SMI=os.path.join(tmp, "no-such-nvidia-smi"))
+        p = run(["bash", SCRIPT, "--build-dir", build], env)
+        check(p.returncode == 3 and "no NVIDIA GPU visible" in p.stderr, "missing nvidia-smi: exit 3 with the message")
+        # nvidia-smi present but without a device prints this and exits 6 on a driver-only machine.
+        fake = os.path.join(tmp, "smi-no-devices")
+        with open(fake, "w") as f:
+            f.write("#!/bin/sh\necho 'No devices were found'\nexit 6\n")
+        os.chmod(fake, 0o755)
+        p = run(["bash", SCRIPT, "--build-dir", build], dict(os.environ, GRUN_NVIDIA_SMI=fake))
+        check(p.returncode == 3 and not os.path.exists(build), "nvidia-smi without devices: exit 3, nothing built")
+    p = run(["bash", SCRIPT, "--no-such-option"])
+    check(p.returncode == 2 and "unknown argument" in p.stderr, "unknown argument: exit 2")
+    p = run(["bash", SCRIPT, "--table-only"])
+    check(p.returncode == 2, "--table-only without a file: exit 2")
+
+
+# ------------------------------------------------------------------------------------------------ keys
+def source(*path):
+    with open(os.path.join(ROOT, *path), encoding="utf-8") as f:
+        return f.read()
+
+
+def bench_cuda_keys():
+    """Every RESULT key bench_cuda.cu can print: literal names, and bench_intervention's name + suffix."""
+    src = source("benchmarks", "cuda", "bench_cuda.cu")
+    keys = set(re.findall(r'\bresult\("([A-Za-z0-9_]+)"', src))
+    suffixes = re.findall(r'\bresult\(\(name \+ "([A-Za-z0-9_]+)"\)', src)
+    calls = re.findall(r'\bbench_intervention<\w+>\("([A-Za-z0-9_]+)"([^;]*)\);', src)
+    assert suffixes and calls, "bench_cuda.cu: bench_intervention's result names not found (update this test)"
+    for name, rest in calls:
+        generic = re.search(r",\s*true$", rest.strip()) is not None
+        for s in suffixes:
+            if generic and s == "_fwd_inplace":  # the generic path is timed without an in-place run
+                continue
+            keys.add(name + s)
+    return keys
+
+
+def torch_reference_keys():
+    """Every RESULT key torch_reference.py can print: f-strings expanded over tags and intervention names."""
+    src = source("benchmarks", "cuda", "torch_reference.py")
+    patterns = re.findall(r'\bresult\(f?"([^"]+)"', src)
+    names = set(re.findall(r'\bname="([A-Za-z0-9_]+)"', src))
+    assert patterns and names, "torch_reference.py: result names not found (update this test)"
+    keys = set()
+    for p in patterns:
+        for tag in ("eager", "compile"):
+            for name in names:
+                keys.add(p.replace("{tag}", tag).replace("{name}", name))
+    return keys
+
+
+def test_keys():
+    row_keys = {k for k, _, _ in gpu_table.ROWS}
+    check(len(row_keys) == len(gpu_table.ROWS), "gpu_table.ROWS: no key twice")
+    known = row_keys | {k + v for k in row_keys for v in ("_eager", "_compile")} | set(gpu_table.OTHER_KEYS)
+    grun, torch = bench_cuda_keys(), torch_reference_keys()
+    print(f"bench_cuda.cu keys: {sorted(grun)}\ntorch_reference.py keys: {sorted(torch)}")
+    for k in sorted(grun | torch):
+        check(k in known, f"RESULT {k} has a place in gpu_table.py")
+    for k in sorted(row_keys):
+        check(k in grun, f"table row {k} is printed by bench_cuda.cu")
+    for k in gpu_table.OTHER_KEYS:
+        check(k in grun | torch, f"{k} is printed by bench_cuda.cu or torch_reference.py")
+    for k in sorted(torch):
+        base = re.sub(r"_(eager|compile)$", "", k)
+        if base != k:
+            check(base in row_keys, f"torch's {k} sits beside a grun row ({base})")
+
+
+# ----------------------------------------------------------------------------------------------- table
+COPY_BYTES, COPY_MS = 2e9, 1.0  # fake copy bandwidth: 2000 GB/s
+ROW_BYTES = 1e9                 # every row: 1e9 bytes -> 0.5 ms at copy bandwidth
+
+
+def synthetic():
+    """A results file with every key, each target row MET or MISSED in turn; returns (text, expectations)."""
+    lines = ["SMI Fake GPU 9000, 80000 MiB, 999.1", "DEVICE Fake GPU 9000", "TORCH 9.9.9 on Fake GPU 9000",
+             "LIGER 0.0.1", f"RESULT copy_d2d {COPY_MS:.6f} {COPY_BYTES:.0f}", "RESULT copy_d2d_torch 1.250000",
+             "NOTE a note from the run", "PHASE configure 7", "PHASE build 61"]
+    expect = []  # (key, label, [substrings the row's line must contain], verdict or None)
+    met_next = True
+    for key, label, kind in gpu_table.ROWS:
+        t, eager, comp, want = 1.0, 3.0, 2.0, []
+        verdict = None
+        if kind == "fwd":  # % copy = 100 * (1e9 / t / 1e6) / 2000 = 50 / t
+            t = 0.625 if met_next else 1.0
+            want = ["80.0%" if met_next else "50.0%"]
+            eager, comp = 3 * t, 2 * t
+        elif kind == "fwdbwd":
+            eager = 6.0 if met_next else 4.0
+            want = ["6.00×" if met_next else "4.00×"]
+        elif kind == "rw":  # × read+write = t / 0.5
+            t = 0.9 if met_next else 1.5
+            want = ["1.80" if met_next else "3.00"]
+            eager, comp = 3 * t, 2 * t
+        if kind:
+            verdict = "MET" if met_next else "MISSED"
+            want.append(f"{gpu_table.TARGETS[kind]}: {verdict}")
+            met_next = not met_next
+        if kind != "fwdbwd":
+            want.append("3.00×")
+        want.append("2.00×")
+        want.append(f"{t:9.3f}")
+        lines.append(f"RESULT {key} {t:.6f} {ROW_BYTES:.0f}")
+        lines.append(f"RESULT {key}_eager {eager:.6f}")
+        lines.append(f"RESULT {key}_compile {comp:.6f}")
+        expect.append((key, label, want, verdict))
+    t_nll = dict((k, float(l.split()[2])) for l in lines if l.startswith("RESULT") for k in [l.split()[1]])
+    lines.append(f"RESULT nll_fwd_liger {1.5 * t_nll['nll_fwd']:.6f}")
+    lines.append(f"RESULT nll_fwdbwd_liger {0.5 * t_nll['nll_fwdbwd']:.6f}")
+    lines.append("RESULT brand_new_benchmark 2.000000 1000000000")  # a key without a row: listed apart
+    lines.append("some unrelated log line the parser must ignore")
+    return "\n".join(lines) + "\n", expect
+
+
+def test_table():
+    text, expect = synthetic()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "results.txt")
+        with open(path, "w") as f:
+            f.write(text)
+        p = run([sys.executable, os.path.join(ROOT, "benchmarks", "cuda", "gpu_table.py"), path])
+        check(p.returncode == 0, f"gpu_table.py exits 0 (stderr: {p.stderr.strip()!r})")
+        out = p.stdout
+        print(out)
+        via_script = run(["bash", SCRIPT, "--table-only", path])
+        check(via_script.returncode == 0 and via_script.stdout == out, "gpu_check.sh --table-only prints the same table")
+
+        lines = out.splitlines()
+        check(any(l.startswith("GPU: Fake GPU 9000") for l in lines), "the GPU's name is shown")
+        check(any("copy bandwidth" in l and "2000 GB/s" in l for l in lines), "the copy bandwidth (2000 GB/s) is shown")
+        check(any("torch copy_ of the same size: 1600 GB/s" in l for l in lines), "torch's copy bandwidth is shown")
+        check(any("Liger: 0.0.1" in l for l in lines), "the Liger version is shown")
+        # The main table: every row once, in order, each with its numbers and verdict.
+        header = next(i for i, l in enumerate(lines) if l.startswith("computation"))
+        body = lines[header + 2: header + 2 + len(expect)]
+        check(len(body) == len(expect), f"the table has {len(expect)} rows")
+        for (key, label, want, _), line in zip(expect, body):
+            check(line.startswith(label), f"row {key}: labelled {label.strip()!r}")
+            for w in want:
+                check(w in line, f"row {key}: shows {w!r}  [{line}]")
+        # The cross-entropy comparison: each reference against grun.
+        ce = next(i for i, l in enumerate(lines) if l.startswith("cross entropy"))
+        block = "\n".join(lines[ce:ce + 6])
+        check(re.search(r"PyTorch F\.cross_entropy eager.*3\.00×.*3\.00×", block) is not None,
+              "cross entropy: PyTorch eager fwd and fwd+bwd against grun (3.00×)")
+        check(re.search(r"torch\.compile.*2\.00×.*2\.00×", block) is not None, "cross entropy: torch.compile (2.00×)")
+        check(re.search(r"Liger.*1\.50×.*0\.50×", block) is not None, "cross entropy: Liger fwd 1.50×, fwd+bwd 0.50×")
+        # The targets summary.
+        verdicts = [v for _, _, _, v in expect if v]
+        n_met, n_missed = verdicts.count("MET"), verdicts.count("MISSED")
+        check(f"Issue 4 targets: {n_met} MET, {n_missed} MISSED, 0 not measured" in out,
+              f"summary: {n_met} MET, {n_missed} MISSED, 0 not measured")
+        first = next(i for i, l in enumerate(lines) if l.startswith("Issue 4 targets")) + 1
+        summary = lines[first:first + len(verdicts)]
+        for (key, _, _, v), line in zip([e for e in expect if e[3]], summary):
+            check(line.split()[0] == v, f"summary lists {key} as {v}  [{line.strip()}]")
+        check(re.search(r"other results.*\n\s+brand_new_benchmark\s+2\.000 ms\s+500 GB/s", out) is not None,
+              "a key without a row is listed under 'other results' with its time and GB/s")
+        check("a note from the run" in out, "NOTE lines are printed")
+        check("Phases: configure 7 s, build 61 s  (total 68 s)" in out, "phases and their total are printed")
+
+        # A run that stopped early: only nvidia-smi's line and the copy; nothing may crash.
+        with open(path, "w") as f:
+            f.write("SMI Fake GPU 9000, 80000 MiB, 999.1\nMODE quick\nNOTE bench_cuda was not built\n")
+        p = run([sys.executable, os.path.join(ROOT, "benchmarks", "cuda", "gpu_table.py"), path])
+        n_targets = len(verdicts)
+        check(p.returncode == 0 and "GPU: Fake GPU 9000" in p.stdout, "no bench results: GPU name from nvidia-smi")
+        check(f"0 MET, 0 MISSED, {n_targets} not measured" in p.stdout, "no bench results: every target 'not measured'")
+        check("MODE quick" in p.stdout, "quick mode is flagged")
+        # grun rows but no torch and no copy: fwd / rw targets and fwd+bwd targets cannot be judged.
+        with open(path, "w") as f:
+            f.write("".join(f"RESULT {k} 1.0 1000000000\n" for k, _, _ in gpu_table.ROWS))
+        p = run([sys.executable, os.path.join(ROOT, "benchmarks", "cuda", "gpu_table.py"), path])
+        check(p.returncode == 0 and f"0 MET, 0 MISSED, {n_targets} not measured" in p.stdout,
+              "no copy row and no torch: targets 'not measured', no crash")
+
+
+{"no_gpu": test_no_gpu, "keys": test_keys, "table": test_table}[MODE]()
+print(f"\n{len(failures)} failure(s)" if failures else "\nall checks hold")
+sys.exit(1 if failures else 0)
