@@ -639,7 +639,10 @@ class gated_intervention<Gate, Reft, Ortho>::module {
   using params_type = typename intervention::template params<T, host_space>;
 
   /// Hidden size d; parameters initialized by grun::init(…, seed); gradients zero.
-  module(index_t d, std::uint64_t seed) : d_(d), params_(intervention::template shape<T>(d)), grads_(*params_) {
+  /// (Not at the start of its line: nvcc reads a line starting with `module` as a C++20 module
+  /// declaration candidate and warns, #3189-D.)
+  explicit(false) module(index_t d, std::uint64_t seed)
+      : d_(d), params_(intervention::template shape<T>(d)), grads_(*params_) {
     init(*params_, seed);
   }
 

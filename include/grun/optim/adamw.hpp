@@ -233,6 +233,9 @@ class adamw {
   }
   template <class Exec, class PostStep>
   double step(const Exec& ex, const Params& params, const Params& grads, PostStep&& post_step) {
+    static_assert(std::is_same_v<Exec, exec::host_t>,
+                  "grun::optim::adamw keeps its moments in host memory and runs on exec::host; for device "
+                  "parameters use grun::cuda::adamw (kernels/grun/cuda/optim.cuh)");
     check_shapes(params, grads);
     const double norm = grad_norm(grads);
     require<numeric_error>(std::isfinite(norm), "adamw::step: expected finite gradients, got global norm ", norm,

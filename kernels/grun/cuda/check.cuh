@@ -119,8 +119,7 @@ class device_buffer {
     require<shape_error>(n >= 0, "device_buffer: expected a non-negative size, got ", n);
     if (n == 0) return;
     require_device("device_buffer");
-    v_.resize(static_cast<std::size_t>(n));
-    if (n) GRUN_CUDA_CHECK(cudaMemset(data(), 0, sizeof(T) * static_cast<std::size_t>(n)));
+    v_.resize(static_cast<std::size_t>(n));  // value-initialized (zeros) by Thrust, which synchronizes
   }
   explicit device_buffer(std::span<const T> host) : device_buffer(static_cast<index_t>(host.size())) {
     copy_from_host(host);
@@ -145,7 +144,13 @@ class device_buffer {
     copy_to_host(out);
     return out;
   }
-  void zero() { if (size()) GRUN_CUDA_CHECK(cudaMemset(data(), 0, sizeof(T) * static_cast<std::size_t>(size()))); }
+  /// Zeroes the buffer and waits for it: the memset runs on the legacy default stream, which a
+  /// non-blocking executor stream does not order against.
+  void zero() {
+    if (!size()) return;
+    GRUN_CUDA_CHECK(cudaMemset(data(), 0, sizeof(T) * static_cast<std::size_t>(size())));
+    GRUN_CUDA_CHECK(cudaStreamSynchronize(nullptr));
+  }
 
   template <int Rank = 1>
   tensor_view<T, Rank, cuda_space> view(std::array<index_t, Rank> extents) {
