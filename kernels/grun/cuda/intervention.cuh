@@ -6,9 +6,10 @@
 //   backward  dh (identity + gate + ReFT paths), parameter gradients of module `trained`
 //
 // Two device paths. The shipped rank-r policies (gate::linear / gate::always × reft::loreft /
-// noreft / direft, r ≤ 32) take the block-cooperative FUSED kernels of intervention_fused.cuh
-// (fused::supported<G, R, O>). Everything else takes the GENERIC path below (cuda::detail::generic):
-// one thread per selected row runs the policies' own GRUN_HD row
+// noreft / direft, r ≤ 32) stored as float / half / bfloat16 take the block-cooperative FUSED
+// kernels of intervention_fused.cuh (fused::supported<G, R, O> and fused::takes_storage<T>; they
+// compute in fp32). Everything else, double storage included (computed in double, like exec::host),
+// takes the GENERIC path below: one thread per selected row runs the policies' own GRUN_HD row
 // math (gated_intervention::forward_row / backward_row) — the very code exec::host runs — so it
 // works for every gate/ReFT policy, a user's included, and agrees with the host by construction.
 // All K modules of a stack are evaluated in the same launch.
@@ -131,18 +132,20 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   /// Bytes of per-thread work space a launch may take (rows are processed in chunks beyond this).
   static constexpr index_t work_budget = index_t(256) << 20;
 
-  /// The fused kernels take this policy (intervention_fused.cuh); otherwise the generic path runs.
+  /// The fused kernels take this policy (intervention_fused.cuh) for float / half / bfloat16
+  /// storage (cuda::fused::takes_storage<T>); otherwise the generic path runs.
   static constexpr bool fused = cuda::fused::supported<G, R, O>;
-  /// gate::mlp with a rank-r ReFT: cuBLASLt first layer + fused ReFT kernels (intervention_mlp.cuh).
+  /// gate::mlp with a rank-r ReFT: cuBLASLt first layer + fused ReFT kernels (intervention_mlp.cuh),
+  /// for the same storage types.
   static constexpr bool fused_mlp = cuda::mlp_gate::supported<G, R, O>;
 
   template <class T, class S>
   static void forward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                       matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates) {
     static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
-    if constexpr (fused) {
+    if constexpr (fused && cuda::fused::takes_storage<T>) {
       if (cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
-    } else if constexpr (fused_mlp) {
+    } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
       if (cuda::mlp_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
     }
     generic_forward<T, S>(ex, modules, scale, h, pos, out, gates);
@@ -153,9 +156,9 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
                        index_t trained, matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
                        matrix_view<const T, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
     static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
-    if constexpr (fused) {
+    if constexpr (fused && cuda::fused::takes_storage<T>) {
       if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
-    } else if constexpr (fused_mlp) {
+    } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
       if (cuda::mlp_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
     }
     generic_backward<T, S>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);

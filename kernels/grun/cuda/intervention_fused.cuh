@@ -1,8 +1,9 @@
 #pragma once
 // grun/cuda/intervention_fused.cuh — block-cooperative fused kernels for the shipped rank-r
 // policies: gate::linear / gate::always × reft::loreft<r> / noreft<r> / direft<r>, r ≤ 32.
-// intervention.cuh dispatches here (fused::supported<G, R, O>) and keeps the generic per-thread
-// path for every other policy (gate::mlp, a user's policies).
+// intervention.cuh dispatches here (fused::supported<G, R, O>, storage float / half / bfloat16:
+// fused::takes_storage<T>) and keeps the generic per-thread path for every other policy (a user's
+// policies) and for double storage.
 //
 // The math, for one selected row h [d] and module k (U, D [r, d] rows, b [r], gate w [d], c):
 //   loreft/noreft (U = R, D = W):   e = D h + b − U h,   Δ = Uᵀ e            (ReFT eq. 2)
@@ -67,6 +68,14 @@ inline constexpr index_t max_rank = 32;
 template <class G, class R, class O>
 inline constexpr bool supported = gate_kind<G>::value >= 0 && reft_kind<R>::value >= 0 && reft_kind<R>::rank >= 1 &&
                                   reft_kind<R>::rank <= max_rank && !O::is_parametrization;
+
+/// Storage types the fused kernels take: float, half, bfloat16 (acc_t = float, which is what the
+/// kernels compute in). double storage computes in double on exec::host, so it takes the generic
+/// path (the policies' own row math in double); the fused kernels would round it to fp32, and their
+/// vector widths (slot_kernel's 4 columns per thread = one 16-byte load of float, 8 bytes of
+/// half/bfloat16) assume a 16-byte vector holds a multiple of 4 elements, which 2 doubles are not.
+template <class T>
+inline constexpr bool takes_storage = std::is_same_v<T, float> || std::is_same_v<T, half> || std::is_same_v<T, bfloat16>;
 
 namespace detail {
 
@@ -592,6 +601,7 @@ bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cu
                   matrix_view<T, cuda_space> gates, const float* gext) {
   using Rf = typename I::reft_type;
   static_assert(reft_kind<Rf>::value >= 0 && I::rank <= max_rank);
+  static_assert(takes_storage<T>, "grun::cuda::fused: float, half or bfloat16 storage (double takes the generic path)");
   constexpr int R = int(I::rank);
   constexpr bool LO = reft_kind<Rf>::value == 1;
   constexpr int ROWS = detail::forward_rows<R>();
@@ -651,6 +661,10 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
                    Mid&& mid) {
   using Rf = typename I::reft_type;
   static_assert(reft_kind<Rf>::value >= 0 && I::rank <= max_rank);
+  static_assert(takes_storage<T>, "grun::cuda::fused: float, half or bfloat16 storage (double takes the generic path)");
+  // The vector path reads rows in VW-element vectors (d % VW == 0, rows 16-byte aligned) and the slot
+  // kernel then gives each thread 4 columns: 4 | VW keeps those columns inside d and their loads aligned.
+  static_assert(vec_width<T> % 4 == 0);
   constexpr int R = int(I::rank);
   constexpr bool LO = reft_kind<Rf>::value == 1, GATED = GM == detail::gate_linear;
   constexpr int ROWS = detail::backward_rows<R>();
