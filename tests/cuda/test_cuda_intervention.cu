@@ -150,6 +150,18 @@ TEMPLATE_TEST_CASE("cuda intervention agrees with exec::host: always + noreft, l
   check_sizes<lin_di, TestType>();
 }
 
+// double storage computes in double on exec::host; on exec::cuda it takes the generic path (the
+// fused kernels compute in fp32 and their 4-column slot loads assumed 4 | elements per 16 bytes: with
+// double they read misaligned 32-byte vectors and skipped the last 2 columns when d % 4 == 2).
+static_assert(!grun::cuda::fused::takes_storage<double> && grun::cuda::fused::takes_storage<grun::bfloat16>);
+
+TEST_CASE("cuda intervention agrees with exec::host: double storage (generic path)", "[intervention]") {
+  GRUN_REQUIRE_DEVICE();
+  check_agreement<lin_lo, double>(9, 38, {8, 1, 2}, 1, 0, 1.0);         // d % 4 = 2
+  check_agreement<lin_lo, double>(12, 40, {11, 0, 5, 6}, 2, 1, 0.8);    // stack of K = 2
+  check_agreement<mlp_lo, double>(9, 38, {8, 1, 2}, 1, 0, 1.0);         // mlp gate: no cuBLASLt type for double
+}
+
 TEST_CASE("cuda intervention through the public front end", "[intervention]") {
   GRUN_REQUIRE_DEVICE();
   const index_t N = 8, d = 48;
