@@ -26,9 +26,16 @@ template <class T>
 void copy_rows(matrix_view<const T, cuda_space> src, matrix_view<T, cuda_space> dst, cudaStream_t s) {
   if (src.size() == 0) return;
   if (static_cast<const void*>(src.data()) == static_cast<const void*>(dst.data()) && src.stride(0) == dst.stride(0)) return;
+  const std::size_t width = sizeof(T) * std::size_t(src.extent(1));
+  if (src.extent(0) == 1) {
+    // One row: its stride is never stepped and may be anything (torch keeps any stride on a size-1
+    // dimension, e.g. a transposed [d, 1]), while cudaMemcpy2D refuses a pitch below the width.
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), width, cudaMemcpyDeviceToDevice, s));
+    return;
+  }
   GRUN_CUDA_CHECK(cudaMemcpy2DAsync(dst.data(), sizeof(T) * std::size_t(dst.stride(0)), src.data(),
-                                    sizeof(T) * std::size_t(src.stride(0)), sizeof(T) * std::size_t(src.extent(1)),
-                                    std::size_t(src.extent(0)), cudaMemcpyDeviceToDevice, s));
+                                    sizeof(T) * std::size_t(src.stride(0)), width, std::size_t(src.extent(0)),
+                                    cudaMemcpyDeviceToDevice, s));
 }
 
 /// True when the position list is 0, 1, …, N−1 (every row selected, in order): the rows that
