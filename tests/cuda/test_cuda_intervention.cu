@@ -178,3 +178,35 @@ TEST_CASE("cuda intervention through the public front end", "[intervention]") {
   CHECK(grun::test::rel_error(outd.to_host().storage.span(), out_h.storage.span()) < 1e-5);
   CHECK(grun::test::rel_error(gd.to_host(), g_h) < 1e-5);
 }
+
+TEST_CASE("cuda intervention: one row whose row stride is below d (a transposed [d, 1])", "[intervention]") {
+  // Rows that pass through are copied with cudaMemcpy2D, which refused this view's pitch (1 < d).
+  GRUN_REQUIRE_DEVICE();
+  const index_t d = 40;
+  lin_lo::module<float> m(d, 5);
+  const auto& p = *m.owned_parameters();
+  auto dp = to_device<lin_lo, float>(m.owned_parameters(), d);
+  grun::host_matrix<float> h(1, d), dout(1, d), out_h(1, d), dh_h(1, d);
+  grun::test::fill_uniform(h.storage.span(), 9);
+  grun::test::fill_uniform(dout.storage.span(), 10);
+  gc::device_matrix<float> hd(h), doutd(dout), outd(1, d), dhd(1, d);
+  auto one_row = [&](gc::device_matrix<float>& x) { return grun::matrix_view<float, cuda_space>(x.storage.data(), {1, d}, {1, 1}); };
+  for (const auto& pos : {grun::positions(), grun::positions::rows({0})}) {
+    INFO("P = " << pos.size());
+    const index_t P = pos.size();
+    grun::buffer<float> g_h(std::max<index_t>(P, 1));
+    grun::owned_params<hparams<lin_lo, float>> grads_h(lin_lo::shape<float>(d));
+    lin_lo::forward(grun::exec::host, p, h.view(), pos, out_h.view(), grun::vector_view<float>(g_h.data(), {P}));
+    lin_lo::backward(grun::exec::host, p, h.view(), pos, dout.view(), grun::vector_view<const float>(nullptr, {0}),
+                     dh_h.view(), *grads_h);
+    gc::device_buffer<float> gd(std::max<index_t>(P, 1));
+    gc::device_params<dparams<lin_lo, float>> grads_d(lin_lo::shape<float, cuda_space>(d));
+    lin_lo::forward(grun::exec::cuda, *dp, grun::matrix_view<const float, cuda_space>(one_row(hd)), pos, one_row(outd),
+                    grun::vector_view<float, cuda_space>(gd.data(), {P}));
+    lin_lo::backward(grun::exec::cuda, *dp, grun::matrix_view<const float, cuda_space>(one_row(hd)), pos,
+                     grun::matrix_view<const float, cuda_space>(one_row(doutd)),
+                     grun::vector_view<const float, cuda_space>(nullptr, {0}), one_row(dhd), *grads_d);
+    CHECK(grun::test::rel_error(outd.to_host().storage.span(), out_h.storage.span()) < 1e-5);
+    CHECK(grun::test::rel_error(dhd.to_host().storage.span(), dh_h.storage.span()) < 1e-5);
+  }
+}
