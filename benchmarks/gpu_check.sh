@@ -81,13 +81,15 @@ rc=0
 # 1. Configure both projects, then build the tests and the benchmark side by side.
 log "configure ($build, CUDA archs: $archs)"
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGRUN_ENABLE_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES="$archs" -DGRUN_BUILD_BENCHMARKS=OFF -DGRUN_BUILD_EXAMPLES=OFF >"$build/gpu_check.configure.log" 2>&1 \
+  -DCMAKE_CUDA_ARCHITECTURES="$archs" -DGRUN_BUILD_BENCHMARKS=OFF -DGRUN_BUILD_EXAMPLES=ON >"$build/gpu_check.configure.log" 2>&1 \
   || { cat "$build/gpu_check.configure.log"; exit 1; }
 # The benchmark is configured standalone so nothing but the CUDA targets is compiled.
 cmake -S "$here/cuda" -B "$build/bench" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$archs" \
   >"$build/gpu_check.bench-configure.log" 2>&1 || { cat "$build/gpu_check.bench-configure.log"; exit 1; }
 phase_done configure
 cuda_tests=$(cd "$root/tests/cuda" && ls test_cuda_*.cu | sed 's/\.cu$//' | tr '\n' ' ')
+# examples/device_loop: the whole training loop on the device, next to the host run (ctest label cuda).
+cuda_tests+="device_loop_cuda "
 log "build with -j $jobs: bench_cuda and CUDA tests $cuda_tests(logs: $build/gpu_check.*.log)"
 cmake --build "$build/bench" -j "$jobs" >"$build/gpu_check.bench-build.log" 2>&1 &
 bench_build_pid=$!

@@ -8,6 +8,7 @@
 #include <grun/cuda/adamw.cuh>
 #include <grun/cuda/intervention.cuh>
 #include <grun/cuda/kl.cuh>
+#include <grun/cuda/losses.cuh>
 #include <grun/cuda/nll.cuh>
 #include <grun/gate/linear.hpp>
 #include <grun/gate/mlp.hpp>
@@ -184,6 +185,39 @@ void bench_kl(index_t T_, index_t V) {
   result("kl_fwdbwd", fb, 3.0 * double(T_ * V) * 2);
 }
 
+/// The unlearning losses on exec::cuda: RMU's retain term over P × d hidden states (bandwidth:
+/// read h and h_ref, read + write dh), and the one-block sequence / gate terms (latency: one
+/// launch, one 16-byte copy back, one stream synchronization each).
+void bench_losses(index_t P, index_t d, index_t B, index_t G) {
+  namespace loss = grun::loss;
+  gc::device_buffer<bf16> h(P * d), h0(P * d), dh(P * d);
+  fill_device(h, 11, -2.f, 2.f);
+  fill_device(h0, 12, -2.f, 2.f);
+  loss::inputs<bf16, cuda_space> in;
+  in.retain.hidden = {h.data(), {P, d}};
+  in.retain.hidden_ref = {h0.data(), {P, d}};
+  loss::grads<bf16, cuda_space> g;
+  g.retain.hidden = {dh.data(), {P, d}};
+  result("rmu_retain_fwdbwd", time_ms([&] { loss::rmu_retain{}.evaluate(grun::exec::cuda, in, g, 1.f); }),
+         4.0 * double(P * d) * 2);
+  gc::device_buffer<float> nll(B), nll_ref(B), dnll(B), gates(G), dgates(G);
+  fill(nll, 13, 5.f, 40.f);
+  fill(nll_ref, 14, 5.f, 40.f);
+  fill(gates, 15, 0.f, 1.f);
+  std::vector<index_t> count(static_cast<std::size_t>(B), 12);
+  gc::device_buffer<index_t> cd{std::span<const index_t>(count)};
+  loss::inputs<bf16, cuda_space> seq;
+  seq.forget.nll = {nll.data(), {B}};
+  seq.forget.nll_ref = {nll_ref.data(), {B}};
+  seq.forget.count = {cd.data(), {B}};
+  seq.forget.gate = {gates.data(), {G}};
+  loss::grads<bf16, cuda_space> sg;
+  sg.forget.nll = {dnll.data(), {B}};
+  sg.forget.gate = {dgates.data(), {G}};
+  result("npo_b64", time_ms([&] { loss::npo{}.evaluate(grun::exec::cuda, seq, sg, 1.f); }), 0);
+  result("gate_bce_g16384", time_ms([&] { loss::gate_bce{}.evaluate(grun::exec::cuda, seq, sg, 1.f); }), 0);
+}
+
 void bench_adamw(index_t d) {
   using I = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
   using P = I::params<float, cuda_space>;
@@ -216,6 +250,7 @@ int main(int argc, char** argv) {
     bench_intervention<mlp>("intervention_mlp_loreft4", T_, 4096);             // cuBLASLt first layer + fused ReFT
     bench_nll(quick ? 512 : 8192, quick ? 32768 : 131072);
     bench_kl(quick ? 512 : 8192, quick ? 32768 : 131072);
+    bench_losses(quick ? 1024 : 16384, 4096, 64, 16384);
     bench_adamw(4096);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda: %s\n", e.what());

@@ -38,6 +38,9 @@ ROWS = [
     ("nll_fwdbwd", "NLL fwd+bwd T=8192 V=131072 bf16", "rw"),
     ("kl_fwd", "KL fwd T=8192 V=131072 bf16", ""),
     ("kl_fwdbwd", "KL fwd+bwd T=8192 V=131072 bf16", "rw"),
+    ("rmu_retain_fwdbwd", "RMU retain MSE fwd+bwd P=16384 d=4096 bf16", ""),
+    ("npo_b64", "NPO B=64 (1 block, value back to host)", ""),
+    ("gate_bce_g16384", "gate BCE G=16384 (1 block, value back)", ""),
     ("adamw_mlp_loreft4", "AdamW mlp+loreft4 d=4096 (1 launch)", ""),
 ]
 TARGETS = {"fwd": "≥70% copy BW", "fwdbwd": "≥5× eager", "rw": "≤2× read+write"}
