@@ -119,6 +119,28 @@ void check(const config& c) {
   host_impl::backward(grun::exec::host, std::span<const Hp>(hv), c.scale, c.trained, grun::matrix_view<const T>(h.view()),
                       pos, grun::matrix_view<const T>(dout.view()), grun::matrix_view<const T>(dgates.view()),
                       dh_h.view(), *grads_h);
+  // The gradients' reference in double on the same stored values: a bias gradient is one sum over
+  // P rows with heavy cancellation, where the fp32 host and the device (another summation order)
+  // each carry ~1e-5 of rounding — comparing two fp32 results would test the rounding, not the kernel.
+  using Hd = hparams<I, double>;
+  std::vector<grun::owned_params<Hd>> hmd;
+  std::vector<Hd> hvd;
+  for (auto& m : hm) {
+    hmd.emplace_back(I::template shape<double>(d));
+    for (index_t i = 0; i < m.size(); ++i) hmd.back().data()[i] = grun::load<double>(m.data()[i]);
+  }
+  for (auto& m : hmd) hvd.push_back(*m);
+  auto widen = [](const grun::host_matrix<T>& a) {
+    grun::host_matrix<double> w(a.rows, a.cols);
+    for (index_t i = 0; i < a.rows * a.cols; ++i) w.storage[i] = grun::load<double>(a.storage[i]);
+    return w;
+  };
+  const auto h_wide = widen(h), dout_wide = widen(dout), dgates_wide = widen(dgates);
+  grun::host_matrix<double> dh_wide(N, d);
+  grun::owned_params<Hd> grads_wide(I::template shape<double>(d));
+  host_impl::backward(grun::exec::host, std::span<const Hd>(hvd), c.scale, c.trained,
+                      grun::matrix_view<const double>(h_wide.view()), pos, grun::matrix_view<const double>(dout_wide.view()),
+                      grun::matrix_view<const double>(dgates_wide.view()), dh_wide.view(), *grads_wide);
 
   const index_t ld = d + c.pad;
   strided<T> hd(N, d, ld), outd(N, d, ld), doutd(N, d, ld), dhd(N, d, ld);
@@ -158,12 +180,12 @@ void check(const config& c) {
   CHECK(grun::test::rel_error(dh_d.storage.span(), dh_h.storage.span()) < tol);
   if (P > 0) {
     // Each parameter tensor on its own scale (bias gradients are sums over P rows, weights over P·d).
-    std::vector<T> gh(grads_h.data(), grads_h.data() + grads_h.size());
+    const std::vector<double> gh(grads_wide.data(), grads_wide.data() + grads_wide.size());
     index_t off = 0;
     grun::for_each_param(*grads_h, [&](const auto& leaf) {
       const auto n = std::size_t(leaf.size());
       INFO("gradient leaf at offset " << off << ", " << leaf.rows << " × " << leaf.cols);
-      CHECK(grun::test::rel_error(std::span<const T>(gd.data() + off, n), std::span<const T>(gh.data() + off, n)) < tol);
+      CHECK(grun::test::rel_error(std::span<const T>(gd.data() + off, n), std::span<const double>(gh.data() + off, n)) < tol);
       off += leaf.size();
     });
   } else {
