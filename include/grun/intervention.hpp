@@ -503,7 +503,13 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
     const PA shaped = I::template shape<Acc>(d);
     const index_t np = parameter_count(shaped);
     const index_t max_slots = std::clamp<index_t>(index_t(32) * 1024 * 1024 / std::max<index_t>(np, 1), 1, 64);
-    const index_t block = std::max<index_t>(16, (P + max_slots - 1) / std::max<index_t>(max_slots, 1));
+    index_t block = std::max<index_t>(16, (P + max_slots - 1) / std::max<index_t>(max_slots, 1));
+    if constexpr (gate_blocks) {
+      // A whole number of the gate's row chunks per slot (past the first): a short chunk costs
+      // a full pass over W1 and its gradient for a few rows.
+      constexpr index_t B = G::host_block_rows;
+      if (block > B) block = (block + B - 1) / B * B;
+    }
     const index_t nblocks = (P + block - 1) / block;
     buffer<Acc> slots(nblocks * np);
 

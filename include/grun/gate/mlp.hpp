@@ -7,6 +7,7 @@
 #include <cmath>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "../concepts.hpp"
 #include "../rowmath.hpp"
@@ -113,15 +114,27 @@ struct mlp {
 
   // ---- host fast path: B rows at once --------------------------------------------------------
   // Row by row, the first layer streams all of W1 [H1, d] (4 MB at d = 4096) per row. The block
-  // forms below read W1 once per block of rows (a small cache- and register-blocked GEMM); every
-  // value they produce is the one the row functions produce for that row (same dots, same order).
-  // exec::host uses them for up to host_block_rows rows at a time; the CUDA kernels keep the rows.
+  // forms below read W1 once per block of rows (cache- and register-blocked GEMMs). Each value
+  // they produce depends on its own row only — never on which rows share the block or on the
+  // thread count — but the first layer's z = W1 h sums over j in one chain in order, not in the
+  // row function's lanes, so it may differ from forward() by rounding. Parameter gradients still
+  // sum over the block's rows in row order. exec::host uses them for up to host_block_rows rows
+  // at a time; the CUDA kernels keep the rows.
   static constexpr index_t host_block_rows = 32;
 
   /// g[b] = g(h[b]) for b < B; scratch[b] as forward leaves it.
   template <class Acc, class P>
   static void forward_block(const P& p, const Acc* const* h, index_t B, index_t d, Acc* const* scratch, Acc* g) {
-    using WT = std::remove_pointer_t<decltype(p.w1.row(0))>;
+    using WT = std::remove_cv_t<std::remove_pointer_t<decltype(p.w1.row(0))>>;
+#if !defined(__CUDA_ARCH__)
+    if constexpr (std::is_same_v<WT, Acc>) {
+      if (B <= host_block_rows) {
+        first_layer_gemm(p, h, B, d, scratch);
+        for (index_t b = 0; b < B; ++b) g[b] = head(p, scratch[b]);
+        return;
+      }
+    }
+#endif
     constexpr int M = 2, N = 4;  // tile: M rows of W1 × N rows of h
     for (index_t i0 = 0; i0 < H1; i0 += M) {
       const WT* w[M];
@@ -143,6 +156,94 @@ struct mlp {
     for (index_t b = 0; b < B; ++b) g[b] = head(p, scratch[b]);
   }
 
+#if !defined(__CUDA_ARCH__)
+  /// Registers for the host micro-kernels: 32 vector registers with AVX-512VL (ymm0-31), else 16.
+#if defined(__AVX512VL__)
+  static constexpr bool wide_register_file = true;
+#else
+  static constexpr bool wide_register_file = false;
+#endif
+
+  /// z[i0 + m][v·VL + l] += Σ_{j < kc} w[m][j] · ht[j][v·VL + l] for m < MR (rows ≥ H1 computed,
+  /// not stored), v < NV: the accumulators live in registers across the whole chunk.
+  template <class Acc, int MR, int NV, index_t BP>
+  static GRUN_FORCEINLINE void gemm_tile(const Acc* const* w, const Acc* ht, Acc* z, index_t i0, index_t kc) {
+    using V = grun::detail::hvec_t<Acc>;
+    constexpr int VL = grun::detail::hvec_lanes<Acc>;
+    V acc[MR][NV];
+    GRUN_UNROLL
+    for (int m = 0; m < MR; ++m)
+      GRUN_UNROLL
+      for (int v = 0; v < NV; ++v) acc[m][v] = grun::detail::vload(z + (i0 + m < H1 ? i0 + m : i0) * BP + v * VL);
+    for (index_t j = 0; j < kc; ++j) {
+      V hv[NV];
+      GRUN_UNROLL
+      for (int v = 0; v < NV; ++v) hv[v] = grun::detail::vload(ht + j * BP + v * VL);
+      GRUN_UNROLL
+      for (int m = 0; m < MR; ++m) {
+        const V wv = grun::detail::vsplat(w[m][j]);
+        GRUN_UNROLL
+        for (int v = 0; v < NV; ++v) acc[m][v] += wv * hv[v];
+      }
+    }
+    for (int m = 0; m < MR && i0 + m < H1; ++m)
+      GRUN_UNROLL
+      for (int v = 0; v < NV; ++v) grun::detail::vstore(z + (i0 + m) * BP + v * VL, acc[m][v]);
+  }
+
+  /// scratch[b][i] = relu(b1[i] + Σ_j W1[i][j] h[b][j]) for b < B ≤ host_block_rows: the GEMM
+  /// Z [H1, B] = W1 [H1, d] · Hᵀ as an outer-product micro-kernel. MR rows of W1 (one broadcast
+  /// scalar each) × NV vectors of rows of h (hᵀ packed per chunk of KC columns, so a vector holds
+  /// one column j of VL rows) give MR·NV accumulators in registers, MR + NV loads per MR·NV FMAs.
+  /// Each z[i][b] is one chain over j = 0, 1, …, d−1 in order (the chunks reload the partial sum
+  /// and continue it), so it does not depend on the chunk size, the tiling, which rows share the
+  /// block, or the thread count.
+  template <class Acc, class P>
+  static void first_layer_gemm(const P& p, const Acc* const* h, index_t B, index_t d, Acc* const* scratch) {
+    constexpr int VL = grun::detail::hvec_lanes<Acc>;
+    constexpr index_t BP = (host_block_rows + VL - 1) / VL * VL;  // rows of a block, padded to vectors
+    constexpr int NVmax = int(BP / VL);
+    constexpr int MR = wide_register_file ? 6 : 3, NV = NVmax < 4 ? NVmax : 4;
+    constexpr index_t KC = 128;                                   // columns per chunk: hᵀ chunk in L1
+    const index_t nvec = (B + VL - 1) / VL;                       // vectors of rows in use
+    alignas(64) Acc ht[KC * BP];
+    std::vector<Acc> zbuf(std::size_t(H1 * BP), Acc(0));          // Z [H1][BP]: the running sums
+    Acc* z = zbuf.data();
+    for (index_t j0 = 0; j0 < d; j0 += KC) {
+      const index_t kc = d - j0 < KC ? d - j0 : KC;
+      for (index_t b = 0; b < BP; ++b) {  // ht[j][b] = h[b][j0 + j]; rows past B are zero
+        if (b < B) {
+          const Acc* hb = h[b] + j0;
+          for (index_t j = 0; j < kc; ++j) ht[j * BP + b] = hb[j];
+        } else {
+          for (index_t j = 0; j < kc; ++j) ht[j * BP + b] = Acc(0);
+        }
+      }
+      for (index_t i0 = 0; i0 < H1; i0 += MR) {
+        const Acc* w[MR];
+        GRUN_UNROLL
+        for (int m = 0; m < MR; ++m) w[m] = p.w1.row(i0 + m < H1 ? i0 + m : i0) + j0;  // clamped: not stored
+        for (index_t v0 = 0; v0 < nvec; v0 += NV) {
+          // A last group narrower than NV (a block's tail of rows) runs a narrower kernel.
+          const int nv = int(nvec - v0 < NV ? nvec - v0 : NV);
+          const Acc* hp = ht + v0 * VL;
+          Acc* zp = z + v0 * VL;
+          if (nv == NV) gemm_tile<Acc, MR, NV, BP>(w, hp, zp, i0, kc);
+          else if (NV > 2 && nv >= 2) {
+            gemm_tile<Acc, MR, 2, BP>(w, hp, zp, i0, kc);
+            if (nv == 3) gemm_tile<Acc, MR, 1, BP>(w, hp + 2 * VL, zp + 2 * VL, i0, kc);
+          } else gemm_tile<Acc, MR, 1, BP>(w, hp, zp, i0, kc);
+        }
+      }
+    }
+    for (index_t b = 0; b < B; ++b)
+      for (index_t i = 0; i < H1; ++i) {
+        const Acc v = load<Acc>(p.b1[i]) + z[i * BP + b];
+        scratch[b][i] = v > Acc(0) ? v : Acc(0);
+      }
+  }
+#endif
+
   /// backward for B rows (after forward_block with the same scratch): grads += Σ_b, dh[b] += the gate path.
   template <class Acc, class P, class G>
   static void backward_block(const P& p, const G& grads, const Acc* const* h, index_t B, index_t d,
@@ -162,7 +263,30 @@ struct mlp {
 #if !defined(__CUDA_ARCH__)
       if constexpr (std::is_same_v<GT, Acc>) {
         using V = grun::detail::hvec_t<Acc>;
-        constexpr int VL = grun::detail::hvec_lanes<Acc>;
+        // M rows × U vectors of dW1 in registers: U loads of h and M broadcasts per M·U FMAs.
+        constexpr int VL = grun::detail::hvec_lanes<Acc>, U = wide_register_file ? 4 : 2;
+        for (; j + U * VL <= d; j += U * VL) {
+          V acc[M][U];
+          GRUN_UNROLL
+          for (int m = 0; m < M; ++m)
+            GRUN_UNROLL
+            for (int u = 0; u < U; ++u) acc[m][u] = grun::detail::vload(gw[m] + j + u * VL);
+          for (index_t b = 0; b < B; ++b) {
+            V hb[U];
+            GRUN_UNROLL
+            for (int u = 0; u < U; ++u) hb[u] = grun::detail::vload(h[b] + j + u * VL);
+            GRUN_UNROLL
+            for (int m = 0; m < M; ++m) {
+              const V c = grun::detail::vsplat(scratch[b][i0 + m]);
+              GRUN_UNROLL
+              for (int u = 0; u < U; ++u) acc[m][u] += c * hb[u];
+            }
+          }
+          GRUN_UNROLL
+          for (int m = 0; m < M; ++m)
+            GRUN_UNROLL
+            for (int u = 0; u < U; ++u) grun::detail::vstore(gw[m] + j + u * VL, acc[m][u]);
+        }
         for (; j + VL <= d; j += VL) {
           V acc[M];
           GRUN_UNROLL
@@ -189,10 +313,16 @@ struct mlp {
 #if !defined(__CUDA_ARCH__)
     if constexpr (std::is_same_v<WT, Acc>) {
       using V = grun::detail::hvec_t<Acc>;
-      constexpr int VL = grun::detail::hvec_lanes<Acc>, U = 2, NB = 4;  // NB rows × U vectors: 8 FMA chains
-      // W1's slab packed contiguous: read in place, its rows lie d apart, and for d a multiple of
-      // 1024 they all fall into the same few cache sets.
-      for (; j0 + U * VL <= d; j0 += U * VL) {
+      // NB rows × U vectors of dh in registers: U loads of W1 and NB broadcasts per NB·U FMAs.
+      constexpr int VL = grun::detail::hvec_lanes<Acc>, U = wide_register_file ? 4 : 2, NB = 4;
+      constexpr index_t SW = U * VL;
+      // W1's slab [H1, SW] packed contiguous: read in place, its rows lie d apart, and for d a
+      // multiple of 1024 they all fall into the same few cache sets, so every group of NB rows
+      // would fetch the slab again from L3.
+      std::vector<Acc> slab(std::size_t(H1 * SW));
+      for (; j0 + SW <= d; j0 += SW) {
+        for (index_t i = 0; i < H1; ++i)
+          for (index_t u = 0; u < SW; ++u) slab[std::size_t(i * SW + u)] = p.w1.row(i)[j0 + u];
         for (index_t b0 = 0; b0 < B; b0 += NB) {
           const int nb = int(B - b0 < NB ? B - b0 : NB);
           V acc[NB][U];
@@ -205,7 +335,7 @@ struct mlp {
             for (int u = 0; u < U; ++u) acc[k][u] = grun::detail::vload(dh[b] + j0 + u * VL);
           }
           for (index_t i = 0; i < H1; ++i) {
-            const Acc* w = p.w1.row(i) + j0;
+            const Acc* w = slab.data() + i * SW;
             V wv[U];
             GRUN_UNROLL
             for (int u = 0; u < U; ++u) wv[u] = grun::detail::vload(w + u * VL);
