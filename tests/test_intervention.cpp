@@ -84,6 +84,52 @@ TEST_CASE("the default mlp<256, 64> gate matches finite differences on sampled c
   CHECK(rel_err(an, nu) < 1e-6);
 }
 
+TEST_CASE("mlp host block GEMM (rows past one vector, a partial vector, two chunks) matches finite differences",
+          "[intervention][fd]") {
+  // n = 37 rows: exec::host runs the gate's first layer as a GEMM over chunks of 32 rows and a
+  // tail of 5; d = 13 leaves a column tail in every vector loop. Checks parameters and dh.
+  using I = gated_intervention<gate::mlp<13, 4>, reft::loreft<4>>;
+  const index_t d = 13, n = 37;
+  owned_params<I::params<double>> p(I::shape<double>(d)), grads(I::shape<double>(d));
+  init(*p, 15);
+  randomize(p->gate.w3, 16, 0.5);
+  auto h = random_matrix<double>(n, d, 17), c = random_matrix<double>(n, d, 18);
+  auto pos = positions::all(n);
+  std::vector<double> cg = random_vector(n, 19), gates(sz(n));
+  host_matrix<double> out(n, d), dh(n, d);
+  auto loss = [&]() {
+    I::forward(exec::host, *p, h.view(), pos, out.view(), vector_view<double>(gates.data(), {n}));
+    double L = 0;
+    for (index_t i = 0; i < n * d; ++i) L += c.storage[i] * out.storage[i];
+    for (index_t q = 0; q < n; ++q) L += cg[sz(q)] * gates[sz(q)];
+    return L;
+  };
+  I::backward(exec::host(2), *p, h.view(), pos, c.view(), vector_view<const double>(cg.data(), {n}), dh.view(), *grads);
+  auto ps = scalars(*p);
+  auto gs = scalars(*grads);
+  std::vector<double> an, nu;
+  grun::rng pick(20);
+  for (int s = 0; s < 300; ++s) {
+    const std::size_t i = pick.next() % ps.size();
+    an.push_back(*gs[i]);
+    nu.push_back(central_difference(ps[i], loss));
+  }
+  for (index_t i = 0; i < n * d; i += 7) {
+    an.push_back(dh.storage[sz(i)]);
+    nu.push_back(central_difference(&h.storage[sz(i)], loss));
+  }
+  CHECK(rel_err(an, nu) < 1e-6);
+  // The float GEMM agrees with the double one.
+  owned_params<I::params<float>> pf(I::shape<float>(d));
+  for (std::size_t i = 0; i < ps.size(); ++i) *scalars(*pf)[i] = float(*ps[i]);
+  host_matrix<float> hf(n, d), outf(n, d);
+  for (index_t i = 0; i < n * d; ++i) hf.storage[sz(i)] = float(h.storage[sz(i)]);
+  std::vector<float> gf(sz(n));
+  I::forward(exec::host, *pf, hf.view(), pos, outf.view(), vector_view<float>(gf.data(), {n}));
+  I::forward(exec::host, *p, h.view(), pos, out.view(), vector_view<double>(gates.data(), {n}));
+  for (index_t q = 0; q < n; ++q) CHECK(std::abs(double(gf[sz(q)]) - gates[sz(q)]) < 1e-5);
+}
+
 TEST_CASE("unselected rows pass through and in-place equals out-of-place", "[intervention]") {
   using I = gated_intervention<gate::linear, reft::loreft<4>>;
   I::module<float> m(16, 3);

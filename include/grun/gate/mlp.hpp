@@ -128,7 +128,8 @@ struct mlp {
     using WT = std::remove_cv_t<std::remove_pointer_t<decltype(p.w1.row(0))>>;
 #if !defined(__CUDA_ARCH__)
     if constexpr (std::is_same_v<WT, Acc>) {
-      if (B <= host_block_rows) {
+      // Below one vector of rows the dot form (tile_dot) wins: the GEMM would pad hᵀ to a vector.
+      if (B >= grun::detail::hvec_lanes<Acc> && B <= host_block_rows) {
         first_layer_gemm(p, h, B, d, scratch);
         for (index_t b = 0; b < B; ++b) g[b] = head(p, scratch[b]);
         return;
@@ -211,7 +212,7 @@ struct mlp {
     Acc* z = zbuf.data();
     for (index_t j0 = 0; j0 < d; j0 += KC) {
       const index_t kc = d - j0 < KC ? d - j0 : KC;
-      for (index_t b = 0; b < BP; ++b) {  // ht[j][b] = h[b][j0 + j]; rows past B are zero
+      for (index_t b = 0; b < nvec * VL; ++b) {  // ht[j][b] = h[b][j0 + j]; rows past B are zero
         if (b < B) {
           const Acc* hb = h[b] + j0;
           for (index_t j = 0; j < kc; ++j) ht[j * BP + b] = hb[j];
@@ -319,10 +320,13 @@ struct mlp {
       // W1's slab [H1, SW] packed contiguous: read in place, its rows lie d apart, and for d a
       // multiple of 1024 they all fall into the same few cache sets, so every group of NB rows
       // would fetch the slab again from L3.
-      std::vector<Acc> slab(std::size_t(H1 * SW));
+      // With a single group of rows the slab is read once: packing would only add a copy.
+      const bool pack = B > NB;
+      std::vector<Acc> slab(pack ? std::size_t(H1 * SW) : 0);
       for (; j0 + SW <= d; j0 += SW) {
-        for (index_t i = 0; i < H1; ++i)
-          for (index_t u = 0; u < SW; ++u) slab[std::size_t(i * SW + u)] = p.w1.row(i)[j0 + u];
+        if (pack)
+          for (index_t i = 0; i < H1; ++i)
+            for (index_t u = 0; u < SW; ++u) slab[std::size_t(i * SW + u)] = p.w1.row(i)[j0 + u];
         for (index_t b0 = 0; b0 < B; b0 += NB) {
           const int nb = int(B - b0 < NB ? B - b0 : NB);
           V acc[NB][U];
@@ -335,7 +339,7 @@ struct mlp {
             for (int u = 0; u < U; ++u) acc[k][u] = grun::detail::vload(dh[b] + j0 + u * VL);
           }
           for (index_t i = 0; i < H1; ++i) {
-            const Acc* w = slab.data() + i * SW;
+            const Acc* w = pack ? slab.data() + i * SW : p.w1.row(i) + j0;
             V wv[U];
             GRUN_UNROLL
             for (int u = 0; u < U; ++u) wv[u] = grun::detail::vload(w + u * VL);
