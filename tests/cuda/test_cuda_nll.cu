@@ -169,6 +169,44 @@ TEST_CASE("cuda token_nll: every label ignored gives nll 0 and a zero gradient",
   for (float v : nll.to_host()) CHECK(v == 0.f);
 }
 
+TEST_CASE("cuda token_nll: out-of-vocabulary labels on the device are a shape_error with the host's wording",
+          "[nll]") {
+  GRUN_REQUIRE_DEVICE();
+  // Rows 1 and 3 are bad (V and −1); row 2 is ignored. The error names the first bad row, its
+  // value and the count; the backward leaves the bad rows' gradient untouched (never half-written).
+  const index_t T_ = 4, V = 37;
+  std::vector<float> x(std::size_t(T_ * V));
+  grun::test::fill_uniform(std::span<float>(x), 3, -2.f, 2.f);
+  const std::vector<std::int64_t> y = {5, V, grun::loss::ignore_index, -1};
+  gc::device_buffer<float> x_d{std::span<const float>(x)}, nll(T_), lse(T_), dnll(T_);
+  gc::device_buffer<std::int64_t> y_d{std::span<const std::int64_t>(y)};
+  const std::vector<float> ones(std::size_t(T_), 1.f);
+  GRUN_CUDA_CHECK(cudaMemcpy(dnll.data(), ones.data(), sizeof(float) * ones.size(), cudaMemcpyHostToDevice));
+  const grun::matrix_view<const float, cuda_space> xv(x_d.data(), {T_, V});
+  const grun::vector_view<const std::int64_t, cuda_space> yv(y_d.data(), {T_});
+  CHECK_THROWS_WITH(grun::loss::token_nll_forward(grun::exec::cuda, xv, yv, nll.view(), lse.view()),
+                    Catch::Matchers::Contains("token_nll_forward: labels[1] = 37 is outside the vocabulary [0, 37)") &&
+                        Catch::Matchers::Contains("(2 labels out of range)"));
+  const auto nll_h = nll.to_host();
+  CHECK(std::isfinite(nll_h[0]));  // the good row is still computed
+  CHECK(std::isnan(nll_h[1]));
+  CHECK(std::isnan(nll_h[3]));
+
+  const std::vector<float> sentinel(x.size(), 42.f);
+  gc::device_buffer<float> dx{std::span<const float>(sentinel)};
+  CHECK_THROWS_WITH(grun::loss::token_nll_backward(grun::exec::cuda, xv, yv,
+                                                   grun::vector_view<const float, cuda_space>(lse.data(), {T_}),
+                                                   grun::vector_view<const float, cuda_space>(dnll.data(), {T_}),
+                                                   grun::matrix_view<float, cuda_space>(dx.data(), {T_, V})),
+                    Catch::Matchers::Contains("token_nll_backward: labels[1] = 37"));
+  const auto dx_h = dx.to_host();
+  for (index_t v = 0; v < V; ++v) {
+    CHECK(dx_h[std::size_t(1 * V + v)] == 42.f);
+    CHECK(dx_h[std::size_t(3 * V + v)] == 42.f);
+    CHECK(dx_h[std::size_t(2 * V + v)] == 0.f);  // ignored row: zero gradient
+  }
+}
+
 TEST_CASE("cuda sequence_nll agrees with loss::sequence_nll", "[nll]") {
   GRUN_REQUIRE_DEVICE();
   const index_t T_ = 1000;

@@ -136,13 +136,21 @@ GRUN_HD void row_nll_backward(const T* x, index_t n, index_t label, Acc lse, Acc
 
 namespace detail {
 
+/// The one wording of a bad label, for host views (found here) and device views (found by the
+/// kernel, reported after it): the first bad row, its value and, when known, how many rows are bad.
+[[noreturn]] inline void fail_label(const char* op, index_t row, std::int64_t label, index_t vocab, index_t bad_rows = 1) {
+  if (bad_rows > 1)
+    fail<shape_error>(op, ": labels[", row, "] = ", label, " is outside the vocabulary [0, ", vocab,
+                      ") and is not the ignore index ", ignore_index, " (", bad_rows, " labels out of range)");
+  fail<shape_error>(op, ": labels[", row, "] = ", label, " is outside the vocabulary [0, ", vocab,
+                    ") and is not the ignore index ", ignore_index);
+}
+
 template <class L>
 void require_labels(const tensor_view<L, 1>& labels, index_t vocab, const char* op) {
   for (index_t t = 0; t < labels.extent(0); ++t) {
     const auto y = static_cast<std::int64_t>(labels(t));
-    if (y != ignore_index && (y < 0 || y >= vocab))
-      fail<shape_error>(op, ": labels[", t, "] = ", y, " is outside the vocabulary [0, ", vocab,
-                        ") and is not the ignore index ", ignore_index);
+    if (y != ignore_index && (y < 0 || y >= vocab)) fail_label(op, t, y, vocab);
   }
 }
 
@@ -216,6 +224,7 @@ void check_token_nll(const tensor_view<T, 2, Sp>& logits, const tensor_view<L, 1
 /// Forward: per-token nll [T] (0 where labels == −100) and lse [T] (saved for backward).
 ///   logits [T, V] rows contiguous (any row stride), storage float/double/half/bfloat16
 ///   labels [T] integer, in [0, V) or −100 — otherwise shape_error naming the row and value
+///          (device views: found by the kernel and reported after it, see grun/cuda/nll.cuh)
 ///   nll, lse [T] of acc_t<storage>
 template <executor E, class T, class L, class A, memory_space Sp>
 void token_nll_forward(const E& ex, tensor_view<T, 2, Sp> logits, tensor_view<L, 1, Sp> labels,

@@ -11,12 +11,19 @@
 // the states with cub::BlockReduce. Forward reads each logit once, backward reads it once more and
 // writes the gradient once (in place allowed): 3 passes over T·V, the minimum with saved lse.
 // Row offsets are 64-bit (T·V passes 2^31 at T = 8192, V = 131072).
+//
+// Labels on the device cannot be checked by the front end without a copy, so the kernels check
+// them: a row whose label is neither in [0, V) nor the ignore index is counted (with the first such
+// row) and left alone — nll and lse NaN, dlogits untouched — and the call then fails with the host
+// path's shape_error. Reading the count back costs each call one 16-byte copy and one stream
+// synchronization (~10 µs; the forward at T = 8192, V = 131072 bf16 moves 2 GiB).
 #include <cub/block/block_reduce.cuh>
 
 #include <cstdint>
 #include <type_traits>
 
 #include "check.cuh"  // first: brings exec::host_t before exec/cuda.hpp needs it
+#include "scratch.cuh"
 
 #include <grun/loss/sequence.hpp>
 #include <grun/loss/token_nll.hpp>
@@ -53,6 +60,44 @@ bool vector_ok(const T* p, index_t row_stride, int width) {
   return width > 1 && reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (row_stride * index_t(sizeof(T))) % 16 == 0;
 }
 
+/// Rows whose label is out of the vocabulary: how many, and the first. Both are order-free
+/// (a sum and a minimum), so the census is the same whatever order the blocks ran in.
+struct label_census {
+  unsigned long long first_row;
+  unsigned long long bad_rows;
+};
+
+__device__ __forceinline__ void record_bad_label(label_census* census, index_t row) {
+  atomicAdd(&census->bad_rows, 1ull);
+  atomicMin(&census->first_row, static_cast<unsigned long long>(row));
+}
+
+/// The census of one launch: device scratch set up before it, read back (and reported with the
+/// host path's wording) after it.
+class label_check {
+ public:
+  explicit label_check(cudaStream_t s) : census_(1, s) {
+    GRUN_CUDA_CHECK(cudaMemsetAsync(&census_.ptr->first_row, 0xFF, sizeof(unsigned long long), s));
+    GRUN_CUDA_CHECK(cudaMemsetAsync(&census_.ptr->bad_rows, 0, sizeof(unsigned long long), s));
+  }
+  label_census* device() const noexcept { return census_.ptr; }
+
+  template <class L>
+  void report(const tensor_view<L, 1, cuda_space>& labels, index_t vocab, const char* op) const {
+    label_census got{};
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(&got, census_.ptr, sizeof got, cudaMemcpyDeviceToHost, census_.stream));
+    GRUN_CUDA_CHECK(cudaStreamSynchronize(census_.stream));
+    if (got.bad_rows == 0) return;
+    const auto row = static_cast<index_t>(got.first_row);
+    std::remove_const_t<L> label{};
+    GRUN_CUDA_CHECK(cudaMemcpy(&label, labels.data() + row * labels.stride(0), sizeof label, cudaMemcpyDeviceToHost));
+    loss::detail::fail_label(op, row, static_cast<std::int64_t>(label), vocab, static_cast<index_t>(got.bad_rows));
+  }
+
+ private:
+  stream_scratch<label_census> census_;
+};
+
 template <class Acc>
 struct lse_merge {
   __device__ __forceinline__ loss::lse_state<Acc> operator()(loss::lse_state<Acc> a,
@@ -65,7 +110,8 @@ struct lse_merge {
 template <int Block, int W, class Acc, class T, class L, class A>
 __global__ void __launch_bounds__(Block)
 token_nll_forward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<L, 1, cuda_space> labels,
-                         tensor_view<A, 1, cuda_space> nll, tensor_view<A, 1, cuda_space> lse) {
+                         tensor_view<A, 1, cuda_space> nll, tensor_view<A, 1, cuda_space> lse,
+                         label_census* census) {
   using E = std::remove_const_t<T>;
   using state = loss::lse_state<Acc>;
   using reduce = cub::BlockReduce<state, Block>;
@@ -76,6 +122,10 @@ token_nll_forward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<L, 1, cuda
   const auto y = static_cast<index_t>(labels(t));
   if (y == loss::ignore_index) {  // whole block agrees: no read of the row at all
     if (threadIdx.x == 0) { nll(t) = A(0); lse(t) = A(0); }
+    return;
+  }
+  if (y < 0 || y >= V) {  // out of the vocabulary: counted, reported by the host after the launch
+    if (threadIdx.x == 0) { nll(t) = A(NAN); lse(t) = A(NAN); record_bad_label(census, t); }
     return;
   }
   const E* row = x.row(t);
@@ -98,13 +148,9 @@ token_nll_forward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<L, 1, cuda
 
   const state total = reduce(tmp).Reduce(st, lse_merge<Acc>{});
   if (threadIdx.x == 0) {
-    if (y < 0 || y >= V) {  // out-of-vocabulary label (validated on the host only for host views)
-      nll(t) = A(NAN); lse(t) = A(NAN);
-    } else {
-      const Acc ls = log(total.s);
-      lse(t) = static_cast<A>(total.m + ls);
-      nll(t) = static_cast<A>((total.m - acc_load<Acc>(row + y)) + ls);
-    }
+    const Acc ls = log(total.s);
+    lse(t) = static_cast<A>(total.m + ls);
+    nll(t) = static_cast<A>((total.m - acc_load<Acc>(row + y)) + ls);
   }
 }
 
@@ -112,7 +158,7 @@ template <int Block, int W, bool Accumulate, class Acc, class T, class L, class 
 __global__ void __launch_bounds__(Block)
 token_nll_backward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<L, 1, cuda_space> labels,
                           tensor_view<A, 1, cuda_space> lse, tensor_view<A, 1, cuda_space> dnll,
-                          tensor_view<G, 2, cuda_space> dx) {
+                          tensor_view<G, 2, cuda_space> dx, label_census* census) {
   using E = std::remove_const_t<T>;
   const index_t t = blockIdx.x;
   const index_t V = x.extent(1);
@@ -121,6 +167,10 @@ token_nll_backward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<L, 1, cud
   if (y == loss::ignore_index) {
     if constexpr (!Accumulate)
       for (index_t v = threadIdx.x; v < V; v += Block) acc_store(out + v, Acc(0));
+    return;
+  }
+  if (y < 0 || y >= V) {  // out of the vocabulary: row left untouched, reported after the launch
+    if (threadIdx.x == 0) record_bad_label(census, t);
     return;
   }
   const E* row = x.row(t);
@@ -173,11 +223,15 @@ struct token_nll_impl<exec::cuda_t> {
     cuda::require_device("token_nll_forward");
     require<shape_error>(rows <= index_t(INT32_MAX), "token_nll_forward: expected at most 2^31 − 1 rows, got ", rows);
     const tensor_view<const E, 2, cuda_space> x = logits;
+    const cuda::detail::label_check labels_ok(cuda::stream_of(ex));
     if (cuda::detail::vector_ok(x.data(), x.stride(0), W))
-      cuda::detail::token_nll_forward_kernel<B, W, Acc><<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, nll, lse);
+      cuda::detail::token_nll_forward_kernel<B, W, Acc>
+          <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, nll, lse, labels_ok.device());
     else
-      cuda::detail::token_nll_forward_kernel<B, 1, Acc><<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, nll, lse);
+      cuda::detail::token_nll_forward_kernel<B, 1, Acc>
+          <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, nll, lse, labels_ok.device());
     GRUN_CUDA_CHECK_LAUNCH();
+    labels_ok.report(labels, logits.extent(1), "token_nll_forward");
     }
   }
 
@@ -199,13 +253,15 @@ struct token_nll_impl<exec::cuda_t> {
     const tensor_view<const E, 2, cuda_space> x = logits;
     const bool vec = cuda::detail::vector_ok(x.data(), x.stride(0), W) &&
                      cuda::detail::vector_ok(dlogits.data(), dlogits.stride(0), W);
+    const cuda::detail::label_check labels_ok(cuda::stream_of(ex));
     if (vec)
       cuda::detail::token_nll_backward_kernel<B, W, Accumulate, Acc>
-          <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, lse, dnll, dlogits);
+          <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, lse, dnll, dlogits, labels_ok.device());
     else
       cuda::detail::token_nll_backward_kernel<B, 1, Accumulate, Acc>
-          <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, lse, dnll, dlogits);
+          <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, lse, dnll, dlogits, labels_ok.device());
     GRUN_CUDA_CHECK_LAUNCH();
+    labels_ok.report(labels, logits.extent(1), "token_nll_backward");
     }
   }
 };
