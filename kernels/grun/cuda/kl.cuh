@@ -33,14 +33,6 @@ namespace detail {
 /// so a block has twice the NLL kernel's bytes in flight (V = 131072: 32 sweeps).
 inline constexpr int kl_block = 512;
 
-/// Elements per vector for a kernel touching storage types Ts...: the narrowest 16-byte width.
-template <class... Ts>
-inline constexpr int common_vec_width = [] {
-  int w = 16;
-  ((w = vec_width<Ts> < w ? vec_width<Ts> : w), ...);
-  return w;
-}();
-
 template <class Acc>
 struct kl_merge {
   __device__ __forceinline__ loss::kl_state<Acc> operator()(loss::kl_state<Acc> a, const loss::kl_state<Acc>& b) const {
@@ -184,20 +176,15 @@ struct token_kl_impl<exec::cuda_t> {
     using EX = std::remove_const_t<T>;
     using ER = std::remove_const_t<R>;
     using Acc = acc_t<EX>;
-    constexpr int B = cuda::detail::kl_block, W = cuda::detail::common_vec_width<EX, ER>;
+    constexpr int B = cuda::detail::kl_block;
     const index_t rows = logits.extent(0);
     if (rows == 0) return;
-    cuda::require_device("token_kl_forward");
-    require<shape_error>(rows <= index_t(INT32_MAX), "token_kl_forward: expected at most 2^31 − 1 rows, got ", rows);
     const tensor_view<const EX, 2, cuda_space> x = logits;
     const tensor_view<const ER, 2, cuda_space> r = logits_ref;
-    if (cuda::detail::vector_ok(x.data(), x.stride(0), W) && cuda::detail::vector_ok(r.data(), r.stride(0), W))
-      cuda::detail::token_kl_forward_kernel<B, W, Acc>
+    cuda::detail::launch_per_row<cuda::detail::common_vec_width<EX, ER>>("token_kl_forward", rows, [&](auto width) {
+      cuda::detail::token_kl_forward_kernel<B, decltype(width)::value, Acc>
           <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, r, labels, kl, lse, lse_ref);
-    else
-      cuda::detail::token_kl_forward_kernel<B, 1, Acc>
-          <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, r, labels, kl, lse, lse_ref);
-    GRUN_CUDA_CHECK_LAUNCH();
+    }, x, r);
     }
   }
 
@@ -212,23 +199,15 @@ struct token_kl_impl<exec::cuda_t> {
     using EX = std::remove_const_t<T>;
     using ER = std::remove_const_t<R>;
     using Acc = acc_t<EX>;
-    constexpr int B = cuda::detail::kl_block, W = cuda::detail::common_vec_width<EX, ER, G>;
+    constexpr int B = cuda::detail::kl_block;
     const index_t rows = logits.extent(0);
     if (rows == 0) return;
-    cuda::require_device("token_kl_backward");
-    require<shape_error>(rows <= index_t(INT32_MAX), "token_kl_backward: expected at most 2^31 − 1 rows, got ", rows);
     const tensor_view<const EX, 2, cuda_space> x = logits;
     const tensor_view<const ER, 2, cuda_space> r = logits_ref;
-    const bool vec = cuda::detail::vector_ok(x.data(), x.stride(0), W) &&
-                     cuda::detail::vector_ok(r.data(), r.stride(0), W) &&
-                     cuda::detail::vector_ok(dlogits.data(), dlogits.stride(0), W);
-    if (vec)
-      cuda::detail::token_kl_backward_kernel<B, W, Accumulate, Acc>
+    cuda::detail::launch_per_row<cuda::detail::common_vec_width<EX, ER, G>>("token_kl_backward", rows, [&](auto width) {
+      cuda::detail::token_kl_backward_kernel<B, decltype(width)::value, Accumulate, Acc>
           <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, r, labels, lse, lse_ref, dkl, dlogits);
-    else
-      cuda::detail::token_kl_backward_kernel<B, 1, Accumulate, Acc>
-          <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, r, labels, lse, lse_ref, dkl, dlogits);
-    GRUN_CUDA_CHECK_LAUNCH();
+    }, x, r, dlogits);
     }
   }
 };

@@ -60,6 +60,29 @@ bool vector_ok(const T* p, index_t row_stride, int width) {
   return width > 1 && reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (row_stride * index_t(sizeof(T))) % 16 == 0;
 }
 
+/// Elements per 16-byte vector common to every storage type a kernel streams (the narrowest).
+template <class... Ts>
+inline constexpr int common_vec_width = [] {
+  int w = 16;
+  ((w = vec_width<Ts> < w ? vec_width<Ts> : w), ...);
+  return w;
+}();
+
+/// The launch every one-block-per-row vocabulary kernel shares (token NLL, token KL; forward and
+/// backward): a device, a grid that fits, then `launch(std::integral_constant<int, W>{})` — the
+/// W-wide vector instantiation — when every row view it streams is 16-byte aligned, or the scalar
+/// one (width 1) for padded rows and offset views.
+template <int W, class Launch, class... RowViews>
+void launch_per_row(const char* op, index_t rows, Launch&& launch, const RowViews&... row_views) {
+  require_device(op);
+  require<shape_error>(rows <= index_t(INT32_MAX), op, ": expected at most 2^31 − 1 rows, got ", rows);
+  if ((vector_ok(row_views.data(), row_views.stride(0), W) && ...))
+    launch(std::integral_constant<int, W>{});
+  else
+    launch(std::integral_constant<int, 1>{});
+  GRUN_CUDA_CHECK_LAUNCH();
+}
+
 /// Rows whose label is out of the vocabulary: how many, and the first. Both are order-free
 /// (a sum and a minimum), so the census is the same whatever order the blocks ran in.
 struct label_census {
@@ -217,20 +240,15 @@ struct token_nll_impl<exec::cuda_t> {
     } else {
     using E = std::remove_const_t<T>;
     using Acc = acc_t<E>;
-    constexpr int B = cuda::detail::nll_block, W = cuda::vec_width<E>;
+    constexpr int B = cuda::detail::nll_block;
     const index_t rows = logits.extent(0);
     if (rows == 0) return;
-    cuda::require_device("token_nll_forward");
-    require<shape_error>(rows <= index_t(INT32_MAX), "token_nll_forward: expected at most 2^31 − 1 rows, got ", rows);
     const tensor_view<const E, 2, cuda_space> x = logits;
     const cuda::detail::label_check labels_ok(cuda::stream_of(ex));
-    if (cuda::detail::vector_ok(x.data(), x.stride(0), W))
-      cuda::detail::token_nll_forward_kernel<B, W, Acc>
+    cuda::detail::launch_per_row<cuda::vec_width<E>>("token_nll_forward", rows, [&](auto width) {
+      cuda::detail::token_nll_forward_kernel<B, decltype(width)::value, Acc>
           <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, nll, lse, labels_ok.device());
-    else
-      cuda::detail::token_nll_forward_kernel<B, 1, Acc>
-          <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, nll, lse, labels_ok.device());
-    GRUN_CUDA_CHECK_LAUNCH();
+    }, x);
     labels_ok.report(labels, logits.extent(1), "token_nll_forward");
     }
   }
@@ -245,22 +263,14 @@ struct token_nll_impl<exec::cuda_t> {
     using E = std::remove_const_t<T>;
     using Acc = acc_t<E>;
     constexpr int B = cuda::detail::nll_block;
-    constexpr int W = cuda::vec_width<E> < cuda::vec_width<G> ? cuda::vec_width<E> : cuda::vec_width<G>;
     const index_t rows = logits.extent(0);
     if (rows == 0) return;
-    cuda::require_device("token_nll_backward");
-    require<shape_error>(rows <= index_t(INT32_MAX), "token_nll_backward: expected at most 2^31 − 1 rows, got ", rows);
     const tensor_view<const E, 2, cuda_space> x = logits;
-    const bool vec = cuda::detail::vector_ok(x.data(), x.stride(0), W) &&
-                     cuda::detail::vector_ok(dlogits.data(), dlogits.stride(0), W);
     const cuda::detail::label_check labels_ok(cuda::stream_of(ex));
-    if (vec)
-      cuda::detail::token_nll_backward_kernel<B, W, Accumulate, Acc>
+    cuda::detail::launch_per_row<cuda::detail::common_vec_width<E, G>>("token_nll_backward", rows, [&](auto width) {
+      cuda::detail::token_nll_backward_kernel<B, decltype(width)::value, Accumulate, Acc>
           <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, lse, dnll, dlogits, labels_ok.device());
-    else
-      cuda::detail::token_nll_backward_kernel<B, 1, Accumulate, Acc>
-          <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, lse, dnll, dlogits, labels_ok.device());
-    GRUN_CUDA_CHECK_LAUNCH();
+    }, x, dlogits);
     labels_ok.report(labels, logits.extent(1), "token_nll_backward");
     }
   }
