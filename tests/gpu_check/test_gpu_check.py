@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks of benchmarks/gpu_check.sh and benchmarks/cuda/gpu_table.py that need no GPU.
 
-Usage: test_gpu_check.py {no_gpu|keys|table} REPO_ROOT     (registered by tests/gpu_check/CMakeLists.txt)
+Usage: test_gpu_check.py {no_gpu|keys|table|prebuilt} REPO_ROOT     (registered by tests/gpu_check/CMakeLists.txt)
 Exit 0 when every check of the group holds; otherwise each failure is printed and the exit status is 1.
 """
 import os
@@ -217,6 +217,49 @@ def test_table():
               "no copy row and no torch: targets 'not measured', no crash")
 
 
-{"no_gpu": test_no_gpu, "keys": test_keys, "table": test_table}[MODE]()
+# -------------------------------------------------------------------------------------------- prebuilt
+def write_program(path, body):
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body + "\n")
+    os.chmod(path, 0o755)
+
+
+def test_prebuilt():
+    """--prebuilt BUNDLE: no build; each test program's exit code counts (0 passed, 77 skipped, else failed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        build = os.path.join(tmp, "build")
+        p = run(["bash", SCRIPT, "--build-dir", build, "--prebuilt", os.path.join(tmp, "no-bundle")])
+        check(p.returncode == 2 and "expected a bundle made by benchmarks/gpu_bundle.sh" in p.stderr,
+              f"--prebuilt without a bundle: exit 2 naming gpu_bundle.sh (got {p.returncode}: {p.stderr.strip()!r})")
+        check(not os.path.exists(build), "--prebuilt without a bundle: nothing written")
+
+        bundle = os.path.join(tmp, "bundle")
+        os.makedirs(os.path.join(bundle, "bin"))
+        with open(os.path.join(bundle, "MANIFEST"), "w") as f:
+            f.write("commit 0000000 (fake)\narchs 90\n")
+        smi = os.path.join(tmp, "smi")
+        write_program(smi, "echo 'Fake GPU 9000, 80000 MiB, 999.1'")
+        write_program(os.path.join(bundle, "bin", "bench_cuda"), "echo 'DEVICE Fake GPU 9000'")
+        write_program(os.path.join(bundle, "bin", "test_cuda_passes"), "echo 'All tests passed (3 assertions in 1 test case)'")
+        write_program(os.path.join(bundle, "bin", "device_loop_cuda"), "echo 'loss 0.8 -> 0.03'")
+        env = dict(os.environ, GRUN_NVIDIA_SMI=smi)
+        args = ["bash", SCRIPT, "--build-dir", build, "--prebuilt", bundle, "--quick", "--no-compile"]
+        p = run(args, env)
+        check(p.returncode == 0 and "2 of 2 test programs passed, 0 failed, 0 skipped" in p.stdout,
+              f"bundle whose programs pass: exit 0, '2 of 2 … passed' (got {p.returncode}; {p.stdout[-600:]!r})")
+        check(not os.path.exists(os.path.join(build, "gpu_check.configure.log")), "bundle: nothing configured or built")
+        check("prebuilt bundle: commit 0000000" in p.stdout, "bundle: its MANIFEST commit is in the table's notes")
+
+        write_program(os.path.join(bundle, "bin", "test_cuda_skips"), "exit 77")
+        write_program(os.path.join(bundle, "bin", "test_cuda_fails"), "echo 'expected 1 == 2'; exit 1")
+        p = run(args, env)
+        check(p.returncode == 1 and "2 of 4 test programs passed, 1 failed, 1 skipped" in p.stdout,
+              f"a failing and a skipping program: exit 1 and counted (got {p.returncode}; {p.stdout[-600:]!r})")
+        check("test_cuda_fails: FAILED (exit 1)" in p.stdout and "expected 1 == 2" in p.stdout,
+              "a failing program is named, with its output")
+        check("CUDA tests were SKIPPED" in p.stdout, "a skipping program is reported as skipped, not passed")
+
+
+{"no_gpu": test_no_gpu, "keys": test_keys, "table": test_table, "prebuilt": test_prebuilt}[MODE]()
 print(f"\n{len(failures)} failure(s)" if failures else "\nall checks hold")
 sys.exit(1 if failures else 0)

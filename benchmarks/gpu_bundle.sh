@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# benchmarks/gpu_bundle.sh — build, on a machine WITHOUT a GPU, everything gpu_check.sh runs on one,
+# into a folder small enough to travel with the working tree to a short GPU slot.
+#
+# Why: a lent GPU machine has nvcc, CMake and PyTorch but not the development packages grun's build
+# finds (Boost, Catch2, nlohmann_json), and every minute of its time counts; nvcc spends minutes on
+# the CUDA tests. Built here (same nvcc 13.0; glibc ≥ 2.34, libstdc++ of GCC 12 needed there), the
+# slot only runs the programs:
+#
+#   benchmarks/gpu_bundle.sh                              # here: ~10 min of nvcc on 2 cores
+#   benchmarks/gpu_check.sh --prebuilt build-gpu-bundle   # there: tests, bench_cuda, PyTorch, table
+#
+# The bundle: bin/ (every tests/cuda test, examples' device_loop_cuda, bench_cuda; stripped),
+# lib/libcudart.so.13 (cuBLASLt, 0.5 GB, is taken from the GPU machine's CUDA or PyTorch), and
+# MANIFEST (the commit, whether the tree had changes, the architectures, nvcc's version). It is
+# written to DIR.tmp and renamed to DIR only when complete: a failed build never leaves a bundle.
+#
+# Usage: benchmarks/gpu_bundle.sh [--out DIR] [--jobs N]
+#   --out DIR   the bundle (default: build-gpu-bundle in the repository root; build-* is git-ignored)
+#   --jobs N    parallel nvcc jobs (default: nproc)
+# Environment: GRUN_CUDA_ARCHS=90  architectures to build (90: H100 and H200)
+# Exit status: 0 bundle written; 1 a build failed; 2 bad arguments.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+out="$root/build-gpu-bundle"
+jobs="$(nproc 2>/dev/null || echo 2)"
+while [[ $# -gt 0 ]]; do
+  if [[ $1 == --out || $1 == --jobs ]] && [[ $# -lt 2 ]]; then
+    echo "gpu_bundle.sh: $1 needs a value" >&2; exit 2
+  fi
+  case "$1" in
+    --out) out="$(realpath -m "$2")"; shift ;;
+    --jobs) jobs="$2"; shift ;;
+    *) echo "gpu_bundle.sh: unknown argument $1 (expected --out DIR or --jobs N)" >&2; exit 2 ;;
+  esac
+  shift
+done
+archs="${GRUN_CUDA_ARCHS:-90}"
+start=$(date +%s)
+log() { printf '[gpu_bundle %4ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
+export PATH="/usr/local/cuda/bin:$PATH"
+command -v nvcc >/dev/null || { echo "gpu_bundle.sh: nvcc not found (expected CUDA 13 under /usr/local/cuda)" >&2; exit 1; }
+
+# The build trees are kept next to the bundle (DIR.build) so a second run only rebuilds what changed.
+build="$out.build"
+staging="$out.tmp"
+rm -rf "$staging"
+mkdir -p "$build" "$staging/bin" "$staging/lib"
+
+log "configure ($build, CUDA archs: $archs)"
+cmake -S "$root" -B "$build/grun" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGRUN_ENABLE_CUDA=ON \
+  -DCMAKE_CUDA_ARCHITECTURES="$archs" -DGRUN_BUILD_BENCHMARKS=OFF -DGRUN_BUILD_EXAMPLES=ON \
+  >"$build/configure.log" 2>&1 || { cat "$build/configure.log" >&2; exit 1; }
+cmake -S "$here/cuda" -B "$build/bench" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$archs" \
+  >"$build/bench-configure.log" 2>&1 || { cat "$build/bench-configure.log" >&2; exit 1; }
+
+tests=$(cd "$root/tests/cuda" && ls test_cuda_*.cu | sed 's/\.cu$//' | tr '\n' ' ')
+log "build with -j $jobs: $tests device_loop_cuda bench_cuda (logs: $build/*.log)"
+cmake --build "$build/grun" -j "$jobs" --target $tests device_loop_cuda >"$build/build.log" 2>&1 \
+  || { grep -E "error|FAILED" "$build/build.log" | head -n 40 >&2; echo "gpu_bundle.sh: build failed, no bundle written" >&2; exit 1; }
+cmake --build "$build/bench" -j "$jobs" >"$build/bench-build.log" 2>&1 \
+  || { grep -E "error|FAILED" "$build/bench-build.log" | head -n 40 >&2; echo "gpu_bundle.sh: bench_cuda failed, no bundle written" >&2; exit 1; }
+
+for t in $tests; do cp "$build/grun/tests/cuda/$t" "$staging/bin/"; done
+cp "$build/grun/examples/device_loop_cuda" "$build/bench/bench_cuda" "$staging/bin/"
+strip "$staging"/bin/*
+cudart="$(ldd "$staging/bin/bench_cuda" | awk '/libcudart\.so/ { print $3 }')"
+[[ -n $cudart ]] && cp -L "$cudart" "$staging/lib/"
+
+commit="$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)"
+dirty="$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null | head -c1)"
+{
+  echo "commit $commit${dirty:+ (with uncommitted changes)}"
+  echo "archs $archs"
+  echo "nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+  echo "built $(date -u +%Y-%m-%dT%H:%MZ) on $(uname -n)"
+  echo "tests $tests"
+} >"$staging/MANIFEST"
+
+rm -rf "$out"
+mv "$staging" "$out"
+size=$(du -sm "$out" | cut -f1)
+log "bundle $out: ${size} MiB (a device call carries at most 64 MiB with the working tree)"
+cat "$out/MANIFEST"
