@@ -12,14 +12,15 @@ Same sizes, dtype (bf16) and math as benchmarks/cuda/bench_cuda.cu:
   nll, Liger:   LigerCrossEntropyLoss (Triton, reads the bf16 logits directly) at the NLL size, as
                 RESULT nll_fwd_liger / nll_fwdbwd_liger — only if liger_kernel imports (gpu_check.sh tries pip only with GRUN_TRY_LIGER=1).
 
-Every computation is timed eagerly first (variant eager), then again under torch.compile (variant
-compile) while time remains: a compile pass that would start after --compile-deadline is skipped and
+One harness (time_computation) times every entry of the table COMPUTATIONS (name, math, inputs):
+eagerly first (variant eager), then again under torch.compile (variant compile) while time remains: a compile pass that would start after --compile-deadline is skipped and
 says so on a NOTE line, so a slow first compile cannot crowd out the eager numbers.
 Other lines: TORCH <version> on <gpu>, LIGER <version>, NOTE <text> (read by gpu_table.py).
 Usage: torch_reference.py [--quick] [--no-compile] [--compile-deadline UNIX_SECONDS]
 """
 import sys
 import time
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,11 @@ QUICK = "--quick" in sys.argv
 COMPILE = "--no-compile" not in sys.argv
 # Wall-clock time (time.time()) after which no torch.compile pass starts; None: no limit.
 DEADLINE = float(sys.argv[sys.argv.index("--compile-deadline") + 1]) if "--compile-deadline" in sys.argv else None
-PASS = "eager"  # the variant timed now: main() runs every computation eagerly, then under torch.compile
 dev = "cuda"
 bf16 = torch.bfloat16
+T, D = (1024 if QUICK else 16384), 4096                             # intervention: tokens, hidden width
+T_LOGITS, V = (512 if QUICK else 8192), (32768 if QUICK else 131072)  # nll, kl: tokens, vocabulary
+COPY_BYTES = (64 << 20) if QUICK else (1 << 30)
 
 
 def time_ms(fn, warmup=3, reps=10):
@@ -58,11 +61,6 @@ def note(text):
     print(f"NOTE {text}", flush=True)
 
 
-def variants(fn):
-    """(tag, callable) of the current pass: fn itself, or torch.compile(fn) in the compile pass."""
-    yield PASS, (fn if PASS == "eager" else torch.compile(fn))
-
-
 def compile_allowed(what):
     if not COMPILE:
         return False
@@ -72,6 +70,46 @@ def compile_allowed(what):
     return True
 
 
+# ------------------------------------------------------------------------------ the harness
+def time_fwd(fn, args):
+    """Median ms of fn(*args) without autograd."""
+    with torch.no_grad():
+        return time_ms(lambda: fn(*args))
+
+
+def time_fwdbwd(fn, args, trainable, backward, clear_grads):
+    """Median ms of forward + backward: the args at the indices in trainable are copied into leaves that
+    require grad, and backward(fn(*leaves)) runs the backward. clear_grads: the leaves' .grad is reset
+    before each repetition (the backward writes fresh gradients); otherwise autograd adds into .grad."""
+    leaves = [a.clone().requires_grad_(True) if i in trainable else a for i, a in enumerate(args)]
+
+    def fwdbwd():
+        if clear_grads:
+            for i in trainable:
+                leaves[i].grad = None
+        backward(fn(*leaves))
+
+    return time_ms(fwdbwd, 2, 5)
+
+
+class Computation(NamedTuple):
+    name: str          # RESULT <name>_fwd_<variant> and <name>_fwdbwd_<variant>
+    what: str          # the words of the NOTE that skips its compile pass
+    math: Callable     # timed eagerly, then as torch.compile(math)
+    inputs: Callable   # () -> (the math's args, indices of the args that get gradients, backward(math's output))
+    clear_grads: bool  # see time_fwdbwd
+
+
+def time_computation(name, inputs, clear_grads, tag, fn):
+    """RESULT <name>_fwd_<tag> and <name>_fwdbwd_<tag> of fn (the math, eager or compiled) on fresh inputs
+    (same seeds in every pass); each line is printed as soon as it is measured, so a run that is stopped
+    keeps what finished."""
+    args, trainable, backward = inputs()
+    result(f"{name}_fwd_{tag}", time_fwd(fn, args))
+    result(f"{name}_fwdbwd_{tag}", time_fwdbwd(fn, args, trainable, backward, clear_grads))
+
+
+# ---------------------------------------------------------------------- the computations
 def intervention(h, w, c, W, b, R):
     g = torch.sigmoid(h @ w + c)  # [T, 1]
     delta = (h @ W.t() + b - h @ R.t()) @ R  # [T, d]
@@ -84,46 +122,26 @@ def intervention_direft(h, w, c, W1, b, W2):
     return h + g * delta, g
 
 
-def bench_intervention(T, d, r=4, fn_eager=intervention, name="intervention_linear_loreft4"):
+def intervention_inputs(r=4):
+    """h [T, d] and the parameters w, c, W (or W1), b, R (or W2) of a linear gate + rank-r edit; the
+    backward is dout^T d(out)/d(h, parameters)."""
     g = torch.Generator(device=dev).manual_seed(0)
-    h = torch.rand(T, d, device=dev, dtype=bf16, generator=g) * 2 - 1
-    dout = torch.rand(T, d, device=dev, dtype=bf16, generator=g) * 2 - 1
-    params = [(torch.rand(*s, device=dev, dtype=bf16, generator=g) - 0.5) * 0.1 for s in [(d, 1), (1,), (r, d), (r,), (r, d)]]
-
-    for tag, fn in variants(fn_eager):
-        with torch.no_grad():
-            result(f"{name}_fwd_{tag}", time_ms(lambda: fn(h, *params)))
-        hh = h.clone().requires_grad_(True)
-        ps = [p.clone().requires_grad_(True) for p in params]
-
-        def fwdbwd():
-            out, _ = fn(hh, *ps)
-            torch.autograd.backward(out, dout)
-
-        result(f"{name}_fwdbwd_{tag}", time_ms(fwdbwd, 2, 5))
+    h = torch.rand(T, D, device=dev, dtype=bf16, generator=g) * 2 - 1
+    dout = torch.rand(T, D, device=dev, dtype=bf16, generator=g) * 2 - 1
+    params = [(torch.rand(*s, device=dev, dtype=bf16, generator=g) - 0.5) * 0.1 for s in [(D, 1), (1,), (r, D), (r,), (r, D)]]
+    return [h, *params], range(1 + len(params)), lambda out_and_gates: torch.autograd.backward(out_and_gates[0], dout)
 
 
 def nll(x, y):
     return F.cross_entropy(x.float(), y, reduction="sum")
 
 
-def bench_nll(T, V):
+def nll_inputs():
+    """Logits x [T, V] and targets y; the backward is that of the summed loss."""
     g = torch.Generator(device=dev).manual_seed(1)
-    x = (torch.rand(T, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
-    y = torch.arange(T, device=dev) * 7919 % V
-
-    for tag, fn in variants(nll):
-        with torch.no_grad():
-            result(f"nll_fwd_{tag}", time_ms(lambda: fn(x, y)))
-        xx = x.clone().requires_grad_(True)
-
-        def fwdbwd():
-            xx.grad = None
-            fn(xx, y).backward()
-
-        result(f"nll_fwdbwd_{tag}", time_ms(fwdbwd, 2, 5))
-        del xx
-        torch.cuda.empty_cache()
+    x = (torch.rand(T_LOGITS, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
+    y = torch.arange(T_LOGITS, device=dev) * 7919 % V
+    return [x, y], (0,), lambda loss: loss.backward()
 
 
 def kl(x, r):
@@ -132,26 +150,28 @@ def kl(x, r):
                     reduction="none").sum(-1)
 
 
-def bench_kl(T, V):
+def kl_inputs():
+    """Logits x and the frozen reference r, both [T, V]; the backward has dkl = 1 per token, as in bench_cuda."""
     g = torch.Generator(device=dev).manual_seed(2)
-    x = (torch.rand(T, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
-    r = (torch.rand(T, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
-
-    for tag, fn in variants(kl):
-        with torch.no_grad():
-            result(f"kl_fwd_{tag}", time_ms(lambda: fn(x, r)))
-        xx = x.clone().requires_grad_(True)
-
-        def fwdbwd():
-            xx.grad = None
-            fn(xx, r).sum().backward()  # dkl = 1 per token, as in bench_cuda
-
-        result(f"kl_fwdbwd_{tag}", time_ms(fwdbwd, 2, 5))
-        del xx
-        torch.cuda.empty_cache()
+    x = (torch.rand(T_LOGITS, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
+    r = (torch.rand(T_LOGITS, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
+    return [x, r], (0,), lambda kl_per_token: kl_per_token.sum().backward()
 
 
-def bench_liger_nll(T, V):
+# tests/gpu_check/test_gpu_check.py lists the RESULT keys from this file's text: the name="…" literals
+# below, expanded into the literal key patterns of the result calls above. Keep that spelling.
+COMPUTATIONS = [
+    # The intervention's gradients add into .grad over the repetitions (as they always have here).
+    Computation(name="intervention_linear_loreft4", what="intervention linear+loreft4", math=intervention,
+                inputs=intervention_inputs, clear_grads=False),
+    Computation(name="intervention_linear_direft4", what="intervention linear+direft4", math=intervention_direft,
+                inputs=intervention_inputs, clear_grads=False),
+    Computation(name="nll", what="nll", math=nll, inputs=nll_inputs, clear_grads=True),
+    Computation(name="kl", what="kl", math=kl, inputs=kl_inputs, clear_grads=True),
+]
+
+
+def time_liger_nll():
     """Liger-Kernel's fused cross entropy at the NLL size and inputs (sum over tokens), when it imports.
 
     Liger reads the bf16 logits directly (fp32 math inside). With an input that requires grad its
@@ -169,55 +189,36 @@ def bench_liger_nll(T, V):
         print(f"LIGER {version('liger-kernel')}", flush=True)
     except Exception:
         print("LIGER (version unknown)", flush=True)
-    g = torch.Generator(device=dev).manual_seed(1)
-    x = (torch.rand(T, V, device=dev, dtype=bf16, generator=g) * 8 - 4)
-    y = torch.arange(T, device=dev) * 7919 % V
+    args, trainable, backward = nll_inputs()
     try:
         loss = LigerCrossEntropyLoss(reduction="sum")  # older versions take mean: same work
-        with torch.no_grad():
-            result("nll_fwd_liger", time_ms(lambda: loss(x, y)))
-        xx = x.clone().requires_grad_(True)
-
-        def fwdbwd():
-            xx.grad = None
-            loss(xx, y).backward()
-
-        result("nll_fwdbwd_liger", time_ms(fwdbwd, 2, 5))
+        result("nll_fwd_liger", time_fwd(loss, args))
+        result("nll_fwdbwd_liger", time_fwdbwd(loss, args, trainable, backward, clear_grads=True))
     except Exception as e:  # a Triton / driver mismatch must not cost the other rows
         note(f"Liger cross entropy failed ({type(e).__name__}: {str(e)[:120]})")
     torch.cuda.empty_cache()
 
 
-def bench_copy(nbytes):
-    a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+def time_copy():
+    a = torch.empty(COPY_BYTES, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
     result("copy_d2d_torch", time_ms(lambda: b.copy_(a)))
 
 
 def main():
-    global PASS
     if not torch.cuda.is_available():
         print("SKIPPED: torch sees no CUDA device", file=sys.stderr)
         return 77
     print(f"TORCH {torch.__version__} on {torch.cuda.get_device_name(0)}", flush=True)
-    T, d = (1024 if QUICK else 16384), 4096
-    T_logits, V = (512 if QUICK else 8192), (32768 if QUICK else 131072)
-    bench_copy((64 << 20) if QUICK else (1 << 30))
-    computations = [
-        ("intervention linear+loreft4", lambda: bench_intervention(T, d)),
-        ("intervention linear+direft4",
-         lambda: bench_intervention(T, d, fn_eager=intervention_direft, name="intervention_linear_direft4")),
-        ("nll", lambda: bench_nll(T_logits, V)),
-        ("kl", lambda: bench_kl(T_logits, V)),
-    ]
-    PASS = "eager"
-    for what, run in computations:
-        run()
-    bench_liger_nll(T_logits, V)
-    PASS = "compile"
-    for what, run in computations:
-        if compile_allowed(what):
-            run()
+    time_copy()
+    for c in COMPUTATIONS:
+        time_computation(c.name, c.inputs, c.clear_grads, "eager", c.math)
+        torch.cuda.empty_cache()
+    time_liger_nll()
+    for c in COMPUTATIONS:
+        if compile_allowed(c.what):
+            time_computation(c.name, c.inputs, c.clear_grads, "compile", torch.compile(c.math))
+            torch.cuda.empty_cache()
     return 0
 
 
