@@ -405,6 +405,16 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
   static index_t padded_stride(index_t d) { return d + 16; }
   /// Gates with a host block form (forward_block / backward_block over host_block_rows rows).
   static constexpr bool gate_blocks = requires { G::host_block_rows; };
+  /// Block gates that form their first layer's weight gradient as one GEMM over all rows
+  /// (backward_block_rows per block, then first_layer_weight_grad over columns).
+  static constexpr bool gate_weight_gemm = gate_blocks && requires { G::host_weight_grad_gemm; };
+  /// The layout of a block's gradient slot: every parameter but the weight a gate_weight_gemm gate
+  /// forms apart (its rows set to 0, so the slot holds none of it).
+  template <class P>
+  static P slot_shape(P shaped) {
+    if constexpr (gate_weight_gemm) G::first_layer_weight(shaped.gate).rows = 0;
+    return shaped;
+  }
 
   template <class T, class S>
   static void forward(const exec::host_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
@@ -499,16 +509,19 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
 
     // Parameter gradients: each block of positions accumulates into its own slot, and slots are
     // summed in block order, so the result depends on P (and the parameter count) only — never on
-    // the number of threads. At most 64 slots, and at most ~32M scalars of slots in all.
-    const PA shaped = I::template shape<Acc>(d);
+    // the number of threads. At most 64 slots, and at most ~32M scalars of slots in all. A
+    // gate_weight_gemm gate's first-layer weight has no slot: its gradient is one GEMM over all
+    // P rows in order after the blocks (H1·d scalars per slot would cost more to zero and sum
+    // than the GEMM: at P = 128, d = 4096, 8 slots of 1M scalars).
+    const PA shaped = slot_shape(I::template shape<Acc>(d));
     const index_t np = parameter_count(shaped);
     const index_t max_slots = std::clamp<index_t>(index_t(32) * 1024 * 1024 / std::max<index_t>(np, 1), 1, 64);
     index_t block = std::max<index_t>(16, (P + max_slots - 1) / std::max<index_t>(max_slots, 1));
     if constexpr (gate_blocks) {
       // A whole number of the gate's row chunks per slot (past the first): a short chunk costs
-      // a full pass over W1 and its gradient for a few rows.
+      // a full pass over W1 (and, without the GEMM, its gradient) for a few rows.
       constexpr index_t B = G::host_block_rows;
-      if (block > B) block = (block + B - 1) / B * B;
+      if (block > B || gate_weight_gemm) block = (block + B - 1) / B * B;
     }
     const index_t nblocks = (P + block - 1) / block;
     buffer<Acc> slots(nblocks * np);
@@ -536,6 +549,9 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
       const index_t ld = padded_stride(d);
       const index_t bws = B * (3 * ld + gs + 2) + 2 * d + rs;
       std::vector<std::vector<Acc>> bwork(static_cast<std::size_t>(workers), std::vector<Acc>(std::size_t(bws)));
+      // gate_weight_gemm: the trained module's dz1 of every row, transposed ([H1][P]), for the GEMM.
+      std::vector<Acc> dz1t;
+      if constexpr (gate_weight_gemm) dz1t.assign(std::size_t(G::hidden1 * P), Acc(0));
       parallel_blocks(threads, nblocks, [&](index_t blk, unsigned w) {
         const PA slot = bind_params(shaped, slots.data() + blk * np);
         Acc* base = bwork[w].data();
@@ -575,7 +591,11 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
               dgv[b] = (has_dgates ? load<Acc>(dgates(k, q0 + b)) : Acc(0)) + s * grun::detail::dot<Acc>(dx[b], delta, d);
               R::backward(pk.reft, gk.reft, hx[b], d, rscr, tmp, dhx[b]);
             }
-            G::backward_block(pk.gate, gk.gate, hx, nb, d, gscr, gv, dgv, dhx);
+            if constexpr (gate_weight_gemm)
+              G::backward_block_rows(pk.gate, gk.gate, nb, d, gscr, gv, dgv, dhx,
+                                     k == trained ? dz1t.data() + q0 : static_cast<Acc*>(nullptr), P);
+            else
+              G::backward_block(pk.gate, gk.gate, hx, nb, d, gscr, gv, dgv, dhx);
           }
           for (index_t b = 0; b < nb; ++b) {
             T* o = dh.row(pos[q0 + b]);
@@ -583,6 +603,18 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
           }
         }
       });
+      if constexpr (gate_weight_gemm) {
+        // dW1 = dZ1ᵀ · H over all P rows (p in order), straight into grads; threads split the
+        // columns, which does not change any sum. Reads h only: dh may alias dout, not h.
+        std::vector<const T*> hrows(static_cast<std::size_t>(P));
+        for (index_t q = 0; q < P; ++q) hrows[std::size_t(q)] = h.row(pos[q]);
+        const auto& gw = G::first_layer_weight(grads.gate);
+        constexpr index_t cols = 128;  // columns per task
+        parallel_blocks(threads, (d + cols - 1) / cols, [&](index_t c, unsigned) {
+          G::first_layer_weight_grad(dz1t.data(), P, hrows.data(), P, c * cols, std::min(d, (c + 1) * cols), gw.data,
+                                     gw.cols);
+        });
+      }
     } else {
       parallel_blocks(threads, nblocks, [&](index_t b, unsigned w) {
         const PA slot = bind_params(shaped, slots.data() + b * np);
@@ -618,7 +650,7 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
       const Acc* sl = slots.data() + b * np;
       for (index_t i = 0; i < np; ++i) total[std::size_t(i)] += double(sl[i]);
     }
-    const auto tv = bind_params(I::template shape<double>(d), total.data());
+    const auto tv = bind_params(slot_shape(I::template shape<double>(d)), total.data());
     if constexpr (I::ortho_type::is_parametrization) {
       // dL/dR → dL/dv through the exact Householder pullback.
       const auto& dR = R::rotation(tv.reft);

@@ -243,18 +243,88 @@ struct mlp {
         scratch[b][i] = v > Acc(0) ? v : Acc(0);
       }
   }
+
+  /// exec::host forms dW1 with first_layer_weight_grad over all rows (backward_block_rows per block).
+  static constexpr bool host_weight_grad_gemm = true;
+  template <class Params>
+  static auto& first_layer_weight(Params& p) { return p.w1; }
+
+  /// gw[i·ldg + j] = Σ_{p < P} dz1t[i·ldz + p] · h[p][j] for i < H1, j in [j0, j1): the weight
+  /// gradient over all P rows as one GEMM dW1 [H1, d] = dZ1ᵀ [H1, P] · H [P, d], on first_layer_gemm's
+  /// micro-kernel (MR rows of dZ1ᵀ, one broadcast scalar each, × NV vectors of a panel of H
+  /// packed per chunk of KC rows). Each dW1[i][j] is one chain over p = 0, 1, …, P−1 in order (the
+  /// chunks reload the partial sum and continue it), so it depends on the rows and their order
+  /// only: not on how a caller splits the columns among threads, nor on how it blocked the rows.
+  template <class Acc, class X, class GT>
+  static void first_layer_weight_grad(const Acc* dz1t, index_t ldz, const X* const* h, index_t P, index_t j0,
+                                      index_t j1, GT* gw, index_t ldg) {
+    constexpr int VL = grun::detail::hvec_lanes<Acc>;
+    constexpr int MR = wide_register_file ? 6 : 3, NV = 4;
+    constexpr index_t NC = NV * VL;  // columns per panel
+    constexpr index_t KC = 128;      // rows per chunk: the packed panel (16 KB in fp32) stays in L1
+    alignas(64) Acc hp[KC * NC];
+    std::vector<Acc> zbuf(std::size_t(H1 * NC));  // dW1's panel [H1][NC]: the running sums
+    Acc* z = zbuf.data();
+    for (index_t jp = j0; jp < j1; jp += NC) {
+      const index_t nc = j1 - jp < NC ? j1 - jp : NC;
+      for (auto& v : zbuf) v = Acc(0);
+      for (index_t p0 = 0; p0 < P; p0 += KC) {
+        const index_t kc = P - p0 < KC ? P - p0 : KC;
+        for (index_t q = 0; q < kc; ++q) {  // hp[q][c] = h[p0 + q][jp + c]; columns past nc are zero
+          const X* hq = h[p0 + q] + jp;
+          for (index_t c = 0; c < nc; ++c) hp[q * NC + c] = load<Acc>(hq[c]);
+          for (index_t c = nc; c < NC; ++c) hp[q * NC + c] = Acc(0);
+        }
+        for (index_t i0 = 0; i0 < H1; i0 += MR) {
+          const Acc* a[MR];
+          GRUN_UNROLL
+          for (int m = 0; m < MR; ++m) a[m] = dz1t + (i0 + m < H1 ? i0 + m : i0) * ldz + p0;  // clamped: not stored
+          gemm_tile<Acc, MR, NV, NC>(a, hp, z, i0, kc);
+        }
+      }
+      for (index_t i = 0; i < H1; ++i)
+        for (index_t c = 0; c < nc; ++c) gw[i * ldg + jp + c] = store<GT>(z[i * NC + c]);
+    }
+  }
 #endif
 
   /// backward for B rows (after forward_block with the same scratch): grads += Σ_b, dh[b] += the gate path.
   template <class Acc, class P, class G>
   static void backward_block(const P& p, const G& grads, const Acc* const* h, index_t B, index_t d,
                              Acc* const* scratch, const Acc* g, const Acc* dg, Acc* const* dh) {
+    head_backward_block(p, grads, B, scratch, g, dg);
+    first_layer_weight_grad_block(grads, h, B, d, scratch);
+    first_layer_input_grad_block(p, B, d, scratch, dh);
+  }
+
+  /// backward_block without dW1: every other gradient and dh[b], and dz1 of row b copied to
+  /// column b of dz1t [H1][ldz] when dz1t is not null (the caller forms dW1 = dz1t · H over all
+  /// its rows at once with first_layer_weight_grad: per block, dW1 would need a slot of H1·d
+  /// scalars per block of rows, zeroed and summed, to keep the sum's order fixed).
+  template <class Acc, class P, class G>
+  static void backward_block_rows(const P& p, const G& grads, index_t B, index_t d, Acc* const* scratch,
+                                  const Acc* g, const Acc* dg, Acc* const* dh, Acc* dz1t, index_t ldz) {
+    head_backward_block(p, grads, B, scratch, g, dg);
+    if (dz1t)
+      for (index_t i = 0; i < H1; ++i)
+        for (index_t b = 0; b < B; ++b) dz1t[i * ldz + b] = scratch[b][i];
+    first_layer_input_grad_block(p, B, d, scratch, dh);
+  }
+
+  /// The layers after the first for B rows: leaves dz1 in scratch[b][:H1]; db1 += Σ_b dz1[b] (b in order).
+  template <class Acc, class P, class G>
+  static void head_backward_block(const P& p, const G& grads, index_t B, Acc* const* scratch, const Acc* g,
+                                  const Acc* dg) {
     for (index_t b = 0; b < B; ++b) head_backward(p, grads, scratch[b], g[b], dg[b]);  // scratch[b][:H1] = dz1
-    // db1 += Σ_b dz1[b];  dW1[i] += Σ_b dz1[b][i] h[b] (b in order, as row by row).
     for (index_t i = 0; i < H1; ++i)
       for (index_t b = 0; b < B; ++b) grads.b1[i] += scratch[b][i];
+  }
+
+  /// dW1[i] += Σ_b dz1[b][i] h[b] over a block's rows (b in order, as row by row).
+  template <class Acc, class G>
+  static void first_layer_weight_grad_block(const G& grads, const Acc* const* h, index_t B, index_t d,
+                                            Acc* const* scratch) {
     using GT = std::remove_cv_t<std::remove_pointer_t<decltype(grads.w1.row(0))>>;
-    using WT = std::remove_cv_t<std::remove_pointer_t<decltype(p.w1.row(0))>>;
     constexpr int M = 4;  // rows of dW1 held in registers per chunk
     index_t i0 = 0;
     for (; i0 + M <= H1; i0 += M) {
@@ -308,6 +378,12 @@ struct mlp {
     }
     for (; i0 < H1; ++i0)
       for (index_t b = 0; b < B; ++b) grun::detail::axpy_row(scratch[b][i0], h[b], grads.w1.row(i0), d);
+  }
+
+  /// dh[b] += W1ᵀ dz1[b] for a block's rows (dz1[b] = scratch[b][:H1]).
+  template <class Acc, class P>
+  static void first_layer_input_grad_block(const P& p, index_t B, index_t d, Acc* const* scratch, Acc* const* dh) {
+    using WT = std::remove_cv_t<std::remove_pointer_t<decltype(p.w1.row(0))>>;
     // dh[b] += Σ_i dz1[b][i] W1[i] (i in order, zeros included): a slab of 4 rows of dh in
     // registers while W1's slab (H1 × 16 floats = 16 KB) stays in L1 across the rows of the block.
     index_t j0 = 0;
