@@ -5,6 +5,10 @@
 // because each (policy, dtype) pair instantiates host and device kernels: one file held them all and
 // took ~4.5 minutes of nvcc for sm_90 alone; split, the files compile in parallel.
 //
+// host_reference<I, T>: the setup every agreement case starts from — K modules on the host and the
+// same values on the device, the inputs, and exec::host's forward and backward as the reference.
+// check<I, T> below builds on it, and so does test_cuda_intervention.cu (exec::cuda's own dispatch:
+// the fused kernels, or the generic path where they do not apply, double storage included).
 // check<I, T>: the fused path (exec::cuda) against exec::host — forward, gates, dh, every parameter
 // gradient — plus a bitwise repeat of the backward (deterministic mode).
 // check_against_generic<I, T>: the fused path against the generic per-thread device path.
@@ -80,52 +84,77 @@ struct config {
   bool in_place = false;       // out == h, dh == dout
 };
 
+/// How a case's parameters are drawn: module k is grun::init(…, init + k), then every leaf gets
+/// N(0, 0.3) noise from mt19937(leaf.size() + spread · k) — init keeps the gate near 0.5 and W small;
+/// spread, every path of the kernels matters.
+struct seeds {
+  std::uint64_t init;
+  unsigned spread;
+};
+
+/// One case's setup and its exec::host reference: the K modules (host, and a device copy of the same
+/// values) with the span views the impls take, the inputs h, dout, dgates (fill_uniform seeds 1, 2, 3),
+/// and exec::host's forward (out, gates) and backward (dh, grads; module c.trained gets the gradients).
+template <class I, class T>
+struct host_reference {
+  using Hp = hparams<I, T>;
+  using Dp = dparams<I, T>;
+  grun::positions pos;
+  std::vector<grun::owned_params<Hp>> host_modules;
+  std::vector<gc::device_params<Dp>> device_modules;
+  std::vector<Hp> host_views;  // views into host_modules / device_modules: taken once all are built
+  std::vector<Dp> device_views;
+  grun::host_matrix<T> h, dout, dgates, out, dh, gates;
+  grun::owned_params<Hp> grads;
+
+  host_reference(const config& c, seeds s)
+      : pos(grun::positions::rows(c.rows)), h(c.N, c.d), dout(c.N, c.d), dgates(c.K, pos.size()), out(c.N, c.d),
+        dh(c.N, c.d), gates(c.K, pos.size()), grads(I::template shape<T>(c.d)) {
+    for (index_t k = 0; k < c.K; ++k) {
+      host_modules.emplace_back(I::template shape<T>(c.d));
+      grun::init(*host_modules.back(), std::uint64_t(s.init + k));
+      grun::for_each_param(*host_modules.back(), [&](auto& leaf) {
+        std::mt19937 gen(unsigned(leaf.size() + s.spread * k));
+        std::normal_distribution<float> nd(0.f, 0.3f);
+        for (index_t i = 0; i < leaf.size(); ++i) leaf[i] = grun::store<T>(grun::load<float>(leaf[i]) + nd(gen));
+      });
+      device_modules.push_back(to_device<I, T>(host_modules.back(), c.d));
+    }
+    for (auto& m : host_modules) host_views.push_back(*m);
+    for (auto& m : device_modules) device_views.push_back(*m);
+
+    grun::test::fill_uniform(h.storage.span(), 1, -2.f, 2.f);
+    grun::test::fill_uniform(dout.storage.span(), 2);
+    grun::test::fill_uniform(dgates.storage.span(), 3);
+    using host_impl = grun::detail::intervention_impl<grun::exec::host_t, I>;
+    host_impl::forward(grun::exec::host, std::span<const Hp>(host_views), c.scale, grun::matrix_view<const T>(h.view()),
+                       pos, out.view(), gates.view());
+    host_impl::backward(grun::exec::host, std::span<const Hp>(host_views), c.scale, c.trained,
+                        grun::matrix_view<const T>(h.view()), pos, grun::matrix_view<const T>(dout.view()),
+                        grun::matrix_view<const T>(dgates.view()), dh.view(), *grads);
+  }
+};
+
 template <class I, class T>
 void check(const config& c) {
-  using Hp = hparams<I, T>;
   using Dp = dparams<I, T>;
   using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
   static_assert(impl::fused || impl::fused_mlp, "this test is about the fused kernels");
-  const auto pos = grun::positions::rows(c.rows);
+  host_reference<I, T> ref(c, {21, 13});
+  const auto& pos = ref.pos;
   const index_t N = c.N, d = c.d, K = c.K, P = pos.size();
   INFO("d = " << d << ", N = " << N << ", P = " << P << ", K = " << K << ", pad = " << c.pad << ", in place "
               << c.in_place << ", " << I::gate_type::name << " + " << I::reft_type::name << "<" << I::rank << ">");
-  std::vector<grun::owned_params<Hp>> hm;
-  std::vector<gc::device_params<Dp>> dm;
-  for (index_t k = 0; k < K; ++k) {
-    hm.emplace_back(I::template shape<T>(d));
-    grun::init(*hm.back(), std::uint64_t(21 + k));
-    grun::for_each_param(*hm.back(), [&](auto& leaf) {  // spread the parameters: every path matters
-      std::mt19937 gen(unsigned(leaf.size() + 13 * k));
-      std::normal_distribution<float> nd(0.f, 0.3f);
-      for (index_t i = 0; i < leaf.size(); ++i) leaf[i] = grun::store<T>(grun::load<float>(leaf[i]) + nd(gen));
-    });
-    dm.push_back(to_device<I, T>(hm.back(), d));
-  }
-  std::vector<Hp> hv;
-  std::vector<Dp> dv;
-  for (auto& m : hm) hv.push_back(*m);
-  for (auto& m : dm) dv.push_back(*m);
-
-  grun::host_matrix<T> h(N, d), dout(N, d), out_h(N, d), dh_h(N, d), gates_h(K, P), dgates(K, P);
-  grun::test::fill_uniform(h.storage.span(), 1, -2.f, 2.f);
-  grun::test::fill_uniform(dout.storage.span(), 2);
-  grun::test::fill_uniform(dgates.storage.span(), 3);
-  grun::owned_params<Hp> grads_h(I::template shape<T>(d));
   using host_impl = grun::detail::intervention_impl<grun::exec::host_t, I>;
   using cuda_impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
-  host_impl::forward(grun::exec::host, std::span<const Hp>(hv), c.scale, grun::matrix_view<const T>(h.view()), pos,
-                     out_h.view(), gates_h.view());
-  host_impl::backward(grun::exec::host, std::span<const Hp>(hv), c.scale, c.trained, grun::matrix_view<const T>(h.view()),
-                      pos, grun::matrix_view<const T>(dout.view()), grun::matrix_view<const T>(dgates.view()),
-                      dh_h.view(), *grads_h);
+
   // The gradients' reference in double on the same stored values: a bias gradient is one sum over
   // P rows with heavy cancellation, where the fp32 host and the device (another summation order)
   // each carry ~1e-5 of rounding — comparing two fp32 results would test the rounding, not the kernel.
   using Hd = hparams<I, double>;
   std::vector<grun::owned_params<Hd>> hmd;
   std::vector<Hd> hvd;
-  for (auto& m : hm) {
+  for (auto& m : ref.host_modules) {
     hmd.emplace_back(I::template shape<double>(d));
     for (index_t i = 0; i < m.size(); ++i) hmd.back().data()[i] = grun::load<double>(m.data()[i]);
   }
@@ -135,7 +164,7 @@ void check(const config& c) {
     for (index_t i = 0; i < a.rows * a.cols; ++i) w.storage[i] = grun::load<double>(a.storage[i]);
     return w;
   };
-  const auto h_wide = widen(h), dout_wide = widen(dout), dgates_wide = widen(dgates);
+  const auto h_wide = widen(ref.h), dout_wide = widen(ref.dout), dgates_wide = widen(ref.dgates);
   grun::host_matrix<double> dh_wide(N, d);
   grun::owned_params<Hd> grads_wide(I::template shape<double>(d));
   host_impl::backward(grun::exec::host, std::span<const Hd>(hvd), c.scale, c.trained,
@@ -144,9 +173,9 @@ void check(const config& c) {
 
   const index_t ld = d + c.pad;
   strided<T> hd(N, d, ld), outd(N, d, ld), doutd(N, d, ld), dhd(N, d, ld);
-  hd.upload(h);
-  doutd.upload(dout);
-  gc::device_matrix<T> gatesd(K, P), dgatesd(dgates);
+  hd.upload(ref.h);
+  doutd.upload(ref.dout);
+  gc::device_matrix<T> gatesd(K, P), dgatesd(ref.dgates);
   gc::device_params<Dp> grads_d(I::template shape<T, cuda_space>(d));
   dview<T> outv = c.in_place ? hd.view() : outd.view();
   dview<T> dhv = c.in_place ? doutd.view() : dhd.view();
@@ -154,7 +183,7 @@ void check(const config& c) {
   // Backward first when in place (it reads h, which the in-place forward overwrites). Deterministic
   // mode (cuBLASLt without split-K for the mlp gate) so the repeat below can be compared bitwise.
   const grun::exec::cuda_t det{nullptr, true};
-  cuda_impl::backward(det, std::span<const Dp>(dv), c.scale, c.trained, cdview<T>(hd.view()), pos,
+  cuda_impl::backward(det, std::span<const Dp>(ref.device_views), c.scale, c.trained, cdview<T>(hd.view()), pos,
                       cdview<T>(doutd.view()), cdview<T>(dgatesd.view()), dhv, *grads_d);
   GRUN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto dh_d = (c.in_place ? doutd : dhd).download();
@@ -162,27 +191,27 @@ void check(const config& c) {
   if (!c.in_place) {
     // Determinism: the same call again gives the same bits (gradients and dh).
     gc::device_params<Dp> again(I::template shape<T, cuda_space>(d));
-    cuda_impl::backward(det, std::span<const Dp>(dv), c.scale, c.trained, cdview<T>(hd.view()), pos,
+    cuda_impl::backward(det, std::span<const Dp>(ref.device_views), c.scale, c.trained, cdview<T>(hd.view()), pos,
                         cdview<T>(doutd.view()), cdview<T>(dgatesd.view()), dhv, *again);
     const auto gd2 = flat<I, T>(again);
     CHECK(std::memcmp(gd.data(), gd2.data(), sizeof(T) * gd.size()) == 0);
     const auto dh2 = dhd.download();
     CHECK(std::memcmp(dh2.storage.data(), dh_d.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
   }
-  cuda_impl::forward(grun::exec::cuda, std::span<const Dp>(dv), c.scale, cdview<T>(hd.view()), pos, outv,
+  cuda_impl::forward(grun::exec::cuda, std::span<const Dp>(ref.device_views), c.scale, cdview<T>(hd.view()), pos, outv,
                      gatesd.view());
   GRUN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto out_d = (c.in_place ? hd : outd).download();
 
   const double tol = grun::test::tolerance<T>();
-  CHECK(grun::test::rel_error(out_d.storage.span(), out_h.storage.span()) < tol);
-  if (P > 0) CHECK(grun::test::rel_error(gatesd.to_host().storage.span(), gates_h.storage.span()) < tol);
-  CHECK(grun::test::rel_error(dh_d.storage.span(), dh_h.storage.span()) < tol);
+  CHECK(grun::test::rel_error(out_d.storage.span(), ref.out.storage.span()) < tol);
+  if (P > 0) CHECK(grun::test::rel_error(gatesd.to_host().storage.span(), ref.gates.storage.span()) < tol);
+  CHECK(grun::test::rel_error(dh_d.storage.span(), ref.dh.storage.span()) < tol);
   if (P > 0) {
     // Each parameter tensor on its own scale (bias gradients are sums over P rows, weights over P·d).
     const std::vector<double> gh(grads_wide.data(), grads_wide.data() + grads_wide.size());
     index_t off = 0;
-    grun::for_each_param(*grads_h, [&](const auto& leaf) {
+    grun::for_each_param(*ref.grads, [&](const auto& leaf) {
       const auto n = std::size_t(leaf.size());
       INFO("gradient leaf at offset " << off << ", " << leaf.rows << " × " << leaf.cols);
       CHECK(grun::test::rel_error(std::span<const T>(gd.data() + off, n), std::span<const double>(gh.data() + off, n)) < tol);

@@ -1,106 +1,45 @@
 // gated_intervention on exec::cuda agrees with exec::host: forward (out, gates), backward (dh and
 // parameter gradients), a stack of K modules in one launch, odd d, P = 1, empty position lists.
-#include <grun/cuda/intervention.cuh>
-#include <grun/gate/always.hpp>
-#include <grun/gate/linear.hpp>
-#include <grun/gate/mlp.hpp>
-#include <grun/reft/direft.hpp>
-#include <grun/reft/loreft.hpp>
+#include "fused_intervention_check.hpp"
 
-#include <vector>
-
-#include "agreement.hpp"
-
-namespace gc = grun::cuda;
 using grun::cuda_space;
 using grun::index_t;
+using namespace grun::test::fused_case;  // host_reference (the setup and exec::host's results), to_device, flat
 
 namespace {
 
-template <class I, class T>
-using dparams = typename I::template params<T, cuda_space>;
-template <class I, class T>
-using hparams = typename I::template params<T, grun::host_space>;
-
-/// A host module's parameters copied to the device (same field order, so one flat copy).
-template <class I, class T>
-gc::device_params<dparams<I, T>> to_device(const grun::owned_params<hparams<I, T>>& host, index_t d) {
-  gc::device_params<dparams<I, T>> dev(I::template shape<T, cuda_space>(d));
-  GRUN_CUDA_CHECK(cudaMemcpy(dev.data(), host.data(), sizeof(T) * std::size_t(host.size()), cudaMemcpyHostToDevice));
-  return dev;
-}
-template <class I, class T>
-std::vector<T> flat(const gc::device_params<dparams<I, T>>& p) {
-  std::vector<T> out(std::size_t(p.size()));
-  GRUN_CUDA_CHECK(cudaMemcpy(out.data(), p.data(), sizeof(T) * out.size(), cudaMemcpyDeviceToHost));
-  return out;
-}
-
+/// exec::cuda (the fused kernels, or the generic path where they do not apply) against exec::host's reference.
 template <class I, class T>
 void check_agreement(index_t N, index_t d, std::vector<index_t> rows, index_t K, index_t trained, double scale) {
-  using Hp = hparams<I, T>;
   using Dp = dparams<I, T>;
-  const auto pos = grun::positions::rows(rows);
+  host_reference<I, T> ref({N, d, std::move(rows), K, trained, scale}, {11, 7});
+  const auto& pos = ref.pos;
   const index_t P = pos.size();
   INFO("d = " << d << ", N = " << N << ", P = " << P << ", K = " << K << ", policy " << I::gate_type::name << " + "
               << I::reft_type::name);
-  std::vector<grun::owned_params<Hp>> hm;
-  std::vector<gc::device_params<Dp>> dm;
-  for (index_t k = 0; k < K; ++k) {
-    hm.emplace_back(I::template shape<T>(d));
-    grun::init(*hm.back(), std::uint64_t(11 + k));
-    // init keeps the gate near 0.5 and W small; spread the parameters so every path matters.
-    grun::for_each_param(*hm.back(), [&](auto& leaf) {
-      std::mt19937 gen(unsigned(leaf.size() + 7 * k));
-      std::normal_distribution<float> nd(0.f, 0.3f);
-      for (index_t i = 0; i < leaf.size(); ++i) leaf[i] = grun::store<T>(grun::load<float>(leaf[i]) + nd(gen));
-    });
-    dm.push_back(to_device<I, T>(hm.back(), d));
-  }
-  std::vector<Hp> hviews;
-  std::vector<Dp> dviews;
-  for (auto& m : hm) hviews.push_back(*m);
-  for (auto& m : dm) dviews.push_back(*m);
+  const std::span<const Dp> modules(ref.device_views);
 
-  grun::host_matrix<T> h(N, d), dout(N, d), out_h(N, d), dh_h(N, d), gates_h(K, P), dgates(K, P);
-  grun::test::fill_uniform(h.storage.span(), 1, -2.f, 2.f);
-  grun::test::fill_uniform(dout.storage.span(), 2);
-  grun::test::fill_uniform(dgates.storage.span(), 3);
-  grun::owned_params<Hp> grads_h(I::template shape<T>(d));
-
-  using host_impl = grun::detail::intervention_impl<grun::exec::host_t, I>;
   using cuda_impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
-  host_impl::forward(grun::exec::host, std::span<const Hp>(hviews), scale, grun::matrix_view<const T>(h.view()), pos,
-                     out_h.view(), gates_h.view());
-  host_impl::backward(grun::exec::host, std::span<const Hp>(hviews), scale, trained, grun::matrix_view<const T>(h.view()),
-                      pos, grun::matrix_view<const T>(dout.view()), grun::matrix_view<const T>(dgates.view()), dh_h.view(),
-                      *grads_h);
-
-  gc::device_matrix<T> hd(h), doutd(dout), outd(N, d), dhd(N, d), gatesd(K, P), dgatesd(dgates);
+  gc::device_matrix<T> hd(ref.h), doutd(ref.dout), outd(N, d), dhd(N, d), gatesd(K, P), dgatesd(ref.dgates);
   gc::device_params<Dp> grads_d(I::template shape<T, cuda_space>(d));
-  cuda_impl::forward(grun::exec::cuda, std::span<const Dp>(dviews), scale, grun::matrix_view<const T, cuda_space>(hd.view()),
-                     pos, outd.view(), gatesd.view());
-  cuda_impl::backward(grun::exec::cuda, std::span<const Dp>(dviews), scale, trained,
-                      grun::matrix_view<const T, cuda_space>(hd.view()), pos,
-                      grun::matrix_view<const T, cuda_space>(doutd.view()),
-                      grun::matrix_view<const T, cuda_space>(dgatesd.view()), dhd.view(), *grads_d);
+  cuda_impl::forward(grun::exec::cuda, modules, scale, cdview<T>(hd.view()), pos, outd.view(), gatesd.view());
+  cuda_impl::backward(grun::exec::cuda, modules, scale, trained, cdview<T>(hd.view()), pos, cdview<T>(doutd.view()),
+                      cdview<T>(dgatesd.view()), dhd.view(), *grads_d);
   GRUN_CUDA_CHECK(cudaDeviceSynchronize());
   const double tol = grun::test::tolerance<T>();
-  CHECK(grun::test::rel_error(outd.to_host().storage.span(), out_h.storage.span()) < tol);
-  if (P > 0) CHECK(grun::test::rel_error(gatesd.to_host().storage.span(), gates_h.storage.span()) < tol);
-  CHECK(grun::test::rel_error(dhd.to_host().storage.span(), dh_h.storage.span()) < tol);
+  CHECK(grun::test::rel_error(outd.to_host().storage.span(), ref.out.storage.span()) < tol);
+  if (P > 0) CHECK(grun::test::rel_error(gatesd.to_host().storage.span(), ref.gates.storage.span()) < tol);
+  CHECK(grun::test::rel_error(dhd.to_host().storage.span(), ref.dh.storage.span()) < tol);
   const auto gd = flat<I, T>(grads_d);
-  CHECK(grun::test::rel_error(std::span<const T>(gd), std::span<const T>(grads_h.data(), std::size_t(grads_h.size()))) <
+  CHECK(grun::test::rel_error(std::span<const T>(gd), std::span<const T>(ref.grads.data(), std::size_t(ref.grads.size()))) <
         (P > 0 ? tol : 1.0));
   if (P == 0)
     for (const T& x : gd) CHECK(grun::load<float>(x) == 0.f);
 
   // Determinism: a second backward gives the same bits.
   gc::device_params<Dp> again(I::template shape<T, cuda_space>(d));
-  cuda_impl::backward(grun::exec::cuda, std::span<const Dp>(dviews), scale, trained,
-                      grun::matrix_view<const T, cuda_space>(hd.view()), pos,
-                      grun::matrix_view<const T, cuda_space>(doutd.view()),
-                      grun::matrix_view<const T, cuda_space>(dgatesd.view()), dhd.view(), *again);
+  cuda_impl::backward(grun::exec::cuda, modules, scale, trained, cdview<T>(hd.view()), pos, cdview<T>(doutd.view()),
+                      cdview<T>(dgatesd.view()), dhd.view(), *again);
   const auto gd2 = flat<I, T>(again);
   CHECK(std::memcmp(gd.data(), gd2.data(), sizeof(T) * gd.size()) == 0);
 }
@@ -110,44 +49,37 @@ void check_sizes() {
   check_agreement<I, T>(5, 37, {3}, 1, 0, 1.0);                       // d odd, P = 1
   check_agreement<I, T>(40, 64, {0, 5, 9, 17, 39, 21}, 1, 0, 1.0);    // a position list
   check_agreement<I, T>(12, 33, {}, 1, 0, 1.0);                        // empty position list
-  std::vector<index_t> all(70);
-  for (index_t i = 0; i < 70; ++i) all[std::size_t(i)] = i;
-  check_agreement<I, T>(70, 96, all, 3, 1, 0.6 * 3 + 0.6);             // stack of K = 3, train the middle one
+  check_agreement<I, T>(70, 96, iota(70), 3, 1, 0.6 * 3 + 0.6);       // stack of K = 3, train the middle one
 }
-
-using lin_lo = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
-using mlp_lo = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
-using all_no = grun::gated_intervention<grun::gate::always, grun::reft::noreft<2>>;
-using lin_di = grun::gated_intervention<grun::gate::linear, grun::reft::direft<4>>;
 
 }  // namespace
 
 TEST_CASE("cuda intervention: wrong shapes on device views are a shape_error before any launch", "[nodevice][intervention]") {
   // Fake device addresses: only the host-side checks run, nothing is dereferenced.
-  auto p = lin_lo::shape<float, cuda_space>(8);
+  auto p = lin_lo4::shape<float, cuda_space>(8);
   float* fake = reinterpret_cast<float*>(std::uintptr_t(0x1000));
   grun::for_each_param(p, [&](auto& leaf) { leaf.data = fake; });
   const grun::matrix_view<const float, cuda_space> h(fake, {4, 9});  // d = 9, params are for d = 8
   const grun::matrix_view<float, cuda_space> out(fake, {4, 9});
   const grun::vector_view<float, cuda_space> gates(fake, {1});
-  CHECK_THROWS_AS(lin_lo::forward(grun::exec::cuda, p, h, grun::positions::rows({1}), out, gates), grun::shape_error);
+  CHECK_THROWS_AS(lin_lo4::forward(grun::exec::cuda, p, h, grun::positions::rows({1}), out, gates), grun::shape_error);
   const grun::matrix_view<const float, cuda_space> h8(fake, {4, 8});
-  CHECK_THROWS_AS(lin_lo::forward(grun::exec::cuda, p, h8, grun::positions::rows({7}), out, gates), grun::shape_error);
+  CHECK_THROWS_AS(lin_lo4::forward(grun::exec::cuda, p, h8, grun::positions::rows({7}), out, gates), grun::shape_error);
 }
 
 TEMPLATE_TEST_CASE("cuda intervention agrees with exec::host: linear + loreft", "[intervention]", float, grun::bfloat16, grun::half) {
   GRUN_REQUIRE_DEVICE();
-  check_sizes<lin_lo, TestType>();
+  check_sizes<lin_lo4, TestType>();
 }
 TEMPLATE_TEST_CASE("cuda intervention agrees with exec::host: mlp + loreft", "[intervention]", float, grun::bfloat16) {
   GRUN_REQUIRE_DEVICE();
-  check_sizes<mlp_lo, TestType>();
+  check_sizes<mlp_lo4, TestType>();
 }
 TEMPLATE_TEST_CASE("cuda intervention agrees with exec::host: always + noreft, linear + direft", "[intervention]", float,
                    grun::half) {
   GRUN_REQUIRE_DEVICE();
-  check_sizes<all_no, TestType>();
-  check_sizes<lin_di, TestType>();
+  check_sizes<all_no2, TestType>();
+  check_sizes<lin_di4, TestType>();
 }
 
 // double storage computes in double on exec::host; on exec::cuda it takes the generic path (the
@@ -157,16 +89,16 @@ static_assert(!grun::cuda::fused::takes_storage<double> && grun::cuda::fused::ta
 
 TEST_CASE("cuda intervention agrees with exec::host: double storage (generic path)", "[intervention]") {
   GRUN_REQUIRE_DEVICE();
-  check_agreement<lin_lo, double>(9, 38, {8, 1, 2}, 1, 0, 1.0);         // d % 4 = 2
-  check_agreement<lin_lo, double>(12, 40, {11, 0, 5, 6}, 2, 1, 0.8);    // stack of K = 2
-  check_agreement<mlp_lo, double>(9, 38, {8, 1, 2}, 1, 0, 1.0);         // mlp gate: no cuBLASLt type for double
+  check_agreement<lin_lo4, double>(9, 38, {8, 1, 2}, 1, 0, 1.0);         // d % 4 = 2
+  check_agreement<lin_lo4, double>(12, 40, {11, 0, 5, 6}, 2, 1, 0.8);    // stack of K = 2
+  check_agreement<mlp_lo4, double>(9, 38, {8, 1, 2}, 1, 0, 1.0);         // mlp gate: no cuBLASLt type for double
 }
 
 TEST_CASE("cuda intervention through the public front end", "[intervention]") {
   GRUN_REQUIRE_DEVICE();
   const index_t N = 8, d = 48;
-  lin_lo::module<float> m(d, 5);
-  auto dp = to_device<lin_lo, float>(m.owned_parameters(), d);
+  lin_lo4::module<float> m(d, 5);
+  auto dp = to_device<lin_lo4, float>(m.owned_parameters(), d);
   grun::host_matrix<float> h(N, d), out_h(N, d);
   grun::test::fill_uniform(h.storage.span(), 9);
   grun::buffer<float> g_h(2);
@@ -174,7 +106,7 @@ TEST_CASE("cuda intervention through the public front end", "[intervention]") {
   m.forward(grun::exec::host, h.view(), pos, out_h.view(), g_h.view());
   gc::device_matrix<float> hd(h), outd(N, d);
   gc::device_buffer<float> gd(2);
-  lin_lo::forward(grun::exec::cuda, *dp, grun::matrix_view<const float, cuda_space>(hd.view()), pos, outd.view(), gd.view());
+  lin_lo4::forward(grun::exec::cuda, *dp, grun::matrix_view<const float, cuda_space>(hd.view()), pos, outd.view(), gd.view());
   CHECK(grun::test::rel_error(outd.to_host().storage.span(), out_h.storage.span()) < 1e-5);
   CHECK(grun::test::rel_error(gd.to_host(), g_h) < 1e-5);
 }
@@ -183,9 +115,9 @@ TEST_CASE("cuda intervention: one row whose row stride is below d (a transposed 
   // Rows that pass through are copied with cudaMemcpy2D, which refused this view's pitch (1 < d).
   GRUN_REQUIRE_DEVICE();
   const index_t d = 40;
-  lin_lo::module<float> m(d, 5);
+  lin_lo4::module<float> m(d, 5);
   const auto& p = *m.owned_parameters();
-  auto dp = to_device<lin_lo, float>(m.owned_parameters(), d);
+  auto dp = to_device<lin_lo4, float>(m.owned_parameters(), d);
   grun::host_matrix<float> h(1, d), dout(1, d), out_h(1, d), dh_h(1, d);
   grun::test::fill_uniform(h.storage.span(), 9);
   grun::test::fill_uniform(dout.storage.span(), 10);
@@ -195,17 +127,17 @@ TEST_CASE("cuda intervention: one row whose row stride is below d (a transposed 
     INFO("P = " << pos.size());
     const index_t P = pos.size();
     grun::buffer<float> g_h(std::max<index_t>(P, 1));
-    grun::owned_params<hparams<lin_lo, float>> grads_h(lin_lo::shape<float>(d));
-    lin_lo::forward(grun::exec::host, p, h.view(), pos, out_h.view(), grun::vector_view<float>(g_h.data(), {P}));
-    lin_lo::backward(grun::exec::host, p, h.view(), pos, dout.view(), grun::vector_view<const float>(nullptr, {0}),
-                     dh_h.view(), *grads_h);
+    grun::owned_params<hparams<lin_lo4, float>> grads_h(lin_lo4::shape<float>(d));
+    lin_lo4::forward(grun::exec::host, p, h.view(), pos, out_h.view(), grun::vector_view<float>(g_h.data(), {P}));
+    lin_lo4::backward(grun::exec::host, p, h.view(), pos, dout.view(), grun::vector_view<const float>(nullptr, {0}),
+                      dh_h.view(), *grads_h);
     gc::device_buffer<float> gd(std::max<index_t>(P, 1));
-    gc::device_params<dparams<lin_lo, float>> grads_d(lin_lo::shape<float, cuda_space>(d));
-    lin_lo::forward(grun::exec::cuda, *dp, grun::matrix_view<const float, cuda_space>(one_row(hd)), pos, one_row(outd),
-                    grun::vector_view<float, cuda_space>(gd.data(), {P}));
-    lin_lo::backward(grun::exec::cuda, *dp, grun::matrix_view<const float, cuda_space>(one_row(hd)), pos,
-                     grun::matrix_view<const float, cuda_space>(one_row(doutd)),
-                     grun::vector_view<const float, cuda_space>(nullptr, {0}), one_row(dhd), *grads_d);
+    gc::device_params<dparams<lin_lo4, float>> grads_d(lin_lo4::shape<float, cuda_space>(d));
+    lin_lo4::forward(grun::exec::cuda, *dp, grun::matrix_view<const float, cuda_space>(one_row(hd)), pos, one_row(outd),
+                     grun::vector_view<float, cuda_space>(gd.data(), {P}));
+    lin_lo4::backward(grun::exec::cuda, *dp, grun::matrix_view<const float, cuda_space>(one_row(hd)), pos,
+                      grun::matrix_view<const float, cuda_space>(one_row(doutd)),
+                      grun::vector_view<const float, cuda_space>(nullptr, {0}), one_row(dhd), *grads_d);
     CHECK(grun::test::rel_error(outd.to_host().storage.span(), out_h.storage.span()) < 1e-5);
     CHECK(grun::test::rel_error(dhd.to_host().storage.span(), dh_h.storage.span()) < 1e-5);
   }
