@@ -161,7 +161,8 @@ def kl_inputs():
 # tests/gpu_check/test_gpu_check.py lists the RESULT keys from this file's text: the name="…" literals
 # below, expanded into the literal key patterns of the result calls above. Keep that spelling.
 COMPUTATIONS = [
-    # The intervention's gradients add into .grad over the repetitions (as they always have here).
+    # The intervention's gradients add into .grad over the repetitions: grun's backward (bench_cuda)
+    # adds into its gradient buffers too (grads += dL/dθ), so both sides pay the same read-modify-write.
     Computation(name="intervention_linear_loreft4", what="intervention linear+loreft4", math=intervention,
                 inputs=intervention_inputs, clear_grads=False),
     Computation(name="intervention_linear_direft4", what="intervention linear+direft4", math=intervention_direft,
