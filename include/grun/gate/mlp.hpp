@@ -14,6 +14,34 @@
 
 namespace grun::gate {
 
+#if !defined(__CUDA_ARCH__)
+namespace detail {
+/// The host GEMM micro-kernels' vector: a whole register of the widest unit (64 bytes with
+/// AVX-512F, else grun::detail::hvec). Its lanes are independent outputs, so the width changes
+/// no result.
+#if defined(__AVX512F__)
+inline constexpr int gemm_vec_bytes = 64;
+#else
+inline constexpr int gemm_vec_bytes = grun::detail::hvec_bytes;
+#endif
+template <class Acc> struct gemm_vec;
+template <> struct gemm_vec<float> { typedef float type __attribute__((vector_size(gemm_vec_bytes))); };
+template <> struct gemm_vec<double> { typedef double type __attribute__((vector_size(gemm_vec_bytes))); };
+template <class Acc> using gemm_vec_t = typename gemm_vec<Acc>::type;
+template <class Acc> inline constexpr int gemm_vec_lanes = int(gemm_vec_bytes / sizeof(Acc));
+template <class V, class Acc> GRUN_FORCEINLINE V gemm_load(const Acc* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class Acc, class V> GRUN_FORCEINLINE void gemm_store(Acc* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
+/// Broadcast of a: a − 0 is a for every a, so it compiles to a bare broadcast (folded into the
+/// FMA's memory operand). 0 + a would turn −0 into +0, and the compiler keeps that add: one more
+/// scalar add per broadcast, on the FMA ports.
+template <class V, class Acc> GRUN_FORCEINLINE V gemm_splat(Acc a) { return a - V{}; }
+}  // namespace detail
+#endif
+
 template <index_t H1 = 256, index_t H2 = 64>
 struct mlp {
   static_assert(H1 > 0 && H2 > 0, "grun::gate::mlp: hidden widths must be positive");
@@ -158,7 +186,7 @@ struct mlp {
   }
 
 #if !defined(__CUDA_ARCH__)
-  /// Registers for the host micro-kernels: 32 vector registers with AVX-512VL (ymm0-31), else 16.
+  /// Registers for the host micro-kernels: 32 vector registers with AVX-512VL (zmm0-31), else 16.
 #if defined(__AVX512VL__)
   static constexpr bool wide_register_file = true;
 #else
@@ -169,27 +197,27 @@ struct mlp {
   /// not stored), v < NV: the accumulators live in registers across the whole chunk.
   template <class Acc, int MR, int NV, index_t BP>
   static GRUN_FORCEINLINE void gemm_tile(const Acc* const* w, const Acc* ht, Acc* z, index_t i0, index_t kc) {
-    using V = grun::detail::hvec_t<Acc>;
-    constexpr int VL = grun::detail::hvec_lanes<Acc>;
+    using V = detail::gemm_vec_t<Acc>;
+    constexpr int VL = detail::gemm_vec_lanes<Acc>;
     V acc[MR][NV];
     GRUN_UNROLL
     for (int m = 0; m < MR; ++m)
       GRUN_UNROLL
-      for (int v = 0; v < NV; ++v) acc[m][v] = grun::detail::vload(z + (i0 + m < H1 ? i0 + m : i0) * BP + v * VL);
+      for (int v = 0; v < NV; ++v) acc[m][v] = detail::gemm_load<V>(z + (i0 + m < H1 ? i0 + m : i0) * BP + v * VL);
     for (index_t j = 0; j < kc; ++j) {
       V hv[NV];
       GRUN_UNROLL
-      for (int v = 0; v < NV; ++v) hv[v] = grun::detail::vload(ht + j * BP + v * VL);
+      for (int v = 0; v < NV; ++v) hv[v] = detail::gemm_load<V>(ht + j * BP + v * VL);
       GRUN_UNROLL
       for (int m = 0; m < MR; ++m) {
-        const V wv = grun::detail::vsplat(w[m][j]);
+        const V wv = detail::gemm_splat<V>(w[m][j]);
         GRUN_UNROLL
         for (int v = 0; v < NV; ++v) acc[m][v] += wv * hv[v];
       }
     }
     for (int m = 0; m < MR && i0 + m < H1; ++m)
       GRUN_UNROLL
-      for (int v = 0; v < NV; ++v) grun::detail::vstore(z + (i0 + m) * BP + v * VL, acc[m][v]);
+      for (int v = 0; v < NV; ++v) detail::gemm_store(z + (i0 + m) * BP + v * VL, acc[m][v]);
   }
 
   /// scratch[b][i] = relu(b1[i] + Σ_j W1[i][j] h[b][j]) for b < B ≤ host_block_rows: the GEMM
@@ -201,10 +229,11 @@ struct mlp {
   /// block, or the thread count.
   template <class Acc, class P>
   static void first_layer_gemm(const P& p, const Acc* const* h, index_t B, index_t d, Acc* const* scratch) {
-    constexpr int VL = grun::detail::hvec_lanes<Acc>;
+    constexpr int VL = detail::gemm_vec_lanes<Acc>;
     constexpr index_t BP = (host_block_rows + VL - 1) / VL * VL;  // rows of a block, padded to vectors
     constexpr int NVmax = int(BP / VL);
-    constexpr int MR = wide_register_file ? 6 : 3, NV = NVmax < 4 ? NVmax : 4;
+    // 24 accumulators on 32 registers (12 rows × 2 zmm with AVX-512), 12 on 16 (3 × 4 ymm).
+    constexpr int NV = NVmax < 4 ? NVmax : 4, MR = (wide_register_file ? 24 : 12) / NV;
     constexpr index_t KC = 128;                                   // columns per chunk: hᵀ chunk in L1
     const index_t nvec = (B + VL - 1) / VL;                       // vectors of rows in use
     alignas(64) Acc ht[KC * BP];
@@ -258,10 +287,10 @@ struct mlp {
   template <class Acc, class X, class GT>
   static void first_layer_weight_grad(const Acc* dz1t, index_t ldz, const X* const* h, index_t P, index_t j0,
                                       index_t j1, GT* gw, index_t ldg) {
-    constexpr int VL = grun::detail::hvec_lanes<Acc>;
+    constexpr int VL = detail::gemm_vec_lanes<Acc>;
     constexpr int MR = wide_register_file ? 6 : 3, NV = 4;
     constexpr index_t NC = NV * VL;  // columns per panel
-    constexpr index_t KC = 128;      // rows per chunk: the packed panel (16 KB in fp32) stays in L1
+    constexpr index_t KC = 128;      // rows per chunk: the packed panel (KC × NC, 32 KB with AVX-512) stays in L1
     alignas(64) Acc hp[KC * NC];
     std::vector<Acc> zbuf(std::size_t(H1 * NC));  // dW1's panel [H1][NC]: the running sums
     Acc* z = zbuf.data();
@@ -384,14 +413,16 @@ struct mlp {
   template <class Acc, class P>
   static void first_layer_input_grad_block(const P& p, index_t B, index_t d, Acc* const* scratch, Acc* const* dh) {
     using WT = std::remove_cv_t<std::remove_pointer_t<decltype(p.w1.row(0))>>;
-    // dh[b] += Σ_i dz1[b][i] W1[i] (i in order, zeros included): a slab of 4 rows of dh in
-    // registers while W1's slab (H1 × 16 floats = 16 KB) stays in L1 across the rows of the block.
+    // dh[b] += Σ_i dz1[b][i] W1[i] (i in order, zeros included): a slab of NB rows of dh in
+    // registers while W1's slab (H1 × U vectors, 32 KB in fp32) stays in L1 across the rows of the block.
     index_t j0 = 0;
 #if !defined(__CUDA_ARCH__)
     if constexpr (std::is_same_v<WT, Acc>) {
-      using V = grun::detail::hvec_t<Acc>;
+      using V = detail::gemm_vec_t<Acc>;
       // NB rows × U vectors of dh in registers: U loads of W1 and NB broadcasts per NB·U FMAs.
-      constexpr int VL = grun::detail::hvec_lanes<Acc>, U = wide_register_file ? 4 : 2, NB = 4;
+      // 32 registers and 16 fp32 lanes: 8 rows × 2 vectors; else 4 rows × 4 (32 registers) or × 2.
+      constexpr int VL = detail::gemm_vec_lanes<Acc>, U = wide_register_file && VL < 16 ? 4 : 2;
+      constexpr int NB = wide_register_file && VL >= 16 ? 8 : 4;
       constexpr index_t SW = U * VL;
       // W1's slab [H1, SW] packed contiguous: read in place, its rows lie d apart, and for d a
       // multiple of 1024 they all fall into the same few cache sets, so every group of NB rows
@@ -412,23 +443,23 @@ struct mlp {
             const index_t b = b0 + (k < nb ? k : 0);  // clamped rows compute, but are not stored
             c[k] = scratch[b];
             GRUN_UNROLL
-            for (int u = 0; u < U; ++u) acc[k][u] = grun::detail::vload(dh[b] + j0 + u * VL);
+            for (int u = 0; u < U; ++u) acc[k][u] = detail::gemm_load<V>(dh[b] + j0 + u * VL);
           }
           for (index_t i = 0; i < H1; ++i) {
             const Acc* w = pack ? slab.data() + i * SW : p.w1.row(i) + j0;
             V wv[U];
             GRUN_UNROLL
-            for (int u = 0; u < U; ++u) wv[u] = grun::detail::vload(w + u * VL);
+            for (int u = 0; u < U; ++u) wv[u] = detail::gemm_load<V>(w + u * VL);
             GRUN_UNROLL
             for (int k = 0; k < NB; ++k) {
-              const V cv = grun::detail::vsplat(c[k][i]);
+              const V cv = detail::gemm_splat<V>(c[k][i]);
               GRUN_UNROLL
               for (int u = 0; u < U; ++u) acc[k][u] += cv * wv[u];
             }
           }
           for (int k = 0; k < nb; ++k)
             GRUN_UNROLL
-            for (int u = 0; u < U; ++u) grun::detail::vstore(dh[b0 + k] + j0 + u * VL, acc[k][u]);
+            for (int u = 0; u < U; ++u) detail::gemm_store(dh[b0 + k] + j0 + u * VL, acc[k][u]);
         }
       }
     }
