@@ -63,6 +63,28 @@ TEST_CASE("cuda::adamw agrees with optim::adamw, retraction included", "[optim]"
   check_steps<mlp>(130, {.lr = 4e-3, .weight_decay = 0.1}, 4);
 }
 
+TEST_CASE("cuda::adamw agrees with optim::adamw for ortho::none modules (noreft, loreft + ortho::none)", "[optim]") {
+  GRUN_REQUIRE_DEVICE();
+  using noreft = grun::gated_intervention<grun::gate::linear, grun::reft::noreft<4>>;
+  using loreft_none = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>, grun::ortho::none>;
+  check_steps<noreft>(45, {.lr = 1e-2}, 3);
+  check_steps<loreft_none>(33, {.lr = 4e-3, .max_grad_norm = 1.0}, 3);
+}
+
+TEST_CASE("cuda::adamw: ortho::none needs no device retraction (it once did not compile)", "[nodevice][optim]") {
+  using noreft = grun::gated_intervention<grun::gate::linear, grun::reft::noreft<4>>;
+  using loreft_none = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>, grun::ortho::none>;
+  using Dn = noreft::params<float, cuda_space>;
+  using Dl = loreft_none::params<float, cuda_space>;
+  // Taking step's address instantiates it and the retraction hook it calls.
+  [[maybe_unused]] double (gc::adamw<Dn>::*step_noreft)(const grun::exec::cuda_t&, const Dn&, const Dn&) = &gc::adamw<Dn>::step;
+  [[maybe_unused]] double (gc::adamw<Dl>::*step_loreft)(const grun::exec::cuda_t&, const Dl&, const Dl&) = &gc::adamw<Dl>::step;
+  // Nothing to retract: no launch, so no device is needed.
+  gc::retract_after_step(grun::exec::cuda, noreft::shape<float, cuda_space>(8));
+  gc::retract_after_step(grun::exec::cuda, loreft_none::shape<float, cuda_space>(8));
+  SUCCEED();
+}
+
 TEST_CASE("cuda::adamw refuses non-finite gradients and leaves the parameters alone", "[optim]") {
   GRUN_REQUIRE_DEVICE();
   using I = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;

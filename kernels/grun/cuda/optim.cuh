@@ -22,6 +22,7 @@
 
 #include <grun/intervention.hpp>
 #include <grun/optim/adamw.hpp>
+#include <grun/ortho/none.hpp>
 #include <grun/ortho/qr_retraction.hpp>
 
 namespace grun::cuda {
@@ -35,7 +36,10 @@ void retract_after_step(const exec::cuda_t& ex, const P& p) {
     using I = typename optim::detail::module_params_traits<P>::intervention;
     using R = typename I::reft_type;
     using O = typename I::ortho_type;
-    if constexpr (R::has_rotation && !O::is_parametrization) {
+    // ortho::none (noreft's default, or named with loreft) leaves R unconstrained: nothing to do,
+    // as on the host. (It once fell into the static_assert below: cuda::adamw did not compile
+    // for noreft modules.)
+    if constexpr (R::has_rotation && !O::is_parametrization && !std::is_same_v<O, ortho::none>) {
       static_assert(std::is_same_v<O, ortho::qr_retraction>,
                     "grun::cuda::adamw: the device retraction exists for ortho::qr_retraction (and ortho::none)");
       qr_retract(ex, R::rotation(p.reft));
