@@ -42,6 +42,11 @@ void retract_after_step(const exec::cuda_t& ex, const P& p) {
     if constexpr (R::has_rotation && !O::is_parametrization && !std::is_same_v<O, ortho::none>) {
       static_assert(std::is_same_v<O, ortho::qr_retraction>,
                     "grun::cuda::adamw: the device retraction exists for ortho::qr_retraction (and ortho::none)");
+      // Refused here, at compile time: qr_retract's run-time rank check came after the AdamW update,
+      // so step() threw with the parameters, moments and step count already changed.
+      static_assert(I::rank <= detail::retract_max_rank,
+                    "grun::cuda::adamw: the device QR retraction handles rank r <= 32 (one block); for a larger "
+                    "rank pass step() a post-step hook");
       qr_retract(ex, R::rotation(p.reft));
     }
   }

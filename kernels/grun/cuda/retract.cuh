@@ -14,6 +14,8 @@ namespace grun::cuda {
 
 namespace detail {
 inline constexpr int retract_block = 512;
+/// Largest rank one retraction block handles (r ≤ 32 rows of R).
+inline constexpr index_t retract_max_rank = 32;
 
 /// status: 0 ok, 1 + k when row k is zero / not finite, 1001 + k when row k is dependent.
 template <class T>
@@ -58,7 +60,8 @@ __global__ void __launch_bounds__(retract_block) qr_retract_kernel(T* R, double*
 template <class T>
 void qr_retract(const exec::cuda_t& ex, const param<T, cuda_space>& R) {
   if (R.size() == 0) return;
-  require<shape_error>(R.rows <= 32, "qr_retract on exec::cuda: expected rank r <= 32 (one block), got r = ", R.rows);
+  require<shape_error>(R.rows <= detail::retract_max_rank, "qr_retract on exec::cuda: expected rank r <= ",
+                       detail::retract_max_rank, " (one block), got r = ", R.rows);
   require<shape_error>(R.rows <= R.cols, "qr_retract: expected rank r <= hidden size d, got r = ", R.rows, ", d = ", R.cols);
   require_device("qr_retract");
   const cudaStream_t s = stream_of(ex);
