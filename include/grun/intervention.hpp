@@ -340,6 +340,16 @@ void parallel_blocks(unsigned threads, index_t nblocks, F&& f) {
   for (auto& t : pool) t.join();
 }
 
+/// Scratch kept across calls on the calling thread, n scalars, contents unspecified (callers
+/// write before they read). The gate block paths take a few MB a call: allocated fresh, glibc
+/// gives them back to the system on free, and every call pays a page fault per 4 KB again.
+template <class Acc, int Tag>
+Acc* reusable_scratch(std::size_t n) {
+  thread_local std::vector<Acc> kept;
+  if (kept.size() < n) kept.resize(n);
+  return kept.data();
+}
+
 /// Points the leaves of a shaped aggregate into consecutive storage at `base`.
 template <class P, class V>
 P bind_params(P shaped, V* base) {
@@ -436,11 +446,11 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
       const index_t gs = G::scratch_size(d), rs = R::scratch_size(d);
       const index_t ld = padded_stride(d);
       const index_t ws = B * (2 * ld + gs + 1) + d + rs;
-      std::vector<std::vector<Acc>> work(std::min<index_t>(threads, std::max<index_t>(nblocks, 1)),
-                                         std::vector<Acc>(std::size_t(ws)));
+      const index_t nworkers = std::min<index_t>(threads, std::max<index_t>(nblocks, 1));
+      Acc* const work = reusable_scratch<Acc, 0>(std::size_t(nworkers * ws));
       parallel_blocks(threads, nblocks, [&](index_t blk, unsigned w) {
         const index_t q0 = blk * B, nb = std::min(P, q0 + B) - q0;
-        Acc* base = work[w].data();
+        Acc* base = work + w * ws;
         Acc *hx[B], *sum[B], *gscr[B];
         for (index_t b = 0; b < B; ++b) {
           hx[b] = base + b * ld;
@@ -548,13 +558,13 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
       const index_t gs = G::scratch_size(d), rs = R::scratch_size(d);
       const index_t ld = padded_stride(d);
       const index_t bws = B * (3 * ld + gs + 2) + 2 * d + rs;
-      std::vector<std::vector<Acc>> bwork(static_cast<std::size_t>(workers), std::vector<Acc>(std::size_t(bws)));
+      Acc* const bwork = reusable_scratch<Acc, 1>(std::size_t(workers * bws));
       // gate_weight_gemm: the trained module's dz1 of every row, transposed ([H1][P]), for the GEMM.
       std::vector<Acc> dz1t;
       if constexpr (gate_weight_gemm) dz1t.assign(std::size_t(G::hidden1 * P), Acc(0));
       parallel_blocks(threads, nblocks, [&](index_t blk, unsigned w) {
         const PA slot = bind_params(shaped, slots.data() + blk * np);
-        Acc* base = bwork[w].data();
+        Acc* base = bwork + w * bws;
         Acc *hx[B], *dx[B], *dhx[B], *gscr[B];
         for (index_t b = 0; b < B; ++b) {
           hx[b] = base + b * ld;
