@@ -272,6 +272,19 @@ TEST_CASE("cuda losses: loss::objective (zeroing included) agrees with exec::hos
   check(loss::objective<loss::rmu, loss::rmu_retain, loss::gate_bce>{.w_retain = 2, .w_gate = 100});
 }
 
+TEST_CASE("cuda losses: zeroing a one-row gradient whose row stride is below its width", "[losses]") {
+  GRUN_REQUIRE_DEVICE();
+  // torch keeps any stride on a size-1 dimension (a transposed [d, 1] is [1, d] with stride 1):
+  // a pitch below the width must not reach cudaMemset2D. The element after the row stays.
+  const std::vector<float> ones(7, 1.f);
+  grun::cuda::device_buffer<float> buf{std::span<const float>(ones)};
+  const grun::matrix_view<float, grun::cuda_space> row(buf.data(), {1, 6}, {2, 1});
+  grun::loss::detail::zero_impl<grun::exec::cuda_t>::run(grun::exec::cuda, row);
+  const auto h = buf.to_host();
+  for (int j = 0; j < 6; ++j) CHECK(h[std::size_t(j)] == 0.f);
+  CHECK(h[6] == 1.f);
+}
+
 TEST_CASE("cuda losses: bitwise repeatable", "[losses]") {
   GRUN_REQUIRE_DEVICE();
   using T = float;

@@ -214,6 +214,12 @@ struct zero_impl<exec::cuda_t> {
         return;
       }
     } else {
+      if (v.stride(1) == 1 && v.extent(0) == 1) {
+        // One row: its stride is never stepped and may be below the width (torch keeps any stride
+        // on a size-1 dimension), which cudaMemset2D may refuse as a pitch — as in copy_rows.
+        GRUN_CUDA_CHECK(cudaMemsetAsync(v.data(), 0, sizeof(El) * std::size_t(v.extent(1)), s));
+        return;
+      }
       if (v.stride(1) == 1) {
         GRUN_CUDA_CHECK(cudaMemset2DAsync(v.data(), sizeof(El) * std::size_t(v.stride(0)), 0,
                                           sizeof(El) * std::size_t(v.extent(1)), std::size_t(v.extent(0)), s));
