@@ -2,8 +2,9 @@
 # benchmarks/gpu_bundle.sh — build, on a machine WITHOUT a GPU, everything gpu_check.sh runs on one,
 # into a folder small enough to travel with the working tree to a short GPU slot.
 #
-# Why: a lent GPU machine has nvcc, CMake and PyTorch but not the development packages grun's build
-# finds (Boost, Catch2, nlohmann_json), and every minute of its time counts; nvcc spends minutes on
+# Why: a lent GPU machine is described as having nvcc, CMake and PyTorch; the development packages
+# grun's build finds (Boost, Catch2, nlohmann_json) are not listed, nothing can be fetched there,
+# and every minute of its time counts; nvcc spends minutes on
 # the CUDA tests. Built here (same nvcc 13.0; glibc ≥ 2.34, libstdc++ of GCC 12 needed there), the
 # slot only runs the programs:
 #

@@ -7,7 +7,7 @@
 #      bench_cuda build side by side, every CUDA test file is its own TU (ninja -k 0: one broken
 #      file does not stop the others). With --prebuilt DIR nothing is built: DIR is a bundle that
 #      benchmarks/gpu_bundle.sh made on a machine without a GPU (the way to use a short lent slot,
-#      whose machine lacks Boost / Catch2 / nlohmann_json and whose minutes nvcc would spend);
+#      whose machine may lack Boost / Catch2 / nlohmann_json and whose minutes nvcc would spend);
 #   2. run the CUDA tests with ctest, or the bundle's test programs (they must PASS here, not skip);
 #   3. run bench_cuda (cudaEvent timings + the D2D copy bandwidth of this run);
 #   4. run torch_reference.py (PyTorch eager of the same math, then torch.compile while time remains,
