@@ -60,7 +60,7 @@ if [[ -n $table_only ]]; then
   exec python3 "$here/cuda/gpu_table.py" "$table_only"
 fi
 
-if [[ -n $prebuilt ]] && [[ ! -f $prebuilt/MANIFEST || ! -x $prebuilt/bin/bench_cuda ]]; then
+if [[ -n $prebuilt ]] && [[ ! -f $prebuilt/MANIFEST || ! -f $prebuilt/bin/bench_cuda ]]; then
   echo "gpu_check.sh: --prebuilt $prebuilt: expected a bundle made by benchmarks/gpu_bundle.sh" \
        "(MANIFEST and bin/bench_cuda), found none" >&2
   exit 2
@@ -92,6 +92,8 @@ rc=0
 
 # 1. Build (configure both projects, then the tests and the benchmark side by side) — or take a bundle.
 if [[ -n $prebuilt ]]; then
+  # A copy that dropped the execute bits (some transfers do) still runs.
+  chmod u+x "$prebuilt"/bin/* 2>/dev/null || true
   log "prebuilt bundle $prebuilt: $(tr '\n' ';' <"$prebuilt/MANIFEST")"
   note "prebuilt bundle: $(head -n 1 "$prebuilt/MANIFEST")"
   here_commit="$(git -C "$root" rev-parse HEAD 2>/dev/null || true)"

@@ -242,12 +242,15 @@ def test_prebuilt():
         write_program(os.path.join(bundle, "bin", "bench_cuda"), "echo 'DEVICE Fake GPU 9000'")
         write_program(os.path.join(bundle, "bin", "test_cuda_passes"), "echo 'All tests passed (3 assertions in 1 test case)'")
         write_program(os.path.join(bundle, "bin", "device_loop_cuda"), "echo 'loss 0.8 -> 0.03'")
+        os.chmod(os.path.join(bundle, "bin", "bench_cuda"), 0o644)  # a copy that lost its execute bit
         env = dict(os.environ, GRUN_NVIDIA_SMI=smi)
         args = ["bash", SCRIPT, "--build-dir", build, "--prebuilt", bundle, "--quick", "--no-compile"]
         p = run(args, env)
         check(p.returncode == 0 and "2 of 2 test programs passed, 0 failed, 0 skipped" in p.stdout,
               f"bundle whose programs pass: exit 0, '2 of 2 … passed' (got {p.returncode}; {p.stdout[-600:]!r})")
         check(not os.path.exists(os.path.join(build, "gpu_check.configure.log")), "bundle: nothing configured or built")
+        check("bench_cuda was not built" not in p.stdout and "bench_cuda failed" not in p.stdout,
+              "bundle: a program that lost its execute bit still runs")
         check("prebuilt bundle: commit 0000000" in p.stdout, "bundle: its MANIFEST commit is in the table's notes")
 
         write_program(os.path.join(bundle, "bin", "test_cuda_skips"), "exit 77")
