@@ -133,6 +133,15 @@ TEMPLATE_TEST_CASE("cuda qr_retract agrees with ortho::qr_retraction", "[adamw][
   z.data = zero.data();
   grun::set_matrix(z, 2, 4);
   CHECK_THROWS_AS(gc::qr_retract(grun::exec::cuda, z), grun::numeric_error);
+  // The host's wording, norm included.
+  CHECK_THROWS_WITH(gc::qr_retract(grun::exec::cuda, z),
+                    Catch::Matchers::Contains("qr_retraction: row 0 of R is zero or not finite (norm 0)"));
+  // A dependent second row: row 1 = 2 · row 0.
+  const std::vector<float> dependent = {1, 2, 3, 4, 2, 4, 6, 8};
+  zero.copy_from_host(dependent);
+  CHECK_THROWS_WITH(gc::qr_retract(grun::exec::cuda, z),
+                    Catch::Matchers::Contains("qr_retraction: row 1 of R is linearly dependent on the rows before it"));
+  CHECK(zero.to_host() == dependent);  // R is left unchanged
 }
 
 TEST_CASE("cuda l2_norm matches the host sum of squares", "[adamw]") {

@@ -17,9 +17,15 @@ inline constexpr int retract_block = 512;
 /// Largest rank one retraction block handles (r ≤ 32 rows of R).
 inline constexpr index_t retract_max_rank = 32;
 
-/// status: 0 ok, 1 + k when row k is zero / not finite, 1001 + k when row k is dependent.
+/// code: 0 ok, 1 + k when row k is zero / not finite (norm: its norm), 1001 + k when row k is dependent.
+struct retract_status {
+  int code;
+  double norm;
+};
+
 template <class T>
-__global__ void __launch_bounds__(retract_block) qr_retract_kernel(T* R, double* w, index_t r, index_t d, int* status) {
+__global__ void __launch_bounds__(retract_block)
+qr_retract_kernel(T* R, double* w, index_t r, index_t d, retract_status* status) {
   using reduce = cub::BlockReduce<double, retract_block>;
   __shared__ typename reduce::TempStorage tmp;
   __shared__ double shared;
@@ -38,7 +44,10 @@ __global__ void __launch_bounds__(retract_block) qr_retract_kernel(T* R, double*
   for (index_t k = 0; k < r; ++k) {
     double* rk = w + k * d;
     const double norm0 = sqrt(dot(rk, rk));
-    if (!isfinite(norm0) || !(norm0 > 0)) { if (threadIdx.x == 0) *status = int(1 + k); return; }
+    if (!isfinite(norm0) || !(norm0 > 0)) {  // norm0 is the block's shared value: every thread returns
+      if (threadIdx.x == 0) *status = retract_status{int(1 + k), norm0};
+      return;
+    }
     for (int pass = 0; pass < 2; ++pass)
       for (index_t i = 0; i < k; ++i) {
         const double* ri = w + i * d;
@@ -47,7 +56,10 @@ __global__ void __launch_bounds__(retract_block) qr_retract_kernel(T* R, double*
         __syncthreads();
       }
     const double norm = sqrt(dot(rk, rk));
-    if (!(norm > 1e-12 * norm0)) { if (threadIdx.x == 0) *status = int(1001 + k); return; }
+    if (!(norm > 1e-12 * norm0)) {
+      if (threadIdx.x == 0) *status = retract_status{int(1001 + k), norm};
+      return;
+    }
     for (index_t j = threadIdx.x; j < d; j += retract_block) rk[j] /= norm;
     __syncthreads();
   }
@@ -68,16 +80,17 @@ void qr_retract(const exec::cuda_t& ex, const param<T, cuda_space>& R) {
   // Scratch and the status reset on the executor's stream: a device_buffer would zero the status on
   // the legacy default stream, unordered with a non-blocking `s` (a failure could be overwritten).
   detail::stream_scratch<double> w(R.size(), s);
-  detail::stream_scratch<int> status(1, s);
-  GRUN_CUDA_CHECK(cudaMemsetAsync(status.ptr, 0, sizeof(int), s));
+  detail::stream_scratch<detail::retract_status> status(1, s);
+  GRUN_CUDA_CHECK(cudaMemsetAsync(status.ptr, 0, sizeof(detail::retract_status), s));
   detail::qr_retract_kernel<<<1, detail::retract_block, 0, s>>>(R.data, w.ptr, R.rows, R.cols, status.ptr);
   GRUN_CUDA_CHECK_LAUNCH();
-  int st = 0;
-  GRUN_CUDA_CHECK(cudaMemcpyAsync(&st, status.ptr, sizeof(int), cudaMemcpyDeviceToHost, s));
+  detail::retract_status st{};
+  GRUN_CUDA_CHECK(cudaMemcpyAsync(&st, status.ptr, sizeof st, cudaMemcpyDeviceToHost, s));
   GRUN_CUDA_CHECK(cudaStreamSynchronize(s));
-  require<numeric_error>(st == 0 || st > 1000, "qr_retraction: row ", st - 1,
-                         " of R is zero or not finite; cannot orthonormalize");
-  require<numeric_error>(st == 0, "qr_retraction: row ", st - 1001,
+  // The host's wording (ortho::detail::orthonormalize_rows), found on the device.
+  require<numeric_error>(st.code == 0 || st.code > 1000, "qr_retraction: row ", st.code - 1,
+                         " of R is zero or not finite (norm ", st.norm, "); cannot orthonormalize");
+  require<numeric_error>(st.code == 0, "qr_retraction: row ", st.code - 1001,
                          " of R is linearly dependent on the rows before it; cannot orthonormalize");
 }
 
