@@ -152,16 +152,14 @@ template <>
 struct term_reduce_impl<exec::cuda_t> {
   template <class Acc, class Term>
   static term_totals<Acc> run(const exec::cuda_t& ex, const Term& term, Acc weight) {
-    term_totals<Acc> t;
-    if (term.size() == 0) return t;
+    const term_totals<Acc> none{};
+    if (term.size() == 0) return none;
     cuda::require_device("loss: sequence/gate term reduction");
     const cudaStream_t s = cuda::stream_of(ex);
-    cuda::detail::stream_scratch<term_totals<Acc>> out(1, s);
-    cuda::detail::reduce_terms_kernel<Acc><<<1, cuda::detail::reduce_block, 0, s>>>(term, weight, out.ptr);
+    const cuda::detail::device_report<term_totals<Acc>> out(s, none);  // the kernel writes every field
+    cuda::detail::reduce_terms_kernel<Acc><<<1, cuda::detail::reduce_block, 0, s>>>(term, weight, out.device());
     GRUN_CUDA_CHECK_LAUNCH();
-    GRUN_CUDA_CHECK(cudaMemcpyAsync(&t, out.ptr, sizeof(t), cudaMemcpyDeviceToHost, s));
-    GRUN_CUDA_CHECK(cudaStreamSynchronize(s));
-    return t;
+    return out.read();
   }
 };
 

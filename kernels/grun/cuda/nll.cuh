@@ -95,21 +95,16 @@ __device__ __forceinline__ void record_bad_label(label_census* census, index_t r
   atomicMin(&census->first_row, static_cast<unsigned long long>(row));
 }
 
-/// The census of one launch: device scratch set up before it, read back (and reported with the
+/// The census of one launch: a device_report set up before it, read back (and reported with the
 /// host path's wording) after it.
 class label_check {
  public:
-  explicit label_check(cudaStream_t s) : census_(1, s) {
-    GRUN_CUDA_CHECK(cudaMemsetAsync(&census_.ptr->first_row, 0xFF, sizeof(unsigned long long), s));
-    GRUN_CUDA_CHECK(cudaMemsetAsync(&census_.ptr->bad_rows, 0, sizeof(unsigned long long), s));
-  }
-  label_census* device() const noexcept { return census_.ptr; }
+  explicit label_check(cudaStream_t s) : census_(s, label_census{~0ull, 0}) {}
+  label_census* device() const noexcept { return census_.device(); }
 
   template <class L>
   void report(const tensor_view<L, 1, cuda_space>& labels, index_t vocab, const char* op) const {
-    label_census got{};
-    GRUN_CUDA_CHECK(cudaMemcpyAsync(&got, census_.ptr, sizeof got, cudaMemcpyDeviceToHost, census_.stream));
-    GRUN_CUDA_CHECK(cudaStreamSynchronize(census_.stream));
+    const label_census got = census_.read();
     if (got.bad_rows == 0) return;
     const auto row = static_cast<index_t>(got.first_row);
     std::remove_const_t<L> label{};
@@ -118,7 +113,7 @@ class label_check {
   }
 
  private:
-  stream_scratch<label_census> census_;
+  device_report<label_census> census_;
 };
 
 template <class Acc>

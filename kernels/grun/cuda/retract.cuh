@@ -80,13 +80,10 @@ void qr_retract(const exec::cuda_t& ex, const param<T, cuda_space>& R) {
   // Scratch and the status reset on the executor's stream: a device_buffer would zero the status on
   // the legacy default stream, unordered with a non-blocking `s` (a failure could be overwritten).
   detail::stream_scratch<double> w(R.size(), s);
-  detail::stream_scratch<detail::retract_status> status(1, s);
-  GRUN_CUDA_CHECK(cudaMemsetAsync(status.ptr, 0, sizeof(detail::retract_status), s));
-  detail::qr_retract_kernel<<<1, detail::retract_block, 0, s>>>(R.data, w.ptr, R.rows, R.cols, status.ptr);
+  const detail::device_report<detail::retract_status> status(s, detail::retract_status{0, 0.0});
+  detail::qr_retract_kernel<<<1, detail::retract_block, 0, s>>>(R.data, w.ptr, R.rows, R.cols, status.device());
   GRUN_CUDA_CHECK_LAUNCH();
-  detail::retract_status st{};
-  GRUN_CUDA_CHECK(cudaMemcpyAsync(&st, status.ptr, sizeof st, cudaMemcpyDeviceToHost, s));
-  GRUN_CUDA_CHECK(cudaStreamSynchronize(s));
+  const detail::retract_status st = status.read();
   // The host's wording (ortho::detail::orthonormalize_rows), found on the device.
   require<numeric_error>(st.code == 0 || st.code > 1000, "qr_retraction: row ", st.code - 1,
                          " of R is zero or not finite (norm ", st.norm, "); cannot orthonormalize");

@@ -21,6 +21,29 @@ struct stream_scratch {
   stream_scratch& operator=(const stream_scratch&) = delete;
 };
 
+/// A small struct a kernel reports to the host (a status, a census, a reduction's totals): a
+/// device slot set to `initial` on the stream before the launch, read back after it with one
+/// copy and one stream synchronization — the library's only kind of sync inside a call.
+template <class S>
+class device_report {
+ public:
+  device_report(cudaStream_t s, const S& initial) : slot_(1, s) {
+    // From pageable host memory the copy is staged before the call returns: `initial` may go.
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(slot_.ptr, &initial, sizeof(S), cudaMemcpyHostToDevice, s));
+  }
+  S* device() const noexcept { return slot_.ptr; }
+  /// Waits for the stream and returns what the kernels left in the slot.
+  S read() const {
+    S out{};
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(&out, slot_.ptr, sizeof(S), cudaMemcpyDeviceToHost, slot_.stream));
+    GRUN_CUDA_CHECK(cudaStreamSynchronize(slot_.stream));
+    return out;
+  }
+
+ private:
+  stream_scratch<S> slot_;
+};
+
 /// Copies every row of src [N, d] to dst unless they are the same tensor (rows contiguous).
 template <class T>
 void copy_rows(matrix_view<const T, cuda_space> src, matrix_view<T, cuda_space> dst, cudaStream_t s) {
