@@ -21,6 +21,7 @@
 #include <grun/reft/direft.hpp>
 #include <grun/reft/loreft.hpp>
 
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -85,8 +86,8 @@ struct config {
 };
 
 /// How a case's parameters are drawn: module k is grun::init(…, init + k), then every leaf gets
-/// N(0, 0.3) noise from mt19937(leaf.size() + spread · k) — init keeps the gate near 0.5 and W small;
-/// spread, every path of the kernels matters.
+/// N(0, 0.3) noise from mt19937(leaf.size() + spread · k) (the mlp gate's layers: scaled by fan-in, see
+/// host_reference) — init keeps the gate near 0.5 and W small; spread, every path of the kernels matters.
 struct seeds {
   std::uint64_t init;
   unsigned spread;
@@ -113,11 +114,31 @@ struct host_reference {
     for (index_t k = 0; k < c.K; ++k) {
       host_modules.emplace_back(I::template shape<T>(c.d));
       grun::init(*host_modules.back(), std::uint64_t(s.init + k));
-      grun::for_each_param(*host_modules.back(), [&](auto& leaf) {
+      auto add_noise = [&](auto& leaf, float sd) {
         std::mt19937 gen(unsigned(leaf.size() + s.spread * k));
-        std::normal_distribution<float> nd(0.f, 0.3f);
+        std::normal_distribution<float> nd(0.f, sd);
         for (index_t i = 0; i < leaf.size(); ++i) leaf[i] = grun::store<T>(grun::load<float>(leaf[i]) + nd(gen));
-      });
+      };
+      auto& m = *host_modules.back();
+      grun::for_each_param(m.reft, [&](auto& leaf) { add_noise(leaf, 0.3f); });
+      if constexpr (requires { m.gate.w1; m.gate.w3; }) {
+        // The mlp gate: noise 0.3 · min(1, 4 / √fan_in) per layer. A flat 0.3 puts the last
+        // pre-activation at |z3| ~ 60 for d ~ 1000 (gates 1e-75 … 1): there the host's own fp32
+        // result is 2e-5 off the double one (measured), so a 1e-5 agreement would test rounding, and
+        // fp16 gradient leaves of a nearly closed gate (g ~ 3e-7) fall to fp16 subnormals. Scaled
+        // by fan-in, gates span ~0.003 … 0.99 (both ReLU sides, saturating and open rows).
+        auto& gp = m.gate;
+        const index_t h1 = gp.w2.cols, h2 = gp.w3.cols;
+        const auto sd = [](index_t fan_in) { return 0.3f * std::min(1.f, 4.f / std::sqrt(float(fan_in))); };
+        add_noise(gp.w1, sd(c.d));
+        add_noise(gp.b1, sd(c.d));
+        add_noise(gp.w2, sd(h1));
+        add_noise(gp.b2, sd(h1));
+        add_noise(gp.w3, sd(h2));
+        add_noise(gp.b3, sd(h2));
+      } else {
+        grun::for_each_param(m.gate, [&](auto& leaf) { add_noise(leaf, 0.3f); });
+      }
       device_modules.push_back(to_device<I, T>(host_modules.back(), c.d));
     }
     for (auto& m : host_modules) host_views.push_back(*m);

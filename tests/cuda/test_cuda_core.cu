@@ -1,5 +1,8 @@
 // check.cuh: checked CUDA calls, device discovery, device buffers, storage bridges.
 #include <grun/cuda/check.cuh>
+#include <grun/gate/linear.hpp>
+#include <grun/intervention.hpp>
+#include <grun/reft/loreft.hpp>
 
 #include <cstring>
 #include <string>
@@ -79,4 +82,58 @@ TEST_CASE("device_buffer round-trips host data and hands out cuda_space views", 
   CHECK_THROWS_AS(d.view<2>({4, 3}), grun::shape_error);
   CHECK_NOTHROW(gc::require_device_pointer(d.data(), "d"));
   CHECK_THROWS_AS(gc::require_device_pointer(h.data(), "h"), grun::shape_error);
+}
+
+namespace {
+using module_t = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
+using dparams_t = module_t::params<float, grun::cuda_space>;
+
+/// Every leaf of p lies inside p's own storage, in declaration order, end to end.
+bool leaves_seated(const gc::device_params<dparams_t>& p) {
+  const float* next = p.data();
+  bool ok = true;
+  grun::for_each_param(*p, [&](const auto& leaf) {
+    ok = ok && leaf.data == next;
+    next += leaf.size();
+  });
+  return ok && next == p.data() + p.size();
+}
+}  // namespace
+
+// Containers move device_params on growth only when the move cannot throw; otherwise they copy, and
+// a copy must carry its own leaves (a stack of modules in a std::vector read freed memory before).
+static_assert(std::is_nothrow_move_constructible_v<gc::device_params<dparams_t>>);
+static_assert(std::is_nothrow_move_constructible_v<gc::device_buffer<float>>);
+
+TEST_CASE("device_params: copies and moves keep every leaf inside their own storage", "[core]") {
+  GRUN_REQUIRE_DEVICE();
+  const grun::index_t d = 40;
+  std::vector<float> values;
+  std::vector<gc::device_params<dparams_t>> stack;
+  for (int k = 0; k < 9; ++k) {  // growth reallocates several times
+    gc::device_params<dparams_t> p(module_t::shape<float, grun::cuda_space>(d));
+    values.assign(std::size_t(p.size()), float(k));
+    GRUN_CUDA_CHECK(cudaMemcpy(p.data(), values.data(), sizeof(float) * values.size(), cudaMemcpyHostToDevice));
+    stack.push_back(std::move(p));
+  }
+  for (std::size_t k = 0; k < stack.size(); ++k) {
+    INFO("module " << k);
+    CHECK(leaves_seated(stack[k]));
+    std::vector<float> back(std::size_t(stack[k].size()));
+    // Read through a leaf view (what the kernels use), not through data().
+    GRUN_CUDA_CHECK(cudaMemcpy(back.data(), (*stack[k]).reft.rotate_layer.data, sizeof(float) * 4 * std::size_t(d),
+                               cudaMemcpyDeviceToHost));
+    CHECK(back[0] == float(k));
+  }
+  gc::device_params<dparams_t> copy(stack[3]);
+  CHECK(leaves_seated(copy));
+  CHECK(copy.data() != stack[3].data());
+  gc::device_params<dparams_t> assigned;
+  assigned = stack[5];
+  CHECK(leaves_seated(assigned));
+  CHECK(assigned.data() != stack[5].data());
+  const float* before = stack[7].data();
+  gc::device_params<dparams_t> moved(std::move(stack[7]));
+  CHECK(moved.data() == before);
+  CHECK(leaves_seated(moved));
 }

@@ -115,6 +115,15 @@ class device_buffer {
  public:
   using value_type = T;
   device_buffer() = default;
+  device_buffer(const device_buffer&) = default;
+  device_buffer& operator=(const device_buffer&) = default;
+  // noexcept: containers of buffers move them on growth rather than deep-copying device memory
+  // (thrust::device_vector's move steals the allocation and does not throw).
+  device_buffer(device_buffer&& other) noexcept : v_(std::move(other.v_)) {}
+  device_buffer& operator=(device_buffer&& other) noexcept {
+    v_ = std::move(other.v_);
+    return *this;
+  }
   explicit device_buffer(index_t n) {
     require<shape_error>(n >= 0, "device_buffer: expected a non-negative size, got ", n);
     if (n == 0) return;
@@ -191,10 +200,30 @@ class device_params {
  public:
   using value_type = param_value_t<Params>;
   device_params() = default;
-  explicit device_params(const Params& shaped) : view_(shaped), storage_(parameter_count(shaped)) {
-    index_t offset = 0;
-    for_each_param(view_, [&](auto& leaf) { leaf.data = storage_.data() + offset; offset += leaf.size(); });
+  explicit device_params(const Params& shaped) : view_(shaped), storage_(parameter_count(shaped)) { seat_leaves(); }
+  // The leaves point into storage_, so a copy re-seats them into its own (deep-copied) storage, and
+  // a move is noexcept: std::vector<device_params> then moves on growth instead of copying — with
+  // the implicit members it copied the views (still pointing at the old storage) and freed the old
+  // storage, leaving every module of a stack reading freed device memory.
+  device_params(const device_params& other) : view_(other.view_), storage_(other.storage_) { seat_leaves(); }
+  device_params(device_params&& other) noexcept : view_(other.view_), storage_(std::move(other.storage_)) {
+    seat_leaves();
+    other.view_ = Params{};
   }
+  device_params& operator=(const device_params& other) {
+    if (this != &other) *this = device_params(other);
+    return *this;
+  }
+  device_params& operator=(device_params&& other) noexcept {
+    if (this != &other) {
+      view_ = other.view_;
+      storage_ = std::move(other.storage_);
+      seat_leaves();
+      other.view_ = Params{};
+    }
+    return *this;
+  }
+  ~device_params() = default;
   /// Copies the values of a host owned_params with the same shapes.
   explicit device_params(const owned_params<Params>& host) : device_params(*host) {
     storage_.copy_from_host(std::span<const value_type>(host.data(), static_cast<std::size_t>(host.size())));
@@ -211,6 +240,12 @@ class device_params {
   void zero() { storage_.zero(); }
 
  private:
+  /// Points every leaf of view_ at its slice of storage_ (declaration order, contiguous).
+  void seat_leaves() {
+    index_t offset = 0;
+    for_each_param(view_, [&](auto& leaf) { leaf.data = storage_.data() + offset; offset += leaf.size(); });
+  }
+
   Params view_{};
   device_buffer<value_type> storage_;
 };
