@@ -16,9 +16,11 @@
 // i.e. 3r+1 dots per row and module, then rank-(2r+1) updates of the gradients.
 //
 // Kernels (one stream, no host round trip; positions gathered on the device):
-//   pack_kernel      parameters of the K modules → fp32 [K][2r+1 rows of dp | b | c] (dp = d rounded
-//                    up to 8: every row 32-byte aligned, so float4 loads; the exact fp32 value of each
-//                    stored parameter, which is what the host row math loads too). Small (L2-resident).
+//   pack_kernel      parameters of the K modules → [K][2r+1 rows of dp | b | c] as stored (T; dp = d
+//                    rounded up to 8: every row 16-byte aligned, so vector loads). Small and L2-resident,
+//                    but every CTA streams all of it, so it is kept at the storage width: with fp32
+//                    packing a bf16 tile of 4 rows pulled 4.5× its own bytes of parameters through L2
+//                    (measured on an H200: the forward at 23% of copy bandwidth).
 //   forward_kernel   one CTA per tile of ROWS selected rows: 16-byte vector loads of h (bf16/fp16 × 8,
 //                    fp32 × 4; scalar when d or the rows are not 16-byte aligned), the 2r+1 dots of every
 //                    row of the tile reduced in ONE cub::BlockReduce over a small array type, then the
@@ -122,10 +124,21 @@ __device__ __forceinline__ void store_row(T* p, const float (&x)[V]) {
     *reinterpret_cast<vec<T, V>*>(p) = v;
   }
 }
-/// V packed fp32 parameters (read-only path; float4 when V is a multiple of 4 — packed rows are 32-byte aligned).
-template <int V>
-__device__ __forceinline__ void load_param(const float* __restrict__ p, float (&x)[V]) {
-  if constexpr (V % 4 == 0) {
+/// V packed parameters → float (read-only path): float4 when V is a multiple of 4 (fp32), one 16- or
+/// 8-byte vector of 8 or 4 elements (half / bfloat16) — packed rows are 16-byte aligned.
+template <int V, class P>
+__device__ __forceinline__ void load_param(const P* __restrict__ p, float (&x)[V]) {
+  if constexpr (!std::is_same_v<P, float>) {
+    static_assert(sizeof(P) == 2, "packed parameters: float, half or bfloat16");
+    constexpr int W = V % 8 == 0 ? 8 : V % 4 == 0 ? 4 : 1;
+#pragma unroll
+    for (int e = 0; e < V; e += W) {
+      float t[W];
+      load_row<P, W>(p + e, t);
+#pragma unroll
+      for (int j = 0; j < W; ++j) x[e + j] = t[j];
+    }
+  } else if constexpr (V % 4 == 0) {
 #pragma unroll
     for (int e = 0; e < V; e += 4) {
       const float4 t = __ldg(reinterpret_cast<const float4*>(p + e));
@@ -164,22 +177,22 @@ GRUN_HD constexpr index_t module_stride(index_t r, index_t dp) { return (2 * r +
 
 template <class T>
 __global__ void pack_kernel(const src_ptrs<T>* __restrict__ src, index_t K, int r, index_t d, index_t dp, index_t ms,
-                            float* __restrict__ out) {
+                            T* __restrict__ out) {
   const index_t n = K * ms;
   for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x) {
     const index_t k = i / ms, o = i % ms;
     const src_ptrs<T> s = src[k];
     const index_t row = o / dp, j = o % dp;
-    float v = 0.f;
+    T v{};  // zero bits = +0: padding, and w, c without a gate
     if (row < 2 * r + 1) {
       if (j < d) {
         const T* p = row < r ? s.U + row * d : row < 2 * r ? s.D + (row - r) * d : s.w;
-        if (row < 2 * r || s.w != nullptr) v = dload(p + j);
+        if (row < 2 * r || s.w != nullptr) v = p[j];
       }
     } else {
       const index_t t = o - (2 * r + 1) * dp;
-      if (t < r) v = dload(s.b + t);
-      else if (t == r && s.c != nullptr) v = dload(s.c);
+      if (t < r) v = s.b[t];
+      else if (t == r && s.c != nullptr) v = *s.c;
     }
     out[i] = v;
   }
@@ -189,7 +202,7 @@ __global__ void pack_kernel(const src_ptrs<T>* __restrict__ src, index_t K, int 
 /// One CTA per tile of ROWS consecutive positions. Dynamic shared memory: coef [K][ROWS][R] floats,
 /// then (when `stage`) the tile of h as stored, ROWS × d elements.
 template <class T, int V, int R, int ROWS, bool LO, int GM>
-__global__ void __launch_bounds__(block) forward_kernel(const float* __restrict__ pk, index_t ms, index_t dp, index_t K,
+__global__ void __launch_bounds__(block) forward_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
                                                         float scale, matrix_view<const T, cuda_space> h,
                                                         const index_t* __restrict__ pos, index_t P,
                                                         matrix_view<T, cuda_space> out, matrix_view<T, cuda_space> gates,
@@ -211,7 +224,7 @@ __global__ void __launch_bounds__(block) forward_kernel(const float* __restrict_
   for (int rr = 0; rr < ROWS; ++rr) hr[rr] = h.row(pos[q0 + (rr < nr ? rr : 0)]);
 
   for (index_t k = 0; k < K; ++k) {
-    const float* pm = pk + k * ms;
+    const T* pm = pk + k * ms;
     A a;
 #pragma unroll
     for (int i = 0; i < ROWS * NP; ++i) a.v[i] = 0.f;
@@ -239,17 +252,17 @@ __global__ void __launch_bounds__(block) forward_kernel(const float* __restrict_
     }
     a = BR(tmp).Reduce(a, farr_sum{});
     if (threadIdx.x == 0) {
-      const float* sc = pm + NP * dp;  // b [R], c
+      const T* sc = pm + NP * dp;  // b [R], c
 #pragma unroll
       for (int rr = 0; rr < ROWS; ++rr) {
         if (rr >= nr) break;
-        const float g = GATED               ? dsigmoid(sc[R] + a.v[rr * NP + 2 * R])
+        const float g = GATED               ? dsigmoid(dload(sc + R) + a.v[rr * NP + 2 * R])
                         : GM == gate_external ? gext[k * P + q0 + rr]
                                               : 1.f;
         dstore(&gates(k, q0 + rr), g);
 #pragma unroll
         for (int i = 0; i < R; ++i) {
-          const float e = a.v[rr * NP + R + i] + sc[i] - (LO ? a.v[rr * NP + i] : 0.f);
+          const float e = a.v[rr * NP + R + i] + dload(sc + i) - (LO ? a.v[rr * NP + i] : 0.f);
           coef[(k * ROWS + rr) * R + i] = scale * g * e;
         }
       }
@@ -269,7 +282,7 @@ __global__ void __launch_bounds__(block) forward_kernel(const float* __restrict_
 #pragma unroll
     for (int rr = 0; rr < ROWS; ++rr) load_row<T, V>(src[rr] + v * V, o[rr]);
     for (index_t k = 0; k < K; ++k) {
-      const float* pm = pk + k * ms;
+      const T* pm = pk + k * ms;
 #pragma unroll
       for (int i = 0; i < R; ++i) {
         float p[V];
@@ -293,7 +306,7 @@ __global__ void __launch_bounds__(block) forward_kernel(const float* __restrict_
 ///   cf[q][k] = { −[lo] de (coefficient of U in dh) | de (of D) | dz (of w) }            [2r+1]
 ///   rc[q]    = { s g e (of x in dU) | de (of h in dD, −[lo]·it in dU) | dz (of h in dw) } [2r+1], trained k
 template <class T, int V, int R, int ROWS, bool LO, int GM>
-__global__ void __launch_bounds__(block) coef_kernel(const float* __restrict__ pk, index_t ms, index_t dp, index_t K,
+__global__ void __launch_bounds__(block) coef_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
                                                      index_t trained, float scale, matrix_view<const T, cuda_space> h,
                                                      matrix_view<const T, cuda_space> dout,
                                                      matrix_view<const T, cuda_space> dgates,
@@ -318,7 +331,7 @@ __global__ void __launch_bounds__(block) coef_kernel(const float* __restrict__ p
     xr[rr] = dout.row(row);
   }
   for (index_t k = 0; k < K; ++k) {
-    const float* pm = pk + k * ms;
+    const T* pm = pk + k * ms;
     A a;
 #pragma unroll
     for (int i = 0; i < ROWS * ND; ++i) a.v[i] = 0.f;
@@ -345,18 +358,18 @@ __global__ void __launch_bounds__(block) coef_kernel(const float* __restrict__ p
     }
     a = BR(tmp).Reduce(a, farr_sum{});
     if (threadIdx.x == 0) {
-      const float* sc = pm + NP * dp;
+      const T* sc = pm + NP * dp;
 #pragma unroll
       for (int rr = 0; rr < ROWS; ++rr) {
         if (rr >= nr) break;
         const index_t q = q0 + rr;
         const float* ar = a.v + rr * ND;
-        const float g = GATED ? dsigmoid(sc[R] + ar[2 * R]) : GM == gate_external ? gext[k * P + q] : 1.f;
+        const float g = GATED ? dsigmoid(dload(sc + R) + ar[2 * R]) : GM == gate_external ? gext[k * P + q] : 1.f;
         float dg = has_dg ? dload(&dgates(k, q)) : 0.f;
         float e[R];
 #pragma unroll
         for (int i = 0; i < R; ++i) {
-          e[i] = ar[R + i] + sc[i] - (LO ? ar[i] : 0.f);
+          e[i] = ar[R + i] + dload(sc + i) - (LO ? ar[i] : 0.f);
           dg += scale * e[i] * ar[NP + i];
         }
         // dL/dz of the gate's last pre-activation (g = σ(z) for linear and mlp alike).
@@ -390,7 +403,7 @@ __global__ void __launch_bounds__(block) coef_kernel(const float* __restrict__ p
 /// columns into the slot's partial sums (slots + slot·ms, the packed layout) and writes dh.
 /// HOLD (K = 1, r ≤ 8): the module's parameter columns stay in registers across the rows.
 template <class T, int CW, int R, bool LO, bool GATED, bool HOLD>
-__global__ void __launch_bounds__(block) slot_kernel(const float* __restrict__ pk, index_t ms, index_t dp, index_t K,
+__global__ void __launch_bounds__(block) slot_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
                                                      matrix_view<const T, cuda_space> h,
                                                      matrix_view<const T, cuda_space> dout,
                                                      const index_t* __restrict__ pos, index_t P, index_t rps,
@@ -471,7 +484,7 @@ __global__ void __launch_bounds__(block) slot_kernel(const float* __restrict__ p
         }
         for (index_t k = 0; k < (HOLD ? 1 : K); ++k) {
           const float* ck = cf + (q * K + k) * NP;
-          const float* pm = pk + k * ms;
+          const T* pm = pk + k * ms;
 #pragma unroll
           for (int i = 0; i < R; ++i) {
             float pu[CW], pd[CW];
@@ -565,7 +578,7 @@ bool vector_rows(const View& v, int V) {
 /// Packs K modules' parameters (fp32, padded) into a stream-scoped scratch buffer.
 template <class I, class T>
 void pack(std::span<const module_params<I, T, cuda_space>> modules, index_t d, index_t dp, index_t ms,
-          cuda::detail::stream_scratch<float>& packed, cuda::detail::stream_scratch<src_ptrs<T>>& srcs, cudaStream_t s) {
+          cuda::detail::stream_scratch<T>& packed, cuda::detail::stream_scratch<src_ptrs<T>>& srcs, cudaStream_t s) {
   constexpr int R = int(I::rank);
   const index_t K = index_t(modules.size());
   std::vector<src_ptrs<T>> host(static_cast<std::size_t>(K));
@@ -615,7 +628,7 @@ bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cu
   if (P == 0 || K == 0) return true;
 
   const index_t dp = detail::padded_dim(d), ms = detail::module_stride(R, dp);
-  cuda::detail::stream_scratch<float> packed(K * ms, s);
+  cuda::detail::stream_scratch<T> packed(K * ms, s);
   cuda::detail::stream_scratch<detail::src_ptrs<T>> srcs(K, s);
   detail::pack<I, T>(modules, d, dp, ms, packed, srcs, s);
   cuda::detail::stream_scratch<index_t> dpos(P, s);
@@ -688,7 +701,7 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
   }
   cuda::detail::stream_scratch<float> slots(nslots * ms, s);
   if (P > 0) {
-    cuda::detail::stream_scratch<float> packed(K * ms, s);
+    cuda::detail::stream_scratch<T> packed(K * ms, s);
     cuda::detail::stream_scratch<detail::src_ptrs<T>> srcs(K, s);
     detail::pack<I, T>(modules, d, dp, ms, packed, srcs, s);
     cuda::detail::stream_scratch<index_t> dpos(P, s);
