@@ -1,5 +1,6 @@
 // check.cuh: checked CUDA calls, device discovery, device buffers, storage bridges.
 #include <grun/cuda/check.cuh>
+#include <grun/cuda/scratch.cuh>
 #include <grun/gate/linear.hpp>
 #include <grun/intervention.hpp>
 #include <grun/reft/loreft.hpp>
@@ -136,4 +137,20 @@ TEST_CASE("device_params: copies and moves keep every leaf inside their own stor
   gc::device_params<dparams_t> moved(std::move(stack[7]));
   CHECK(moved.data() == before);
   CHECK(leaves_seated(moved));
+}
+
+TEST_CASE("scratch pool: call scratch stays mapped across synchronizations until release_scratch", "[core]") {
+  GRUN_REQUIRE_DEVICE();
+  const cudaMemPool_t pool = gc::scratch_pool();
+  CHECK(pool == gc::scratch_pool());  // one pool per device
+  auto reserved = [&] {
+    std::uint64_t bytes = 0;
+    GRUN_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &bytes));
+    return bytes;
+  };
+  { gc::detail::stream_scratch<float> s(grun::index_t(8) << 20, nullptr); }  // 32 MiB, freed stream-ordered
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());  // the default pool would hand its memory back here
+  CHECK(reserved() >= (std::uint64_t(32) << 20));
+  gc::release_scratch();
+  CHECK(reserved() == 0);
 }
