@@ -4,7 +4,11 @@
 // The copy bandwidth (cudaMemcpy device→device, read + write counted) is measured in the same run,
 // so "% of copy bandwidth" compares like with like on whatever GPU this runs on.
 //
-//   bench_cuda [--quick]      --quick: smaller sizes (smoke test of the script itself)
+//   bench_cuda [--quick] [--only NAME[,NAME…]]
+//     --quick  smaller sizes (smoke test of the script itself)
+//     --only   run only the named benchmarks (copy_d2d, intervention_linear_loreft4, …_direft4,
+//              …_loreft4_generic, intervention_mlp_loreft4, intervention_scaling, nll, kl, losses, adamw)
+//              — e.g. to profile one kernel under ncu without running the rest
 #include <grun/cuda/adamw.cuh>
 #include <grun/cuda/intervention.cuh>
 #include <grun/cuda/kl.cuh>
@@ -54,6 +58,12 @@ double time_ms(const std::function<void()>& f, int warmup = 3, int reps = 10) {
 }
 
 void result(const char* name, double ms, double bytes) { std::printf("RESULT %s %.6f %.0f\n", name, ms, bytes); }
+
+/// --only: the comma-separated benchmark names to run (empty: all).
+std::vector<std::string> only;
+bool wanted(const std::string& name) {
+  return only.empty() || std::find(only.begin(), only.end(), name) != only.end();
+}
 
 template <class T>
 void fill(gc::device_buffer<T>& d, unsigned seed, float lo, float hi) {
@@ -230,7 +240,21 @@ void bench_adamw(index_t d) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) {
+      quick = true;
+    } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
+      std::string list = argv[++i];
+      for (std::size_t a = 0, b; a <= list.size(); a = b + 1) {
+        b = std::min(list.find(',', a), list.size());
+        if (b > a) only.push_back(list.substr(a, b - a));
+      }
+    } else {
+      std::fprintf(stderr, "bench_cuda: unknown argument '%s' (expected --quick, --only NAME[,NAME...])\n", argv[i]);
+      return 2;
+    }
+  }
   if (!gc::device_available()) {
     std::fprintf(stderr, "SKIPPED: no CUDA device\n");
     return 77;
@@ -239,19 +263,26 @@ int main(int argc, char** argv) {
   GRUN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("DEVICE %s\n", prop.name);
   try {
-    bench_copy(quick ? (index_t(64) << 20) : (index_t(1) << 30));
+    bench_copy(quick ? (index_t(64) << 20) : (index_t(1) << 30));  // always: the yardstick
     using lin = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
     using lin_di = grun::gated_intervention<grun::gate::linear, grun::reft::direft<4>>;
     using mlp = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
     const index_t T_ = quick ? 1024 : 16384;
-    bench_intervention<lin>("intervention_linear_loreft4", T_, 4096);          // fused kernels
-    bench_intervention<lin_di>("intervention_linear_direft4", T_, 4096);       // fused kernels
-    bench_intervention<lin>("intervention_linear_loreft4_generic", 1024, 4096, true);  // the fallback path, for scale
-    bench_intervention<mlp>("intervention_mlp_loreft4", T_, 4096);             // cuBLASLt first layer + fused ReFT
-    bench_nll(quick ? 512 : 8192, quick ? 32768 : 131072);
-    bench_kl(quick ? 512 : 8192, quick ? 32768 : 131072);
-    bench_losses(quick ? 1024 : 16384, 4096, 64, 16384);
-    bench_adamw(4096);
+    if (wanted("intervention_linear_loreft4")) bench_intervention<lin>("intervention_linear_loreft4", T_, 4096);  // fused
+    if (wanted("intervention_linear_direft4")) bench_intervention<lin_di>("intervention_linear_direft4", T_, 4096);
+    if (wanted("intervention_linear_loreft4_generic"))  // the fallback path, for scale
+      bench_intervention<lin>("intervention_linear_loreft4_generic", 1024, 4096, true);
+    if (wanted("intervention_mlp_loreft4"))  // cuBLASLt first layer + fused ReFT
+      bench_intervention<mlp>("intervention_mlp_loreft4", T_, 4096);
+    if (wanted("intervention_scaling") && !quick) {
+      // The fused path at 1/4 and 4× the rows: a per-call cost shows as time that does not scale with T.
+      bench_intervention<lin>("intervention_linear_loreft4_T4096", 4096, 4096);
+      bench_intervention<lin>("intervention_linear_loreft4_T65536", 65536, 4096);
+    }
+    if (wanted("nll")) bench_nll(quick ? 512 : 8192, quick ? 32768 : 131072);
+    if (wanted("kl")) bench_kl(quick ? 512 : 8192, quick ? 32768 : 131072);
+    if (wanted("losses")) bench_losses(quick ? 1024 : 16384, 4096, 64, 16384);
+    if (wanted("adamw")) bench_adamw(4096);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda: %s\n", e.what());
     return 1;
