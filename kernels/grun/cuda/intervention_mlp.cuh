@@ -8,15 +8,20 @@
 //   Z1 [P, H1] = Hs W1ᵀ             cuBLASLt: bf16/fp16 inputs on tensor cores, fp32 accumulate and
 //                                   output; fp32 inputs with CUBLAS_COMPUTE_32F (true fp32, no TF32, so the
 //                                   fp32 agreement with the host holds at 1e-5)
-//   head_forward_kernel             one warp per row: a1 = relu(Z1 + b1), a2 = relu(W2 a1 + b2),
-//                                   g = σ(w3·a2 + b3) (cub::WarpReduce), all fp32
+//   a1 = relu(Z1 + b1)              elementwise (bias_relu_kernel)
+//   Z2 [P, H2] = A1 W2ᵀ             cuBLASLt, fp32 (W2 widened to fp32 per call: 16K elements)
+//   head_out_kernel                 one warp per row: a2 = relu(Z2 + b2), g = σ(w3·a2 + b3) (cub::WarpReduce)
 //   then the fused ReFT kernel (intervention_fused.cuh) with the gate values given (gate_external).
+//   (The first version computed W2 a1 in a warp-per-row loop whose lanes each walked their own row
+//   of W2 — uncoalesced: 1.5 ms for T = 16384 on an H200, where the GEMM is microseconds.)
 // Backward: the fused coefficient kernel yields dz3 = dL/d(w3·a2 + b3) per module and row; then
-//   head_backward_kernel            dz2 = [a2 > 0] dz3 w3,  dz1 = [a1 > 0] W2ᵀ dz2
+//   dz2 = [a2 > 0] dz3 w3           elementwise
+//   dA1 = dZ2 W2                    cuBLASLt, fp32;  dz1 = [a1 > 0] dA1 elementwise (fp32, and as T)
 //   DHg [P, d] = Σ_k dZ1_k W1_k     cuBLASLt (the gate path of dh, added by the fused slot kernel
 //                                   before the single rounding of dh)
 //   dW1 = dZ1ᵀ Hs, dW2 = dZ2ᵀ A1    cuBLASLt (trained module only)
-//   db1, db2, dw3, db3              column sums in row order, in double (colsum_kernel)
+//   db1, db2, dw3, db3              column sums in double: fixed slices of 256 rows in parallel, then
+//                                   the slices in order (column_sums)
 // Hs is h itself when every row is selected in order, else the selected rows gathered once.
 //
 // Determinism: cuBLASLt returns the same bits for the same algorithm, problem and workspace on
@@ -197,33 +202,29 @@ inline bool aligned_rows(const void* p, index_t ld, std::size_t elem) {
   return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0 && (std::size_t(ld) * elem) % 16 == 0;
 }
 
-inline constexpr int head_rows = 4;  // rows (warps) per CTA of the head kernels
+inline constexpr int head_rows = 4;  // rows (warps) per CTA of the head kernel
 
-/// a1 = relu(z1 + b1) (in place over z1), a2 = relu(W2 a1 + b2), g = σ(w3·a2 + b3). One warp per row.
-template <class T, int H1, int H2>
-__global__ void __launch_bounds__(32 * head_rows) head_forward_kernel(float* __restrict__ a1, float* __restrict__ a2,
-                                                                      const T* __restrict__ b1, const T* __restrict__ w2,
-                                                                      const T* __restrict__ b2, const T* __restrict__ w3,
-                                                                      const T* __restrict__ b3, index_t P,
-                                                                      float* __restrict__ g) {
+/// x = relu(x + b) over [P, H] fp32 in place (b [H] broadcast over rows).
+template <class T>
+__global__ void bias_relu_kernel(float* __restrict__ x, index_t P, index_t H, const T* __restrict__ b) {
+  const index_t n = P * H;
+  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x)
+    x[i] = fmaxf(x[i] + dload(b + i % H), 0.f);
+}
+
+/// a2 = relu(z2 + b2) in place over z2 [P, H2], g = σ(w3·a2 + b3). One warp per row.
+template <class T, int H2>
+__global__ void __launch_bounds__(32 * head_rows) head_out_kernel(float* __restrict__ a2, const T* __restrict__ b2,
+                                                                  const T* __restrict__ w3, const T* __restrict__ b3,
+                                                                  index_t P, float* __restrict__ g) {
   using WR = cub::WarpReduce<float>;
   __shared__ typename WR::TempStorage tmp[head_rows];
-  __shared__ float act[head_rows][H1];
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const index_t q = index_t(blockIdx.x) * head_rows + warp;
   if (q >= P) return;  // whole warps leave; no block-wide barrier below
-  for (int j = lane; j < H1; j += 32) {
-    const float v = fmaxf(a1[q * H1 + j] + dload(b1 + j), 0.f);
-    act[warp][j] = v;
-    a1[q * H1 + j] = v;
-  }
-  __syncwarp();
   float part = 0.f;
   for (int o = lane; o < H2; o += 32) {
-    float z = 0.f;
-    const T* w = w2 + index_t(o) * H1;
-    for (int j = 0; j < H1; ++j) z = fmaf(dload(w + j), act[warp][j], z);
-    const float v = fmaxf(z + dload(b2 + o), 0.f);
+    const float v = fmaxf(a2[q * H2 + o] + dload(b2 + o), 0.f);
     a2[q * H2 + o] = v;
     part = fmaf(dload(w3 + o), v, part);
   }
@@ -231,49 +232,74 @@ __global__ void __launch_bounds__(32 * head_rows) head_forward_kernel(float* __r
   if (lane == 0) g[q] = grun::sigmoid(dload(b3) + z3);
 }
 
-/// dz2 = [a2 > 0] dz3 w3 (fp32 [P, H2]),  dz1 = [a1 > 0] W2ᵀ dz2 (as T for the GEMMs, and fp32). One warp per row.
-template <class T, int H1, int H2>
-__global__ void __launch_bounds__(32 * head_rows) head_backward_kernel(const float* __restrict__ a1,
-                                                                       const float* __restrict__ a2,
-                                                                       const float* __restrict__ dz3,
-                                                                       const T* __restrict__ w2, const T* __restrict__ w3,
-                                                                       index_t P, T* __restrict__ dz1, index_t ld1,
-                                                                       float* __restrict__ dz1f, float* __restrict__ dz2) {
-  __shared__ float grad[head_rows][H2];
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-  const index_t q = index_t(blockIdx.x) * head_rows + warp;
-  if (q >= P) return;
-  const float dz = dz3[q];
-  for (int o = lane; o < H2; o += 32) {
-    const float v = a2[q * H2 + o] > 0.f ? dz * dload(w3 + o) : 0.f;
-    grad[warp][o] = v;
-    dz2[q * H2 + o] = v;
-  }
-  __syncwarp();
-  for (int j = lane; j < H1; j += 32) {
-    float s = 0.f;
-    for (int o = 0; o < H2; ++o) s = fmaf(grad[warp][o], dload(w2 + index_t(o) * H1 + j), s);
-    const float v = a1[q * H1 + j] > 0.f ? s : 0.f;
-    dstore(dz1 + q * ld1 + j, v);
-    dz1f[q * H1 + j] = v;
+/// dz2 = [a2 > 0] dz3 w3 over [P, H2] fp32.
+template <class T>
+__global__ void dz2_kernel(const float* __restrict__ a2, const float* __restrict__ dz3, const T* __restrict__ w3,
+                           index_t P, index_t H2, float* __restrict__ dz2) {
+  const index_t n = P * H2;
+  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x)
+    dz2[i] = a2[i] > 0.f ? dz3[i / H2] * dload(w3 + i % H2) : 0.f;
+}
+
+/// dz1 = [a1 > 0] dA1, in place over dA1 [P, H1] fp32 and as T (row pitch ld1) for the tensor-core GEMMs.
+template <class T>
+__global__ void dz1_kernel(const float* __restrict__ a1, float* __restrict__ dz1f, index_t P, index_t H1,
+                           T* __restrict__ dz1, index_t ld1) {
+  const index_t n = P * H1;
+  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x) {
+    const float v = a1[i] > 0.f ? dz1f[i] : 0.f;
+    dz1f[i] = v;
+    dstore(dz1 + (i / H1) * ld1 + i % H1, v);
   }
 }
 
-/// out[c] = Σ_r weight[r] · x[r, c] (weight ≡ 1 when null), rows in order, in double. One thread per column.
+/// Rows per partial column sum: fixed, so the result does not depend on the launch.
+inline constexpr index_t colsum_slice = 256;
+
+/// partial[s][c] = Σ_{r in slice s} w[r] · x[r, c] (w ≡ 1 when null), rows in order, in double.
+__global__ void colsum_partial_kernel(const float* __restrict__ x, index_t rows, index_t cols, index_t ld,
+                                      const float* __restrict__ weight, double* __restrict__ partial) {
+  const index_t c = index_t(blockIdx.x) * blockDim.x + threadIdx.x, slice = blockIdx.y;
+  if (c >= cols) return;
+  const index_t r0 = slice * colsum_slice, r1 = rows < r0 + colsum_slice ? rows : r0 + colsum_slice;
+  double acc = 0;
+  for (index_t r = r0; r < r1; ++r) acc += double(weight ? weight[r] : 1.f) * double(x[r * ld + c]);
+  partial[slice * cols + c] = acc;
+}
+
+/// out[c] = Σ_s partial[s][c], slices in order.
 template <class T>
-__global__ void colsum_kernel(const float* __restrict__ x, index_t rows, index_t cols, index_t ld,
-                              const float* __restrict__ weight, T* __restrict__ out) {
+__global__ void colsum_final_kernel(const double* __restrict__ partial, index_t slices, index_t cols, T* __restrict__ out) {
   const index_t c = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= cols) return;
-  double s = 0;
-  for (index_t r = 0; r < rows; ++r) s += double(weight ? weight[r] : 1.f) * double(x[r * ld + c]);
-  out[c] = store<T>(s);
+  double acc = 0;
+  for (index_t s = 0; s < slices; ++s) acc += partial[s * cols + c];
+  out[c] = store<T>(acc);
+}
+
+/// out[c] = Σ_r w[r] · x[r, c] over rows ≥ 1 (a bias or w3 gradient): slices of colsum_slice rows in
+/// parallel, then the slices in order — a serial sum over every row ran one thread per column and
+/// took milliseconds at P = 16384.
+template <class T>
+void column_sums(const float* x, index_t rows, index_t cols, index_t ld, const float* weight, T* out, cudaStream_t s) {
+  const index_t slices = cuda::ceil_div(rows, colsum_slice);
+  require<shape_error>(slices <= 65535, "gate::mlp on exec::cuda: at most ", 65535 * colsum_slice, " selected rows, got ", rows);
+  cuda::detail::stream_scratch<double> partial(slices * cols, s);
+  colsum_partial_kernel<<<dim3(unsigned(cuda::ceil_div(cols, 128)), unsigned(slices)), 128, 0, s>>>(x, rows, cols, ld, weight,
+                                                                                                   partial.ptr);
+  colsum_final_kernel<T><<<unsigned(cuda::ceil_div(cols, 128)), 128, 0, s>>>(partial.ptr, slices, cols, out);
+  GRUN_CUDA_CHECK_LAUNCH();
 }
 
 template <class T>
 __global__ void convert_kernel(const float* __restrict__ x, index_t n, T* __restrict__ out) {
   for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x)
     out[i] = store<T>(x[i]);
+}
+template <class T>
+__global__ void widen_kernel(const T* __restrict__ x, index_t n, float* __restrict__ out) {
+  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x)
+    out[i] = dload(x + i);
 }
 
 inline unsigned grid_for(index_t n, int threads) {
@@ -328,7 +354,20 @@ struct aligned_w1 {
   }
 };
 
-/// Z1 = Hs W1ᵀ then the head: a1s [P, H1], a2s [P, H2], g [P] for one module.
+/// W2 [H2, H1] as fp32 (scratch): the second layer's GEMMs take the fp32 activations, and cuBLASLt
+/// does not mix input types. 16K elements per module and call.
+template <class T>
+struct widened {
+  cuda::detail::stream_scratch<float> data;
+  widened(const T* x, index_t n, cudaStream_t s) : data(n, s) {
+    widen_kernel<T><<<grid_for(n, 256), 256, 0, s>>>(x, n, data.ptr);
+    GRUN_CUDA_CHECK_LAUNCH();
+  }
+};
+
+/// The gate's forward for one module: a1s [P, H1], a2s [P, H2], g [P].
+///   Z1 = Hs W1ᵀ (cuBLASLt, tensor cores for 16-bit h), a1 = relu(Z1 + b1),
+///   Z2 = A1 W2ᵀ (cuBLASLt, fp32), a2 = relu(Z2 + b2), g = σ(w3·a2 + b3) (one warp per row).
 template <class T, int H1, int H2, class GP>
 void gate_forward(const GP& gp, const T* hs, index_t ldh, index_t P, index_t d, float* a1s, float* a2s, float* g,
                   void* ws, cudaStream_t s, bool deterministic) {
@@ -336,8 +375,14 @@ void gate_forward(const GP& gp, const T* hs, index_t ldh, index_t P, index_t d, 
   const aligned_w1<T> w1(gp.w1.data, H1, d, s);
   gemm(CUBLAS_OP_T, CUBLAS_OP_N, H1, P, d, w1.data, data_type<T>(), w1.ld, hs, data_type<T>(), ldh, 0.f, a1s, H1, ws, s,
        deterministic);
-  head_forward_kernel<T, H1, H2><<<unsigned(cuda::ceil_div(P, head_rows)), 32 * head_rows, 0, s>>>(
-      a1s, a2s, gp.b1.data, gp.w2.data, gp.b2.data, gp.w3.data, gp.b3.data, P, g);
+  bias_relu_kernel<T><<<grid_for(P * H1, 256), 256, 0, s>>>(a1s, P, H1, gp.b1.data);
+  GRUN_CUDA_CHECK_LAUNCH();
+  // Z2 [P, H2] row-major = column-major [H2, P] = op_T(W2 as column-major [H1, H2]) · (A1 as column-major [H1, P]).
+  const widened<T> w2(gp.w2.data, index_t(H2) * H1, s);
+  gemm(CUBLAS_OP_T, CUBLAS_OP_N, H2, P, H1, w2.data.ptr, CUDA_R_32F, H1, a1s, CUDA_R_32F, H1, 0.f, a2s, H2, ws, s,
+       deterministic);
+  head_out_kernel<T, H2><<<unsigned(cuda::ceil_div(P, head_rows)), 32 * head_rows, 0, s>>>(a2s, gp.b2.data, gp.w3.data,
+                                                                                         gp.b3.data, P, g);
   GRUN_CUDA_CHECK_LAUNCH();
 }
 
@@ -411,8 +456,16 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
       const auto& gp = modules[std::size_t(k)].gate;
       const float* a1k = a1s.ptr + k * P * H1;
       const float* a2k = a2s.ptr + k * P * H2;
-      detail::head_backward_kernel<T, H1, H2><<<unsigned(cuda::ceil_div(P, detail::head_rows)), 32 * detail::head_rows, 0, s>>>(
-          a1k, a2k, dz3 + k * P, gp.w2.data, gp.w3.data, P, dz1.ptr, H1p, dz1f.ptr, dz2.ptr);
+      // dz2 = [a2 > 0] dz3 w3;  dA1 = dZ2 W2: row-major [P, H1] = column-major [H1, P] = (W2 as column-major
+      // [H1, H2]) · (dZ2 as column-major [H2, P]);  dz1 = [a1 > 0] dA1 (fp32, and as T for the GEMMs below).
+      detail::dz2_kernel<T><<<detail::grid_for(P * H2, 256), 256, 0, s>>>(a2k, dz3 + k * P, gp.w3.data, P, H2, dz2.ptr);
+      GRUN_CUDA_CHECK_LAUNCH();
+      {
+        const detail::widened<T> w2(gp.w2.data, index_t(H2) * H1, s);
+        detail::gemm(CUBLAS_OP_N, CUBLAS_OP_N, H1, P, H2, w2.data.ptr, CUDA_R_32F, H1, dz2.ptr, CUDA_R_32F, H2, 0.f,
+                     dz1f.ptr, H1, ws.ptr, s, ex.deterministic);
+      }
+      detail::dz1_kernel<T><<<detail::grid_for(P * H1, 256), 256, 0, s>>>(a1k, dz1f.ptr, P, H1, dz1.ptr, H1p);
       GRUN_CUDA_CHECK_LAUNCH();
       // DHg (+)= dZ1 W1: row-major [P, d] = column-major [d, P] = (W1 as column-major [d, H1]) · (dZ1 as column-major [H1, P]).
       const detail::aligned_w1<T> w1(gp.w1.data, H1, d, s);
@@ -430,11 +483,10 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
                    ws.ptr, s, ex.deterministic);
       detail::convert_kernel<T><<<detail::grid_for(H1 * d, 256), 256, 0, s>>>(dw1.ptr, H1 * d, gg.w1.data);
       detail::convert_kernel<T><<<detail::grid_for(H2 * H1, 256), 256, 0, s>>>(dw2.ptr, H2 * H1, gg.w2.data);
-      detail::colsum_kernel<T><<<unsigned(cuda::ceil_div(H1, 128)), 128, 0, s>>>(dz1f.ptr, P, H1, H1, nullptr, gg.b1.data);
-      detail::colsum_kernel<T><<<unsigned(cuda::ceil_div(H2, 128)), 128, 0, s>>>(dz2.ptr, P, H2, H2, nullptr, gg.b2.data);
-      detail::colsum_kernel<T><<<unsigned(cuda::ceil_div(H2, 128)), 128, 0, s>>>(a2k, P, H2, H2, dz3 + k * P, gg.w3.data);
-      detail::colsum_kernel<T><<<1, 32, 0, s>>>(dz3 + k * P, P, 1, 1, nullptr, gg.b3.data);
-      GRUN_CUDA_CHECK_LAUNCH();
+      detail::column_sums<T>(dz1f.ptr, P, H1, H1, nullptr, gg.b1.data, s);
+      detail::column_sums<T>(dz2.ptr, P, H2, H2, nullptr, gg.b2.data, s);
+      detail::column_sums<T>(a2k, P, H2, H2, dz3 + k * P, gg.w3.data, s);
+      detail::column_sums<T>(dz3 + k * P, P, 1, 1, nullptr, gg.b3.data, s);
     }
     return dhg.ptr;
   };
