@@ -40,7 +40,7 @@ namespace grun::cuda {
 namespace detail {
 
 template <class I, class T>
-__global__ void intervention_forward_kernel(const module_params<I, T, cuda_space>* modules, index_t K, float scale,
+__global__ void intervention_forward_kernel(const module_params<I, T, cuda_space>* modules, index_t K, double scale,
                                             matrix_view<const T, cuda_space> h, const index_t* pos, index_t q0,
                                             index_t q1, matrix_view<T, cuda_space> out,
                                             matrix_view<T, cuda_space> gates, acc_t<T>* work) {
@@ -68,7 +68,7 @@ __global__ void intervention_forward_kernel(const module_params<I, T, cuda_space
 /// the trained module's gradients into its own aggregate (slots[b]); frozen modules' into a sink.
 template <class I, class T, class PA>
 __global__ void intervention_backward_kernel(const module_params<I, T, cuda_space>* modules, index_t K, index_t trained,
-                                             float scale, matrix_view<const T, cuda_space> h, const index_t* pos,
+                                             double scale, matrix_view<const T, cuda_space> h, const index_t* pos,
                                              index_t P, index_t block, matrix_view<const T, cuda_space> dout,
                                              matrix_view<const T, cuda_space> dgates, matrix_view<T, cuda_space> dh,
                                              const PA* slot_params, const PA* sink_params, index_t np,
@@ -187,7 +187,7 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
     for (index_t q0 = 0; q0 < P; q0 += chunk) {
       const index_t q1 = std::min(P, q0 + chunk);
       cuda::detail::intervention_forward_kernel<I, T><<<unsigned(cuda::ceil_div(q1 - q0, 128)), 128, 0, s>>>(
-          mods.ptr, K, float(scale), h, dpos.ptr, q0, q1, out, gates, work.ptr);
+          mods.ptr, K, scale, h, dpos.ptr, q0, q1, out, gates, work.ptr);
       GRUN_CUDA_CHECK_LAUNCH();
     }
     // Host memory handed to cudaMemcpyAsync (modules, pos) is pageable: the copies have been
@@ -245,7 +245,7 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
       cuda::detail::stream_scratch<index_t> dpos(P, s);
       GRUN_CUDA_CHECK(cudaMemcpyAsync(dpos.ptr, pos.data(), sizeof(index_t) * std::size_t(P), cudaMemcpyHostToDevice, s));
       cuda::detail::intervention_backward_kernel<I, T><<<unsigned(cuda::ceil_div(nslots, 64)), 64, 0, s>>>(
-          mods.ptr, K, trained, float(scale), h, dpos.ptr, P, block, dout, dgates, dh, dbound.ptr,
+          mods.ptr, K, trained, scale, h, dpos.ptr, P, block, dout, dgates, dh, dbound.ptr,
           dbound.ptr + (K > 1 ? nslots : 0), np, slots.ptr, work.ptr, nslots);
       GRUN_CUDA_CHECK_LAUNCH();
     } else if (np > 0) {

@@ -83,6 +83,10 @@ namespace detail {
 
 inline constexpr int block = 128;  // threads per CTA of every fused kernel
 
+/// Vectors per row the forward kernel loads ahead (1 or 2). A tuning knob for benchmarks and tests
+/// (both values are tested; bench_cuda times both), not an interface: set it before any call.
+inline int forward_lookahead = 2;
+
 /// How a kernel gets g: none (g ≡ 1), linear (σ(wᵀh + c), computed here), external (g given per
 /// module and position in fp32 [K][P], e.g. by the mlp gate's GEMM + epilogue; dL/dz exported).
 inline constexpr int gate_none = 0, gate_linear = 1, gate_external = 2;
@@ -112,6 +116,17 @@ __device__ __forceinline__ void load_row(const T* p, float (&x)[V]) {
 #pragma unroll
     for (int e = 0; e < V; ++e) x[e] = dload(&v.v[e]);
   }
+}
+/// The same split in two: the raw load (issued early, so several are in flight per thread) and the
+/// conversion at use.
+template <class T, int V>
+__device__ __forceinline__ vec<T, V> load_raw(const T* p) {
+  return *reinterpret_cast<const vec<T, V>*>(p);
+}
+template <class T, int V>
+__device__ __forceinline__ void widen(const vec<T, V>& v, float (&x)[V]) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) x[e] = dload(&v.v[e]);
 }
 template <class T, int V>
 __device__ __forceinline__ void store_row(T* p, const float (&x)[V]) {
@@ -201,7 +216,7 @@ __global__ void pack_kernel(const src_ptrs<T>* __restrict__ src, index_t K, int 
 // ---- forward ------------------------------------------------------------------------------------
 /// One CTA per tile of ROWS consecutive positions. Dynamic shared memory: coef [K][ROWS][R] floats,
 /// then (when `stage`) the tile of h as stored, ROWS × d elements.
-template <class T, int V, int R, int ROWS, bool LO, int GM>
+template <class T, int V, int R, int ROWS, bool LO, int GM, int LA>
 __global__ void __launch_bounds__(block) forward_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
                                                         float scale, matrix_view<const T, cuda_space> h,
                                                         const index_t* __restrict__ pos, index_t P,
@@ -228,26 +243,38 @@ __global__ void __launch_bounds__(block) forward_kernel(const T* __restrict__ pk
     A a;
 #pragma unroll
     for (int i = 0; i < ROWS * NP; ++i) a.v[i] = 0.f;
-    for (index_t v = threadIdx.x; v < nvec; v += block) {
-      float x[ROWS][V];
+    // LA vectors of every row of the tile are loaded before the first is used: each thread keeps
+    // LA·ROWS loads in flight (LA = 1 left the forward latency-bound at ~35% of copy bandwidth on an
+    // H200, every unit under 60% busy; LA = 2 costs registers: 168 against 96, 3 CTAs per SM not 5).
+    for (index_t v0 = threadIdx.x; v0 < nvec; v0 += LA * block) {
+      vec<T, V> raw[LA][ROWS];
 #pragma unroll
-      for (int rr = 0; rr < ROWS; ++rr) {
-        load_row<T, V>(hr[rr] + v * V, x[rr]);
-        if (k == 0 && stage) {
-          if constexpr (V == 1) tile[rr * d + v] = hr[rr][v];
-          else *reinterpret_cast<vec<T, V>*>(tile + rr * d + v * V) = *reinterpret_cast<const vec<T, V>*>(hr[rr] + v * V);
-        }
+      for (int u = 0; u < LA; ++u) {
+        const index_t v = v0 + u * block < nvec ? v0 + u * block : v0;  // clamped: loaded, not used
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) raw[u][rr] = load_raw<T, V>(hr[rr] + v * V);
       }
 #pragma unroll
-      for (int i = 0; i < NP; ++i) {
-        if (!LO && i < R) continue;     // direft needs no U h
-        if (!GATED && i == 2 * R) continue;
-        float p[V];
-        load_param<V>(pm + i * dp + v * V, p);
+      for (int u = 0; u < LA; ++u) {
+        const index_t v = v0 + u * block;
+        if (v >= nvec) break;
+        float x[ROWS][V];
 #pragma unroll
-        for (int rr = 0; rr < ROWS; ++rr)
+        for (int rr = 0; rr < ROWS; ++rr) {
+          widen<T, V>(raw[u][rr], x[rr]);
+          if (k == 0 && stage) *reinterpret_cast<vec<T, V>*>(tile + rr * d + v * V) = raw[u][rr];
+        }
 #pragma unroll
-          for (int e = 0; e < V; ++e) a.v[rr * NP + i] = fmaf(p[e], x[rr][e], a.v[rr * NP + i]);
+        for (int i = 0; i < NP; ++i) {
+          if (!LO && i < R) continue;     // direft needs no U h
+          if (!GATED && i == 2 * R) continue;
+          float p[V];
+          load_param<V>(pm + i * dp + v * V, p);
+#pragma unroll
+          for (int rr = 0; rr < ROWS; ++rr)
+#pragma unroll
+            for (int e = 0; e < V; ++e) a.v[rr * NP + i] = fmaf(p[e], x[rr][e], a.v[rr * NP + i]);
+        }
       }
     }
     a = BR(tmp).Reduce(a, farr_sum{});
@@ -364,7 +391,8 @@ __global__ void __launch_bounds__(block) coef_kernel(const T* __restrict__ pk, i
         if (rr >= nr) break;
         const index_t q = q0 + rr;
         const float* ar = a.v + rr * ND;
-        const float g = GATED ? dsigmoid(dload(sc + R) + ar[2 * R]) : GM == gate_external ? gext[k * P + q] : 1.f;
+        const float z = GATED ? dload(sc + R) + ar[2 * R] : 0.f;
+        const float g = GATED ? dsigmoid(z) : GM == gate_external ? gext[k * P + q] : 1.f;
         float dg = has_dg ? dload(&dgates(k, q)) : 0.f;
         float e[R];
 #pragma unroll
@@ -372,8 +400,10 @@ __global__ void __launch_bounds__(block) coef_kernel(const T* __restrict__ pk, i
           e[i] = ar[R + i] + dload(sc + i) - (LO ? ar[i] : 0.f);
           dg += scale * e[i] * ar[NP + i];
         }
-        // dL/dz of the gate's last pre-activation (g = σ(z) for linear and mlp alike).
-        const float dz = GM != gate_none ? dg * g * (1.f - g) : 0.f;
+        // dL/dz of the gate's last pre-activation (g = σ(z) for linear and mlp alike): σ'(z) = σ(z) σ(−z).
+        // With z at hand (linear) 1 − g is σ(−z) itself — for a nearly open gate (z ≈ 12) 1 − g in
+        // fp32 keeps ~2 digits, and one such row put a bias gradient 3e-5 off the double reference.
+        const float dz = GATED ? dg * g * dsigmoid(-z) : GM != gate_none ? dg * g * (1.f - g) : 0.f;
         if (GM == gate_external) dzext[k * P + q] = dz;
         float* c = cf + (q * K + k) * NP;
 #pragma unroll
@@ -451,71 +481,88 @@ __global__ void __launch_bounds__(block) slot_kernel(const T* __restrict__ pk, i
       for (int e = 0; e < CW; ++e) X[gi][e] = Y[gi][e] = 0.f;
 #pragma unroll
     for (int e = 0; e < CW; ++e) Z[e] = 0.f;
-    for (index_t q = q0; q < q1; ++q) {
-      const index_t row = pos[q];
-      float x[CW], y[CW];
-      load_row<T, CW>(h.row(row) + col, x);
-      load_row<T, CW>(dout.row(row) + col, y);
-      const float* t = rc + q * NP;
+    // Rows in groups of SU: the group's h and dout loads are all issued before the first is used
+    // (one row at a time kept 2 loads in flight per thread: latency-bound). Within a group every
+    // row's dout is read before any dh row is written, so dh may alias dout (rows are distinct).
+    constexpr int SU = 4;
+    for (index_t qb = q0; qb < q1; qb += SU) {
+      vec<T, CW> xr[SU], yr[SU];
+      index_t rows[SU];
 #pragma unroll
-      for (int gi = 0; gi < G; ++gi) {
-        if (i0 + gi >= R) break;
-        const float a = __ldg(t + i0 + gi), de = __ldg(t + R + i0 + gi);
-#pragma unroll
-        for (int e = 0; e < CW; ++e) {
-          X[gi][e] = fmaf(a, y[e], X[gi][e]);
-          Y[gi][e] = fmaf(de, x[e], Y[gi][e]);
-        }
+      for (int u = 0; u < SU; ++u) {
+        rows[u] = pos[qb + u < q1 ? qb + u : q1 - 1];  // clamped: loaded, not used
+        xr[u] = load_raw<T, CW>(h.row(rows[u]) + col);
+        yr[u] = load_raw<T, CW>(dout.row(rows[u]) + col);
       }
-      if (GATED && i0 == 0) {
-        const float dz = __ldg(t + 2 * R);
 #pragma unroll
-        for (int e = 0; e < CW; ++e) Z[e] = fmaf(dz, x[e], Z[e]);
-      }
-      if (last) {
-        float o[CW];
+      for (int u = 0; u < SU; ++u) {
+        const index_t q = qb + u;
+        if (q >= q1) break;
+        const index_t row = rows[u];
+        float x[CW], y[CW];
+        widen<T, CW>(xr[u], x);
+        widen<T, CW>(yr[u], y);
+        const float* t = rc + q * NP;
 #pragma unroll
-        for (int e = 0; e < CW; ++e) o[e] = y[e];
-        if (dhg != nullptr) {  // a gate path computed elsewhere (mlp: Σ_k dZ1_k W1_k) [P, d] fp32
-          float gp[CW];
-          load_param<CW>(dhg + q * d + col, gp);
+        for (int gi = 0; gi < G; ++gi) {
+          if (i0 + gi >= R) break;
+          const float a = __ldg(t + i0 + gi), de = __ldg(t + R + i0 + gi);
 #pragma unroll
-          for (int e = 0; e < CW; ++e) o[e] += gp[e];
-        }
-        for (index_t k = 0; k < (HOLD ? 1 : K); ++k) {
-          const float* ck = cf + (q * K + k) * NP;
-          const T* pm = pk + k * ms;
-#pragma unroll
-          for (int i = 0; i < R; ++i) {
-            float pu[CW], pd[CW];
-            if constexpr (HOLD) {
-#pragma unroll
-              for (int e = 0; e < CW; ++e) { pu[e] = hu[i][e]; pd[e] = hd[i][e]; }
-            } else {
-              if (LO) load_param<CW>(pm + i * dp + col, pu);
-              load_param<CW>(pm + (R + i) * dp + col, pd);
-            }
-            const float cu = __ldg(ck + i), cd = __ldg(ck + R + i);
-#pragma unroll
-            for (int e = 0; e < CW; ++e) {
-              if (LO) o[e] = fmaf(cu, pu[e], o[e]);
-              o[e] = fmaf(cd, pd[e], o[e]);
-            }
-          }
-          if (GATED) {
-            float pw[CW];
-            if constexpr (HOLD) {
-#pragma unroll
-              for (int e = 0; e < CW; ++e) pw[e] = hw[e];
-            } else {
-              load_param<CW>(pm + 2 * R * dp + col, pw);
-            }
-            const float cz = __ldg(ck + 2 * R);
-#pragma unroll
-            for (int e = 0; e < CW; ++e) o[e] = fmaf(cz, pw[e], o[e]);
+          for (int e = 0; e < CW; ++e) {
+            X[gi][e] = fmaf(a, y[e], X[gi][e]);
+            Y[gi][e] = fmaf(de, x[e], Y[gi][e]);
           }
         }
-        store_row<T, CW>(dh.row(row) + col, o);
+        if (GATED && i0 == 0) {
+          const float dz = __ldg(t + 2 * R);
+#pragma unroll
+          for (int e = 0; e < CW; ++e) Z[e] = fmaf(dz, x[e], Z[e]);
+        }
+        if (last) {
+          float o[CW];
+#pragma unroll
+          for (int e = 0; e < CW; ++e) o[e] = y[e];
+          if (dhg != nullptr) {  // a gate path computed elsewhere (mlp: Σ_k dZ1_k W1_k) [P, d] fp32
+            float gp[CW];
+            load_param<CW>(dhg + q * d + col, gp);
+#pragma unroll
+            for (int e = 0; e < CW; ++e) o[e] += gp[e];
+          }
+          for (index_t k = 0; k < (HOLD ? 1 : K); ++k) {
+            const float* ck = cf + (q * K + k) * NP;
+            const T* pm = pk + k * ms;
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+              float pu[CW], pd[CW];
+              if constexpr (HOLD) {
+#pragma unroll
+                for (int e = 0; e < CW; ++e) { pu[e] = hu[i][e]; pd[e] = hd[i][e]; }
+              } else {
+                if (LO) load_param<CW>(pm + i * dp + col, pu);
+                load_param<CW>(pm + (R + i) * dp + col, pd);
+              }
+              const float cu = __ldg(ck + i), cd = __ldg(ck + R + i);
+#pragma unroll
+              for (int e = 0; e < CW; ++e) {
+                if (LO) o[e] = fmaf(cu, pu[e], o[e]);
+                o[e] = fmaf(cd, pd[e], o[e]);
+              }
+            }
+            if (GATED) {
+              float pw[CW];
+              if constexpr (HOLD) {
+#pragma unroll
+                for (int e = 0; e < CW; ++e) pw[e] = hw[e];
+              } else {
+                load_param<CW>(pm + 2 * R * dp + col, pw);
+              }
+              const float cz = __ldg(ck + 2 * R);
+#pragma unroll
+              for (int e = 0; e < CW; ++e) o[e] = fmaf(cz, pw[e], o[e]);
+            }
+          }
+          store_row<T, CW>(dh.row(row) + col, o);
+        }
       }
     }
 #pragma unroll
@@ -640,12 +687,16 @@ bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cu
   const bool stage = coef_floats * index_t(sizeof(float)) + tile_bytes <= 40 * 1024;
   const std::size_t smem = std::size_t(coef_floats * index_t(sizeof(float)) + (stage ? tile_bytes : 0));
   const unsigned grid = unsigned(cuda::ceil_div(P, ROWS));
-  if (vec)
-    detail::forward_kernel<T, VW, R, ROWS, LO, GM><<<grid, detail::block, smem, s>>>(
+  auto launch = [&](auto vw, auto la) {
+    detail::forward_kernel<T, decltype(vw)::value, R, ROWS, LO, GM, decltype(la)::value><<<grid, detail::block, smem, s>>>(
         packed.ptr, ms, dp, K, float(scale), h, dpos.ptr, P, out, gates, gext, stage, coef_floats);
-  else
-    detail::forward_kernel<T, 1, R, ROWS, LO, GM><<<grid, detail::block, smem, s>>>(
-        packed.ptr, ms, dp, K, float(scale), h, dpos.ptr, P, out, gates, gext, stage, coef_floats);
+  };
+  using one = std::integral_constant<int, 1>;
+  using two = std::integral_constant<int, 2>;
+  using vw = std::integral_constant<int, VW>;
+  const bool ahead = detail::forward_lookahead == 2;
+  if (vec) ahead ? launch(vw{}, two{}) : launch(vw{}, one{});
+  else ahead ? launch(one{}, two{}) : launch(one{}, one{});
   GRUN_CUDA_CHECK_LAUNCH();
   return true;
 }
