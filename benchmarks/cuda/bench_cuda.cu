@@ -120,7 +120,7 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, bool gen
   // Minimum traffic: read h, write h' (gates and parameters are negligible).
   result((name + "_fwd").c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); }, warm, reps), 2.0 * elems * 2);
   if (impl::fused && !generic) {
-    // The forward kernel's load-ahead depth (fused::detail::forward_lookahead, default 2), the other value.
+    // The forward kernel's load-ahead depth (fused::detail::forward_lookahead, default 1), the other value.
     auto& la = gc::fused::detail::forward_lookahead;
     const int saved = la;
     la = saved == 2 ? 1 : 2;

@@ -85,7 +85,9 @@ inline constexpr int block = 128;  // threads per CTA of every fused kernel
 
 /// Vectors per row the forward kernel loads ahead (1 or 2). A tuning knob for benchmarks and tests
 /// (both values are tested; bench_cuda times both), not an interface: set it before any call.
-inline int forward_lookahead = 2;
+/// 1 is the configuration measured on a GPU (BENCHMARKS.md); 2 keeps twice the loads in flight
+/// for 168 registers instead of 96 — not yet timed on a GPU, so not the default.
+inline int forward_lookahead = 1;
 
 /// How a kernel gets g: none (g ≡ 1), linear (σ(wᵀh + c), computed here), external (g given per
 /// module and position in fp32 [K][P], e.g. by the mlp gate's GEMM + epilogue; dL/dz exported).
