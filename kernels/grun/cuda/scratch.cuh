@@ -14,7 +14,7 @@ namespace grun::cuda {
 namespace detail {
 /// One pool per device, created on first use and kept for the process (destroying it at static
 /// destruction could run after the CUDA context is gone).
-inline cudaMemPool_t& pool_slot(int device) {
+inline cudaMemPool_t pool_for(int device) {  // by value: the table may grow under another thread
   static std::mutex mutex;
   static std::vector<cudaMemPool_t> pools;
   const std::lock_guard lock(mutex);
@@ -42,7 +42,7 @@ inline cudaMemPool_t& pool_slot(int device) {
 inline cudaMemPool_t scratch_pool() {
   int device = 0;
   GRUN_CUDA_CHECK(cudaGetDevice(&device));
-  return detail::pool_slot(device);
+  return detail::pool_for(device);
 }
 
 /// Returns the scratch pool's unused memory on the current device to the driver, keeping at most
