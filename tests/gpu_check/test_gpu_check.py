@@ -263,6 +263,41 @@ def test_prebuilt():
         check("CUDA tests were SKIPPED" in p.stdout, "a skipping program is reported as skipped, not passed")
 
 
-{"no_gpu": test_no_gpu, "keys": test_keys, "table": test_table, "prebuilt": test_prebuilt}[MODE]()
+def test_slot():
+    """benchmarks/gpu_slot.sh: one lent-machine call over a bundle; every result file lands in --out."""
+    slot = os.path.join(ROOT, "benchmarks", "gpu_slot.sh")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out")
+        p = run(["bash", slot, "--bundle", os.path.join(tmp, "no-bundle"), "--out", out])
+        check(p.returncode == 2 and "expected a bundle made by benchmarks/gpu_bundle.sh" in p.stderr and not os.path.exists(out),
+              f"no bundle: exit 2 naming gpu_bundle.sh, nothing written (got {p.returncode}: {p.stderr.strip()!r})")
+        p = run(["bash", slot, "--frobnicate", "1"])
+        check(p.returncode == 2 and "unknown argument --frobnicate" in p.stderr, "unknown argument: exit 2")
+
+        bundle = os.path.join(tmp, "bundle")
+        os.makedirs(os.path.join(bundle, "bin"))
+        with open(os.path.join(bundle, "MANIFEST"), "w") as f:
+            f.write("commit 1111111 (fake)\narchs 90\n")
+        write_program(os.path.join(bundle, "bin", "bench_cuda"), "echo 'DEVICE Fake GPU 9000'; echo \"args $*\"")
+        write_program(os.path.join(bundle, "bin", "test_cuda_passes"), "echo 'All tests passed (1 assertion in 1 test case)'")
+        write_program(os.path.join(bundle, "bin", "device_loop_cuda"), "echo 'loss 0.8 -> 0.03'")
+        p = run(["bash", slot, "--bundle", bundle, "--out", out], dict(os.environ, GRUN_NVIDIA_SMI=os.path.join(tmp, "none")))
+        check(p.returncode == 3, f"no GPU: exit 3 (got {p.returncode})")
+        smi = os.path.join(tmp, "smi")
+        write_program(smi, "echo 'Fake GPU 9000, 80000 MiB, 999.1'")
+        p = run(["bash", slot, "--bundle", bundle, "--out", out], dict(os.environ, GRUN_NVIDIA_SMI=smi, PATH="/usr/bin:/bin"))
+        check(p.returncode == 0, f"passing bundle: exit 0 (got {p.returncode}; {p.stdout[-600:]!r})")
+        files = sorted(os.listdir(out)) if os.path.isdir(out) else []
+        want = ["env.txt", "extra.txt", "gpu_check.log", "logs.tgz", "memcheck.txt", "ncu.txt", "results.txt"]
+        check(files == want, f"--out holds {want} (at most 8 files: a device call returns no more), got {files}")
+        if "results.txt" in files:
+            with open(os.path.join(out, "results.txt")) as f:
+                check("DEVICE Fake GPU 9000" in f.read(), "results.txt holds bench_cuda's lines")
+        if "extra.txt" in files:
+            with open(os.path.join(out, "extra.txt")) as f:
+                check("args --only intervention_scaling" in f.read(), "extra.txt: bench_cuda --only intervention_scaling")
+
+
+{"no_gpu": test_no_gpu, "keys": test_keys, "table": test_table, "prebuilt": test_prebuilt, "slot": test_slot}[MODE]()
 print(f"\n{len(failures)} failure(s)" if failures else "\nall checks hold")
 sys.exit(1 if failures else 0)

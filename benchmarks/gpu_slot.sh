@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# benchmarks/gpu_slot.sh — one call on a lent GPU machine, everything in it: gpu_check.sh on a prebuilt
+# bundle (tests, bench_cuda, PyTorch / Liger, the table), bench_cuda's extra groups, ncu on the fused
+# intervention kernels, compute-sanitizer memcheck on the intervention test programs. Each step is
+# bounded; what it wrote lands in OUT (at most 8 files, for transfers that return few files).
+#
+# Usage: benchmarks/gpu_slot.sh [--bundle DIR] [--out DIR] [--wheels DIR]
+#   --bundle  a bundle from benchmarks/gpu_bundle.sh        (default: build-gpu-bundle)
+#   --out     where results go                               (default: $OUT, else gpu-slot-out)
+#   --wheels  Python wheels to install first with --no-deps into a private target (e.g. liger-kernel,
+#             which the lent machines lack and cannot fetch)
+# Files in OUT: env.txt, gpu_check.log, results.txt (gpu_check.sh --table-only reprints the table),
+# extra.txt (bench_cuda --only intervention_scaling), ncu.txt, memcheck.txt, logs.tgz (every log).
+# Exit status: gpu_check.sh's (0 all passed; 1 a test or bench_cuda failed; 2 bad arguments; 3 no GPU).
+set -uo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+bundle="$root/build-gpu-bundle"
+out="${OUT:-$root/gpu-slot-out}"
+wheels=""
+while [[ $# -gt 0 ]]; do
+  if [[ $# -lt 2 ]]; then echo "gpu_slot.sh: $1 needs a value" >&2; exit 2; fi
+  case "$1" in
+    --bundle) bundle="$(realpath -m "$2")" ;;
+    --out) out="$2" ;;
+    --wheels) wheels="$2" ;;
+    *) echo "gpu_slot.sh: unknown argument $1 (expected --bundle, --out, --wheels)" >&2; exit 2 ;;
+  esac
+  shift 2
+done
+if [[ ! -f $bundle/MANIFEST || ! -f $bundle/bin/bench_cuda ]]; then
+  echo "gpu_slot.sh: --bundle $bundle: expected a bundle made by benchmarks/gpu_bundle.sh (MANIFEST, bin/), found none" >&2
+  exit 2
+fi
+mkdir -p "$out"
+work="$(mktemp -d)"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$out/env.txt" 2>&1
+uname -r >>"$out/env.txt"
+if [[ -n $wheels ]] && ls "$wheels"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" "$wheels"/*.whl \
+    >>"$out/env.txt" 2>&1 && export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# 1. The check itself (its own budget: 240 s; no torch.compile pass starts after 150 s).
+GRUN_GPU_CHECK_BUDGET_S="${GRUN_GPU_CHECK_BUDGET_S:-240}" GRUN_COMPILE_CUTOFF_S="${GRUN_COMPILE_CUTOFF_S:-150}" \
+  bash "$here/gpu_check.sh" --prebuilt "$bundle" --build-dir "$work/gc" 2>&1 | tee "$out/gpu_check.log"
+rc=${PIPESTATUS[0]}
+echo "gpu_check.sh exit $rc after $(elapsed) s" | tee -a "$out/gpu_check.log"
+cp "$work/gc/results.txt" "$out/" 2>/dev/null
+(( rc == 3 )) && exit 3
+
+# The bundle's programs outside gpu_check.sh: its libcudart, the machine's cuBLASLt.
+lt="$(dirname "$(find /usr/local /opt -name 'libcublasLt.so.1*' 2>/dev/null | head -n 1)" 2>/dev/null)"
+export LD_LIBRARY_PATH="$bundle/lib:/usr/local/cuda/lib64${lt:+:$lt}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+bin="$bundle/bin"
+chmod u+x "$bin"/* 2>/dev/null
+
+# 2. bench_cuda's groups outside the table's main rows.
+timeout 60 "$bin/bench_cuda" --only intervention_scaling >"$out/extra.txt" 2>&1
+
+# 3. ncu on the fused intervention kernels (one launch each; --clock-control none leaves the clocks alone).
+ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
+: >"$out/ncu.txt"
+if [[ -n $ncu ]]; then
+  for kernel in forward_kernel coef_kernel slot_kernel; do
+    timeout 40 "$ncu" --clock-control none -k "regex:$kernel" -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section WarpStateStats \
+      "$bin/bench_cuda" --only intervention_linear_loreft4 >>"$out/ncu.txt" 2>&1 || echo "ncu $kernel: exit $?" >>"$out/ncu.txt"
+  done
+else
+  echo "no ncu on this machine" >"$out/ncu.txt"
+fi
+echo "ncu done after $(elapsed) s"
+
+# 4. memcheck, four programs side by side, 90 s each at most.
+sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -n 1)"
+: >"$out/memcheck.txt"
+if [[ -n $sanitizer ]]; then
+  for p in test_cuda_intervention_fused test_cuda_intervention test_cuda_intervention_fused_mlp test_cuda_core; do
+    timeout 90 "$sanitizer" --tool memcheck --print-limit 20 "$bin/$p" >"$work/memcheck.$p.log" 2>&1 &
+  done
+  wait
+  for f in "$work"/memcheck.*.log; do
+    echo "== $(basename "$f")"
+    grep -E "ERROR SUMMARY|Invalid|passed|failed|Program hit" "$f" | head -n 8
+  done >"$out/memcheck.txt"
+else
+  echo "no compute-sanitizer on this machine" >"$out/memcheck.txt"
+fi
+cat "$out/memcheck.txt"
+
+tar czf "$out/logs.tgz" -C "$work" --exclude='site' . 2>/dev/null
+echo "gpu_slot.sh done after $(elapsed) s (gpu_check.sh exit $rc); results in $out"
+exit "$rc"
