@@ -108,19 +108,8 @@ struct farr_sum {
   }
 };
 
-/// V consecutive stored elements → float (one aligned V·sizeof(T)-byte load when V > 1).
-template <class T, int V>
-__device__ __forceinline__ void load_row(const T* p, float (&x)[V]) {
-  if constexpr (V == 1) {
-    x[0] = dload(p);
-  } else {
-    const vec<T, V> v = *reinterpret_cast<const vec<T, V>*>(p);
-#pragma unroll
-    for (int e = 0; e < V; ++e) x[e] = dload(&v.v[e]);
-  }
-}
-/// The same split in two: the raw load (issued early, so several are in flight per thread) and the
-/// conversion at use.
+/// V consecutive stored elements as one aligned V·sizeof(T)-byte load, and their conversion to
+/// float — apart, so that a kernel can issue several loads before it uses the first.
 template <class T, int V>
 __device__ __forceinline__ vec<T, V> load_raw(const T* p) {
   return *reinterpret_cast<const vec<T, V>*>(p);
@@ -129,6 +118,12 @@ template <class T, int V>
 __device__ __forceinline__ void widen(const vec<T, V>& v, float (&x)[V]) {
 #pragma unroll
   for (int e = 0; e < V; ++e) x[e] = dload(&v.v[e]);
+}
+/// Both at once: V consecutive stored elements → float.
+template <class T, int V>
+__device__ __forceinline__ void load_row(const T* p, float (&x)[V]) {
+  if constexpr (V == 1) x[0] = dload(p);
+  else widen<T, V>(load_raw<T, V>(p), x);
 }
 template <class T, int V>
 __device__ __forceinline__ void store_row(T* p, const float (&x)[V]) {
