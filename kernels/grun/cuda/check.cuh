@@ -118,12 +118,9 @@ class device_buffer {
   device_buffer(const device_buffer&) = default;
   device_buffer& operator=(const device_buffer&) = default;
   // noexcept: containers of buffers move them on growth rather than deep-copying device memory
-  // (thrust::device_vector's move steals the allocation and does not throw).
-  device_buffer(device_buffer&& other) noexcept : v_(std::move(other.v_)) {}
-  device_buffer& operator=(device_buffer&& other) noexcept {
-    v_ = std::move(other.v_);
-    return *this;
-  }
+  // (thrust::device_vector's move steals the allocation and does not throw, but is not marked so).
+  device_buffer(device_buffer&&) noexcept = default;
+  device_buffer& operator=(device_buffer&&) noexcept = default;
   explicit device_buffer(index_t n) {
     require<shape_error>(n >= 0, "device_buffer: expected a non-negative size, got ", n);
     if (n == 0) return;
@@ -223,7 +220,6 @@ class device_params {
     }
     return *this;
   }
-  ~device_params() = default;
   /// Copies the values of a host owned_params with the same shapes.
   explicit device_params(const owned_params<Params>& host) : device_params(*host) {
     storage_.copy_from_host(std::span<const value_type>(host.data(), static_cast<std::size_t>(host.size())));
