@@ -119,15 +119,6 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, bool gen
   const double elems = double(T_ * d);
   // Minimum traffic: read h, write h' (gates and parameters are negligible).
   result((name + "_fwd").c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); }, warm, reps), 2.0 * elems * 2);
-  if (impl::fused && !generic) {
-    // The forward kernel's load-ahead depth (fused::detail::forward_lookahead, default 1), the other value.
-    auto& la = gc::fused::detail::forward_lookahead;
-    const int saved = la;
-    la = saved == 2 ? 1 : 2;
-    result((name + "_fwd_la" + std::to_string(la)).c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); }, warm, reps),
-           2.0 * elems * 2);
-    la = saved;
-  }
   if (!slow) {
     // In place (out = h): h' overwrites h; values drift over repetitions, the timing does not.
     gc::device_buffer<bf16> hh(T_ * d);
@@ -139,6 +130,41 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, bool gen
   // fwd + bwd minimum: fwd reads h, writes h'; bwd reads h and dout, writes dh.
   result((name + "_fwdbwd").c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, slow ? 2 : 5),
          5.0 * elems * 2);
+}
+
+/// The fused forward under each schedule other than the default (fused::detail::forward_plan; the
+/// default is bench_intervention's _fwd), same sizes and data as bench_intervention.
+template <class I>
+void bench_forward_schedules(const std::string& name, index_t T_, index_t d) {
+  using P = typename I::template params<bf16, cuda_space>;
+  using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
+  static_assert(impl::fused, "schedules are the fused forward kernel's");
+  gc::device_params<P> p(I::template shape<bf16, cuda_space>(d));
+  {
+    gc::device_buffer<bf16> tmp(p.size());
+    fill(tmp, 1, -0.05f, 0.05f);
+    GRUN_CUDA_CHECK(cudaMemcpy(p.data(), tmp.data(), sizeof(bf16) * std::size_t(p.size()), cudaMemcpyDeviceToDevice));
+  }
+  gc::device_buffer<bf16> h(T_ * d), out(T_ * d), gates(T_);
+  fill(h, 2, -1.f, 1.f);
+  const auto pos = grun::positions::all(T_);
+  const P one[1] = {*p};
+  namespace fd = gc::fused::detail;
+  const auto saved = fd::forward_plan;
+  const std::pair<fd::forward_schedule, const char*> plans[] = {{fd::forward_schedule::stream, "_fwd_stream"},
+                                                                {fd::forward_schedule::resident, "_fwd_resident"},
+                                                                {fd::forward_schedule::staged, "_fwd_staged"}};
+  for (const auto& [plan, suffix] : plans) {
+    if (plan == saved) continue;
+    fd::forward_plan = plan;
+    result((name + suffix).c_str(), time_ms([&] {
+             impl::forward(grun::exec::cuda, std::span<const P>(one), 1.0,
+                           grun::matrix_view<const bf16, cuda_space>(h.data(), {T_, d}), pos,
+                           out.template view<2>({T_, d}), gates.template view<2>({1, T_}));
+           }),
+           2.0 * double(T_ * d) * 2);
+  }
+  fd::forward_plan = saved;
 }
 
 void bench_nll(index_t T_, index_t V) {
@@ -277,8 +303,14 @@ int main(int argc, char** argv) {
     using lin_di = grun::gated_intervention<grun::gate::linear, grun::reft::direft<4>>;
     using mlp = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
     const index_t T_ = quick ? 1024 : 16384;
-    if (wanted("intervention_linear_loreft4")) bench_intervention<lin>("intervention_linear_loreft4", T_, 4096);  // fused
-    if (wanted("intervention_linear_direft4")) bench_intervention<lin_di>("intervention_linear_direft4", T_, 4096);
+    if (wanted("intervention_linear_loreft4")) {
+      bench_intervention<lin>("intervention_linear_loreft4", T_, 4096);  // fused
+      bench_forward_schedules<lin>("intervention_linear_loreft4", T_, 4096);
+    }
+    if (wanted("intervention_linear_direft4")) {
+      bench_intervention<lin_di>("intervention_linear_direft4", T_, 4096);
+      bench_forward_schedules<lin_di>("intervention_linear_direft4", T_, 4096);
+    }
     if (wanted("intervention_linear_loreft4_generic"))  // the fallback path, for scale
       bench_intervention<lin>("intervention_linear_loreft4_generic", 1024, 4096, true);
     if (wanted("intervention_mlp_loreft4"))  // cuBLASLt first layer + fused ReFT

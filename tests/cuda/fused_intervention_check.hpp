@@ -224,16 +224,25 @@ void check(const config& c) {
   GRUN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto out_d = (c.in_place ? hd : outd).download();
   if (!c.in_place) {
-    // The forward kernel's load-ahead depth (a tuning knob) changes no bit of the result.
-    strided<T> out1(N, d, ld);
-    gc::device_matrix<T> gates1(K, P);
-    const int saved = gc::fused::detail::forward_lookahead;
-    gc::fused::detail::forward_lookahead = saved == 2 ? 1 : 2;
-    cuda_impl::forward(grun::exec::cuda, std::span<const Dp>(ref.device_views), c.scale, cdview<T>(hd.view()), pos,
-                       out1.view(), gates1.view());
-    gc::fused::detail::forward_lookahead = saved;
-    const auto o1 = out1.download();
-    CHECK(std::memcmp(o1.storage.data(), out_d.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+    // The forward kernel's schedule (a tuning knob: how a tile's rows are read) changes no bit of the result.
+    namespace fd = gc::fused::detail;
+    const auto saved = fd::forward_plan;
+    for (const auto plan : {fd::forward_schedule::stream, fd::forward_schedule::resident, fd::forward_schedule::staged}) {
+      if (plan == saved) continue;
+      INFO("forward schedule " << int(plan));
+      strided<T> out1(N, d, ld);
+      gc::device_matrix<T> gates1(K, P);
+      fd::forward_plan = plan;
+      cuda_impl::forward(grun::exec::cuda, std::span<const Dp>(ref.device_views), c.scale, cdview<T>(hd.view()), pos,
+                         out1.view(), gates1.view());
+      fd::forward_plan = saved;
+      const auto o1 = out1.download();
+      CHECK(std::memcmp(o1.storage.data(), out_d.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+      if (P > 0) {
+        const auto g1 = gates1.to_host(), g0 = gatesd.to_host();
+        CHECK(std::memcmp(g1.storage.data(), g0.storage.data(), sizeof(T) * std::size_t(K * P)) == 0);
+      }
+    }
   }
 
   const double tol = grun::test::tolerance<T>();
@@ -307,6 +316,10 @@ void check_all() {
   check<I, T>({70, 96, iota(70), 3, 1, 0.6 * 3 + 0.6});              // stack of K = 3, every row, train the middle
   check<I, T>({600, 1001, iota(600)});                               // d odd, many slots (P/16 = 38)
   check<I, T>({300, 1024, {299, 5, 17, 42, 128, 256, 3, 4, 6, 8}, 2, 0, 0.9});  // K = 2 (parameters re-read)
+  // Wide rows: the resident forward at 2 (bf16/fp16) or 4 (fp32) vectors per thread and row, and
+  // at 4 (16-bit) beside fp32's streaming fallback; a partial last tile; a stack.
+  check<I, T>({13, 2048, iota(13)});
+  check<I, T>({9, 4096, {8, 1, 2, 3, 4, 5, 0}, 2, 1, 0.8});
 }
 
 using lin_lo4 = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;

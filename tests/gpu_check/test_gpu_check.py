@@ -73,6 +73,11 @@ def bench_cuda_keys():
             if generic and s == "_fwd_inplace":  # the generic path is timed without an in-place run
                 continue
             keys.add(name + s)
+    # bench_forward_schedules: name + each schedule's suffix of its table.
+    plans = re.findall(r'\{fd::forward_schedule::\w+, "([A-Za-z0-9_]+)"\}', src)
+    sched_calls = re.findall(r'\bbench_forward_schedules<\w+>\("([A-Za-z0-9_]+)"', src)
+    assert plans and sched_calls, "bench_cuda.cu: bench_forward_schedules' result names not found (update this test)"
+    keys.update(name + s for name in sched_calls for s in plans)
     return keys
 
 

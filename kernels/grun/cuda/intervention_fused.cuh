@@ -24,8 +24,10 @@
 //   forward_kernel   one CTA per tile of ROWS selected rows: 16-byte vector loads of h (bf16/fp16 × 8,
 //                    fp32 × 4; scalar when d or the rows are not 16-byte aligned), the 2r+1 dots of every
 //                    row of the tile reduced in ONE cub::BlockReduce over a small array type, then the
-//                    write of h' in the same kernel (the tile of h staged in shared memory when it fits,
-//                    else re-read, which hits L2). All K modules of a stack in the same launch.
+//                    write of h' in the same kernel. How the tile is read — streamed through registers
+//                    and staged in shared memory, held in registers, or copied by cp.async — is a
+//                    schedule (forward_schedule below). All K modules of a stack in the same launch.
+//   Positions: when the list selects every row in order, nothing is uploaded (row q is position q).
 //   coef_kernel      backward, per tile of rows: the 3r+1 dots of each module reduced like the forward;
 //                    per-row coefficients (de, dz, s g e) to a small fp32 buffer [P][K][2r+1].
 //   slot_kernel      backward, grid (slot, column block): each slot is a fixed run of consecutive
@@ -36,6 +38,9 @@
 //   sum_slots_kernel the deterministic second stage: every gradient entry = Σ over slots in slot
 //                    order, in double, stored into the gradient leaves. No atomics anywhere, and the slot
 //                    size depends only on (P, d, r): bitwise-repeatable on a given GPU.
+#include <cooperative_groups.h>
+#include <cooperative_groups/memcpy_async.h>
+#include <cuda/barrier>  // cuda::aligned_size_t
 #include <cub/block/block_reduce.cuh>
 
 #include <algorithm>
@@ -82,12 +87,6 @@ inline constexpr bool takes_storage = std::is_same_v<T, float> || std::is_same_v
 namespace detail {
 
 inline constexpr int block = 128;  // threads per CTA of every fused kernel
-
-/// Vectors per row the forward kernel loads ahead (1 or 2). A tuning knob for benchmarks and tests
-/// (both values are tested; bench_cuda times both), not an interface: set it before any call.
-/// 1 is the configuration measured on a GPU (BENCHMARKS.md); 2 keeps twice the loads in flight
-/// for 168 registers instead of 96 — not yet timed on a GPU, so not the default.
-inline int forward_lookahead = 1;
 
 /// How a kernel gets g: none (g ≡ 1), linear (σ(wᵀh + c), computed here), external (g given per
 /// module and position in fp32 [K][P], e.g. by the mlp gate's GEMM + epilogue; dL/dz exported).
@@ -210,15 +209,93 @@ __global__ void pack_kernel(const src_ptrs<T>* __restrict__ src, index_t K, int 
   }
 }
 
+// ---- shared by the forward and the coefficient kernel ------------------------------------------
+/// The row → h-row map of a selected position q: pos[q], or q itself when pos is null (every row
+/// selected in order: no position list is uploaded).
+__device__ __forceinline__ index_t row_at(const index_t* __restrict__ pos, index_t q) { return pos ? pos[q] : q; }
+
+/// The dots of one vector of V columns (starting at column `col`) of every row of a tile, against the
+/// packed parameter rows the math needs, accumulated into a (stride S per row):
+///   a[rr·S + i]        += P_i · x_rr   for U (i < R, loreft only), D (R ≤ i < 2R), w (i = 2R, gated only)
+///   a[rr·S + 2R+1 + i] += U_i · y_rr   (Y: the backward's dout rows; the forward passes Y = false)
+/// Each parameter vector is loaded once for all ROWS rows of the tile.
+template <int V, int R, int ROWS, int S, bool LO, bool GATED, bool Y, class P>
+__device__ __forceinline__ void accumulate_dots(const P* __restrict__ pm, index_t dp, index_t col,
+                                                const float (&x)[ROWS][V], const float (&y)[ROWS][V], float* a) {
+  constexpr int NP = 2 * R + 1;
+#pragma unroll
+  for (int i = 0; i < NP; ++i) {
+    const bool for_x = (LO || i >= R) && (GATED || i < 2 * R), for_y = Y && i < R;
+    if (!for_x && !for_y) continue;
+    float p[V];
+    load_param<V>(pm + i * dp + col, p);
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr)
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (for_x) a[rr * S + i] = fmaf(p[e], x[rr][e], a[rr * S + i]);
+        if (for_y) a[rr * S + NP + i] = fmaf(p[e], y[rr][e], a[rr * S + NP + i]);
+      }
+  }
+}
+
+/// o_rr += Σ_k Σ_i coef[k][rr][i] · U_k,i over one vector of V columns: the forward's write of h'.
+template <int V, int R, int ROWS, class P>
+__device__ __forceinline__ void apply_modules(const P* __restrict__ pk, index_t ms, index_t dp, index_t K, index_t col,
+                                              const float* coef, float (&o)[ROWS][V]) {
+  for (index_t k = 0; k < K; ++k) {
+    const P* pm = pk + k * ms;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      float p[V];
+      load_param<V>(pm + i * dp + col, p);
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) {
+        const float c = coef[(k * ROWS + rr) * R + i];
+#pragma unroll
+        for (int e = 0; e < V; ++e) o[rr][e] = fmaf(c, p[e], o[rr][e]);
+      }
+    }
+  }
+}
+
 // ---- forward ------------------------------------------------------------------------------------
+/// How the forward kernel reads its tile of ROWS rows. A tuning knob for benchmarks and tests (every
+/// schedule gives the same bits — each thread sums the same columns in the same order — and the
+/// tests check it; bench_cuda times each), not an interface: set it before any call.
+///   stream    one 16-byte vector of each row of the tile in flight per thread at a time, the tile
+///             copied to shared memory on the way for the write of h' (or re-read when it does not
+///             fit). Measured on an H200 (BENCHMARKS.md): 35% of copy bandwidth at d = 4096 bf16,
+///             latency-bound (every unit under 60% busy, ~11 cycles per issue).
+///   resident  every vector the thread owns (d ≤ max_resident·block·V: 4096 in 16-bit storage, 2048
+///             in fp32) loaded at once, up front — ROWS·⌈d/(V·block)⌉ loads in flight per thread,
+///             16 at d = 4096 bf16 — and kept in registers for the dots of every module and the
+///             write of h': no staging and no second read, at the price of registers (≈190 at
+///             d = 4096 bf16: 2 CTAs per SM).
+///   staged    the whole tile copied to shared memory by cp.async (cooperative_groups::memcpy_async):
+///             all of it in flight at once without holding registers, then the dots and the write
+///             read shared memory. Needs the tile in shared memory (ROWS·d·sizeof(T) + coef ≤ 40 KiB).
+/// Calls a schedule cannot take (rows that are not 16-byte vectors, rows too wide) run `stream`.
+/// `stream` stays the default until the others are timed on a GPU.
+enum class forward_schedule { stream, resident, staged };
+inline forward_schedule forward_plan = forward_schedule::stream;
+
+/// Most vectors per thread and row the resident schedule keeps in registers.
+inline constexpr int max_resident = 4;
+
 /// One CTA per tile of ROWS consecutive positions. Dynamic shared memory: coef [K][ROWS][R] floats,
-/// then (when `stage`) the tile of h as stored, ROWS × d elements.
-template <class T, int V, int R, int ROWS, bool LO, int GM, int LA>
-__global__ void __launch_bounds__(block) forward_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
+/// then (when `stage`) the tile of h as stored, ROWS × d elements. RES > 0: the resident schedule
+/// with RES vectors per thread and row; ASYNC: the staged schedule (`stage` must be true).
+/// The resident schedule at 3–4 vectors per row asks ptxas for 3 CTAs per SM (≤ 168 registers; it
+/// would take ~197 and fit 2): 96 KiB of loads in flight per SM instead of 64, for a 32-byte spill
+/// (bf16 loreft<4>, ptxas 13.0). To be confirmed on a GPU with the other schedules.
+template <class T, int V, int R, int ROWS, bool LO, int GM, int RES, bool ASYNC>
+__global__ void __launch_bounds__(block, RES > 2 ? 3 : 1) forward_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
                                                         float scale, matrix_view<const T, cuda_space> h,
                                                         const index_t* __restrict__ pos, index_t P,
                                                         matrix_view<T, cuda_space> out, matrix_view<T, cuda_space> gates,
                                                         const float* __restrict__ gext, bool stage, index_t coef_floats) {
+  static_assert(!(RES > 0 && ASYNC), "one schedule at a time");
   constexpr int NP = 2 * R + 1;
   constexpr bool GATED = GM == gate_linear;
   using A = farr<ROWS * NP>;
@@ -231,47 +308,66 @@ __global__ void __launch_bounds__(block) forward_kernel(const T* __restrict__ pk
   const index_t d = h.extent(1), nvec = d / V;
   const index_t q0 = index_t(blockIdx.x) * ROWS;
   const int nr = int(P - q0 < ROWS ? P - q0 : ROWS);
+  // Row pointers of the tile (rows past the last position repeat the first: loaded, never stored).
+  // Streaming schedules take the output rows here too (96 registers, not 128, for bf16 loreft<4>);
+  // the resident one after its loads, where they do not compete with the rows it holds.
   const T* hr[ROWS];
+  T* dst[ROWS];
 #pragma unroll
-  for (int rr = 0; rr < ROWS; ++rr) hr[rr] = h.row(pos[q0 + (rr < nr ? rr : 0)]);
+  for (int rr = 0; rr < ROWS; ++rr) {
+    const index_t row = row_at(pos, q0 + (rr < nr ? rr : 0));
+    hr[rr] = h.row(row);
+    if constexpr (RES == 0) dst[rr] = out.row(row);
+  }
+
+  // resident: the thread's vectors v = threadIdx.x + c·block (c < RES) of every row of the tile.
+  vec<T, V> held[RES > 0 ? RES : 1][ROWS];
+  if constexpr (RES > 0) {
+#pragma unroll
+    for (int c = 0; c < RES; ++c) {
+      const index_t v = threadIdx.x + c * block < nvec ? threadIdx.x + c * block : 0;  // clamped: loaded, not used
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) held[c][rr] = load_raw<T, V>(hr[rr] + v * V);
+    }
+  }
+  // staged: the tile lands in shared memory by cp.async; the reads below then come from there.
+  if constexpr (ASYNC) {
+    namespace cg = cooperative_groups;
+    const cg::thread_block cta = cg::this_thread_block();
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr)
+      cg::memcpy_async(cta, tile + rr * d, hr[rr], ::cuda::aligned_size_t<16>(std::size_t(d) * sizeof(T)));
+    cg::wait(cta);
+  }
+  const T* xr[ROWS];  // where the dots read row rr
+#pragma unroll
+  for (int rr = 0; rr < ROWS; ++rr) xr[rr] = ASYNC ? tile + rr * d : hr[rr];
 
   for (index_t k = 0; k < K; ++k) {
     const T* pm = pk + k * ms;
     A a;
 #pragma unroll
     for (int i = 0; i < ROWS * NP; ++i) a.v[i] = 0.f;
-    // LA vectors of every row of the tile are loaded before the first is used: each thread keeps
-    // LA·ROWS loads in flight (LA = 1 left the forward latency-bound at ~35% of copy bandwidth on an
-    // H200, every unit under 60% busy; LA = 2 costs registers: 168 against 96, 3 CTAs per SM not 5).
-    for (index_t v0 = threadIdx.x; v0 < nvec; v0 += LA * block) {
-      vec<T, V> raw[LA][ROWS];
+    if constexpr (RES > 0) {
 #pragma unroll
-      for (int u = 0; u < LA; ++u) {
-        const index_t v = v0 + u * block < nvec ? v0 + u * block : v0;  // clamped: loaded, not used
-#pragma unroll
-        for (int rr = 0; rr < ROWS; ++rr) raw[u][rr] = load_raw<T, V>(hr[rr] + v * V);
-      }
-#pragma unroll
-      for (int u = 0; u < LA; ++u) {
-        const index_t v = v0 + u * block;
+      for (int c = 0; c < RES; ++c) {
+        const index_t v = threadIdx.x + c * block;
         if (v >= nvec) break;
         float x[ROWS][V];
 #pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) widen<T, V>(held[c][rr], x[rr]);
+        accumulate_dots<V, R, ROWS, NP, LO, GATED, false>(pm, dp, v * V, x, x, a.v);
+      }
+    } else {
+      for (index_t v = threadIdx.x; v < nvec; v += block) {
+        float x[ROWS][V];
+#pragma unroll
         for (int rr = 0; rr < ROWS; ++rr) {
-          widen<T, V>(raw[u][rr], x[rr]);
-          if (k == 0 && stage) *reinterpret_cast<vec<T, V>*>(tile + rr * d + v * V) = raw[u][rr];
+          const vec<T, V> raw = load_raw<T, V>(xr[rr] + v * V);
+          widen<T, V>(raw, x[rr]);
+          if (!ASYNC && k == 0 && stage) *reinterpret_cast<vec<T, V>*>(tile + rr * d + v * V) = raw;
         }
-#pragma unroll
-        for (int i = 0; i < NP; ++i) {
-          if (!LO && i < R) continue;     // direft needs no U h
-          if (!GATED && i == 2 * R) continue;
-          float p[V];
-          load_param<V>(pm + i * dp + v * V, p);
-#pragma unroll
-          for (int rr = 0; rr < ROWS; ++rr)
-#pragma unroll
-            for (int e = 0; e < V; ++e) a.v[rr * NP + i] = fmaf(p[e], x[rr][e], a.v[rr * NP + i]);
-        }
+        accumulate_dots<V, R, ROWS, NP, LO, GATED, false>(pm, dp, v * V, x, x, a.v);
       }
     }
     a = BR(tmp).Reduce(a, farr_sum{});
@@ -294,34 +390,34 @@ __global__ void __launch_bounds__(block) forward_kernel(const T* __restrict__ pk
     __syncthreads();  // coef visible; tmp free for the next module
   }
 
-  const T* src[ROWS];
-  T* dst[ROWS];
+  if constexpr (RES > 0) {
 #pragma unroll
-  for (int rr = 0; rr < ROWS; ++rr) {
-    src[rr] = stage ? tile + rr * d : hr[rr];
-    dst[rr] = out.row(pos[q0 + (rr < nr ? rr : 0)]);
-  }
-  for (index_t v = threadIdx.x; v < nvec; v += block) {
-    float o[ROWS][V];
+    for (int rr = 0; rr < ROWS; ++rr) dst[rr] = out.row(row_at(pos, q0 + (rr < nr ? rr : 0)));
 #pragma unroll
-    for (int rr = 0; rr < ROWS; ++rr) load_row<T, V>(src[rr] + v * V, o[rr]);
-    for (index_t k = 0; k < K; ++k) {
-      const T* pm = pk + k * ms;
+    for (int c = 0; c < RES; ++c) {
+      const index_t v = threadIdx.x + c * block;
+      if (v >= nvec) break;
+      float o[ROWS][V];
 #pragma unroll
-      for (int i = 0; i < R; ++i) {
-        float p[V];
-        load_param<V>(pm + i * dp + v * V, p);
+      for (int rr = 0; rr < ROWS; ++rr) widen<T, V>(held[c][rr], o[rr]);
+      apply_modules<V, R, ROWS>(pk, ms, dp, K, v * V, coef, o);
 #pragma unroll
-        for (int rr = 0; rr < ROWS; ++rr) {
-          const float c = coef[(k * ROWS + rr) * R + i];
-#pragma unroll
-          for (int e = 0; e < V; ++e) o[rr][e] = fmaf(c, p[e], o[rr][e]);
-        }
-      }
+      for (int rr = 0; rr < ROWS; ++rr)
+        if (rr < nr) store_row<T, V>(dst[rr] + v * V, o[rr]);
     }
+  } else {
+    const T* src[ROWS];
 #pragma unroll
-    for (int rr = 0; rr < ROWS; ++rr)
-      if (rr < nr) store_row<T, V>(dst[rr] + v * V, o[rr]);
+    for (int rr = 0; rr < ROWS; ++rr) src[rr] = stage ? tile + rr * d : hr[rr];
+    for (index_t v = threadIdx.x; v < nvec; v += block) {
+      float o[ROWS][V];
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) load_row<T, V>(src[rr] + v * V, o[rr]);
+      apply_modules<V, R, ROWS>(pk, ms, dp, K, v * V, coef, o);
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr)
+        if (rr < nr) store_row<T, V>(dst[rr] + v * V, o[rr]);
+    }
   }
 }
 
@@ -350,7 +446,7 @@ __global__ void __launch_bounds__(block) coef_kernel(const T* __restrict__ pk, i
   const T* xr[ROWS];
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
-    const index_t row = pos[q0 + (rr < nr ? rr : 0)];
+    const index_t row = row_at(pos, q0 + (rr < nr ? rr : 0));
     hr[rr] = h.row(row);
     xr[rr] = dout.row(row);
   }
@@ -366,19 +462,7 @@ __global__ void __launch_bounds__(block) coef_kernel(const T* __restrict__ pk, i
         load_row<T, V>(hr[rr] + v * V, x[rr]);
         load_row<T, V>(xr[rr] + v * V, y[rr]);
       }
-#pragma unroll
-      for (int i = 0; i < NP; ++i) {
-        if (!GATED && i == 2 * R) continue;
-        float p[V];
-        load_param<V>(pm + i * dp + v * V, p);
-#pragma unroll
-        for (int rr = 0; rr < ROWS; ++rr)
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            if (LO || i >= R) a.v[rr * ND + i] = fmaf(p[e], x[rr][e], a.v[rr * ND + i]);
-            if (i < R) a.v[rr * ND + NP + i] = fmaf(p[e], y[rr][e], a.v[rr * ND + NP + i]);
-          }
-      }
+      accumulate_dots<V, R, ROWS, ND, LO, GATED, true>(pm, dp, v * V, x, y, a.v);
     }
     a = BR(tmp).Reduce(a, farr_sum{});
     if (threadIdx.x == 0) {
@@ -487,7 +571,7 @@ __global__ void __launch_bounds__(block) slot_kernel(const T* __restrict__ pk, i
       index_t rows[SU];
 #pragma unroll
       for (int u = 0; u < SU; ++u) {
-        rows[u] = pos[qb + u < q1 ? qb + u : q1 - 1];  // clamped: loaded, not used
+        rows[u] = row_at(pos, qb + u < q1 ? qb + u : q1 - 1);  // clamped: loaded, not used
         xr[u] = load_raw<T, CW>(h.row(rows[u]) + col);
         yr[u] = load_raw<T, CW>(dout.row(rows[u]) + col);
       }
@@ -619,6 +703,23 @@ bool vector_rows(const View& v, int V) {
   return v.extent(1) % V == 0 && aligned16(v.data()) && (v.stride(0) * index_t(sizeof(T))) % 16 == 0;
 }
 
+/// The position list on the device for the fused kernels: nothing at all when it selects every row
+/// in order (ptr() null; the kernels then read row q for position q — no upload, no host round trip
+/// at the common "every token" call), else a stream-ordered copy of it.
+class device_positions {
+ public:
+  device_positions(const positions& pos, index_t n, cudaStream_t s)
+      : list_(cuda::detail::selects_every_row(pos, n) ? 0 : pos.size(), s) {
+    if (list_.ptr != nullptr)
+      GRUN_CUDA_CHECK(cudaMemcpyAsync(list_.ptr, pos.data(), sizeof(index_t) * std::size_t(pos.size()),
+                                      cudaMemcpyHostToDevice, s));
+  }
+  const index_t* ptr() const { return list_.ptr; }
+
+ private:
+  cuda::detail::stream_scratch<index_t> list_;
+};
+
 /// Packs K modules' parameters (fp32, padded) into a stream-scoped scratch buffer.
 template <class I, class T>
 void pack(std::span<const module_params<I, T, cuda_space>> modules, index_t d, index_t dp, index_t ms,
@@ -675,25 +776,36 @@ bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cu
   cuda::detail::stream_scratch<T> packed(K * ms, s);
   cuda::detail::stream_scratch<detail::src_ptrs<T>> srcs(K, s);
   detail::pack<I, T>(modules, d, dp, ms, packed, srcs, s);
-  cuda::detail::stream_scratch<index_t> dpos(P, s);
-  GRUN_CUDA_CHECK(cudaMemcpyAsync(dpos.ptr, pos.data(), sizeof(index_t) * std::size_t(P), cudaMemcpyHostToDevice, s));
+  const detail::device_positions dpos(pos, N, s);
 
   constexpr int VW = vec_width<T>;
   const bool vec = detail::vector_rows<T>(h, VW) && detail::vector_rows<T>(out, VW);
+  const index_t per_thread = cuda::ceil_div(d / VW, index_t(detail::block));  // vectors per thread and row
   const index_t tile_bytes = index_t(ROWS) * d * index_t(sizeof(T));
-  const bool stage = coef_floats * index_t(sizeof(float)) + tile_bytes <= 40 * 1024;
+  const bool fits = coef_floats * index_t(sizeof(float)) + tile_bytes <= 40 * 1024;
+  const auto plan = detail::forward_plan;
+  const bool resident = plan == detail::forward_schedule::resident && vec && per_thread <= detail::max_resident;
+  const bool staged = plan == detail::forward_schedule::staged && vec && fits;
+  const bool stage = !resident && fits;
   const std::size_t smem = std::size_t(coef_floats * index_t(sizeof(float)) + (stage ? tile_bytes : 0));
   const unsigned grid = unsigned(cuda::ceil_div(P, ROWS));
-  auto launch = [&](auto vw, auto la) {
-    detail::forward_kernel<T, decltype(vw)::value, R, ROWS, LO, GM, decltype(la)::value><<<grid, detail::block, smem, s>>>(
-        packed.ptr, ms, dp, K, float(scale), h, dpos.ptr, P, out, gates, gext, stage, coef_floats);
+  auto launch = [&](auto vw, auto res, auto async) {
+    const auto kernel = detail::forward_kernel<T, decltype(vw)::value, R, ROWS, LO, GM, decltype(res)::value,
+                                               decltype(async)::value>;
+    kernel<<<grid, detail::block, smem, s>>>(packed.ptr, ms, dp, K, float(scale), h, dpos.ptr(), P, out, gates, gext,
+                                             stage, coef_floats);
   };
-  using one = std::integral_constant<int, 1>;
-  using two = std::integral_constant<int, 2>;
   using vw = std::integral_constant<int, VW>;
-  const bool ahead = detail::forward_lookahead == 2;
-  if (vec) ahead ? launch(vw{}, two{}) : launch(vw{}, one{});
-  else ahead ? launch(one{}, two{}) : launch(one{}, one{});
+  using none = std::integral_constant<int, 0>;
+  if (resident) {
+    if (per_thread == 1) launch(vw{}, std::integral_constant<int, 1>{}, std::false_type{});
+    else if (per_thread == 2) launch(vw{}, std::integral_constant<int, 2>{}, std::false_type{});
+    else launch(vw{}, std::integral_constant<int, detail::max_resident>{}, std::false_type{});  // 3 or 4
+  } else if (staged) {
+    launch(vw{}, none{}, std::true_type{});
+  } else {
+    vec ? launch(vw{}, none{}, std::false_type{}) : launch(std::integral_constant<int, 1>{}, none{}, std::false_type{});
+  }
   GRUN_CUDA_CHECK_LAUNCH();
   return true;
 }
@@ -752,8 +864,7 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
     cuda::detail::stream_scratch<T> packed(K * ms, s);
     cuda::detail::stream_scratch<detail::src_ptrs<T>> srcs(K, s);
     detail::pack<I, T>(modules, d, dp, ms, packed, srcs, s);
-    cuda::detail::stream_scratch<index_t> dpos(P, s);
-    GRUN_CUDA_CHECK(cudaMemcpyAsync(dpos.ptr, pos.data(), sizeof(index_t) * std::size_t(P), cudaMemcpyHostToDevice, s));
+    const detail::device_positions dpos(pos, N, s);
     cuda::detail::stream_scratch<float> cf(P * K * NP, s), rc(P * NP, s), dz(GM == detail::gate_external ? K * P : 0, s);
     // rc rows of a trained index outside [0, K) stay unset: make them zero (no gradient).
     GRUN_CUDA_CHECK(cudaMemsetAsync(rc.ptr, 0, sizeof(float) * std::size_t(P * NP), s));
@@ -763,10 +874,10 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
     const unsigned grid1 = unsigned(cuda::ceil_div(P, ROWS));
     if (vec)
       detail::coef_kernel<T, VW, R, ROWS, LO, GM><<<grid1, detail::block, 0, s>>>(
-          packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr, P, cf.ptr, rc.ptr, gext, dz.ptr);
+          packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr(), P, cf.ptr, rc.ptr, gext, dz.ptr);
     else
       detail::coef_kernel<T, 1, R, ROWS, LO, GM><<<grid1, detail::block, 0, s>>>(
-          packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr, P, cf.ptr, rc.ptr, gext, dz.ptr);
+          packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr(), P, cf.ptr, rc.ptr, gext, dz.ptr);
     GRUN_CUDA_CHECK_LAUNCH();
     const float* dhg = mid(static_cast<const float*>(dz.ptr));
 
@@ -777,7 +888,7 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
       constexpr int C = decltype(cw)::value;
       constexpr bool H = decltype(hd)::value && R <= 8;
       detail::slot_kernel<T, C, R, LO, GATED, H><<<grid2, detail::block, 0, s>>>(
-          packed.ptr, ms, dp, K, h, dout, dpos.ptr, P, rps, cf.ptr, rc.ptr, dhg, dh, slots.ptr);
+          packed.ptr, ms, dp, K, h, dout, dpos.ptr(), P, rps, cf.ptr, rc.ptr, dhg, dh, slots.ptr);
     };
     if (vec) {
       if (hold) launch(std::integral_constant<int, 4>{}, std::true_type{});
