@@ -67,10 +67,15 @@ timeout 60 "$bin/bench_cuda" --only intervention_scaling >"$out/extra.txt" 2>&1
 ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
 : >"$out/ncu.txt"
 if [[ -n $ncu ]]; then
-  for kernel in forward_kernel coef_kernel slot_kernel; do
-    timeout 40 "$ncu" --clock-control none -k "regex:$kernel" -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+  # The forward once per schedule (bench_cuda --schedule makes it the run's default, so -c 1 takes it).
+  for job in "forward_kernel stream" "forward_kernel resident" "forward_kernel staged" "coef_kernel stream" \
+             "slot_kernel stream"; do
+    set -- $job
+    echo "== ncu $1 (forward schedule $2)" >>"$out/ncu.txt"
+    timeout 40 "$ncu" --clock-control none -k "regex:$1" -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section Occupancy --section LaunchStats --section WarpStateStats \
-      "$bin/bench_cuda" --only intervention_linear_loreft4 >>"$out/ncu.txt" 2>&1 || echo "ncu $kernel: exit $?" >>"$out/ncu.txt"
+      "$bin/bench_cuda" --only intervention_linear_loreft4 --schedule "$2" >>"$out/ncu.txt" 2>&1 ||
+      echo "ncu $1 ($2): exit $?" >>"$out/ncu.txt"
   done
 else
   echo "no ncu on this machine" >"$out/ncu.txt"

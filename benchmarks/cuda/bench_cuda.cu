@@ -4,8 +4,10 @@
 // The copy bandwidth (cudaMemcpy device→device, read + write counted) is measured in the same run,
 // so "% of copy bandwidth" compares like with like on whatever GPU this runs on.
 //
-//   bench_cuda [--quick] [--only NAME[,NAME…]]
+//   bench_cuda [--quick] [--only NAME[,NAME…]] [--schedule stream|resident|staged]
 //     --quick  smaller sizes (smoke test of the script itself)
+//     --schedule  the fused forward's schedule for the whole run (fused::detail::forward_plan), e.g.
+//              for ncu to profile that one; the others are still timed as …_fwd_<schedule>
 //     --only   run only the named benchmarks (copy_d2d, intervention_linear_loreft4, …_direft4,
 //              …_loreft4_generic, intervention_mlp_loreft4, intervention_scaling, nll, kl, losses, adamw)
 //              — e.g. to profile one kernel under ncu without running the rest
@@ -80,11 +82,16 @@ void bench_copy(index_t bytes) {
   result("copy_d2d", ms, 2.0 * double(bytes));  // one read + one write
 }
 
+/// What bench_intervention times: the path exec::cuda takes (fused kernels where the policies have
+/// them), the generic per-thread path instead (the fallback for other policies), or the fused path
+/// and then its kernels' other schedules (fused::detail::forward_plan / coef_plan).
+enum class timing { fused, generic, fused_and_schedules };
+
 /// Forward, in-place forward and forward+backward of one module over every row of h [T, d] (bf16).
-/// Policies with fused kernels (intervention_fused.cuh, intervention_mlp.cuh) take them through exec::cuda; with
-/// `generic` the generic per-thread path is timed instead (the fallback for other policies).
+/// Policies with fused kernels (intervention_fused.cuh, intervention_mlp.cuh) take them through exec::cuda.
 template <class I>
-void bench_intervention(const std::string& name, index_t T_, index_t d, bool generic = false) {
+void bench_intervention(const std::string& name, index_t T_, index_t d, timing what = timing::fused) {
+  const bool generic = what == timing::generic;
   using P = typename I::template params<bf16, cuda_space>;
   using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
   gc::device_params<P> p(I::template shape<bf16, cuda_space>(d)), g(*p);
@@ -130,41 +137,28 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, bool gen
   // fwd + bwd minimum: fwd reads h, writes h'; bwd reads h and dout, writes dh.
   result((name + "_fwdbwd").c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, slow ? 2 : 5),
          5.0 * elems * 2);
-}
-
-/// The fused forward under each schedule other than the default (fused::detail::forward_plan; the
-/// default is bench_intervention's _fwd), same sizes and data as bench_intervention.
-template <class I>
-void bench_forward_schedules(const std::string& name, index_t T_, index_t d) {
-  using P = typename I::template params<bf16, cuda_space>;
-  using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
-  static_assert(impl::fused, "schedules are the fused forward kernel's");
-  gc::device_params<P> p(I::template shape<bf16, cuda_space>(d));
-  {
-    gc::device_buffer<bf16> tmp(p.size());
-    fill(tmp, 1, -0.05f, 0.05f);
-    GRUN_CUDA_CHECK(cudaMemcpy(p.data(), tmp.data(), sizeof(bf16) * std::size_t(p.size()), cudaMemcpyDeviceToDevice));
+  if constexpr (impl::fused) {
+    if (what != timing::fused_and_schedules) return;
+    // The forward under each schedule but the run's default (timed above as _fwd), then fwd + bwd with
+    // the forward and the coefficient kernel both resident.
+    namespace fd = gc::fused::detail;
+    const auto saved = fd::forward_plan;
+    const auto saved_coef = fd::coef_plan;
+    const std::pair<fd::forward_schedule, const char*> plans[] = {{fd::forward_schedule::stream, "_fwd_stream"},
+                                                                  {fd::forward_schedule::resident, "_fwd_resident"},
+                                                                  {fd::forward_schedule::staged, "_fwd_staged"}};
+    for (const auto& [plan, suffix] : plans) {
+      if (plan == saved) continue;
+      fd::forward_plan = plan;
+      result((name + suffix).c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); }, warm, reps), 2.0 * elems * 2);
+    }
+    fd::forward_plan = fd::forward_schedule::resident;
+    fd::coef_plan = fd::coef_schedule::resident;
+    const std::string both = name + "_fwdbwd_resident";
+    result(both.c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, 5), 5.0 * elems * 2);
+    fd::forward_plan = saved;
+    fd::coef_plan = saved_coef;
   }
-  gc::device_buffer<bf16> h(T_ * d), out(T_ * d), gates(T_);
-  fill(h, 2, -1.f, 1.f);
-  const auto pos = grun::positions::all(T_);
-  const P one[1] = {*p};
-  namespace fd = gc::fused::detail;
-  const auto saved = fd::forward_plan;
-  const std::pair<fd::forward_schedule, const char*> plans[] = {{fd::forward_schedule::stream, "_fwd_stream"},
-                                                                {fd::forward_schedule::resident, "_fwd_resident"},
-                                                                {fd::forward_schedule::staged, "_fwd_staged"}};
-  for (const auto& [plan, suffix] : plans) {
-    if (plan == saved) continue;
-    fd::forward_plan = plan;
-    result((name + suffix).c_str(), time_ms([&] {
-             impl::forward(grun::exec::cuda, std::span<const P>(one), 1.0,
-                           grun::matrix_view<const bf16, cuda_space>(h.data(), {T_, d}), pos,
-                           out.template view<2>({T_, d}), gates.template view<2>({1, T_}));
-           }),
-           2.0 * double(T_ * d) * 2);
-  }
-  fd::forward_plan = saved;
 }
 
 void bench_nll(index_t T_, index_t V) {
@@ -285,8 +279,20 @@ int main(int argc, char** argv) {
         b = std::min(list.find(',', a), list.size());
         if (b > a) only.push_back(list.substr(a, b - a));
       }
+    } else if (std::strcmp(argv[i], "--schedule") == 0 && i + 1 < argc) {
+      namespace fd = gc::fused::detail;
+      const std::string v = argv[++i];
+      if (v == "stream") fd::forward_plan = fd::forward_schedule::stream;
+      else if (v == "resident") fd::forward_plan = fd::forward_schedule::resident;
+      else if (v == "staged") fd::forward_plan = fd::forward_schedule::staged;
+      else {
+        std::fprintf(stderr, "bench_cuda: --schedule expects stream, resident or staged, got '%s'\n", v.c_str());
+        return 2;
+      }
     } else {
-      std::fprintf(stderr, "bench_cuda: unknown argument '%s' (expected --quick, --only NAME[,NAME...])\n", argv[i]);
+      std::fprintf(stderr,
+                   "bench_cuda: unknown argument '%s' (expected --quick, --only NAME[,NAME...], --schedule NAME)\n",
+                   argv[i]);
       return 2;
     }
   }
@@ -303,16 +309,12 @@ int main(int argc, char** argv) {
     using lin_di = grun::gated_intervention<grun::gate::linear, grun::reft::direft<4>>;
     using mlp = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
     const index_t T_ = quick ? 1024 : 16384;
-    if (wanted("intervention_linear_loreft4")) {
-      bench_intervention<lin>("intervention_linear_loreft4", T_, 4096);  // fused
-      bench_forward_schedules<lin>("intervention_linear_loreft4", T_, 4096);
-    }
-    if (wanted("intervention_linear_direft4")) {
-      bench_intervention<lin_di>("intervention_linear_direft4", T_, 4096);
-      bench_forward_schedules<lin_di>("intervention_linear_direft4", T_, 4096);
-    }
+    if (wanted("intervention_linear_loreft4"))
+      bench_intervention<lin>("intervention_linear_loreft4", T_, 4096, timing::fused_and_schedules);
+    if (wanted("intervention_linear_direft4"))
+      bench_intervention<lin_di>("intervention_linear_direft4", T_, 4096, timing::fused_and_schedules);
     if (wanted("intervention_linear_loreft4_generic"))  // the fallback path, for scale
-      bench_intervention<lin>("intervention_linear_loreft4_generic", 1024, 4096, true);
+      bench_intervention<lin>("intervention_linear_loreft4_generic", 1024, 4096, timing::generic);
     if (wanted("intervention_mlp_loreft4"))  // cuBLASLt first layer + fused ReFT
       bench_intervention<mlp>("intervention_mlp_loreft4", T_, 4096);
     if (wanted("intervention_scaling") && !quick) {

@@ -218,6 +218,19 @@ void check(const config& c) {
     CHECK(std::memcmp(gd.data(), gd2.data(), sizeof(T) * gd.size()) == 0);
     const auto dh2 = dhd.download();
     CHECK(std::memcmp(dh2.storage.data(), dh_d.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+    // The coefficient kernel's other schedule (a tuning knob) gives the same bits too.
+    namespace fd = gc::fused::detail;
+    const auto saved = fd::coef_plan;
+    fd::coef_plan = saved == fd::coef_schedule::stream ? fd::coef_schedule::resident : fd::coef_schedule::stream;
+    gc::device_params<Dp> other(I::template shape<T, cuda_space>(d));
+    strided<T> dh3(N, d, ld);
+    cuda_impl::backward(det, std::span<const Dp>(ref.device_views), c.scale, c.trained, cdview<T>(hd.view()), pos,
+                        cdview<T>(doutd.view()), cdview<T>(dgatesd.view()), dh3.view(), *other);
+    fd::coef_plan = saved;
+    const auto gd3 = flat<I, T>(other);
+    CHECK(std::memcmp(gd.data(), gd3.data(), sizeof(T) * gd.size()) == 0);
+    const auto dh3h = dh3.download();
+    CHECK(std::memcmp(dh3h.storage.data(), dh_d.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
   }
   cuda_impl::forward(grun::exec::cuda, std::span<const Dp>(ref.device_views), c.scale, cdview<T>(hd.view()), pos, outv,
                      gatesd.view());

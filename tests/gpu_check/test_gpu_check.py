@@ -67,17 +67,17 @@ def bench_cuda_keys():
     suffixes = re.findall(r'\bresult\(\(name \+ "([A-Za-z0-9_]+)"\)', src)
     calls = re.findall(r'\bbench_intervention<\w+>\("([A-Za-z0-9_]+)"([^;]*)\);', src)
     assert suffixes and calls, "bench_cuda.cu: bench_intervention's result names not found (update this test)"
+    # timing::fused_and_schedules adds the schedule rows: every "_fwd…_<schedule>" name in the file.
+    schedules = set(re.findall(r'"(_fwd\w*_(?:stream|resident|staged))"', src))
+    assert schedules, "bench_cuda.cu: the schedule result names not found (update this test)"
     for name, rest in calls:
-        generic = re.search(r",\s*true$", rest.strip()) is not None
+        generic = "timing::generic" in rest
         for s in suffixes:
             if generic and s == "_fwd_inplace":  # the generic path is timed without an in-place run
                 continue
             keys.add(name + s)
-    # bench_forward_schedules: name + each schedule's suffix of its table.
-    plans = re.findall(r'\{fd::forward_schedule::\w+, "([A-Za-z0-9_]+)"\}', src)
-    sched_calls = re.findall(r'\bbench_forward_schedules<\w+>\("([A-Za-z0-9_]+)"', src)
-    assert plans and sched_calls, "bench_cuda.cu: bench_forward_schedules' result names not found (update this test)"
-    keys.update(name + s for name in sched_calls for s in plans)
+        if "timing::fused_and_schedules" in rest:
+            keys.update(name + s for s in schedules)
     return keys
 
 

@@ -28,8 +28,9 @@
 //                    and staged in shared memory, held in registers, or copied by cp.async — is a
 //                    schedule (forward_schedule below). All K modules of a stack in the same launch.
 //   Positions: when the list selects every row in order, nothing is uploaded (row q is position q).
-//   coef_kernel      backward, per tile of rows: the 3r+1 dots of each module reduced like the forward;
-//                    per-row coefficients (de, dz, s g e) to a small fp32 buffer [P][K][2r+1].
+//   coef_kernel      backward, per tile of rows: the 3r+1 dots of each module reduced like the forward
+//                    (h and dout streamed or held in registers: coef_schedule); per-row coefficients
+//                    (de, dz, s g e) to a small fp32 buffer [P][K][2r+1].
 //   slot_kernel      backward, grid (slot, column block): each slot is a fixed run of consecutive
 //                    positions; a thread owns 4 (or 1) columns, walks the slot's rows, accumulates the
 //                    trained module's 2r+1 gradient rows in registers and writes them to the slot's own
@@ -288,9 +289,11 @@ inline constexpr int max_resident = 4;
 /// with RES vectors per thread and row; ASYNC: the staged schedule (`stage` must be true).
 /// The resident schedule at 3–4 vectors per row asks ptxas for 3 CTAs per SM (≤ 168 registers; it
 /// would take ~197 and fit 2): 96 KiB of loads in flight per SM instead of 64, for a 32-byte spill
-/// (bf16 loreft<4>, ptxas 13.0). To be confirmed on a GPU with the other schedules.
+/// (bf16 loreft<4>, ptxas 13.0). To be confirmed on a GPU with the other schedules. The other
+/// instantiations pass 0 (ptxas's own choice, as with no second argument: an explicit 1 made it take
+/// 146 registers for the streaming forward instead of 96).
 template <class T, int V, int R, int ROWS, bool LO, int GM, int RES, bool ASYNC>
-__global__ void __launch_bounds__(block, RES > 2 ? 3 : 1) forward_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
+__global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) forward_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
                                                         float scale, matrix_view<const T, cuda_space> h,
                                                         const index_t* __restrict__ pos, index_t P,
                                                         matrix_view<T, cuda_space> out, matrix_view<T, cuda_space> gates,
@@ -422,11 +425,21 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 1) forward_kernel(const T
 }
 
 // ---- backward -----------------------------------------------------------------------------------
+/// How the coefficient kernel reads h and dout (a tuning knob like forward_schedule: same bits, tested
+/// and timed; not an interface):
+///   stream    one vector of each row of h and of dout in flight per thread at a time (measured on an
+///             H200: 121 µs at d = 4096, T = 16384 bf16, 47% of DRAM bandwidth);
+///   resident  every vector the thread owns of both (d ≤ max_resident·block·V) loaded up front,
+///             2·ROWS·⌈d/(V·block)⌉ loads in flight per thread (16 at d = 4096 bf16), then the dots.
+enum class coef_schedule { stream, resident };
+inline coef_schedule coef_plan = coef_schedule::stream;
+
 /// Per tile of ROWS positions and every module k: the dots U·h, D·h, w·h, U·x (x = dout row), then
 ///   cf[q][k] = { −[lo] de (coefficient of U in dh) | de (of D) | dz (of w) }            [2r+1]
 ///   rc[q]    = { s g e (of x in dU) | de (of h in dD, −[lo]·it in dU) | dz (of h in dw) } [2r+1], trained k
-template <class T, int V, int R, int ROWS, bool LO, int GM>
-__global__ void __launch_bounds__(block) coef_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
+/// RES > 0: the resident schedule with RES vectors per thread and row (launch bounds as the forward's).
+template <class T, int V, int R, int ROWS, bool LO, int GM, int RES>
+__global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
                                                      index_t trained, float scale, matrix_view<const T, cuda_space> h,
                                                      matrix_view<const T, cuda_space> dout,
                                                      matrix_view<const T, cuda_space> dgates,
@@ -450,19 +463,47 @@ __global__ void __launch_bounds__(block) coef_kernel(const T* __restrict__ pk, i
     hr[rr] = h.row(row);
     xr[rr] = dout.row(row);
   }
+  // resident: the thread's vectors v = threadIdx.x + c·block (c < RES) of every row of h and dout.
+  vec<T, V> held_h[RES > 0 ? RES : 1][ROWS], held_x[RES > 0 ? RES : 1][ROWS];
+  if constexpr (RES > 0) {
+#pragma unroll
+    for (int c = 0; c < RES; ++c) {
+      const index_t v = threadIdx.x + c * block < nvec ? threadIdx.x + c * block : 0;  // clamped: loaded, not used
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr) {
+        held_h[c][rr] = load_raw<T, V>(hr[rr] + v * V);
+        held_x[c][rr] = load_raw<T, V>(xr[rr] + v * V);
+      }
+    }
+  }
   for (index_t k = 0; k < K; ++k) {
     const T* pm = pk + k * ms;
     A a;
 #pragma unroll
     for (int i = 0; i < ROWS * ND; ++i) a.v[i] = 0.f;
-    for (index_t v = threadIdx.x; v < nvec; v += block) {
-      float x[ROWS][V], y[ROWS][V];
+    if constexpr (RES > 0) {
 #pragma unroll
-      for (int rr = 0; rr < ROWS; ++rr) {
-        load_row<T, V>(hr[rr] + v * V, x[rr]);
-        load_row<T, V>(xr[rr] + v * V, y[rr]);
+      for (int c = 0; c < RES; ++c) {
+        const index_t v = threadIdx.x + c * block;
+        if (v >= nvec) break;
+        float x[ROWS][V], y[ROWS][V];
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) {
+          widen<T, V>(held_h[c][rr], x[rr]);
+          widen<T, V>(held_x[c][rr], y[rr]);
+        }
+        accumulate_dots<V, R, ROWS, ND, LO, GATED, true>(pm, dp, v * V, x, y, a.v);
       }
-      accumulate_dots<V, R, ROWS, ND, LO, GATED, true>(pm, dp, v * V, x, y, a.v);
+    } else {
+      for (index_t v = threadIdx.x; v < nvec; v += block) {
+        float x[ROWS][V], y[ROWS][V];
+#pragma unroll
+        for (int rr = 0; rr < ROWS; ++rr) {
+          load_row<T, V>(hr[rr] + v * V, x[rr]);
+          load_row<T, V>(xr[rr] + v * V, y[rr]);
+        }
+        accumulate_dots<V, R, ROWS, ND, LO, GATED, true>(pm, dp, v * V, x, y, a.v);
+      }
     }
     a = BR(tmp).Reduce(a, farr_sum{});
     if (threadIdx.x == 0) {
@@ -872,12 +913,21 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
     constexpr int VW = vec_width<T>;
     const bool vec = detail::vector_rows<T>(h, VW) && detail::vector_rows<T>(dout, VW) && detail::vector_rows<T>(dh, VW);
     const unsigned grid1 = unsigned(cuda::ceil_div(P, ROWS));
-    if (vec)
-      detail::coef_kernel<T, VW, R, ROWS, LO, GM><<<grid1, detail::block, 0, s>>>(
-          packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr(), P, cf.ptr, rc.ptr, gext, dz.ptr);
-    else
-      detail::coef_kernel<T, 1, R, ROWS, LO, GM><<<grid1, detail::block, 0, s>>>(
-          packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr(), P, cf.ptr, rc.ptr, gext, dz.ptr);
+    const index_t per_thread = cuda::ceil_div(d / VW, index_t(detail::block));  // vectors per thread and row
+    const bool resident = detail::coef_plan == detail::coef_schedule::resident && vec && per_thread <= detail::max_resident;
+    auto coefs = [&](auto vw, auto res) {
+      const auto kernel = detail::coef_kernel<T, decltype(vw)::value, R, ROWS, LO, GM, decltype(res)::value>;
+      kernel<<<grid1, detail::block, 0, s>>>(packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr(),
+                                             P, cf.ptr, rc.ptr, gext, dz.ptr);
+    };
+    using vw = std::integral_constant<int, VW>;
+    if (resident) {
+      if (per_thread == 1) coefs(vw{}, std::integral_constant<int, 1>{});
+      else if (per_thread == 2) coefs(vw{}, std::integral_constant<int, 2>{});
+      else coefs(vw{}, std::integral_constant<int, detail::max_resident>{});  // 3 or 4
+    } else {
+      vec ? coefs(vw{}, std::integral_constant<int, 0>{}) : coefs(std::integral_constant<int, 1>{}, std::integral_constant<int, 0>{});
+    }
     GRUN_CUDA_CHECK_LAUNCH();
     const float* dhg = mid(static_cast<const float*>(dz.ptr));
 
