@@ -260,6 +260,18 @@ __device__ __forceinline__ void apply_modules(const P* __restrict__ pk, index_t 
   }
 }
 
+/// The resident schedules' loads: vectors v = threadIdx.x + c·block (c < RES) of every row of a tile,
+/// all issued before any is used (past the row's end the load is clamped to vector 0: made, never used).
+template <class T, int V, int RES, int ROWS>
+__device__ __forceinline__ void load_resident(const T* const (&rows)[ROWS], index_t nvec, vec<T, V> (&held)[RES][ROWS]) {
+#pragma unroll
+  for (int c = 0; c < RES; ++c) {
+    const index_t v = threadIdx.x + c * block < nvec ? threadIdx.x + c * block : 0;
+#pragma unroll
+    for (int rr = 0; rr < ROWS; ++rr) held[c][rr] = load_raw<T, V>(rows[rr] + v * V);
+  }
+}
+
 // ---- forward ------------------------------------------------------------------------------------
 /// How the forward kernel reads its tile of ROWS rows. A tuning knob for benchmarks and tests (every
 /// schedule gives the same bits — each thread sums the same columns in the same order — and the
@@ -325,14 +337,7 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) forward_kernel(const T
 
   // resident: the thread's vectors v = threadIdx.x + c·block (c < RES) of every row of the tile.
   vec<T, V> held[RES > 0 ? RES : 1][ROWS];
-  if constexpr (RES > 0) {
-#pragma unroll
-    for (int c = 0; c < RES; ++c) {
-      const index_t v = threadIdx.x + c * block < nvec ? threadIdx.x + c * block : 0;  // clamped: loaded, not used
-#pragma unroll
-      for (int rr = 0; rr < ROWS; ++rr) held[c][rr] = load_raw<T, V>(hr[rr] + v * V);
-    }
-  }
+  if constexpr (RES > 0) load_resident<T, V>(hr, nvec, held);
   // staged: the tile lands in shared memory by cp.async; the reads below then come from there.
   if constexpr (ASYNC) {
     namespace cg = cooperative_groups;
@@ -466,15 +471,8 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
   // resident: the thread's vectors v = threadIdx.x + c·block (c < RES) of every row of h and dout.
   vec<T, V> held_h[RES > 0 ? RES : 1][ROWS], held_x[RES > 0 ? RES : 1][ROWS];
   if constexpr (RES > 0) {
-#pragma unroll
-    for (int c = 0; c < RES; ++c) {
-      const index_t v = threadIdx.x + c * block < nvec ? threadIdx.x + c * block : 0;  // clamped: loaded, not used
-#pragma unroll
-      for (int rr = 0; rr < ROWS; ++rr) {
-        held_h[c][rr] = load_raw<T, V>(hr[rr] + v * V);
-        held_x[c][rr] = load_raw<T, V>(xr[rr] + v * V);
-      }
-    }
+    load_resident<T, V>(hr, nvec, held_h);
+    load_resident<T, V>(xr, nvec, held_x);
   }
   for (index_t k = 0; k < K; ++k) {
     const T* pm = pk + k * ms;
