@@ -290,7 +290,11 @@ def test_slot():
         check(p.returncode == 3, f"no GPU: exit 3 (got {p.returncode})")
         smi = os.path.join(tmp, "smi")
         write_program(smi, "echo 'Fake GPU 9000, 80000 MiB, 999.1'")
-        p = run(["bash", slot, "--bundle", bundle, "--out", out], dict(os.environ, GRUN_NVIDIA_SMI=smi, PATH="/usr/bin:/bin"))
+        fakebin = os.path.join(tmp, "fakebin")  # an ncu that reports how it was called
+        os.makedirs(fakebin)
+        write_program(os.path.join(fakebin, "ncu"), 'echo "ncu $*"')
+        p = run(["bash", slot, "--bundle", bundle, "--out", out],
+                dict(os.environ, GRUN_NVIDIA_SMI=smi, PATH=f"{fakebin}:/usr/bin:/bin"))
         check(p.returncode == 0, f"passing bundle: exit 0 (got {p.returncode}; {p.stdout[-600:]!r})")
         files = sorted(os.listdir(out)) if os.path.isdir(out) else []
         want = ["env.txt", "extra.txt", "gpu_check.log", "logs.tgz", "memcheck.txt", "ncu.txt", "results.txt"]
@@ -301,6 +305,14 @@ def test_slot():
         if "extra.txt" in files:
             with open(os.path.join(out, "extra.txt")) as f:
                 check("args --only intervention_scaling" in f.read(), "extra.txt: bench_cuda --only intervention_scaling")
+        if "ncu.txt" in files:
+            with open(os.path.join(out, "ncu.txt")) as f:
+                ncu = f.read()
+            for kernel, schedule in [("forward_kernel", "stream"), ("forward_kernel", "resident"),
+                                     ("forward_kernel", "staged"), ("coef_kernel", "stream"), ("slot_kernel", "stream")]:
+                check(any(f"-k regex:{kernel} -c 1" in line and line.endswith(f"--schedule {schedule}")
+                          for line in ncu.splitlines()),
+                      f"ncu.txt: {kernel} profiled (forward schedule {schedule})")
 
 
 {"no_gpu": test_no_gpu, "keys": test_keys, "table": test_table, "prebuilt": test_prebuilt, "slot": test_slot}[MODE]()
