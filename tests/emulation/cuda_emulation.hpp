@@ -1,0 +1,128 @@
+#pragma once
+// tests/emulation/cuda_emulation.hpp — runs grun's CUDA kernels on the CPU, for machines without a GPU.
+//
+// Force-included (g++ -include) before every source of an emulated test. The CUDA toolkit's own
+// headers supply the runtime's types, enums and prototypes (and the host halves of __half and
+// __nv_bfloat16); runtime.cpp defines the runtime functions over host memory, and this header
+// turns the device dialect into host C++:
+//
+//   - a launch `k<<<grid, block, smem, stream>>>(args)` is rewritten by rewrite_launches.py into a
+//     call of ::grun_emu::launch(grid, block, smem, stream); each CTA then runs as blockDim fibers
+//     (ucontext, each with its own stack) on the launching thread, CTAs one after another, the
+//     fibers of a CTA in thread order — deterministic, and a barrier costs a context switch, not
+//     a wake-up of blockDim OS threads;
+//   - __syncthreads() parks the fiber until every fiber of the CTA has parked or returned (a thread
+//     that returns stops counting for the CTA's barriers, as an exited thread does for bar.sync);
+//   - __shared__ is `static`: every thread of the CTA sees one object, and CTAs never overlap;
+//     dynamic shared memory (extern __shared__ x[]) is a per-CTA buffer filled with 0xFF bytes
+//     (NaN for every float type), so a read before a write shows;
+//   - cub::BlockReduce, cooperative_groups::memcpy_async and thrust::device_vector are the small
+//     shims under include/, written to the same contracts (the result of a block reduction is only
+//     defined in thread 0; memcpy_async checks the alignment its aligned_size_t promises).
+//
+// What it checks that a CPU test of the host path cannot: the kernels' indexing, tiling, launch
+// shapes (grid and block limits, 48 KiB of dynamic shared memory, an empty grid is an error as
+// on the device), barriers, the host-side scratch and copies, and — under AddressSanitizer —
+// every out-of-bounds access to device memory. What it cannot: timing, warp-synchronous code,
+// memory-model races between CTAs, and the device's own float rounding of fused operations.
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include <cstddef>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+// ---- the device dialect as host C++ ------------------------------------------------------------
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __shared__
+#undef __constant__
+#undef __launch_bounds__
+#undef __forceinline__
+#undef __noinline__
+#define __global__
+#define __device__
+#define __host__
+#define __shared__ static
+#define __constant__ static
+#define __launch_bounds__(...)
+#define __forceinline__ inline
+#define __noinline__
+
+namespace grun_emu {
+
+/// Where a thread stands in the launch: the built-in variables and the CTA's dynamic shared memory.
+struct thread_context {
+  uint3 thread{0, 0, 0};
+  uint3 block{0, 0, 0};
+  dim3 block_dim{1, 1, 1};
+  dim3 grid_dim{1, 1, 1};
+  unsigned char* dynamic_shared = nullptr;
+};
+/// The running fiber's: the scheduler sets it before it switches to a fiber.
+inline thread_local thread_context context;
+
+/// A broken device-side promise (a misaligned async copy, a block reduction over the wrong CTA
+/// size): the device would fault or compute garbage, so the emulation stops, naming the thread.
+[[noreturn]] void fail_device(const char* what);
+
+/// __syncthreads(): parks the calling fiber until the CTA's barrier opens (runtime.cpp).
+void sync_cta();
+inline unsigned char* dynamic_shared() { return context.dynamic_shared; }
+
+/// Linear rank of the calling thread in its CTA (x fastest, as on the device).
+inline unsigned thread_rank() {
+  const auto& c = context;
+  return c.thread.x + c.block_dim.x * (c.thread.y + c.block_dim.y * c.thread.z);
+}
+inline unsigned cta_size() { return context.block_dim.x * context.block_dim.y * context.block_dim.z; }
+
+struct launch_config {
+  dim3 grid;
+  dim3 block;
+  std::size_t dynamic_shared_bytes = 0;
+  cudaStream_t stream = nullptr;
+};
+
+/// Runs body() on every thread of every CTA of the grid (defined in runtime.cpp). A bad
+/// configuration runs nothing and becomes the runtime's last error, as a failed launch does.
+void run_grid(const launch_config& config, void (*body)(void*), void* closure);
+
+/// `launch(grid, block, smem, stream)(body, args...)`: the arguments are evaluated once and
+/// copied to every thread, which calls body(its copies...) — body calls the kernel, whose by-value
+/// parameters then get their own copies, as kernel parameters are.
+struct launcher {
+  launch_config config;
+  template <class Body, class... Args>
+  void operator()(Body body, Args&&... args) const {
+    struct closure_t {
+      Body body;
+      std::tuple<std::decay_t<Args>...> args;
+    } closure{body, std::tuple<std::decay_t<Args>...>(std::forward<Args>(args)...)};
+    run_grid(
+        config, [](void* p) { auto& c = *static_cast<closure_t*>(p); std::apply(c.body, std::as_const(c.args)); },
+        &closure);
+  }
+};
+
+inline launcher launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes = 0, cudaStream_t stream = nullptr) {
+  return {{grid, block, dynamic_shared_bytes, stream}};
+}
+
+}  // namespace grun_emu
+
+#define threadIdx (::grun_emu::context.thread)
+#define blockIdx (::grun_emu::context.block)
+#define blockDim (::grun_emu::context.block_dim)
+#define gridDim (::grun_emu::context.grid_dim)
+
+inline void __syncthreads() { ::grun_emu::sync_cta(); }
+
+/// The read-only data cache is an optimisation; the value is the load's.
+template <class T>
+inline T __ldg(const T* p) {
+  return *p;
+}

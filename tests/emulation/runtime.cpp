@@ -1,0 +1,335 @@
+// tests/emulation/runtime.cpp — the CUDA runtime calls grun makes, over host memory, and the grid
+// runner behind cuda_emulation.hpp's launches. One emulated device (device 0); every stream is
+// synchronous, so stream order is program order.
+//
+// Device memory is host memory the runtime keeps a table of: cudaPointerGetAttributes answers
+// from it, and every copy and memset checks its ranges against it (a copy that runs off an
+// allocation, or names the wrong direction, fails with the error the runtime would give instead of
+// scribbling). Fresh allocations are filled with 0xFF bytes (NaN in every float type, −1 in
+// integers): a kernel that reads what no one wrote shows in the results.
+#include <cuda_emulation.hpp>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <vector>
+
+#include <ucontext.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+namespace grun_emu {
+namespace {
+
+std::mutex table_mutex;
+std::map<std::uintptr_t, std::size_t>& allocations() {
+  static std::map<std::uintptr_t, std::size_t> table;  // start → size
+  return table;
+}
+cudaError_t last_error = cudaSuccess;
+
+constexpr std::size_t device_alignment = 256;  // what cudaMalloc guarantees
+constexpr std::size_t dynamic_shared_limit = 48 * 1024;  // without cudaFuncSetAttribute opt-in
+
+/// The allocation holding [p, p + bytes), or none.
+bool in_device_memory(const void* p, std::size_t bytes) {
+  const std::lock_guard lock(table_mutex);
+  const auto a = std::uintptr_t(p);
+  auto it = allocations().upper_bound(a);
+  if (it == allocations().begin()) return false;
+  --it;
+  return a >= it->first && a + bytes <= it->first + it->second;
+}
+bool is_device_pointer(const void* p) { return in_device_memory(p, 1); }
+
+cudaError_t fail(cudaError_t e) {
+  last_error = e;
+  return e;
+}
+
+cudaError_t allocate(void** p, std::size_t bytes) {
+  if (p == nullptr) return fail(cudaErrorInvalidValue);
+  *p = nullptr;
+  if (bytes == 0) return cudaSuccess;
+  void* mem = std::aligned_alloc(device_alignment, (bytes + device_alignment - 1) / device_alignment * device_alignment);
+  if (mem == nullptr) return fail(cudaErrorMemoryAllocation);
+  std::memset(mem, 0xFF, bytes);
+  const std::lock_guard lock(table_mutex);
+  allocations()[std::uintptr_t(mem)] = bytes;
+  *p = mem;
+  return cudaSuccess;
+}
+
+cudaError_t release(void* p) {
+  if (p == nullptr) return cudaSuccess;
+  {
+    const std::lock_guard lock(table_mutex);
+    if (allocations().erase(std::uintptr_t(p)) == 0) return fail(cudaErrorInvalidValue);
+  }
+  std::free(p);
+  return cudaSuccess;
+}
+
+/// One end of a copy: device memory (the whole span inside one allocation) where the kind says
+/// device, memory the runtime does not know where it says host; cudaMemcpyDefault takes either.
+enum class side { host, device, either };
+bool end_allowed(const void* p, std::size_t span, side want) {
+  if (want == side::device) return in_device_memory(p, span);
+  if (want == side::host) return !is_device_pointer(p);
+  return in_device_memory(p, span) || !is_device_pointer(p);
+}
+/// Whether a copy from [src, src + sspan) to [dst, dst + dspan) is legal for `kind`.
+bool copy_allowed(void* dst, std::size_t dspan, const void* src, std::size_t sspan, cudaMemcpyKind kind) {
+  if (dspan == 0) return true;
+  switch (kind) {
+    case cudaMemcpyHostToHost: return end_allowed(dst, dspan, side::host) && end_allowed(src, sspan, side::host);
+    case cudaMemcpyHostToDevice: return end_allowed(dst, dspan, side::device) && end_allowed(src, sspan, side::host);
+    case cudaMemcpyDeviceToHost: return end_allowed(dst, dspan, side::host) && end_allowed(src, sspan, side::device);
+    case cudaMemcpyDeviceToDevice: return end_allowed(dst, dspan, side::device) && end_allowed(src, sspan, side::device);
+    case cudaMemcpyDefault: return end_allowed(dst, dspan, side::either) && end_allowed(src, sspan, side::either);
+  }
+  return false;
+}
+
+cudaError_t copy_2d(void* dst, std::size_t dpitch, const void* src, std::size_t spitch, std::size_t width,
+                    std::size_t height, cudaMemcpyKind kind) {
+  if (height == 0 || width == 0) return cudaSuccess;
+  if (dpitch < width || spitch < width) return fail(cudaErrorInvalidPitchValue);
+  if (!copy_allowed(dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width, kind))
+    return fail(cudaErrorInvalidValue);
+  for (std::size_t row = 0; row < height; ++row)
+    std::memmove(static_cast<unsigned char*>(dst) + row * dpitch, static_cast<const unsigned char*>(src) + row * spitch,
+                 width);
+  return cudaSuccess;
+}
+
+cudaError_t set_2d(void* p, std::size_t pitch, int value, std::size_t width, std::size_t height) {
+  if (height == 0 || width == 0) return cudaSuccess;
+  if (pitch < width) return fail(cudaErrorInvalidPitchValue);
+  if (!in_device_memory(p, pitch * (height - 1) + width)) return fail(cudaErrorInvalidValue);
+  for (std::size_t row = 0; row < height; ++row) std::memset(static_cast<unsigned char*>(p) + row * pitch, value, width);
+  return cudaSuccess;
+}
+
+int pool_token;  // the one emulated pool: stream-ordered allocations are plain ones here
+
+}  // namespace
+
+void fail_device(const char* what) {
+  const auto& c = context;
+  std::fprintf(stderr, "grun CUDA emulation: %s (block %u,%u,%u thread %u,%u,%u)\n", what, c.block.x, c.block.y,
+               c.block.z, c.thread.x, c.thread.y, c.thread.z);
+  std::abort();
+}
+
+namespace {
+
+// ---- the CTA as fibers --------------------------------------------------------------------------
+// AddressSanitizer follows stack switches only when told (the fibers' stacks are heap memory).
+#if defined(__SANITIZE_ADDRESS__)
+void start_switch(void** fake_stack, const void* bottom, std::size_t size) {
+  __sanitizer_start_switch_fiber(fake_stack, bottom, size);
+}
+/// `from_bottom`/`from_size`, when given, receive the stack switched away from.
+void finish_switch(void* fake_stack, const void** from_bottom = nullptr, std::size_t* from_size = nullptr) {
+  __sanitizer_finish_switch_fiber(fake_stack, from_bottom, from_size);
+}
+#else
+void start_switch(void**, const void*, std::size_t) {}
+void finish_switch(void*, const void** = nullptr, std::size_t* = nullptr) {}
+#endif
+
+constexpr std::size_t fiber_stack_bytes = 64 * 1024;  // kernels keep register arrays on it; ASan pads frames
+
+struct fiber {
+  ucontext_t context{};
+  std::unique_ptr<unsigned char[]> stack{new unsigned char[fiber_stack_bytes]};
+  uint3 thread{};
+  bool done = false;
+};
+
+/// The scheduler of the CTA that runs on this thread.
+struct cta_scheduler {
+  ucontext_t context{};
+  void* fake_stack = nullptr;
+  const void* stack_bottom = nullptr;  // the launching thread's stack (ASan learns it at the first switch)
+  std::size_t stack_size = 0;
+  fiber* running = nullptr;
+  void (*body)(void*) = nullptr;
+  void* closure = nullptr;
+};
+thread_local cta_scheduler scheduler;
+
+/// Back to the scheduler: from a parked fiber (to be resumed) or a finished one (never resumed).
+void leave_fiber(bool finished) {
+  void* fake = nullptr;
+  start_switch(finished ? nullptr : &fake, scheduler.stack_bottom, scheduler.stack_size);
+  swapcontext(&scheduler.running->context, &scheduler.context);
+  finish_switch(fake);
+}
+
+void fiber_entry() {
+  finish_switch(nullptr, &scheduler.stack_bottom, &scheduler.stack_size);
+  scheduler.body(scheduler.closure);
+  scheduler.running->done = true;
+  leave_fiber(true);
+}
+
+void resume(fiber& f, const thread_context& where) {
+  scheduler.running = &f;
+  context = where;
+  start_switch(&scheduler.fake_stack, f.stack.get(), fiber_stack_bytes);
+  swapcontext(&scheduler.context, &f.context);
+  finish_switch(scheduler.fake_stack);
+}
+
+}  // namespace
+
+void sync_cta() { leave_fiber(false); }
+
+void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
+  const dim3 g = config.grid, b = config.block;
+  const unsigned long long threads = 1ull * b.x * b.y * b.z;
+  const bool shape_ok = g.x >= 1 && g.y >= 1 && g.z >= 1 && g.x <= 0x7fffffffu && g.y <= 65535 && g.z <= 65535 &&
+                        b.x >= 1 && b.y >= 1 && b.z >= 1 && b.x <= 1024 && b.y <= 1024 && b.z <= 64 && threads <= 1024;
+  if (!shape_ok || config.dynamic_shared_bytes > dynamic_shared_limit) {
+    fail(cudaErrorInvalidConfiguration);
+    return;
+  }
+  if (scheduler.running != nullptr) fail_device("a kernel launched from a kernel (dynamic parallelism is not emulated)");
+  scheduler.body = body;
+  scheduler.closure = closure;
+  // Fibers (and their stacks) are kept for the next launch: fresh 512 KiB stacks per launch were
+  // most of the emulation's time (mapped, faulted in and unmapped again by the kernel).
+  static thread_local std::vector<fiber> pool;
+  if (pool.size() < threads) pool.resize(static_cast<std::size_t>(threads));
+  const std::span<fiber> cta(pool.data(), static_cast<std::size_t>(threads));
+  for (unsigned tz = 0, i = 0; tz < b.z; ++tz)
+    for (unsigned ty = 0; ty < b.y; ++ty)
+      for (unsigned tx = 0; tx < b.x; ++tx, ++i) cta[i].thread = {tx, ty, tz};
+  const std::size_t shared_bytes = (config.dynamic_shared_bytes + 127) / 128 * 128 + 128;
+  const auto shared = std::unique_ptr<unsigned char[], decltype(&std::free)>(
+      static_cast<unsigned char*>(std::aligned_alloc(128, shared_bytes)), &std::free);
+  for (unsigned z = 0; z < g.z; ++z)
+    for (unsigned y = 0; y < g.y; ++y)
+      for (unsigned x = 0; x < g.x; ++x) {
+        // 0xFF-filled per CTA: the device's shared memory holds whatever the last CTA left.
+        std::memset(shared.get(), 0xFF, shared_bytes);
+        for (auto& f : cta) {
+          f.done = false;
+          getcontext(&f.context);
+          f.context.uc_stack.ss_sp = f.stack.get();
+          f.context.uc_stack.ss_size = fiber_stack_bytes;
+          f.context.uc_link = nullptr;
+          makecontext(&f.context, fiber_entry, 0);
+        }
+        // Rounds: every fiber runs until it parks at a barrier or returns; then the barrier opens
+        // for those parked (the returned ones no longer count) and the next round starts.
+        for (bool live = true; live;) {
+          live = false;
+          for (auto& f : cta) {
+            if (f.done) continue;
+            resume(f, thread_context{f.thread, {x, y, z}, b, g, shared.get()});
+            live = live || !f.done;
+          }
+        }
+        scheduler.running = nullptr;
+      }
+}
+
+}  // namespace grun_emu
+
+using namespace grun_emu;
+
+extern "C" {
+
+cudaError_t CUDARTAPI cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaGetLastError(void) { return std::exchange(last_error, cudaSuccess); }
+cudaError_t CUDARTAPI cudaPeekAtLastError(void) { return last_error; }
+const char* CUDARTAPI cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidPitchValue: return "cudaErrorInvalidPitchValue";
+    default: return "cudaError (emulated)";
+  }
+}
+const char* CUDARTAPI cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidPitchValue: return "invalid pitch argument";
+    default: return "error (emulated runtime)";
+  }
+}
+
+cudaError_t CUDARTAPI cudaMalloc(void** p, size_t bytes) { return allocate(p, bytes); }
+cudaError_t CUDARTAPI cudaFree(void* p) { return release(p); }
+cudaError_t CUDARTAPI cudaMallocFromPoolAsync(void** p, size_t bytes, cudaMemPool_t, cudaStream_t) {
+  return allocate(p, bytes);
+}
+cudaError_t CUDARTAPI cudaFreeAsync(void* p, cudaStream_t) { return release(p); }
+cudaError_t CUDARTAPI cudaMemPoolCreate(cudaMemPool_t* pool, const struct cudaMemPoolProps*) {
+  *pool = reinterpret_cast<cudaMemPool_t>(&pool_token);
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaMemPoolSetAttribute(cudaMemPool_t, enum cudaMemPoolAttr, void*) { return cudaSuccess; }
+cudaError_t CUDARTAPI cudaMemPoolTrimTo(cudaMemPool_t, size_t) { return cudaSuccess; }
+
+cudaError_t CUDARTAPI cudaPointerGetAttributes(struct cudaPointerAttributes* attr, const void* p) {
+  *attr = cudaPointerAttributes{};
+  if (is_device_pointer(p)) {
+    attr->type = cudaMemoryTypeDevice;
+    attr->device = 0;
+    attr->devicePointer = const_cast<void*>(p);
+  } else {
+    attr->type = cudaMemoryTypeUnregistered;
+    attr->hostPointer = const_cast<void*>(p);
+  }
+  return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaMemcpy(void* dst, const void* src, size_t bytes, enum cudaMemcpyKind kind) {
+  return copy_2d(dst, bytes, src, bytes, bytes, 1, kind);
+}
+cudaError_t CUDARTAPI cudaMemcpyAsync(void* dst, const void* src, size_t bytes, enum cudaMemcpyKind kind, cudaStream_t) {
+  return cudaMemcpy(dst, src, bytes, kind);
+}
+cudaError_t CUDARTAPI cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+                                   enum cudaMemcpyKind kind) {
+  return copy_2d(dst, dpitch, src, spitch, width, height, kind);
+}
+cudaError_t CUDARTAPI cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                                        size_t height, enum cudaMemcpyKind kind, cudaStream_t) {
+  return copy_2d(dst, dpitch, src, spitch, width, height, kind);
+}
+cudaError_t CUDARTAPI cudaMemset(void* p, int value, size_t bytes) { return set_2d(p, bytes, value, bytes, 1); }
+cudaError_t CUDARTAPI cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
+  return set_2d(p, bytes, value, bytes, 1);
+}
+cudaError_t CUDARTAPI cudaMemset2D(void* p, size_t pitch, int value, size_t width, size_t height) {
+  return set_2d(p, pitch, value, width, height);
+}
+cudaError_t CUDARTAPI cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height, cudaStream_t) {
+  return set_2d(p, pitch, value, width, height);
+}
+cudaError_t CUDARTAPI cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t CUDARTAPI cudaDeviceSynchronize(void) { return cudaSuccess; }
+
+}  // extern "C"
