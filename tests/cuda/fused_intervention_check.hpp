@@ -169,9 +169,11 @@ void check(const config& c) {
   using host_impl = grun::detail::intervention_impl<grun::exec::host_t, I>;
   using cuda_impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
 
-  // The gradients' reference in double on the same stored values: a bias gradient is one sum over
-  // P rows with heavy cancellation, where the fp32 host and the device (another summation order)
-  // each carry ~1e-5 of rounding — comparing two fp32 results would test the rounding, not the kernel.
+  // The reference is exec::host in double on the same stored values, for every result: a bias
+  // gradient is one sum over P rows with heavy cancellation, where the fp32 host and the device
+  // (another summation order) each carry ~1e-5 of rounding, and at d = 4096 (K = 2) the fp32 host's
+  // own dh is 1.5e-5 from the double one — comparing two fp32 results would test the rounding, not
+  // the kernel. Against the exact result the device must hold the tolerance on its own.
   using Hd = hparams<I, double>;
   std::vector<grun::owned_params<Hd>> hmd;
   std::vector<Hd> hvd;
@@ -186,7 +188,9 @@ void check(const config& c) {
     return w;
   };
   const auto h_wide = widen(ref.h), dout_wide = widen(ref.dout), dgates_wide = widen(ref.dgates);
-  grun::host_matrix<double> dh_wide(N, d);
+  grun::host_matrix<double> out_wide(N, d), gates_wide(K, P), dh_wide(N, d);
+  host_impl::forward(grun::exec::host, std::span<const Hd>(hvd), c.scale, grun::matrix_view<const double>(h_wide.view()),
+                     pos, out_wide.view(), gates_wide.view());
   grun::owned_params<Hd> grads_wide(I::template shape<double>(d));
   host_impl::backward(grun::exec::host, std::span<const Hd>(hvd), c.scale, c.trained,
                       grun::matrix_view<const double>(h_wide.view()), pos, grun::matrix_view<const double>(dout_wide.view()),
@@ -259,9 +263,9 @@ void check(const config& c) {
   }
 
   const double tol = grun::test::tolerance<T>();
-  CHECK(grun::test::rel_error(out_d.storage.span(), ref.out.storage.span()) < tol);
-  if (P > 0) CHECK(grun::test::rel_error(gatesd.to_host().storage.span(), ref.gates.storage.span()) < tol);
-  CHECK(grun::test::rel_error(dh_d.storage.span(), ref.dh.storage.span()) < tol);
+  CHECK(grun::test::rel_error(out_d.storage.span(), out_wide.storage.span()) < tol);
+  if (P > 0) CHECK(grun::test::rel_error(gatesd.to_host().storage.span(), gates_wide.storage.span()) < tol);
+  CHECK(grun::test::rel_error(dh_d.storage.span(), dh_wide.storage.span()) < tol);
   if (P > 0) {
     // Each parameter tensor on its own scale (bias gradients are sums over P rows, weights over P·d).
     const std::vector<double> gh(grads_wide.data(), grads_wide.data() + grads_wide.size());

@@ -29,8 +29,9 @@
 //                    schedule (forward_schedule below). All K modules of a stack in the same launch.
 //   Positions: when the list selects every row in order, nothing is uploaded (row q is position q).
 //   coef_kernel      backward, per tile of rows: the 3r+1 dots of each module reduced like the forward
-//                    (h and dout streamed or held in registers: coef_schedule); per-row coefficients
-//                    (de, dz, s g e) to a small fp32 buffer [P][K][2r+1].
+//                    (h and dout streamed or held in registers: coef_schedule; accumulated in fp64 for
+//                    fp32 storage, see the kernel); per-row coefficients (de, dz, s g e) to a small
+//                    fp32 buffer [P][K][2r+1].
 //   slot_kernel      backward, grid (slot, column block): each slot is a fixed run of consecutive
 //                    positions; a thread owns 4 (or 1) columns, walks the slot's rows, accumulates the
 //                    trained module's 2r+1 gradient rows in registers and writes them to the slot's own
@@ -93,20 +94,23 @@ inline constexpr int block = 128;  // threads per CTA of every fused kernel
 /// module and position in fp32 [K][P], e.g. by the mlp gate's GEMM + epilogue; dL/dz exported).
 inline constexpr int gate_none = 0, gate_linear = 1, gate_external = 2;
 
-/// N floats reduced as one value by cub::BlockReduce (one reduction for all dots of a tile).
-template <int N>
+/// N accumulators reduced as one value by cub::BlockReduce (one reduction for all dots of a tile).
+template <int N, class Acc = float>
 struct farr {
-  float v[N];
+  Acc v[N];
 };
 struct farr_sum {
-  template <int N>
-  __device__ __forceinline__ farr<N> operator()(const farr<N>& a, const farr<N>& b) const {
-    farr<N> c;
+  template <int N, class Acc>
+  __device__ __forceinline__ farr<N, Acc> operator()(const farr<N, Acc>& a, const farr<N, Acc>& b) const {
+    farr<N, Acc> c;
 #pragma unroll
     for (int i = 0; i < N; ++i) c.v[i] = a.v[i] + b.v[i];
     return c;
   }
 };
+/// a + p·x in the accumulator's precision (the product of two floats is exact in double).
+__device__ __forceinline__ float multiply_add(float p, float x, float a) { return fmaf(p, x, a); }
+__device__ __forceinline__ double multiply_add(float p, float x, double a) { return fma(double(p), double(x), a); }
 
 /// V consecutive stored elements as one aligned V·sizeof(T)-byte load, and their conversion to
 /// float — apart, so that a kernel can issue several loads before it uses the first.
@@ -220,9 +224,9 @@ __device__ __forceinline__ index_t row_at(const index_t* __restrict__ pos, index
 ///   a[rr·S + i]        += P_i · x_rr   for U (i < R, loreft only), D (R ≤ i < 2R), w (i = 2R, gated only)
 ///   a[rr·S + 2R+1 + i] += U_i · y_rr   (Y: the backward's dout rows; the forward passes Y = false)
 /// Each parameter vector is loaded once for all ROWS rows of the tile.
-template <int V, int R, int ROWS, int S, bool LO, bool GATED, bool Y, class P>
+template <int V, int R, int ROWS, int S, bool LO, bool GATED, bool Y, class P, class Acc>
 __device__ __forceinline__ void accumulate_dots(const P* __restrict__ pm, index_t dp, index_t col,
-                                                const float (&x)[ROWS][V], const float (&y)[ROWS][V], float* a) {
+                                                const float (&x)[ROWS][V], const float (&y)[ROWS][V], Acc* a) {
   constexpr int NP = 2 * R + 1;
 #pragma unroll
   for (int i = 0; i < NP; ++i) {
@@ -234,8 +238,8 @@ __device__ __forceinline__ void accumulate_dots(const P* __restrict__ pm, index_
     for (int rr = 0; rr < ROWS; ++rr)
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        if (for_x) a[rr * S + i] = fmaf(p[e], x[rr][e], a[rr * S + i]);
-        if (for_y) a[rr * S + NP + i] = fmaf(p[e], y[rr][e], a[rr * S + NP + i]);
+        if (for_x) a[rr * S + i] = multiply_add(p[e], x[rr][e], a[rr * S + i]);
+        if (for_y) a[rr * S + NP + i] = multiply_add(p[e], y[rr][e], a[rr * S + NP + i]);
       }
   }
 }
@@ -443,6 +447,14 @@ inline coef_schedule coef_plan = coef_schedule::stream;
 ///   cf[q][k] = { −[lo] de (coefficient of U in dh) | de (of D) | dz (of w) }            [2r+1]
 ///   rc[q]    = { s g e (of x in dU) | de (of h in dD, −[lo]·it in dU) | dz (of h in dw) } [2r+1], trained k
 /// RES > 0: the resident schedule with RES vectors per thread and row (launch bounds as the forward's).
+///
+/// fp32 storage accumulates these dots in fp64. dL/dg = s Σ_i e_i ux_i cancels (e_i = D_i·h + b_i −
+/// U_i·h is itself a difference of dots), so every fp32 rounding along a dot over d is magnified in
+/// dz and in the gate's gradients: at d = 4096 with fp32 chains they came out 5e-5 from the exact
+/// (fp64) result, against the 1e-5 fp32 storage is held to. A product of two floats is exact in
+/// double, so fp64 chains leave only the final roundings. Costs 3r+1 DFMA per element and module —
+/// at the FP64 rate of an H100/H200 (half the FP32 rate) well under the memory time; 16-bit storage
+/// (held to 2e-2, and the fast path) keeps fp32.
 template <class T, int V, int R, int ROWS, bool LO, int GM, int RES>
 __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
                                                      index_t trained, float scale, matrix_view<const T, cuda_space> h,
@@ -453,7 +465,8 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
                                                      float* __restrict__ dzext) {
   constexpr int NP = 2 * R + 1, ND = 3 * R + 1;
   constexpr bool GATED = GM == gate_linear;
-  using A = farr<ROWS * ND>;
+  using Acc = std::conditional_t<std::is_same_v<T, float>, double, float>;
+  using A = farr<ROWS * ND, Acc>;
   using BR = cub::BlockReduce<A, block>;
   __shared__ typename BR::TempStorage tmp;
   const index_t d = h.extent(1), nvec = d / V;
@@ -478,7 +491,7 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
     const T* pm = pk + k * ms;
     A a;
 #pragma unroll
-    for (int i = 0; i < ROWS * ND; ++i) a.v[i] = 0.f;
+    for (int i = 0; i < ROWS * ND; ++i) a.v[i] = Acc(0);
     if constexpr (RES > 0) {
 #pragma unroll
       for (int c = 0; c < RES; ++c) {
@@ -510,16 +523,18 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
       for (int rr = 0; rr < ROWS; ++rr) {
         if (rr >= nr) break;
         const index_t q = q0 + rr;
-        const float* ar = a.v + rr * ND;
-        const float z = GATED ? dload(sc + R) + ar[2 * R] : 0.f;
+        const Acc* ar = a.v + rr * ND;
+        const float z = GATED ? float(dload(sc + R) + ar[2 * R]) : 0.f;
         const float g = GATED ? dsigmoid(z) : GM == gate_external ? gext[k * P + q] : 1.f;
-        float dg = has_dg ? dload(&dgates(k, q)) : 0.f;
+        Acc dg_acc = has_dg ? dload(&dgates(k, q)) : 0.f;
         float e[R];
 #pragma unroll
         for (int i = 0; i < R; ++i) {
-          e[i] = ar[R + i] + dload(sc + i) - (LO ? ar[i] : 0.f);
-          dg += scale * e[i] * ar[NP + i];
+          const Acc ei = ar[R + i] + dload(sc + i) - (LO ? ar[i] : Acc(0));
+          dg_acc += scale * ei * ar[NP + i];
+          e[i] = float(ei);
         }
+        const float dg = float(dg_acc);
         // dL/dz of the gate's last pre-activation (g = σ(z) for linear and mlp alike): σ'(z) = σ(z) σ(−z).
         // With z at hand (linear) 1 − g is σ(−z) itself — for a nearly open gate (z ≈ 12) 1 − g in
         // fp32 keeps ~2 digits, and one such row put a bias gradient 3e-5 off the double reference.
@@ -528,7 +543,7 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
         float* c = cf + (q * K + k) * NP;
 #pragma unroll
         for (int i = 0; i < R; ++i) {
-          const float de = scale * g * ar[NP + i];
+          const float de = scale * g * float(ar[NP + i]);
           c[i] = LO ? -de : 0.f;
           c[R + i] = de;
         }
@@ -538,7 +553,7 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
 #pragma unroll
           for (int i = 0; i < R; ++i) {
             t[i] = scale * g * e[i];
-            t[R + i] = scale * g * ar[NP + i];
+            t[R + i] = scale * g * float(ar[NP + i]);
           }
           t[2 * R] = GATED ? dz : 0.f;
         }
