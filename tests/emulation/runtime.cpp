@@ -20,7 +20,13 @@
 
 #include <ucontext.h>
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
+#define GRUN_EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define GRUN_EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define GRUN_EMU_POISON(p, n) ((void)(p), (void)(n))
+#define GRUN_EMU_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
 
 namespace grun_emu {
@@ -56,9 +62,13 @@ cudaError_t allocate(void** p, std::size_t bytes) {
   if (p == nullptr) return fail(cudaErrorInvalidValue);
   *p = nullptr;
   if (bytes == 0) return cudaSuccess;
-  void* mem = std::aligned_alloc(device_alignment, (bytes + device_alignment - 1) / device_alignment * device_alignment);
+  const std::size_t rounded = (bytes + device_alignment - 1) / device_alignment * device_alignment;
+  void* mem = std::aligned_alloc(device_alignment, rounded);
   if (mem == nullptr) return fail(cudaErrorMemoryAllocation);
   std::memset(mem, 0xFF, bytes);
+  // The rounding is padding, not the allocation: an access past `bytes` is reported, as
+  // compute-sanitizer reports it on the device (where it would pass silently otherwise).
+  GRUN_EMU_POISON(static_cast<unsigned char*>(mem) + bytes, rounded - bytes);
   const std::lock_guard lock(table_mutex);
   allocations()[std::uintptr_t(mem)] = bytes;
   *p = mem;
@@ -67,10 +77,15 @@ cudaError_t allocate(void** p, std::size_t bytes) {
 
 cudaError_t release(void* p) {
   if (p == nullptr) return cudaSuccess;
+  std::size_t bytes = 0;
   {
     const std::lock_guard lock(table_mutex);
-    if (allocations().erase(std::uintptr_t(p)) == 0) return fail(cudaErrorInvalidValue);
+    const auto it = allocations().find(std::uintptr_t(p));
+    if (it == allocations().end()) return fail(cudaErrorInvalidValue);
+    bytes = it->second;
+    allocations().erase(it);
   }
+  GRUN_EMU_UNPOISON(p, (bytes + device_alignment - 1) / device_alignment * device_alignment);
   std::free(p);
   return cudaSuccess;
 }
