@@ -219,17 +219,28 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
   if (scheduler.running != nullptr) fail_device("a kernel launched from a kernel (dynamic parallelism is not emulated)");
   scheduler.body = body;
   scheduler.closure = closure;
-  // Fibers (and their stacks) are kept for the next launch: fresh 512 KiB stacks per launch were
-  // most of the emulation's time (mapped, faulted in and unmapped again by the kernel).
+  // Fibers (and their stacks) are kept for the next launch: stacks made per launch were mapped,
+  // faulted in and unmapped again by the OS, which was most of the emulation's time.
   static thread_local std::vector<fiber> pool;
   if (pool.size() < threads) pool.resize(static_cast<std::size_t>(threads));
   const std::span<fiber> cta(pool.data(), static_cast<std::size_t>(threads));
   for (unsigned tz = 0, i = 0; tz < b.z; ++tz)
     for (unsigned ty = 0; ty < b.y; ++ty)
       for (unsigned tx = 0; tx < b.x; ++tx, ++i) cta[i].thread = {tx, ty, tz};
-  const std::size_t shared_bytes = (config.dynamic_shared_bytes + 127) / 128 * 128 + 128;
-  const auto shared = std::unique_ptr<unsigned char[], decltype(&std::free)>(
-      static_cast<unsigned char*>(std::aligned_alloc(128, shared_bytes)), &std::free);
+  // Dynamic shared memory: exactly the bytes the launch asked for are usable; the rounding is
+  // poisoned like a device allocation's, so a tile that runs past its buffer is reported.
+  struct shared_memory {
+    std::size_t bytes, rounded = (bytes + 127) / 128 * 128 + 128;
+    unsigned char* data = static_cast<unsigned char*>(std::aligned_alloc(128, rounded));
+    explicit shared_memory(std::size_t n) : bytes(n) { GRUN_EMU_POISON(data + bytes, rounded - bytes); }
+    ~shared_memory() {
+      GRUN_EMU_UNPOISON(data, rounded);
+      std::free(data);
+    }
+    unsigned char* get() const { return data; }
+  };
+  const std::size_t shared_bytes = config.dynamic_shared_bytes;
+  const shared_memory shared(shared_bytes);
   for (unsigned z = 0; z < g.z; ++z)
     for (unsigned y = 0; y < g.y; ++y)
       for (unsigned x = 0; x < g.x; ++x) {
