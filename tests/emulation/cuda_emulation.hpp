@@ -16,9 +16,12 @@
 //   - __shared__ is `static`: every thread of the CTA sees one object, and CTAs never overlap;
 //     dynamic shared memory (extern __shared__ x[]) is a per-CTA buffer filled with 0xFF bytes
 //     (NaN for every float type), so a read before a write shows;
-//   - cub::BlockReduce, cooperative_groups::memcpy_async and thrust::device_vector are the small
-//     shims under include/, written to the same contracts (the result of a block reduction is only
-//     defined in thread 0; memcpy_async checks the alignment its aligned_size_t promises).
+//   - cub::BlockReduce, cub::DeviceReduce::Sum, cooperative_groups::memcpy_async,
+//     thrust::device_vector and thrust::transform_iterator are the small shims under include/,
+//     written to the same contracts (the result of a block reduction is only defined in thread 0;
+//     memcpy_async checks the alignment its aligned_size_t promises; a device-wide sum checks that
+//     its temporary, input and output are device memory);
+//   - atomics are plain read-modify-writes (no fiber is preempted between barriers).
 //
 // What it checks that a CPU test of the host path cannot: the kernels' indexing, tiling, launch
 // shapes (grid and block limits, 48 KiB of dynamic shared memory, an empty grid is an error as
@@ -29,6 +32,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+#include <cmath>
 #include <cstddef>
 #include <tuple>
 #include <type_traits>
@@ -68,6 +72,9 @@ inline thread_local thread_context context;
 /// A broken device-side promise (a misaligned async copy, a block reduction over the wrong CTA
 /// size): the device would fault or compute garbage, so the emulation stops, naming the thread.
 [[noreturn]] void fail_device(const char* what);
+
+/// Whether [p, p + bytes) lies inside one live device allocation (runtime.cpp's table).
+bool in_device_memory(const void* p, std::size_t bytes);
 
 /// __syncthreads(): parks the calling fiber until the CTA's barrier opens (runtime.cpp).
 void sync_cta();
@@ -120,6 +127,32 @@ inline launcher launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes =
 #define gridDim (::grun_emu::context.grid_dim)
 
 inline void __syncthreads() { ::grun_emu::sync_cta(); }
+
+/// Atomics: a fiber is never preempted between two barriers, and CTAs run one after another, so a
+/// plain read-modify-write is indivisible here. Each returns the old value, as the device's do.
+template <class T, class U>
+inline T atomicAdd(T* p, U x) {
+  const T old = *p;
+  *p = T(old + x);
+  return old;
+}
+template <class T, class U>
+inline T atomicMin(T* p, U x) {
+  const T old = *p;
+  if (T(x) < old) *p = T(x);
+  return old;
+}
+template <class T, class U>
+inline T atomicMax(T* p, U x) {
+  const T old = *p;
+  if (old < T(x)) *p = T(x);
+  return old;
+}
+
+// The device's math library names its classification functions in the global namespace.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
 
 /// The read-only data cache is an optimisation; the value is the load's.
 template <class T>

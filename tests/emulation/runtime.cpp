@@ -9,6 +9,8 @@
 // integers): a kernel that reads what no one wrote shows in the results.
 #include <cuda_emulation.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -41,6 +43,9 @@ cudaError_t last_error = cudaSuccess;
 
 constexpr std::size_t device_alignment = 256;  // what cudaMalloc guarantees
 constexpr std::size_t dynamic_shared_limit = 48 * 1024;  // without cudaFuncSetAttribute opt-in
+std::size_t rounded_size(std::size_t bytes) { return (bytes + device_alignment - 1) / device_alignment * device_alignment; }
+
+}  // namespace
 
 /// The allocation holding [p, p + bytes), or none.
 bool in_device_memory(const void* p, std::size_t bytes) {
@@ -51,6 +56,9 @@ bool in_device_memory(const void* p, std::size_t bytes) {
   --it;
   return a >= it->first && a + bytes <= it->first + it->second;
 }
+
+namespace {
+
 bool is_device_pointer(const void* p) { return in_device_memory(p, 1); }
 
 cudaError_t fail(cudaError_t e) {
@@ -62,7 +70,7 @@ cudaError_t allocate(void** p, std::size_t bytes) {
   if (p == nullptr) return fail(cudaErrorInvalidValue);
   *p = nullptr;
   if (bytes == 0) return cudaSuccess;
-  const std::size_t rounded = (bytes + device_alignment - 1) / device_alignment * device_alignment;
+  const std::size_t rounded = rounded_size(bytes);
   void* mem = std::aligned_alloc(device_alignment, rounded);
   if (mem == nullptr) return fail(cudaErrorMemoryAllocation);
   std::memset(mem, 0xFF, bytes);
@@ -85,7 +93,7 @@ cudaError_t release(void* p) {
     bytes = it->second;
     allocations().erase(it);
   }
-  GRUN_EMU_UNPOISON(p, (bytes + device_alignment - 1) / device_alignment * device_alignment);
+  GRUN_EMU_UNPOISON(p, rounded_size(bytes));
   std::free(p);
   return cudaSuccess;
 }
@@ -131,7 +139,31 @@ cudaError_t set_2d(void* p, std::size_t pitch, int value, std::size_t width, std
   return cudaSuccess;
 }
 
-int pool_token;  // the one emulated pool: stream-ordered allocations are plain ones here
+/// A memory pool's accounting: what its live allocations hold, what it keeps mapped for reuse
+/// after their frees, and its release threshold — at a synchronization a pool hands back what it
+/// keeps beyond the threshold (0 for a new pool, as for the device's default one), and
+/// cudaMemPoolTrimTo hands back down to its argument. The memory itself is plain allocations.
+struct memory_pool {
+  std::size_t live = 0, kept = 0;
+  std::uint64_t release_threshold = 0;
+  void shrink_to(std::uint64_t bytes) {
+    const std::uint64_t reserved = live + kept;
+    if (reserved > bytes) kept -= std::size_t(std::min<std::uint64_t>(kept, reserved - bytes));
+  }
+};
+std::vector<std::unique_ptr<memory_pool>>& pools() {
+  static std::vector<std::unique_ptr<memory_pool>> all;
+  return all;
+}
+std::map<std::uintptr_t, memory_pool*>& pool_allocations() {  // allocation start → its pool
+  static std::map<std::uintptr_t, memory_pool*> table;
+  return table;
+}
+memory_pool* pool_of(cudaMemPool_t handle) { return reinterpret_cast<memory_pool*>(handle); }
+void synchronize_pools() {
+  const std::lock_guard lock(table_mutex);
+  for (auto& pool : pools()) pool->shrink_to(pool->release_threshold);
+}
 
 }  // namespace
 
@@ -307,16 +339,63 @@ const char* CUDARTAPI cudaGetErrorString(cudaError_t e) {
 
 cudaError_t CUDARTAPI cudaMalloc(void** p, size_t bytes) { return allocate(p, bytes); }
 cudaError_t CUDARTAPI cudaFree(void* p) { return release(p); }
-cudaError_t CUDARTAPI cudaMallocFromPoolAsync(void** p, size_t bytes, cudaMemPool_t, cudaStream_t) {
-  return allocate(p, bytes);
-}
-cudaError_t CUDARTAPI cudaFreeAsync(void* p, cudaStream_t) { return release(p); }
-cudaError_t CUDARTAPI cudaMemPoolCreate(cudaMemPool_t* pool, const struct cudaMemPoolProps*) {
-  *pool = reinterpret_cast<cudaMemPool_t>(&pool_token);
+cudaError_t CUDARTAPI cudaMallocFromPoolAsync(void** p, size_t bytes, cudaMemPool_t handle, cudaStream_t) {
+  if (handle == nullptr) return fail(cudaErrorInvalidValue);
+  const cudaError_t e = allocate(p, bytes);
+  if (e != cudaSuccess || *p == nullptr) return e;
+  const std::lock_guard lock(table_mutex);
+  memory_pool& pool = *pool_of(handle);
+  const std::size_t size = rounded_size(bytes);
+  pool.kept -= std::min(pool.kept, size);  // served from what the pool keeps, as far as it goes
+  pool.live += size;
+  pool_allocations()[std::uintptr_t(*p)] = &pool;
   return cudaSuccess;
 }
-cudaError_t CUDARTAPI cudaMemPoolSetAttribute(cudaMemPool_t, enum cudaMemPoolAttr, void*) { return cudaSuccess; }
-cudaError_t CUDARTAPI cudaMemPoolTrimTo(cudaMemPool_t, size_t) { return cudaSuccess; }
+cudaError_t CUDARTAPI cudaFreeAsync(void* p, cudaStream_t) {
+  {
+    const std::lock_guard lock(table_mutex);
+    const auto it = pool_allocations().find(std::uintptr_t(p));
+    if (it != pool_allocations().end()) {
+      const std::size_t size = rounded_size(allocations().at(it->first));
+      it->second->live -= size;
+      it->second->kept += size;  // kept mapped until a synchronization or a trim hands it back
+      pool_allocations().erase(it);
+    }
+  }
+  return release(p);
+}
+cudaError_t CUDARTAPI cudaMemPoolCreate(cudaMemPool_t* pool, const struct cudaMemPoolProps*) {
+  if (pool == nullptr) return fail(cudaErrorInvalidValue);
+  const std::lock_guard lock(table_mutex);
+  pools().push_back(std::make_unique<memory_pool>());
+  *pool = reinterpret_cast<cudaMemPool_t>(pools().back().get());
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaMemPoolSetAttribute(cudaMemPool_t handle, enum cudaMemPoolAttr attr, void* value) {
+  if (handle == nullptr || value == nullptr) return fail(cudaErrorInvalidValue);
+  if (attr != cudaMemPoolAttrReleaseThreshold) return cudaSuccess;  // reuse policies: no effect here
+  const std::lock_guard lock(table_mutex);
+  pool_of(handle)->release_threshold = *static_cast<const std::uint64_t*>(value);
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaMemPoolGetAttribute(cudaMemPool_t handle, enum cudaMemPoolAttr attr, void* value) {
+  if (handle == nullptr || value == nullptr) return fail(cudaErrorInvalidValue);
+  const std::lock_guard lock(table_mutex);
+  const memory_pool& pool = *pool_of(handle);
+  auto& out = *static_cast<std::uint64_t*>(value);
+  switch (attr) {
+    case cudaMemPoolAttrReleaseThreshold: out = pool.release_threshold; return cudaSuccess;
+    case cudaMemPoolAttrReservedMemCurrent: out = pool.live + pool.kept; return cudaSuccess;
+    case cudaMemPoolAttrUsedMemCurrent: out = pool.live; return cudaSuccess;
+    default: return fail(cudaErrorInvalidValue);  // not modelled: a test that needs it says so
+  }
+}
+cudaError_t CUDARTAPI cudaMemPoolTrimTo(cudaMemPool_t handle, size_t keep_bytes) {
+  if (handle == nullptr) return fail(cudaErrorInvalidValue);
+  const std::lock_guard lock(table_mutex);
+  pool_of(handle)->shrink_to(keep_bytes);
+  return cudaSuccess;
+}
 
 cudaError_t CUDARTAPI cudaPointerGetAttributes(struct cudaPointerAttributes* attr, const void* p) {
   *attr = cudaPointerAttributes{};
@@ -355,7 +434,17 @@ cudaError_t CUDARTAPI cudaMemset2D(void* p, size_t pitch, int value, size_t widt
 cudaError_t CUDARTAPI cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height, cudaStream_t) {
   return set_2d(p, pitch, value, width, height);
 }
-cudaError_t CUDARTAPI cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-cudaError_t CUDARTAPI cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t CUDARTAPI cudaStreamSynchronize(cudaStream_t) {
+  synchronize_pools();
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaDeviceSynchronize(void) {
+  synchronize_pools();
+  return cudaSuccess;
+}
+
+// Device intrinsics with C linkage. __expf is the SFU's ex2.approx of x·log2(e): the product
+// rounded to float as on the device, the exponential then to the host's exp2f.
+float __expf(float x) { return std::exp2f(x * 1.4426950408889634f); }
 
 }  // extern "C"
