@@ -12,22 +12,17 @@
 
 #include <cstddef>
 #include <cstring>
-#include <iterator>
 #include <type_traits>
 
 namespace cub {
 
 namespace emulation_detail {
 
+/// The array an input iterator reads: the pointer itself, or the one under its base() chain.
 template <class It>
-const void* array_of(It it) {
+auto array_of(It it) {
   if constexpr (std::is_pointer_v<It>) return it;
   else return array_of(it.base());
-}
-template <class It>
-std::size_t element_bytes(It it) {
-  if constexpr (std::is_pointer_v<It>) return sizeof(*it);
-  else return element_bytes(it.base());
 }
 
 }  // namespace emulation_detail
@@ -46,7 +41,7 @@ struct DeviceReduce {
     const std::size_t n = num_items > 0 ? std::size_t(num_items) : 0;
     if (temp_bytes_inout < temp_bytes || !::grun_emu::in_device_memory(temp, temp_bytes) ||
         !::grun_emu::in_device_memory(&*out, sizeof(*out)) ||
-        (n > 0 && !::grun_emu::in_device_memory(emulation_detail::array_of(in), n * emulation_detail::element_bytes(in))))
+        (n > 0 && !::grun_emu::in_device_memory(emulation_detail::array_of(in), n * sizeof(*emulation_detail::array_of(in)))))
       return cudaErrorInvalidValue;
     std::memset(temp, 0xA5, temp_bytes);  // the temporary is cub's to use: scribbled over
     acc_t sum{};
