@@ -13,21 +13,26 @@
 //     a wake-up of blockDim OS threads;
 //   - __syncthreads() parks the fiber until every fiber of the CTA has parked or returned (a thread
 //     that returns stops counting for the CTA's barriers, as an exited thread does for bar.sync);
+//     __syncwarp() and the steps of a warp collective park it until the 32 lanes of its warp have
+//     arrived (a lane that returned first, or barriers that can never open, stop the emulation);
 //   - __shared__ is `static`: every thread of the CTA sees one object, and CTAs never overlap;
 //     dynamic shared memory (extern __shared__ x[]) is a per-CTA buffer filled with 0xFF bytes
 //     (NaN for every float type), so a read before a write shows;
-//   - cub::BlockReduce, cub::DeviceReduce::Sum, cooperative_groups::memcpy_async,
+//   - cub::BlockReduce, cub::WarpReduce, cub::DeviceReduce::Sum, cooperative_groups::memcpy_async,
 //     thrust::device_vector and thrust::transform_iterator are the small shims under include/,
-//     written to the same contracts (the result of a block reduction is only defined in thread 0;
+//     and cublaslt.cpp is cuBLASLt's matmul, all written to the same contracts (the result of a
+//     block or warp reduction is only defined in thread or lane 0;
 //     memcpy_async checks the alignment its aligned_size_t promises; a device-wide sum checks that
-//     its temporary, input and output are device memory);
+//     its temporary, input and output are device memory; a matmul checks its operands' memory,
+//     shapes, types and the alignment its algorithm was chosen for);
 //   - atomics are plain read-modify-writes (no fiber is preempted between barriers).
 //
 // What it checks that a CPU test of the host path cannot: the kernels' indexing, tiling, launch
 // shapes (grid and block limits, 48 KiB of dynamic shared memory, an empty grid is an error as
 // on the device), barriers, the host-side scratch and copies, and — under AddressSanitizer —
-// every out-of-bounds access to device memory. What it cannot: timing, warp-synchronous code,
-// memory-model races between CTAs, and the device's own float rounding of fused operations.
+// every out-of-bounds access to device memory. What it cannot: timing, races inside a warp
+// (its lanes run one after another between barriers), memory-model races between CTAs, and the
+// device's own float rounding of fused operations and of cuBLASLt's summation order.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -78,6 +83,9 @@ bool in_device_memory(const void* p, std::size_t bytes);
 
 /// __syncthreads(): parks the calling fiber until the CTA's barrier opens (runtime.cpp).
 void sync_cta();
+/// A full-warp barrier (__syncwarp(), the steps of a warp collective): parks the calling fiber until
+/// every lane of its warp (32 consecutive thread ranks) has arrived.
+void sync_warp();
 inline unsigned char* dynamic_shared() { return context.dynamic_shared; }
 
 /// Linear rank of the calling thread in its CTA (x fastest, as on the device).
@@ -127,6 +135,10 @@ inline launcher launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes =
 #define gridDim (::grun_emu::context.grid_dim)
 
 inline void __syncthreads() { ::grun_emu::sync_cta(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) ::grun_emu::fail_device("__syncwarp with a partial mask is not emulated");
+  ::grun_emu::sync_warp();
+}
 
 /// Atomics: a fiber is never preempted between two barriers, and CTAs run one after another, so a
 /// plain read-modify-write is indivisible here. Each returns the old value, as the device's do.

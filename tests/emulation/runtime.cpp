@@ -193,11 +193,16 @@ void finish_switch(void*, const void** = nullptr, std::size_t* = nullptr) {}
 
 constexpr std::size_t fiber_stack_bytes = 64 * 1024;  // kernels keep register arrays on it; ASan pads frames
 
+/// What a parked fiber waits for: the CTA's barrier (__syncthreads) or its warp's (a warp-synchronous
+/// collective such as cub::WarpReduce).
+enum class barrier { none, cta, warp };
+
 struct fiber {
   ucontext_t context{};
   std::unique_ptr<unsigned char[]> stack{new unsigned char[fiber_stack_bytes]};
   uint3 thread{};
   bool done = false;
+  barrier waiting = barrier::none;
 };
 
 /// The scheduler of the CTA that runs on this thread.
@@ -237,7 +242,64 @@ void resume(fiber& f, const thread_context& where) {
 
 }  // namespace
 
-void sync_cta() { leave_fiber(false); }
+void sync_cta() {
+  scheduler.running->waiting = barrier::cta;
+  leave_fiber(false);
+}
+void sync_warp() {
+  scheduler.running->waiting = barrier::warp;
+  leave_fiber(false);
+}
+
+namespace {
+
+constexpr unsigned warp_size = 32;
+
+/// Opens the barriers every live fiber they concern has reached: the CTA's when all live fibers
+/// wait there (a returned thread no longer counts, as an exited thread does for bar.sync); a warp's
+/// when all its lanes wait there. A warp barrier with a lane that has returned is a broken promise
+/// (cub's warp collectives name the full warp in their shuffles), and a round where nothing opens
+/// while fibers still wait is a deadlock: both stop the emulation. Returns whether a fiber is left.
+bool open_barriers(std::span<fiber> cta, const thread_context& where) {
+  std::size_t live = 0, at_cta = 0;
+  for (const auto& f : cta) {
+    live += !f.done;
+    at_cta += !f.done && f.waiting == barrier::cta;
+  }
+  if (live == 0) return false;
+  if (at_cta == live) {
+    for (auto& f : cta) f.waiting = barrier::none;
+    return true;
+  }
+  bool opened = false;
+  for (std::size_t w0 = 0; w0 < cta.size(); w0 += warp_size) {
+    const auto warp = cta.subspan(w0, std::min<std::size_t>(warp_size, cta.size() - w0));
+    std::size_t arrived = 0, returned = 0;
+    for (const auto& f : warp) {
+      arrived += !f.done && f.waiting == barrier::warp;
+      returned += f.done;
+    }
+    if (arrived == 0) continue;
+    if (returned != 0) {
+      context = where;
+      context.thread = warp.front().thread;
+      fail_device("a warp-synchronous collective with lanes of the warp that have returned");
+    }
+    if (arrived == warp.size()) {
+      for (auto& f : warp) f.waiting = barrier::none;
+      opened = true;
+    }
+  }
+  if (!opened) {
+    context = where;
+    for (const auto& f : cta)
+      if (!f.done) context.thread = f.thread;
+    fail_device("deadlock: threads wait at barriers that cannot open (__syncthreads and a warp collective mixed)");
+  }
+  return true;
+}
+
+}  // namespace
 
 void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
   const dim3 g = config.grid, b = config.block;
@@ -280,23 +342,25 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
         std::memset(shared.get(), 0xFF, shared_bytes);
         for (auto& f : cta) {
           f.done = false;
+          f.waiting = barrier::none;
           getcontext(&f.context);
           f.context.uc_stack.ss_sp = f.stack.get();
           f.context.uc_stack.ss_size = fiber_stack_bytes;
           f.context.uc_link = nullptr;
           makecontext(&f.context, fiber_entry, 0);
         }
-        // Rounds: every fiber runs until it parks at a barrier or returns; then the barrier opens
-        // for those parked (the returned ones no longer count) and the next round starts.
-        for (bool live = true; live;) {
-          live = false;
+        // Rounds: every fiber not waiting runs, in thread order, until it parks at a barrier or
+        // returns; then the barriers all their fibers have reached open, and the next round starts.
+        const thread_context where{{0, 0, 0}, {x, y, z}, b, g, shared.get()};
+        do {
           for (auto& f : cta) {
-            if (f.done) continue;
-            resume(f, thread_context{f.thread, {x, y, z}, b, g, shared.get()});
-            live = live || !f.done;
+            if (f.done || f.waiting != barrier::none) continue;
+            thread_context here = where;
+            here.thread = f.thread;
+            resume(f, here);
           }
-        }
-        scheduler.running = nullptr;
+          scheduler.running = nullptr;
+        } while (open_barriers(cta, where));
       }
 }
 

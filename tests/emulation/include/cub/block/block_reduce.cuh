@@ -7,6 +7,8 @@
 // than 0 get a value-initialised T: code that reads the result elsewhere shows in the results.
 #include <cuda_emulation.hpp>
 
+#include <cub/warp/warp_reduce.cuh>
+
 namespace cub {
 
 enum BlockReduceAlgorithm { BLOCK_REDUCE_RAKING_COMMUTATIVE_ONLY, BLOCK_REDUCE_RAKING, BLOCK_REDUCE_WARP_REDUCTIONS };
@@ -42,19 +44,16 @@ class BlockReduce {
   }
 
  private:
-  /// cub's order: within a warp, lane i takes lane i + offset's partial for offset = 1, 2, 4, 8,
-  /// 16 (a lane past the valid ones contributes nothing); then the warps' totals in order.
+  /// cub's order: each warp's partials folded as its shuffles fold them (warp_fold), then the
+  /// warps' totals in order.
   template <class Op>
   T fold(Op op, int valid) const {
     constexpr int warp = 32;
     T total{};
     for (int w = 0; w * warp < valid; ++w) {
       const int lanes = valid - w * warp < warp ? valid - w * warp : warp;
-      T part[warp];
-      for (int l = 0; l < lanes; ++l) part[l] = storage_.slot[w * warp + l];
-      for (int offset = 1; offset < warp; offset *= 2)
-        for (int l = 0; l + offset < lanes; l += 2 * offset) part[l] = op(part[l], part[l + offset]);
-      total = w == 0 ? part[0] : op(total, part[0]);
+      const T part = ::grun_emu::warp_fold(storage_.slot + w * warp, lanes, op);
+      total = w == 0 ? part : op(total, part);
     }
     return total;
   }

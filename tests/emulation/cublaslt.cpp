@@ -1,0 +1,328 @@
+// tests/emulation/cublaslt.cpp — the cuBLASLt calls grun makes (kernels/grun/cuda/intervention_mlp.cuh),
+// over the emulated device memory of runtime.cpp: descriptors, the heuristic and the matmul
+//
+//   D = alpha op(A) op(B) + beta C      column-major, fp32 compute (CUBLAS_COMPUTE_32F, fp32 scale)
+//
+// with the types and shapes cuBLASLt takes and the contracts it holds its caller to, so that a
+// mistake in the glue fails here as it would on the device instead of passing on a kind CPU:
+//   - the operands' shapes must agree (op(A) [m, k], op(B) [k, n], C and D [m, n]) and every
+//     leading dimension cover its rows: else CUBLAS_STATUS_INVALID_VALUE;
+//   - A and B share one type of fp32, fp16, bf16 (cuBLASLt does not mix input types), C and D
+//     share one, which is fp32 or the inputs' type: else CUBLAS_STATUS_NOT_SUPPORTED;
+//   - A, B, C, D and the workspace must be device memory covering what the layouts span, alpha
+//     and beta host memory (the default pointer mode);
+//   - the algorithm the heuristic returns assumes the alignments the preference promised (256
+//     bytes unless told less): a matmul whose addresses or row pitches break that promise is the
+//     misaligned access the device would fault on — CUBLAS_STATUS_EXECUTION_FAILED, with the reason
+//     on stderr;
+//   - with beta = 0, C is not read (cuBLAS's rule: C may hold NaN then).
+// The sum over k is fp32 fused multiply-adds in order; cuBLASLt's tensor-core kernels sum in
+// another order, so results agree with the device to fp32 rounding, not bitwise.
+#include <cuda_emulation.hpp>
+
+#include <cublasLt.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+struct cublasLtContext {
+  int device = 0;
+};
+
+namespace {
+
+/// The descriptors' contents, kept in the opaque structs' data words (cublasLt.h's semi-opaque types).
+struct layout {
+  cudaDataType_t type;
+  std::uint64_t rows, cols;  // column-major
+  std::int64_t ld;
+};
+struct operation {
+  cublasComputeType_t compute;
+  cudaDataType_t scale;
+  cublasOperation_t trans_a = CUBLAS_OP_N, trans_b = CUBLAS_OP_N;
+};
+struct preference {
+  std::uint64_t max_workspace = 0;
+  std::uint32_t alignment[4] = {256, 256, 256, 256};  // A, B, C, D: what the caller promises
+};
+/// What a heuristic answer carries: the alignments its kernel may assume.
+struct algorithm {
+  std::uint32_t magic = 0x6c746d6d;  // "lmmt": an algo the heuristic filled
+  std::uint32_t alignment[4];
+};
+
+template <class S, class Opaque>
+S read(const Opaque* o) {
+  static_assert(sizeof(S) <= sizeof(o->data) && std::is_trivially_copyable_v<S>);
+  S s;
+  std::memcpy(&s, o->data, sizeof(S));
+  return s;
+}
+template <class S, class Opaque>
+void write(Opaque* o, const S& s) {
+  static_assert(sizeof(S) <= sizeof(o->data) && std::is_trivially_copyable_v<S>);
+  std::memcpy(o->data, &s, sizeof(S));
+}
+/// An attribute's value, when the buffer holds exactly one V.
+template <class V>
+bool value_of(const void* buf, std::size_t bytes, V& out) {
+  if (buf == nullptr || bytes != sizeof(V)) return false;
+  std::memcpy(&out, buf, sizeof(V));
+  return true;
+}
+
+std::size_t element_size(cudaDataType_t t) { return t == CUDA_R_32F ? 4 : 2; }
+bool storage_type(cudaDataType_t t) { return t == CUDA_R_32F || t == CUDA_R_16F || t == CUDA_R_16BF; }
+
+/// Elements [0, ld (cols − 1) + rows) of a layout: what its matrix spans in memory.
+std::size_t span_bytes(const layout& l) {
+  if (l.rows == 0 || l.cols == 0) return 0;
+  return element_size(l.type) * std::size_t(std::uint64_t(l.ld) * (l.cols - 1) + l.rows);
+}
+
+/// The problem a descriptor set describes, checked: m, n, k from the layouts, or a status.
+struct problem {
+  operation op;
+  layout a, b, c, d;
+  std::uint64_t m = 0, n = 0, k = 0;
+};
+cublasStatus_t make_problem(cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t A, cublasLtMatrixLayout_t B,
+                            cublasLtMatrixLayout_t C, cublasLtMatrixLayout_t D, problem& p) {
+  if (!desc || !A || !B || !C || !D) return CUBLAS_STATUS_INVALID_VALUE;
+  p.op = read<operation>(desc);
+  p.a = read<layout>(A);
+  p.b = read<layout>(B);
+  p.c = read<layout>(C);
+  p.d = read<layout>(D);
+  if (p.op.compute != CUBLAS_COMPUTE_32F || p.op.scale != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (p.a.type != p.b.type || !storage_type(p.a.type) || p.c.type != p.d.type ||
+      (p.d.type != CUDA_R_32F && p.d.type != p.a.type))
+    return CUBLAS_STATUS_NOT_SUPPORTED;
+  const bool an = p.op.trans_a == CUBLAS_OP_N, bn = p.op.trans_b == CUBLAS_OP_N;
+  p.m = p.d.rows;
+  p.n = p.d.cols;
+  p.k = an ? p.a.cols : p.a.rows;
+  const bool shapes = (an ? p.a.rows : p.a.cols) == p.m && (bn ? p.b.rows : p.b.cols) == p.k &&
+                      (bn ? p.b.cols : p.b.rows) == p.n && p.c.rows == p.m && p.c.cols == p.n;
+  for (const layout* l : {&p.a, &p.b, &p.c, &p.d})
+    if (l->ld < 1 || std::uint64_t(l->ld) < l->rows) return CUBLAS_STATUS_INVALID_VALUE;
+  return shapes ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
+}
+
+float load(const void* base, cudaDataType_t t, std::size_t i) {
+  switch (t) {
+    case CUDA_R_16F: return __half2float(static_cast<const __half*>(base)[i]);
+    case CUDA_R_16BF: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+void store(void* base, cudaDataType_t t, std::size_t i, float v) {
+  switch (t) {
+    case CUDA_R_16F: static_cast<__half*>(base)[i] = __float2half_rn(v); break;
+    case CUDA_R_16BF: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(base)[i] = v;
+  }
+}
+
+/// A broken promise to the device: the reason on stderr (the status alone would not name it).
+cublasStatus_t refuse(cublasStatus_t status, const char* what, const char* matrix) {
+  std::fprintf(stderr, "grun CUDA emulation: cublasLtMatmul: %s %s\n", matrix, what);
+  return status;
+}
+
+}  // namespace
+
+extern "C" {
+
+// A handle holds nothing here, and grun keeps one per device for the program's life (never
+// destroyed, as cuBLASLt allows): one static context serves every handle, so none is a leak at exit.
+cublasStatus_t CUBLASWINAPI cublasLtCreate(cublasLtHandle_t* handle) {
+  static cublasLtContext the_context;
+  if (handle == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  *handle = &the_context;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t CUBLASWINAPI cublasLtDestroy(cublasLtHandle_t handle) {
+  return handle == nullptr ? CUBLAS_STATUS_NOT_INITIALIZED : CUBLAS_STATUS_SUCCESS;
+}
+const char* CUBLASWINAPI cublasLtGetStatusName(cublasStatus_t status) {
+  switch (status) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default: return "CUBLAS_STATUS (emulated)";
+  }
+}
+
+cublasStatus_t CUBLASWINAPI cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* desc, cublasComputeType_t compute,
+                                                     cudaDataType_t scale) {
+  if (desc == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  *desc = new cublasLtMatmulDescOpaque_t{};
+  operation op;
+  op.compute = compute;
+  op.scale = scale;
+  write(*desc, op);
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t CUBLASWINAPI cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t desc) {
+  delete desc;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t CUBLASWINAPI cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr,
+                                                           const void* buf, size_t bytes) {
+  if (desc == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  operation op = read<operation>(desc);
+  cublasOperation_t* target = attr == CUBLASLT_MATMUL_DESC_TRANSA   ? &op.trans_a
+                              : attr == CUBLASLT_MATMUL_DESC_TRANSB ? &op.trans_b
+                                                                    : nullptr;
+  if (target == nullptr) return CUBLAS_STATUS_NOT_SUPPORTED;  // not modelled: the glue that needs it says so
+  std::int32_t value = 0;
+  if (!value_of(buf, bytes, value) || (value != CUBLAS_OP_N && value != CUBLAS_OP_T)) return CUBLAS_STATUS_INVALID_VALUE;
+  *target = cublasOperation_t(value);
+  write(desc, op);
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t CUBLASWINAPI cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* out, cudaDataType type, uint64_t rows,
+                                                       uint64_t cols, int64_t ld) {
+  if (out == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  *out = new cublasLtMatrixLayoutOpaque_t{};
+  write(*out, layout{type, rows, cols, ld});
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t CUBLASWINAPI cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
+  delete l;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t CUBLASWINAPI cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t* pref) {
+  if (pref == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  *pref = new cublasLtMatmulPreferenceOpaque_t{};
+  write(*pref, preference{});
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t CUBLASWINAPI cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t pref) {
+  delete pref;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t CUBLASWINAPI cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t pref,
+                                                                 cublasLtMatmulPreferenceAttributes_t attr,
+                                                                 const void* buf, size_t bytes) {
+  if (pref == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  preference p = read<preference>(pref);
+  bool ok = false;
+  switch (attr) {
+    case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES: ok = value_of(buf, bytes, p.max_workspace); break;
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES: ok = value_of(buf, bytes, p.alignment[0]); break;
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES: ok = value_of(buf, bytes, p.alignment[1]); break;
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES: ok = value_of(buf, bytes, p.alignment[2]); break;
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES: ok = value_of(buf, bytes, p.alignment[3]); break;
+    case CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK: {  // the emulated matmul never splits k
+      std::uint32_t mask = 0;
+      ok = value_of(buf, bytes, mask);
+      break;
+    }
+    default: return CUBLAS_STATUS_NOT_SUPPORTED;
+  }
+  for (const std::uint32_t a : p.alignment) ok = ok && a != 0 && (a & (a - 1)) == 0;
+  if (!ok) return CUBLAS_STATUS_INVALID_VALUE;
+  write(pref, p);
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t CUBLASWINAPI cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc,
+                                                           cublasLtMatrixLayout_t A, cublasLtMatrixLayout_t B,
+                                                           cublasLtMatrixLayout_t C, cublasLtMatrixLayout_t D,
+                                                           cublasLtMatmulPreference_t pref, int requested,
+                                                           cublasLtMatmulHeuristicResult_t results[], int* returned) {
+  if (handle == nullptr || pref == nullptr || requested < 1 || results == nullptr || returned == nullptr)
+    return CUBLAS_STATUS_INVALID_VALUE;
+  *returned = 0;
+  problem p;
+  if (const cublasStatus_t s = make_problem(desc, A, B, C, D, p); s != CUBLAS_STATUS_SUCCESS) return s;
+  const preference pr = read<preference>(pref);
+  algorithm algo;
+  std::memcpy(algo.alignment, pr.alignment, sizeof algo.alignment);
+  results[0] = cublasLtMatmulHeuristicResult_t{};
+  write(&results[0].algo, algo);
+  results[0].workspaceSize = 0;
+  results[0].state = CUBLAS_STATUS_SUCCESS;
+  results[0].wavesCount = 1.f;
+  *returned = 1;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, const void* alpha,
+                                           const void* A, cublasLtMatrixLayout_t Adesc, const void* B,
+                                           cublasLtMatrixLayout_t Bdesc, const void* beta, const void* C,
+                                           cublasLtMatrixLayout_t Cdesc, void* D, cublasLtMatrixLayout_t Ddesc,
+                                           const cublasLtMatmulAlgo_t* algo_in, void* workspace, size_t workspace_bytes,
+                                           cudaStream_t) {
+  if (handle == nullptr || alpha == nullptr || beta == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  problem p;
+  if (const cublasStatus_t s = make_problem(desc, Adesc, Bdesc, Cdesc, Ddesc, p); s != CUBLAS_STATUS_SUCCESS) return s;
+  algorithm algo{};
+  if (algo_in != nullptr) {
+    algo = read<algorithm>(algo_in);
+    if (algo.magic != algorithm{}.magic) return CUBLAS_STATUS_INVALID_VALUE;
+  } else {
+    std::memcpy(algo.alignment, preference{}.alignment, sizeof algo.alignment);
+  }
+  if (::grun_emu::in_device_memory(alpha, sizeof(float)) || ::grun_emu::in_device_memory(beta, sizeof(float)))
+    return refuse(CUBLAS_STATUS_INVALID_VALUE, "is device memory (the pointer mode is host)", "alpha or beta");
+  const float a_scale = *static_cast<const float*>(alpha), b_scale = *static_cast<const float*>(beta);
+  const struct {
+    const void* ptr;
+    const layout& l;
+    const char* name;
+    std::uint32_t alignment;
+  } operands[] = {{A, p.a, "A", algo.alignment[0]},
+                  {B, p.b, "B", algo.alignment[1]},
+                  {C, p.c, "C", algo.alignment[2]},
+                  {D, p.d, "D", algo.alignment[3]}};
+  for (const auto& o : operands) {
+    const std::size_t bytes = span_bytes(o.l);
+    if (bytes == 0 || (o.ptr == C && b_scale == 0.f && o.ptr != D)) continue;
+    if (!::grun_emu::in_device_memory(o.ptr, bytes))
+      return refuse(CUBLAS_STATUS_INVALID_VALUE, "is not device memory covering its layout", o.name);
+    const std::uint64_t pitch = std::uint64_t(o.l.ld) * element_size(o.l.type);
+    if ((reinterpret_cast<std::uintptr_t>(o.ptr) | pitch) % o.alignment != 0)
+      return refuse(CUBLAS_STATUS_EXECUTION_FAILED, "breaks the alignment its algorithm was chosen for (a misaligned access)",
+                    o.name);
+  }
+  if (workspace_bytes > 0 && !::grun_emu::in_device_memory(workspace, workspace_bytes))
+    return refuse(CUBLAS_STATUS_INVALID_VALUE, "is not device memory of the size given", "the workspace");
+  // op(A) as rows of k and op(B) as columns of k, widened to fp32 (each element read once, the
+  // layouts' bounds checked by AddressSanitizer there); then D's elements as dot products.
+  const bool an = p.op.trans_a == CUBLAS_OP_N, bn = p.op.trans_b == CUBLAS_OP_N;
+  const std::size_t m = p.m, n = p.n, k = p.k, lda = std::size_t(p.a.ld), ldb = std::size_t(p.b.ld),
+                    ldc = std::size_t(p.c.ld), ldd = std::size_t(p.d.ld);
+  std::vector<float> a(m * k), b(n * k), result(m * n);  // all of D, then stored: C may be D
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t l = 0; l < k; ++l) a[i * k + l] = load(A, p.a.type, an ? i + l * lda : l + i * lda);
+  for (std::size_t j = 0; j < n; ++j)
+    for (std::size_t l = 0; l < k; ++l) b[j * k + l] = load(B, p.b.type, bn ? l + j * ldb : j + l * ldb);
+  for (std::size_t j = 0; j < n; ++j)
+    for (std::size_t i = 0; i < m; ++i) {
+      const float* x = a.data() + i * k;
+      const float* y = b.data() + j * k;
+      float acc = 0.f;
+      for (std::size_t l = 0; l < k; ++l) acc = std::fma(x[l], y[l], acc);
+      float v = a_scale * acc;
+      if (b_scale != 0.f) v = std::fma(b_scale, load(C, p.c.type, i + j * ldc), v);
+      result[i + j * m] = v;
+    }
+  for (std::size_t j = 0; j < n; ++j)
+    for (std::size_t i = 0; i < m; ++i) store(D, p.d.type, i + j * ldd, result[i + j * m]);
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+}  // extern "C"
