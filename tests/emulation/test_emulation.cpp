@@ -1,0 +1,205 @@
+// The emulation's own contracts (tests/emulation): warp and CTA barriers in one kernel, cub's warp
+// reduction order, and cuBLASLt's matmul — its numbers and the misuses it must refuse as the
+// device library would (the emulated agreement tests rely on those refusals to catch glue bugs).
+// Kernels here are plain functions launched through ::grun_emu::launch, as rewritten launches are.
+#include <catch2/catch.hpp>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/warp/warp_reduce.cuh>
+#include <cublasLt.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <class T>
+struct device_array {
+  T* ptr = nullptr;
+  std::size_t n;
+  explicit device_array(std::size_t count) : n(count) { REQUIRE(cudaMalloc(reinterpret_cast<void**>(&ptr), sizeof(T) * n) == cudaSuccess); }
+  device_array(const std::vector<T>& host) : device_array(host.size()) {
+    REQUIRE(cudaMemcpy(ptr, host.data(), sizeof(T) * n, cudaMemcpyHostToDevice) == cudaSuccess);
+  }
+  ~device_array() { cudaFree(ptr); }
+  std::vector<T> to_host() const {
+    std::vector<T> out(n);
+    REQUIRE(cudaMemcpy(out.data(), ptr, sizeof(T) * n, cudaMemcpyDeviceToHost) == cudaSuccess);
+    return out;
+  }
+};
+
+constexpr int threads = 96;  // three warps
+
+/// Each warp sums its lanes' inputs (cub::WarpReduce), then — after a CTA barrier — thread 0 sums
+/// the warp totals through shared memory; between the two, every warp passes a second warp barrier
+/// that reads a neighbour lane's slot (so a warp barrier that opened early would show).
+void warps_then_cta(const float* in, float* warp_totals, float* neighbour, float* total) {
+  using WR = cub::WarpReduce<float>;
+  __shared__ typename WR::TempStorage tmp[threads / 32];
+  __shared__ float slot[threads];
+  __shared__ float totals[threads / 32];
+  const int t = int(threadIdx.x), warp = t / 32, lane = t % 32;
+  const float s = WR(tmp[warp]).Sum(in[t]);
+  if (lane == 0) totals[warp] = s;
+  slot[t] = in[t] * 2.f;
+  __syncwarp();
+  neighbour[t] = slot[warp * 32 + (lane + 1) % 32];
+  __syncthreads();
+  if (t == 0) {
+    float acc = 0.f;
+    for (int w = 0; w < threads / 32; ++w) {
+      warp_totals[w] = totals[w];
+      acc += totals[w];
+    }
+    *total = acc;
+  }
+}
+
+/// D [m, n] = op(A) op(B) (+ beta C) with the problem's layouts, through the shim; returns the status.
+struct matmul_case {
+  cublasOperation_t ta = CUBLAS_OP_N, tb = CUBLAS_OP_N;
+  std::uint64_t m = 5, n = 3, k = 7;
+  cudaDataType_t type = CUDA_R_32F, out_type = CUDA_R_32F;
+  std::uint32_t alignment = 4;  // promised for every operand
+  float beta = 0.f;
+
+  cublasStatus_t run(const void* A, std::int64_t lda, const void* B, std::int64_t ldb, void* D, std::int64_t ldd,
+                     std::uint64_t a_rows_override = 0) const {
+    cublasLtHandle_t h = nullptr;
+    REQUIRE(cublasLtCreate(&h) == CUBLAS_STATUS_SUCCESS);
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatmulPreference_t pref = nullptr;
+    REQUIRE(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
+    REQUIRE(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == CUBLAS_STATUS_SUCCESS);
+    REQUIRE(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == CUBLAS_STATUS_SUCCESS);
+    const bool an = ta == CUBLAS_OP_N, bn = tb == CUBLAS_OP_N;
+    REQUIRE(cublasLtMatrixLayoutCreate(&a, type, a_rows_override ? a_rows_override : (an ? m : k), an ? k : m, lda) ==
+            CUBLAS_STATUS_SUCCESS);
+    REQUIRE(cublasLtMatrixLayoutCreate(&b, type, bn ? k : n, bn ? n : k, ldb) == CUBLAS_STATUS_SUCCESS);
+    REQUIRE(cublasLtMatrixLayoutCreate(&d, out_type, m, n, ldd) == CUBLAS_STATUS_SUCCESS);
+    REQUIRE(cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS);
+    for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+      REQUIRE(cublasLtMatmulPreferenceSetAttribute(pref, attr, &alignment, sizeof alignment) == CUBLAS_STATUS_SUCCESS);
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(h, op, a, b, d, d, pref, 1, &result, &found);
+    if (s == CUBLAS_STATUS_SUCCESS) {
+      REQUIRE(found == 1);
+      const float alpha = 1.f;
+      s = cublasLtMatmul(h, op, &alpha, A, a, B, b, &beta, D, d, D, d, &result.algo, nullptr, 0, nullptr);
+    }
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(d);
+    cublasLtMatrixLayoutDestroy(b);
+    cublasLtMatrixLayoutDestroy(a);
+    cublasLtMatmulDescDestroy(op);
+    cublasLtDestroy(h);
+    return s;
+  }
+};
+
+std::vector<float> ramp(std::size_t n, float scale) {
+  std::vector<float> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = scale * float(int(i % 11) - 5);
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("emulation: warp barriers and a CTA barrier in one kernel; cub's warp reduction order", "[emulation]") {
+  std::vector<float> in(threads);
+  for (int t = 0; t < threads; ++t) in[std::size_t(t)] = t % 2 ? 1e8f : 1.f + float(t);  // order-sensitive sums
+  const device_array<float> din(in), warp_totals(threads / 32), neighbour(threads), total(1);
+  ::grun_emu::launch(dim3(1), dim3(threads))(warps_then_cta, din.ptr, warp_totals.ptr, neighbour.ptr, total.ptr);
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  const auto wt = warp_totals.to_host(), nb = neighbour.to_host();
+  for (int w = 0; w < threads / 32; ++w) {
+    // cub's shuffle-down tree: offsets 1, 2, 4, 8, 16, lane 0's partial at each step.
+    std::vector<float> part(in.begin() + 32 * w, in.begin() + 32 * (w + 1));
+    for (int offset = 1; offset < 32; offset *= 2)
+      for (int l = 0; l + offset < 32; l += 2 * offset) part[std::size_t(l)] += part[std::size_t(l + offset)];
+    CHECK(wt[std::size_t(w)] == part[0]);
+  }
+  for (int t = 0; t < threads; ++t) CHECK(nb[std::size_t(t)] == 2.f * in[std::size_t((t / 32) * 32 + (t % 32 + 1) % 32)]);
+  CHECK(total.to_host()[0] == (wt[0] + wt[1]) + wt[2]);
+}
+
+TEST_CASE("emulation: cuBLASLt matmul, every transpose and storage type, against a plain loop", "[emulation]") {
+  const std::uint64_t m = 5, n = 3, k = 7;
+  for (auto ta : {CUBLAS_OP_N, CUBLAS_OP_T})
+    for (auto tb : {CUBLAS_OP_N, CUBLAS_OP_T}) {
+      INFO("transposes " << int(ta) << ", " << int(tb));
+      const bool an = ta == CUBLAS_OP_N, bn = tb == CUBLAS_OP_N;
+      const std::int64_t lda = std::int64_t(an ? m : k) + 2, ldb = std::int64_t(bn ? k : n) + 1, ldd = m + 3;
+      const auto a = ramp(std::size_t(lda) * (an ? k : m), 0.25f), b = ramp(std::size_t(ldb) * (bn ? n : k), 0.5f);
+      auto d0 = std::vector<float>(std::size_t(ldd) * n, std::numeric_limits<float>::quiet_NaN());
+      const device_array<float> da(a), db(b), dd(d0);
+      matmul_case c;
+      c.ta = ta;
+      c.tb = tb;
+      REQUIRE(c.run(da.ptr, lda, db.ptr, ldb, dd.ptr, ldd) == CUBLAS_STATUS_SUCCESS);  // beta = 0: C's NaN unread
+      const auto d = dd.to_host();
+      for (std::uint64_t j = 0; j < n; ++j)
+        for (std::uint64_t i = 0; i < m; ++i) {
+          double want = 0;
+          for (std::uint64_t l = 0; l < k; ++l)
+            want += double(an ? a[i + l * lda] : a[l + i * lda]) * double(bn ? b[l + j * ldb] : b[j + l * ldb]);
+          CHECK(d[i + j * ldd] == float(want));  // small integers times powers of two: exact
+        }
+      CHECK(std::isnan(d[m]));  // past the rows: untouched
+    }
+  // bf16 inputs, fp32 output, beta = 1 adds to D.
+  std::vector<__nv_bfloat16> a(m * k), b(k * n);
+  for (std::size_t i = 0; i < a.size(); ++i) a[i] = __float2bfloat16_rn(float(int(i % 5) - 2));
+  for (std::size_t i = 0; i < b.size(); ++i) b[i] = __float2bfloat16_rn(float(int(i % 3) - 1));
+  const device_array<__nv_bfloat16> da(a), db(b);
+  const device_array<float> dd(std::vector<float>(m * n, 10.f));
+  matmul_case c;
+  c.type = CUDA_R_16BF;
+  c.alignment = 2;  // row pitch 5 elements: 10 bytes
+  c.beta = 1.f;
+  REQUIRE(c.run(da.ptr, m, db.ptr, k, dd.ptr, m) == CUBLAS_STATUS_SUCCESS);
+  const auto d = dd.to_host();
+  for (std::uint64_t j = 0; j < n; ++j)
+    for (std::uint64_t i = 0; i < m; ++i) {
+      float want = 10.f;
+      for (std::uint64_t l = 0; l < k; ++l) want += __bfloat162float(a[i + l * m]) * __bfloat162float(b[l + j * k]);
+      CHECK(d[i + j * m] == want);
+    }
+}
+
+TEST_CASE("emulation: cuBLASLt refuses what the device library refuses or faults on", "[emulation]") {
+  const std::uint64_t m = 8, n = 4, k = 8;
+  const device_array<float> a(ramp(m * k + 8, 1.f)), b(ramp(k * n + 8, 1.f)), d(m * n + 8);
+  const matmul_case ok;
+  matmul_case c = ok;
+  c.m = m;
+  c.n = n;
+  c.k = k;
+  CHECK(c.run(a.ptr, m, b.ptr, k, d.ptr, m) == CUBLAS_STATUS_SUCCESS);
+  // Host memory where the layout says device.
+  std::vector<float> host_b(k * n, 1.f);
+  CHECK(c.run(a.ptr, m, host_b.data(), k, d.ptr, m) == CUBLAS_STATUS_INVALID_VALUE);
+  // An operand running past its allocation.
+  CHECK(c.run(a.ptr + 16, m, b.ptr, k, d.ptr, m) == CUBLAS_STATUS_INVALID_VALUE);
+  // Shapes that do not agree, a leading dimension below the rows.
+  CHECK(c.run(a.ptr, m + 1, b.ptr, k, d.ptr, m, m + 1) == CUBLAS_STATUS_INVALID_VALUE);
+  CHECK(c.run(a.ptr, m - 1, b.ptr, k, d.ptr, m) == CUBLAS_STATUS_INVALID_VALUE);
+  // Mixed input types: fp16 A and B with a bf16 D.
+  matmul_case mixed = c;
+  mixed.type = CUDA_R_16F;
+  mixed.out_type = CUDA_R_16BF;
+  CHECK(mixed.run(a.ptr, m, b.ptr, k, d.ptr, m) == CUBLAS_STATUS_NOT_SUPPORTED);
+  // 16-byte alignment promised, a 4-byte aligned operand given: the misaligned access.
+  matmul_case aligned = c;
+  aligned.alignment = 16;
+  CHECK(aligned.run(a.ptr, m, b.ptr, k, d.ptr, m) == CUBLAS_STATUS_SUCCESS);
+  CHECK(aligned.run(a.ptr + 1, m, b.ptr, k, d.ptr, m) == CUBLAS_STATUS_EXECUTION_FAILED);
+  CHECK(aligned.run(a.ptr, m + 1, b.ptr, k, d.ptr, m) == CUBLAS_STATUS_EXECUTION_FAILED);  // pitch 36 bytes
+}
