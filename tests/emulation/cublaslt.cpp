@@ -29,9 +29,7 @@
 #include <type_traits>
 #include <vector>
 
-struct cublasLtContext {
-  int device = 0;
-};
+struct cublasLtContext {};
 
 namespace {
 
@@ -46,14 +44,15 @@ struct operation {
   cudaDataType_t scale;
   cublasOperation_t trans_a = CUBLAS_OP_N, trans_b = CUBLAS_OP_N;
 };
+constexpr std::uint32_t default_alignment = 256;  // cuBLASLt's, unless the preference says less
 struct preference {
   std::uint64_t max_workspace = 0;
-  std::uint32_t alignment[4] = {256, 256, 256, 256};  // A, B, C, D: what the caller promises
+  std::uint32_t alignment[4] = {default_alignment, default_alignment, default_alignment, default_alignment};  // A, B, C, D
 };
-/// What a heuristic answer carries: the alignments its kernel may assume.
+/// What a heuristic answer carries: the alignments its kernel may assume (a null algo: the defaults).
 struct algorithm {
   std::uint32_t magic = 0x6c746d6d;  // "lmmt": an algo the heuristic filled
-  std::uint32_t alignment[4];
+  std::uint32_t alignment[4] = {default_alignment, default_alignment, default_alignment, default_alignment};
 };
 
 template <class S, class Opaque>
@@ -269,13 +268,8 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatm
   if (handle == nullptr || alpha == nullptr || beta == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
   problem p;
   if (const cublasStatus_t s = make_problem(desc, Adesc, Bdesc, Cdesc, Ddesc, p); s != CUBLAS_STATUS_SUCCESS) return s;
-  algorithm algo{};
-  if (algo_in != nullptr) {
-    algo = read<algorithm>(algo_in);
-    if (algo.magic != algorithm{}.magic) return CUBLAS_STATUS_INVALID_VALUE;
-  } else {
-    std::memcpy(algo.alignment, preference{}.alignment, sizeof algo.alignment);
-  }
+  const algorithm algo = algo_in != nullptr ? read<algorithm>(algo_in) : algorithm{};
+  if (algo.magic != algorithm{}.magic) return CUBLAS_STATUS_INVALID_VALUE;
   if (::grun_emu::in_device_memory(alpha, sizeof(float)) || ::grun_emu::in_device_memory(beta, sizeof(float)))
     return refuse(CUBLAS_STATUS_INVALID_VALUE, "is device memory (the pointer mode is host)", "alpha or beta");
   const float a_scale = *static_cast<const float*>(alpha), b_scale = *static_cast<const float*>(beta);
@@ -284,13 +278,14 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatm
     const layout& l;
     const char* name;
     std::uint32_t alignment;
-  } operands[] = {{A, p.a, "A", algo.alignment[0]},
-                  {B, p.b, "B", algo.alignment[1]},
-                  {C, p.c, "C", algo.alignment[2]},
-                  {D, p.d, "D", algo.alignment[3]}};
+    bool read;  // C is not read when beta = 0
+  } operands[] = {{A, p.a, "A", algo.alignment[0], true},
+                  {B, p.b, "B", algo.alignment[1], true},
+                  {C, p.c, "C", algo.alignment[2], b_scale != 0.f},
+                  {D, p.d, "D", algo.alignment[3], true}};
   for (const auto& o : operands) {
     const std::size_t bytes = span_bytes(o.l);
-    if (bytes == 0 || (o.ptr == C && b_scale == 0.f && o.ptr != D)) continue;
+    if (bytes == 0 || !o.read) continue;
     if (!::grun_emu::in_device_memory(o.ptr, bytes))
       return refuse(CUBLAS_STATUS_INVALID_VALUE, "is not device memory covering its layout", o.name);
     const std::uint64_t pitch = std::uint64_t(o.l.ld) * element_size(o.l.type);

@@ -255,6 +255,13 @@ namespace {
 
 constexpr unsigned warp_size = 32;
 
+/// Stops the emulation at `thread` of the launch `where` describes.
+[[noreturn]] void fail_at(const thread_context& where, uint3 thread, const char* what) {
+  context = where;
+  context.thread = thread;
+  fail_device(what);
+}
+
 /// Opens the barriers every live fiber they concern has reached: the CTA's when all live fibers
 /// wait there (a returned thread no longer counts, as an exited thread does for bar.sync); a warp's
 /// when all its lanes wait there. A warp barrier with a lane that has returned is a broken promise
@@ -280,22 +287,16 @@ bool open_barriers(std::span<fiber> cta, const thread_context& where) {
       returned += f.done;
     }
     if (arrived == 0) continue;
-    if (returned != 0) {
-      context = where;
-      context.thread = warp.front().thread;
-      fail_device("a warp-synchronous collective with lanes of the warp that have returned");
-    }
+    if (returned != 0)
+      fail_at(where, warp.front().thread, "a warp-synchronous collective with lanes of the warp that have returned");
     if (arrived == warp.size()) {
       for (auto& f : warp) f.waiting = barrier::none;
       opened = true;
     }
   }
-  if (!opened) {
-    context = where;
-    for (const auto& f : cta)
-      if (!f.done) context.thread = f.thread;
-    fail_device("deadlock: threads wait at barriers that cannot open (__syncthreads and a warp collective mixed)");
-  }
+  if (!opened)
+    fail_at(where, std::find_if(cta.begin(), cta.end(), [](const fiber& f) { return !f.done; })->thread,
+            "deadlock: threads wait at barriers that cannot open (__syncthreads and a warp collective mixed)");
   return true;
 }
 
