@@ -83,6 +83,7 @@ struct config {
   double scale = 1.0;
   index_t pad = 0;             // row stride d + pad on the device
   bool in_place = false;       // out == h, dh == dout
+  float upstream = 1.f;        // dout and dgates drawn from [-upstream, upstream) (a mean loss over many tokens: small)
 };
 
 /// How a case's parameters are drawn: module k is grun::init(…, init + k), then every leaf gets
@@ -145,8 +146,8 @@ struct host_reference {
     for (auto& m : device_modules) device_views.push_back(*m);
 
     grun::test::fill_uniform(h.storage.span(), 1, -2.f, 2.f);
-    grun::test::fill_uniform(dout.storage.span(), 2);
-    grun::test::fill_uniform(dgates.storage.span(), 3);
+    grun::test::fill_uniform(dout.storage.span(), 2, -c.upstream, c.upstream);
+    grun::test::fill_uniform(dgates.storage.span(), 3, -c.upstream, c.upstream);
     using host_impl = grun::detail::intervention_impl<grun::exec::host_t, I>;
     host_impl::forward(grun::exec::host, std::span<const Hp>(host_views), c.scale, grun::matrix_view<const T>(h.view()),
                        pos, out.view(), gates.view());

@@ -43,6 +43,7 @@ struct operation {
   cublasComputeType_t compute;
   cudaDataType_t scale;
   cublasOperation_t trans_a = CUBLAS_OP_N, trans_b = CUBLAS_OP_N;
+  cublasLtPointerMode_t pointer_mode = CUBLASLT_POINTER_MODE_HOST;  // where alpha and beta are: host or device
 };
 constexpr std::uint32_t default_alignment = 256;  // cuBLASLt's, unless the preference says less
 struct preference {
@@ -179,13 +180,20 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t 
                                                            const void* buf, size_t bytes) {
   if (desc == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
   operation op = read<operation>(desc);
-  cublasOperation_t* target = attr == CUBLASLT_MATMUL_DESC_TRANSA   ? &op.trans_a
-                              : attr == CUBLASLT_MATMUL_DESC_TRANSB ? &op.trans_b
-                                                                    : nullptr;
-  if (target == nullptr) return CUBLAS_STATUS_NOT_SUPPORTED;  // not modelled: the glue that needs it says so
   std::int32_t value = 0;
-  if (!value_of(buf, bytes, value) || (value != CUBLAS_OP_N && value != CUBLAS_OP_T)) return CUBLAS_STATUS_INVALID_VALUE;
-  *target = cublasOperation_t(value);
+  if (!value_of(buf, bytes, value)) return CUBLAS_STATUS_INVALID_VALUE;
+  switch (attr) {
+    case CUBLASLT_MATMUL_DESC_TRANSA:
+    case CUBLASLT_MATMUL_DESC_TRANSB:
+      if (value != CUBLAS_OP_N && value != CUBLAS_OP_T) return CUBLAS_STATUS_INVALID_VALUE;
+      (attr == CUBLASLT_MATMUL_DESC_TRANSA ? op.trans_a : op.trans_b) = cublasOperation_t(value);
+      break;
+    case CUBLASLT_MATMUL_DESC_POINTER_MODE:  // single values only: the vector modes are not modelled
+      if (value != CUBLASLT_POINTER_MODE_HOST && value != CUBLASLT_POINTER_MODE_DEVICE) return CUBLAS_STATUS_NOT_SUPPORTED;
+      op.pointer_mode = cublasLtPointerMode_t(value);
+      break;
+    default: return CUBLAS_STATUS_NOT_SUPPORTED;  // not modelled: the glue that needs it says so
+  }
   write(desc, op);
   return CUBLAS_STATUS_SUCCESS;
 }
@@ -270,8 +278,13 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatm
   if (const cublasStatus_t s = make_problem(desc, Adesc, Bdesc, Cdesc, Ddesc, p); s != CUBLAS_STATUS_SUCCESS) return s;
   const algorithm algo = algo_in != nullptr ? read<algorithm>(algo_in) : algorithm{};
   if (algo.magic != algorithm{}.magic) return CUBLAS_STATUS_INVALID_VALUE;
-  if (::grun_emu::in_device_memory(alpha, sizeof(float)) || ::grun_emu::in_device_memory(beta, sizeof(float)))
-    return refuse(CUBLAS_STATUS_INVALID_VALUE, "is device memory (the pointer mode is host)", "alpha or beta");
+  // The pointer mode says where alpha and beta live; the other memory is a fault (device) or garbage (host).
+  const bool on_device = p.op.pointer_mode == CUBLASLT_POINTER_MODE_DEVICE;
+  for (const void* scalar : {alpha, beta})
+    if (::grun_emu::in_device_memory(scalar, sizeof(float)) != on_device)
+      return refuse(CUBLAS_STATUS_INVALID_VALUE,
+                    on_device ? "is not device memory (the pointer mode is device)" : "is device memory (the pointer mode is host)",
+                    scalar == alpha ? "alpha" : "beta");
   const float a_scale = *static_cast<const float*>(alpha), b_scale = *static_cast<const float*>(beta);
   const struct {
     const void* ptr;

@@ -1,10 +1,11 @@
 // The emulation's own contracts (tests/emulation): warp and CTA barriers in one kernel, cub's warp
-// reduction order, and cuBLASLt's matmul — its numbers and the misuses it must refuse as the
+// reduction order, cub::DeviceReduce, and cuBLASLt's matmul — its numbers and the misuses it must refuse as the
 // device library would (the emulated agreement tests rely on those refusals to catch glue bugs).
 // Kernels here are plain functions launched through ::grun_emu::launch, as rewritten launches are.
 #include <catch2/catch.hpp>
 
 #include <cub/block/block_reduce.cuh>
+#include <cub/device/device_reduce.cuh>
 #include <cub/warp/warp_reduce.cuh>
 #include <cublasLt.h>
 
@@ -66,6 +67,7 @@ struct matmul_case {
   cudaDataType_t type = CUDA_R_32F, out_type = CUDA_R_32F;
   std::uint32_t alignment = 4;  // promised for every operand
   float beta = 0.f;
+  const float* scalars = nullptr;  // {alpha, beta} for the device pointer mode (else alpha 1 and beta, host)
 
   cublasStatus_t run(const void* A, std::int64_t lda, const void* B, std::int64_t ldb, void* D, std::int64_t ldd,
                      std::uint64_t a_rows_override = 0) const {
@@ -77,6 +79,11 @@ struct matmul_case {
     REQUIRE(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
     REQUIRE(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == CUBLAS_STATUS_SUCCESS);
     REQUIRE(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == CUBLAS_STATUS_SUCCESS);
+    if (scalars != nullptr) {
+      const std::int32_t mode = CUBLASLT_POINTER_MODE_DEVICE;
+      REQUIRE(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof mode) ==
+              CUBLAS_STATUS_SUCCESS);
+    }
     const bool an = ta == CUBLAS_OP_N, bn = tb == CUBLAS_OP_N;
     REQUIRE(cublasLtMatrixLayoutCreate(&a, type, a_rows_override ? a_rows_override : (an ? m : k), an ? k : m, lda) ==
             CUBLAS_STATUS_SUCCESS);
@@ -92,7 +99,8 @@ struct matmul_case {
     if (s == CUBLAS_STATUS_SUCCESS) {
       REQUIRE(found == 1);
       const float alpha = 1.f;
-      s = cublasLtMatmul(h, op, &alpha, A, a, B, b, &beta, D, d, D, d, &result.algo, nullptr, 0, nullptr);
+      s = cublasLtMatmul(h, op, scalars ? scalars : &alpha, A, a, B, b, scalars ? scalars + 1 : &beta, D, d, D, d,
+                         &result.algo, nullptr, 0, nullptr);
     }
     cublasLtMatmulPreferenceDestroy(pref);
     cublasLtMatrixLayoutDestroy(d);
@@ -172,6 +180,41 @@ TEST_CASE("emulation: cuBLASLt matmul, every transpose and storage type, against
       for (std::uint64_t l = 0; l < k; ++l) want += __bfloat162float(a[i + l * m]) * __bfloat162float(b[l + j * k]);
       CHECK(d[i + j * m] == want);
     }
+  // Device pointer mode: alpha = 0.25 and beta = 1 read from device memory.
+  const device_array<float> scalars(std::vector<float>{0.25f, 1.f});
+  const device_array<float> da32(ramp(m * k, 1.f)), db32(ramp(k * n, 1.f)), dd32(std::vector<float>(m * n, 3.f));
+  matmul_case scaled;
+  scaled.scalars = scalars.ptr;
+  REQUIRE(scaled.run(da32.ptr, m, db32.ptr, k, dd32.ptr, m) == CUBLAS_STATUS_SUCCESS);
+  const auto a32 = ramp(m * k, 1.f), b32 = ramp(k * n, 1.f), d32 = dd32.to_host();
+  for (std::uint64_t j = 0; j < n; ++j)
+    for (std::uint64_t i = 0; i < m; ++i) {
+      float want = 0.f;
+      for (std::uint64_t l = 0; l < k; ++l) want += a32[i + l * m] * b32[l + j * k];
+      CHECK(d32[i + j * m] == 0.25f * want + 3.f);
+    }
+}
+
+TEST_CASE("emulation: cub::DeviceReduce Sum and Max over a transform iterator", "[emulation]") {
+  const std::vector<float> x = {3.f, -7.5f, 2.f, 0.f, 7.25f};
+  const device_array<float> dx(x), out(1);
+  struct magnitude {
+    float operator()(float v) const { return std::fabs(v); }
+  };
+  const auto it = thrust::make_transform_iterator(dx.ptr, magnitude{});
+  std::size_t bytes = 0;
+  REQUIRE(cub::DeviceReduce::Max(nullptr, bytes, it, out.ptr, x.size()) == cudaSuccess);
+  REQUIRE(bytes > 0);
+  const device_array<unsigned char> tmp(bytes);
+  REQUIRE(cub::DeviceReduce::Max(tmp.ptr, bytes, it, out.ptr, x.size()) == cudaSuccess);
+  CHECK(out.to_host()[0] == 7.5f);
+  REQUIRE(cub::DeviceReduce::Sum(tmp.ptr, bytes, it, out.ptr, x.size()) == cudaSuccess);
+  CHECK(out.to_host()[0] == 19.75f);
+  REQUIRE(cub::DeviceReduce::Max(tmp.ptr, bytes, dx.ptr, out.ptr, 0) == cudaSuccess);
+  CHECK(out.to_host()[0] == std::numeric_limits<float>::lowest());  // cub's identity for an empty Max
+  // Host memory where the device's is expected.
+  float host_out = 0.f;
+  CHECK(cub::DeviceReduce::Max(tmp.ptr, bytes, it, &host_out, x.size()) == cudaErrorInvalidValue);
 }
 
 TEST_CASE("emulation: cuBLASLt refuses what the device library refuses or faults on", "[emulation]") {
@@ -201,4 +244,9 @@ TEST_CASE("emulation: cuBLASLt refuses what the device library refuses or faults
   CHECK(aligned.run(a.ptr, m, b.ptr, k, d.ptr, m) == CUBLAS_STATUS_SUCCESS);
   CHECK(aligned.run(a.ptr + 1, m, b.ptr, k, d.ptr, m) == CUBLAS_STATUS_EXECUTION_FAILED);
   CHECK(aligned.run(a.ptr, m + 1, b.ptr, k, d.ptr, m) == CUBLAS_STATUS_EXECUTION_FAILED);  // pitch 36 bytes
+  // Device pointer mode with alpha and beta in host memory.
+  const std::vector<float> host_scalars = {1.f, 0.f};
+  matmul_case device_mode = c;
+  device_mode.scalars = host_scalars.data();
+  CHECK(device_mode.run(a.ptr, m, b.ptr, k, d.ptr, m) == CUBLAS_STATUS_INVALID_VALUE);
 }
