@@ -73,12 +73,10 @@ void sum_of_squares_async(const T* x, index_t n, double* out, cudaStream_t s) {
     GRUN_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(double), s));
     return;
   }
-  auto it = thrust::make_transform_iterator(x, square_of<T>{});
-  std::size_t bytes = 0;
-  GRUN_CUDA_CHECK(cub::DeviceReduce::Sum(nullptr, bytes, it, out, n, s));
-  // At least one byte: a null temporary would make the second call a size query again.
-  stream_scratch<unsigned char> tmp(std::max<index_t>(index_t(bytes), 1), s);
-  GRUN_CUDA_CHECK(cub::DeviceReduce::Sum(tmp.ptr, bytes, it, out, n, s));
+  const auto squares = thrust::make_transform_iterator(x, square_of<T>{});
+  run_with_cub_scratch(s, [&](void* temp, std::size_t& bytes) {
+    return cub::DeviceReduce::Sum(temp, bytes, squares, out, n, s);
+  });
 }
 
 template <class T, class S, class Acc>

@@ -10,7 +10,7 @@
 //                                   fp32 agreement with the host holds at 1e-5) and k summed in
 //                                   chunks of 256 (fp32_k_chunk: every fp32 matmul here)
 //   a1 = relu(Z1 + b1)              elementwise (bias_relu_kernel)
-//   Z2 [P, H2] = A1 W2ᵀ             cuBLASLt, fp32 (W2 widened to fp32 per call: 16K elements)
+//   Z2 [P, H2] = A1 W2ᵀ             cuBLASLt, fp32 (16-bit W2 widened to fp32 once per call: 16K elements)
 //   head_out_kernel                 one warp per row: a2 = relu(Z2 + b2), g = σ(w3·a2 + b3) (cub::WarpReduce)
 //   then the fused ReFT kernel (intervention_fused.cuh) with the gate values given (gate_external).
 //   (The first version computed W2 a1 in a warp-per-row loop whose lanes each walked their own row
@@ -353,10 +353,9 @@ struct magnitude {
 template <class T>
 void store_scaled_dz1(const float* dz1f, index_t P, index_t H1, fp16_scale* scale, T* dz1, index_t ld1, cudaStream_t s) {
   const auto magnitudes = thrust::make_transform_iterator(dz1f, magnitude{});
-  std::size_t bytes = 0;
-  GRUN_CUDA_CHECK(cub::DeviceReduce::Max(nullptr, bytes, magnitudes, &scale->amax, P * H1, s));
-  cuda::detail::stream_scratch<unsigned char> tmp(std::max<index_t>(index_t(bytes), 1), s);
-  GRUN_CUDA_CHECK(cub::DeviceReduce::Max(tmp.ptr, bytes, magnitudes, &scale->amax, P * H1, s));
+  cuda::detail::run_with_cub_scratch(s, [&](void* temp, std::size_t& bytes) {
+    return cub::DeviceReduce::Max(temp, bytes, magnitudes, &scale->amax, P * H1, s);
+  });
   scaled_dz1_kernel<T><<<grid_for(P * H1, 256), 256, 0, s>>>(dz1f, P, H1, scale, dz1, ld1);
   GRUN_CUDA_CHECK_LAUNCH();
 }
@@ -458,23 +457,41 @@ struct aligned_w1 {
   }
 };
 
-/// W2 [H2, H1] as fp32 (scratch): the second layer's GEMMs take the fp32 activations, and cuBLASLt
-/// does not mix input types. 16K elements per module and call.
+/// Every module's W2 [H2, H1] in fp32, as the second layer's matmuls take it (they multiply the
+/// fp32 activations, and cuBLASLt does not mix input types): fp32 parameters as they are, 16-bit
+/// ones widened once per call into scratch (16K elements per module), which the backward's forward
+/// recompute and its gate path then share.
 template <class T>
-struct widened {
-  cuda::detail::stream_scratch<float> data;
-  widened(const T* x, index_t n, cudaStream_t s) : data(n, s) {
-    widen_kernel<T><<<grid_for(n, 256), 256, 0, s>>>(x, n, data.ptr);
-    GRUN_CUDA_CHECK_LAUNCH();
+class fp32_w2s {
+ public:
+  template <class Modules>
+  fp32_w2s(const Modules& modules, index_t n, cudaStream_t s)
+      : copy_(std::is_same_v<T, float> ? 0 : index_t(modules.size()) * n, s) {
+    for (std::size_t k = 0; k < modules.size(); ++k) {
+      const T* w2 = modules[k].gate.w2.data;
+      if constexpr (std::is_same_v<T, float>) {
+        w2s_.push_back(w2);
+      } else {
+        float* wide = copy_.ptr + index_t(k) * n;
+        widen_kernel<T><<<grid_for(n, 256), 256, 0, s>>>(w2, n, wide);
+        GRUN_CUDA_CHECK_LAUNCH();
+        w2s_.push_back(wide);
+      }
+    }
   }
+  const float* operator[](index_t k) const { return w2s_[std::size_t(k)]; }
+
+ private:
+  cuda::detail::stream_scratch<float> copy_;
+  std::vector<const float*> w2s_;
 };
 
 /// The gate's forward for one module: a1s [P, H1], a2s [P, H2], g [P].
 ///   Z1 = Hs W1ᵀ (cuBLASLt, tensor cores for 16-bit h), a1 = relu(Z1 + b1),
 ///   Z2 = A1 W2ᵀ (cuBLASLt, fp32), a2 = relu(Z2 + b2), g = σ(w3·a2 + b3) (one warp per row).
 template <class T, int H1, int H2, class GP>
-void gate_forward(const GP& gp, const T* hs, index_t ldh, index_t P, index_t d, float* a1s, float* a2s, float* g,
-                  void* ws, cudaStream_t s, bool deterministic) {
+void gate_forward(const GP& gp, const float* w2, const T* hs, index_t ldh, index_t P, index_t d, float* a1s, float* a2s,
+                  float* g, void* ws, cudaStream_t s, bool deterministic) {
   // Row-major Z1 [P, H1] is column-major [H1, P] = op_T(W1 as column-major [d, H1]) · (Hs as column-major [d, P]).
   const aligned_w1<T> w1(gp.w1.data, H1, d, s);
   gemm(CUBLAS_OP_T, CUBLAS_OP_N, H1, P, d, w1.data, data_type<T>(), w1.ld, hs, data_type<T>(), ldh, 0.f, a1s, H1, ws, s,
@@ -482,8 +499,7 @@ void gate_forward(const GP& gp, const T* hs, index_t ldh, index_t P, index_t d, 
   bias_relu_kernel<T><<<grid_for(P * H1, 256), 256, 0, s>>>(a1s, P, H1, gp.b1.data);
   GRUN_CUDA_CHECK_LAUNCH();
   // Z2 [P, H2] row-major = column-major [H2, P] = op_T(W2 as column-major [H1, H2]) · (A1 as column-major [H1, P]).
-  const widened<T> w2(gp.w2.data, index_t(H2) * H1, s);
-  gemm(CUBLAS_OP_T, CUBLAS_OP_N, H2, P, H1, w2.data.ptr, CUDA_R_32F, H1, a1s, CUDA_R_32F, H1, 0.f, a2s, H2, ws, s,
+  gemm(CUBLAS_OP_T, CUBLAS_OP_N, H2, P, H1, w2, CUDA_R_32F, H1, a1s, CUDA_R_32F, H1, 0.f, a2s, H2, ws, s,
        deterministic);
   head_out_kernel<T, H2><<<unsigned(cuda::ceil_div(P, head_rows)), 32 * head_rows, 0, s>>>(a2s, gp.b2.data, gp.w3.data,
                                                                                          gp.b3.data, P, g);
@@ -517,9 +533,10 @@ bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_sp
   detail::selected_rows<T> hs(h, pos, s);
   cuda::detail::stream_scratch<float> a1s(P * H1, s), a2s(P * H2, s), g(K * P, s);
   cuda::detail::stream_scratch<unsigned char> ws(index_t(detail::workspace_bytes), s);
+  const detail::fp32_w2s<T> w2s(modules, index_t(H2) * H1, s);
   for (index_t k = 0; k < K; ++k)
-    detail::gate_forward<T, H1, H2>(modules[std::size_t(k)].gate, hs.data, hs.ld, P, d, a1s.ptr, a2s.ptr, g.ptr + k * P,
-                                    ws.ptr, s, ex.deterministic);
+    detail::gate_forward<T, H1, H2>(modules[std::size_t(k)].gate, w2s[k], hs.data, hs.ld, P, d, a1s.ptr, a2s.ptr,
+                                    g.ptr + k * P, ws.ptr, s, ex.deterministic);
   return fused::forward_impl<I, T, fused::detail::gate_external>(ex, modules, scale, h, pos, out, gates, g.ptr);
 }
 
@@ -549,8 +566,9 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
   detail::selected_rows<T> hs(h, pos, s);
   cuda::detail::stream_scratch<float> a1s(K * P * H1, s), a2s(K * P * H2, s), g(K * P, s);
   cuda::detail::stream_scratch<unsigned char> ws(index_t(detail::workspace_bytes), s);
+  const detail::fp32_w2s<T> w2s(modules, index_t(H2) * H1, s);
   for (index_t k = 0; k < K; ++k)
-    detail::gate_forward<T, H1, H2>(modules[std::size_t(k)].gate, hs.data, hs.ld, P, d, a1s.ptr + k * P * H1,
+    detail::gate_forward<T, H1, H2>(modules[std::size_t(k)].gate, w2s[k], hs.data, hs.ld, P, d, a1s.ptr + k * P * H1,
                                     a2s.ptr + k * P * H2, g.ptr + k * P, ws.ptr, s, ex.deterministic);
   constexpr index_t H1p = (H1 + 7) / 8 * 8;  // dZ1's row pitch as T (16-byte aligned rows)
   cuda::detail::stream_scratch<T> dz1(P * H1p, s);
@@ -567,11 +585,8 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
       // fp16 scaled by 2^s, which they take back through alpha).
       detail::dz2_kernel<T><<<detail::grid_for(P * H2, 256), 256, 0, s>>>(a2k, dz3 + k * P, gp.w3.data, P, H2, dz2.ptr);
       GRUN_CUDA_CHECK_LAUNCH();
-      {
-        const detail::widened<T> w2(gp.w2.data, index_t(H2) * H1, s);
-        detail::gemm(CUBLAS_OP_N, CUBLAS_OP_N, H1, P, H2, w2.data.ptr, CUDA_R_32F, H1, dz2.ptr, CUDA_R_32F, H2, 0.f,
-                     dz1f.ptr, H1, ws.ptr, s, ex.deterministic);
-      }
+      detail::gemm(CUBLAS_OP_N, CUBLAS_OP_N, H1, P, H2, w2s[k], CUDA_R_32F, H1, dz2.ptr, CUDA_R_32F, H2, 0.f, dz1f.ptr,
+                   H1, ws.ptr, s, ex.deterministic);
       detail::dz1_kernel<T><<<detail::grid_for(P * H1, 256), 256, 0, s>>>(a1k, dz1f.ptr, P, H1, scaled ? nullptr : dz1.ptr, H1p);
       GRUN_CUDA_CHECK_LAUNCH();
       if constexpr (scaled) detail::store_scaled_dz1<T>(dz1f.ptr, P, H1, dz1_scale.ptr, dz1.ptr, H1p, s);

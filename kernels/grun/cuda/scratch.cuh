@@ -3,6 +3,7 @@
 // paths (generic and fused). Stream-ordered: nothing here synchronizes the device.
 #include "check.cuh"
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 #include <vector>
@@ -70,6 +71,17 @@ struct stream_scratch {
   stream_scratch(const stream_scratch&) = delete;
   stream_scratch& operator=(const stream_scratch&) = delete;
 };
+
+/// Runs one of CUB's two-phase device algorithms on stream s: `algorithm(temp, bytes)` is called
+/// once with a null temp to learn the size of the temporary storage, then with that storage from
+/// the scratch pool. At least one byte: a null temporary would make the second call a size query again.
+template <class Algorithm>
+void run_with_cub_scratch(cudaStream_t s, Algorithm&& algorithm) {
+  std::size_t bytes = 0;
+  GRUN_CUDA_CHECK(algorithm(static_cast<void*>(nullptr), bytes));
+  stream_scratch<unsigned char> temp(std::max<index_t>(index_t(bytes), 1), s);
+  GRUN_CUDA_CHECK(algorithm(static_cast<void*>(temp.ptr), bytes));
+}
 
 /// A small struct a kernel reports to the host (a status, a census, a reduction's totals): a
 /// device slot set to `initial` on the stream before the launch, read back after it with one
