@@ -4,8 +4,10 @@
 // The copy bandwidth (cudaMemcpy device→device, read + write counted) is measured in the same run,
 // so "% of copy bandwidth" compares like with like on whatever GPU this runs on.
 //
-//   bench_cuda [--quick] [--only NAME[,NAME…]] [--schedule stream|resident|staged]
+//   bench_cuda [--quick | --smoke] [--only NAME[,NAME…]] [--schedule stream|resident|staged]
 //     --quick  smaller sizes (smoke test of the script itself)
+//     --smoke  the fewest rows that keep every benchmark's d and V, each timed once: every path a GPU
+//              run takes, in seconds on the CPU emulation (tests/emulation runs it so)
 //     --schedule  the fused forward's schedule for the whole run (fused::detail::forward_plan), e.g.
 //              for ncu to profile that one; the others are still timed as …_fwd_<schedule>
 //     --only   run only the named benchmarks (copy_d2d, intervention_linear_loreft4, …_direft4,
@@ -36,8 +38,12 @@ using bf16 = grun::bfloat16;
 
 namespace {
 
+/// --smoke: every timing is one run, no warm-up.
+bool smoke = false;
+
 /// Median of `reps` timed runs after `warmup` untimed ones, in milliseconds.
 double time_ms(const std::function<void()>& f, int warmup = 3, int reps = 10) {
+  if (smoke) warmup = 0, reps = 1;
   for (int i = 0; i < warmup; ++i) f();
   GRUN_CUDA_CHECK(cudaDeviceSynchronize());
   cudaEvent_t a, b;
@@ -61,8 +67,11 @@ double time_ms(const std::function<void()>& f, int warmup = 3, int reps = 10) {
 
 void result(const char* name, double ms, double bytes) { std::printf("RESULT %s %.6f %.0f\n", name, ms, bytes); }
 
-/// --only: the comma-separated benchmark names to run (empty: all).
+/// --only: the comma-separated benchmark names to run (empty: all), each one of these.
 std::vector<std::string> only;
+const char* const benchmark_names[] = {"copy_d2d", "intervention_linear_loreft4", "intervention_linear_direft4",
+                                       "intervention_linear_loreft4_generic", "intervention_mlp_loreft4",
+                                       "intervention_scaling", "nll", "kl", "losses", "adamw"};
 bool wanted(const std::string& name) {
   return only.empty() || std::find(only.begin(), only.end(), name) != only.end();
 }
@@ -273,6 +282,8 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
+    } else if (std::strcmp(argv[i], "--smoke") == 0) {
+      smoke = true;
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
       std::string list = argv[++i];
       for (std::size_t a = 0, b; a <= list.size(); a = b + 1) {
@@ -291,10 +302,21 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr,
-                   "bench_cuda: unknown argument '%s' (expected --quick, --only NAME[,NAME...], --schedule NAME)\n",
+                   "bench_cuda: unknown argument '%s' (expected --quick, --smoke, --only NAME[,NAME...], --schedule NAME)\n",
                    argv[i]);
       return 2;
     }
+  }
+  for (const auto& name : only) {
+    if (std::find(std::begin(benchmark_names), std::end(benchmark_names), name) != std::end(benchmark_names)) continue;
+    std::string known;
+    for (const char* n : benchmark_names) known += std::string(known.empty() ? "" : ", ") + n;
+    std::fprintf(stderr, "bench_cuda: --only: no benchmark named '%s' (expected %s)\n", name.c_str(), known.c_str());
+    return 2;
+  }
+  if (quick && smoke) {
+    std::fprintf(stderr, "bench_cuda: --quick and --smoke are two sizes; give one\n");
+    return 2;
   }
   if (!gc::device_available()) {
     std::fprintf(stderr, "SKIPPED: no CUDA device\n");
@@ -303,28 +325,32 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   GRUN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("DEVICE %s\n", prop.name);
+  // Rows: full (the issue's sizes), --quick, --smoke. d and V stay: they set the kernels' tiling.
+  const auto rows = [&](index_t full, index_t quick_rows, index_t smoke_rows) {
+    return smoke ? smoke_rows : quick ? quick_rows : full;
+  };
   try {
-    bench_copy(quick ? (index_t(64) << 20) : (index_t(1) << 30));  // always: the yardstick
+    bench_copy(rows(index_t(1) << 30, index_t(64) << 20, index_t(1) << 20));  // always: the yardstick
     using lin = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
     using lin_di = grun::gated_intervention<grun::gate::linear, grun::reft::direft<4>>;
     using mlp = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
-    const index_t T_ = quick ? 1024 : 16384;
+    const index_t T_ = rows(16384, 1024, 48);
     if (wanted("intervention_linear_loreft4"))
       bench_intervention<lin>("intervention_linear_loreft4", T_, 4096, timing::fused_and_schedules);
     if (wanted("intervention_linear_direft4"))
       bench_intervention<lin_di>("intervention_linear_direft4", T_, 4096, timing::fused_and_schedules);
     if (wanted("intervention_linear_loreft4_generic"))  // the fallback path, for scale
-      bench_intervention<lin>("intervention_linear_loreft4_generic", 1024, 4096, timing::generic);
+      bench_intervention<lin>("intervention_linear_loreft4_generic", rows(1024, 1024, 8), 4096, timing::generic);
     if (wanted("intervention_mlp_loreft4"))  // cuBLASLt first layer + fused ReFT
       bench_intervention<mlp>("intervention_mlp_loreft4", T_, 4096);
-    if (wanted("intervention_scaling") && !quick) {
+    if (wanted("intervention_scaling") && !quick && !smoke) {
       // The fused path at 1/4 and 4× the rows: a per-call cost shows as time that does not scale with T.
       bench_intervention<lin>("intervention_linear_loreft4_T4096", 4096, 4096);
       bench_intervention<lin>("intervention_linear_loreft4_T65536", 65536, 4096);
     }
-    if (wanted("nll")) bench_nll(quick ? 512 : 8192, quick ? 32768 : 131072);
-    if (wanted("kl")) bench_kl(quick ? 512 : 8192, quick ? 32768 : 131072);
-    if (wanted("losses")) bench_losses(quick ? 1024 : 16384, 4096, 64, 16384);
+    if (wanted("nll")) bench_nll(rows(8192, 512, 4), quick ? 32768 : 131072);
+    if (wanted("kl")) bench_kl(rows(8192, 512, 4), quick ? 32768 : 131072);
+    if (wanted("losses")) bench_losses(rows(16384, 1024, 48), 4096, 64, 16384);
     if (wanted("adamw")) bench_adamw(4096);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda: %s\n", e.what());

@@ -18,14 +18,15 @@
 //   - __shared__ is `static`: every thread of the CTA sees one object, and CTAs never overlap;
 //     dynamic shared memory (extern __shared__ x[]) is a per-CTA buffer filled with 0xFF bytes
 //     (NaN for every float type), so a read before a write shows;
-//   - cub::BlockReduce, cub::WarpReduce, cub::DeviceReduce::Sum, cooperative_groups::memcpy_async,
+//   - cub::BlockReduce, cub::WarpReduce, cub::DeviceReduce (Sum, Max), cooperative_groups::memcpy_async,
 //     thrust::device_vector and thrust::transform_iterator are the small shims under include/,
 //     and cublaslt.cpp is cuBLASLt's matmul, all written to the same contracts (the result of a
 //     block or warp reduction is only defined in thread or lane 0;
 //     memcpy_async checks the alignment its aligned_size_t promises; a device-wide sum checks that
 //     its temporary, input and output are device memory; a matmul checks its operands' memory,
 //     shapes, types and the alignment its algorithm was chosen for);
-//   - atomics are plain read-modify-writes (no fiber is preempted between barriers).
+//   - atomics are plain read-modify-writes (no fiber is preempted between barriers);
+//   - events record host time (so bench_cuda runs, its timings meaningless).
 //
 // What it checks that a CPU test of the host path cannot: the kernels' indexing, tiling, launch
 // shapes (grid and block limits, 48 KiB of dynamic shared memory, an empty grid is an error as

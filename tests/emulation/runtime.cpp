@@ -10,6 +10,7 @@
 #include <cuda_emulation.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -369,6 +370,14 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
 
 using namespace grun_emu;
 
+/// An event: when it was recorded. Every stream is synchronous here, so the stream reaches the
+/// event the moment it is recorded; the elapsed time between two is host time (what bench_cuda
+/// prints under the emulation says nothing about a GPU's speed).
+struct CUevent_st {
+  std::chrono::steady_clock::time_point at;
+  bool recorded = false;
+};
+
 extern "C" {
 
 cudaError_t CUDARTAPI cudaGetDeviceCount(int* count) {
@@ -377,6 +386,46 @@ cudaError_t CUDARTAPI cudaGetDeviceCount(int* count) {
 }
 cudaError_t CUDARTAPI cudaGetDevice(int* device) {
   *device = 0;
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaGetDeviceProperties(struct cudaDeviceProp* prop, int device) {
+  if (prop == nullptr) return fail(cudaErrorInvalidValue);
+  if (device != 0) return fail(cudaErrorInvalidDevice);
+  *prop = cudaDeviceProp{};
+  std::snprintf(prop->name, sizeof(prop->name), "%s", "grun CPU emulation (tests/emulation)");
+  prop->warpSize = 32;
+  prop->maxThreadsPerBlock = 1024;
+  prop->sharedMemPerBlock = dynamic_shared_limit;
+  prop->multiProcessorCount = 1;
+  prop->major = 9;
+  return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaEventCreate(cudaEvent_t* event) {
+  if (event == nullptr) return fail(cudaErrorInvalidValue);
+  *event = new CUevent_st;
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaEventDestroy(cudaEvent_t event) {
+  if (event == nullptr) return fail(cudaErrorInvalidResourceHandle);
+  delete event;
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaEventRecord(cudaEvent_t event, cudaStream_t) {
+  if (event == nullptr) return fail(cudaErrorInvalidResourceHandle);
+  event->at = std::chrono::steady_clock::now();
+  event->recorded = true;
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaEventSynchronize(cudaEvent_t event) {
+  return event == nullptr ? fail(cudaErrorInvalidResourceHandle) : cudaSuccess;
+}
+/// As the runtime: an event never recorded is cudaErrorInvalidResourceHandle.
+cudaError_t CUDARTAPI cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  if (ms == nullptr) return fail(cudaErrorInvalidValue);
+  if (start == nullptr || end == nullptr || !start->recorded || !end->recorded)
+    return fail(cudaErrorInvalidResourceHandle);
+  *ms = std::chrono::duration<float, std::milli>(end->at - start->at).count();
   return cudaSuccess;
 }
 cudaError_t CUDARTAPI cudaGetLastError(void) { return std::exchange(last_error, cudaSuccess); }
@@ -388,6 +437,8 @@ const char* CUDARTAPI cudaGetErrorName(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorInvalidPitchValue: return "cudaErrorInvalidPitchValue";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
     default: return "cudaError (emulated)";
   }
 }
@@ -398,6 +449,8 @@ const char* CUDARTAPI cudaGetErrorString(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInvalidPitchValue: return "invalid pitch argument";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     default: return "error (emulated runtime)";
   }
 }

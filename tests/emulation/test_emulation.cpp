@@ -1,5 +1,5 @@
 // The emulation's own contracts (tests/emulation): warp and CTA barriers in one kernel, cub's warp
-// reduction order, cub::DeviceReduce, and cuBLASLt's matmul — its numbers and the misuses it must refuse as the
+// reduction order, cub::DeviceReduce, events and device properties, and cuBLASLt's matmul — its numbers and the misuses it must refuse as the
 // device library would (the emulated agreement tests rely on those refusals to catch glue bugs).
 // Kernels here are plain functions launched through ::grun_emu::launch, as rewritten launches are.
 #include <catch2/catch.hpp>
@@ -215,6 +215,27 @@ TEST_CASE("emulation: cub::DeviceReduce Sum and Max over a transform iterator", 
   // Host memory where the device's is expected.
   float host_out = 0.f;
   CHECK(cub::DeviceReduce::Max(tmp.ptr, bytes, it, &host_out, x.size()) == cudaErrorInvalidValue);
+}
+
+TEST_CASE("emulation: events time host work in order; the device's properties name the emulation", "[emulation]") {
+  cudaEvent_t a = nullptr, b = nullptr;
+  REQUIRE(cudaEventCreate(&a) == cudaSuccess);
+  REQUIRE(cudaEventCreate(&b) == cudaSuccess);
+  float ms = -1.f;
+  CHECK(cudaEventElapsedTime(&ms, a, b) == cudaErrorInvalidResourceHandle);  // neither recorded yet
+  CHECK(cudaGetLastError() == cudaErrorInvalidResourceHandle);
+  REQUIRE(cudaEventRecord(a) == cudaSuccess);
+  REQUIRE(cudaEventRecord(b) == cudaSuccess);
+  REQUIRE(cudaEventSynchronize(b) == cudaSuccess);
+  REQUIRE(cudaEventElapsedTime(&ms, a, b) == cudaSuccess);
+  CHECK(ms >= 0.f);
+  CHECK(cudaEventDestroy(a) == cudaSuccess);
+  CHECK(cudaEventDestroy(b) == cudaSuccess);
+  cudaDeviceProp prop{};
+  REQUIRE(cudaGetDeviceProperties(&prop, 0) == cudaSuccess);
+  CHECK(std::strstr(prop.name, "emulation") != nullptr);
+  CHECK(cudaGetDeviceProperties(&prop, 1) == cudaErrorInvalidDevice);
+  CHECK(cudaGetLastError() == cudaErrorInvalidDevice);
 }
 
 TEST_CASE("emulation: cuBLASLt refuses what the device library refuses or faults on", "[emulation]") {

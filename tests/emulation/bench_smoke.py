@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""bench_cuda on the CPU emulation, before a GPU slot has to find out (ctest emulated_bench_cuda_smoke).
+
+Usage: bench_smoke.py EMULATED_BENCH_CUDA GPU_TABLE_PY
+
+Runs `bench_cuda --smoke` (every benchmark and schedule at the GPU run's d and V, a few rows, timed
+once) and checks that it exits 0 and prints a RESULT for every row of gpu_table.py's table that the
+smoke sizes cover (all but the T-scaling rows, which --smoke skips, as --quick does), each a
+finite, non-negative time with its bytes (of the three forward schedules, the two that are not the
+run's default); then renders the table from that output, as gpu_check.sh would. Also: --schedule
+changes the default (its row goes, the others come), --only limits the run to the names given, and
+a bad --schedule or argument is refused with exit 2 and a message. The timings are host time under the emulation and are not looked at.
+"""
+import importlib.util
+import math
+import subprocess
+import sys
+
+SCALING = ("_T4096", "_T65536")  # the scaling rows: full sizes only
+SCHEDULES = ("_fwd_stream", "_fwd_resident", "_fwd_staged")  # all but the run's default one are printed
+
+
+def run(bench, *args):
+    p = subprocess.run([bench, *args], capture_output=True, text=True, timeout=1500)
+    return p.returncode, p.stdout, p.stderr
+
+
+def main(argv):
+    if len(argv) != 3:
+        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+        return 2
+    bench, table_py = argv[1], argv[2]
+    spec = importlib.util.spec_from_file_location("gpu_table", table_py)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    problems = []
+
+    rc, out, err = run(bench, "--smoke")
+    if rc != 0:
+        print(out, err, sep="\n")
+        print(f"FAIL: bench_cuda --smoke exited {rc}, expected 0", file=sys.stderr)
+        return 1
+    r = table.parse(out.splitlines())
+    if not r["device"]:
+        problems.append("no DEVICE line")
+    expected = ["copy_d2d"] + [key for key, _, _ in table.ROWS
+                               if not any(s in key for s in SCALING) and not key.endswith(SCHEDULES)]
+    schedule_rows = [key for key, _, _ in table.ROWS if key.endswith(SCHEDULES)]
+    for prefix in sorted({key[: key.rindex("_fwd_")] for key in schedule_rows}):
+        printed = [key for key in schedule_rows if key.startswith(prefix + "_fwd_") and key in r["ms"]]
+        if len(printed) != 2:
+            problems.append(f"{prefix}: {len(printed)} of the three schedule rows ({printed}); expected the two "
+                            "that are not the default")
+        expected += printed
+    for key in expected:
+        if key not in r["ms"]:
+            problems.append(f"no RESULT for {key}")
+        elif not (math.isfinite(r["ms"][key]) and r["ms"][key] >= 0) or key not in r["bytes"]:
+            problems.append(f"RESULT {key}: time {r['ms'][key]} or its bytes unusable")
+    unexpected = [k for k in r["ms"] if k not in expected]
+    if unexpected:
+        problems.append(f"RESULTs without a smoke row: {', '.join(unexpected)}")
+    print("bench_cuda --smoke on the CPU emulation: the sizes are not the labels', the times are host time,")
+    print("the verdicts below mean nothing; what is checked is that every row is there.")
+    print(table.render(r))
+
+    rc, out, err = run(bench, "--smoke", "--schedule", "staged", "--only", "intervention_linear_direft4")
+    keys = set(table.parse(out.splitlines())["ms"])
+    name = "intervention_linear_direft4"
+    if rc != 0 or name + "_fwd_staged" in keys or not {name + "_fwd_stream", name + "_fwd_resident"} <= keys:
+        problems.append(f"--schedule staged: exit {rc}, RESULTs {sorted(keys)} (expected the stream and resident "
+                        "rows, not the staged one)")
+    rc, out, err = run(bench, "--smoke", "--only", "nll,adamw")
+    keys = sorted(table.parse(out.splitlines())["ms"])
+    if rc != 0 or keys != ["adamw_mlp_loreft4", "copy_d2d", "nll_fwd", "nll_fwdbwd"]:
+        problems.append(f"--only nll,adamw: exit {rc}, RESULTs {keys} (expected copy_d2d, nll_*, adamw_*)")
+    for bad, says in ((["--schedule", "sideways"], "--schedule expects"), (["--fast"], "unknown argument '--fast'"),
+                      (["--quick", "--smoke"], "give one"), (["--only", "nll,kll"], "no benchmark named 'kll'")):
+        rc, out, err = run(bench, *bad)
+        if rc != 2 or says not in err:
+            problems.append(f"{' '.join(bad)}: exit {rc} and {err.strip()!r}; expected exit 2 saying {says!r}")
+
+    for p in problems:
+        print(f"FAIL: {p}", file=sys.stderr)
+    if not problems:
+        print(f"\nbench_cuda --smoke on the emulation: {len(expected)} RESULTs, options checked")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
