@@ -14,7 +14,7 @@
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
 
-#include <grun/adapters/torch.hpp>
+#include <grun/adapters/torch_kinds.hpp>
 #include <grun/io/adapter.hpp>
 #include <grun/loss/objective.hpp>
 
@@ -656,13 +656,34 @@ inline std::string model_fingerprint(const std::filesystem::path& gguf, const ll
   return fmt::format("llama:L{}:d{}:v{}:fnv{:016x}", c.n_layers, c.d_model, c.vocab_size, h);
 }
 
-/// Saves every site's stack as one grun adapter (safetensors, atomic). Defined in sites_io.cpp: the
-/// runtime-kind dispatch instantiates the adapter IO for every gate × reft × rank, so it gets a
-/// translation unit of its own (compiled in parallel with main.cpp).
-void save_sites(const std::filesystem::path& path, const sites& s, const std::string& fingerprint, const job_config& cfg);
+/// Saves every site's stack as one grun adapter (safetensors, atomic; the runtime kinds' IO of
+/// grun/adapters/torch_kinds.hpp, compiled once in grun::torch_kinds).
+inline void save_sites(const std::filesystem::path& path, const sites& s, const std::string& fingerprint,
+                       const job_config& cfg) {
+  grun::io::adapter_info info;
+  info.layers.assign(s.layers.begin(), s.layers.end());
+  info.model_fingerprint = fingerprint;
+  info.stack_scale_a = cfg.stack_a;
+  info.stack_scale_b = cfg.stack_b;
+  grun::torch_adapter::save_adapter(path, s.stacks, info);
+}
 
 /// Loads an adapter into frozen modules, one stack per site; its kinds, rank, layers and stack scale
 /// come from the file (written into cfg). Checks the model fingerprint.
-sites load_sites(const std::filesystem::path& path, index_t d, const std::string& fingerprint, job_config& cfg);
+inline sites load_sites(const std::filesystem::path& path, index_t d, const std::string& fingerprint,
+                        job_config& cfg) {
+  grun::io::adapter_load_options opt;
+  opt.expected_fingerprint = fingerprint;
+  auto loaded = grun::torch_adapter::load_adapter(path, d, opt);
+  cfg.gate = loaded.kind->gate();
+  cfg.reft = loaded.kind->reft();
+  cfg.rank = loaded.kind->rank();
+  cfg.stack_a = loaded.info.stack_scale_a;
+  cfg.stack_b = loaded.info.stack_scale_b;
+  sites s;
+  s.layers.assign(loaded.info.layers.begin(), loaded.info.layers.end());
+  s.stacks = std::move(loaded.sites);
+  return s;
+}
 
 }  // namespace unlearn

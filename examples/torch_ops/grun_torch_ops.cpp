@@ -13,57 +13,47 @@
 //   grun::param_count(str gate, str reft, int rank, int d) -> int
 //   grun::init_params(str gate, str reft, int rank, int d, int seed, ScalarType? dtype=None) -> Tensor
 //   grun::retract_(Tensor(a!) flat, str gate, str reft, int rank, int d) -> ()
-// The flat layout, kinds and ranks are those of grun/adapters/torch.hpp. grun errors surface in
+// The flat layout is grun/adapters/torch.hpp's; kinds and ranks those of grun/adapters/torch_kinds.hpp
+// (compiled once in grun::torch_kinds, which this library links). grun errors surface in
 // Python as RuntimeError carrying grun's message.
 #include <torch/library.h>
 
-#include <grun/adapters/torch.hpp>
+#include <grun/adapters/torch_kinds.hpp>
 
 namespace {
 
 namespace ta = grun::torch_adapter;
 using at::Tensor;
 
+const ta::intervention_kind& kind_of(c10::string_view gate, c10::string_view reft, int64_t rank) {
+  return ta::intervention_kind_of(std::string_view(gate.data(), gate.size()), std::string_view(reft.data(), reft.size()),
+                                  rank);
+}
+
 std::tuple<Tensor, Tensor> gated_intervention(const Tensor& h, const Tensor& flat, const Tensor& rows,
                                               c10::string_view gate, c10::string_view reft, int64_t rank) {
-  return ta::detail::with_kinds(std::string_view(gate.data(), gate.size()), std::string_view(reft.data(), reft.size()),
-                                rank, [&](auto tag) {
-                                  using I = typename decltype(tag)::type;
-                                  return ta::apply_intervention<I>(h, flat, rows);
-                                });
+  return kind_of(gate, reft, rank).apply(h, flat, rows);
 }
 
 std::tuple<Tensor, Tensor> intervention_stack(const Tensor& h, const Tensor& frozen, const Tensor& flat,
                                               const Tensor& rows, c10::string_view gate, c10::string_view reft,
                                               int64_t rank, double scale) {
-  return ta::detail::with_kinds(std::string_view(gate.data(), gate.size()), std::string_view(reft.data(), reft.size()),
-                                rank, [&](auto tag) {
-                                  using I = typename decltype(tag)::type;
-                                  return ta::apply_stack<I>(h, frozen, flat, rows, scale);
-                                });
+  return kind_of(gate, reft, rank).apply_stack(h, frozen, flat, rows, scale);
 }
 
 Tensor token_nll(const Tensor& logits, const Tensor& labels) { return ta::token_nll(logits, labels); }
 
 int64_t param_count(c10::string_view gate, c10::string_view reft, int64_t rank, int64_t d) {
-  return ta::detail::with_kinds(std::string_view(gate.data(), gate.size()), std::string_view(reft.data(), reft.size()),
-                                rank, [&](auto tag) -> int64_t {
-                                  return ta::flat_size<typename decltype(tag)::type>(d);
-                                });
+  return kind_of(gate, reft, rank).flat_size(d);
 }
 
 Tensor init_params(c10::string_view gate, c10::string_view reft, int64_t rank, int64_t d, int64_t seed,
                    c10::optional<at::ScalarType> dtype) {
-  return ta::detail::with_kinds(std::string_view(gate.data(), gate.size()), std::string_view(reft.data(), reft.size()),
-                                rank, [&](auto tag) {
-                                  return ta::detail::init_flat<typename decltype(tag)::type>(
-                                      d, static_cast<std::uint64_t>(seed), dtype.value_or(at::kFloat));
-                                });
+  return kind_of(gate, reft, rank).init_flat(d, static_cast<std::uint64_t>(seed), dtype.value_or(at::kFloat));
 }
 
 void retract_(Tensor& flat, c10::string_view gate, c10::string_view reft, int64_t rank, int64_t d) {
-  ta::detail::with_kinds(std::string_view(gate.data(), gate.size()), std::string_view(reft.data(), reft.size()), rank,
-                         [&](auto tag) { ta::detail::retract_flat<typename decltype(tag)::type>(flat, d); });
+  kind_of(gate, reft, rank).retract_flat(flat, d);
 }
 
 }  // namespace

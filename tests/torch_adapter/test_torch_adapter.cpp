@@ -1,7 +1,9 @@
-// The libtorch adapter (grun/adapters/torch.hpp): autograd through the modules equals grun's direct
-// host calls, training with torch's and grun's AdamW reduces a toy loss, bad input is rejected by name.
+// The libtorch adapter (grun/adapters/torch.hpp, and its runtime kinds, torch_kinds.hpp): autograd
+// through the modules equals grun's direct host calls, training with torch's and grun's AdamW reduces a
+// toy loss, the runtime kinds equal the typed calls and round-trip adapter files, bad input is rejected
+// by name.
 // libtorch first: its logging (glog) defines CHECK, which Catch's CHECK must replace.
-#include <grun/adapters/torch.hpp>
+#include <grun/adapters/torch_kinds.hpp>
 #include <grun/optim/adamw.hpp>
 #include <grun/stack.hpp>
 
@@ -11,7 +13,11 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <vector>
+
+#include <unistd.h>
 
 namespace ta = grun::torch_adapter;
 using grun::index_t;
@@ -256,6 +262,95 @@ TEST_CASE("torch adapter: runtime factory", "[torch_adapter]") {
   CHECK(s->named_params(1).size() == 9);
   auto [y, g] = s->forward(h, rows_of({2}));
   CHECK(g.sizes() == at::IntArrayRef({2, 1}));
+}
+
+TEST_CASE("torch adapter: a runtime kind's operations equal the typed calls", "[torch_adapter]") {
+  using I = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
+  const ta::intervention_kind& k = ta::intervention_kind_of("mlp", "loreft", 4);
+  CHECK(&k == &ta::intervention_kind_of("mlp", "loreft", 4));  // one object per kind
+  CHECK(k.gate() == "mlp");
+  CHECK(k.reft() == "loreft");
+  CHECK(k.rank() == 4);
+  const index_t d = 12;
+  CHECK(k.flat_size(d) == ta::flat_size<I>(d));
+  const Tensor flat = k.init_flat(d, 7, at::kDouble);
+  CHECK(max_abs(flat, ta::detail::init_flat<I>(d, 7, at::kDouble)) == 0.0);
+
+  const Tensor h = randn({5, d}, 2);
+  auto [y1, g1] = k.apply(h, flat, rows_of({4, 1}));
+  auto [y2, g2] = ta::apply_intervention<I>(h, flat, rows_of({4, 1}));
+  CHECK(max_abs(y1, y2) == 0.0);
+  CHECK(max_abs(g1, g2) == 0.0);
+  const Tensor frozen = k.init_flat(d, 8, at::kDouble).unsqueeze(0);
+  auto [z1, s1] = k.apply_stack(h, frozen, flat, rows_of({0}), 0.5);
+  auto [z2, s2] = ta::apply_stack<I>(h, frozen, flat, rows_of({0}), 0.5);
+  CHECK(max_abs(z1, z2) == 0.0);
+  CHECK(s1.sizes() == at::IntArrayRef({2, 1}));
+
+  Tensor r1 = flat.clone(), r2 = flat.clone();
+  r1.add_(0.1);
+  r2.add_(0.1);
+  k.retract_flat(r1, d);
+  ta::detail::retract_flat<I>(r2, d);
+  CHECK(max_abs(r1, r2) == 0.0);
+  CHECK(max_abs(r1, flat + 0.1) > 0.0);  // loreft retracts R (noreft/direft would not)
+}
+
+TEST_CASE("torch adapter: runtime-kind stacks round-trip through a grun adapter file", "[torch_adapter]") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("grun_torch_kinds_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const fs::path file = dir / "adapter.safetensors";
+  const index_t d = 10;
+  std::vector<std::shared_ptr<ta::any_intervention_stack>> sites;
+  for (int s = 0; s < 2; ++s) {
+    auto st = ta::make_intervention_stack("linear", "direft", 2, d, 0.25, 0.5);
+    st->append(uint64_t(10 + s));
+    st->append(uint64_t(20 + s));
+    sites.push_back(st);
+  }
+  grun::io::adapter_info info;
+  info.layers = {3, 7};
+  info.model_fingerprint = "toy";
+  info.stack_scale_a = 0.25;
+  info.stack_scale_b = 0.5;
+  ta::save_adapter(file, sites, info);
+
+  const ta::loaded_stacks back = ta::load_adapter(file, d, {.expected_fingerprint = "toy"});
+  REQUIRE(back.sites.size() == 2);
+  CHECK(back.kind == &ta::intervention_kind_of("linear", "direft", 2));
+  CHECK(back.info.layers == std::vector<index_t>{3, 7});
+  const Tensor h = randn({4, d}, 5, at::kFloat);
+  for (std::size_t s = 0; s < 2; ++s) {
+    REQUIRE(back.sites[s]->size() == 2);
+    CHECK(back.sites[s]->trainable().defined() == false);  // loaded modules are frozen
+    CHECK(back.sites[s]->scale() == sites[s]->scale());
+    for (index_t m = 0; m < 2; ++m) CHECK(max_abs(back.sites[s]->module_flat(m), sites[s]->module_flat(m)) == 0.0);
+    CHECK(max_abs(std::get<0>(back.sites[s]->forward(h, rows_of({1, 3}))),
+                  std::get<0>(sites[s]->forward(h, rows_of({1, 3})))) == 0.0);
+  }
+
+  using Catch::Contains;
+  CHECK_THROWS_WITH(ta::load_adapter(file, d + 1), Contains("expected hidden size 11"));
+  CHECK_THROWS_WITH(ta::load_adapter(file, d, {.expected_fingerprint = "other"}), Contains("expected model fingerprint"));
+  // A stack of another kind, or whose scale info does not reproduce, is refused and nothing is written.
+  const fs::path refused = dir / "refused.safetensors";
+  auto other = ta::make_intervention_stack("mlp", "direft", 2, d, 0.25, 0.5);
+  other->append(1);
+  std::vector<std::shared_ptr<ta::any_intervention_stack>> mixed{sites[0], other};
+  CHECK_THROWS_WITH(ta::save_adapter(refused, mixed, info), Contains("site 1: expected a linear/direft/rank 2 stack"));
+  grun::io::adapter_info wrong_scale = info;
+  wrong_scale.stack_scale_b = 1.0;
+  CHECK_THROWS_WITH(ta::save_adapter(refused, sites, wrong_scale), Contains("differs from info's"));
+  CHECK_THROWS_AS(ta::save_adapter(refused, {}, info), grun::shape_error);
+  CHECK_FALSE(fs::exists(refused));
+  // A file whose kind is not a runtime kind: named.
+  {
+    std::ofstream junk(refused, std::ios::binary);
+    junk << "not a safetensors file";
+  }
+  CHECK_THROWS_AS(ta::load_adapter(refused), grun::error);
+  fs::remove_all(dir);
 }
 
 TEST_CASE("torch adapter: half and bfloat16 inputs", "[torch_adapter]") {

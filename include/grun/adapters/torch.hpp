@@ -17,11 +17,8 @@
 //     std::tuple<Tensor, Tensor> apply_stack<I>(h, frozen [K-1, n], flat [n] or [0], rows, scale);
 //         -> (h' = h + scale·Σ_k g_kΔ_k, gates [K, P]); modules = frozen rows, then flat (the trained one)
 //     Tensor token_nll(logits [T, V], labels int64 [T]);   -> nll [T] (float, double for double logits)
-//   Runtime choice of the policies (the CLI's --gate / --reft / --rank):
-//     gate kinds "linear" | "mlp" (mlp<256, 64>) | "always";  reft kinds "loreft" | "noreft" | "direft";
-//     ranks 1, 2, 4, 8, 16, 32 (rank is a compile-time constant in grun; these are instantiated).
-//     std::shared_ptr<any_intervention>       make_intervention(gate, reft, rank, d, seed, dtype = kFloat);
-//     std::shared_ptr<any_intervention_stack> make_intervention_stack(gate, reft, rank, d, a = 0, b = 1, dtype = kFloat);
+//   Type-erased modules (what a runtime choice of the policies returns: see torch_kinds.hpp for
+//   make_intervention / make_intervention_stack and the rest of the runtime kinds):
 //     any_intervention (a torch::nn::Module; one parameter "flat"):
 //       forward(h, rows) -> (h', gates [P]);  flat();  retract();  parameter_count();  dim();
 //       gate_kind(); reft_kind(); rank();  named_params()  (views into flat, for IO)
@@ -51,8 +48,8 @@
 //    (gradients are returned in the caller's shape). Wrong rank, dtype, device, length, or a row index
 //    outside [0, N) or repeated → grun::shape_error naming expected vs got, before any work.
 //  * rows index h viewed as [N, d], N = numel / d (batch × seq_len): see grun::positions.
-//  * compile time: the runtime factories (and the op library) instantiate 54 module types × 2 compute
-//    types; a translation unit that calls them takes minutes at -O3. Keep such calls in one TU.
+//  * compile time: each gated_intervention type used costs its forward and backward in two compute
+//    types. The 54 runtime kinds are compiled once, in grun::torch_kinds (torch_kinds.hpp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
@@ -498,50 +495,8 @@ inline Tensor token_nll(const Tensor& logits, const Tensor& labels) {
   return detail::token_nll_function::apply(logits, labels)[0];
 }
 
-// ---- runtime kinds -----------------------------------------------------------------------
+// ---- type-erased modules (the runtime kinds of torch_kinds.hpp build them) ----------------
 namespace detail {
-inline constexpr std::int64_t instantiated_ranks[] = {1, 2, 4, 8, 16, 32};
-
-template <class F, std::int64_t... R>
-auto with_rank(std::int64_t rank, F&& f, std::integer_sequence<std::int64_t, R...>) {
-  using result = decltype(f(std::integral_constant<std::int64_t, 1>{}));
-  if constexpr (std::is_void_v<result>) {
-    bool done = ((rank == R ? (f(std::integral_constant<std::int64_t, R>{}), true) : false) || ...);
-    require<error>(done, "torch_adapter: rank ", rank, " is not instantiated; expected one of 1, 2, 4, 8, 16, 32");
-  } else {
-    std::optional<result> r;
-    ((rank == R ? (r.emplace(f(std::integral_constant<std::int64_t, R>{})), true) : false) || ...);
-    require<error>(r.has_value(), "torch_adapter: rank ", rank,
-                   " is not instantiated; expected one of 1, 2, 4, 8, 16, 32");
-    return result(std::move(*r));
-  }
-}
-
-/// Calls f(type_tag<gated_intervention<Gate, Reft>>{}) for the runtime kinds (default ortho policy of
-/// the Reft: qr_retraction for loreft, none for noreft and direft).
-template <class F>
-auto with_kinds(std::string_view gate_kind, std::string_view reft_kind, std::int64_t rank, F&& f) {
-  require<error>(gate_kind == "linear" || gate_kind == "mlp" || gate_kind == "always", "torch_adapter: gate kind \"",
-                 gate_kind, "\" unknown; expected linear, mlp or always");
-  require<error>(reft_kind == "loreft" || reft_kind == "noreft" || reft_kind == "direft", "torch_adapter: reft kind \"",
-                 reft_kind, "\" unknown; expected loreft, noreft or direft");
-  auto with_gate = [&](auto gate_tag) {
-    using G = typename decltype(gate_tag)::type;
-    return with_rank(
-        rank,
-        [&](auto r) {
-          constexpr index_t R = decltype(r)::value;
-          if (reft_kind == "loreft") return f(type_tag<grun::gated_intervention<G, reft::loreft<R>>>{});
-          if (reft_kind == "noreft") return f(type_tag<grun::gated_intervention<G, reft::noreft<R>>>{});
-          return f(type_tag<grun::gated_intervention<G, reft::direft<R>>>{});
-        },
-        std::integer_sequence<std::int64_t, 1, 2, 4, 8, 16, 32>{});
-  };
-  if (gate_kind == "linear") return with_gate(type_tag<gate::linear>{});
-  if (gate_kind == "mlp") return with_gate(type_tag<gate::mlp<>>{});
-  return with_gate(type_tag<gate::always>{});
-}
-
 template <class G> constexpr const char* gate_kind_of() {
   if constexpr (std::is_same_v<G, gate::linear>) return "linear";
   else if constexpr (std::is_same_v<G, gate::always>) return "always";
@@ -771,33 +726,5 @@ class intervention_stack final : public any_intervention_stack {
     return bind_params<grun_type, T>(flat.grad(), d_, "trainable module's grad()");
   }
 };
-
-/// A module chosen at run time: gate "linear" | "mlp" | "always", reft "loreft" | "noreft" | "direft",
-/// rank in {1, 2, 4, 8, 16, 32}. Unknown kinds or ranks throw grun::error naming the accepted values.
-/// (A template only so that translation units which never call it do not instantiate its 54 module
-/// types — several minutes of compile time; call it from one translation unit of a program.)
-template <class = void>
-std::shared_ptr<any_intervention> make_intervention(std::string_view gate, std::string_view reft,
-                                                           std::int64_t rank, index_t d, std::uint64_t seed,
-                                                           at::ScalarType dtype = at::kFloat) {
-  return detail::with_kinds(gate, reft, rank, [&](auto tag) -> std::shared_ptr<any_intervention> {
-    using I = typename decltype(tag)::type;
-    return std::make_shared<intervention<typename I::gate_type, typename I::reft_type, typename I::ortho_type>>(
-        d, seed, dtype);
-  });
-}
-
-/// An empty stack chosen at run time (same kinds); s(K) = a·K + b. (A template for the same reason.)
-template <class = void>
-std::shared_ptr<any_intervention_stack> make_intervention_stack(std::string_view gate, std::string_view reft,
-                                                                       std::int64_t rank, index_t d, double a = 0.0,
-                                                                       double b = 1.0,
-                                                                       at::ScalarType dtype = at::kFloat) {
-  return detail::with_kinds(gate, reft, rank, [&](auto tag) -> std::shared_ptr<any_intervention_stack> {
-    using I = typename decltype(tag)::type;
-    return std::make_shared<intervention_stack<typename I::gate_type, typename I::reft_type, typename I::ortho_type>>(
-        d, a, b, dtype);
-  });
-}
 
 }  // namespace grun::torch_adapter
