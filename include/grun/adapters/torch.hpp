@@ -25,7 +25,7 @@
 //     any_intervention_stack (a torch::nn::Module; parameters "module0", "module1", …):
 //       forward(h, rows) -> (h', gates [K, P]);  append(seed) (freezes the current trainable module and
 //       adds a new trainable one);  append_frozen(flat);  trainable();  module_flat(k);  size();
-//       scale(); set_scale(a, b);  retract();  named_params(k);  kinds/rank/dim as above
+//       scale(); scale_a(); scale_b(); set_scale(a, b);  retract();  named_params(k);  kinds/rank/dim as above
 //   Typed modules (the same interface, plus the grun parameter aggregates for grun's optimizer):
 //     intervention<Gate, Reft, Ortho = default_ortho_t<Reft>>(d, seed, dtype = kFloat)
 //       params_view<T>(), grads_view<T>()   (I::params<T> over flat and flat.grad(), CPU)
@@ -637,6 +637,8 @@ class any_intervention_stack : public torch::nn::Module {
   index_t size() const { return index_t(modules_.size()); }
   index_t dim() const { return d_; }
   double scale() const { return a_ * double(size()) + b_; }
+  double scale_a() const { return a_; }  // s(K) = a·K + b
+  double scale_b() const { return b_; }
   void set_scale(double a, double b) { a_ = a; b_ = b; }
   /// The trainable module's flat parameter, or an undefined tensor when every module is frozen.
   Tensor trainable() const { return trainable_ ? modules_.back() : Tensor(); }

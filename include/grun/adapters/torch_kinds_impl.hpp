@@ -8,8 +8,6 @@
 // torch.hpp's typed API and grun::io; no number is computed here.
 #include <grun/adapters/torch_kinds.hpp>
 
-#include <algorithm>
-#include <cmath>
 #include <utility>
 
 namespace grun::torch_adapter::detail {
@@ -60,11 +58,8 @@ class kind_model final : public intervention_kind {
                            "torch_adapter::save_adapter: site ", s, ": expected a ", gate(), "/", reft(), "/rank ",
                            rank(), " stack (as site 0), got ", st.gate_kind(), "/", st.reft_kind(), "/rank ",
                            st.rank());
-      const double expect = info.stack_scale_a * double(st.size()) + info.stack_scale_b;
-      require<shape_error>(std::fabs(st.scale() - expect) <= 1e-12 * std::max(1.0, std::fabs(expect)),
-                           "torch_adapter::save_adapter: site ", s, ": stack scale ", st.scale(),
-                           " differs from info's a·K + b = ", expect);
-      grun_stack_t g(st.dim(), info.stack_scale_a, info.stack_scale_b);
+      // The stack's own s(K) = a·K + b: io::save_adapter checks it against info's.
+      grun_stack_t g(st.dim(), st.scale_a(), st.scale_b());
       for (index_t k = 0; k < st.size(); ++k) {
         const Tensor flat = st.module_flat(k).detach().to(at::kCPU, at::kFloat).contiguous();
         g.append(bind_params<I, float>(flat, st.dim(), "module_flat"));
