@@ -152,6 +152,12 @@ TEST_CASE("adapter io: multi-site stacks round-trip bitwise (mlp gate, K = 2, st
     CHECK(back.sites[s].scale() == sites[s].scale());
     for (int k = 0; k < 2; ++k) CHECK(same_params(back.sites[s].module(k), sites[s].module(k)));
   }
+  // from the file already read (a caller that looked at its metadata first): the same stacks
+  const auto again = load_adapter<stack>(f);
+  REQUIRE(again.sites.size() == 3);
+  CHECK(again.info.layers == info.layers);
+  for (int s = 0; s < 3; ++s)
+    for (int k = 0; k < 2; ++k) CHECK(same_params(again.sites[s].module(k), sites[s].module(k)));
   // the loaded stack computes the same edit
   const index_t n = 3;
   std::vector<float> h(n * d), o1(n * d), o2(n * d), g1(2 * n), g2(2 * n);
@@ -296,6 +302,16 @@ TEST_CASE("adapter io: missing, unexpected, misshapen or non-finite tensors are 
   SECTION("malformed metadata numbers") {
     rebuild([](auto&, auto& meta) { meta["rank"] = "4x"; });
     REQUIRE_THROWS_CONTAINING(load_module(path, other), format_error, "__metadata__[\"rank\"]: expected an integer");
+  }
+  SECTION("a hidden size the file's data cannot hold is refused before anything is sized by it") {
+    rebuild([](auto&, auto& meta) { meta["hidden_size"] = "1000000000000"; });
+    REQUIRE_THROWS_CONTAINING(load_adapter<stack>(path), format_error, "hidden_size 1000000000000 at rank 4 needs more");
+    rebuild([](auto&, auto& meta) { meta["hidden_size"] = "2305843009213693952"; });  // 2^61: r·d overflows
+    REQUIRE_THROWS_AS(load_adapter<stack>(path), format_error);
+  }
+  SECTION("a layer listed twice") {
+    rebuild([](auto&, auto& meta) { meta["layers"] = "20,20"; });
+    REQUIRE_THROWS_CONTAINING(load_adapter<stack>(path), format_error, "expected each layer once, got layer 20 twice");
   }
   SECTION("NaN parameter") {
     rebuild([](auto& recs, auto&) {

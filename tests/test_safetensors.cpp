@@ -5,6 +5,8 @@
 #include <grun/io/atomic_file.hpp>
 #include <grun/io/safetensors.hpp>
 
+#include <sys/stat.h>
+
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -119,6 +121,30 @@ TEST_CASE("safetensors: BF16/F16 round trip of representable values", "[safetens
   std::vector<float> r = {1.0f + 1.0f / 256.0f};  // halfway between two bf16 values → even (1.0)
   const auto f = parse(serialize_safetensors(std::vector<tensor_record>{make_tensor<float>("r", {1}, r, st_dtype::bf16)}));
   REQUIRE(decode<float>(f, "r")[0] == 1.0f);
+}
+
+TEST_CASE("safetensors: doubles round to 16 bits once (nearest even of the double, not of a float)", "[safetensors]") {
+  // Just above the halfway point between two 16-bit values by 2^-40: a float in between would land
+  // exactly on the halfway point and round to even (down); the double's nearest is up.
+  const double up16 = 1.0 + std::ldexp(1.0, -11) + std::ldexp(1.0, -40);  // F16: 1 + 2^-10
+  const double upbf = 1.0 + std::ldexp(1.0, -8) + std::ldexp(1.0, -40);   // BF16: 1 + 2^-7
+  const double down = -(1.0 + std::ldexp(1.0, -11) - std::ldexp(1.0, -40));  // just below halfway: -1
+  const std::vector<double> v = {up16, upbf, down, 1e-30, -7.0};
+  for (st_dtype t : {st_dtype::f16, st_dtype::bf16}) {
+    const auto bytes = encode<double>(std::span<const double>(v), t);
+    std::vector<std::uint16_t> bits(v.size());
+    std::memcpy(bits.data(), bytes.data(), bytes.size());  // little-endian host
+    const bool h = t == st_dtype::f16;
+    CHECK(bits[0] == (h ? 0x3c01 : 0x3f80));                // bf16: 1 + 2^-11 + 2^-40 is below its halfway: 1
+    CHECK(bits[1] == (h ? 0x3c04 : 0x3f81));                // f16: 1 + 2^-8 (+ 2^-40, far below its ulp)
+    CHECK(bits[2] == (h ? 0xbc00 : 0xbf80));
+    CHECK(bits[3] == (h ? 0x0000 : 0x0da2));                // f16 underflows to +0; bf16 holds 1e-30 ≈ 0x0da2
+    CHECK(bits[4] == (h ? 0xc700 : 0xc0e0));
+    // an F64 file decoded into 16-bit storage rounds once too
+    const auto f = parse(serialize_safetensors(std::vector<tensor_record>{make_tensor<double>("x", {5}, v, st_dtype::f64)}));
+    if (h) CHECK(decode<half>(f, "x")[0].bits == 0x3c01);
+    else CHECK(decode<bfloat16>(f, "x")[1].bits == 0x3f81);
+  }
 }
 
 TEST_CASE("safetensors: zero-size tensors, empty file and padded header are accepted", "[safetensors]") {
@@ -264,6 +290,13 @@ TEST_CASE("safetensors: malformed files are rejected with format_error", "[safet
     REQUIRE_FORMAT_ERROR(parse(file_with(R"({"__metadata__":{"rank":4}})", 0)), "__metadata__[\"rank\"]");
     REQUIRE_FORMAT_ERROR(parse(file_with(R"({"__metadata__":["x"]})", 0)), "__metadata__");
   }
+  SECTION("deeply nested values are refused by description, never dumped (a dump recursed off the stack)") {
+    const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+    REQUIRE_FORMAT_ERROR(parse(file_with(R"({"t":{"dtype":"F32","shape":)" + deep + R"(,"data_offsets":[0,0]}})", 0)),
+                         "array of 1 elements");
+    REQUIRE_FORMAT_ERROR(parse(file_with(R"({"__metadata__":{"k":)" + deep + "}}", 0)), "array of 1 elements");
+    REQUIRE_FORMAT_ERROR(parse(file_with(R"({"t":)" + deep + "}", 0)), "array of 1 elements");
+  }
   SECTION("header padded with something other than whitespace") {
     const std::string h = "{}" + std::string(6, '\0');
     REQUIRE_FORMAT_ERROR(parse(file_with(h, 0)), "NUL byte");
@@ -321,6 +354,24 @@ TEST_CASE("safetensors: writer rejects inconsistent records", "[safetensors]") {
   REQUIRE_THROWS_AS(serialize_safetensors(wrong), grun::shape_error);
   std::vector<tensor_record> bad_utf8{make_tensor<float>("\xff", {4}, v)};
   REQUIRE_THROWS_AS(serialize_safetensors(bad_utf8), grun::format_error);
+  // shape × dtype wraps to 0 bytes in 64 bits: refused, not written as a file the reader refuses
+  std::vector<tensor_record> wraps{tensor_record{"t", st_dtype::f32, {index_t(1) << 62}, {}}};
+  REQUIRE_THROWS_CONTAINING(serialize_safetensors(wraps), grun::shape_error, "overflows");
+  // a header the reader would refuse (over 100 MB) is not written
+  std::vector<tensor_record> none;
+  REQUIRE_THROWS_CONTAINING(serialize_safetensors(none, {{"chat", std::string(max_header_bytes, 'a')}}),
+                            grun::format_error, "header of at most");
+}
+
+TEST_CASE("safetensors: the bytes of a tensor_info not from this file are refused, not read", "[safetensors]") {
+  std::vector<float> v{1, 2};
+  const auto f = parse(serialize_safetensors(std::vector<tensor_record>{make_tensor<float>("t", {2}, v)}));
+  tensor_info t = f.at("t");
+  t.begin = std::uint64_t(1) << 30;
+  t.end = t.begin + 8;
+  REQUIRE_THROWS_CONTAINING(f.bytes(t), grun::shape_error, "tensor \"t\": expected data offsets inside");
+  std::vector<float> out(2);
+  REQUIRE_THROWS_AS(decode<float>(f, t, out), grun::shape_error);
 }
 
 TEST_CASE("atomic_file: unwritable path fails clearly and leaves nothing behind", "[safetensors][atomic]") {
@@ -368,6 +419,24 @@ TEST_CASE("atomic_file: unwritable path fails clearly and leaves nothing behind"
     in >> s;
     REQUIRE(s == "new");
     REQUIRE(dir.entries() == 1);
+  }
+  SECTION("a replaced file keeps its permissions; a new one takes the umask's") {
+    const auto p = dir.path / "private.bin";
+    { std::ofstream(p) << "old"; }
+    fs::permissions(p, fs::perms::owner_read | fs::perms::owner_write, fs::perm_options::replace);
+    write_file_atomic(p, std::as_bytes(std::span<const char>("new", 3)));
+    CHECK((fs::status(p).permissions() & fs::perms::all) == (fs::perms::owner_read | fs::perms::owner_write));
+    const mode_t old_mask = ::umask(027);
+    const auto q = dir.path / "fresh.bin";
+    write_file_atomic(q, std::as_bytes(std::span<const char>("x", 1)));
+    ::umask(old_mask);
+    CHECK((fs::status(q).permissions() & fs::perms::all) ==
+          (fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read));
+  }
+  SECTION("a FIFO is refused as not a regular file, without blocking") {
+    const auto p = dir.path / "pipe";
+    REQUIRE(::mkfifo(p.c_str(), 0600) == 0);
+    REQUIRE_THROWS_CONTAINING(safetensors_file::read(p), grun::error, "expected a regular file");
   }
   SECTION("reading a missing file is a grun::error naming it") {
     REQUIRE_THROWS_CONTAINING(safetensors_file::read(dir.path / "nope.safetensors"), grun::error,

@@ -140,6 +140,8 @@ inline std::vector<index_t> parse_layers(const std::string& s, const std::string
     const std::string part = s.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
     const index_t l = parse_int<index_t>(part, where, "layers");
     require<format_error>(l >= 0, where, ": __metadata__[\"layers\"]: expected non-negative layer indices, got ", l);
+    require<format_error>(std::find(out.begin(), out.end(), l) == out.end(), where,
+                          ": __metadata__[\"layers\"]: expected each layer once, got layer ", l, " twice");
     out.push_back(l);
     if (comma == std::string::npos) break;
     start = comma + 1;
@@ -288,6 +290,10 @@ adapter_info check_adapter_metadata(const safetensors_file& f, index_t d, const 
   const index_t fd = detail::parse_int<index_t>(detail::meta(f, "hidden_size"), w, "hidden_size");
   require<shape_error>(fd >= 1, w, ": expected hidden_size >= 1, got ", fd);
   if (d > 0) require<shape_error>(fd == d, w, ": expected hidden size ", d, ", the file holds hidden size ", fd);
+  // Every module holds at least rank × hidden_size parameters of 2 bytes or more: a hidden size the
+  // data cannot hold is refused before anything is sized by it (a hostile 10^12 would allocate).
+  require<format_error>(std::uint64_t(fd) <= f.data().size() / (2 * std::uint64_t(rank)), w, ": hidden_size ", fd,
+                        " at rank ", rank, " needs more than the file's ", f.data().size(), " data bytes");
   if (!opt.expected_fingerprint.empty()) {
     const std::string& fp = detail::meta(f, "model_fingerprint");
     require<format_error>(fp == opt.expected_fingerprint, w, ": expected model fingerprint \"",
@@ -371,14 +377,13 @@ void save_adapter(const std::filesystem::path& path, const std::vector<intervent
   save_adapter(path, std::span<const intervention_stack<G, R, O, T>>(sites), info, opt);
 }
 
-/// Loads an adapter saved by save_adapter into stacks of the given type (policies checked against
-/// the metadata; d comes from the file unless `d` > 0, which must then match).
+/// Loads an adapter saved by save_adapter from a safetensors file already read (a caller that looked
+/// at its metadata first, e.g. to choose the Stack type, need not read it again). opt.check_finite
+/// is the read's business there: pass it to safetensors_file::read.
 template <class Stack>
-loaded_adapter<Stack> load_adapter(const std::filesystem::path& path, const adapter_load_options& opt = {},
-                                   index_t d = 0) {
+loaded_adapter<Stack> load_adapter(const safetensors_file& f, const adapter_load_options& opt = {}, index_t d = 0) {
   using I = typename Stack::intervention;
   using T = typename Stack::params_type::value_type;
-  const auto f = safetensors_file::read(path, read_options{.check_finite = opt.check_finite});
   index_t k = 0, fd = 0;
   loaded_adapter<Stack> out;
   out.info = check_adapter_metadata<I>(f, d, opt, &k, &fd);
@@ -395,6 +400,14 @@ loaded_adapter<Stack> load_adapter(const std::filesystem::path& path, const adap
   }
   detail::require_all_consumed(f, consumed);
   return out;
+}
+
+/// Loads an adapter saved by save_adapter into stacks of the given type (policies checked against
+/// the metadata; d comes from the file unless `d` > 0, which must then match).
+template <class Stack>
+loaded_adapter<Stack> load_adapter(const std::filesystem::path& path, const adapter_load_options& opt = {},
+                                   index_t d = 0) {
+  return load_adapter<Stack>(safetensors_file::read(path, read_options{.check_finite = opt.check_finite}), opt, d);
 }
 
 // ---- single modules ------------------------------------------------------------------------------

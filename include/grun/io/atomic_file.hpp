@@ -13,9 +13,11 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstddef>
 #include <cstring>
 #include <filesystem>
+#include <random>
 #include <span>
 #include <string>
 #include <string_view>
@@ -42,17 +44,23 @@ class atomic_file {
     // Built with += : g++ 12 warns falsely (-Wrestrict) on `"." + std::string`.
     std::string name = ".";
     name += path_.filename().string();
-    name += ".tmp.XXXXXX";
-    std::string templ = (dir / name).string();
-    fd_ = ::mkstemp(templ.data());
-    if (fd_ < 0) {
-      const int e = errno;
+    name += ".tmp.";
+    // Created like any new file (0666 less the umask: not mkstemp's 0600, nor a fixed 0644 that
+    // would ignore a private umask); O_EXCL with a random suffix is mkstemp's uniqueness.
+    std::string templ;
+    int e = EEXIST;
+    for (int attempt = 0; attempt < 64 && e == EEXIST; ++attempt) {
+      templ = (dir / (name + random_suffix())).string();
+      fd_ = ::open(templ.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+      e = fd_ < 0 ? errno : 0;
+    }
+    if (fd_ < 0)
       fail<error>("cannot write '", path_.string(), "': cannot create a temporary file in '", dir.string(),
                   "' (", detail::errno_text(e), ")");
-    }
     temp_ = templ;
-    // mkstemp creates 0600; an adapter is an ordinary data file.
-    (void)::fchmod(fd_, 0644);
+    // Replacing a file keeps its permissions: a private (0600) adapter stays private.
+    struct ::stat st {};
+    if (::stat(path_.c_str(), &st) == 0 && S_ISREG(st.st_mode)) (void)::fchmod(fd_, st.st_mode & 07777);
   }
   atomic_file(const atomic_file&) = delete;
   atomic_file& operator=(const atomic_file&) = delete;
@@ -107,6 +115,16 @@ class atomic_file {
   }
 
  private:
+  static std::string random_suffix() {
+    static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    thread_local std::mt19937_64 gen(std::random_device{}() ^
+                                     std::uint64_t(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+                                     (std::uint64_t(::getpid()) << 32));
+    std::string s(6, 'X');
+    for (char& c : s) c = alphabet[gen() % (sizeof(alphabet) - 1)];
+    return s;
+  }
+
   void discard() noexcept {
     if (fd_ >= 0) { ::close(fd_); fd_ = -1; }
     if (!temp_.empty()) { ::unlink(temp_.c_str()); temp_.clear(); }

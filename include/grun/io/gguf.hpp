@@ -322,7 +322,8 @@ class gguf_file {
   /// contents grun::format_error.
   static gguf_file open(const std::filesystem::path& path) {
     const std::string where = path.string();
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: a FIFO is refused below (not a regular file) instead of blocking open() forever.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) { const int e = errno; fail<error>("cannot read GGUF file '", where, "' (", std::strerror(e), ")"); }
     struct ::stat st {};
     if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {

@@ -174,13 +174,40 @@ inline std::string shape_text(const std::vector<index_t>& s) {
   }
   return out + "]";
 }
+/// What a JSON value is, for an error message. Containers are described, never dumped: a dump
+/// recurses (a hostile header of 100,000 nested '[' overflowed the stack) and copies the whole value,
+/// and these texts are built for every check, passed or not.
 inline std::string json_type_text(const nlohmann::json& j) {
   if (j.is_number_unsigned()) return "unsigned integer " + j.dump();
   if (j.is_number_integer()) return "negative integer " + j.dump();
   if (j.is_number_float()) return "non-integer number " + j.dump();
-  std::string d = j.dump();
-  if (d.size() > 40) d = d.substr(0, 37) + "...";
-  return std::string(j.type_name()) + " " + d;
+  if (j.is_array()) return "array of " + std::to_string(j.size()) + " elements";
+  if (j.is_object()) return "object of " + std::to_string(j.size()) + " fields";
+  if (j.is_string()) {
+    const auto& s = j.get_ref<const std::string&>();
+    return s.size() > 40 ? "string \"" + s.substr(0, 37) + "...\"" : "string \"" + s + "\"";
+  }
+  return j.dump();  // true, false, null
+}
+
+/// double → float rounded to odd: truncated toward zero, with the last bit set when inexact. Rounding
+/// that to 16 bits (nearest even) gives exactly the nearest-even rounding of the double itself — a
+/// plain double → float → 16-bit conversion rounds twice (1 + 2^-11 + 2^-40 → F16 came out 1, not
+/// 1 + 2^-10). Valid because float keeps ≥ 2 more bits than half (11) and bfloat16 (8).
+inline float float_round_to_odd(double x) {
+  float f = static_cast<float>(x);
+  if (std::isfinite(f) && static_cast<double>(f) != x) {
+    auto bits = std::bit_cast<std::uint32_t>(f);
+    if (std::fabs(static_cast<double>(f)) > std::fabs(x)) bits -= 1;  // rounded away from zero: step back
+    f = std::bit_cast<float>(bits | 1u);
+  }
+  return f;
+}
+/// A stored value as the float a 16-bit rounding starts from (doubles rounded to odd, see above).
+template <class T>
+float to_float_for_16_bits(const T& v) {
+  if constexpr (std::is_same_v<T, double>) return float_round_to_odd(v);
+  else return static_cast<float>(v);
 }
 
 /// Owner of the bytes a safetensors_file refers to: a read-only memory mapping or a vector.
@@ -227,7 +254,8 @@ class safetensors_file {
   /// Maps `path` read-only and validates it.
   static safetensors_file read(const std::filesystem::path& path, read_options opt = {}) {
     const std::string where = path.string();
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: a FIFO is refused below (not a regular file) instead of blocking open() forever.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) { const int e = errno; fail<error>("cannot read '", where, "' (", detail::errno_text(e), ")"); }
     struct ::stat st {};
     if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -272,7 +300,13 @@ class safetensors_file {
     if (!t) fail<format_error>(source_, ": expected a tensor named \"", name, "\", the file has none");
     return *t;
   }
-  std::span<const std::byte> bytes(const tensor_info& t) const { return data_.subspan(t.begin, t.nbytes()); }
+  /// The bytes of an entry of this file (one with other offsets is refused, not read out of bounds).
+  std::span<const std::byte> bytes(const tensor_info& t) const {
+    require<shape_error>(t.begin <= t.end && t.end <= data_.size(), source_, ": tensor \"", t.name,
+                         "\": expected data offsets inside the file's ", data_.size(), "-byte data section, got [",
+                         t.begin, ", ", t.end, "] (a tensor_info of another file?)");
+    return data_.subspan(t.begin, t.nbytes());
+  }
 
  private:
   safetensors_file(std::shared_ptr<const void> owner, std::span<const std::byte> file, std::string source,
@@ -443,7 +477,10 @@ void decode(const safetensors_file& f, const tensor_info& t, std::span<T> out) {
                         " (grun stores adapter parameters as floating point)");
   require<shape_error>(out.size() == t.numel, f.source(), ": tensor \"", t.name, "\": destination holds ",
                        out.size(), " elements, the tensor has ", t.numel);
-  const std::byte* p = f.bytes(t).data();
+  const std::span<const std::byte> src = f.bytes(t);
+  require<shape_error>(src.size() / size_of(t.dtype) >= out.size(), f.source(), ": tensor \"", t.name, "\": ",
+                       src.size(), " bytes hold fewer than its ", t.numel, " elements (a tensor_info of another file?)");
+  const std::byte* p = src.data();
   for (std::size_t i = 0; i < out.size(); ++i) {
     if constexpr (std::is_same_v<T, half>) {
       if (t.dtype == st_dtype::f16) { out[i].bits = detail::load_le16(p + 2 * i); continue; }
@@ -454,7 +491,9 @@ void decode(const safetensors_file& f, const tensor_info& t, std::span<T> out) {
       case st_dtype::f32: out[i] = store<T>(std::bit_cast<float>(detail::load_le32(p + 4 * i))); break;
       case st_dtype::f64: {
         const double x = std::bit_cast<double>(detail::load_le64(p + 8 * i));
-        if constexpr (std::is_same_v<T, double>) out[i] = x; else out[i] = store<T>(static_cast<float>(x));
+        if constexpr (std::is_same_v<T, double>) out[i] = x;
+        else if constexpr (std::is_same_v<T, float>) out[i] = static_cast<float>(x);
+        else out[i] = store<T>(detail::float_round_to_odd(x));  // one rounding to 16 bits, not two
         break;
       }
       case st_dtype::f16: out[i] = store<T>(half::to_float(detail::load_le16(p + 2 * i))); break;
@@ -499,8 +538,8 @@ std::vector<std::byte> encode(std::span<const T> values, st_dtype target) {
         break;
       }
       case st_dtype::f32: detail::store_le(p + 4 * i, std::bit_cast<std::uint32_t>(static_cast<float>(v))); break;
-      case st_dtype::f16: detail::store_le(p + 2 * i, half::from_float(static_cast<float>(v))); break;
-      default: detail::store_le(p + 2 * i, bfloat16::from_float(static_cast<float>(v))); break;
+      case st_dtype::f16: detail::store_le(p + 2 * i, half::from_float(detail::to_float_for_16_bits(v))); break;
+      default: detail::store_le(p + 2 * i, bfloat16::from_float(detail::to_float_for_16_bits(v))); break;
     }
   }
   return out;
@@ -546,9 +585,13 @@ inline std::vector<std::byte> serialize_safetensors(std::span<const tensor_recor
       require<shape_error>(!__builtin_mul_overflow(numel, static_cast<std::uint64_t>(d), &numel),
                            "safetensors write: tensor \"", t.name, "\": element count overflows");
     }
-    require<shape_error>(numel * size_of(t.dtype) == t.bytes.size(), "safetensors write: tensor \"", t.name,
-                         "\": shape ", detail::shape_text(t.shape), " × ", name_of(t.dtype), " needs ",
-                         numel * size_of(t.dtype), " bytes, got ", t.bytes.size());
+    std::uint64_t nbytes = 0;
+    require<shape_error>(!__builtin_mul_overflow(numel, size_of(t.dtype), &nbytes), "safetensors write: tensor \"",
+                         t.name, "\": byte count of shape ", detail::shape_text(t.shape), " × ", name_of(t.dtype),
+                         " overflows");
+    require<shape_error>(nbytes == t.bytes.size(), "safetensors write: tensor \"", t.name, "\": shape ",
+                         detail::shape_text(t.shape), " × ", name_of(t.dtype), " needs ", nbytes, " bytes, got ",
+                         t.bytes.size());
     header[t.name] = {{"dtype", name_of(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
     offset += t.bytes.size();
   }
@@ -559,6 +602,9 @@ inline std::vector<std::byte> serialize_safetensors(std::span<const tensor_recor
     fail<format_error>("safetensors write: expected UTF-8 tensor names and metadata, got (", e.what(), ")");
   }
   text.append((8 - (8 + text.size()) % 8) % 8, ' ');
+  // What the reader accepts, so that nothing is written that could not be read back.
+  require<format_error>(text.size() <= max_header_bytes, "safetensors write: expected a header of at most ",
+                        max_header_bytes, " bytes (names, shapes and metadata), got ", text.size());
   std::vector<std::byte> out(8 + text.size() + offset);
   detail::store_le<std::uint64_t>(out.data(), text.size());
   std::memcpy(out.data() + 8, text.data(), text.size());
