@@ -14,6 +14,7 @@ packages=(
   libbenchmark-dev        # Google Benchmark
   nlohmann-json3-dev      # safetensors / GGUF headers, reports
   libeigen3-dev           # Eigen adapter
+  libdlpack-dev           # DLPack adapter (the header only)
   libtorch-dev            # libtorch adapter, side-by-side benchmarks, the example host stack
   libopenblas0-openmp     # an optimized BLAS for libtorch (the reference BLAS is ~5x slower)
   python3-torch           # gradcheck of the TORCH_LIBRARY ops (matches libtorch-dev)

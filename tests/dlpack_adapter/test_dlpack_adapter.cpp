@@ -1,0 +1,163 @@
+// The DLPack adapter (grun/adapters/dlpack.hpp): a module run on DLTensors — compact, padded rows,
+// a byte offset — gives bit for bit what it gives on grun's own matrices; every layout grun cannot
+// take is refused by name; a managed tensor's deleter runs exactly once; an exported tensor keeps its
+// storage alive until the consumer lets go.
+#include <grun/adapters/dlpack.hpp>
+#include <grun/grun.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <cstring>
+#include <random>
+#include <vector>
+
+using namespace grun;
+using Catch::Contains;
+
+namespace {
+
+using unlearner = gated_intervention<gate::linear, reft::loreft<4>>;
+
+/// A DLTensor over host memory (shape and strides kept by the caller).
+DLTensor dl(void* data, std::vector<std::int64_t>& shape, std::int64_t* strides, DLDataType dtype = {kDLFloat, 32, 1},
+            std::uint64_t byte_offset = 0, DLDevice device = {kDLCPU, 0}) {
+  DLTensor t{};
+  t.data = data;
+  t.device = device;
+  t.ndim = int(shape.size());
+  t.dtype = dtype;
+  t.shape = shape.data();
+  t.strides = strides;
+  t.byte_offset = byte_offset;
+  return t;
+}
+
+std::vector<float> random_values(std::size_t n, unsigned seed) {
+  std::vector<float> v(n);
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (auto& x : v) x = u(gen);
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("dlpack adapter: compact, padded and offset tensors give grun's results bit for bit", "[dlpack]") {
+  const index_t n = 5, d = 11;
+  unlearner::module<float> m(d, 3);
+  const auto hv = random_values(std::size_t(n * d), 1), dv = random_values(std::size_t(n * d), 2);
+  const auto pos = positions::rows({4, 1});
+  // the reference: grun's own views
+  std::vector<float> out_ref(std::size_t(n * d)), g_ref(2), dh_ref(std::size_t(n * d));
+  const matrix_view<const float> h_ref(hv.data(), {n, d}), dout_ref(dv.data(), {n, d});
+  m.forward(exec::host, h_ref, pos, matrix_view<float>(out_ref.data(), {n, d}), vector_view<float>(g_ref.data(), {2}));
+  m.backward(exec::host, h_ref, pos, dout_ref, vector_view<const float>(), matrix_view<float>(dh_ref.data(), {n, d}));
+  const std::vector<float> grads_ref(m.owned_gradients().data(), m.owned_gradients().data() + m.owned_gradients().size());
+
+  std::vector<std::int64_t> shape{n, d}, gshape{2};
+  std::vector<float> out(std::size_t(n * d)), g(2), dh(std::size_t(n * d));
+  SECTION("compact (strides NULL)") {
+    std::vector<float> h = hv, dout = dv;
+    dlpack::forward(m, exec::host, dl(h.data(), shape, nullptr), pos, dl(out.data(), shape, nullptr),
+                    dl(g.data(), gshape, nullptr));
+    const DLTensor dout_t = dl(dout.data(), shape, nullptr);
+    dlpack::backward(m, exec::host, dl(h.data(), shape, nullptr), pos, dout_t, nullptr, dl(dh.data(), shape, nullptr));
+  }
+  SECTION("rows padded to 16 floats, starting 3 floats into the buffer (byte_offset)") {
+    const index_t ld = 16;
+    std::vector<float> h(std::size_t(3 + n * ld), 9.f), dout(std::size_t(3 + n * ld), 9.f);
+    for (index_t i = 0; i < n; ++i)
+      for (index_t j = 0; j < d; ++j) {
+        h[std::size_t(3 + i * ld + j)] = hv[std::size_t(i * d + j)];
+        dout[std::size_t(3 + i * ld + j)] = dv[std::size_t(i * d + j)];
+      }
+    std::int64_t strides[2] = {ld, 1};
+    const DLTensor ht = dl(h.data(), shape, strides, {kDLFloat, 32, 1}, 3 * sizeof(float));
+    const DLTensor dt = dl(dout.data(), shape, strides, {kDLFloat, 32, 1}, 3 * sizeof(float));
+    dlpack::forward(m, exec::host, ht, pos, dl(out.data(), shape, nullptr), dl(g.data(), gshape, nullptr));
+    dlpack::backward(m, exec::host, ht, pos, dt, nullptr, dl(dh.data(), shape, nullptr));
+    const auto v = dlpack::view<const float, 2>(ht);
+    CHECK(v.data() == h.data() + 3);
+    CHECK(v.stride(0) == ld);
+  }
+  CHECK(out == out_ref);
+  CHECK(g == g_ref);
+  CHECK(dh == dh_ref);
+  CHECK(std::memcmp(m.owned_gradients().data(), grads_ref.data(), grads_ref.size() * sizeof(float)) == 0);
+}
+
+TEST_CASE("dlpack adapter: what grun cannot take is refused by name", "[dlpack]") {
+  std::vector<float> buf(64);
+  std::vector<std::int64_t> shape{4, 8}, shape3{2, 4, 8}, neg{4, -1};
+  using V = decltype(dlpack::view<float, 2>(std::declval<const DLTensor&>()));
+  auto v = [](const DLTensor& t) -> V { return dlpack::view<float, 2>(t, "h"); };
+  CHECK_THROWS_WITH(v(dl(buf.data(), shape3, nullptr)), Contains("h: expected 2 dimensions, got 3"));
+  CHECK_THROWS_WITH(v(dl(buf.data(), shape, nullptr, {kDLInt, 32, 1})), Contains("expected dtype float32, got int32"));
+  CHECK_THROWS_WITH(v(dl(buf.data(), shape, nullptr, {kDLBfloat, 16, 1})), Contains("got bfloat16"));
+  CHECK_THROWS_WITH(v(dl(buf.data(), shape, nullptr, {kDLFloat, 32, 4})), Contains("got float32x4"));
+  CHECK_THROWS_WITH(v(dl(buf.data(), shape, nullptr, {kDLFloat, 32, 1}, 0, {kDLCUDA, 1})),
+                    Contains("expected host memory (kDLCPU or kDLCUDAHost), got a tensor on CUDA:1"));
+  CHECK_THROWS_WITH((dlpack::view<float, 2, cuda_space>(dl(buf.data(), shape, nullptr), "h")),
+                    Contains("expected CUDA memory (kDLCUDA or kDLCUDAManaged), got a tensor on CPU"));
+  CHECK_THROWS_WITH(v(dl(buf.data(), shape, nullptr, {kDLFloat, 32, 1}, 2)), Contains("multiple of 4"));
+  std::int64_t backwards[2] = {-8, 1};
+  CHECK_THROWS_WITH(v(dl(buf.data() + 24, shape, backwards)), Contains("expected non-negative strides"));
+  CHECK_THROWS_WITH(v(dl(buf.data(), neg, nullptr)), Contains("expected non-negative sizes, got -1"));
+  CHECK_THROWS_WITH(v(dl(nullptr, shape, nullptr)), Contains("null data pointer"));
+  std::vector<std::int64_t> empty{0, 8};
+  CHECK(v(dl(nullptr, empty, nullptr)).size() == 0);  // no elements, no data needed
+  // pinned host memory is host memory
+  CHECK_NOTHROW(v(dl(buf.data(), shape, nullptr, {kDLFloat, 32, 1}, 0, {kDLCUDAHost, 0})));
+  // row indices: int64 on the host
+  std::vector<std::int64_t> rows{3, 0}, rshape{2};
+  CHECK(dlpack::positions_from(dl(rows.data(), rshape, nullptr, {kDLInt, 64, 1})).size() == 2);
+  std::vector<std::int32_t> rows32{3, 0};
+  CHECK_THROWS_WITH(dlpack::positions_from(dl(rows32.data(), rshape, nullptr, {kDLInt, 32, 1})),
+                    Contains("rows: expected dtype int64, got int32"));
+  // a module's hidden size is checked as on grun's own views
+  unlearner::module<float> m(5, 1);
+  std::vector<std::int64_t> gshape{1};
+  std::vector<float> g(1);
+  CHECK_THROWS_AS(dlpack::forward(m, exec::host, dl(buf.data(), shape, nullptr), positions::rows({0}),
+                                  dl(buf.data(), shape, nullptr), dl(g.data(), gshape, nullptr)),
+                  shape_error);
+}
+
+TEST_CASE("dlpack adapter: a managed tensor's deleter runs exactly once; export keeps the storage alive",
+          "[dlpack]") {
+  // consumer side: managed_tensor
+  static int deleted = 0;
+  deleted = 0;
+  std::vector<float> buf(6, 1.f);
+  std::vector<std::int64_t> shape{2, 3};
+  auto* m = new DLManagedTensor{};
+  m->dl_tensor = dl(buf.data(), shape, nullptr);
+  m->deleter = [](DLManagedTensor* self) { ++deleted; delete self; };
+  {
+    dlpack::managed_tensor a(m);
+    CHECK(a.view<float, 2>().extent(1) == 3);
+    dlpack::managed_tensor b(std::move(a));
+    CHECK_FALSE(a);
+    CHECK_THROWS_WITH(a.tensor(), Contains("empty"));
+    dlpack::managed_tensor c;
+    c = std::move(b);
+    CHECK(deleted == 0);
+  }
+  CHECK(deleted == 1);
+  CHECK_THROWS_AS(dlpack::managed_tensor(nullptr), shape_error);
+
+  // producer side: to_dlpack over grun storage owned by a shared_ptr
+  auto storage = std::make_shared<host_matrix<float>>(3, 4);
+  for (index_t i = 0; i < 12; ++i) storage->storage[i] = float(i);
+  DLManagedTensor* e = dlpack::to_dlpack(storage->view(), storage);
+  CHECK(storage.use_count() == 2);
+  {
+    dlpack::managed_tensor imported(e);  // a consumer (here grun itself) takes it
+    const auto v = imported.view<const float, 2>();
+    CHECK(v.data() == storage->storage.data());
+    CHECK(v.extent(0) == 3);
+    CHECK(v(2, 3) == 11.f);
+    CHECK(imported.tensor().device.device_type == kDLCPU);
+  }
+  CHECK(storage.use_count() == 1);  // the consumer's deleter released it
+}
