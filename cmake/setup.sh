@@ -37,3 +37,8 @@ fi
 if [ -x "$here/cmake/fetch_model.sh" ]; then
   "$here/cmake/fetch_model.sh"
 fi
+# ggml for the ggml adapter's tests: no Debian package, so built from the sources in a PyPI sdist
+# (once; cached next to the model).
+if [ -x "$here/cmake/fetch_ggml.sh" ]; then
+  "$here/cmake/fetch_ggml.sh"
+fi
