@@ -308,7 +308,7 @@ objective_fn with_retain(Forget f, const job_config& cfg, const std::string& ret
   if (retain == "kl") return make_objective(f, L::retain_kl{}, cfg, name + "+retain_kl");
   if (retain == "rmu") return make_objective(f, L::rmu_retain{}, cfg, name + "+rmu_retain");
   if (retain == "none") return make_objective(f, L::none{}, cfg, name);
-  grun::fail<grun::error>("--retain: expected nll, kl or none, got \"", retain, "\"");
+  grun::fail<grun::error>("--retain-loss: expected nll, kl, rmu or none, got \"", retain, "\"");
 }
 
 inline objective_fn choose_objective(const job_config& cfg) {
@@ -489,9 +489,16 @@ class trainer {
 struct split_metrics {
   double mcq_accuracy = 0, answer_nll = 0, rouge_l_recall = 0, gate_mean = 0, gate_fire_rate = 0;
   index_t examples = 0, mcq_examples = 0;
+  index_t gated_rows = 0;  // gate values seen (0 without an adapter)
+  /// MCQ accuracy needs examples with options; gate numbers need an adapter. Without them the value
+  /// is not 0, it is absent: null in JSON (and "—" in the table).
+  bool has_mcq() const { return mcq_examples > 0; }
+  bool has_gate() const { return gated_rows > 0; }
   nlohmann::json to_json() const {
-    return {{"mcq_accuracy", mcq_accuracy}, {"answer_nll", answer_nll}, {"rougeL_recall", rouge_l_recall},
-            {"gate_mean", gate_mean}, {"gate_fire_rate", gate_fire_rate}, {"examples", examples},
+    auto maybe = [](bool has, double x) { return has ? nlohmann::json(x) : nlohmann::json(nullptr); };
+    return {{"mcq_accuracy", maybe(has_mcq(), mcq_accuracy)}, {"answer_nll", answer_nll},
+            {"rougeL_recall", rouge_l_recall}, {"gate_mean", maybe(has_gate(), gate_mean)},
+            {"gate_fire_rate", maybe(has_gate(), gate_fire_rate)}, {"examples", examples},
             {"mcq_examples", mcq_examples}};
   }
 };
@@ -640,6 +647,7 @@ inline split_metrics evaluate(const llm::llama_model& model, const text_codec& c
   m.mcq_accuracy = mcq ? double(right) / double(mcq) : 0;
   m.rouge_l_recall = data.empty() ? 0 : rouge / double(data.size());
   for (double g : gates) { m.gate_mean += g; m.gate_fire_rate += g > 0.5 ? 1 : 0; }
+  m.gated_rows = index_t(gates.size());
   if (!gates.empty()) { m.gate_mean /= double(gates.size()); m.gate_fire_rate /= double(gates.size()); }
   return m;
 }
@@ -668,21 +676,38 @@ inline void save_sites(const std::filesystem::path& path, const sites& s, const 
   grun::torch_adapter::save_adapter(path, s.stacks, info);
 }
 
-/// Loads an adapter into frozen modules, one stack per site; its kinds, rank, layers and stack scale
-/// come from the file (written into cfg). Checks the model fingerprint.
-inline sites load_sites(const std::filesystem::path& path, index_t d, const std::string& fingerprint,
+/// Loads an adapter into frozen modules, one stack per site, in layer order; its kinds, rank, layers
+/// and stack scale come from the file (written into cfg). Checks the model fingerprint, and that every
+/// layer is one of the model's, once.
+inline sites load_sites(const std::filesystem::path& path, index_t d, index_t n_layers, const std::string& fingerprint,
                         job_config& cfg) {
   grun::io::adapter_load_options opt;
   opt.expected_fingerprint = fingerprint;
+  opt.accept_unknown_fingerprint = true;  // a file another tool wrote (converted from pyreft): warned below
   auto loaded = grun::torch_adapter::load_adapter(path, d, opt);
+  if (loaded.info.model_fingerprint.empty())
+    fmt::print(stderr, "warning: {} does not say which model it was trained on; its hidden size {} matches this one's\n",
+               path.string(), d);
   cfg.gate = loaded.kind->gate();
   cfg.reft = loaded.kind->reft();
   cfg.rank = loaded.kind->rank();
   cfg.stack_a = loaded.info.stack_scale_a;
   cfg.stack_b = loaded.info.stack_scale_b;
+  const auto& layers = loaded.info.layers;
+  // The hook finds a layer's stack by its index and the caches start at the first site: sites in
+  // layer order, each layer once (a file not written by grun may list them otherwise).
+  std::vector<std::size_t> order(layers.size());
+  std::iota(order.begin(), order.end(), std::size_t(0));
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return layers[a] < layers[b]; });
   sites s;
-  s.layers.assign(loaded.info.layers.begin(), loaded.info.layers.end());
-  s.stacks = std::move(loaded.sites);
+  for (std::size_t i : order) {
+    grun::require<grun::shape_error>(layers[i] < n_layers, path.string(), ": expected layers in [0, ", n_layers,
+                                     ") of the model, the adapter holds layer ", layers[i]);
+    grun::require<grun::format_error>(s.layers.empty() || s.layers.back() != layers[i], path.string(),
+                                      ": expected each layer once, the adapter lists layer ", layers[i], " twice");
+    s.layers.push_back(int(layers[i]));
+    s.stacks.push_back(std::move(loaded.sites[i]));
+  }
   return s;
 }
 

@@ -122,7 +122,7 @@ inline std::filesystem::path default_model_path() {
     cache = c;
   } else {
     const char* home = std::getenv("HOME");
-    cache = std::filesystem::path(home && *home ? home : ".") / ".cache" / "grun";
+    cache = std::filesystem::path(home && *home ? home : "/tmp") / ".cache" / "grun";  // as cmake/fetch_model.sh
   }
   return cache / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf";
 }
