@@ -9,6 +9,12 @@
 
 #include <torch/optim/adamw.h>
 
+#include <ATen/DLConvertor.h>  // PyTorch's own DLPack producer and consumer (DLPack 0.6, as Debian's header)
+#if __has_include(<dlpack/dlpack.h>)
+#include <grun/adapters/dlpack.hpp>
+#define GRUN_TEST_DLPACK 1
+#endif
+
 #undef CHECK
 #include <catch2/catch.hpp>
 
@@ -418,3 +424,108 @@ TEST_CASE("torch adapter: bad input throws shape_error naming expected and got",
   CHECK_THROWS_WITH(s.append_frozen(torch::zeros({3})), Contains("expected a 1-D tensor of 23 parameters"));
   CHECK_THROWS_AS(s.module_flat(5), shape_error);
 }
+
+TEST_CASE("torch adapter: the backward uses the forward's positions, even if the rows tensor changed since",
+          "[torch_adapter]") {
+  // A reused position buffer refilled between forward and backward: the backward read the tensor
+  // again (wrong gradients; in the stack, rows past h wrote out of bounds).
+  using I = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<2>>;
+  const index_t d = 6;
+  const Tensor flat = ta::detail::init_flat<I>(d, 3, at::kDouble).requires_grad_(true);
+  const Tensor h = randn({5, d}, 2).requires_grad_(true);
+  const Tensor w = randn({5, d}, 3);
+  auto grads = [&](bool refill, bool stack) {
+    Tensor rows = rows_of({1, 3});
+    auto [y, g] = stack ? ta::apply_stack<I>(h, torch::empty({0, flat.numel()}, flat.options()), flat, rows, 0.7)
+                        : ta::apply_intervention<I>(h, flat, rows);
+    if (refill) rows.fill_(7);  // past the 5 rows of h
+    return torch::autograd::grad({(y * w).sum() + g.sum()}, {h, flat});
+  };
+  for (bool stack : {false, true}) {
+    INFO("stack " << stack);
+    const auto ref = grads(false, stack), got = grads(true, stack);
+    CHECK(max_abs(ref[0], got[0]) == 0.0);
+    CHECK(max_abs(ref[1], got[1]) == 0.0);
+  }
+}
+
+TEST_CASE("torch adapter: a double backward is refused, not answered without grun's second order", "[torch_adapter]") {
+  using I = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<2>>;
+  const index_t d = 4;
+  const Tensor flat = ta::detail::init_flat<I>(d, 1, at::kDouble).requires_grad_(true);
+  const Tensor h = randn({3, d}, 1).requires_grad_(true);
+  auto [y, g] = ta::apply_intervention<I>(h, flat, rows_of({0, 2}));
+  CHECK_THROWS_WITH(torch::autograd::grad({y.pow(2).sum()}, {h}, {}, /*retain_graph=*/true, /*create_graph=*/true),
+                    Catch::Contains("double backward is not supported"));
+  auto [ys, gs] = ta::apply_stack<I>(h, torch::empty({0, flat.numel()}, flat.options()), flat, rows_of({1}), 1.0);
+  CHECK_THROWS_WITH(torch::autograd::grad({ys.pow(2).sum()}, {h}, {}, true, true),
+                    Catch::Contains("double backward is not supported"));
+  const Tensor logits = randn({2, 5}, 4).requires_grad_(true);
+  const Tensor nll = ta::token_nll(logits, rows_of({1, 4}));
+  CHECK_THROWS_WITH(torch::autograd::grad({nll.sum()}, {logits}, {}, true, true),
+                    Catch::Contains("double backward is not supported"));
+  // a first-order backward is unaffected
+  CHECK(torch::autograd::grad({y.pow(2).sum()}, {h})[0].defined());
+}
+
+TEST_CASE("torch adapter: outputs may be modified in place; empty batches; an integer h; dtype moves",
+          "[torch_adapter]") {
+  using I = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<2>>;
+  const index_t d = 4;
+  const Tensor flat = ta::detail::init_flat<I>(d, 1, at::kFloat).requires_grad_(true);
+  // a residual update on the returned hidden state (it was a view of an internal tensor: refused)
+  const Tensor h = randn({2, 3, d}, 1, at::kFloat).requires_grad_(true);
+  auto [y, g] = ta::apply_intervention<I>(h, flat, rows_of({0, 4}));
+  CHECK_NOTHROW(y.add_(1.0));
+  y.sum().backward();
+  CHECK(h.grad().defined());
+  // N = 0 rows: y.sum()'s gradient arrives expanded (stride 0)
+  const Tensor h0 = torch::zeros({0, d}, at::kFloat).requires_grad_(true);
+  auto [y0, g0] = ta::apply_intervention<I>(h0, flat, torch::zeros({0}, at::kLong));
+  CHECK_NOTHROW(y0.sum().backward());
+  // an integer h is refused by name, not cast to the parameters' dtype
+  auto m = ta::make_intervention("linear", "loreft", 2, d, 1);
+  CHECK_THROWS_WITH(m->forward(torch::zeros({2, d}, at::kLong), rows_of({0})),
+                    Catch::Contains("expected dtype Float, Double, Half or BFloat16"));
+  // gates come back in h's dtype, as the output does
+  CHECK(std::get<1>(m->forward(randn({2, d}, 2, at::kDouble), rows_of({0}))).scalar_type() == at::kDouble);
+  // a module appended after ->to(kDouble) joins the others' dtype
+  ta::intervention_stack<grun::gate::linear, grun::reft::loreft<2>> s(d);
+  s.append(1);
+  s.to(at::kDouble);
+  s.append(2);
+  s.append_frozen(ta::detail::init_flat<I>(d, 3, at::kFloat));
+  for (index_t k = 0; k < s.size(); ++k) CHECK(s.module_flat(k).scalar_type() == at::kDouble);
+  CHECK_NOTHROW(s.forward(randn({3, d}, 3), rows_of({1})));
+}
+
+#if GRUN_TEST_DLPACK
+TEST_CASE("torch adapter: PyTorch's DLPack tensors run through grun::dlpack, and grun's through torch", "[torch_adapter]") {
+  using I = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<2>>;
+  const index_t d = 6;
+  grun::gated_intervention<grun::gate::linear, grun::reft::loreft<2>>::module<float> m(d, 4);
+  // torch → grun: at::toDLPack's tensors, read in place by grun's module
+  const Tensor h = randn({4, d}, 5, at::kFloat);
+  Tensor out = torch::empty({4, d}), gates = torch::empty({2});
+  {
+    grun::dlpack::managed_tensor ht(at::toDLPack(h)), ot(at::toDLPack(out)), gt(at::toDLPack(gates));
+    CHECK(ht.view<const float, 2>().data() == h.data_ptr<float>());
+    grun::dlpack::forward(m, grun::exec::host, ht.tensor(), grun::positions::rows({3, 1}), ot.tensor(), gt.tensor());
+  }
+  const Tensor flat = flat_of(m.parameters()).to(at::kFloat);
+  auto [y, g] = ta::apply_intervention<I>(h, flat, rows_of({3, 1}));
+  CHECK(max_abs(out, y) == 0.0);
+  CHECK(max_abs(gates, g) == 0.0);
+  // grun → torch: a grun matrix seen by torch without a copy; torch's deleter releases grun's storage
+  auto storage = std::make_shared<grun::host_matrix<float>>(2, 3);
+  for (index_t i = 0; i < 6; ++i) storage->storage[i] = float(i);
+  {
+    const Tensor t = at::fromDLPack(grun::dlpack::to_dlpack(storage->view(), storage));
+    CHECK(t.data_ptr<float>() == storage->storage.data());
+    CHECK(t.sizes() == at::IntArrayRef({2, 3}));
+    CHECK(t[1][2].item<float>() == 5.f);
+    CHECK(storage.use_count() == 2);
+  }
+  CHECK(storage.use_count() == 1);
+}
+#endif

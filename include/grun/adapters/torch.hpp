@@ -197,12 +197,36 @@ inline positions positions_from(const Tensor& rows, const char* what) {
   return positions::rows(std::vector<index_t>(p, p + r.numel()));
 }
 
+/// The positions a forward used, kept for its backward as a copy: the caller's `rows` tensor may be
+/// refilled or resized in between (a reused position buffer), and saved_data is not version-checked.
+inline c10::IValue saved_positions(const positions& pos) {
+  return c10::IValue(std::vector<std::int64_t>(pos.span().begin(), pos.span().end()));
+}
+inline positions restored_positions(const c10::IValue& saved) { return positions::rows(saved.toIntVector()); }
+
+/// The backward of these functions writes its results through raw pointers: it is not itself
+/// differentiable, so a double backward (create_graph = true) is refused instead of returning
+/// gradients that silently lack grun's second-order part.
+inline void refuse_double_backward(const char* what) {
+  require<error>(!at::GradMode::is_enabled(), what, ": expected a first-order backward, got one with create_graph = "
+                 "true (the backward is not itself differentiable; double backward is not supported)");
+}
+
+/// An incoming gradient as a dense tensor shaped and typed like `like` (zeros where autograd gave none). A zero-
+/// size gradient may arrive expanded (stride 0), which contiguous() keeps: it is made anew.
+inline Tensor dense_grad(const Tensor& g, const Tensor& like) {
+  if (!g.defined() || g.numel() == 0) return at::zeros_like(like);
+  return g.to(like.scalar_type()).contiguous().reshape(like.sizes());
+}
+
 }  // namespace detail
 
 // ---- flat parameters ---------------------------------------------------------------------
 /// Length of the flat parameter tensor of intervention I for hidden size d.
 template <class I>
 index_t flat_size(index_t d) {
+  // Hidden sizes are thousands; a bound far above them keeps every count below in int64.
+  require<shape_error>(d >= 1 && d <= (index_t(1) << 31), "torch_adapter: expected a hidden size d in [1, 2^31], got ", d);
   return parameter_count(I::template shape<float>(d));
 }
 
@@ -264,7 +288,10 @@ struct intervention_function : torch::autograd::Function<intervention_function<I
     const index_t d = x.size(1);
     const Tensor p = flat.contiguous().to(ct);
     const positions pos = positions_from(rows, op);
-    Tensor out = at::empty_like(x);
+    // The output is allocated in h's shape and written through an [N, d] view: returned as it is
+    // (not as a view of an internal tensor), so the caller may modify it in place.
+    Tensor out_full = at::empty(h.sizes(), x.options());
+    Tensor out = out_full.view(x.sizes());
     Tensor gates = at::empty({pos.size()}, x.options());
     dispatch_compute(ct, op, [&](auto tag) {
       using T = typename decltype(tag)::type;
@@ -276,10 +303,10 @@ struct intervention_function : torch::autograd::Function<intervention_function<I
     });
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, p});
-    ctx->saved_data["rows"] = rows;
+    ctx->saved_data["rows"] = saved_positions(pos);
     ctx->saved_data["shape"] = h.sizes().vec();
     ctx->saved_data["dtype"] = dtype_code(h.scalar_type());
-    return {out.view(h.sizes()).to(h.scalar_type()), gates.to(h.scalar_type())};
+    return {out_full.to(h.scalar_type()), gates.to(h.scalar_type())};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -288,8 +315,9 @@ struct intervention_function : torch::autograd::Function<intervention_function<I
     const Tensor& x = saved[0];
     const Tensor& p = saved[1];
     const index_t d = x.size(1);
-    const positions pos = positions_from(ctx->saved_data["rows"].toTensor(), op);
-    const Tensor dout = grad[0].defined() ? grad[0].to(x.scalar_type()).contiguous().reshape(x.sizes()) : at::zeros_like(x);
+    refuse_double_backward(op);
+    const positions pos = restored_positions(ctx->saved_data["rows"]);
+    const Tensor dout = dense_grad(grad[0], x);
     const Tensor dg = grad[1].defined() ? grad[1].to(x.scalar_type()).contiguous() : Tensor();
     Tensor dh = at::empty_like(x);
     Tensor dflat = at::empty_like(p);
@@ -352,7 +380,8 @@ struct stack_function : torch::autograd::Function<stack_function<I>> {
     const Tensor frozen = frozen_in.contiguous().to(ct), flat = flat_in.contiguous().to(ct);
     const positions pos = positions_from(rows, op);
     const index_t K = frozen.size(0) + (flat.numel() ? 1 : 0);
-    Tensor out = at::empty_like(x);
+    Tensor out_full = at::empty(h.sizes(), x.options());  // returned as is: see intervention_function
+    Tensor out = out_full.view(x.sizes());
     Tensor gates = at::empty({K, pos.size()}, x.options());
     dispatch_compute(ct, op, [&](auto tag) {
       using T = typename decltype(tag)::type;
@@ -370,11 +399,11 @@ struct stack_function : torch::autograd::Function<stack_function<I>> {
     });
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, frozen, flat});
-    ctx->saved_data["rows"] = rows;
+    ctx->saved_data["rows"] = saved_positions(pos);
     ctx->saved_data["shape"] = h.sizes().vec();
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dtype"] = dtype_code(h.scalar_type());
-    return {out.view(h.sizes()).to(h.scalar_type()), gates.to(h.scalar_type())};
+    return {out_full.to(h.scalar_type()), gates.to(h.scalar_type())};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -383,10 +412,11 @@ struct stack_function : torch::autograd::Function<stack_function<I>> {
     const Tensor &x = saved[0], &frozen = saved[1], &flat = saved[2];
     const index_t d = x.size(1);
     const double scale = ctx->saved_data["scale"].toDouble();
-    const positions pos = positions_from(ctx->saved_data["rows"].toTensor(), op);
+    refuse_double_backward(op);
+    const positions pos = restored_positions(ctx->saved_data["rows"]);
     const bool trainable = flat.numel() != 0;
     const index_t K = frozen.size(0) + (trainable ? 1 : 0);
-    const Tensor dout = grad[0].defined() ? grad[0].to(x.scalar_type()).contiguous().reshape(x.sizes()) : at::zeros_like(x);
+    const Tensor dout = dense_grad(grad[0], x);
     const Tensor dg = grad[1].defined() ? grad[1].to(x.scalar_type()).contiguous() : Tensor();
     Tensor dh = at::empty_like(x);
     // Without a trainable module the parameter gradients of module 0 are computed and dropped.
@@ -451,6 +481,7 @@ struct token_nll_function : torch::autograd::Function<token_nll_function> {
                                                  torch::autograd::variable_list grad) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &logits = saved[0], &labels = saved[1], &lse = saved[2];
+    refuse_double_backward(op);
     const Tensor dnll = grad[0].to(lse.scalar_type()).contiguous();
     Tensor dlogits = at::empty_like(logits);
     dispatch_dtype(logits.scalar_type(), op, [&](auto tag) {
@@ -543,10 +574,11 @@ void retract_flat(Tensor& flat, index_t d) {
 template <class Fn>
 std::tuple<Tensor, Tensor> in_param_dtype(const Tensor& h, const Tensor& flat, Fn&& fn) {
   require<shape_error>(h.defined(), "torch_adapter: forward: h: expected a defined tensor");
+  (void)compute_dtype(h, "torch_adapter: forward: h");  // an integer h is refused, not cast to the parameters' dtype
   require_same_device(h, "h", flat, "the module's parameters (move the module with ->to(device))");
   if (h.scalar_type() == flat.scalar_type()) return fn(h);
   auto [y, g] = fn(h.to(flat.scalar_type()));
-  return {y.to(h.scalar_type()), g};
+  return {y.to(h.scalar_type()), g.to(h.scalar_type())};
 }
 }  // namespace detail
 
@@ -630,8 +662,8 @@ class any_intervention_stack : public torch::nn::Module {
                          " parameters, got ", flat.defined() ? std::string(c10::str(flat.sizes())) : std::string("undefined"));
     freeze();
     const torch::NoGradGuard no_grad;
-    Tensor t = flat.detach().to(dtype_).clone();
-    if (!modules_.empty()) t = t.to(modules_.front().device());
+    // In the modules' dtype and device as they are now (->to() may have moved them since construction).
+    Tensor t = flat.detach().to(modules_.empty() ? at::TensorOptions().dtype(dtype_) : modules_.front().options()).clone();
     push(t, false);
   }
   index_t size() const { return index_t(modules_.size()); }
@@ -702,7 +734,7 @@ class intervention_stack final : public any_intervention_stack {
   void append(std::uint64_t seed) override {
     freeze();
     Tensor t = detail::init_flat<grun_type>(d_, seed, dtype_);
-    if (!modules_.empty()) t = t.to(modules_.front().device());
+    if (!modules_.empty()) t = t.to(modules_.front().options());  // dtype and device as the others now
     push(t, true);
   }
   void retract() override {

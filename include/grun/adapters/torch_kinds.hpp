@@ -68,9 +68,10 @@ class intervention_kind {
   virtual void save_adapter(const std::filesystem::path& path,
                             std::span<const std::shared_ptr<any_intervention_stack>> sites,
                             const io::adapter_info& info, io::adapter_save_options opt = {}) const = 0;
-  /// grun::io::load_adapter into stacks of this kind (every module frozen, float32 on the CPU);
-  /// d > 0 must match the file's hidden size. The file's kinds must be this kind's (format_error).
-  virtual std::vector<std::shared_ptr<any_intervention_stack>> load_adapter(const std::filesystem::path& path,
+  /// grun::io::load_adapter of an adapter file already read into stacks of this kind (every module
+  /// frozen, float32 on the CPU); d > 0 must match the file's hidden size. The file's kinds must be
+  /// this kind's (format_error).
+  virtual std::vector<std::shared_ptr<any_intervention_stack>> load_adapter(const io::safetensors_file& file,
                                                                             index_t d,
                                                                             const io::adapter_load_options& opt,
                                                                             io::adapter_info& info) const = 0;
@@ -142,7 +143,8 @@ struct loaded_stacks {
 /// match the file's hidden size. Errors: grun::format_error / shape_error naming the file and the field.
 inline loaded_stacks load_adapter(const std::filesystem::path& path, index_t d = 0,
                                   const io::adapter_load_options& opt = {}) {
-  const io::safetensors_file f = io::safetensors_file::read(path, io::read_options{.check_finite = false});
+  // Read once: the metadata names the kind, and the kind loads from the same mapped file.
+  const io::safetensors_file f = io::safetensors_file::read(path, io::read_options{.check_finite = opt.check_finite});
   // Metadata names are "gate::mlp", "reft::loreft": the kind is the part after "::".
   auto kind_name = [&](const char* key) {
     const std::string& v = io::detail::meta(f, key);
@@ -153,7 +155,7 @@ inline loaded_stacks load_adapter(const std::filesystem::path& path, index_t d =
   const index_t rank = io::detail::parse_int<index_t>(io::detail::meta(f, "rank"), f.source(), "rank");
   loaded_stacks out;
   out.kind = &intervention_kind_of(gate, reft, rank);
-  out.sites = out.kind->load_adapter(path, d, opt, out.info);
+  out.sites = out.kind->load_adapter(f, d, opt, out.info);
   return out;
 }
 

@@ -69,10 +69,10 @@ class kind_model final : public intervention_kind {
     io::save_adapter(path, std::span<const grun_stack_t>(out), info, opt);
   }
 
-  std::vector<std::shared_ptr<any_intervention_stack>> load_adapter(const std::filesystem::path& path, index_t d,
+  std::vector<std::shared_ptr<any_intervention_stack>> load_adapter(const io::safetensors_file& file, index_t d,
                                                                     const io::adapter_load_options& opt,
                                                                     io::adapter_info& info) const override {
-    auto loaded = io::load_adapter<grun_stack_t>(path, opt, d);
+    auto loaded = io::load_adapter<grun_stack_t>(file, opt, d);
     std::vector<std::shared_ptr<any_intervention_stack>> sites;
     for (auto& g : loaded.sites) {
       auto st = std::make_shared<stack_t>(g.dim(), loaded.info.stack_scale_a, loaded.info.stack_scale_b, at::kFloat);
