@@ -240,6 +240,14 @@ TEST_CASE("adapter io: loading checks kinds, rank, hidden size and fingerprint",
                               "expected model fingerprint \"llama-3.1-8b\", the adapter was trained on "
                               "\"smollm2-135m:q4_1:abc123\"");
     REQUIRE_NOTHROW(load_module(path, other));  // not checked unless asked
+    // an unknown (empty) fingerprint passes only when the caller accepts unknown ones
+    linear_loreft::module<float> m2(16, 1);
+    auto info = one_site();
+    info.model_fingerprint.clear();
+    save_adapter(path, m2, info);
+    REQUIRE_THROWS_CONTAINING(load_module(path, other, {.expected_fingerprint = "llama-3.1-8b"}), format_error,
+                              "the adapter was trained on \"\"");
+    REQUIRE_NOTHROW(load_module(path, other, {.expected_fingerprint = "llama-3.1-8b", .accept_unknown_fingerprint = true}));
   }
   SECTION("site and module index") {
     linear_loreft::module<float> other(16, 1);

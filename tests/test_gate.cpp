@@ -107,6 +107,30 @@ TEST_CASE("gate laws: zero parameters give σ(0), always gives 1", "[gate][laws]
   CHECK(std::all_of(dh.begin(), dh.end(), [](double x) { return x == 0.0; }));
 }
 
+TEST_CASE("a gate saturated in fp32 still gets a gradient (σ'(z) = σ(z)σ(−z), not g(1 − g))", "[gate]") {
+  // z = 20: σ(z) rounds to 1 in float, so g(1 − g) = 0 and the gate could never be pushed back;
+  // σ(z)σ(−z) = 2.06e-9. The linear and the mlp gate alike.
+  const index_t d = 3;
+  const std::vector<float> h = {0.f, 0.f, 0.f};
+  auto bias_gradient = [&](auto gate_tag, auto&& last_bias) {
+    using Gate = decltype(gate_tag);
+    using P = typename Gate::template params<float>;
+    P shaped{};
+    Gate::shape(shaped, d);
+    owned_params<P> p(shaped), grads(shaped);
+    last_bias(*p).data[0] = 20.f;
+    std::vector<float> scratch(static_cast<std::size_t>(std::max<index_t>(Gate::scratch_size(d), 1)));
+    std::vector<float> dh(std::size_t(d), 0.f);
+    const float g = Gate::forward(*p, h.data(), d, scratch.data());
+    CHECK(g == 1.f);
+    Gate::backward(*p, *grads, h.data(), d, scratch.data(), g, 1.f, dh.data());
+    return double(last_bias(*grads).data[0]);
+  };
+  const double expect = 1.0 / (1.0 + std::exp(-20.0)) / (1.0 + std::exp(20.0));
+  CHECK(bias_gradient(gate::linear{}, [](auto& p) -> auto& { return p.bias; }) == Approx(expect).epsilon(1e-5));
+  CHECK(bias_gradient(gate::mlp<4, 3>{}, [](auto& p) -> auto& { return p.b3; }) == Approx(expect).epsilon(1e-5));
+}
+
 TEST_CASE("gate shapes and reference names", "[gate]") {
   using L = gated_intervention<gate::linear, reft::loreft<4>>;
   auto s = L::shape<float>(33);

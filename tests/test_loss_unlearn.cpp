@@ -282,6 +282,14 @@ TEST_CASE("gate_bce: hand-worked, and agrees with gate_bce_logits", "[loss][gate
   for (std::size_t i = 0; i < b.zf.size(); ++i)
     CHECK(b.d_gf[i] * b.gate_f[i] * (1 - b.gate_f[i]) == Approx(b.d_zf[i]).epsilon(1e-12));
 
+  // A NaN gate gives a NaN loss (it was clamped to eps: a finite loss hid the fault upstream).
+  gf = {std::nan("")};
+  gr = {0.2};
+  CHECK(std::isnan(loss::gate_bce{}.evaluate(exec::host, in, g, 1.0)));
+  gf = {0.9};
+  gr = {std::nan("")};
+  CHECK(std::isnan(loss::gate_bce{}.evaluate(exec::host, in, g, 1.0)));
+
   // Saturated gates: finite loss, non-zero gradient of the right sign.
   gf = {0.0};
   gr = {1.0};

@@ -135,6 +135,14 @@ TEST_CASE("zero parameters give a zero edit", "[reft][laws]") {
     CHECK(delta[std::size_t(j)] == Approx(1.5 * b.p->rotate_layer(0, j) - 0.5 * b.p->rotate_layer(1, j)).margin(1e-15));
 }
 
+TEST_CASE("noreft takes a rank above d (its R has no constraint), loreft refuses it", "[reft]") {
+  using N = gated_intervention<gate::linear, reft::noreft<8>>;
+  N::module<float> m(4, 1);  // orthonormal rows need r <= d: noreft's init leaves R Gaussian
+  CHECK(m.owned_parameters()->reft.rotate_layer.rows == 8);
+  using L = gated_intervention<gate::linear, reft::loreft<8>>;
+  CHECK_THROWS_AS(L::module<float>(4, 1), shape_error);
+}
+
 TEST_CASE("reft shapes, names and defaults", "[reft]") {
   using L = gated_intervention<gate::linear, reft::loreft<4>>;
   static_assert(std::is_same_v<L::ortho_type, ortho::qr_retraction>);

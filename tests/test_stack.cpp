@@ -21,6 +21,13 @@ TEST_CASE("appending a module leaves earlier modules' contributions bitwise unch
   st.append(st.module(1));  // a copy of trained parameters
   CHECK(st.size() == 3);
   CHECK(st.module(0).reft.weight.data == storage);  // never moved
+  // ... nor the aggregates the stack returned for them (a vector's reallocation freed these)
+  const auto& first = st.module(0);
+  auto& first_owned = st.owned_module(0);
+  for (int k = 0; k < 40; ++k) st.append(std::uint64_t(10 + k));
+  CHECK(first.reft.weight.data == storage);
+  CHECK(first_owned->reft.weight.data == storage);
+  CHECK(&first == &st.module(0));
   st.forward_module(exec::host, 0, h.view(), pos, after.view(), vector_view<float>(ga.data(), {3}));
   CHECK(std::memcmp(before.storage.data(), after.storage.data(), sizeof(float) * 96) == 0);
   CHECK(gb == ga);

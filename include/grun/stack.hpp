@@ -8,6 +8,7 @@
 // so appending a module never changes what the earlier ones compute. Training the newest module
 // keeps the earlier ones frozen (they still shape dL/dh).
 #include <cstdint>
+#include <deque>
 #include <vector>
 
 #include "intervention.hpp"
@@ -30,8 +31,8 @@ class intervention_stack {
   double scale() const { return a_ * double(size()) + b_; }
   void set_scale(double a, double b) { a_ = a; b_ = b; }
 
-  /// Appends a new module initialized from `seed`; existing modules are not touched (their storage
-  /// never moves). Returns the new module's parameters.
+  /// Appends a new module initialized from `seed`; existing modules are not touched (neither their
+  /// storage nor the references returned for them move). Returns the new module's parameters.
   const params_type& append(std::uint64_t seed) {
     owned_params<params_type> m(intervention::template shape<T>(d_));
     init(*m, seed);
@@ -117,7 +118,9 @@ class intervention_stack {
 
   index_t d_;
   double a_, b_;
-  std::vector<owned_params<params_type>> modules_;
+  // A deque: append never moves the existing elements, so the references append(), module() and
+  // owned_module() return stay valid as the stack grows (a vector's reallocation freed them).
+  std::deque<owned_params<params_type>> modules_;
 };
 
 }  // namespace grun

@@ -112,7 +112,11 @@ struct mlp {
   GRUN_HD static void head_backward(const P& p, const G& grads, Acc* scratch, Acc g, Acc dg) {
     Acc* a1 = scratch;
     Acc* a2 = scratch + H1;
-    const Acc dz = dg * g * (Acc(1) - g);
+    // σ'(z) = σ(z) σ(−z) from z itself (recomputed: head's very sum, so σ(z) is g bit for bit), not
+    // g(1 − g): a gate saturated in fp32 (z ≳ 17, g rounds to 1) has 1 − g = 0 and would never be
+    // pushed back — what the linear gate and gate_bce's clamp are careful to avoid.
+    const Acc z = load<Acc>(p.b3[0]) + grun::detail::dot<Acc>(p.w3.data, a2, H2);
+    const Acc dz = dg * g * sigmoid(-z);
     grads.b3[0] += dz;
     for (index_t i = 0; i < H2; ++i) grads.w3[i] += dz * a2[i];
     for (index_t i = 0; i < H2; ++i) a2[i] = a2[i] > Acc(0) ? dz * load<Acc>(p.w3[i]) : Acc(0);  // a2 := dz2

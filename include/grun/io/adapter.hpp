@@ -75,6 +75,7 @@ struct adapter_save_options {
 
 struct adapter_load_options {
   std::string expected_fingerprint;  // non-empty: the file's model_fingerprint must equal it
+  bool accept_unknown_fingerprint = false;  // ... or be empty ("unknown": a file another tool wrote)
   bool check_finite = true;          // reject NaN / Inf parameters (numeric_error)
 };
 
@@ -296,7 +297,7 @@ adapter_info check_adapter_metadata(const safetensors_file& f, index_t d, const 
                         " at rank ", rank, " needs more than the file's ", f.data().size(), " data bytes");
   if (!opt.expected_fingerprint.empty()) {
     const std::string& fp = detail::meta(f, "model_fingerprint");
-    require<format_error>(fp == opt.expected_fingerprint, w, ": expected model fingerprint \"",
+    require<format_error>(fp == opt.expected_fingerprint || (fp.empty() && opt.accept_unknown_fingerprint), w, ": expected model fingerprint \"",
                           opt.expected_fingerprint, "\", the adapter was trained on \"", fp, "\"");
   }
   adapter_info info;

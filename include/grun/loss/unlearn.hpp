@@ -176,11 +176,13 @@ struct gate_bce_term {
     using std::log;
     const index_t nf = gf.extent(0);
     if (i < nf) {
-      const Acc p = gf(i) > eps ? gf(i) : eps;
+      // Clamped below at eps; a NaN gate stays NaN (comparisons with NaN are false: `g > eps ? g : eps`
+      // turned it into eps, hiding the fault upstream behind a finite loss).
+      const Acc p = gf(i) < eps ? eps : gf(i);
       if (!dgf.empty()) dgf(i) -= scale / p;
       return -log(p);
     }
-    const Acc q = Acc(1) - gr(i - nf) > eps ? Acc(1) - gr(i - nf) : eps;
+    const Acc q = Acc(1) - gr(i - nf) < eps ? eps : Acc(1) - gr(i - nf);
     if (!dgr.empty()) dgr(i - nf) += scale / q;
     return -log(q);
   }

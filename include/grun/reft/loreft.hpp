@@ -164,7 +164,8 @@ struct lowrank_edit {
     const index_t r = p.rotate_layer.rows, d = p.rotate_layer.cols;
     std::vector<double> R(static_cast<std::size_t>(r * d));
     for (auto& x : R) x = rng.normal();
-    ortho::detail::orthonormalize_rows(R.data(), r, d);
+    // Orthonormal rows need r <= d; noreft (no constraint on its R) also takes r > d, left Gaussian.
+    if (r <= d) ortho::detail::orthonormalize_rows(R.data(), r, d);
     for (index_t i = 0; i < r * d; ++i) p.rotate_layer[i] = store<T>(R[i]);
     const double sd = 1.0 / std::sqrt(double(d));
     for (index_t i = 0; i < p.weight.size(); ++i) p.weight[i] = store<T>(sd * rng.normal());
