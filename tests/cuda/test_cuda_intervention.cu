@@ -142,3 +142,58 @@ TEST_CASE("cuda intervention: one row whose row stride is below d (a transposed 
     CHECK(grun::test::rel_error(dhd.to_host().storage.span(), dh_h.storage.span()) < 1e-5);
   }
 }
+
+namespace {
+/// h and dout as [N, d] views of one row each (row stride 0, e.g. a [d] vector expanded to [N, d]),
+/// against exec::host on the same rows written out.
+template <class I>
+void check_broadcast_rows(std::vector<index_t> rows) {
+  using T = float;
+  using Hp = hparams<I, T>;
+  const index_t N = 3, d = 48;
+  host_reference<I, T> ref({N, d, std::move(rows), 1, 0, 1.0}, {11, 7});
+  const auto& pos = ref.pos;
+  const index_t P = pos.size();
+  INFO("P = " << P << ", policy " << I::gate_type::name << " + " << I::reft_type::name);
+  auto hs = ref.h.storage.span(), dos = ref.dout.storage.span();
+  for (index_t r = 1; r < N; ++r)
+    for (index_t c = 0; c < d; ++c) {
+      hs[std::size_t(r * d + c)] = hs[std::size_t(c)];
+      dos[std::size_t(r * d + c)] = dos[std::size_t(c)];
+    }
+  using host_impl = grun::detail::intervention_impl<grun::exec::host_t, I>;
+  grun::owned_params<Hp> grads_h(I::template shape<T>(d));
+  host_impl::forward(grun::exec::host, std::span<const Hp>(ref.host_views), 1.0, grun::matrix_view<const T>(ref.h.view()),
+                     pos, ref.out.view(), ref.gates.view());
+  host_impl::backward(grun::exec::host, std::span<const Hp>(ref.host_views), 1.0, 0,
+                      grun::matrix_view<const T>(ref.h.view()), pos, grun::matrix_view<const T>(ref.dout.view()),
+                      grun::matrix_view<const T>(ref.dgates.view()), ref.dh.view(), *grads_h);
+
+  using cuda_impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
+  gc::device_matrix<T> hd(ref.h), doutd(ref.dout), outd(N, d), dhd(N, d), gatesd(1, P), dgatesd(ref.dgates);
+  const grun::matrix_view<const T, cuda_space> h_row(hd.view().data(), {N, d}, {0, 1});
+  const grun::matrix_view<const T, cuda_space> dout_row(doutd.view().data(), {N, d}, {0, 1});
+  gc::device_params<dparams<I, T>> grads_d(I::template shape<T, cuda_space>(d));
+  const std::span<const dparams<I, T>> modules(ref.device_views);
+  cuda_impl::forward(grun::exec::cuda, modules, 1.0, h_row, pos, outd.view(), gatesd.view());
+  cuda_impl::backward(grun::exec::cuda, modules, 1.0, 0, h_row, pos, dout_row, cdview<T>(dgatesd.view()), dhd.view(),
+                      *grads_d);
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  const double tol = grun::test::tolerance<T>();
+  CHECK(grun::test::rel_error(outd.to_host().storage.span(), ref.out.storage.span()) < tol);
+  CHECK(grun::test::rel_error(gatesd.to_host().storage.span(), ref.gates.storage.span()) < tol);
+  CHECK(grun::test::rel_error(dhd.to_host().storage.span(), ref.dh.storage.span()) < tol);
+  const auto gd = flat<I, T>(grads_d);
+  CHECK(grun::test::rel_error(std::span<const T>(gd), std::span<const T>(grads_h.data(), std::size_t(grads_h.size()))) < tol);
+}
+}  // namespace
+
+TEST_CASE("cuda intervention: rows that overlap in memory (a broadcast row, row stride 0)", "[intervention]") {
+  // The rows that pass through were copied with cudaMemcpy2D (which refuses a pitch below the width),
+  // and the mlp gate handed h to cuBLASLt as is when every row was selected (ld 0 < d: refused).
+  GRUN_REQUIRE_DEVICE();
+  for (const auto& rows : {std::vector<index_t>{1}, std::vector<index_t>{0, 1, 2}}) {
+    check_broadcast_rows<lin_lo4>(rows);
+    check_broadcast_rows<mlp_lo4>(rows);
+  }
+}

@@ -90,8 +90,9 @@ namespace detail {
 
 inline constexpr int block = 128;  // threads per CTA of every fused kernel
 
-/// How a kernel gets g: none (g ≡ 1), linear (σ(wᵀh + c), computed here), external (g given per
-/// module and position in fp32 [K][P], e.g. by the mlp gate's GEMM + epilogue; dL/dz exported).
+/// How a kernel gets g: none (g ≡ 1), linear (σ(wᵀh + c), computed here), external (g = σ(z) with the
+/// logit z given per module and position in fp32 [K][P], e.g. by the mlp gate's GEMMs + head; dL/dz
+/// exported).
 inline constexpr int gate_none = 0, gate_linear = 1, gate_external = 2;
 
 /// N accumulators reduced as one value by cub::BlockReduce (one reduction for all dots of a tile).
@@ -389,7 +390,7 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) forward_kernel(const T
       for (int rr = 0; rr < ROWS; ++rr) {
         if (rr >= nr) break;
         const float g = GATED               ? dsigmoid(dload(sc + R) + a.v[rr * NP + 2 * R])
-                        : GM == gate_external ? gext[k * P + q0 + rr]
+                        : GM == gate_external ? dsigmoid(gext[k * P + q0 + rr])
                                               : 1.f;
         dstore(&gates(k, q0 + rr), g);
 #pragma unroll
@@ -525,7 +526,8 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
         const index_t q = q0 + rr;
         const Acc* ar = a.v + rr * ND;
         const float z = GATED ? float(dload(sc + R) + ar[2 * R]) : 0.f;
-        const float g = GATED ? dsigmoid(z) : GM == gate_external ? gext[k * P + q] : 1.f;
+        const float zx = GM == gate_external ? gext[k * P + q] : 0.f;  // the external gate's logit
+        const float g = GATED ? dsigmoid(z) : GM == gate_external ? dsigmoid(zx) : 1.f;
         Acc dg_acc = has_dg ? dload(&dgates(k, q)) : 0.f;
         float e[R];
 #pragma unroll
@@ -538,7 +540,7 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
         // dL/dz of the gate's last pre-activation (g = σ(z) for linear and mlp alike): σ'(z) = σ(z) σ(−z).
         // With z at hand (linear) 1 − g is σ(−z) itself — for a nearly open gate (z ≈ 12) 1 − g in
         // fp32 keeps ~2 digits, and one such row put a bias gradient 3e-5 off the double reference.
-        const float dz = GATED ? dg * g * dsigmoid(-z) : GM != gate_none ? dg * g * (1.f - g) : 0.f;
+        const float dz = GATED ? dg * g * dsigmoid(-z) : GM == gate_external ? dg * g * dsigmoid(-zx) : 0.f;
         if (GM == gate_external) dzext[k * P + q] = dz;
         float* c = cf + (q * K + k) * NP;
 #pragma unroll
@@ -804,7 +806,7 @@ void pack(std::span<const module_params<I, T, cuda_space>> modules, index_t d, i
 
 }  // namespace detail
 
-/// Fused forward core for gate mode GM (gext: [K][P] fp32 gate values when GM = gate_external).
+/// Fused forward core for gate mode GM (gext: [K][P] fp32 gate logits when GM = gate_external).
 /// Returns false, having done nothing, when this call is not one the fused kernels take (rows not
 /// contiguous, too many modules for shared memory); the caller then runs the generic path.
 template <class I, class T, int GM>
@@ -876,7 +878,7 @@ bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_sp
 }
 
 /// Fused backward core for gate mode GM: dh and the ReFT (and linear gate) gradients of module
-/// `trained` (overwritten). With gate_external, gext [K][P] holds g, and after the coefficient
+/// `trained` (overwritten). With gate_external, gext [K][P] holds the logits z, and after the coefficient
 /// kernel `mid(dz)` runs with dz [K][P] = dL/dz (the gate's last pre-activation, device fp32); it
 /// returns a device [P, d] fp32 gate path added to dh (or nullptr). Returns false, having done
 /// nothing, when the call is not one the fused kernels take.

@@ -11,8 +11,9 @@
 //                                   chunks of 256 (fp32_k_chunk: every fp32 matmul here)
 //   a1 = relu(Z1 + b1)              elementwise (bias_relu_kernel)
 //   Z2 [P, H2] = A1 W2ᵀ             cuBLASLt, fp32 (16-bit W2 widened to fp32 once per call: 16K elements)
-//   head_out_kernel                 one warp per row: a2 = relu(Z2 + b2), g = σ(w3·a2 + b3) (cub::WarpReduce)
-//   then the fused ReFT kernel (intervention_fused.cuh) with the gate values given (gate_external).
+//   head_out_kernel                 one warp per row: a2 = relu(Z2 + b2), z3 = w3·a2 + b3 (cub::WarpReduce)
+//   then the fused ReFT kernel (intervention_fused.cuh) with the gate's logits given (gate_external:
+//   g = σ(z3), and σ'(z3) = σ(z3)σ(−z3) in the backward — not g(1 − g), zero once g rounds to 1).
 //   (The first version computed W2 a1 in a warp-per-row loop whose lanes each walked their own row
 //   of W2 — uncoalesced: 1.5 ms for T = 16384 on an H200, where the GEMM is microseconds.)
 // Backward: the fused coefficient kernel yields dz3 = dL/d(w3·a2 + b3) per module and row; then
@@ -298,7 +299,7 @@ __global__ void __launch_bounds__(32 * head_rows) head_out_kernel(float* __restr
     part = fmaf(dload(w3 + o), v, part);
   }
   const float z3 = WR(tmp[warp]).Sum(part);
-  if (lane == 0) g[q] = grun::sigmoid(dload(b3) + z3);
+  if (lane == 0) g[q] = dload(b3) + z3;  // the gate's logit z: the fused kernels take g = σ(z), σ'(z) = σ(z)σ(−z)
 }
 
 /// Blocks for a grid-stride loop over n elements.
@@ -417,8 +418,11 @@ struct selected_rows {
   cuda::detail::stream_scratch<index_t> dpos;
   const T* data = nullptr;
   index_t ld = 0;
+  /// cuBLASLt needs ld ≥ d: rows that overlap (a broadcast row, stride 0, or any stride(0) < d) are
+  /// gathered like an unaligned h.
   static bool direct(matrix_view<const T, cuda_space> h, const positions& pos) {
-    return cuda::detail::selects_every_row(pos, h.extent(0)) && aligned_rows(h.data(), h.stride(0), sizeof(T));
+    return cuda::detail::selects_every_row(pos, h.extent(0)) && h.stride(0) >= h.extent(1) &&
+           aligned_rows(h.data(), h.stride(0), sizeof(T));
   }
   selected_rows(matrix_view<const T, cuda_space> h, const positions& pos, cudaStream_t s)
       : gathered(direct(h, pos) ? 0 : pos.size() * fused::detail::padded_dim(h.extent(1)), s),
@@ -486,7 +490,7 @@ class fp32_w2s {
   std::vector<const float*> w2s_;
 };
 
-/// The gate's forward for one module: a1s [P, H1], a2s [P, H2], g [P].
+/// The gate's forward for one module: a1s [P, H1], a2s [P, H2], the logits z3 [P] (g = σ(z3)).
 ///   Z1 = Hs W1ᵀ (cuBLASLt, tensor cores for 16-bit h), a1 = relu(Z1 + b1),
 ///   Z2 = A1 W2ᵀ (cuBLASLt, fp32), a2 = relu(Z2 + b2), g = σ(w3·a2 + b3) (one warp per row).
 template <class T, int H1, int H2, class GP>

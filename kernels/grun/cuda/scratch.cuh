@@ -106,6 +106,14 @@ class device_report {
   stream_scratch<S> slot_;
 };
 
+/// dst(i, j) = src(i, j) element by element: the copy of rows that overlap in memory.
+template <class T>
+__global__ void copy_overlapping_rows_kernel(matrix_view<const T, cuda_space> src, matrix_view<T, cuda_space> dst) {
+  const index_t d = src.extent(1), n = src.extent(0) * d;
+  for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x)
+    dst(i / d, i % d) = src(i / d, i % d);
+}
+
 /// Copies every row of src [N, d] to dst unless they are the same tensor (rows contiguous).
 template <class T>
 void copy_rows(matrix_view<const T, cuda_space> src, matrix_view<T, cuda_space> dst, cudaStream_t s) {
@@ -116,6 +124,14 @@ void copy_rows(matrix_view<const T, cuda_space> src, matrix_view<T, cuda_space> 
     // One row: its stride is never stepped and may be anything (torch keeps any stride on a size-1
     // dimension, e.g. a transposed [d, 1]), while cudaMemcpy2D refuses a pitch below the width.
     GRUN_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), width, cudaMemcpyDeviceToDevice, s));
+    return;
+  }
+  if (src.stride(0) < src.extent(1)) {
+    // Rows that overlap (a broadcast row, stride 0): cudaMemcpy2D refuses a pitch below the width.
+    constexpr int threads = 256;
+    const index_t blocks = std::min<index_t>((src.size() + threads - 1) / threads, 65535);
+    copy_overlapping_rows_kernel<T><<<unsigned(blocks), threads, 0, s>>>(src, dst);
+    GRUN_CUDA_CHECK_LAUNCH();
     return;
   }
   GRUN_CUDA_CHECK(cudaMemcpy2DAsync(dst.data(), sizeof(T) * std::size_t(dst.stride(0)), src.data(),
