@@ -31,13 +31,8 @@ if [ -f "$stamp" ] && [ -f "$prefix/lib/cmake/ggml/ggml-config.cmake" ]; then
   exit 0
 fi
 
-python=""
-for candidate in "${GRUN_PYTHON:-}" python3 /usr/bin/python3 python; do
-  [ -n "$candidate" ] || continue
-  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -m pip --version >/dev/null 2>&1; then
-    python="$candidate"; break
-  fi
-done
+# A python3 that has pip (pyenv's, the system's, ...).
+source "$(dirname "${BASH_SOURCE[0]}")/pip_python.sh"
 [ -n "$python" ] || die "no python3 with pip found (install python3-pip, or set GRUN_PYTHON); needed to download $sdist_spec"
 command -v cmake >/dev/null 2>&1 || die "cmake not found (cmake/setup.sh installs it)"
 

@@ -56,13 +56,7 @@ if [ -f "$target" ]; then
 fi
 
 # A python3 that has pip (pyenv's, the system's, ...).
-python=""
-for candidate in "${GRUN_PYTHON:-}" python3 /usr/bin/python3 python; do
-  [ -n "$candidate" ] || continue
-  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -m pip --version >/dev/null 2>&1; then
-    python="$candidate"; break
-  fi
-done
+source "$(dirname "${BASH_SOURCE[0]}")/pip_python.sh"
 [ -n "$python" ] || die "no python3 with pip found (install python3-pip, or set GRUN_PYTHON); needed to download $wheel_spec"
 
 mkdir -p "$(dirname "$target")" || die "cannot create $(dirname "$target")"

@@ -53,6 +53,12 @@ host_matrix<T> random_matrix(index_t r, index_t c, std::uint64_t seed, double sc
   return m;
 }
 
+/// n normal floats (a flat buffer for the adapters' tests, which build their own tensors around it).
+inline std::vector<float> random_floats(index_t n, std::uint64_t seed, double scale = 1.0) {
+  const host_matrix<float> m = random_matrix<float>(1, n, seed, scale);
+  return {m.storage.data(), m.storage.data() + n};
+}
+
 inline std::vector<double> random_vector(index_t n, std::uint64_t seed, double scale = 1.0) {
   std::vector<double> v(static_cast<std::size_t>(n));
   grun::rng g(seed, 13);

@@ -5,10 +5,11 @@
 #include <grun/adapters/dlpack.hpp>
 #include <grun/grun.hpp>
 
+#include "../test_intervention_common.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <cstring>
-#include <random>
 #include <vector>
 
 using namespace grun;
@@ -32,20 +33,12 @@ DLTensor dl(void* data, std::vector<std::int64_t>& shape, std::int64_t* strides,
   return t;
 }
 
-std::vector<float> random_values(std::size_t n, unsigned seed) {
-  std::vector<float> v(n);
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> u(-1.f, 1.f);
-  for (auto& x : v) x = u(gen);
-  return v;
-}
-
 }  // namespace
 
 TEST_CASE("dlpack adapter: compact, padded and offset tensors give grun's results bit for bit", "[dlpack]") {
   const index_t n = 5, d = 11;
   unlearner::module<float> m(d, 3);
-  const auto hv = random_values(std::size_t(n * d), 1), dv = random_values(std::size_t(n * d), 2);
+  const auto hv = grun_test::random_floats(n * d, 1), dv = grun_test::random_floats(n * d, 2);
   const auto pos = positions::rows({4, 1});
   // the reference: grun's own views
   std::vector<float> out_ref(std::size_t(n * d)), g_ref(2), dh_ref(std::size_t(n * d));

@@ -5,10 +5,11 @@
 #include <grun/adapters/eigen.hpp>
 #include <grun/grun.hpp>
 
+#include "../test_intervention_common.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <cstring>
-#include <random>
 #include <vector>
 
 using namespace grun;
@@ -16,15 +17,6 @@ using namespace grun;
 namespace {
 
 using unlearner = gated_intervention<gate::linear, reft::loreft<4>>;
-
-/// N tokens of d values, uniform in [-1, 1], as grun's host matrix (the reference layout).
-host_matrix<float> random_tokens(index_t n, index_t d, unsigned seed) {
-  host_matrix<float> h(n, d);
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> u(-1.f, 1.f);
-  for (auto& x : h.storage.span()) x = u(gen);
-  return h;
-}
 
 /// grun's own forward and backward on host matrices: the reference results.
 struct reference {
@@ -51,7 +43,7 @@ TEST_CASE("eigen adapter: tokens in rows (RowMajor) or columns (ColMajor) give g
           "[eigen]") {
   const index_t n = 6, d = 13;
   unlearner::module<float> m(d, 3);
-  const auto h = random_tokens(n, d, 1), dout = random_tokens(n, d, 2);
+  const auto h = grun_test::random_matrix<float>(n, d, 1), dout = grun_test::random_matrix<float>(n, d, 2);
   const auto pos = positions::rows({5, 0, 3});
   const std::vector<float> dgates = {0.5f, -1.f, 2.f};
   const reference ref(m, h, pos, dout, dgates);
@@ -106,7 +98,7 @@ TEST_CASE("eigen adapter: tokens in rows (RowMajor) or columns (ColMajor) give g
 TEST_CASE("eigen adapter: Eigen::half storage is grun::half bit for bit", "[eigen]") {
   const index_t n = 4, d = 8;
   unlearner::module<grun::half> m(d, 5);
-  const auto hf = random_tokens(n, d, 4);
+  const auto hf = grun_test::random_matrix<float>(n, d, 4);
   host_matrix<grun::half> h(n, d), out(n, d);
   for (index_t i = 0; i < n * d; ++i) h.storage[i] = grun::half(hf.storage[i]);
   const auto pos = positions::rows({1, 2});

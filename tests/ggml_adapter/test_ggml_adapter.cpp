@@ -5,13 +5,14 @@
 #include <grun/adapters/ggml.hpp>
 #include <grun/grun.hpp>
 
+#include "../test_intervention_common.hpp"
+
 #include <ggml-cpu.h>
 
 #include <catch2/catch.hpp>
 
 #include <cstring>
 #include <memory>
-#include <random>
 #include <vector>
 
 using namespace grun;
@@ -39,20 +40,12 @@ struct context {
   }
 };
 
-std::vector<float> random_values(std::size_t n, unsigned seed) {
-  std::vector<float> v(n);
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> u(-1.f, 1.f);
-  for (auto& x : v) x = u(gen);
-  return v;
-}
-
 }  // namespace
 
 TEST_CASE("ggml adapter: the op gives grun's forward bit for bit, on 1 and 4 ggml threads", "[ggml]") {
   const index_t d = 24, n = 9;
   unlearner::module<float> m(d, 3);
-  const auto hv = random_values(std::size_t(n * d), 1);
+  const auto hv = grun_test::random_floats(n * d, 1);
   const auto pos = positions::rows({8, 0, 4, 5});
   std::vector<float> ref(std::size_t(n * d)), gref(4);
   m.forward(exec::host, matrix_view<const float>(hv.data(), {n, d}), pos, matrix_view<float>(ref.data(), {n, d}),
@@ -80,7 +73,7 @@ TEST_CASE("ggml adapter: between other ops, 3-D hidden states, F16 storage", "[g
     context c;
     ggml_tensor* a = ggml_new_tensor_3d(c.ctx, GGML_TYPE_F32, d, 3, 2);
     ggml_tensor* b = ggml_new_tensor_3d(c.ctx, GGML_TYPE_F32, d, 3, 2);
-    const auto av = random_values(6 * d, 2), bv = random_values(6 * d, 3);
+    const auto av = grun_test::random_floats(6 * d, 2), bv = grun_test::random_floats(6 * d, 3);
     std::memcpy(a->data, av.data(), av.size() * 4);
     std::memcpy(b->data, bv.data(), bv.size() * 4);
     const auto pos = positions::rows({5, 2});
@@ -100,7 +93,7 @@ TEST_CASE("ggml adapter: between other ops, 3-D hidden states, F16 storage", "[g
     context c;
     const index_t n = 5;
     ggml_tensor* h = ggml_new_tensor_2d(c.ctx, GGML_TYPE_F16, d, n);
-    const auto hv = random_values(std::size_t(n * d), 4);
+    const auto hv = grun_test::random_floats(n * d, 4);
     std::vector<grun::half> hh(hv.size()), ref(hv.size()), g(1);
     for (std::size_t i = 0; i < hv.size(); ++i) hh[i] = grun::half(hv[i]);
     std::memcpy(h->data, hh.data(), hh.size() * 2);
