@@ -131,6 +131,13 @@ TEST_CASE("a gate saturated in fp32 still gets a gradient (σ'(z) = σ(z)σ(−z
   CHECK(bias_gradient(gate::mlp<4, 3>{}, [](auto& p) -> auto& { return p.b3; }) == Approx(expect).epsilon(1e-5));
 }
 
+TEST_CASE("a hidden size whose parameter count overflows 64 bits is refused, not wrapped", "[gate]") {
+  // mlp's first layer is [256, d]: 256 · 2^57 = 2^65
+  using M = gated_intervention<gate::mlp<>, reft::loreft<4>>;
+  CHECK_THROWS_WITH(M::shape<float>(index_t(1) << 57), Catch::Contains("element count fits in 64 bits"));
+  CHECK_NOTHROW(M::shape<float>(4096));
+}
+
 TEST_CASE("gate shapes and reference names", "[gate]") {
   using L = gated_intervention<gate::linear, reft::loreft<4>>;
   auto s = L::shape<float>(33);

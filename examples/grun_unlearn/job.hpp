@@ -678,7 +678,7 @@ inline void save_sites(const std::filesystem::path& path, const sites& s, const 
 
 /// Loads an adapter into frozen modules, one stack per site, in layer order; its kinds, rank, layers
 /// and stack scale come from the file (written into cfg). Checks the model fingerprint, and that every
-/// layer is one of the model's, once.
+/// layer is one of the model's.
 inline sites load_sites(const std::filesystem::path& path, index_t d, index_t n_layers, const std::string& fingerprint,
                         job_config& cfg) {
   grun::io::adapter_load_options opt;
@@ -695,7 +695,7 @@ inline sites load_sites(const std::filesystem::path& path, index_t d, index_t n_
   cfg.stack_b = loaded.info.stack_scale_b;
   const auto& layers = loaded.info.layers;
   // The hook finds a layer's stack by its index and the caches start at the first site: sites in
-  // layer order, each layer once (a file not written by grun may list them otherwise).
+  // layer order (a file not written by grun may list them otherwise; io refuses a repeated layer).
   std::vector<std::size_t> order(layers.size());
   std::iota(order.begin(), order.end(), std::size_t(0));
   std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return layers[a] < layers[b]; });
@@ -703,8 +703,6 @@ inline sites load_sites(const std::filesystem::path& path, index_t d, index_t n_
   for (std::size_t i : order) {
     grun::require<grun::shape_error>(layers[i] < n_layers, path.string(), ": expected layers in [0, ", n_layers,
                                      ") of the model, the adapter holds layer ", layers[i]);
-    grun::require<grun::format_error>(s.layers.empty() || s.layers.back() != layers[i], path.string(),
-                                      ": expected each layer once, the adapter lists layer ", layers[i], " twice");
     s.layers.push_back(int(layers[i]));
     s.stacks.push_back(std::move(loaded.sites[i]));
   }

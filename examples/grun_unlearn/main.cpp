@@ -131,8 +131,8 @@ void check_extra_names(const cli_options& o) {
                                extra_name(x), "\", a name another set already has");
 }
 
+/// The splits by name (run_train / run_eval checked the names with check_extra_names first).
 std::map<std::string, std::vector<encoded>> load_splits(const cli_options& o, const text_codec& codec) {
-  check_extra_names(o);
   std::map<std::string, std::vector<encoded>> d;
   d["forget"] = encode_all(codec, llm::load_qa(o.forget), o.job.seed);
   d["retain"] = encode_all(codec, llm::load_qa(o.retain), o.job.seed + 1);

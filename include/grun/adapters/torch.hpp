@@ -225,8 +225,6 @@ inline Tensor dense_grad(const Tensor& g, const Tensor& like) {
 /// Length of the flat parameter tensor of intervention I for hidden size d.
 template <class I>
 index_t flat_size(index_t d) {
-  // Hidden sizes are thousands; a bound far above them keeps every count below in int64.
-  require<shape_error>(d >= 1 && d <= (index_t(1) << 31), "torch_adapter: expected a hidden size d in [1, 2^31], got ", d);
   return parameter_count(I::template shape<float>(d));
 }
 

@@ -40,11 +40,17 @@ struct param {
   matrix_view<T, Space> view() const { return {data, {rows, cols}}; }
 };
 
-/// Shape-only constructors used by policies' shape() functions.
+/// Shape-only constructors used by policies' shape() functions. Every leaf's element count fits in
+/// index_t (a hidden size of 2^57 made the mlp gate's 256·d overflow: undefined, then a garbage count).
 template <class T, class S> void set_matrix(param<T, S>& p, index_t rows, index_t cols) {
+  index_t n = 0;
+  require<shape_error>(rows >= 0 && cols >= 0 && !__builtin_mul_overflow(rows, cols, &n),
+                       "parameter shape: expected a [rows, cols] whose element count fits in 64 bits, got [", rows,
+                       ", ", cols, "]");
   p.rows = rows; p.cols = cols; p.is_vector = false;
 }
 template <class T, class S> void set_vector(param<T, S>& p, index_t n) {
+  require<shape_error>(n >= 0, "parameter shape: expected a non-negative length, got ", n);
   p.rows = 1; p.cols = n; p.is_vector = true;
 }
 
@@ -82,7 +88,10 @@ void for_each_param_pair(Params& a, Other& b, F&& f) {
 template <class Params>
 index_t parameter_count(const Params& p) {
   index_t n = 0;
-  for_each_param(p, [&](const auto& leaf) { n += leaf.size(); });
+  for_each_param(p, [&](const auto& leaf) {
+    require<shape_error>(!__builtin_add_overflow(n, leaf.size(), &n),
+                         "parameter_count: expected a total that fits in 64 bits, got an overflowing sum");
+  });
   return n;
 }
 

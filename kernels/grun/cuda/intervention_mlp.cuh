@@ -286,7 +286,7 @@ __global__ void bias_relu_kernel(float* __restrict__ x, index_t P, index_t H, co
 template <class T, int H2>
 __global__ void __launch_bounds__(32 * head_rows) head_out_kernel(float* __restrict__ a2, const T* __restrict__ b2,
                                                                   const T* __restrict__ w3, const T* __restrict__ b3,
-                                                                  index_t P, float* __restrict__ g) {
+                                                                  index_t P, float* __restrict__ z) {
   using WR = cub::WarpReduce<float>;
   __shared__ typename WR::TempStorage tmp[head_rows];
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
@@ -299,7 +299,7 @@ __global__ void __launch_bounds__(32 * head_rows) head_out_kernel(float* __restr
     part = fmaf(dload(w3 + o), v, part);
   }
   const float z3 = WR(tmp[warp]).Sum(part);
-  if (lane == 0) g[q] = dload(b3) + z3;  // the gate's logit z: the fused kernels take g = σ(z), σ'(z) = σ(z)σ(−z)
+  if (lane == 0) z[q] = dload(b3) + z3;  // the gate's logit: the fused kernels take g = σ(z), σ'(z) = σ(z)σ(−z)
 }
 
 /// Blocks for a grid-stride loop over n elements.
