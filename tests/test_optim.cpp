@@ -5,6 +5,8 @@
 #include <grun/optim/adamw.hpp>
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 using namespace grun;
@@ -172,4 +174,62 @@ TEST_CASE("adamw: post-step hooks — ADL retract and a caller-supplied one", "[
   CHECK(calls == 1);
   CHECK(user_space::retract_calls == 2);  // the explicit hook replaces the default
   CHECK(p->x[0] > 1.0f);
+}
+
+TEST_CASE("adamw: a post-step hook that throws leaves parameters, moments and step count as they were",
+          "[optim]") {
+  owned_params<tiny> p(tiny_shape()), g(tiny_shape()), fresh_p(tiny_shape());
+  fill(*p, {1, 2, 3, 4}, {5, 6});
+  fill(*fresh_p, {1, 2, 3, 4}, {5, 6});
+  fill(*g, {0.5, -1, 2, 0}, {1, -3});
+  optim::adamw<tiny> opt(*p, {.lr = 0.1});
+  opt.step(*p, *g);
+  const owned_params<tiny> after_one = p;
+  const auto m1 = opt.first_moment(), v1 = opt.second_moment();
+  // A retraction that fails after the update (as QR does on a rank-deficient R).
+  REQUIRE_THROWS_AS(opt.step(*p, *g, [](const tiny&) { throw numeric_error("rank-deficient"); }), numeric_error);
+  CHECK(opt.steps() == 1);
+  CHECK(std::memcmp(p.data(), after_one.data(), sizeof(double) * 6) == 0);
+  CHECK(std::memcmp(opt.first_moment().data(), m1.data(), sizeof(double) * 6) == 0);
+  CHECK(std::memcmp(opt.second_moment().data(), v1.data(), sizeof(double) * 6) == 0);
+  // ... so the next step is the second step of an uninterrupted run, bit for bit.
+  optim::adamw<tiny> uninterrupted(*fresh_p, {.lr = 0.1});
+  uninterrupted.step(*fresh_p, *g);
+  uninterrupted.step(*fresh_p, *g);
+  opt.step(*p, *g);
+  CHECK(std::memcmp(p.data(), fresh_p.data(), sizeof(double) * 6) == 0);
+}
+
+TEST_CASE("adamw: half and bfloat16 parameters keep their moments in fp32", "[optim]") {
+  struct halves { param<half> x; };
+  struct bhalves { param<bfloat16> x; };
+  STATIC_REQUIRE(std::is_same_v<optim::adamw<halves>::state_type, param_state<float>>);
+  STATIC_REQUIRE(std::is_same_v<optim::adamw<bhalves>::state_type, param_state<float>>);
+  SECTION("half: (1 − β2)·g² of a small gradient does not underflow") {
+    // g = 1e-4: v = 1e-3 · 1e-8 = 1e-11, below half's smallest subnormal (6e-8). In half storage
+    // v was 0 and the first step was lr · m̂ / ε ≈ 1e4 · lr instead of Adam's lr · sign(g).
+    halves shape{};
+    set_vector(shape.x, 4);
+    owned_params<halves> p(shape), g(shape);
+    for (index_t i = 0; i < 4; ++i) { p->x[i] = half(1.0f); g->x[i] = half(i % 2 ? -1e-4f : 1e-4f); }
+    optim::adamw<halves> opt(*p, {.lr = 1e-2, .weight_decay = 0.0});
+    opt.step(*p, *g);
+    for (index_t i = 0; i < 4; ++i) {
+      CHECK(float(p->x[i]) == Approx(i % 2 ? 1.01f : 0.99f).margin(1e-3));
+      const double gi = float(g->x[i]);
+      CHECK(opt.second_moment().data()[i] / (1e-3 * gi * gi) == Approx(1.0).epsilon(1e-4));  // (1 − β2) in fp32
+    }
+  }
+  SECTION("bfloat16: v keeps decaying by β2 = 0.999") {
+    // In bfloat16 (8 significant bits) 0.999·v rounds back to v: v never decayed.
+    bhalves shape{};
+    set_vector(shape.x, 1);
+    owned_params<bhalves> p(shape), g(shape);
+    optim::adamw<bhalves> opt(*p, {.lr = 1e-3, .weight_decay = 0.0});
+    g->x[0] = bfloat16(1.0f);
+    opt.step(*p, *g);
+    g->x[0] = bfloat16(0.0f);
+    for (int t = 0; t < 1000; ++t) opt.step(*p, *g);
+    CHECK(opt.second_moment().data()[0] == Approx(1e-3 * std::pow(0.999, 1000)).epsilon(1e-3));
+  }
 }

@@ -274,9 +274,10 @@ void bench_losses(index_t P, index_t d, index_t B, index_t G) {
 void bench_adamw(index_t d) {
   using I = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
   using P = I::params<float, cuda_space>;
-  gc::device_params<P> p(I::shape<float, cuda_space>(d)), g(*p), m(*p), v(*p);
+  gc::device_params<P> p(I::shape<float, cuda_space>(d)), g(*p);
+  gc::device_param_state<float> m(*p), v(*p);
   grun::optim::adamw_coeffs<float> c{4e-3f, 0.9f, 0.999f, 1e-8f, 1.f - 4e-5f, 0.1f, 0.001f, 1.f};
-  const double ms = time_ms([&] { grun::optim::detail::adamw_impl<grun::exec::cuda_t>::step(grun::exec::cuda, *p, *g, *m, *v, c); });
+  const double ms = time_ms([&] { grun::optim::detail::adamw_impl<grun::exec::cuda_t>::step(grun::exec::cuda, *p, *g, m, v, c); });
   result("adamw_mlp_loreft4", ms, 7.0 * double(p.size()) * 4);  // read θ g m v, write θ m v
 }
 

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "agreement.hpp"
@@ -105,4 +106,33 @@ TEST_CASE("cuda::adamw refuses non-finite gradients and leaves the parameters al
 TEST_CASE("cuda::adamw: bad options are refused like optim::adamw's", "[nodevice][optim]") {
   CHECK_THROWS_AS(grun::optim::detail::check_adamw_options({.lr = -1}), grun::error);
   CHECK_THROWS_WITH(grun::optim::detail::check_adamw_options({.beta2 = 1.0}), Catch::Contains("beta2"));
+}
+
+TEST_CASE("cuda::adamw keeps the moments of bf16 and fp16 parameters in fp32", "[nodevice][optim]") {
+  using I = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
+  STATIC_REQUIRE(std::is_same_v<gc::adamw<I::params<grun::bfloat16, cuda_space>>::state_type, gc::device_param_state<float>>);
+  STATIC_REQUIRE(std::is_same_v<gc::adamw<I::params<grun::half, cuda_space>>::state_type, gc::device_param_state<float>>);
+  STATIC_REQUIRE(std::is_same_v<gc::adamw<I::params<double, cuda_space>>::state_type, gc::device_param_state<double>>);
+}
+
+TEST_CASE("cuda::adamw: a post-step hook that throws leaves parameters, moments and step count as they were",
+          "[optim]") {
+  GRUN_REQUIRE_DEVICE();
+  using I = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
+  using Hp = I::params<float>;
+  using Dp = I::params<float, cuda_space>;
+  const index_t d = 40;
+  grun::owned_params<Hp> p(I::shape<float>(d)), g(*p);
+  grun::init(*p, 3);
+  grun::test::fill_uniform(std::span<float>(g.data(), std::size_t(g.size())), 4);
+  auto pd = upload<I>(p, d), gd = upload<I>(g, d);
+  gc::adamw<Dp> dev(*pd, {.lr = 1e-2});
+  dev.step(grun::exec::cuda, *pd, *gd);
+  const auto params1 = download(pd), m1 = download(dev.first_moment()), v1 = download(dev.second_moment());
+  CHECK_THROWS_AS(dev.step(grun::exec::cuda, *pd, *gd, [](const Dp&) { throw grun::numeric_error("rank-deficient"); }),
+                  grun::numeric_error);
+  CHECK(dev.steps() == 1);
+  CHECK(download(pd) == params1);
+  CHECK(download(dev.first_moment()) == m1);
+  CHECK(download(dev.second_moment()) == v1);
 }

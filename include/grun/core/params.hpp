@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cstring>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -154,5 +155,73 @@ class owned_params {
   Params view_{};
   buffer<value_type> storage_;
 };
+
+/// Per-element state of type U shaped like a parameter aggregate, leaf for leaf — an optimizer's
+/// moments. One `Storage` buffer (buffer<U> on the host, cuda::device_buffer<U> on the device)
+/// carved in for_each_param order: leaf i of the state and leaf i of the parameters have the same
+/// extents, and the state of element k of a parameter leaf is element k of state leaf i.
+///
+/// Unlike owned_params<Params>, the element type is free: AdamW keeps the moments of half and
+/// bfloat16 parameters in fp32 (acc_t), where (1 − β2)·g² and the slow decay of v survive.
+template <class U, class Space, class Storage>
+class basic_param_state {
+ public:
+  using value_type = U;
+  using memory_space = Space;
+  using leaf_type = param<U, Space>;
+
+  basic_param_state() = default;
+  /// `shaped` carries extents only (its data pointers are not read); the state starts at zero
+  /// (both storages zero-initialize).
+  template <class Params>
+  explicit basic_param_state(const Params& shaped) {
+    for_each_param(shaped, [&](const auto& leaf) {
+      leaves_.push_back(leaf_type{nullptr, leaf.rows, leaf.cols, leaf.is_vector});
+    });
+    storage_ = Storage(parameter_count(shaped));
+    seat_leaves();
+  }
+  // The leaves point into storage_: a copy re-seats them into its own storage; a move keeps them
+  // (the moved buffer keeps its address) and leaves the source empty.
+  basic_param_state(const basic_param_state& o) : leaves_(o.leaves_), storage_(o.storage_) { seat_leaves(); }
+  basic_param_state& operator=(const basic_param_state& o) {
+    if (this != &o) *this = basic_param_state(o);
+    return *this;
+  }
+  basic_param_state(basic_param_state&& o) noexcept : leaves_(std::move(o.leaves_)), storage_(std::move(o.storage_)) {
+    seat_leaves();
+    o.leaves_.clear();
+  }
+  basic_param_state& operator=(basic_param_state&& o) noexcept {
+    if (this != &o) {
+      leaves_ = std::move(o.leaves_);
+      storage_ = std::move(o.storage_);
+      seat_leaves();
+      o.leaves_.clear();
+    }
+    return *this;
+  }
+
+  /// Leaf i (for_each_param order of the aggregate it was shaped from).
+  const leaf_type& leaf(index_t i) const { return leaves_.at(static_cast<std::size_t>(i)); }
+  std::span<const leaf_type> leaves() const { return leaves_; }
+  index_t leaf_count() const { return static_cast<index_t>(leaves_.size()); }
+  U* data() { return storage_.data(); }
+  const U* data() const { return storage_.data(); }
+  index_t size() const { return storage_.size(); }
+  void zero() { storage_.zero(); }
+
+ private:
+  void seat_leaves() {
+    index_t offset = 0;
+    for (auto& l : leaves_) { l.data = storage_.data() + offset; offset += l.size(); }
+  }
+  std::vector<leaf_type> leaves_;
+  Storage storage_;
+};
+
+/// Host per-element state shaped like a parameter aggregate (see basic_param_state).
+template <class U>
+using param_state = basic_param_state<U, host_space, buffer<U>>;
 
 }  // namespace grun

@@ -188,6 +188,7 @@ class buffer {
   const T& operator[](index_t i) const { return data_.get()[i]; }
   std::span<T> span() { return {data(), static_cast<std::size_t>(size_)}; }
   std::span<const T> span() const { return {data(), static_cast<std::size_t>(size_)}; }
+  void zero() { if (size_) std::memset(static_cast<void*>(data_.get()), 0, sizeof(T) * static_cast<std::size_t>(size_)); }
 
   template <int Rank = 1>
   tensor_view<T, Rank> view(std::array<index_t, Rank> extents) {

@@ -462,22 +462,23 @@ adapter_info load_module(const std::filesystem::path& path, M& module, const ada
 }
 
 // ---- optimizer state ------------------------------------------------------------------------------
-/// Saves AdamW's state (m, v in their storage dtype, bitwise; step count and hyper-parameters in
-/// the metadata) so training resumes exactly. Keys: `m.<i>` / `v.<i>`, i = leaf index in
-/// for_each_param order (the shapes are those of the parameters).
+/// Saves AdamW's state (m, v in their own dtype — the compute type acc_t of the parameters, so fp32
+/// for half and bfloat16 parameters — bitwise; step count and hyper-parameters in the metadata) so
+/// training resumes exactly. Keys: `m.<i>` / `v.<i>`, i = leaf index in for_each_param order (the
+/// shapes are those of the parameters).
 template <class Params>
 void save_optimizer_state(const std::filesystem::path& path, const optim::adamw<Params>& opt) {
-  using T = typename optim::adamw<Params>::value_type;
+  using S = typename optim::adamw<Params>::acc_type;
   std::vector<tensor_record> records;
-  const auto add = [&](const char* prefix, const Params& state) {
+  const auto add = [&](const char* prefix, const typename optim::adamw<Params>::state_type& state) {
     index_t i = 0;
-    for_each_param(state, [&](const auto& leaf) {
-      records.push_back(make_tensor<T>(prefix + std::to_string(i++), leaf.shape(),
-                                       std::span<const T>(leaf.data, static_cast<std::size_t>(leaf.size()))));
-    });
+    for (const auto& leaf : state.leaves()) {
+      records.push_back(make_tensor<S>(prefix + std::to_string(i++), leaf.shape(),
+                                       std::span<const S>(leaf.data, static_cast<std::size_t>(leaf.size()))));
+    }
   };
-  add("m.", *opt.first_moment());
-  add("v.", *opt.second_moment());
+  add("m.", opt.first_moment());
+  add("v.", opt.second_moment());
   const auto& o = opt.options();
   const metadata_map meta = {
       {"format", "grun.optimizer"}, {"format_version", "1"}, {"optimizer", "adamw"},
@@ -489,10 +490,12 @@ void save_optimizer_state(const std::filesystem::path& path, const optim::adamw<
 }
 
 /// Restores state saved by save_optimizer_state into `opt` (same parameter aggregate shape; the
-/// hyper-parameters stay those `opt` was built with). All-or-nothing: on error `opt` is unchanged.
+/// hyper-parameters stay those `opt` was built with). Moments of any floating dtype are converted
+/// to the optimizer's (files written before the moments moved to acc_t hold them in the parameters'
+/// dtype). All-or-nothing: on error `opt` is unchanged.
 template <class Params>
 void load_optimizer_state(const std::filesystem::path& path, optim::adamw<Params>& opt) {
-  using T = typename optim::adamw<Params>::value_type;
+  using S = typename optim::adamw<Params>::acc_type;
   const auto f = safetensors_file::read(path, read_options{.check_finite = true});
   const std::string& fmt = detail::meta(f, "format");
   require<format_error>(fmt == "grun.optimizer" && detail::meta(f, "optimizer") == "adamw", f.source(),
@@ -500,19 +503,19 @@ void load_optimizer_state(const std::filesystem::path& path, optim::adamw<Params
                         fmt, "\"");
   const auto step = detail::parse_int<std::int64_t>(detail::meta(f, "step"), f.source(), "step");
   require<format_error>(step >= 0, f.source(), ": expected a non-negative step, got ", step);
-  owned_params<Params> m(opt.first_moment()), v(opt.second_moment());
+  auto m = opt.first_moment(), v = opt.second_moment();
   std::set<std::string> consumed;
-  const auto read = [&](const char* prefix, const Params& state) {
+  const auto read = [&](const char* prefix, const typename optim::adamw<Params>::state_type& state) {
     index_t i = 0;
-    for_each_param(state, [&](const auto& leaf) {
+    for (const auto& leaf : state.leaves()) {
       const std::string key = prefix + std::to_string(i++);
-      const auto values = decode<T>(f, key, leaf.shape());
+      const auto values = decode<S>(f, key, leaf.shape());
       std::copy(values.begin(), values.end(), leaf.data);
       consumed.insert(key);
-    });
+    }
   };
-  read("m.", *m);
-  read("v.", *v);
+  read("m.", m);
+  read("v.", v);
   detail::require_all_consumed(f, consumed);
   opt.first_moment() = std::move(m);
   opt.second_moment() = std::move(v);

@@ -13,15 +13,21 @@
 // over); the paper scales it by the schedule multiplier η_t instead — identical for a constant lr.
 //
 // The optimizer walks any parameter aggregate with for_each_param_pair (Boost.PFR), so it needs no
-// per-policy code. Its state m, v are owned_params of the same aggregate type. After every step it
-// calls the retraction hook (retract_after_step): for a gated_intervention module this is the ortho
-// policy's retraction (QR for loreft), so R's rows stay orthonormal.
-#include <concepts>
+// per-policy code. Its state m, v is a param_state shaped like the aggregate, in the compute type
+// acc_t<T>: fp32 for half and bfloat16 parameters. (In the storage type, (1 − β2)·g² of a half
+// gradient below ~2e-4 underflows to 0, so v̂ ≪ g² and the step grows to ~10× lr; in bfloat16,
+// β2·v rounds back to v and v stops decaying.) After every step it calls the retraction hook
+// (retract_after_step): for a gated_intervention module this is the ortho policy's retraction
+// (QR for loreft), so R's rows stay orthonormal. A step is all-or-nothing: when the retraction
+// throws (a rank-deficient R), the parameters, the moments and the step count are restored.
+#include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../core/error.hpp"
 #include "../core/params.hpp"
@@ -125,22 +131,42 @@ adamw_coeffs<Acc> fold_coeffs(const adamw_options& o, std::int64_t t, double gra
   if (o.max_grad_norm > 0 && grad_norm > o.max_grad_norm) c.grad_scale = static_cast<Acc>(o.max_grad_norm / (grad_norm + 1e-6));
   return c;
 }
+/// Calls f(θ, g, m, v) on corresponding leaves: params and grads (two aggregates of the same type,
+/// walked pairwise) and leaf k of the moments m, v (param_states shaped like the aggregate), after
+/// checking that the states have one leaf per parameter leaf.
+template <class Params, class State, class F>
+void for_each_leaf_with_state(const Params& p, const Params& g, const State& m, const State& v, F&& f) {
+  index_t leaves = 0;
+  for_each_param(p, [&](const auto&) { ++leaves; });
+  require<shape_error>(m.leaf_count() == leaves && v.leaf_count() == leaves, "adamw step: expected optimizer state of ",
+                       leaves, " parameter tensors, got ", m.leaf_count(), " and ", v.leaf_count());
+  index_t k = 0;
+  for_each_param_pair(p, g, [&](const auto& pl, const auto& gl) {
+    f(pl, gl, m.leaf(k), v.leaf(k));
+    ++k;
+  });
+}
 /// Every leaf of params and grads has the optimizer state's shape and storage (shared by
 /// optim::adamw and cuda::adamw; `who` names the caller in the error).
-template <class Params>
-void check_adamw_shapes(const Params& state, const Params& params, const Params& grads, const char* who) {
-  std::size_t k = 0;
-  auto check = [&](const auto& a, const auto& b, const char* what) {
+template <class Params, class State>
+void check_adamw_shapes(const State& state, const Params& params, const Params& grads, const char* who) {
+  index_t leaves = 0;
+  for_each_param(params, [&](const auto&) { ++leaves; });
+  require<shape_error>(state.leaf_count() == leaves, who, ": expected ", state.leaf_count(),
+                       " parameter tensors (the optimizer state's), got ", leaves);
+  auto check = [&](const auto& a, const auto& b, index_t k, const char* what) {
     require<shape_error>(a.rows == b.rows && a.cols == b.cols, who, ": parameter #", k, ": expected ", what,
                          " of shape [", a.rows, ", ", a.cols, "] (the optimizer state's), got [", b.rows, ", ", b.cols,
                          "]");
     require<shape_error>(b.size() == 0 || b.data != nullptr, who, ": parameter #", k, ": ", what,
                          " has no storage (null data)");
-    ++k;
   };
-  for_each_param_pair(state, params, [&](const auto& a, const auto& b) { check(a, b, "parameters"); });
-  k = 0;
-  for_each_param_pair(state, grads, [&](const auto& a, const auto& b) { check(a, b, "gradients"); });
+  index_t k = 0;
+  for_each_param_pair(params, grads, [&](const auto& p, const auto& g) {
+    check(state.leaf(k), p, k, "parameters");
+    check(state.leaf(k), g, k, "gradients");
+    ++k;
+  });
 }
 /// The option checks shared by optim::adamw and cuda::adamw.
 inline void check_adamw_options(const adamw_options& o) {
@@ -158,25 +184,29 @@ struct adamw_impl {
     static_assert(dependent_false<Exec>, "grun: no adamw step for this parameter aggregate on this executor");
   }
 };
-/// Calls f(a, b, c, d) on corresponding leaves of four aggregates of the same type.
-template <class P, class F>
-void for_each_param_quad(const P& a, const P& b, const P& c, const P& d, F&& f) {
-  if constexpr (grun::detail::is_param<P>::value) {
-    f(a, b, c, d);
-  } else {
-    constexpr std::size_t n = boost::pfr::tuple_size_v<P>;
-    [&]<std::size_t... I>(std::index_sequence<I...>) {
-      (for_each_param_quad(boost::pfr::get<I>(a), boost::pfr::get<I>(b), boost::pfr::get<I>(c), boost::pfr::get<I>(d), f),
-       ...);
-    }(std::make_index_sequence<n>{});
-  }
+/// The values of every leaf of a host aggregate, back to back (for_each_param order).
+template <class Params>
+std::vector<param_value_t<Params>> copy_leaves(const Params& p) {
+  std::vector<param_value_t<Params>> out;
+  for_each_param(p, [&](const auto& leaf) { out.insert(out.end(), leaf.data, leaf.data + leaf.size()); });
+  return out;
+}
+/// Writes values saved by copy_leaves back into the same aggregate.
+template <class Params>
+void restore_leaves(const Params& p, const std::vector<param_value_t<Params>>& saved) {
+  std::size_t at = 0;
+  for_each_param(p, [&](const auto& leaf) {
+    std::copy_n(saved.data() + at, leaf.size(), leaf.data);
+    at += static_cast<std::size_t>(leaf.size());
+  });
 }
 template <>
 struct adamw_impl<exec::host_t> {
-  template <class Params, class Acc>
-  static void step(const exec::host_t&, const Params& p, const Params& g, const Params& m, const Params& v,
+  /// m, v: param_states shaped like Params (any element type; optim::adamw uses Acc).
+  template <class Params, class State, class Acc>
+  static void step(const exec::host_t&, const Params& p, const Params& g, const State& m, const State& v,
                    const adamw_coeffs<Acc>& c) {
-    for_each_param_quad(p, g, m, v, [&](const auto& pl, const auto& gl, const auto& ml, const auto& vl) {
+    for_each_leaf_with_state(p, g, m, v, [&](const auto& pl, const auto& gl, const auto& ml, const auto& vl) {
       static_assert(std::is_same_v<typename std::remove_cvref_t<decltype(pl)>::memory_space, host_space>,
                     "grun: no adamw step for cuda_space parameters on exec::host");
       adamw_update_span<Acc>(pl.data, gl.data, ml.data, vl.data, pl.size(), c);
@@ -186,7 +216,8 @@ struct adamw_impl<exec::host_t> {
 }  // namespace detail
 
 /// AdamW for a parameter aggregate `Params` (an aggregate of grun::param, e.g. a module's
-/// module_params). Holds m and v (same aggregate type, zero-initialized) and the step count.
+/// module_params). Holds m and v (param_state<acc_type> shaped like Params, zero-initialized)
+/// and the step count.
 ///
 ///   optim::adamw<unlearner::params<float>> opt(m.parameters(), {.lr = 4e-3});
 ///   m.backward(...);                       // gradients into m.gradients()
@@ -197,6 +228,7 @@ class adamw {
   using params_type = Params;
   using value_type = param_value_t<Params>;
   using acc_type = acc_t<value_type>;
+  using state_type = param_state<acc_type>;
 
   /// State shaped like `shape` (only its extents are read).
   explicit adamw(const Params& shape, adamw_options opt = {}) : opt_(opt), m_(shape), v_(shape) {
@@ -206,10 +238,11 @@ class adamw {
   const adamw_options& options() const { return opt_; }
   void set_lr(double lr) { opt_.lr = lr; check_options(); }
   std::int64_t steps() const { return t_; }
-  const owned_params<Params>& first_moment() const { return m_; }
-  const owned_params<Params>& second_moment() const { return v_; }
-  owned_params<Params>& first_moment() { return m_; }
-  owned_params<Params>& second_moment() { return v_; }
+  /// The moments, in acc_type, leaf k shaped like the parameters' leaf k.
+  const state_type& first_moment() const { return m_; }
+  const state_type& second_moment() const { return v_; }
+  state_type& first_moment() { return m_; }
+  state_type& second_moment() { return v_; }
   /// Restores a saved state (step count; m and v are written through first_moment()/second_moment()).
   void set_steps(std::int64_t t) {
     require<error>(t >= 0, "adamw::set_steps: expected a non-negative step count, got ", t);
@@ -221,7 +254,8 @@ class adamw {
   /// One step on the host: params ← AdamW(params, grads), then retract_after_step(params).
   /// Returns the global L2 norm of the gradients before clipping. Throws shape_error when a leaf's
   /// shape differs from the state's, numeric_error (before changing anything) when a gradient is
-  /// not finite.
+  /// not finite. When the post-step hook throws, the parameters, moments and step count are put
+  /// back as they were and the exception propagates.
   double step(const Params& params, const Params& grads) {
     return step(exec::host, params, grads, [](const Params& p) { retract_after_step(p); });
   }
@@ -240,9 +274,21 @@ class adamw {
     const double norm = grad_norm(grads);
     require<numeric_error>(std::isfinite(norm), "adamw::step: expected finite gradients, got global norm ", norm,
                            " (parameters left unchanged)");
+    // The hook may throw after the update (QR of a rank-deficient R): keep what it would destroy.
+    // A few parameter-sized copies, beside a backward pass over every token.
+    const auto saved_params = detail::copy_leaves(params);
+    state_type saved_m = m_, saved_v = v_;
     ++t_;
-    detail::adamw_impl<Exec>::step(ex, params, grads, *m_, *v_, detail::fold_coeffs<acc_type>(opt_, t_, norm));
-    post_step(params);
+    detail::adamw_impl<Exec>::step(ex, params, grads, m_, v_, detail::fold_coeffs<acc_type>(opt_, t_, norm));
+    try {
+      post_step(params);
+    } catch (...) {
+      detail::restore_leaves(params, saved_params);
+      m_ = std::move(saved_m);
+      v_ = std::move(saved_v);
+      --t_;
+      throw;
+    }
     return norm;
   }
 
@@ -261,11 +307,11 @@ class adamw {
  private:
   void check_options() const { detail::check_adamw_options(opt_); }
   void check_shapes(const Params& params, const Params& grads) const {
-    detail::check_adamw_shapes(*m_, params, grads, "adamw::step");
+    detail::check_adamw_shapes(m_, params, grads, "adamw::step");
   }
 
   adamw_options opt_;
-  owned_params<Params> m_, v_;
+  state_type m_, v_;
   std::int64_t t_ = 0;
 };
 

@@ -2,8 +2,9 @@
 // grun/cuda/adamw.cuh — fused AdamW on exec::cuda: every parameter tensor of a module (or of a
 // stack) updated by one launch, with optim::adamw_update (the host's GRUN_HD element math).
 //
-// The leaves of the four aggregates (params, grads, m, v) become segments {θ, g, m, v, n}. When
-// the leaves sit back to back in all four — the layout device_params / owned_params give, one
+// The leaves of the params and grads aggregates and of the moments m, v (device_param_states in the
+// compute type: fp32 for half and bfloat16 parameters) become segments {θ, g, m, v, n}. When the
+// leaves sit back to back in all four — the layout device_params / device_param_state give, one
 // buffer carved in declaration order — the segments fuse into one flat array and the kernel is a
 // plain grid-stride loop; otherwise up to max_segments segments travel in the kernel's parameter
 // block and each thread finds its segment by a scan of the (constant-cached) offsets.
@@ -123,18 +124,21 @@ double l2_norm(const exec::cuda_t& ex, const T* x, index_t n) {
 namespace grun::optim::detail {
 
 /// exec::cuda for an AdamW step over aggregates whose leaves all live in cuda_space (params,
-/// grads and the moments m, v). One launch for every leaf of the aggregate.
+/// grads, and the moments m, v: device_param_states shaped like Params). One launch for every
+/// leaf of the aggregate.
 template <>
 struct adamw_impl<exec::cuda_t> {
-  template <class Params, class Acc>
-  static void step(const exec::cuda_t& ex, const Params& p, const Params& g, const Params& m, const Params& v,
+  template <class Params, class State, class Acc>
+  static void step(const exec::cuda_t& ex, const Params& p, const Params& g, const State& m, const State& v,
                    const adamw_coeffs<Acc>& c) {
     using T = param_value_t<Params>;
-    using S = T;
+    using S = typename State::value_type;
+    static_assert(std::is_same_v<typename State::memory_space, cuda_space>,
+                  "grun: the moments of an adamw step on exec::cuda live in cuda_space (device_param_state)");
     cuda::detail::adamw_table<T, S> tab{};
     index_t total = 0, leaves = 0;
     bool fused = true;  // every non-empty leaf starts where the one before it ended, in all four aggregates
-    for_each_param_quad(p, g, m, v, [&](const auto& pl, const auto& gl, const auto& ml, const auto& vl) {
+    for_each_leaf_with_state(p, g, m, v, [&](const auto& pl, const auto& gl, const auto& ml, const auto& vl) {
       static_assert(std::is_same_v<typename std::remove_cvref_t<decltype(pl)>::memory_space, cuda_space>,
                     "grun: no adamw step for host_space parameters on exec::cuda (use device_params)");
       if (pl.size() == 0) return;
@@ -156,7 +160,7 @@ struct adamw_impl<exec::cuda_t> {
                            " (keep the leaves in one buffer, e.g. grun::cuda::device_params)");
       tab = {};
       total = 0;
-      for_each_param_quad(p, g, m, v, [&](const auto& pl, const auto& gl, const auto& ml, const auto& vl) {
+      for_each_leaf_with_state(p, g, m, v, [&](const auto& pl, const auto& gl, const auto& ml, const auto& vl) {
         if (pl.size() == 0) return;
         tab.seg[tab.count++] = {pl.data, gl.data, ml.data, vl.data, total};
         total += pl.size();

@@ -246,6 +246,11 @@ class device_params {
   device_buffer<value_type> storage_;
 };
 
+/// Per-element device state of type U shaped like a parameter aggregate, leaf for leaf (AdamW's
+/// moments; see grun::basic_param_state). Zero-initialized.
+template <class U>
+using device_param_state = basic_param_state<U, cuda_space, device_buffer<U>>;
+
 // ---- host checks before any launch --------------------------------------------------------
 /// A view handed to exec::cuda must be tagged cuda_space (compile-time knowledge, reported as a
 /// shape_error at run time so the bad call is catchable and testable without a GPU).

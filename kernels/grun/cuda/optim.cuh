@@ -8,9 +8,12 @@
 //
 // Same options, same per-step scalars (optim::detail::fold_coeffs) and the same update math
 // (optim::adamw_update, run by kernels/grun/cuda/adamw.cuh) as the host optimizer; the moments m, v
-// are device_params of the same aggregate. A step synchronizes the stream twice: once for the
-// gradient norm (clipping and the finiteness check need it on the host before anything changes)
-// and once in the retraction (a degenerate R is reported as numeric_error).
+// are device_param_states in the compute type (fp32 for half and bfloat16 parameters). A step
+// synchronizes the stream twice: once for the gradient norm (clipping and the finiteness check
+// need it on the host before anything changes) and once in the retraction (a degenerate R is
+// reported as numeric_error). As on the host a step is all-or-nothing: before the update, the
+// parameters and moments are copied on the stream (device to device), and put back when the
+// post-step hook throws.
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -58,6 +61,7 @@ class adamw {
   using params_type = Params;
   using value_type = param_value_t<Params>;
   using acc_type = acc_t<value_type>;
+  using state_type = device_param_state<acc_type>;
 
   /// State shaped like `shape` (a cuda_space aggregate; only its extents are read), zeroed.
   explicit adamw(const Params& shape, optim::adamw_options opt = {}) : opt_(opt), m_(shape), v_(shape) {
@@ -81,8 +85,11 @@ class adamw {
     if (m_.size() > 0) GRUN_CUDA_CHECK(cudaDeviceSynchronize());
     t_ = 0;
   }
-  device_params<Params>& first_moment() { return m_; }
-  device_params<Params>& second_moment() { return v_; }
+  /// The moments, in acc_type, leaf k shaped like the parameters' leaf k.
+  state_type& first_moment() { return m_; }
+  state_type& second_moment() { return v_; }
+  const state_type& first_moment() const { return m_; }
+  const state_type& second_moment() const { return v_; }
 
   /// params ← AdamW(params, grads) in one launch, then the retraction. Returns the gradients'
   /// global L2 norm before clipping; numeric_error (nothing changed) when it is not finite.
@@ -97,10 +104,27 @@ class adamw {
     const double norm = grad_norm(ex, grads);
     require<numeric_error>(std::isfinite(norm), "cuda::adamw::step: expected finite gradients, got global norm ", norm,
                            " (parameters left unchanged)");
+    // Stream-ordered device copies of what the hook's failure would leave half-updated.
+    const cudaStream_t s = stream_of(ex);
+    const index_t n = parameter_count(params);
+    detail::stream_scratch<value_type> saved_params(n, s);
+    detail::stream_scratch<acc_type> saved_moments(2 * m_.size(), s);
+    copy_leaves_async(params, saved_params.ptr, s, /*to_leaves=*/false);
+    copy_async(saved_moments.ptr, m_.data(), m_.size(), s);
+    copy_async(saved_moments.ptr + m_.size(), v_.data(), v_.size(), s);
     ++t_;
-    optim::detail::adamw_impl<exec::cuda_t>::step(ex, params, grads, *m_, *v_,
+    optim::detail::adamw_impl<exec::cuda_t>::step(ex, params, grads, m_, v_,
                                                   optim::detail::fold_coeffs<acc_type>(opt_, t_, norm));
-    post_step(params);
+    try {
+      post_step(params);
+    } catch (...) {
+      copy_leaves_async(params, saved_params.ptr, s, /*to_leaves=*/true);
+      copy_async(m_.data(), saved_moments.ptr, m_.size(), s);
+      copy_async(v_.data(), saved_moments.ptr + m_.size(), v_.size(), s);
+      GRUN_CUDA_CHECK(cudaStreamSynchronize(s));
+      --t_;
+      throw;
+    }
     return norm;
   }
 
@@ -128,11 +152,24 @@ class adamw {
 
  private:
   void check_shapes(const Params& params, const Params& grads) const {
-    optim::detail::check_adamw_shapes(*m_, params, grads, "cuda::adamw::step");
+    optim::detail::check_adamw_shapes(m_, params, grads, "cuda::adamw::step");
+  }
+  template <class U>
+  static void copy_async(U* dst, const U* src, index_t n, cudaStream_t s) {
+    if (n > 0) GRUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, sizeof(U) * std::size_t(n), cudaMemcpyDeviceToDevice, s));
+  }
+  /// Copies every leaf of params into `flat` (back to back, for_each_param order), or back.
+  static void copy_leaves_async(const Params& params, value_type* flat, cudaStream_t s, bool to_leaves) {
+    index_t at = 0;
+    for_each_param(params, [&](const auto& leaf) {
+      if (to_leaves) copy_async(leaf.data, flat + at, leaf.size(), s);
+      else copy_async(flat + at, leaf.data, leaf.size(), s);
+      at += leaf.size();
+    });
   }
 
   optim::adamw_options opt_;
-  device_params<Params> m_, v_;
+  state_type m_, v_;
   std::int64_t t_ = 0;
 };
 
