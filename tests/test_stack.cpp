@@ -63,7 +63,7 @@ TEST_CASE("stack forward is h + s(K) Σ_k g_k Δ_k", "[stack]") {
 }
 
 TEST_CASE("stack backward matches finite differences for the trained module", "[stack][fd]") {
-  for (index_t trained : {-1, 0, 1}) {
+  for (index_t trained : {stack_t::newest, index_t(0), index_t(1)}) {
     INFO("trained = " << trained);
     const index_t n = 4, d = 7, K = 3;
     stack_t st(d, 0.6, 0.6);
@@ -120,6 +120,9 @@ TEST_CASE("stack: bad inputs", "[stack][errors]") {
   owned_params<stack_t::params_type> grads(I::shape<double>(7));
   CHECK_THROWS_WITH(st.backward(exec::host, h.view(), pos, out.view(), matrix_view<const double>(), out.view(), *grads, 3),
                     Catch::Contains("module index 3 out of range"));
+  // Only -1 (stack::newest) names the newest module; -2 is not an index from the end.
+  CHECK_THROWS_WITH(st.backward(exec::host, h.view(), pos, out.view(), matrix_view<const double>(), out.view(), *grads, -2),
+                    Catch::Contains("module index -2 out of range"));
   CHECK_THROWS_AS(st.module(1), shape_error);
   owned_params<stack_t::params_type> other(I::shape<double>(8));
   CHECK_THROWS_WITH(st.append(*other), Catch::Contains("expected shape [1, 7]"));

@@ -80,12 +80,15 @@ class intervention_stack {
 
   /// Backward of forward: dh = dL/dh through every module (frozen ones included); grads = dL/dθ of
   /// module `trained` (default: the newest), overwritten. dgates [K, P] or empty (no gate loss).
+  static constexpr index_t newest = -1;
   template <class Exec>
   void backward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
-                matrix_view<const T> dgates, matrix_view<T> dh, const params_type& grads, index_t trained = -1) const {
+                matrix_view<const T> dgates, matrix_view<T> dh, const params_type& grads, index_t trained = newest) const {
     intervention::template check_exec<Exec, host_space>();
     require<shape_error>(size() >= 1, "intervention_stack::backward: the stack is empty (append a module first)");
-    if (trained < 0) trained = size() - 1;
+    // Only `newest` (-1) names the last module: any other negative index is a caller's mistake,
+    // not a Python-style index from the end.
+    if (trained == newest) trained = size() - 1;
     checked(trained);
     check_common(h, pos, "intervention_stack::backward");
     require<shape_error>(dgates.size() == 0 || (dgates.extent(0) == size() && dgates.extent(1) == pos.size()),

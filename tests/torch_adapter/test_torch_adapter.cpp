@@ -230,6 +230,7 @@ TEST_CASE("torch adapter: training reduces a toy loss with torch's AdamW and wit
       Tensor loss = toy_loss(m, h, target);
       loss.backward();
       opt.step(m.params_view<float>(), m.grads_view<float>());
+      m.mark_written();
       last = loss.item<double>();
     }
     CHECK(last < 0.5 * first);
@@ -529,3 +530,39 @@ TEST_CASE("torch adapter: PyTorch's DLPack tensors run through grun::dlpack, and
   CHECK(storage.use_count() == 1);
 }
 #endif
+
+TEST_CASE("torch adapter: raw writes to the parameters are counted by autograd; freezing drops the gradient",
+          "[torch_adapter]") {
+  const index_t d = 6;
+  const Tensor h = randn({4, d}, 21, at::kFloat);
+  SECTION("retract() after a forward: the stale graph refuses its backward") {
+    auto m = ta::make_intervention("linear", "loreft", 2, d, 3);
+    auto [y, g] = m->forward(h, rows_of({0, 2}));
+    const auto before = m->flat()._version();
+    m->retract();  // in place, through grun's raw view of flat (CPU float: no copy)
+    CHECK(m->flat()._version() > before);
+    CHECK_THROWS_WITH(y.sum().backward(), Catch::Contains("modified by an inplace operation"));
+  }
+  SECTION("grun's AdamW over params_view, then mark_written()") {
+    using M = ta::intervention<grun::gate::linear, grun::reft::loreft<2>>;
+    M m(d, 4);
+    auto [y, g] = m.forward(h, rows_of({1}));
+    y.sum().backward();
+    grun::optim::adamw<M::params_type<float>> opt(m.params_view<float>(), {.lr = 1e-2});
+    auto [y2, g2] = m.forward(h, rows_of({1}));
+    opt.step(m.params_view<float>(), m.grads_view<float>());
+    m.mark_written();
+    CHECK_THROWS_WITH(y2.sum().backward(), Catch::Contains("modified by an inplace operation"));
+  }
+  SECTION("append() freezes the trainable module and drops its gradient") {
+    auto st = ta::make_intervention_stack("linear", "loreft", 2, d, 0.0, 1.0);
+    st->append(1);
+    auto [y, g] = st->forward(h, rows_of({0, 3}));
+    y.sum().backward();
+    REQUIRE(st->module_flat(0).grad().defined());
+    st->append(2);
+    CHECK_FALSE(st->module_flat(0).grad().defined());
+    CHECK_FALSE(st->module_flat(0).requires_grad());
+    CHECK(st->trainable().requires_grad());
+  }
+}

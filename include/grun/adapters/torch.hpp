@@ -564,7 +564,11 @@ void retract_flat(Tensor& flat, index_t d) {
     dispatch_compute(ct, "torch_adapter::retract", [&](auto tag) {
       I::retract(bind_params<I, typename decltype(tag)::type>(host, d, "flat"));
     });
+    // copy_ is an in-place op torch counts; the raw writes into flat's own storage are not, so
+    // count them: a graph that saved flat before the retraction then refuses its backward
+    // ("modified by an inplace operation") instead of differentiating at the retracted values.
     if (!host.is_same(flat)) flat.copy_(host);
+    else torch::autograd::impl::bump_version(flat);
   }
 }
 
@@ -597,6 +601,9 @@ class any_intervention : public torch::nn::Module {
   index_t dim() const { return d_; }
   index_t parameter_count() const { return flat_.numel(); }
   const Tensor& flat() const { return flat_; }
+  /// Tells autograd that flat changed through a raw view (grun's AdamW over params_view): a graph
+  /// that saved flat before then refuses its backward, as after any in-place op.
+  void mark_written() { torch::autograd::impl::bump_version(flat_); }
 
  protected:
   any_intervention(index_t d, Tensor flat) : d_(d) { flat_ = register_parameter("flat", std::move(flat)); }
@@ -628,7 +635,8 @@ class intervention final : public any_intervention {
   index_t rank() const override { return Reft::rank; }
   std::vector<named_tensor> named_params() const override { return torch_adapter::named_params<grun_type>(flat_, d_); }
 
-  /// grun parameter aggregate over flat (CPU, dtype T) — for grun's optimizers and IO.
+  /// grun parameter aggregate over flat (CPU, dtype T) — for grun's optimizers and IO. Writes
+  /// through it are raw, unseen by autograd's version counter: call mark_written() after them.
   template <class T> params_type<T> params_view() const { return bind_params<grun_type, T>(flat_, d_, "flat"); }
   /// The same over flat.grad(), allocated (zeros) when undefined.
   template <class T> params_type<T> grads_view() {
@@ -672,6 +680,11 @@ class any_intervention_stack : public torch::nn::Module {
   void set_scale(double a, double b) { a_ = a; b_ = b; }
   /// The trainable module's flat parameter, or an undefined tensor when every module is frozen.
   Tensor trainable() const { return trainable_ ? modules_.back() : Tensor(); }
+  /// Tells autograd that the trainable module changed through a raw view (params_view).
+  void mark_written() {
+    require<error>(trainable_, "intervention_stack::mark_written: no trainable module (append one first)");
+    torch::autograd::impl::bump_version(modules_.back());
+  }
   const Tensor& module_flat(index_t k) const {
     require<shape_error>(k >= 0 && k < size(), "intervention_stack: module index ", k, " out of range [0, ", size(), ")");
     return modules_[std::size_t(k)];
@@ -679,8 +692,13 @@ class any_intervention_stack : public torch::nn::Module {
 
  protected:
   any_intervention_stack(index_t d, double a, double b, at::ScalarType dtype) : d_(d), a_(a), b_(b), dtype_(dtype) {}
+  /// The trainable module stops training: no grad required, and its last gradient is dropped
+  /// (kept, it held memory and read as a live gradient of a frozen module).
   void freeze() {
-    if (trainable_) modules_.back().set_requires_grad(false);
+    if (trainable_) {
+      modules_.back().set_requires_grad(false);
+      modules_.back().mutable_grad() = Tensor();
+    }
     trainable_ = false;
   }
   void push(Tensor t, bool trainable) {
@@ -746,7 +764,8 @@ class intervention_stack final : public any_intervention_stack {
     return torch_adapter::named_params<grun_type>(module_flat(k), d_);
   }
 
-  /// grun aggregates over the trainable module and its gradient (CPU, dtype T).
+  /// grun aggregates over the trainable module and its gradient (CPU, dtype T). Writes through
+  /// params_view are raw: call mark_written() after them (see any_intervention::mark_written).
   template <class T> params_type<T> params_view() const {
     require<error>(trainable_, "intervention_stack::params_view: no trainable module (append one first)");
     return bind_params<grun_type, T>(modules_.back(), d_, "trainable module");
