@@ -15,7 +15,8 @@
 // The optimizer walks any parameter aggregate with for_each_param_pair (Boost.PFR), so it needs no
 // per-policy code. Its state m, v is a param_state shaped like the aggregate, in the compute type
 // acc_t<T>: fp32 for half and bfloat16 parameters. (In the storage type, (1 − β2)·g² of a half
-// gradient below ~2e-4 underflows to 0, so v̂ ≪ g² and the step grows to ~10× lr; in bfloat16,
+// gradient below ~2e-4 underflows to 0, so v̂ ≪ g² and the step grows far past lr (up to
+// lr·m̂/ε when v is 0: ~1e4·lr at g = 1e-4); in bfloat16,
 // β2·v rounds back to v and v stops decaying.) After every step it calls the retraction hook
 // (retract_after_step): for a gated_intervention module this is the ortho policy's retraction
 // (QR for loreft), so R's rows stay orthonormal. A step is all-or-nothing: when the retraction
