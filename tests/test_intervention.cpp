@@ -2,6 +2,8 @@
 // thread-count independence, dtype agreement, input validation, concurrent apply, seeded init.
 #include "test_intervention_common.hpp"
 
+#include <grun/loss/unlearn.hpp>
+
 #include <thread>
 
 using namespace grun_test;
@@ -206,6 +208,110 @@ TEST_CASE("float and double agree; half and bfloat16 storage compute in fp32", "
   compare(float{}, 1e-5);
   compare(half{}, 2e-2);
   compare(bfloat16{}, 1e-1);
+}
+
+TEST_CASE("half storage takes a gate loss's fp32 dgates: gate_bce on saturated gates passes half's range",
+          "[intervention][dtype][gate]") {
+  // gate_bce's gradient on a gate below ε is −w/(G·ε): with ε = 1e-6 and G = 4 gate values, −2.5e5.
+  // Rounded to half (max 65504) it is −inf, and inf·σ'(z) poisons every gate gradient; taken as the
+  // loss writes it (acc_t<half> = float), the gradients are finite and agree with fp32 storage.
+  using I = gated_intervention<gate::linear, reft::loreft<4>>;
+  const index_t n = 4, d = 24;
+  const auto pos = positions::all(n);
+  I::module<float> mf(d, 5);
+  auto& pf = *mf.owned_parameters();
+  pf.gate.bias[0] = -16.f;  // every gate ≈ σ(−16) ≈ 1e-7 < ε: saturated on the wrong side for a forget row
+  owned_params<I::params<half>> ph(I::shape<half>(d));
+  for_each_param_pair(*ph, pf, [](auto& a, const auto& b) {
+    for (index_t i = 0; i < b.size(); ++i) { a[i] = store<half>(b[i]); b[i] = load<float>(a[i]); }
+  });  // fp32 reference on the very values half stores
+  auto hf = random_matrix<float>(n, d, 61, 0.5), doutf = random_matrix<float>(n, d, 62, 0.1);
+  host_matrix<half> hh(n, d), douth(n, d);
+  for (index_t i = 0; i < n * d; ++i) {
+    hh.storage[i] = store<half>(hf.storage[i]);
+    hf.storage[i] = load<float>(hh.storage[i]);
+    douth.storage[i] = store<half>(doutf.storage[i]);
+    doutf.storage[i] = load<float>(douth.storage[i]);
+  }
+  host_matrix<half> outh(n, d);
+  std::vector<half> gates(sz(n));
+  I::forward(exec::host, *ph, hh.view(), pos, outh.view(), vector_view<half>(gates.data(), {n}));
+
+  // The loss on this side is what a trainer computes: loss::inputs<half> carries gates in float.
+  std::vector<float> g(sz(n)), dg(sz(n), 0.f);
+  for (index_t q = 0; q < n; ++q) g[sz(q)] = load<float>(gates[sz(q)]);
+  loss::inputs<half> in;
+  in.forget.gate = {g.data(), {n}};
+  loss::grads<half> lg;
+  lg.forget.gate = {dg.data(), {n}};
+  loss::gate_bce{}.evaluate(exec::host, in, lg, 1.0f);
+  for (index_t q = 0; q < n; ++q) {
+    INFO("q = " << q << ", gate " << g[sz(q)] << ", dL/dg " << dg[sz(q)]);
+    REQUIRE(g[sz(q)] < 1e-6f);
+    REQUIRE(dg[sz(q)] < -65504.f);
+  }
+  const vector_view<const float> dgv(dg.data(), {n});
+
+  owned_params<I::params<float>> grads_f(I::shape<float>(d));
+  host_matrix<float> dhf(n, d);
+  I::backward(exec::host, pf, hf.view(), pos, doutf.view(), dgv, dhf.view(), *grads_f);
+  owned_params<I::params<half>> grads_h(I::shape<half>(d));
+  host_matrix<half> dhh(n, d);
+  I::backward(exec::host, *ph, hh.view(), pos, douth.view(), dgv, dhh.view(), *grads_h);
+
+  auto rel = [](auto a, const auto* b, index_t m) {  // max |a − b| / max |b| over m values
+    double num = 0, den = 0;
+    for (index_t i = 0; i < m; ++i) {
+      num = std::max(num, std::abs(load<double>(a[i]) - load<double>(b[i])));
+      den = std::max(den, std::abs(load<double>(b[i])));
+    }
+    return num / std::max(den, 1e-30);
+  };
+  int leaf = 0;
+  for_each_param_pair(grads_h->gate, grads_f->gate, [&](const auto& a, const auto& b) {
+    INFO("gate gradient leaf " << leaf++);
+    for (index_t i = 0; i < a.size(); ++i) REQUIRE(std::isfinite(load<float>(a[i])));
+    CHECK(rel(a.data, b.data, a.size()) < 2e-2);
+  });
+  // The ReFT's gradients carry g ≈ 1e-7 (dL/dΔ = g·dout): below half's smallest subnormal step 2^-24,
+  // where half storage keeps nothing but the nearest multiple of it.
+  for_each_param_pair(grads_h->reft, grads_f->reft, [&](const auto& a, const auto& b) {
+    INFO("ReFT gradient leaf " << leaf++);
+    for (index_t i = 0; i < a.size(); ++i) REQUIRE(std::abs(load<double>(a[i]) - double(b[i])) <= std::ldexp(1.0, -25));
+  });
+  CHECK(grads_f->gate.bias[0] != 0.f);  // the gate path carries the loss: σ'(z)·dL/dg ≈ −w/G
+  CHECK(rel(dhh.storage.data(), dhf.storage.data(), n * d) < 2e-2);
+
+  // The same gradient rounded to half first is what the fp32 overload exists to avoid.
+  std::vector<half> dg_half(sz(n));
+  for (index_t q = 0; q < n; ++q) dg_half[sz(q)] = store<half>(dg[sz(q)]);
+  CHECK(std::isinf(load<float>(dg_half[0])));
+  owned_params<I::params<half>> grads_rounded(I::shape<half>(d));
+  I::backward(exec::host, *ph, hh.view(), pos, douth.view(), vector_view<const half>(dg_half.data(), {n}), dhh.view(),
+              *grads_rounded);
+  CHECK_FALSE(std::isfinite(load<float>(grads_rounded->gate.bias[0])));
+
+  // Values half holds: fp32 and half dgates give the same bits (both are read as float), for the
+  // static backward, the owning module and a stack.
+  for (index_t q = 0; q < n; ++q) { dg[sz(q)] = 0.25f * float(q) - 0.5f; dg_half[sz(q)] = store<half>(dg[sz(q)]); }
+  owned_params<I::params<half>> ga(I::shape<half>(d)), gb(I::shape<half>(d));
+  host_matrix<half> dha(n, d), dhb(n, d);
+  I::backward(exec::host, *ph, hh.view(), pos, douth.view(), dgv, dha.view(), *ga);
+  I::backward(exec::host, *ph, hh.view(), pos, douth.view(), vector_view<const half>(dg_half.data(), {n}), dhb.view(), *gb);
+  CHECK(std::memcmp(ga.data(), gb.data(), sizeof(half) * std::size_t(ga.size())) == 0);
+  CHECK(std::memcmp(dha.storage.data(), dhb.storage.data(), sizeof(half) * std::size_t(n * d)) == 0);
+
+  I::module<half> mh(d, 5);
+  mh.backward(exec::host, hh.view(), pos, douth.view(), vector_view<float>(dg.data(), {n}), dha.view());
+  const std::vector<half> from_fp32(mh.gradients().gate.weight.data, mh.gradients().gate.weight.data + d);
+  mh.backward(exec::host, hh.view(), pos, douth.view(), vector_view<const half>(dg_half.data(), {n}), dha.view());
+  CHECK(std::memcmp(from_fp32.data(), mh.gradients().gate.weight.data, sizeof(half) * std::size_t(d)) == 0);
+
+  intervention_stack<gate::linear, reft::loreft<4>, I::ortho_type, half> st(d);
+  st.append(*ph);
+  st.backward(exec::host, hh.view(), pos, douth.view(), matrix_view<const float>(dg.data(), {1, n}), dha.view(), *ga);
+  st.backward(exec::host, hh.view(), pos, douth.view(), matrix_view<const half>(dg_half.data(), {1, n}), dhb.view(), *gb);
+  CHECK(std::memcmp(ga.data(), gb.data(), sizeof(half) * std::size_t(ga.size())) == 0);
 }
 
 TEST_CASE("bad inputs throw shape_error naming expected and got", "[intervention][errors]") {

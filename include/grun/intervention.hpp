@@ -17,6 +17,7 @@
 // GRUN_HD row math (forward_row / backward_row).
 #include <algorithm>
 #include <atomic>
+#include <concepts>
 #include <cstdint>
 #include <cstring>
 #include <span>
@@ -42,6 +43,14 @@ template <class> inline constexpr bool dependent_false = false;
 }  // namespace detail
 template <class Reft> using default_ortho_t = typename detail::default_ortho<Reft>::type;
 
+/// What a backward's dgates (the external dL/dg of a gate loss) may hold for storage type T: T itself
+/// (what autograd hands back for a T gates tensor) or the accumulate type acc_t<T>, which is what grun's
+/// gate losses write (loss::grads<T>::gate). The difference matters for half: gate_bce's gradient on a
+/// saturated gate is w/(G·ε) — 1/(16·1e-6) = 62500 is at half's limit (65504), fewer gate values pass it
+/// — and a rounding to T on the way would turn it into inf. Either way the kernels read it as acc_t<T>.
+template <class G, class T>
+concept gate_gradient_for = std::same_as<std::remove_const_t<G>, T> || std::same_as<std::remove_const_t<G>, acc_t<T>>;
+
 /// The parameters of one module: an aggregate { gate; reft; } of the policies' parameter aggregates.
 /// With a parametrizing ortho policy (householder), reft.rotate_layer holds the raw tensor.
 template <class I, class T, class Space = host_space>
@@ -59,7 +68,8 @@ namespace detail {
 ///       double scale, matrix_view<const T, S> h, const positions&, matrix_view<T, S> out, matrix_view<T, S> gates);
 ///   template <class T, class S> static void backward(const Exec&, std::span<const module_params<I, T, S>> modules,
 ///       double scale, index_t trained, matrix_view<const T, S> h, const positions&, matrix_view<const T, S> dout,
-///       matrix_view<const T, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads);
+///       matrix_view<const DG, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads);
+///   (backward also templated on DG, dgates' element type: T or acc_t<T>, see gate_gradient_for)
 /// computing  h' = h + scale · Σ_k g_k Δ_k  (gates [K, P]) and its backward, parameter gradients for
 /// module `trained` only (overwritten). Inputs arrive validated.
 template <class Exec, class I>
@@ -196,14 +206,16 @@ struct gated_intervention {
                        const positions& pos, std::type_identity_t<matrix_view<const T, S>> dout,
                        std::type_identity_t<vector_view<const T, S>> dgates, std::type_identity_t<matrix_view<T, S>> dh,
                        const params<T, S>& grads) {
-    check_exec<Exec, S>();
-    check_inputs(p, h, pos, "gated_intervention::backward");
-    check_backward_outputs(h, pos, dout, dgates.size() == 0 ? 0 : 1, dgates.size() == 0 ? 0 : dgates.extent(0), dh,
-                           grads, "gated_intervention::backward");
-    const params<T, S> one[1] = {p};
-    detail::intervention_impl<Exec, gated_intervention>::backward(
-        ex, std::span<const params<T, S>>(one), 1.0, index_t(0), matrix_view<const T, S>(h), pos,
-        matrix_view<const T, S>(dout), as_rows(dgates), dh, grads);
+    backward_checked(ex, p, h, pos, dout, dgates, dh, grads);
+  }
+  /// The same with dgates in the accumulate type acc_t<T> (fp32 for half and bfloat16 storage), as grun's
+  /// gate losses write it: no rounding to T on the way (see gate_gradient_for).
+  template <class Exec, class T, class S, class DG>
+    requires(!std::same_as<T, acc_t<T>> && std::same_as<std::remove_const_t<DG>, acc_t<T>>)
+  static void backward(const Exec& ex, const params<T, S>& p, std::type_identity_t<matrix_view<const T, S>> h,
+                       const positions& pos, std::type_identity_t<matrix_view<const T, S>> dout,
+                       tensor_view<DG, 1, S> dgates, std::type_identity_t<matrix_view<T, S>> dh, const params<T, S>& grads) {
+    backward_checked(ex, p, h, pos, dout, vector_view<const acc_t<T>, S>(dgates), dh, grads);
   }
 
   /// Call after every optimizer step: keeps R on its constraint set (QR retraction); a no-op for
@@ -304,6 +316,19 @@ struct gated_intervention {
                          ": dgates must be empty (no gate loss) or hold one value per position: expected ", pos.size(),
                          ", got ", dgates_cols);
     check_params(grads, h.extent(1), (w + " (grads)").c_str());
+  }
+  template <class Exec, class T, class S, class DG>
+  static void backward_checked(const Exec& ex, const params<T, S>& p, matrix_view<const T, S> h, const positions& pos,
+                               matrix_view<const T, S> dout, vector_view<const DG, S> dgates, matrix_view<T, S> dh,
+                               const params<T, S>& grads) {
+    static_assert(gate_gradient_for<DG, T>);
+    check_exec<Exec, S>();
+    check_inputs(p, h, pos, "gated_intervention::backward");
+    check_backward_outputs(h, pos, dout, dgates.size() == 0 ? 0 : 1, dgates.size() == 0 ? 0 : dgates.extent(0), dh,
+                           grads, "gated_intervention::backward");
+    const params<T, S> one[1] = {p};
+    detail::intervention_impl<Exec, gated_intervention>::backward(ex, std::span<const params<T, S>>(one), 1.0,
+                                                                  index_t(0), h, pos, dout, as_rows(dgates), dh, grads);
   }
   template <class V>
   static auto as_rows(const V& v) {  // [P] → [1, P]
@@ -504,10 +529,10 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
     });
   }
 
-  template <class T, class S>
+  template <class T, class S, class DG>
   static void backward(const exec::host_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                        index_t trained, matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
-                       matrix_view<const T, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
+                       matrix_view<const DG, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
     using Acc = acc_t<T>;
     using PA = typename I::template params<Acc>;
     const index_t n = h.extent(0), d = h.extent(1), P = pos.size(), K = index_t(modules.size());
@@ -710,6 +735,13 @@ class gated_intervention<Gate, Reft, Ortho>::module {
   template <class Exec>
   void backward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
                 vector_view<const T> dgates, matrix_view<T> dh) {
+    intervention::backward(ex, *params_, h, pos, dout, dgates, dh, *grads_);
+  }
+  /// dgates in the accumulate type (see gate_gradient_for).
+  template <class Exec, class DG>
+    requires(!std::same_as<T, acc_t<T>> && std::same_as<std::remove_const_t<DG>, acc_t<T>>)
+  void backward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
+                vector_view<DG> dgates, matrix_view<T> dh) {
     intervention::backward(ex, *params_, h, pos, dout, dgates, dh, *grads_);
   }
   /// After each optimizer step (see gated_intervention::retract).

@@ -84,6 +84,21 @@ class intervention_stack {
   template <class Exec>
   void backward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
                 matrix_view<const T> dgates, matrix_view<T> dh, const params_type& grads, index_t trained = newest) const {
+    backward_checked(ex, h, pos, dout, dgates, dh, grads, trained);
+  }
+  /// The same with dgates in the accumulate type acc_t<T>, as grun's gate losses write it (see
+  /// gate_gradient_for: no rounding to half on the way).
+  template <class Exec, class DG>
+    requires(!std::same_as<T, acc_t<T>> && std::same_as<std::remove_const_t<DG>, acc_t<T>>)
+  void backward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
+                matrix_view<DG> dgates, matrix_view<T> dh, const params_type& grads, index_t trained = newest) const {
+    backward_checked(ex, h, pos, dout, matrix_view<const acc_t<T>>(dgates), dh, grads, trained);
+  }
+
+ private:
+  template <class Exec, class DG>
+  void backward_checked(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
+                        matrix_view<const DG> dgates, matrix_view<T> dh, const params_type& grads, index_t trained) const {
     intervention::template check_exec<Exec, host_space>();
     require<shape_error>(size() >= 1, "intervention_stack::backward: the stack is empty (append a module first)");
     // Only `newest` (-1) names the last module: any other negative index is a caller's mistake,
@@ -101,7 +116,6 @@ class intervention_stack {
                                                             h, pos, dout, dgates, dh, grads);
   }
 
- private:
   std::size_t checked(index_t k) const {
     require<shape_error>(k >= 0 && k < size(), "intervention_stack: module index ", k, " out of range [0, ", size(), ")");
     return std::size_t(k);

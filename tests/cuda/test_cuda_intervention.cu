@@ -82,6 +82,82 @@ TEMPLATE_TEST_CASE("cuda intervention agrees with exec::host: always + noreft, l
   check_sizes<lin_di4, TestType>();
 }
 
+namespace {
+/// 16-bit storage with dgates in fp32, the type grun's gate losses write (acc_t<T>; see
+/// grun::gate_gradient_for): the device reads them as exec::host does — one of them, 7e4, is past
+/// half's range (65504), where a rounding to T would have made it inf — and fp32 dgates that T holds
+/// exactly give the same bits as T dgates. Through the public front end (fused or mlp path) or the
+/// generic path.
+template <class I, class T>
+void check_fp32_dgates(bool generic) {
+  using Dp = dparams<I, T>;
+  using Hp = hparams<I, T>;
+  const index_t N = 40, d = 72;
+  host_reference<I, T> ref({N, d, {0, 5, 9, 17, 39, 21}, 1, 0, 1.0}, {11, 7});
+  const auto& pos = ref.pos;
+  const index_t P = pos.size();
+  INFO(I::gate_type::name << " + " << I::reft_type::name << ", " << (generic ? "generic path" : "front end"));
+  grun::host_matrix<float> dg(1, P);
+  for (index_t q = 0; q < P; ++q) dg.storage[q] = grun::load<float>(ref.dgates.storage[q]);
+  // The large value goes where the gate is most saturated (as gate_bce's large gradients do: they
+  // come from gates near 0 or 1), so σ'(z) keeps the parameter gradients within T's range.
+  index_t qs = 0;
+  auto slope = [&](index_t q) { const float g = grun::load<float>(ref.gates.storage[q]); return g * (1 - g); };
+  for (index_t q = 1; q < P; ++q) qs = slope(q) < slope(qs) ? q : qs;
+  dg.storage[qs] = 7e4f;
+  using host_impl = grun::detail::intervention_impl<grun::exec::host_t, I>;
+  grun::owned_params<Hp> grads_h(I::template shape<T>(d));
+  grun::host_matrix<T> dh_h(N, d);
+  host_impl::backward(grun::exec::host, std::span<const Hp>(ref.host_views), 1.0, 0,
+                      grun::matrix_view<const T>(ref.h.view()), pos, grun::matrix_view<const T>(ref.dout.view()),
+                      grun::matrix_view<const float>(dg.view()), dh_h.view(), *grads_h);
+  for (index_t i = 0; i < grads_h.size(); ++i) REQUIRE(std::isfinite(grun::load<float>(grads_h.data()[i])));
+
+  using cuda_impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
+  gc::device_matrix<T> hd(ref.h), doutd(ref.dout), dhd(N, d);
+  auto device_backward = [&](auto dgates_d, dview<T> dh, const Dp& grads) {  // dgates_d: [1, P] on the device
+    using G = std::remove_pointer_t<decltype(dgates_d.data())>;
+    if (generic)
+      cuda_impl::template generic_backward<T, cuda_space>(grun::exec::cuda, std::span<const Dp>(ref.device_views), 1.0,
+                                                          0, cdview<T>(hd.view()), pos, cdview<T>(doutd.view()),
+                                                          dgates_d, dh, grads);
+    else
+      I::backward(grun::exec::cuda, ref.device_views[0], cdview<T>(hd.view()), pos, cdview<T>(doutd.view()),
+                  grun::vector_view<G, cuda_space>(dgates_d.data(), {P}), dh, grads);
+  };
+  gc::device_matrix<float> dgd(dg);
+  gc::device_params<Dp> grads_d(I::template shape<T, cuda_space>(d));
+  device_backward(grun::matrix_view<const float, cuda_space>(dgd.view()), dhd.view(), *grads_d);
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  const double tol = grun::test::tolerance<T>();
+  CHECK(grun::test::rel_error(dhd.to_host().storage.span(), dh_h.storage.span()) < tol);
+  const auto gd = flat<I, T>(grads_d);
+  CHECK(grun::test::rel_error(std::span<const T>(gd), std::span<const T>(grads_h.data(), std::size_t(grads_h.size()))) < tol);
+
+  // In T's range: fp32 and T dgates, the same values, give the same bits.
+  for (index_t q = 0; q < P; ++q) dg.storage[q] = grun::load<float>(ref.dgates.storage[q]);
+  gc::device_matrix<float> dgd2(dg);
+  gc::device_matrix<T> dgt(ref.dgates), dh2(N, d);
+  gc::device_params<Dp> from_fp32(I::template shape<T, cuda_space>(d)), from_t(I::template shape<T, cuda_space>(d));
+  device_backward(grun::matrix_view<const float, cuda_space>(dgd2.view()), dhd.view(), *from_fp32);
+  device_backward(cdview<T>(dgt.view()), dh2.view(), *from_t);
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto a = flat<I, T>(from_fp32), b = flat<I, T>(from_t);
+  CHECK(std::memcmp(a.data(), b.data(), sizeof(T) * a.size()) == 0);
+  const auto dha = dhd.to_host(), dhb = dh2.to_host();
+  CHECK(std::memcmp(dha.storage.data(), dhb.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("cuda intervention: fp32 dgates on 16-bit storage (a gate loss's own type), past half's range",
+                   "[intervention]", grun::half, grun::bfloat16) {
+  GRUN_REQUIRE_DEVICE();
+  for (const bool generic : {false, true}) {
+    check_fp32_dgates<lin_lo4, TestType>(generic);
+    check_fp32_dgates<mlp_lo4, TestType>(generic);
+  }
+}
+
 // double storage computes in double on exec::host; on exec::cuda it takes the generic path (the
 // fused kernels compute in fp32 and their 4-column slot loads assumed 4 | elements per 16 bytes: with
 // double they read misaligned 32-byte vectors and skipped the last 2 columns when d % 4 == 2).

@@ -79,6 +79,32 @@ TEST_CASE("dlpack adapter: compact, padded and offset tensors give grun's result
   CHECK(std::memcmp(m.owned_gradients().data(), grads_ref.data(), grads_ref.size() * sizeof(float)) == 0);
 }
 
+TEST_CASE("dlpack adapter: a float16 module takes float32 dgates (a gate loss's own dtype)", "[dlpack]") {
+  const index_t n = 4, d = 9;
+  unlearner::module<half> m(d, 3);
+  const auto hf = grun_test::random_floats(n * d, 1), df = grun_test::random_floats(n * d, 2, 0.1);
+  std::vector<half> h(hf.size()), dout(df.size()), dh(hf.size());
+  for (std::size_t i = 0; i < hf.size(); ++i) { h[i] = store<half>(hf[i]); dout[i] = store<half>(df[i]); }
+  const auto pos = positions::rows({3, 0, 2});
+  std::vector<float> dg32 = {0.5f, -1.25f, 3.f};  // values float16 holds exactly
+  std::vector<half> dg16 = {store<half>(0.5f), store<half>(-1.25f), store<half>(3.f)};
+  std::vector<std::int64_t> shape{n, d}, gshape{3};
+  const DLDataType f16{kDLFloat, 16, 1};
+  auto run = [&](const DLTensor& dgates) {
+    dlpack::backward(m, exec::host, dl(h.data(), shape, nullptr, f16), pos, dl(dout.data(), shape, nullptr, f16), &dgates,
+                     dl(dh.data(), shape, nullptr, f16));
+    return std::vector<half>(m.owned_gradients().data(), m.owned_gradients().data() + m.owned_gradients().size());
+  };
+  const auto from16 = run(dl(dg16.data(), gshape, nullptr, f16));
+  const auto dh16 = dh;
+  const auto from32 = run(dl(dg32.data(), gshape, nullptr));
+  CHECK(std::memcmp(from16.data(), from32.data(), sizeof(half) * from16.size()) == 0);
+  CHECK(std::memcmp(dh16.data(), dh.data(), sizeof(half) * dh.size()) == 0);
+  std::vector<std::int32_t> bad(3);
+  CHECK_THROWS_WITH(run(dl(bad.data(), gshape, nullptr, {kDLInt, 32, 1})),
+                    Contains("dgates: expected dtype float16 or float32, got int32"));
+}
+
 TEST_CASE("dlpack adapter: what grun cannot take is refused by name", "[dlpack]") {
   std::vector<float> buf(64);
   std::vector<std::int64_t> shape{4, 8}, shape3{2, 4, 8}, neg{4, -1};

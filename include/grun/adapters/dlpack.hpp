@@ -196,12 +196,26 @@ void forward(const Module& module, const Exec& ex, const DLTensor& h, const posi
 
 /// module.backward on DLTensors in host memory: gradients land in module.gradients() (overwritten),
 /// dh [N, d] is written (it may be dout itself); dgates may be a null pointer (no gradient at the gates).
+/// dgates' dtype is the module's, or for float16/bfloat16 modules float32 (what a gate loss computes
+/// in: no rounding to 16 bits on the way, see grun::gate_gradient_for).
 template <class Module, class Exec>
 void backward(Module& module, const Exec& ex, const DLTensor& h, const positions& pos, const DLTensor& dout,
               const DLTensor* dgates, const DLTensor& dh) {
   using T = param_value_t<typename Module::params_type>;
-  module.backward(ex, view<const T, 2>(h, "h"), pos, view<const T, 2>(dout, "dout"),
-                  dgates ? view<const T, 1>(*dgates, "dgates") : vector_view<const T>(), view<T, 2>(dh, "dh"));
+  using A = acc_t<T>;
+  const auto hv = view<const T, 2>(h, "h");
+  const auto dv = view<const T, 2>(dout, "dout");
+  const auto dhv = view<T, 2>(dh, "dh");
+  if (!dgates) return module.backward(ex, hv, pos, dv, vector_view<const T>(), dhv);
+  if constexpr (!std::is_same_v<T, A>) {
+    constexpr DLDataType t = detail::dtype_of<T>(), a = detail::dtype_of<A>();
+    const DLDataType g = dgates->dtype;
+    const auto is = [&](DLDataType w) { return g.code == w.code && g.bits == w.bits && g.lanes == 1; };
+    require<shape_error>(is(t) || is(a), "dgates: expected dtype ", detail::dtype_text(t), " or ", detail::dtype_text(a),
+                         ", got ", detail::dtype_text(g));
+    if (is(a)) return module.backward(ex, hv, pos, dv, view<const A, 1>(*dgates, "dgates"), dhv);
+  }
+  module.backward(ex, hv, pos, dv, view<const T, 1>(*dgates, "dgates"), dhv);
 }
 
 }  // namespace grun::dlpack

@@ -66,11 +66,11 @@ __global__ void intervention_forward_kernel(const module_params<I, T, cuda_space
 
 /// Stage 1 of backward: slot b handles positions [b·block, (b+1)·block) serially and accumulates
 /// the trained module's gradients into its own aggregate (slots[b]); frozen modules' into a sink.
-template <class I, class T, class PA>
+template <class I, class T, class PA, class DG>
 __global__ void intervention_backward_kernel(const module_params<I, T, cuda_space>* modules, index_t K, index_t trained,
                                              double scale, matrix_view<const T, cuda_space> h, const index_t* pos,
                                              index_t P, index_t block, matrix_view<const T, cuda_space> dout,
-                                             matrix_view<const T, cuda_space> dgates, matrix_view<T, cuda_space> dh,
+                                             matrix_view<const DG, cuda_space> dgates, matrix_view<T, cuda_space> dh,
                                              const PA* slot_params, const PA* sink_params, index_t np,
                                              acc_t<T>* slots, acc_t<T>* work, index_t nslots) {
   using Acc = acc_t<T>;
@@ -151,10 +151,10 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
     generic_forward<T, S>(ex, modules, scale, h, pos, out, gates);
   }
 
-  template <class T, class S>
+  template <class T, class S, class DG>
   static void backward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                        index_t trained, matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
-                       matrix_view<const T, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
+                       matrix_view<const DG, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
     static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
     if constexpr (fused && cuda::fused::takes_storage<T>) {
       if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
@@ -194,10 +194,10 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
     // staged before the call returned, so the caller may free them at once.
   }
 
-  template <class T, class S>
+  template <class T, class S, class DG>
   static void generic_backward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                                index_t trained, matrix_view<const T, S> h, const positions& pos,
-                               matrix_view<const T, S> dout, matrix_view<const T, S> dgates, matrix_view<T, S> dh,
+                               matrix_view<const T, S> dout, matrix_view<const DG, S> dgates, matrix_view<T, S> dh,
                                const module_params<I, T, S>& grads) {
     static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
     using Acc = acc_t<T>;
@@ -244,7 +244,7 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
       GRUN_CUDA_CHECK(cudaMemcpyAsync(mods.ptr, modules.data(), sizeof(modules[0]) * std::size_t(K), cudaMemcpyHostToDevice, s));
       cuda::detail::stream_scratch<index_t> dpos(P, s);
       GRUN_CUDA_CHECK(cudaMemcpyAsync(dpos.ptr, pos.data(), sizeof(index_t) * std::size_t(P), cudaMemcpyHostToDevice, s));
-      cuda::detail::intervention_backward_kernel<I, T><<<unsigned(cuda::ceil_div(nslots, 64)), 64, 0, s>>>(
+      cuda::detail::intervention_backward_kernel<I, T, PA, DG><<<unsigned(cuda::ceil_div(nslots, 64)), 64, 0, s>>>(
           mods.ptr, K, trained, scale, h, dpos.ptr, P, block, dout, dgates, dh, dbound.ptr,
           dbound.ptr + (K > 1 ? nslots : 0), np, slots.ptr, work.ptr, nslots);
       GRUN_CUDA_CHECK_LAUNCH();

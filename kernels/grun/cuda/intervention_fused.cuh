@@ -456,11 +456,11 @@ inline coef_schedule coef_plan = coef_schedule::stream;
 /// double, so fp64 chains leave only the final roundings. Costs 3r+1 DFMA per element and module —
 /// at the FP64 rate of an H100/H200 (half the FP32 rate) well under the memory time; 16-bit storage
 /// (held to 2e-2, and the fast path) keeps fp32.
-template <class T, int V, int R, int ROWS, bool LO, int GM, int RES>
+template <class T, int V, int R, int ROWS, bool LO, int GM, int RES, class DG>
 __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
                                                      index_t trained, float scale, matrix_view<const T, cuda_space> h,
                                                      matrix_view<const T, cuda_space> dout,
-                                                     matrix_view<const T, cuda_space> dgates,
+                                                     matrix_view<const DG, cuda_space> dgates,
                                                      const index_t* __restrict__ pos, index_t P, float* __restrict__ cf,
                                                      float* __restrict__ rc, const float* __restrict__ gext,
                                                      float* __restrict__ dzext) {
@@ -882,10 +882,10 @@ bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_sp
 /// kernel `mid(dz)` runs with dz [K][P] = dL/dz (the gate's last pre-activation, device fp32); it
 /// returns a device [P, d] fp32 gate path added to dh (or nullptr). Returns false, having done
 /// nothing, when the call is not one the fused kernels take.
-template <class I, class T, int GM, class Mid>
+template <class I, class T, int GM, class DG, class Mid>
 bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
                    index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
-                   matrix_view<const T, cuda_space> dout, matrix_view<const T, cuda_space> dgates,
+                   matrix_view<const T, cuda_space> dout, matrix_view<const DG, cuda_space> dgates,
                    matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads, const float* gext,
                    Mid&& mid) {
   using Rf = typename I::reft_type;
@@ -931,7 +931,7 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
     const index_t per_thread = cuda::ceil_div(d / VW, index_t(detail::block));  // vectors per thread and row
     const bool resident = detail::coef_plan == detail::coef_schedule::resident && vec && per_thread <= detail::max_resident;
     auto coefs = [&](auto vw, auto res) {
-      const auto kernel = detail::coef_kernel<T, decltype(vw)::value, R, ROWS, LO, GM, decltype(res)::value>;
+      const auto kernel = detail::coef_kernel<T, decltype(vw)::value, R, ROWS, LO, GM, decltype(res)::value, DG>;
       kernel<<<grid1, detail::block, 0, s>>>(packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr(),
                                              P, cf.ptr, rc.ptr, gext, dz.ptr);
     };
@@ -973,10 +973,10 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
 
 /// Fused backward (see the file comment) for gate::linear / gate::always: dh and the trained
 /// module's gradients (overwritten).
-template <class I, class T>
+template <class I, class T, class DG>
 bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
               index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
-              matrix_view<const T, cuda_space> dout, matrix_view<const T, cuda_space> dgates,
+              matrix_view<const T, cuda_space> dout, matrix_view<const DG, cuda_space> dgates,
               matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads) {
   using G = typename I::gate_type;
   static_assert(supported<G, typename I::reft_type, typename I::ortho_type>);

@@ -545,10 +545,10 @@ bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_sp
 }
 
 /// Backward (see the file comment): dh and the trained module's gradients (gate and ReFT, overwritten).
-template <class I, class T>
+template <class I, class T, class DG>
 bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
               index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
-              matrix_view<const T, cuda_space> dout, matrix_view<const T, cuda_space> dgates,
+              matrix_view<const T, cuda_space> dout, matrix_view<const DG, cuda_space> dgates,
               matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads) {
   using G = typename I::gate_type;
   static_assert(supported<G, typename I::reft_type, typename I::ortho_type>);
