@@ -443,6 +443,52 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
   /// Block gates that form their first layer's weight gradient as one GEMM over all rows
   /// (backward_block_rows per block, then first_layer_weight_grad over columns).
   static constexpr bool gate_weight_gemm = gate_blocks && requires { G::host_weight_grad_gemm; };
+  /// A row as Acc: the row itself when it is stored as Acc (read in place: no copy through the
+  /// cache), else widened into buf. Rows are read-only here, and dh (which may alias dout) is
+  /// written only after the last read of its block's dout rows.
+  template <class T, class Acc>
+  static const Acc* widened_row(const T* row, Acc* buf, index_t d) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      return row;
+    } else {
+      for (index_t j = 0; j < d; ++j) buf[j] = load<Acc>(row[j]);
+      return buf;
+    }
+  }
+  /// ReFTs with a host block form (forward_block / backward_block over any number of rows).
+  static constexpr bool reft_blocks = requires { R::host_block_rows; };
+  /// Rows in blocks when either policy has a block form: the gate's block size if it has one, else
+  /// the ReFT's; within a block the ReFT takes reft_rows at a time (1: row by row).
+  static constexpr bool row_blocks = gate_blocks || reft_blocks;
+  static consteval index_t reft_rows() {
+    if constexpr (reft_blocks) return R::host_block_rows;
+    else return 1;
+  }
+  static consteval index_t block_rows() {
+    if constexpr (gate_blocks) return G::host_block_rows;
+    else return reft_rows();
+  }
+  /// The policies' block forms where they have one, else their row functions row by row (which
+  /// give the same values: a block form is bit for bit its row function on each row).
+  template <class PG, class Acc>
+  static void gate_forward_rows(const PG& p, const Acc* const* h, index_t nb, index_t d, Acc* const* scratch, Acc* g) {
+    if constexpr (gate_blocks) G::forward_block(p, h, nb, d, scratch, g);
+    else
+      for (index_t b = 0; b < nb; ++b) g[b] = G::forward(p, h[b], d, scratch[b]);
+  }
+  template <class PR, class Acc>
+  static void reft_forward_rows(const PR& p, const Acc* const* h, index_t nb, index_t d, Acc* const* delta, Acc* const* scratch) {
+    if constexpr (reft_blocks) R::forward_block(p, h, nb, d, delta, scratch);
+    else
+      for (index_t b = 0; b < nb; ++b) R::forward(p, h[b], d, delta[b], scratch[b]);
+  }
+  template <class PR, class GR, class Acc>
+  static void reft_backward_rows(const PR& p, const GR& grads, const Acc* const* h, index_t nb, index_t d, Acc* const* scratch,
+                                 Acc* const* ddelta, Acc* const* dh) {
+    if constexpr (reft_blocks) R::backward_block(p, grads, h, nb, d, scratch, ddelta, dh);
+    else
+      for (index_t b = 0; b < nb; ++b) R::backward(p, grads, h[b], d, scratch[b], ddelta[b], dh[b]);
+  }
   /// The layout of a block's gradient slot: every parameter but the weight a gate_weight_gemm gate
   /// forms apart (its rows set to 0, so the slot holds none of it).
   template <class P>
@@ -464,38 +510,46 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
 
     const unsigned threads = resolve_threads(ex.threads);
     const Acc s = static_cast<Acc>(scale);
-    if constexpr (gate_blocks) {
-      // The gate's block form (e.g. mlp: W1 read once per block of rows, not once per row).
-      constexpr index_t B = G::host_block_rows;
+    if constexpr (row_blocks) {
+      // Block forms (mlp gate: W1 read once per block of rows, not once per row; loreft: R and W
+      // once per block), each bit for bit its row function.
+      constexpr index_t B = block_rows(), RB = reft_rows();
       const index_t nblocks = (P + B - 1) / B;
       const index_t gs = G::scratch_size(d), rs = R::scratch_size(d);
       const index_t ld = padded_stride(d);
-      const index_t ws = B * (2 * ld + gs + 1) + d + rs;
+      const index_t ws = B * (2 * ld + gs + 1) + RB * (ld + rs);
       const index_t nworkers = std::min<index_t>(threads, std::max<index_t>(nblocks, 1));
       Acc* const work = reusable_scratch<Acc, 0>(std::size_t(nworkers * ws));
       parallel_blocks(threads, nblocks, [&](index_t blk, unsigned w) {
         const index_t q0 = blk * B, nb = std::min(P, q0 + B) - q0;
         Acc* base = work + w * ws;
-        Acc *hx[B], *sum[B], *gscr[B];
+        const Acc* hx[B];
+        Acc *hbuf[B], *sum[B], *gscr[B], *delta[RB], *rscr[RB];
         for (index_t b = 0; b < B; ++b) {
-          hx[b] = base + b * ld;
+          hbuf[b] = base + b * ld;
           sum[b] = base + (B + b) * ld;
           gscr[b] = base + 2 * B * ld + b * gs;
         }
         Acc* gv = base + B * (2 * ld + gs);
-        Acc* delta = gv + B;
-        Acc* rscr = delta + d;
+        for (index_t b = 0; b < RB; ++b) {
+          delta[b] = gv + B + b * ld;
+          rscr[b] = gv + B + RB * ld + b * rs;
+        }
         for (index_t b = 0; b < nb; ++b) {
           const T* hr = h.row(pos[q0 + b]);
-          for (index_t j = 0; j < d; ++j) { hx[b][j] = load<Acc>(hr[j]); sum[b][j] = Acc(0); }
+          hx[b] = widened_row(hr, hbuf[b], d);
+          for (index_t j = 0; j < d; ++j) sum[b][j] = Acc(0);
         }
         for (index_t k = 0; k < K; ++k) {
           const auto& pk = *pa[std::size_t(k)];
-          G::forward_block(pk.gate, hx, nb, d, gscr, gv);
-          for (index_t b = 0; b < nb; ++b) {
-            R::forward(pk.reft, hx[b], d, delta, rscr);
-            gates(k, q0 + b) = store<T>(gv[b]);
-            grun::detail::axpy_row(gv[b], delta, sum[b], d);
+          gate_forward_rows(pk.gate, hx, nb, d, gscr, gv);
+          for (index_t r0 = 0; r0 < nb; r0 += RB) {
+            const index_t rb = std::min(RB, nb - r0);
+            reft_forward_rows(pk.reft, hx + r0, rb, d, delta, rscr);
+            for (index_t b = 0; b < rb; ++b) {
+              gates(k, q0 + r0 + b) = store<T>(gv[r0 + b]);
+              grun::detail::axpy_row(gv[r0 + b], delta[b], sum[r0 + b], d);
+            }
           }
         }
         for (index_t b = 0; b < nb; ++b) {
@@ -576,13 +630,13 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
     const Acc s = static_cast<Acc>(scale);
     const bool has_dgates = dgates.size() != 0;
 
-    if constexpr (gate_blocks) {
-      // Rows of a slot's block in chunks of B, in order: the gate's block form accumulates each
-      // parameter gradient over the chunk's rows in row order, as the row path would.
-      constexpr index_t B = G::host_block_rows;
+    if constexpr (row_blocks) {
+      // Rows of a slot's block in chunks of B, in order: the block forms accumulate each parameter
+      // gradient over the chunk's rows in row order, as the row path would.
+      constexpr index_t B = block_rows(), RB = reft_rows();
       const index_t gs = G::scratch_size(d), rs = R::scratch_size(d);
       const index_t ld = padded_stride(d);
-      const index_t bws = B * (3 * ld + gs + 2) + 2 * d + rs;
+      const index_t bws = B * (3 * ld + gs + 2) + RB * (ld + rs);
       Acc* const bwork = reusable_scratch<Acc, 1>(std::size_t(workers * bws));
       // gate_weight_gemm: the trained module's dz1 of every row, transposed ([H1][P]), for the GEMM.
       std::vector<Acc> dz1t;
@@ -590,47 +644,53 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
       parallel_blocks(threads, nblocks, [&](index_t blk, unsigned w) {
         const PA slot = bind_params(shaped, slots.data() + blk * np);
         Acc* base = bwork + w * bws;
-        Acc *hx[B], *dx[B], *dhx[B], *gscr[B];
+        const Acc *hx[B], *dx[B];
+        Acc *hbuf[B], *dbuf[B], *dhx[B], *gscr[B];
         for (index_t b = 0; b < B; ++b) {
-          hx[b] = base + b * ld;
-          dx[b] = base + (B + b) * ld;
+          hbuf[b] = base + b * ld;
+          dbuf[b] = base + (B + b) * ld;
           dhx[b] = base + (2 * B + b) * ld;
           gscr[b] = base + 3 * B * ld + b * gs;
         }
         Acc* gv = base + B * (3 * ld + gs);
         Acc* dgv = gv + B;
-        Acc* delta = dgv + B;
-        Acc* tmp = delta + d;
-        Acc* rscr = tmp + d;
+        Acc *delta[RB], *rscr[RB];
+        for (index_t b = 0; b < RB; ++b) {
+          delta[b] = dgv + B + b * ld;
+          rscr[b] = dgv + B + RB * ld + b * rs;
+        }
         const index_t qend = std::min(P, (blk + 1) * block);
         for (index_t q0 = blk * block; q0 < qend; q0 += B) {
           const index_t nb = std::min(qend, q0 + B) - q0;
           for (index_t b = 0; b < nb; ++b) {
-            const T* hr = h.row(pos[q0 + b]);
-            const T* dr = dout.row(pos[q0 + b]);
-            for (index_t j = 0; j < d; ++j) {
-              hx[b][j] = load<Acc>(hr[j]);
-              dx[b][j] = load<Acc>(dr[j]);
-              dhx[b][j] = dx[b][j];  // the identity path of h' = h + …
-            }
+            hx[b] = widened_row(h.row(pos[q0 + b]), hbuf[b], d);
+            dx[b] = widened_row(dout.row(pos[q0 + b]), dbuf[b], d);
+            for (index_t j = 0; j < d; ++j) dhx[b][j] = dx[b][j];  // the identity path of h' = h + …
           }
           for (index_t k = 0; k < K; ++k) {
             const auto& pk = *pa[std::size_t(k)];
             const PA& gk = k == trained ? slot : sinks[w];
-            G::forward_block(pk.gate, hx, nb, d, gscr, gv);
-            for (index_t b = 0; b < nb; ++b) {
-              // backward_row's ReFT half: dL/dg = dg_ext + s·doutᵀΔ, dL/dΔ = s·g·dout.
-              R::forward(pk.reft, hx[b], d, delta, rscr);
-              const Acc sg = s * gv[b];
-              for (index_t j = 0; j < d; ++j) tmp[j] = sg * dx[b][j];
-              dgv[b] = (has_dgates ? load<Acc>(dgates(k, q0 + b)) : Acc(0)) + s * grun::detail::dot<Acc>(dx[b], delta, d);
-              R::backward(pk.reft, gk.reft, hx[b], d, rscr, tmp, dhx[b]);
+            gate_forward_rows(pk.gate, hx, nb, d, gscr, gv);
+            for (index_t r0 = 0; r0 < nb; r0 += RB) {
+              const index_t rb = std::min(RB, nb - r0);
+              reft_forward_rows(pk.reft, hx + r0, rb, d, delta, rscr);
+              for (index_t b = 0; b < rb; ++b) {
+                // backward_row's ReFT half: dL/dg = dg_ext + s·doutᵀΔ, dL/dΔ = s·g·dout (over Δ,
+                // which the dot was its last use of).
+                const index_t c = r0 + b;
+                dgv[c] = (has_dgates ? load<Acc>(dgates(k, q0 + c)) : Acc(0)) + s * grun::detail::dot<Acc>(dx[c], delta[b], d);
+                const Acc sg = s * gv[c];
+                for (index_t j = 0; j < d; ++j) delta[b][j] = sg * dx[c][j];
+              }
+              reft_backward_rows(pk.reft, gk.reft, hx + r0, rb, d, rscr, delta, dhx + r0);
             }
             if constexpr (gate_weight_gemm)
               G::backward_block_rows(pk.gate, gk.gate, nb, d, gscr, gv, dgv, dhx,
                                      k == trained ? dz1t.data() + q0 : static_cast<Acc*>(nullptr), P);
-            else
+            else if constexpr (gate_blocks)
               G::backward_block(pk.gate, gk.gate, hx, nb, d, gscr, gv, dgv, dhx);
+            else
+              for (index_t b = 0; b < nb; ++b) G::backward(pk.gate, gk.gate, hx[b], d, gscr[b], gv[b], dgv[b], dhx[b]);
           }
           for (index_t b = 0; b < nb; ++b) {
             T* o = dh.row(pos[q0 + b]);
