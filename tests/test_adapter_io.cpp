@@ -397,6 +397,46 @@ TEST_CASE("adapter io: bad save requests and unwritable paths", "[adapter_io]") 
   CHECK(dir.entries() == 0);
 }
 
+TEST_CASE("adapter io: half parameters' AdamW state is saved in fp32; files with half moments still load",
+          "[adapter_io][optim]") {
+  temp_dir dir;
+  using params = linear_loreft::params<half>;
+  linear_loreft::module<half> m(8, 1);
+  auto& grads = m.owned_gradients();
+  for (index_t i = 0; i < grads.size(); ++i) grads.data()[i] = store<half>(0.01f * float(i % 7) - 0.02f);
+  optim::adamw<params> opt(m.parameters(), {.lr = 1e-2});
+  for (int t = 0; t < 3; ++t) opt.step(m.parameters(), m.gradients());
+  const auto now = dir.path / "now.safetensors";
+  save_optimizer_state(now, opt);
+  const auto f = safetensors_file::read(now);
+  for (const auto& t : f.tensors()) CHECK(t.dtype == st_dtype::f32);
+
+  // What save_optimizer_state wrote before the moments moved to acc_t: the same keys and metadata,
+  // the moments in the parameters' dtype (f16).
+  std::vector<tensor_record> records;
+  for (const char* prefix : {"m.", "v."}) {
+    const auto& state = std::string(prefix) == "m." ? opt.first_moment() : opt.second_moment();
+    index_t i = 0;
+    for (const auto& leaf : state.leaves())
+      records.push_back(make_tensor<float>(prefix + std::to_string(i++), leaf.shape(),
+                                           std::span<const float>(leaf.data, std::size_t(leaf.size())), st_dtype::f16));
+  }
+  const auto old = dir.path / "old.safetensors";
+  write_safetensors(old, records, f.metadata());
+  optim::adamw<params> resumed(m.parameters(), {.lr = 1e-2});
+  load_optimizer_state(old, resumed);
+  CHECK(resumed.steps() == 3);
+  const float* a = resumed.first_moment().data();
+  const float* b = opt.first_moment().data();
+  const float* va = resumed.second_moment().data();
+  const float* vb = opt.second_moment().data();
+  for (index_t i = 0; i < opt.first_moment().size(); ++i) {
+    INFO("element " << i);
+    CHECK(a[i] == load<float>(store<half>(b[i])));  // the f16 file's values, widened exactly
+    CHECK(va[i] == load<float>(store<half>(vb[i])));
+  }
+}
+
 TEST_CASE("adapter io: AdamW state round-trips and training resumes bit for bit", "[adapter_io][optim]") {
   temp_dir dir;
   const auto path = dir.path / "opt.safetensors";
