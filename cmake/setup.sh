@@ -42,3 +42,8 @@ fi
 if [ -x "$here/cmake/fetch_ggml.sh" ]; then
   "$here/cmake/fetch_ggml.sh"
 fi
+# A DLPack 1.x header for the second build of the DLPack adapter's tests (Debian's is 0.6): from a
+# PyPI wheel that ships it (once; cached likewise).
+if [ -x "$here/cmake/fetch_dlpack.sh" ]; then
+  "$here/cmake/fetch_dlpack.sh"
+fi

@@ -1,7 +1,8 @@
 // The DLPack adapter (grun/adapters/dlpack.hpp): a module run on DLTensors — compact, padded rows,
 // a byte offset — gives bit for bit what it gives on grun's own matrices; every layout grun cannot
 // take is refused by name; a managed tensor's deleter runs exactly once; an exported tensor keeps its
-// storage alive until the consumer lets go.
+// storage alive until the consumer lets go; DLPack 1.x's versioned tensors are taken and handed out
+// (version checked, read-only honoured).
 #include <grun/adapters/dlpack.hpp>
 #include <grun/grun.hpp>
 
@@ -14,6 +15,14 @@
 
 using namespace grun;
 using Catch::Contains;
+
+// test_dlpack_adapter_v1 is this file built against a DLPack 1.x header: grun must use the header's
+// own DLManagedTensorVersioned there (test_dlpack_adapter, on Debian's 0.6, uses grun's declaration).
+#if GRUN_TEST_DLPACK_HEADER_DECLARES_VERSIONED
+static_assert(DLPACK_MAJOR_VERSION == 1, "test_dlpack_adapter_v1 must see a DLPack 1.x header");
+static_assert(std::is_same_v<dlpack::DLManagedTensorVersioned, ::DLManagedTensorVersioned>);
+static_assert(dlpack::flag_read_only == DLPACK_FLAG_BITMASK_READ_ONLY);
+#endif
 
 namespace {
 
@@ -114,6 +123,7 @@ TEST_CASE("dlpack adapter: what grun cannot take is refused by name", "[dlpack]"
   CHECK_THROWS_WITH(v(dl(buf.data(), shape, nullptr, {kDLInt, 32, 1})), Contains("expected dtype float32, got int32"));
   CHECK_THROWS_WITH(v(dl(buf.data(), shape, nullptr, {kDLBfloat, 16, 1})), Contains("got bfloat16"));
   CHECK_THROWS_WITH(v(dl(buf.data(), shape, nullptr, {kDLFloat, 32, 4})), Contains("got float32x4"));
+  CHECK_THROWS_WITH(v(dl(buf.data(), shape, nullptr, {5, 64, 1})), Contains("got code5_64"));  // complex64
   CHECK_THROWS_WITH(v(dl(buf.data(), shape, nullptr, {kDLFloat, 32, 1}, 0, {kDLCUDA, 1})),
                     Contains("expected host memory (kDLCPU or kDLCUDAHost), got a tensor on CUDA:1"));
   CHECK_THROWS_WITH((dlpack::view<float, 2, cuda_space>(dl(buf.data(), shape, nullptr), "h")),
@@ -163,7 +173,8 @@ TEST_CASE("dlpack adapter: a managed tensor's deleter runs exactly once; export 
     CHECK(deleted == 0);
   }
   CHECK(deleted == 1);
-  CHECK_THROWS_AS(dlpack::managed_tensor(nullptr), shape_error);
+  CHECK_THROWS_AS(dlpack::managed_tensor(static_cast<DLManagedTensor*>(nullptr)), shape_error);
+  CHECK_THROWS_AS(dlpack::managed_tensor(static_cast<dlpack::DLManagedTensorVersioned*>(nullptr)), shape_error);
 
   // producer side: to_dlpack over grun storage owned by a shared_ptr
   auto storage = std::make_shared<host_matrix<float>>(3, 4);
@@ -179,4 +190,101 @@ TEST_CASE("dlpack adapter: a managed tensor's deleter runs exactly once; export 
     CHECK(imported.tensor().device.device_type == kDLCPU);
   }
   CHECK(storage.use_count() == 1);  // the consumer's deleter released it
+}
+
+TEST_CASE("dlpack adapter: DLPack 1.x versioned tensors — version checked, read-only honoured, export round-trips",
+          "[dlpack]") {
+  static int deleted = 0;
+  deleted = 0;
+  const index_t n = 4, d = 9;
+  std::vector<std::int64_t> shape{n, d}, gshape{2};
+  const auto hv = grun_test::random_floats(n * d, 3);
+  std::vector<float> h = hv, out(std::size_t(n * d)), g(2);
+  const auto make = [&](void* data, std::vector<std::int64_t>& sh, std::uint64_t flags, std::uint32_t major = 1) {
+    auto* m = new dlpack::DLManagedTensorVersioned{};
+    m->version = {major, 3};  // a later minor version: the same layout, read as usual
+    m->flags = flags;
+    m->dl_tensor = dl(data, sh, nullptr);
+    m->deleter = [](dlpack::DLManagedTensorVersioned* self) { ++deleted; delete self; };
+    return m;
+  };
+
+  SECTION("a module runs on versioned tensors; its results are grun's own bit for bit") {
+    unlearner::module<float> m(d, 5);
+    const auto pos = positions::rows({3, 0});
+    std::vector<float> out_ref(std::size_t(n * d)), g_ref(2);
+    m.forward(exec::host, matrix_view<const float>(hv.data(), {n, d}), pos,
+              matrix_view<float>(out_ref.data(), {n, d}), vector_view<float>(g_ref.data(), {2}));
+    {
+      const dlpack::managed_tensor ht(make(h.data(), shape, dlpack::flag_read_only)),
+          ot(make(out.data(), shape, 0)), gt(make(g.data(), gshape, 0));
+      CHECK(ht.versioned());
+      CHECK(ht.read_only());
+      CHECK_FALSE(ot.read_only());
+      dlpack::forward(m, exec::host, ht.tensor(), pos, ot.mutable_tensor("out"), gt.mutable_tensor("gates"));
+    }
+    CHECK(deleted == 3);
+    CHECK(std::memcmp(out.data(), out_ref.data(), out.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(g.data(), g_ref.data(), g.size() * sizeof(float)) == 0);
+  }
+  SECTION("a read-only tensor gives const views only, and is refused as an output by name") {
+    const dlpack::managed_tensor t(make(h.data(), shape, dlpack::flag_read_only | dlpack::flag_is_copied));
+    CHECK(t.view<const float, 2>().extent(1) == d);
+    CHECK_THROWS_AS((t.view<float, 2>("out")), shape_error);
+    CHECK_THROWS_WITH((t.view<float, 2>("out")), Contains("out: expected a writable tensor") && Contains("read-only"));
+    CHECK_THROWS_WITH(t.mutable_tensor("dh"), Contains("dh: expected a writable tensor"));
+    CHECK(deleted == 0);
+  }
+  SECTION("another major version is released unread and refused by name") {
+    CHECK_THROWS_AS(dlpack::managed_tensor(make(h.data(), shape, 0, 2)), format_error);
+    CHECK(deleted == 1);
+    CHECK_THROWS_WITH(dlpack::managed_tensor(make(h.data(), shape, 0, 0)),
+                      Contains("expected a DLManagedTensorVersioned of DLPack major version 1, got version 0.3"));
+    CHECK(deleted == 2);
+  }
+  SECTION("ownership moves; release hands on the right kind") {
+    dlpack::managed_tensor a(make(h.data(), shape, 0));
+    dlpack::managed_tensor b(std::move(a));
+    CHECK_FALSE(a);
+    CHECK(b.versioned());
+    CHECK_THROWS_WITH(b.release(), Contains("use release_versioned"));
+    dlpack::DLManagedTensorVersioned* raw = b.release_versioned();
+    CHECK_FALSE(b);
+    CHECK(deleted == 0);
+    raw->deleter(raw);
+    CHECK(deleted == 1);
+    std::vector<float> buf(6);
+    std::vector<std::int64_t> s23{2, 3};
+    auto* legacy = new DLManagedTensor{};
+    legacy->dl_tensor = dl(buf.data(), s23, nullptr);
+    legacy->deleter = [](DLManagedTensor* self) { ++deleted; delete self; };
+    dlpack::managed_tensor c(legacy);
+    CHECK_FALSE(c.versioned());
+    CHECK(c.flags() == 0);
+    CHECK_THROWS_WITH(c.release_versioned(), Contains("use release"));
+    c = dlpack::managed_tensor(make(h.data(), shape, 0));  // the unversioned one is released first
+    CHECK(deleted == 2);
+    c.reset();
+    CHECK(deleted == 3);
+  }
+  SECTION("to_dlpack_versioned: version 1.0, read-only for const views, storage kept until the deleter") {
+    auto storage = std::make_shared<host_matrix<float>>(3, 4);
+    for (index_t i = 0; i < 12; ++i) storage->storage[i] = float(i);
+    dlpack::DLManagedTensorVersioned* w = dlpack::to_dlpack_versioned(storage->view(), storage);
+    const auto cv = matrix_view<const float>(storage->storage.data(), {3, 4});
+    dlpack::DLManagedTensorVersioned* r = dlpack::to_dlpack_versioned(cv, storage);
+    CHECK(w->version.major == 1);
+    CHECK(w->version.minor == 0);
+    CHECK(w->flags == 0);
+    CHECK(r->flags == dlpack::flag_read_only);
+    CHECK(storage.use_count() == 3);
+    {
+      const dlpack::managed_tensor a(w), b(r);
+      CHECK(a.view<float, 2>()(2, 3) == 11.f);
+      CHECK(b.view<const float, 2>().data() == storage->storage.data());
+      CHECK_THROWS_AS((b.view<float, 2>()), shape_error);
+      CHECK(a.tensor().strides[0] == 4);
+    }
+    CHECK(storage.use_count() == 1);
+  }
 }
