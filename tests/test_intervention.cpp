@@ -4,6 +4,7 @@
 
 #include <grun/loss/unlearn.hpp>
 
+#include <algorithm>
 #include <thread>
 
 using namespace grun_test;
@@ -417,6 +418,57 @@ TEST_CASE("one trained module applied from many threads at once gives identical 
   for (int w = 0; w < workers; ++w) {
     CHECK(std::memcmp(outs[sz(w)].storage.data(), ref.storage.data(), sizeof(float) * n * d) == 0);
     CHECK(gates[sz(w)] == ref_g);
+  }
+}
+
+TEST_CASE("backward repeats bit for bit: its kept scratch is re-zeroed between calls of any size, on any thread",
+          "[intervention][threads]") {
+  // The host backward keeps its gradient slots (and the mlp gate's dZ1ᵀ) on the calling thread
+  // across calls up to 4M scalars, and allocates fresh above; a call after a larger one, or the
+  // same call again, must not see what an earlier one left there.
+  const auto gradients_of = [](const auto& m, index_t n, index_t P, unsigned threads) {
+    using M = std::remove_cvref_t<decltype(m)>;
+    using I = typename M::intervention;
+    const index_t d = m.dim();
+    auto h = random_matrix<float>(n, d, 40 + std::uint64_t(P)), dout = random_matrix<float>(n, d, 41);
+    host_matrix<float> dh(n, d);
+    std::vector<index_t> rows;
+    for (index_t i = 0; i < P; ++i) rows.push_back((i * 7) % n);
+    std::sort(rows.begin(), rows.end());
+    rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+    owned_params<typename I::template params<float>> g(m.parameters());
+    I::backward(exec::host(threads), m.parameters(), h.view(), positions::rows(rows), dout.view(),
+                vector_view<const float>(), dh.view(), *g);
+    return std::vector<float>(g.data(), g.data() + g.size());
+  };
+  SECTION("linear gate + loreft<4>, then mlp<16, 8> + loreft<4>, then a call past the kept limit") {
+    using L = gated_intervention<gate::linear, reft::loreft<4>>;
+    using Mlp = gated_intervention<gate::mlp<16, 8>, reft::loreft<4>>;
+    using Big = gated_intervention<gate::linear, reft::loreft<32>>;
+    const L::module<float> small(64, 1);
+    const Mlp::module<float> mlp(64, 2);
+    const Big::module<float> big(8192, 3);  // ~524K gradient scalars × 10 slots > 4M: fresh slots
+    const auto small_first = gradients_of(small, 9, 5, 1);
+    const auto mlp_first = gradients_of(mlp, 80, 60, 2);
+    const auto big_first = gradients_of(big, 170, 170, 2);
+    CHECK(gradients_of(small, 9, 5, 1) == small_first);
+    CHECK(gradients_of(mlp, 80, 60, 2) == mlp_first);
+    CHECK(gradients_of(big, 170, 170, 2) == big_first);
+    CHECK(gradients_of(small, 9, 5, 1) == small_first);
+    CHECK(gradients_of(mlp, 80, 60, 1) == mlp_first);  // any thread count: the same bits
+  }
+  SECTION("from several threads at once") {
+    using Mlp = gated_intervention<gate::mlp<16, 8>, reft::loreft<4>>;
+    const Mlp::module<float> mlp(48, 4);
+    const auto ref = gradients_of(mlp, 50, 33, 1);
+    std::vector<int> same(4, 0);
+    std::vector<std::thread> pool;
+    for (int w = 0; w < 4; ++w)
+      pool.emplace_back([&, w] {
+        for (int rep = 0; rep < 5; ++rep) same[sz(w)] += gradients_of(mlp, 50, 33, unsigned(1 + w % 2)) == ref;
+      });
+    for (auto& t : pool) t.join();
+    for (int w = 0; w < 4; ++w) CHECK(same[sz(w)] == 5);
   }
 }
 

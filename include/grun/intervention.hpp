@@ -375,6 +375,22 @@ Acc* reusable_scratch(std::size_t n) {
   return kept.data();
 }
 
+/// n scalars set to 0: reusable_scratch up to 4M scalars (slots of gradients at small T would
+/// otherwise be faulted in page by page on every call — at T = 1, d = 4096 that was 6× the
+/// arithmetic), above that allocated into `fresh` and freed with it (a rare large call does not
+/// keep its memory pinned to the thread).
+template <class Acc, int Tag>
+Acc* zeroed_scratch(index_t n, buffer<Acc>& fresh) {
+  constexpr index_t kept_limit = index_t(4) * 1024 * 1024;
+  if (n > kept_limit) {
+    fresh = buffer<Acc>(n);
+    return fresh.data();
+  }
+  Acc* const p = reusable_scratch<Acc, Tag>(std::size_t(n));
+  std::fill_n(p, n, Acc(0));
+  return p;
+}
+
 /// Points the leaves of a shaped aggregate into consecutive storage at `base`.
 template <class P, class V>
 P bind_params(P shaped, V* base) {
@@ -561,10 +577,9 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
     }
     const index_t nblocks = (P + forward_block - 1) / forward_block;
     const index_t ws = 3 * d + I::scratch_size(d);
-    std::vector<std::vector<Acc>> work(std::min<index_t>(threads, std::max<index_t>(nblocks, 1)),
-                                       std::vector<Acc>(std::size_t(ws)));
+    Acc* const work = reusable_scratch<Acc, 0>(std::size_t(std::min<index_t>(threads, std::max<index_t>(nblocks, 1)) * ws));
     parallel_blocks(threads, nblocks, [&](index_t b, unsigned w) {
-      Acc* hx = work[w].data();
+      Acc* hx = work + w * ws;
       Acc* delta = hx + d;
       Acc* sum = delta + d;
       Acc* scratch = sum + d;
@@ -613,12 +628,11 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
       if (block > B || gate_weight_gemm) block = (block + B - 1) / B * B;
     }
     const index_t nblocks = (P + block - 1) / block;
-    buffer<Acc> slots(nblocks * np);
+    buffer<Acc> fresh_slots;
+    Acc* const slots = zeroed_scratch<Acc, 2>(nblocks * np, fresh_slots);
 
     const unsigned threads = resolve_threads(ex.threads);
     const index_t workers = std::min<index_t>(threads, std::max<index_t>(nblocks, 1));
-    const index_t ws = 5 * d + I::scratch_size(d);
-    std::vector<std::vector<Acc>> work(static_cast<std::size_t>(workers), std::vector<Acc>(static_cast<std::size_t>(ws)));
     // Frozen modules still need their backward for dh; their parameter gradients go to a per-worker sink.
     std::vector<buffer<Acc>> sink_storage;
     std::vector<PA> sinks;
@@ -639,10 +653,11 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
       const index_t bws = B * (3 * ld + gs + 2) + RB * (ld + rs);
       Acc* const bwork = reusable_scratch<Acc, 1>(std::size_t(workers * bws));
       // gate_weight_gemm: the trained module's dz1 of every row, transposed ([H1][P]), for the GEMM.
-      std::vector<Acc> dz1t;
-      if constexpr (gate_weight_gemm) dz1t.assign(std::size_t(G::hidden1 * P), Acc(0));
+      buffer<Acc> fresh_dz1t;
+      Acc* dz1t = nullptr;
+      if constexpr (gate_weight_gemm) dz1t = zeroed_scratch<Acc, 4>(G::hidden1 * P, fresh_dz1t);
       parallel_blocks(threads, nblocks, [&](index_t blk, unsigned w) {
-        const PA slot = bind_params(shaped, slots.data() + blk * np);
+        const PA slot = bind_params(shaped, slots + blk * np);
         Acc* base = bwork + w * bws;
         const Acc *hx[B], *dx[B];
         Acc *hbuf[B], *dbuf[B], *dhx[B], *gscr[B];
@@ -686,7 +701,7 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
             }
             if constexpr (gate_weight_gemm)
               G::backward_block_rows(pk.gate, gk.gate, nb, d, gscr, gv, dgv, dhx,
-                                     k == trained ? dz1t.data() + q0 : static_cast<Acc*>(nullptr), P);
+                                     k == trained ? dz1t + q0 : static_cast<Acc*>(nullptr), P);
             else if constexpr (gate_blocks)
               G::backward_block(pk.gate, gk.gate, hx, nb, d, gscr, gv, dgv, dhx);
             else
@@ -706,14 +721,16 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
         const auto& gw = G::first_layer_weight(grads.gate);
         constexpr index_t cols = 128;  // columns per task
         parallel_blocks(threads, (d + cols - 1) / cols, [&](index_t c, unsigned) {
-          G::first_layer_weight_grad(dz1t.data(), P, hrows.data(), P, c * cols, std::min(d, (c + 1) * cols), gw.data,
+          G::first_layer_weight_grad(dz1t, P, hrows.data(), P, c * cols, std::min(d, (c + 1) * cols), gw.data,
                                      gw.cols);
         });
       }
     } else {
+      const index_t ws = 5 * d + I::scratch_size(d);
+      Acc* const work = reusable_scratch<Acc, 1>(std::size_t(workers * ws));
       parallel_blocks(threads, nblocks, [&](index_t b, unsigned w) {
-        const PA slot = bind_params(shaped, slots.data() + b * np);
-        Acc* hx = work[w].data();
+        const PA slot = bind_params(shaped, slots + b * np);
+        Acc* hx = work + w * ws;
         Acc* dx = hx + d;
         Acc* dhx = dx + d;
         Acc* delta = dhx + d;
@@ -740,12 +757,13 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
       });
     }
 
-    std::vector<double> total(std::size_t(np), 0.0);
+    double* const total = reusable_scratch<double, 3>(std::size_t(np));
+    std::fill_n(total, np, 0.0);
     for (index_t b = 0; b < nblocks; ++b) {
-      const Acc* sl = slots.data() + b * np;
-      for (index_t i = 0; i < np; ++i) total[std::size_t(i)] += double(sl[i]);
+      const Acc* sl = slots + b * np;
+      for (index_t i = 0; i < np; ++i) total[i] += double(sl[i]);
     }
-    const auto tv = bind_params(slot_shape(I::template shape<double>(d)), total.data());
+    const auto tv = bind_params(slot_shape(I::template shape<double>(d)), total);
     if constexpr (I::ortho_type::is_parametrization) {
       // dL/dR → dL/dv through the exact Householder pullback.
       const auto& dR = R::rotation(tv.reft);
