@@ -19,10 +19,8 @@ readonly wheel_sha256="8ecebe749834f6ac0f2693d5964acf9ac75d0bc26e6ba64c46eb7ab00
 readonly header_member="tvm_ffi/include/dlpack/dlpack.h"
 readonly dlpack_version="1.3"
 
-say() { echo "grun fetch_dlpack: $*"; }
-die() { echo "grun fetch_dlpack: error: $*" >&2; exit 1; }
-
-cache_dir="${GRUN_CACHE_DIR:-${HOME:-/tmp}/.cache/grun}"
+fetch_name=fetch_dlpack
+source "$(dirname "${BASH_SOURCE[0]}")/fetch_common.sh"
 include_dir="$cache_dir/dlpack-$dlpack_version/include"
 stamp="$include_dir/.grun-from-$wheel_sha256"
 
@@ -32,20 +30,13 @@ if [ -f "$stamp" ] && [ -f "$include_dir/dlpack/dlpack.h" ]; then
   exit 0
 fi
 
-source "$(dirname "${BASH_SOURCE[0]}")/pip_python.sh"
-[ -n "$python" ] || die "no python3 with pip found (install python3-pip, or set GRUN_PYTHON); needed to download $wheel_spec"
-
 mkdir -p "$cache_dir" || die "cannot create $cache_dir"
 work="$(mktemp -d "$cache_dir/.dlpack.XXXXXX")"  # same filesystem as the target: the final move is a rename
 trap 'rm -rf "$work"' EXIT
 
 say "downloading $wheel_spec (3.4 MB; only its dlpack/dlpack.h is used)"
-"$python" -m pip download --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 --python-version 3.11 \
-    --implementation cp --abi cp311 --disable-pip-version-check -q -d "$work" "$wheel_spec" 2>"$work/pip.log" ||
-  { tail -5 "$work/pip.log" >&2; die "pip download of $wheel_spec failed (no network or no PyPI access?)"; }
-[ -f "$work/$wheel_file" ] || die "pip reported success but $wheel_file is not in $work"
-sum="$(sha256sum "$work/$wheel_file" | cut -d' ' -f1)"
-[ "$sum" = "$wheel_sha256" ] || die "$wheel_file: expected sha256 $wheel_sha256, found $sum; refusing to use it"
+pip_download_pinned "$wheel_spec" "$wheel_file" "$wheel_sha256" "$work" --only-binary=:all: \
+    --platform manylinux_2_28_x86_64 --python-version 3.11 --implementation cp --abi cp311
 
 mkdir -p "$work/include/dlpack"
 "$python" - "$work/$wheel_file" "$header_member" "$work/include/dlpack/dlpack.h" <<'PY' || die "could not extract $header_member"

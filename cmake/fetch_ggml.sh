@@ -18,10 +18,8 @@ readonly sdist_sha256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db27
 readonly ggml_member="llama_cpp_python-0.3.36/vendor/llama.cpp/ggml"
 readonly ggml_version="0.25.3"
 
-say() { echo "grun fetch_ggml: $*"; }
-die() { echo "grun fetch_ggml: error: $*" >&2; exit 1; }
-
-cache_dir="${GRUN_CACHE_DIR:-${HOME:-/tmp}/.cache/grun}"
+fetch_name=fetch_ggml
+source "$(dirname "${BASH_SOURCE[0]}")/fetch_common.sh"
 prefix="$cache_dir/ggml-$ggml_version"
 stamp="$prefix/.grun-built-from-$sdist_sha256"
 
@@ -31,22 +29,14 @@ if [ -f "$stamp" ] && [ -f "$prefix/lib/cmake/ggml/ggml-config.cmake" ]; then
   exit 0
 fi
 
-# A python3 that has pip (pyenv's, the system's, ...).
-source "$(dirname "${BASH_SOURCE[0]}")/pip_python.sh"
-[ -n "$python" ] || die "no python3 with pip found (install python3-pip, or set GRUN_PYTHON); needed to download $sdist_spec"
 command -v cmake >/dev/null 2>&1 || die "cmake not found (cmake/setup.sh installs it)"
 
 mkdir -p "$cache_dir" || die "cannot create $cache_dir"
 work="$(mktemp -d "$cache_dir/.ggml-build.XXXXXX")"  # same filesystem as the prefix: the final move is a rename
 trap 'rm -rf "$work"' EXIT
 
-say "downloading the sdist $sdist_spec with $python -m pip (about 77 MB; only its ggml sources are used)"
-"$python" -m pip download --no-deps --no-binary=:all: --disable-pip-version-check -q \
-    -d "$work" "$sdist_spec" 2>"$work/pip.log" ||
-  { tail -5 "$work/pip.log" >&2; die "pip download of $sdist_spec failed (no network or no PyPI access?)"; }
-[ -f "$work/$sdist_file" ] || die "pip reported success but $sdist_file is not in $work"
-sum="$(sha256sum "$work/$sdist_file" | cut -d' ' -f1)"
-[ "$sum" = "$sdist_sha256" ] || die "$sdist_file: expected sha256 $sdist_sha256, found $sum; refusing to build it"
+say "downloading the sdist $sdist_spec with pip (about 77 MB; only its ggml sources are used)"
+pip_download_pinned "$sdist_spec" "$sdist_file" "$sdist_sha256" "$work" --no-binary=:all:
 
 say "extracting $ggml_member"
 tar -xzf "$work/$sdist_file" -C "$work" "$ggml_member" || die "could not extract $ggml_member"
