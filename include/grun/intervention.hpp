@@ -577,7 +577,8 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
     }
     const index_t nblocks = (P + forward_block - 1) / forward_block;
     const index_t ws = 3 * d + I::scratch_size(d);
-    Acc* const work = reusable_scratch<Acc, 0>(std::size_t(std::min<index_t>(threads, std::max<index_t>(nblocks, 1)) * ws));
+    const index_t workers = std::min<index_t>(threads, std::max<index_t>(nblocks, 1));
+    Acc* const work = reusable_scratch<Acc, 0>(std::size_t(workers * ws));
     parallel_blocks(threads, nblocks, [&](index_t b, unsigned w) {
       Acc* hx = work + w * ws;
       Acc* delta = hx + d;
@@ -757,8 +758,8 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
       });
     }
 
-    double* const total = reusable_scratch<double, 3>(std::size_t(np));
-    std::fill_n(total, np, 0.0);
+    buffer<double> fresh_total;
+    double* const total = zeroed_scratch<double, 3>(np, fresh_total);
     for (index_t b = 0; b < nblocks; ++b) {
       const Acc* sl = slots + b * np;
       for (index_t i = 0; i < np; ++i) total[i] += double(sl[i]);
