@@ -8,13 +8,17 @@
 # the CUDA tests. Built here (same nvcc 13.0; glibc ≥ 2.34, libstdc++ of GCC 12 needed there), the
 # slot only runs the programs:
 #
-#   benchmarks/gpu_bundle.sh                              # here: ~10 min of nvcc on 2 cores
+#   benchmarks/gpu_bundle.sh                              # here: ~7–10 min of nvcc on 2 cores
 #   benchmarks/gpu_check.sh --prebuilt build-gpu-bundle   # there: tests, bench_cuda, PyTorch, table
+#   benchmarks/gpu_slot.sh --bundle build-gpu-bundle.tar.gz   # or: the whole call, from the archive
 #
 # The bundle: bin/ (every tests/cuda test, examples' device_loop_cuda, bench_cuda; stripped),
 # lib/libcudart.so.13 (cuBLASLt, 0.5 GB, is taken from the GPU machine's CUDA or PyTorch), and
 # MANIFEST (the commit, whether the tree had changes, the architectures, nvcc's version). It is
 # written to DIR.tmp and renamed to DIR only when complete: a failed build never leaves a bundle.
+# The same bundle is also written as DIR.tar.gz (about 40% of the folder's size): a device call carries
+# at most 64 MiB with the working tree and the folder alone is ~56 MiB, so carry the archive
+# (gpu_slot.sh --bundle DIR.tar.gz unpacks it there). It too is written under a temporary name first.
 #
 # Usage: benchmarks/gpu_bundle.sh [--out DIR] [--jobs N]
 #   --out DIR   the bundle (default: build-gpu-bundle in the repository root; build-* is git-ignored)
@@ -82,6 +86,10 @@ dirty="$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null | he
 
 rm -rf "$out"
 mv "$staging" "$out"
+tar czf "$out.tar.gz.tmp" -C "$out" . && mv "$out.tar.gz.tmp" "$out.tar.gz" \
+  || { rm -f "$out.tar.gz.tmp"; echo "gpu_bundle.sh: could not write $out.tar.gz" >&2; exit 1; }
 size=$(du -sm "$out" | cut -f1)
-log "bundle $out: ${size} MiB (a device call carries at most 64 MiB with the working tree)"
+packed=$(( ($(stat -c %s "$out.tar.gz") + 1048575) / 1048576 ))
+log "bundle $out: ${size} MiB; archive $out.tar.gz: ${packed} MiB (a device call carries at most 64 MiB with the working tree: carry the archive)"
+(( packed > 56 )) && log "warning: the archive leaves under 8 MiB of the 64 MiB a device call carries for the working tree and wheels"
 cat "$out/MANIFEST"

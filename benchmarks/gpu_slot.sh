@@ -5,7 +5,8 @@
 # bounded; what it wrote lands in OUT (at most 8 files, for transfers that return few files).
 #
 # Usage: benchmarks/gpu_slot.sh [--bundle DIR] [--out DIR] [--wheels DIR]
-#   --bundle  a bundle from benchmarks/gpu_bundle.sh        (default: build-gpu-bundle)
+#   --bundle  a bundle from benchmarks/gpu_bundle.sh: its folder, or its .tar.gz (unpacked here into a
+#             temporary folder)      (default: build-gpu-bundle, else build-gpu-bundle.tar.gz)
 #   --out     where results go                               (default: $OUT, else gpu-slot-out)
 #   --wheels  Python wheels to install first with --no-deps into a private target (e.g. liger-kernel,
 #             which the lent machines lack and cannot fetch)
@@ -16,7 +17,7 @@ set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
-bundle="$root/build-gpu-bundle"
+bundle=""
 out="${OUT:-$root/gpu-slot-out}"
 wheels=""
 while [[ $# -gt 0 ]]; do
@@ -29,12 +30,27 @@ while [[ $# -gt 0 ]]; do
   esac
   shift 2
 done
+if [[ -z $bundle ]]; then
+  bundle="$root/build-gpu-bundle"
+  [[ ! -d $bundle && -f $bundle.tar.gz ]] && bundle="$bundle.tar.gz"
+fi
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+if [[ -f $bundle ]]; then
+  # The archive gpu_bundle.sh writes beside the folder (the folder alone is near a device call's 64 MiB).
+  mkdir -p "$work/bundle"
+  if ! tar xzf "$bundle" -C "$work/bundle" 2>"$work/untar.log"; then
+    echo "gpu_slot.sh: --bundle $bundle: expected a .tar.gz made by benchmarks/gpu_bundle.sh, could not unpack it:" \
+      "$(head -c 300 "$work/untar.log")" >&2
+    exit 2
+  fi
+  bundle="$work/bundle"
+fi
 if [[ ! -f $bundle/MANIFEST || ! -f $bundle/bin/bench_cuda ]]; then
   echo "gpu_slot.sh: --bundle $bundle: expected a bundle made by benchmarks/gpu_bundle.sh (MANIFEST, bin/), found none" >&2
   exit 2
 fi
 mkdir -p "$out"
-work="$(mktemp -d)"
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
@@ -99,6 +115,6 @@ else
 fi
 cat "$out/memcheck.txt"
 
-tar czf "$out/logs.tgz" -C "$work" --exclude='site' . 2>/dev/null
+tar czf "$out/logs.tgz" -C "$work" --exclude=./site --exclude=./bundle . 2>/dev/null
 echo "gpu_slot.sh done after $(elapsed) s (gpu_check.sh exit $rc); results in $out"
 exit "$rc"

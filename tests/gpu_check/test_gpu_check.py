@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 
 MODE, ROOT = sys.argv[1], sys.argv[2]
@@ -313,6 +314,26 @@ def test_slot():
                 check(any(f"-k regex:{kernel} -c 1" in line and line.endswith(f"--schedule {schedule}")
                           for line in ncu.splitlines()),
                       f"ncu.txt: {kernel} profiled (forward schedule {schedule})")
+
+        # The archive gpu_bundle.sh writes beside the folder (what a device call carries): unpacked and run.
+        archive = os.path.join(tmp, "bundle.tar.gz")
+        subprocess.run(["tar", "czf", archive, "-C", bundle, "."], check=True)
+        out2 = os.path.join(tmp, "out2")
+        p = run(["bash", slot, "--bundle", archive, "--out", out2],
+                dict(os.environ, GRUN_NVIDIA_SMI=smi, PATH=f"{fakebin}:/usr/bin:/bin"))
+        check(p.returncode == 0 and "prebuilt bundle: commit 1111111" in p.stdout,
+              f"bundle as .tar.gz: unpacked, exit 0, its MANIFEST read (got {p.returncode}; {p.stdout[-600:]!r})")
+        with tarfile.open(os.path.join(out2, "logs.tgz")) as logs:
+            names = logs.getnames()
+        check(not any("bundle/" in n for n in names), f"logs.tgz does not carry the unpacked bundle back: {names[:8]}")
+        broken = os.path.join(tmp, "broken.tar.gz")
+        with open(broken, "wb") as f:
+            f.write(b"not a tar archive")
+        out3 = os.path.join(tmp, "out3")
+        p = run(["bash", slot, "--bundle", broken, "--out", out3], dict(os.environ, GRUN_NVIDIA_SMI=smi))
+        check(p.returncode == 2 and "expected a .tar.gz made by benchmarks/gpu_bundle.sh" in p.stderr
+              and not os.path.exists(out3),
+              f"a broken archive: exit 2 naming what was expected, nothing written (got {p.returncode}: {p.stderr.strip()!r})")
 
 
 {"no_gpu": test_no_gpu, "keys": test_keys, "table": test_table, "prebuilt": test_prebuilt, "slot": test_slot}[MODE]()
