@@ -41,7 +41,9 @@ void fill_random(float* p, grun::index_t n, unsigned seed, float scale = 1.0f) {
 template <class Gate>
 using loreft4 = grun::gated_intervention<Gate, grun::reft::loreft<4>>;
 
-template <class Gate>
+/// Save: the forward keeps what the backward would recompute (grun::saved_activations), as a
+/// training step would — and as libtorch's autograd does; for gate::mlp the gate's hidden activations.
+template <class Gate, bool Save = true>
 void grun_intervention(benchmark::State& state) {
   using I = loreft4<Gate>;
   const grun::index_t T = state.range(0), d = state.range(1);
@@ -52,9 +54,15 @@ void grun_intervention(benchmark::State& state) {
   grun::buffer<float> gates(T);
   const auto pos = grun::positions::all(T);
   const auto ex = grun::exec::host(bench_threads());
+  grun::saved_activations<float> saved;
   for (auto _ : state) {
-    m.forward(ex, h.view(), pos, out.view(), gates.view());
-    m.backward(ex, h.view(), pos, dout.view(), grun::vector_view<const float>(), dh.view());
+    if constexpr (Save) {
+      m.forward(ex, h.view(), pos, out.view(), gates.view(), saved);
+      m.backward(ex, h.view(), pos, dout.view(), grun::vector_view<const float>(), dh.view(), saved);
+    } else {
+      m.forward(ex, h.view(), pos, out.view(), gates.view());
+      m.backward(ex, h.view(), pos, dout.view(), grun::vector_view<const float>(), dh.view());
+    }
     benchmark::DoNotOptimize(dh.storage.data());
     benchmark::ClobberMemory();
   }
@@ -165,6 +173,7 @@ void nll_args(benchmark::internal::Benchmark* b) {
 BENCHMARK(grun_intervention<grun::gate::linear>)->Name("grun/linear_loreft4")->Apply(intervention_args);
 BENCHMARK(torch_intervention<grun::gate::linear>)->Name("torch/linear_loreft4")->Apply(intervention_args);
 BENCHMARK(grun_intervention<grun::gate::mlp<>>)->Name("grun/mlp_loreft4")->Apply(intervention_args);
+BENCHMARK(grun_intervention<grun::gate::mlp<>, false>)->Name("grun/mlp_loreft4_recompute")->Apply(intervention_args);
 BENCHMARK(torch_intervention<grun::gate::mlp<>>)->Name("torch/mlp_loreft4")->Apply(intervention_args);
 BENCHMARK(grun_nll)->Name("grun/nll")->Apply(nll_args);
 BENCHMARK(torch_nll)->Name("torch/nll")->Apply(nll_args);
@@ -206,7 +215,9 @@ int main(int argc, char** argv) {
   std::printf("%-34s %12s %12s %9s %10s %8s\n", "case", "grun", "libtorch", "speedup", "grun GB/s", "% copy");
   for (auto& [name, t] : reporter.time_ns) {
     if (name.rfind("grun/", 0) != 0) continue;
+    // grun/X_recompute: grun without saved activations, against the same libtorch row as grun/X.
     std::string other = "torch/" + name.substr(5);
+    if (const auto at = other.find("_recompute"); at != std::string::npos) other.erase(at, 10);
     auto it = reporter.time_ns.find(other);
     if (it == reporter.time_ns.end()) continue;
     const double g = reporter.gbps.count(name) ? reporter.gbps[name] : 0;

@@ -472,6 +472,188 @@ TEST_CASE("backward repeats bit for bit: its kept scratch is re-zeroed between c
   }
 }
 
+namespace {
+/// The bytes of what a matrix or a parameter set holds, for bit-for-bit comparison (half has no ==).
+template <class T>
+std::vector<unsigned char> as_bits(const T* p, std::size_t n) {
+  const auto* b = reinterpret_cast<const unsigned char*>(p);
+  return std::vector<unsigned char>(b, b + n * sizeof(T));
+}
+template <class T>
+std::vector<unsigned char> as_vector(const host_matrix<T>& m) { return as_bits(m.storage.data(), m.storage.size()); }
+template <class P>
+std::vector<unsigned char> as_vector(const owned_params<P>& p) { return as_bits(p.data(), sz(p.size())); }
+
+/// Forward then backward of I on (n, d, positions) twice: recomputing the gate and from a
+/// saved_activations; every output compared bit for bit.
+template <class I, class T>
+void check_saved_matches_recompute(index_t n, index_t d, const std::vector<index_t>& rows, unsigned threads,
+                                   bool with_dgates, std::uint64_t seed) {
+  INFO("n = " << n << ", d = " << d << ", P = " << rows.size() << ", threads = " << threads
+              << (with_dgates ? ", dgates" : ""));
+  const typename I::template module<T> m(d, seed);
+  const auto h = random_matrix<T>(n, d, seed + 1), dout = random_matrix<T>(n, d, seed + 2);
+  const auto pos = positions::rows(rows);
+  const index_t P = pos.size();
+  std::vector<T> dg(sz(P));
+  for (index_t q = 0; q < P; ++q) dg[sz(q)] = T(0.25 * double(q % 3) - 0.3);
+  const auto dgates = with_dgates ? vector_view<const T>(dg.data(), {P}) : vector_view<const T>();
+  const exec::host_t ex = exec::host(threads);
+
+  host_matrix<T> out0(n, d), out1(n, d), dh0(n, d), dh1(n, d);
+  std::vector<T> g0(sz(P)), g1(sz(P));
+  owned_params<typename I::template params<T>> grads0(m.parameters()), grads1(m.parameters());
+  I::forward(ex, m.parameters(), h.view(), pos, out0.view(), vector_view<T>(g0.data(), {P}));
+  I::backward(ex, m.parameters(), h.view(), pos, dout.view(), dgates, dh0.view(), *grads0);
+
+  saved_activations<T> saved;
+  CHECK_FALSE(saved.filled());
+  I::forward(ex, m.parameters(), h.view(), pos, out1.view(), vector_view<T>(g1.data(), {P}), saved);
+  CHECK(saved.filled());
+  CHECK(saved.positions() == P);
+  CHECK(saved.modules() == 1);
+  I::backward(ex, m.parameters(), h.view(), pos, dout.view(), dgates, dh1.view(), *grads1, saved);
+  CHECK(as_vector(out0) == as_vector(out1));
+  CHECK(as_bits(g0.data(), g0.size()) == as_bits(g1.data(), g1.size()));
+  CHECK(as_vector(dh0) == as_vector(dh1));
+  CHECK(as_vector(grads0) == as_vector(grads1));
+  // A second backward from the same saved activations (it reads them, does not consume them).
+  I::backward(ex, m.parameters(), h.view(), pos, dout.view(), dgates, dh1.view(), *grads1, saved);
+  CHECK(as_vector(grads0) == as_vector(grads1));
+}
+}  // namespace
+
+TEST_CASE("saved activations: the backward skips the gate's forward and gives the same bits",
+          "[intervention][saved]") {
+  using Mlp = gated_intervention<gate::mlp<16, 8>, reft::loreft<4>>;
+  SECTION("mlp gate: positions short of a block, past one, unsorted; threads 1 and 2; with and without dgates") {
+    for (unsigned threads : {1u, 2u})
+      for (bool with_dgates : {false, true}) {
+        check_saved_matches_recompute<Mlp, float>(9, 37, {4}, threads, with_dgates, 1);
+        check_saved_matches_recompute<Mlp, float>(40, 64, {0, 3, 5, 6, 9, 11, 17, 30, 39}, threads, with_dgates, 2);
+        std::vector<index_t> many;
+        for (index_t i = 0; i < 70; ++i) many.push_back((i * 13) % 70);
+        check_saved_matches_recompute<Mlp, float>(70, 33, many, threads, with_dgates, 3);
+        check_saved_matches_recompute<Mlp, double>(70, 33, many, threads, with_dgates, 4);
+      }
+    check_saved_matches_recompute<Mlp, float>(5, 16, {}, 1, false, 5);  // no positions
+  }
+  SECTION("mlp gate with half storage: saved in fp32") {
+    check_saved_matches_recompute<Mlp, half>(30, 40, {1, 2, 8, 9, 20, 29}, 2, true, 6);
+    saved_activations<half> s;
+    static_assert(std::is_same_v<saved_activations<half>::value_type, float>);
+  }
+  SECTION("the default mlp<256, 64>: 321 scalars a position") {
+    using Default = gated_intervention<gate::mlp<>, reft::loreft<4>>;
+    check_saved_matches_recompute<Default, float>(20, 48, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 19}, 2, true, 7);
+    const Default::module<float> m(48, 7);
+    const auto h = random_matrix<float>(20, 48, 8);
+    host_matrix<float> out(20, 48);
+    std::vector<float> g(3);
+    saved_activations<float> saved;
+    m.forward(exec::host, h.view(), positions::rows({1, 5, 7}), out.view(), vector_view<float>(g.data(), {3}), saved);
+    CHECK(saved.width() == 256 + 64 + 1);
+    CHECK(saved.bytes() == 3 * 321 * sizeof(float));
+  }
+  SECTION("linear gate and direft: nothing worth saving, the backward recomputes") {
+    using L = gated_intervention<gate::linear, reft::loreft<4>>;
+    using D = gated_intervention<gate::linear, reft::direft<3>>;
+    check_saved_matches_recompute<L, float>(12, 33, {0, 2, 11}, 2, true, 9);
+    check_saved_matches_recompute<D, double>(12, 33, {0, 2, 11}, 1, false, 10);
+    const L::module<float> m(33, 9);
+    const auto h = random_matrix<float>(12, 33, 8);
+    host_matrix<float> out(12, 33);
+    std::vector<float> g(2);
+    saved_activations<float> saved;
+    m.forward(exec::host, h.view(), positions::rows({1, 5}), out.view(), vector_view<float>(g.data(), {2}), saved);
+    CHECK(saved.filled());
+    CHECK(saved.width() == 0);
+    CHECK(saved.bytes() == 0);
+  }
+}
+
+TEST_CASE("saved activations: module and stack use them; the backward really reads them", "[intervention][saved]") {
+  using Mlp = gated_intervention<gate::mlp<16, 8>, reft::loreft<4>>;
+  const index_t n = 24, d = 40;
+  const auto h = random_matrix<float>(n, d, 11), dout = random_matrix<float>(n, d, 12);
+  const auto pos = positions::rows({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 20, 23});
+  const index_t P = pos.size();
+  host_matrix<float> out(n, d), dh0(n, d), dh1(n, d);
+  std::vector<float> g(sz(P));
+
+  SECTION("owning module") {
+    Mlp::module<float> m(d, 13);
+    m.forward(exec::host, h.view(), pos, out.view(), vector_view<float>(g.data(), {P}));
+    m.backward(exec::host, h.view(), pos, dout.view(), vector_view<const float>(), dh0.view());
+    const std::vector<float> ref(m.owned_gradients().data(), m.owned_gradients().data() + m.owned_gradients().size());
+    saved_activations<float> saved;
+    m.forward(exec::host, h.view(), pos, out.view(), vector_view<float>(g.data(), {P}), saved);
+    m.backward(exec::host, h.view(), pos, dout.view(), vector_view<const float>(), dh1.view(), saved);
+    CHECK(std::vector<float>(m.owned_gradients().data(), m.owned_gradients().data() + m.owned_gradients().size()) == ref);
+    CHECK(as_vector(dh0) == as_vector(dh1));
+    // Change the gate's first layer after the forward: a backward from the saved activations still
+    // sees the old ones (so it read them), a recomputing one sees the new.
+    auto& w1 = gate::mlp<16, 8>::first_layer_weight(m.owned_parameters()->gate);
+    for (index_t i = 0; i < w1.size(); ++i) w1.data[i] *= 1.5f;
+    m.backward(exec::host, h.view(), pos, dout.view(), vector_view<const float>(), dh1.view(), saved);
+    const std::vector<float> from_saved(m.owned_gradients().data(), m.owned_gradients().data() + m.owned_gradients().size());
+    m.backward(exec::host, h.view(), pos, dout.view(), vector_view<const float>(), dh1.view());
+    const std::vector<float> recomputed(m.owned_gradients().data(), m.owned_gradients().data() + m.owned_gradients().size());
+    CHECK(from_saved != recomputed);
+  }
+  SECTION("stack of 3, training the newest and a frozen one") {
+    intervention_stack<gate::mlp<16, 8>, reft::loreft<4>, ortho::qr_retraction, float> st(d, 0.5, 0.7);
+    st.append(21);
+    st.append(22);
+    st.append(23);
+    host_matrix<float> gates(3, P);
+    std::vector<float> dgv(sz(3 * P), 0.125f);
+    const matrix_view<const float> dg(dgv.data(), {3, P});
+    using PT = decltype(st)::params_type;
+    owned_params<PT> a(st.module(0)), b(st.module(0));
+    for (index_t trained : {index_t(-1), index_t(0)}) {
+      st.forward(exec::host(2), h.view(), pos, out.view(), gates.view());
+      st.backward(exec::host(2), h.view(), pos, dout.view(), dg, dh0.view(), *a, trained);
+      saved_activations<float> saved;
+      st.forward(exec::host(2), h.view(), pos, out.view(), gates.view(), saved);
+      CHECK(saved.modules() == 3);
+      st.backward(exec::host(2), h.view(), pos, dout.view(), dg, dh1.view(), *b, saved, trained);
+      CHECK(as_vector(a) == as_vector(b));
+      CHECK(as_vector(dh0) == as_vector(dh1));
+    }
+  }
+}
+
+TEST_CASE("saved activations: a backward refuses ones from no forward or another call", "[intervention][saved][errors]") {
+  using Mlp = gated_intervention<gate::mlp<16, 8>, reft::loreft<4>>;
+  const Mlp::module<float> m(16, 1);
+  const auto h = random_matrix<float>(6, 16, 2);
+  host_matrix<float> out(6, 16), dh(6, 16);
+  std::vector<float> g(3);
+  owned_params<Mlp::params<float>> grads(m.parameters());
+  saved_activations<float> saved;
+  const auto pos = positions::rows({0, 2, 4});
+  CHECK_THROWS_WITH(Mlp::backward(exec::host, m.parameters(), h.view(), pos, h.view(), vector_view<const float>(),
+                                     dh.view(), *grads, saved),
+                       Catch::Contains("expected what a forward saved, got none"));
+  Mlp::forward(exec::host, m.parameters(), h.view(), pos, out.view(), vector_view<float>(g.data(), {3}), saved);
+  CHECK_THROWS_WITH(Mlp::backward(exec::host, m.parameters(), h.view(), positions::rows({0, 2}), h.view(),
+                                     vector_view<const float>(), dh.view(), *grads, saved),
+                       Catch::Contains("expected a forward's over 1 module(s), 2 positions, d = 16; "
+                                                          "got one over 1 module(s), 3 positions, d = 16"));
+  // A forward that refuses its inputs (gates of the wrong length) leaves the last forward's standing.
+  CHECK_THROWS_AS(Mlp::forward(exec::host, m.parameters(), h.view(), pos, out.view(),
+                               vector_view<float>(g.data(), {2}), saved),
+                  shape_error);
+  CHECK(saved.filled());
+  CHECK(saved.positions() == 3);
+  saved.clear();
+  CHECK_FALSE(saved.filled());
+  CHECK_THROWS_AS(Mlp::backward(exec::host, m.parameters(), h.view(), pos, h.view(), vector_view<const float>(),
+                                dh.view(), *grads, saved),
+                  shape_error);
+}
+
 TEST_CASE("init is deterministic for a seed", "[intervention][init]") {
   using I = gated_intervention<gate::linear, reft::loreft<4>>;
   I::module<float> a(33, 42), b(33, 42), c(33, 43);

@@ -31,6 +31,7 @@
 #include "init.hpp"
 #include "positions.hpp"
 #include "rowmath.hpp"
+#include "saved_activations.hpp"
 
 namespace grun {
 
@@ -61,6 +62,20 @@ struct module_params {
 };
 
 template <class Gate, class Reft, class Ortho> struct gated_intervention;
+
+namespace detail {
+/// Forward / backward through the executor with an optional saved_activations (null: none).
+/// exec::host saves where the gate has a saved form; other executors record the call's shape only.
+template <class I, class Exec, class T, class S>
+void run_forward(const Exec& ex, std::span<const module_params<I, T, S>> modules, double scale,
+                 matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates,
+                 saved_activations<T>* saved);
+template <class I, class Exec, class T, class S, class DG>
+void run_backward(const Exec& ex, std::span<const module_params<I, T, S>> modules, double scale, index_t trained,
+                  matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
+                  matrix_view<const DG, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads,
+                  const saved_activations<T>* saved, const char* what);
+}  // namespace detail
 
 namespace detail {
 /// The dispatch seam. Specialize for (executor, gated_intervention<G, R, O>) with
@@ -188,15 +203,14 @@ struct gated_intervention {
   static void forward(const Exec& ex, const params<T, S>& p, std::type_identity_t<matrix_view<const T, S>> h,
                       const positions& pos, std::type_identity_t<matrix_view<T, S>> out,
                       std::type_identity_t<vector_view<T, S>> gates) {
-    check_exec<Exec, S>();
-    check_inputs(p, h, pos, "gated_intervention::forward");
-    check_same_shape(out, h, "gated_intervention::forward: out");
-    require_rows_contiguous(out, "gated_intervention::forward: out");
-    check_in_place_or_disjoint(out, h, "gated_intervention::forward: out and h");
-    require_extent(gates, 0, pos.size(), "gated_intervention::forward: gates (one per position)");
-    const params<T, S> one[1] = {p};
-    detail::intervention_impl<Exec, gated_intervention>::forward(
-        ex, std::span<const params<T, S>>(one), 1.0, matrix_view<const T, S>(h), pos, out, as_rows(gates));
+    forward_checked(ex, p, h, pos, out, gates, static_cast<saved_activations<T>*>(nullptr));
+  }
+  /// The same, keeping in `saved` what the backward would otherwise recompute (see saved_activations).
+  template <class Exec, class T, class S>
+  static void forward(const Exec& ex, const params<T, S>& p, std::type_identity_t<matrix_view<const T, S>> h,
+                      const positions& pos, std::type_identity_t<matrix_view<T, S>> out,
+                      std::type_identity_t<vector_view<T, S>> gates, saved_activations<T>& saved) {
+    forward_checked(ex, p, h, pos, out, gates, &saved);
   }
 
   /// Backward of forward: dh [N, d] = dL/dh (identity + gate path + ReFT path; dh may be dout itself),
@@ -206,7 +220,7 @@ struct gated_intervention {
                        const positions& pos, std::type_identity_t<matrix_view<const T, S>> dout,
                        std::type_identity_t<vector_view<const T, S>> dgates, std::type_identity_t<matrix_view<T, S>> dh,
                        const params<T, S>& grads) {
-    backward_checked(ex, p, h, pos, dout, dgates, dh, grads);
+    backward_checked(ex, p, h, pos, dout, dgates, dh, grads, static_cast<const saved_activations<T>*>(nullptr));
   }
   /// The same with dgates in the accumulate type acc_t<T> (fp32 for half and bfloat16 storage), as grun's
   /// gate losses write it: no rounding to T on the way (see gate_gradient_for).
@@ -215,7 +229,16 @@ struct gated_intervention {
   static void backward(const Exec& ex, const params<T, S>& p, std::type_identity_t<matrix_view<const T, S>> h,
                        const positions& pos, std::type_identity_t<matrix_view<const T, S>> dout,
                        tensor_view<DG, 1, S> dgates, std::type_identity_t<matrix_view<T, S>> dh, const params<T, S>& grads) {
-    backward_checked(ex, p, h, pos, dout, vector_view<const acc_t<T>, S>(dgates), dh, grads);
+    backward_checked(ex, p, h, pos, dout, vector_view<const acc_t<T>, S>(dgates), dh, grads, static_cast<const saved_activations<T>*>(nullptr));
+  }
+  /// Either of the above after a forward that filled `saved` (same parameters, h and positions).
+  template <class Exec, class T, class S, class DG>
+    requires gate_gradient_for<DG, T>
+  static void backward(const Exec& ex, const params<T, S>& p, std::type_identity_t<matrix_view<const T, S>> h,
+                       const positions& pos, std::type_identity_t<matrix_view<const T, S>> dout,
+                       tensor_view<DG, 1, S> dgates, std::type_identity_t<matrix_view<T, S>> dh, const params<T, S>& grads,
+                       const saved_activations<T>& saved) {
+    backward_checked(ex, p, h, pos, dout, vector_view<const std::remove_const_t<DG>, S>(dgates), dh, grads, &saved);
   }
 
   /// Call after every optimizer step: keeps R on its constraint set (QR retraction); a no-op for
@@ -317,18 +340,31 @@ struct gated_intervention {
                          ", got ", dgates_cols);
     check_params(grads, h.extent(1), (w + " (grads)").c_str());
   }
+  template <class Exec, class T, class S>
+  static void forward_checked(const Exec& ex, const params<T, S>& p, matrix_view<const T, S> h, const positions& pos,
+                              matrix_view<T, S> out, vector_view<T, S> gates, saved_activations<T>* saved) {
+    check_exec<Exec, S>();
+    check_inputs(p, h, pos, "gated_intervention::forward");
+    check_same_shape(out, h, "gated_intervention::forward: out");
+    require_rows_contiguous(out, "gated_intervention::forward: out");
+    check_in_place_or_disjoint(out, h, "gated_intervention::forward: out and h");
+    require_extent(gates, 0, pos.size(), "gated_intervention::forward: gates (one per position)");
+    const params<T, S> one[1] = {p};
+    detail::run_forward<gated_intervention>(ex, std::span<const params<T, S>>(one), 1.0, h, pos, out, as_rows(gates),
+                                            saved);
+  }
   template <class Exec, class T, class S, class DG>
   static void backward_checked(const Exec& ex, const params<T, S>& p, matrix_view<const T, S> h, const positions& pos,
                                matrix_view<const T, S> dout, vector_view<const DG, S> dgates, matrix_view<T, S> dh,
-                               const params<T, S>& grads) {
+                               const params<T, S>& grads, const saved_activations<T>* saved) {
     static_assert(gate_gradient_for<DG, T>);
     check_exec<Exec, S>();
     check_inputs(p, h, pos, "gated_intervention::backward");
     check_backward_outputs(h, pos, dout, dgates.size() == 0 ? 0 : 1, dgates.size() == 0 ? 0 : dgates.extent(0), dh,
                            grads, "gated_intervention::backward");
     const params<T, S> one[1] = {p};
-    detail::intervention_impl<Exec, gated_intervention>::backward(ex, std::span<const params<T, S>>(one), 1.0,
-                                                                  index_t(0), h, pos, dout, as_rows(dgates), dh, grads);
+    detail::run_backward<gated_intervention>(ex, std::span<const params<T, S>>(one), 1.0, index_t(0), h, pos, dout,
+                                             as_rows(dgates), dh, grads, saved, "gated_intervention::backward");
   }
   template <class V>
   static auto as_rows(const V& v) {  // [P] → [1, P]
@@ -339,6 +375,36 @@ struct gated_intervention {
 
 // ---- the host executor ----------------------------------------------------------------------
 namespace detail {
+
+template <class I, class Exec, class T, class S>
+void run_forward(const Exec& ex, std::span<const module_params<I, T, S>> modules, double scale,
+                 matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates,
+                 saved_activations<T>* saved) {
+  using impl = intervention_impl<Exec, I>;
+  if (!saved) return impl::forward(ex, modules, scale, h, pos, out, gates);
+  const index_t K = index_t(modules.size()), P = pos.size(), d = h.extent(1);
+  if constexpr (std::is_same_v<Exec, exec::host_t>) {
+    impl::forward(ex, modules, scale, h, pos, out, gates, saved_access::begin(*saved, K, P, d, impl::saved_width(d)));
+  } else {
+    saved_access::begin(*saved, K, P, d, 0);
+    impl::forward(ex, modules, scale, h, pos, out, gates);
+  }
+  saved_access::finish(*saved);
+}
+
+template <class I, class Exec, class T, class S, class DG>
+void run_backward(const Exec& ex, std::span<const module_params<I, T, S>> modules, double scale, index_t trained,
+                  matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
+                  matrix_view<const DG, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads,
+                  const saved_activations<T>* saved, const char* what) {
+  using impl = intervention_impl<Exec, I>;
+  const acc_t<T>* data =
+      saved ? saved_access::use(*saved, index_t(modules.size()), pos.size(), h.extent(1), what) : nullptr;
+  if constexpr (std::is_same_v<Exec, exec::host_t>) {
+    if (data) return impl::backward(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, data);
+  }
+  impl::backward(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);
+}
 
 inline unsigned resolve_threads(unsigned t) {
   if (t == 0) t = std::thread::hardware_concurrency();
@@ -492,6 +558,20 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
     else
       for (index_t b = 0; b < nb; ++b) g[b] = G::forward(p, h[b], d, scratch[b]);
   }
+  template <class Acc>
+  static void save_gate_rows(Acc* dst, index_t nb, index_t gs, Acc* const* scratch, const Acc* g) {
+    for (index_t b = 0; b < nb; ++b, dst += gs + 1) {
+      std::copy_n(scratch[b], gs, dst);
+      dst[gs] = g[b];
+    }
+  }
+  template <class Acc>
+  static void load_gate_rows(const Acc* src, index_t nb, index_t gs, Acc* const* scratch, Acc* g) {
+    for (index_t b = 0; b < nb; ++b, src += gs + 1) {
+      std::copy_n(src, gs, scratch[b]);
+      g[b] = src[gs];
+    }
+  }
   template <class PR, class Acc>
   static void reft_forward_rows(const PR& p, const Acc* const* h, index_t nb, index_t d, Acc* const* delta, Acc* const* scratch) {
     if constexpr (reft_blocks) R::forward_block(p, h, nb, d, delta, scratch);
@@ -505,6 +585,14 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
     else
       for (index_t b = 0; b < nb; ++b) R::backward(p, grads, h[b], d, scratch[b], ddelta[b], dh[b]);
   }
+  /// Scalars a forward saves per selected row and module for its backward (saved_activations): the
+  /// block gate's scratch (gate::mlp: a1, a2) and g, so the backward skips the gate's forward — for
+  /// gate::mlp the first-layer GEMM, a quarter of its fwd+bwd arithmetic. 0: nothing worth saving
+  /// (a linear gate's recompute is one dot over a row the backward reads anyway).
+  static index_t saved_width(index_t d) {
+    if constexpr (gate_blocks) return G::scratch_size(d) + 1;
+    else return 0;
+  }
   /// The layout of a block's gradient slot: every parameter but the weight a gate_weight_gemm gate
   /// forms apart (its rows set to 0, so the slot holds none of it).
   template <class P>
@@ -513,9 +601,11 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
     return shaped;
   }
 
+  /// saved: null, or [K][P][saved_width(d)] to fill for backward (module-major, positions in order).
   template <class T, class S>
   static void forward(const exec::host_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
-                      matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates) {
+                      matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates,
+                      acc_t<T>* saved = nullptr) {
     using Acc = acc_t<T>;
     const index_t n = h.extent(0), d = h.extent(1), P = pos.size(), K = index_t(modules.size());
     std::vector<owned_params<typename I::template params<Acc>>> owned;
@@ -559,6 +649,7 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
         for (index_t k = 0; k < K; ++k) {
           const auto& pk = *pa[std::size_t(k)];
           gate_forward_rows(pk.gate, hx, nb, d, gscr, gv);
+          if (saved) save_gate_rows(saved + (k * P + q0) * (gs + 1), nb, gs, gscr, gv);
           for (index_t r0 = 0; r0 < nb; r0 += RB) {
             const index_t rb = std::min(RB, nb - r0);
             reft_forward_rows(pk.reft, hx + r0, rb, d, delta, rscr);
@@ -599,10 +690,12 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
     });
   }
 
+  /// saved: null (the gate is recomputed), or what forward saved for these modules, h and positions.
   template <class T, class S, class DG>
   static void backward(const exec::host_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                        index_t trained, matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
-                       matrix_view<const DG, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
+                       matrix_view<const DG, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads,
+                       const acc_t<T>* saved = nullptr) {
     using Acc = acc_t<T>;
     using PA = typename I::template params<Acc>;
     const index_t n = h.extent(0), d = h.extent(1), P = pos.size(), K = index_t(modules.size());
@@ -686,7 +779,10 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
           for (index_t k = 0; k < K; ++k) {
             const auto& pk = *pa[std::size_t(k)];
             const PA& gk = k == trained ? slot : sinks[w];
-            gate_forward_rows(pk.gate, hx, nb, d, gscr, gv);
+            // The gate as the forward left it: saved (the same bits: the same block function on the
+            // same rows), else recomputed.
+            if (saved) load_gate_rows(saved + (k * P + q0) * (gs + 1), nb, gs, gscr, gv);
+            else gate_forward_rows(pk.gate, hx, nb, d, gscr, gv);
             for (index_t r0 = 0; r0 < nb; r0 += RB) {
               const index_t rb = std::min(RB, nb - r0);
               reft_forward_rows(pk.reft, hx + r0, rb, d, delta, rscr);
@@ -810,6 +906,12 @@ class gated_intervention<Gate, Reft, Ortho>::module {
   void forward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<T> out, vector_view<T> gates) const {
     intervention::forward(ex, *params_, h, pos, out, gates);
   }
+  /// The same, keeping what the backward would recompute (see saved_activations).
+  template <class Exec>
+  void forward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<T> out, vector_view<T> gates,
+               saved_activations<T>& saved) const {
+    intervention::forward(ex, *params_, h, pos, out, gates, saved);
+  }
   /// Gradients land in gradients() (overwritten).
   template <class Exec>
   void backward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
@@ -822,6 +924,13 @@ class gated_intervention<Gate, Reft, Ortho>::module {
   void backward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
                 vector_view<DG> dgates, matrix_view<T> dh) {
     intervention::backward(ex, *params_, h, pos, dout, dgates, dh, *grads_);
+  }
+  /// After a forward that filled `saved` (dgates of either type).
+  template <class Exec, class DG>
+    requires gate_gradient_for<DG, T>
+  void backward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
+                vector_view<DG> dgates, matrix_view<T> dh, const saved_activations<T>& saved) {
+    intervention::backward(ex, *params_, h, pos, dout, dgates, dh, *grads_, saved);
   }
   /// After each optimizer step (see gated_intervention::retract).
   void retract() { intervention::retract(*params_); }

@@ -57,18 +57,13 @@ class intervention_stack {
   template <class Exec>
   void forward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<T> out,
                matrix_view<T> gates) const {
-    intervention::template check_exec<Exec, host_space>();
-    require<shape_error>(size() >= 1, "intervention_stack::forward: the stack is empty (append a module first)");
-    check_common(h, pos, "intervention_stack::forward");
-    intervention::check_same_shape(out, h, "intervention_stack::forward: out");
-    require_rows_contiguous(out, "intervention_stack::forward: out");
-    intervention::check_in_place_or_disjoint(out, h, "intervention_stack::forward: out and h");
-    require<shape_error>(gates.extent(0) == size() && gates.extent(1) == pos.size(),
-                         "intervention_stack::forward: gates: expected shape [", size(), ", ", pos.size(),
-                         "] (modules × positions), got ", detail::shape_string(gates));
-    const auto views = module_views();
-    detail::intervention_impl<Exec, intervention>::forward(ex, std::span<const params_type>(views), scale(), h, pos,
-                                                           out, gates);
+    forward_checked(ex, h, pos, out, gates, nullptr);
+  }
+  /// The same, keeping what the backward would recompute (see saved_activations).
+  template <class Exec>
+  void forward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<T> out, matrix_view<T> gates,
+               saved_activations<T>& saved) const {
+    forward_checked(ex, h, pos, out, gates, &saved);
   }
 
   /// Module k alone, unscaled: out = h + g_k Δ_k; gates [P].
@@ -84,7 +79,7 @@ class intervention_stack {
   template <class Exec>
   void backward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
                 matrix_view<const T> dgates, matrix_view<T> dh, const params_type& grads, index_t trained = newest) const {
-    backward_checked(ex, h, pos, dout, dgates, dh, grads, trained);
+    backward_checked(ex, h, pos, dout, dgates, dh, grads, trained, nullptr);
   }
   /// The same with dgates in the accumulate type acc_t<T>, as grun's gate losses write it (see
   /// gate_gradient_for: no rounding to half on the way).
@@ -92,13 +87,37 @@ class intervention_stack {
     requires(!std::same_as<T, acc_t<T>> && std::same_as<std::remove_const_t<DG>, acc_t<T>>)
   void backward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
                 matrix_view<DG> dgates, matrix_view<T> dh, const params_type& grads, index_t trained = newest) const {
-    backward_checked(ex, h, pos, dout, matrix_view<const acc_t<T>>(dgates), dh, grads, trained);
+    backward_checked(ex, h, pos, dout, matrix_view<const acc_t<T>>(dgates), dh, grads, trained, nullptr);
+  }
+  /// Either of the above after a forward that filled `saved` (same modules, h and positions).
+  template <class Exec, class DG>
+    requires gate_gradient_for<DG, T>
+  void backward(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
+                matrix_view<DG> dgates, matrix_view<T> dh, const params_type& grads, const saved_activations<T>& saved,
+                index_t trained = newest) const {
+    backward_checked(ex, h, pos, dout, matrix_view<const std::remove_const_t<DG>>(dgates), dh, grads, trained, &saved);
   }
 
  private:
+  template <class Exec>
+  void forward_checked(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<T> out,
+                       matrix_view<T> gates, saved_activations<T>* saved) const {
+    intervention::template check_exec<Exec, host_space>();
+    require<shape_error>(size() >= 1, "intervention_stack::forward: the stack is empty (append a module first)");
+    check_common(h, pos, "intervention_stack::forward");
+    intervention::check_same_shape(out, h, "intervention_stack::forward: out");
+    require_rows_contiguous(out, "intervention_stack::forward: out");
+    intervention::check_in_place_or_disjoint(out, h, "intervention_stack::forward: out and h");
+    require<shape_error>(gates.extent(0) == size() && gates.extent(1) == pos.size(),
+                         "intervention_stack::forward: gates: expected shape [", size(), ", ", pos.size(),
+                         "] (modules × positions), got ", detail::shape_string(gates));
+    const auto views = module_views();
+    detail::run_forward<intervention>(ex, std::span<const params_type>(views), scale(), h, pos, out, gates, saved);
+  }
   template <class Exec, class DG>
   void backward_checked(const Exec& ex, matrix_view<const T> h, const positions& pos, matrix_view<const T> dout,
-                        matrix_view<const DG> dgates, matrix_view<T> dh, const params_type& grads, index_t trained) const {
+                        matrix_view<const DG> dgates, matrix_view<T> dh, const params_type& grads, index_t trained,
+                        const saved_activations<T>* saved) const {
     intervention::template check_exec<Exec, host_space>();
     require<shape_error>(size() >= 1, "intervention_stack::backward: the stack is empty (append a module first)");
     // Only `newest` (-1) names the last module: any other negative index is a caller's mistake,
@@ -112,8 +131,8 @@ class intervention_stack {
     intervention::check_backward_outputs(h, pos, dout, dgates.size() == 0 ? 0 : 1, pos.size(), dh, grads,
                                          "intervention_stack::backward");
     const auto views = module_views();
-    detail::intervention_impl<Exec, intervention>::backward(ex, std::span<const params_type>(views), scale(), trained,
-                                                            h, pos, dout, dgates, dh, grads);
+    detail::run_backward<intervention>(ex, std::span<const params_type>(views), scale(), trained, h, pos, dout, dgates,
+                                       dh, grads, saved, "intervention_stack::backward");
   }
 
   std::size_t checked(index_t k) const {

@@ -114,6 +114,40 @@ TEST_CASE("dlpack adapter: a float16 module takes float32 dgates (a gate loss's 
                     Contains("dgates: expected dtype float16 or float32, got int32"));
 }
 
+TEST_CASE("dlpack adapter: an mlp-gate module's forward keeps its activations for the backward (same bits)",
+          "[dlpack]") {
+  using mlp_unlearner = gated_intervention<gate::mlp<16, 8>, reft::loreft<4>>;
+  const index_t n = 30, d = 24, P = 20;
+  mlp_unlearner::module<half> m(d, 5);
+  const auto hf = grun_test::random_floats(n * d, 1), df = grun_test::random_floats(n * d, 2, 0.1);
+  std::vector<half> h(hf.size()), dout(df.size()), out(hf.size()), dh(hf.size()), g(static_cast<std::size_t>(P));
+  for (std::size_t i = 0; i < hf.size(); ++i) { h[i] = store<half>(hf[i]); dout[i] = store<half>(df[i]); }
+  std::vector<index_t> rows;
+  for (index_t i = 0; i < P; ++i) rows.push_back(n - 1 - i);
+  const auto pos = positions::rows(rows);
+  std::vector<float> dg(std::size_t(P), 0.25f);
+  std::vector<std::int64_t> shape{n, d}, gshape{P};
+  const DLDataType f16{kDLFloat, 16, 1};
+  auto run = [&](saved_activations<half>* saved) {
+    dlpack::forward(m, exec::host, dl(h.data(), shape, nullptr, f16), pos, dl(out.data(), shape, nullptr, f16),
+                    dl(g.data(), gshape, nullptr, f16), saved);
+    const DLTensor dgt = dl(dg.data(), gshape, nullptr);
+    dlpack::backward(m, exec::host, dl(h.data(), shape, nullptr, f16), pos, dl(dout.data(), shape, nullptr, f16), &dgt,
+                     dl(dh.data(), shape, nullptr, f16), saved);
+    std::vector<half> all(m.owned_gradients().data(), m.owned_gradients().data() + m.owned_gradients().size());
+    all.insert(all.end(), dh.begin(), dh.end());
+    all.insert(all.end(), out.begin(), out.end());
+    return all;
+  };
+  const auto recomputed = run(nullptr);
+  saved_activations<half> saved;
+  const auto from_saved = run(&saved);
+  CHECK(saved.filled());
+  CHECK(saved.width() == 16 + 8 + 1);
+  REQUIRE(recomputed.size() == from_saved.size());
+  CHECK(std::memcmp(recomputed.data(), from_saved.data(), sizeof(half) * recomputed.size()) == 0);
+}
+
 TEST_CASE("dlpack adapter: what grun cannot take is refused by name", "[dlpack]") {
   std::vector<float> buf(64);
   std::vector<std::int64_t> shape{4, 8}, shape3{2, 4, 8}, neg{4, -1};

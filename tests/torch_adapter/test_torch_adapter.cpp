@@ -92,6 +92,60 @@ TEST_CASE("torch adapter: module autograd equals grun's host forward/backward", 
   check_against_grun<grun::gate::linear, grun::reft::noreft<1>>(5, 40);
 }
 
+TEST_CASE("torch adapter: mlp-gate module and stack keep their forward's activations: same bits as recomputing",
+          "[torch_adapter]") {
+  // The adapter keeps a saved_activations in the autograd context (exec::host, gate::mlp), so the
+  // backward skips the gate's forward; grun's own calls here recompute it. 40 positions: past the
+  // gate's block of rows.
+  using G = grun::gate::mlp<16, 8>;
+  using R = grun::reft::loreft<3>;
+  using I = grun::gated_intervention<G, R>;
+  const index_t d = 20, n = 45;
+  std::vector<int64_t> r;
+  for (int64_t i = 0; i < 40; ++i) r.push_back((i * 7) % n);
+  const auto pos = grun::positions::rows(std::vector<index_t>(r.begin(), r.end()));
+  const index_t P = pos.size();
+  const Tensor h = randn({n, d}, 51).requires_grad_(true);
+  const Tensor hc = h.detach().contiguous();
+  const Tensor wy = randn({n, d}, 52);
+
+  SECTION("module") {
+    auto m = std::make_shared<ta::intervention<G, R>>(d, 53, at::kDouble);
+    auto [y, g] = m->forward(h, rows_of(r));
+    const Tensor wg = randn({P}, 54);
+    ((y * wy).sum() + (g * wg).sum()).backward();
+    grun::owned_params<I::params<double>> grads(I::shape<double>(d));
+    Tensor dh = torch::empty_like(hc);
+    I::backward(grun::exec::host, m->params_view<double>(), ta::view<const double, 2>(hc), pos,
+                ta::view<const double, 2>(wy), ta::view<const double, 1>(wg), ta::view<double, 2>(dh), *grads);
+    CHECK(max_abs(h.grad(), dh) == 0.0);
+    CHECK(max_abs(m->flat().grad(), flat_of(*grads)) == 0.0);
+  }
+  SECTION("stack: one frozen module, one trainable") {
+    ta::intervention_stack<G, R> s(d, 0.5, 0.8, at::kDouble);
+    s.append(55);
+    s.append(56);
+    grun::intervention_stack<G, R, grun::ortho::qr_retraction, double> ref(d, 0.5, 0.8);
+    ref.append(ta::bind_params<I, double>(s.module_flat(0).detach(), d));
+    ref.append(ta::bind_params<I, double>(s.module_flat(1).detach(), d));
+    auto [y, g] = s.forward(h, rows_of(r));
+    const Tensor wg = randn({2, P}, 57);
+    ((y * wy).sum() + (g * wg).sum()).backward();
+    Tensor dh = torch::empty_like(hc);
+    grun::owned_params<I::params<double>> grads(I::shape<double>(d));
+    ref.backward(grun::exec::host, ta::view<const double, 2>(hc), pos, ta::view<const double, 2>(wy),
+                 ta::view<const double, 2>(wg), ta::view<double, 2>(dh), *grads);
+    CHECK(max_abs(h.grad(), dh) == 0.0);
+    CHECK(max_abs(s.trainable().grad(), flat_of(*grads)) == 0.0);
+  }
+  SECTION("a forward without gradients keeps nothing and still runs") {
+    auto m = std::make_shared<ta::intervention<G, R>>(d, 58, at::kDouble);
+    torch::NoGradGuard ng;
+    auto [y, g] = m->forward(hc, rows_of(r));
+    CHECK(y.sizes() == hc.sizes());
+  }
+}
+
 TEST_CASE("torch adapter: flat layout and named views match owned_params", "[torch_adapter]") {
   using I = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
   const index_t d = 7;

@@ -36,6 +36,7 @@
 #include "../core/params.hpp"
 #include "../core/tensor.hpp"
 #include "../positions.hpp"
+#include "../saved_activations.hpp"
 
 namespace grun::dlpack {
 
@@ -295,35 +296,45 @@ DLManagedTensorVersioned* to_dlpack_versioned(tensor_view<T, Rank, Space> v, std
 }
 
 /// module.forward on DLTensors in host memory: h, out [N, d], gates [P] (out may be h itself).
+/// saved: where a training forward keeps what its backward would recompute (see saved_activations).
 template <class Module, class Exec>
 void forward(const Module& module, const Exec& ex, const DLTensor& h, const positions& pos, const DLTensor& out,
-             const DLTensor& gates) {
+             const DLTensor& gates, saved_activations<param_value_t<typename Module::params_type>>* saved = nullptr) {
   using T = param_value_t<typename Module::params_type>;
-  module.forward(ex, view<const T, 2>(h, "h"), pos, view<T, 2>(out, "out"), view<T, 1>(gates, "gates"));
+  const auto hv = view<const T, 2>(h, "h");
+  const auto ov = view<T, 2>(out, "out");
+  const auto gv = view<T, 1>(gates, "gates");
+  if (saved) module.forward(ex, hv, pos, ov, gv, *saved);
+  else module.forward(ex, hv, pos, ov, gv);
 }
 
 /// module.backward on DLTensors in host memory: gradients land in module.gradients() (overwritten),
 /// dh [N, d] is written (it may be dout itself); dgates may be a null pointer (no gradient at the gates).
 /// dgates' dtype is the module's, or for float16/bfloat16 modules float32 (what a gate loss computes
-/// in: no rounding to 16 bits on the way, see grun::gate_gradient_for).
+/// in: no rounding to 16 bits on the way, see grun::gate_gradient_for). saved: what forward saved, or null.
 template <class Module, class Exec>
 void backward(Module& module, const Exec& ex, const DLTensor& h, const positions& pos, const DLTensor& dout,
-              const DLTensor* dgates, const DLTensor& dh) {
+              const DLTensor* dgates, const DLTensor& dh,
+              const saved_activations<param_value_t<typename Module::params_type>>* saved = nullptr) {
   using T = param_value_t<typename Module::params_type>;
   using A = acc_t<T>;
   const auto hv = view<const T, 2>(h, "h");
   const auto dv = view<const T, 2>(dout, "dout");
   const auto dhv = view<T, 2>(dh, "dh");
-  if (!dgates) return module.backward(ex, hv, pos, dv, vector_view<const T>(), dhv);
+  const auto run = [&](auto dgv) {
+    if (saved) module.backward(ex, hv, pos, dv, dgv, dhv, *saved);
+    else module.backward(ex, hv, pos, dv, dgv, dhv);
+  };
+  if (!dgates) return run(vector_view<const T>());
   if constexpr (!std::is_same_v<T, A>) {
     constexpr DLDataType t = detail::dtype_of<T>(), a = detail::dtype_of<A>();
     const DLDataType g = dgates->dtype;
     const auto is = [&](DLDataType w) { return g.code == w.code && g.bits == w.bits && g.lanes == 1; };
     require<shape_error>(is(t) || is(a), "dgates: expected dtype ", detail::dtype_text(t), " or ", detail::dtype_text(a),
                          ", got ", detail::dtype_text(g));
-    if (is(a)) return module.backward(ex, hv, pos, dv, view<const A, 1>(*dgates, "dgates"), dhv);
+    if (is(a)) return run(view<const A, 1>(*dgates, "dgates"));
   }
-  module.backward(ex, hv, pos, dv, view<const T, 1>(*dgates, "dgates"), dhv);
+  run(view<const T, 1>(*dgates, "dgates"));
 }
 
 }  // namespace grun::dlpack

@@ -212,6 +212,34 @@ inline void refuse_double_backward(const char* what) {
                  "true (the backward is not itself differentiable; double backward is not supported)");
 }
 
+/// A forward's saved_activations kept in the autograd context for its backward (as a capsule: no
+/// class registration needed), so the backward skips the gate's forward as libtorch's own autograd
+/// would. Only where there is something to save (exec::host, a gate with a saved form) and the call
+/// can be differentiated: an inference forward keeps nothing.
+template <class T>
+struct saved_capsule : torch::CustomClassHolder {
+  saved_activations<T> saved;
+};
+template <class I, class T, class E>
+saved_activations<T>* keep_saved(torch::autograd::AutogradContext* ctx, bool differentiable, index_t d) {
+  if constexpr (std::is_same_v<E, exec::host_t>) {
+    if (!differentiable || grun::detail::intervention_impl<E, I>::saved_width(d) == 0) return nullptr;
+    auto capsule = c10::make_intrusive<saved_capsule<T>>();
+    saved_activations<T>* saved = &capsule->saved;  // owned by ctx from here on
+    ctx->saved_data["activations"] = c10::IValue::make_capsule(std::move(capsule));
+    return saved;
+  } else {
+    return nullptr;
+  }
+}
+/// What keep_saved kept (null: nothing; the backward recomputes). T is the forward's compute type.
+template <class T>
+const saved_activations<T>* kept_saved(torch::autograd::AutogradContext* ctx) {
+  const auto it = ctx->saved_data.find("activations");
+  if (it == ctx->saved_data.end()) return nullptr;
+  return &c10::static_intrusive_pointer_cast<saved_capsule<T>>(it->second.toCapsule())->saved;
+}
+
 /// An incoming gradient as a dense tensor shaped and typed like `like` (zeros where autograd gave none). A zero-
 /// size gradient may arrive expanded (stride 0), which contiguous() keeps: it is made anew.
 inline Tensor dense_grad(const Tensor& g, const Tensor& like) {
@@ -291,12 +319,18 @@ struct intervention_function : torch::autograd::Function<intervention_function<I
     Tensor out_full = at::empty(h.sizes(), x.options());
     Tensor out = out_full.view(x.sizes());
     Tensor gates = at::empty({pos.size()}, x.options());
+    const bool differentiable = h.requires_grad() || flat.requires_grad();
     dispatch_compute(ct, op, [&](auto tag) {
       using T = typename decltype(tag)::type;
       on_executor(x, op, [&](const auto& ex, auto space) {
         using S = decltype(space);
-        I::forward(ex, bind_params<I, T, S>(p, d, "flat"), view<const T, 2, S>(x, "h"), pos,
-                   view<T, 2, S>(out, "out"), view<T, 1, S>(gates, "gates"));
+        using E = std::remove_cvref_t<decltype(ex)>;
+        const auto params = bind_params<I, T, S>(p, d, "flat");
+        const auto hv = view<const T, 2, S>(x, "h");
+        const auto outv = view<T, 2, S>(out, "out");
+        const auto gv = view<T, 1, S>(gates, "gates");
+        if (auto* saved = keep_saved<I, T, E>(ctx, differentiable, d)) I::forward(ex, params, hv, pos, outv, gv, *saved);
+        else I::forward(ex, params, hv, pos, outv, gv);
       });
     });
     ctx->set_materialize_grads(false);
@@ -325,9 +359,13 @@ struct intervention_function : torch::autograd::Function<intervention_function<I
         using S = decltype(space);
         const vector_view<const T, S> dgv = dg.defined() ? view<const T, 1, S>(dg, "dgates") : vector_view<const T, S>();
         // grads are written through a mutable aggregate; params only read.
-        I::backward(ex, bind_params<I, T, S>(p, d, "flat"), view<const T, 2, S>(x, "h"), pos,
-                    view<const T, 2, S>(dout, "dout"), dgv, view<T, 2, S>(dh, "dh"),
-                    bind_params<I, T, S>(dflat, d, "dflat"));
+        const auto params = bind_params<I, T, S>(p, d, "flat");
+        const auto hv = view<const T, 2, S>(x, "h");
+        const auto doutv = view<const T, 2, S>(dout, "dout");
+        const auto dhv = view<T, 2, S>(dh, "dh");
+        const auto grads = bind_params<I, T, S>(dflat, d, "dflat");
+        if (const auto* saved = kept_saved<T>(ctx)) I::backward(ex, params, hv, pos, doutv, dgv, dhv, grads, *saved);
+        else I::backward(ex, params, hv, pos, doutv, dgv, dhv, grads);
       });
     });
     const at::ScalarType st = dtype_of(ctx->saved_data["dtype"]);
@@ -381,6 +419,7 @@ struct stack_function : torch::autograd::Function<stack_function<I>> {
     Tensor out_full = at::empty(h.sizes(), x.options());  // returned as is: see intervention_function
     Tensor out = out_full.view(x.sizes());
     Tensor gates = at::empty({K, pos.size()}, x.options());
+    const bool differentiable = h.requires_grad() || flat_in.requires_grad();
     dispatch_compute(ct, op, [&](auto tag) {
       using T = typename decltype(tag)::type;
       on_executor(x, op, [&](const auto& ex, auto space) {
@@ -390,9 +429,9 @@ struct stack_function : torch::autograd::Function<stack_function<I>> {
         const matrix_view<const T, S> hv = view<const T, 2, S>(x, "h");
         I::template check_exec<E, S>();
         I::check_inputs(mods[0], hv, pos, op);
-        grun::detail::intervention_impl<E, I>::forward(ex, std::span<const typename I::template params<T, S>>(mods),
-                                                       scale, hv, pos,
-                                                       view<T, 2, S>(out, "out"), view<T, 2, S>(gates, "gates"));
+        grun::detail::run_forward<I>(ex, std::span<const typename I::template params<T, S>>(mods), scale, hv, pos,
+                                     view<T, 2, S>(out, "out"), view<T, 2, S>(gates, "gates"),
+                                     keep_saved<I, T, E>(ctx, differentiable, d));
       });
     });
     ctx->set_materialize_grads(false);
@@ -423,14 +462,13 @@ struct stack_function : torch::autograd::Function<stack_function<I>> {
       using T = typename decltype(tag)::type;
       on_executor(x, op, [&](const auto& ex, auto space) {
         using S = decltype(space);
-        using E = std::remove_cvref_t<decltype(ex)>;
         const auto mods = modules<T, S>(frozen, flat, d);
         const matrix_view<const T, S> dgv =
             dg.defined() ? view<const T, 2, S>(dg, "dgates") : matrix_view<const T, S>();
-        grun::detail::intervention_impl<E, I>::backward(
+        grun::detail::run_backward<I>(
             ex, std::span<const typename I::template params<T, S>>(mods), scale, trainable ? K - 1 : index_t(0),
             view<const T, 2, S>(x, "h"), pos, view<const T, 2, S>(dout, "dout"), dgv, view<T, 2, S>(dh, "dh"),
-            bind_params<I, T, S>(dflat, d, "dflat"));
+            bind_params<I, T, S>(dflat, d, "dflat"), kept_saved<T>(ctx), op);
       });
     });
     const at::ScalarType st = dtype_of(ctx->saved_data["dtype"]);
