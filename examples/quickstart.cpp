@@ -22,14 +22,16 @@ int main() {
   const auto pos = grun::positions::last_prompt_token(prompt_lengths, /*seq_len=*/3);
   grun::buffer<float> gates(pos.size());
 
-  m.forward(grun::exec::host, h.view(), pos, out.view(), gates.view());  // h' = h + g(h)·Δ(h)
+  // A training forward keeps what its backward would otherwise recompute (the gate's hidden layers).
+  grun::saved_activations<float> saved;
+  m.forward(grun::exec::host, h.view(), pos, out.view(), gates.view(), saved);  // h' = h + g(h)·Δ(h)
   std::printf("gates: %.4f %.4f\n", gates[0], gates[1]);
 
   // Backward of L = Σ h'·dout plus a gate loss pushing both gates towards 1 (dL/dg = −1).
   for (grun::index_t i = 0; i < tokens * d; ++i) dout.storage[i] = 0.01f;
   grun::buffer<float> dgates(pos.size());
   dgates[0] = dgates[1] = -1.0f;
-  m.backward(grun::exec::host, h.view(), pos, dout.view(), dgates.view(), dh.view());
+  m.backward(grun::exec::host, h.view(), pos, dout.view(), dgates.view(), dh.view(), saved);
 
   grun::optim::adamw<unlearner::params<float>> opt(m.parameters(), {.lr = 4e-3});
   const double norm = opt.step(m.parameters(), m.gradients());  // update, then QR retraction of R

@@ -95,6 +95,37 @@ TEST_CASE("eigen adapter: tokens in rows (RowMajor) or columns (ColMajor) give g
   }
 }
 
+TEST_CASE("eigen adapter: an mlp-gate module keeps its forward's activations for the backward (same bits)",
+          "[eigen]") {
+  using mlp_unlearner = gated_intervention<gate::mlp<16, 8>, reft::loreft<4>>;
+  const index_t n = 40, d = 21;
+  mlp_unlearner::module<float> m(d, 4);
+  const Eigen::MatrixXf H = Eigen::MatrixXf::Random(d, n), Dout = Eigen::MatrixXf::Random(d, n);
+  std::vector<index_t> rows;
+  for (index_t t = 0; t < n; t += 1 + t % 2) rows.push_back(t);
+  const auto pos = positions::rows(rows);
+  const index_t P = pos.size();
+  const Eigen::VectorXf dg = Eigen::VectorXf::Constant(P, 0.5f);
+  auto run = [&](saved_activations<float>* saved) {
+    Eigen::MatrixXf Out(d, n), Dh(d, n);
+    Eigen::VectorXf gates(P);
+    eigen::forward(m, exec::host, H, pos, Out, gates, saved);
+    eigen::backward(m, exec::host, H, pos, Dout, dg, Dh, saved);
+    std::vector<float> all(m.owned_gradients().data(), m.owned_gradients().data() + m.owned_gradients().size());
+    all.insert(all.end(), Out.data(), Out.data() + Out.size());
+    all.insert(all.end(), Dh.data(), Dh.data() + Dh.size());
+    all.insert(all.end(), gates.data(), gates.data() + gates.size());
+    return all;
+  };
+  const auto recomputed = run(nullptr);
+  saved_activations<float> saved;
+  const auto from_saved = run(&saved);
+  CHECK(saved.filled());
+  CHECK(saved.positions() == P);
+  REQUIRE(recomputed.size() == from_saved.size());
+  CHECK(std::memcmp(recomputed.data(), from_saved.data(), recomputed.size() * sizeof(float)) == 0);
+}
+
 TEST_CASE("eigen adapter: Eigen::half storage is grun::half bit for bit", "[eigen]") {
   const index_t n = 4, d = 8;
   unlearner::module<grun::half> m(d, 5);

@@ -24,6 +24,7 @@
 #include "../core/params.hpp"
 #include "../core/tensor.hpp"
 #include "../positions.hpp"
+#include "../saved_activations.hpp"
 
 namespace grun::eigen {
 
@@ -111,22 +112,33 @@ auto map(const param<T, host_space>& leaf) {
 
 /// module.forward on Eigen objects: h, out [tokens of d], gates [P]. `out` and `gates` are taken by
 /// const reference so that temporaries (a Block, a Map) bind; they are written (Eigen's idiom for
-/// output arguments). out may be h itself (in place).
+/// output arguments). out may be h itself (in place). saved: where a training forward keeps what its
+/// backward would recompute (see saved_activations), or null.
 template <class Module, class Exec, class H, class Out, class G>
 void forward(const Module& module, const Exec& ex, const Eigen::DenseBase<H>& h, const positions& pos,
-             const Eigen::DenseBase<Out>& out, const Eigen::DenseBase<G>& gates) {
-  module.forward(ex, tokens(h, "h"), pos, tokens(const_cast<Eigen::DenseBase<Out>&>(out), "out"),
-                 vector(const_cast<Eigen::DenseBase<G>&>(gates), "gates"));
+             const Eigen::DenseBase<Out>& out, const Eigen::DenseBase<G>& gates,
+             saved_activations<param_value_t<typename Module::params_type>>* saved = nullptr) {
+  const auto hv = tokens(h, "h");
+  const auto ov = tokens(const_cast<Eigen::DenseBase<Out>&>(out), "out");
+  const auto gv = vector(const_cast<Eigen::DenseBase<G>&>(gates), "gates");
+  if (saved) module.forward(ex, hv, pos, ov, gv, *saved);
+  else module.forward(ex, hv, pos, ov, gv);
 }
 
 /// module.backward on Eigen objects: gradients land in module.gradients() (overwritten), dh is
 /// written (it may be dout itself). dgates may be empty (size 0): no gradient reaches the gates.
+/// saved: what the forward saved, or null (the backward recomputes).
 template <class Module, class Exec, class H, class Dout, class Dg, class Dh>
 void backward(Module& module, const Exec& ex, const Eigen::DenseBase<H>& h, const positions& pos,
-              const Eigen::DenseBase<Dout>& dout, const Eigen::DenseBase<Dg>& dgates, const Eigen::DenseBase<Dh>& dh) {
-  const auto dg = vector(dgates, "dgates");
-  module.backward(ex, tokens(h, "h"), pos, tokens(dout, "dout"),
-                  dg.size() == 0 ? decltype(dg)() : dg, tokens(const_cast<Eigen::DenseBase<Dh>&>(dh), "dh"));
+              const Eigen::DenseBase<Dout>& dout, const Eigen::DenseBase<Dg>& dgates, const Eigen::DenseBase<Dh>& dh,
+              const saved_activations<param_value_t<typename Module::params_type>>* saved = nullptr) {
+  const auto dg0 = vector(dgates, "dgates");
+  const auto dg = dg0.size() == 0 ? decltype(dg0)() : dg0;
+  const auto hv = tokens(h, "h");
+  const auto dv = tokens(dout, "dout");
+  const auto dhv = tokens(const_cast<Eigen::DenseBase<Dh>&>(dh), "dh");
+  if (saved) module.backward(ex, hv, pos, dv, dg, dhv, *saved);
+  else module.backward(ex, hv, pos, dv, dg, dhv);
 }
 
 }  // namespace grun::eigen
