@@ -148,7 +148,7 @@ TEST_CASE("torch adapter: mlp-gate module and stack keep their forward's activat
     ((y * wy).sum() + (g * wg).sum()).backward();
     check_stack_backward(s, ref, h, pos, wy, wg);
   }
-  SECTION("a forward without gradients keeps nothing and still runs") {
+  SECTION("a forward under NoGradGuard (nothing recorded, nothing kept) still runs") {
     auto m = std::make_shared<ta::intervention<G, R>>(d, 58, at::kDouble);
     torch::NoGradGuard ng;
     auto [y, g] = m->forward(hc, rows_of(r));

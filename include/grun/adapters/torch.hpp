@@ -214,16 +214,17 @@ inline void refuse_double_backward(const char* what) {
 
 /// A forward's saved_activations kept in the autograd context for its backward (as a capsule: no
 /// class registration needed), so the backward skips the gate's forward as libtorch's own autograd
-/// would. Only where there is something to save (exec::host, a gate with a saved form) and the call
-/// can be differentiated: an inference forward keeps nothing.
+/// would. Only where there is something to save (exec::host, a gate with a saved form) and autograd
+/// records the call (`records`: grad mode on and an input that requires grad, decided by the caller
+/// of apply: inside forward grad mode is always off). An inference forward keeps nothing.
 template <class T>
 struct saved_capsule : torch::CustomClassHolder {
   saved_activations<T> saved;
 };
 template <class I, class T, class E>
-saved_activations<T>* keep_saved(torch::autograd::AutogradContext* ctx, bool differentiable, index_t d) {
+saved_activations<T>* keep_saved(torch::autograd::AutogradContext* ctx, bool records, index_t d) {
   if constexpr (std::is_same_v<E, exec::host_t>) {
-    if (!differentiable || grun::detail::intervention_impl<E, I>::saved_width(d) == 0) return nullptr;
+    if (!records || grun::detail::intervention_impl<E, I>::saved_width(d) == 0) return nullptr;
     auto capsule = c10::make_intrusive<saved_capsule<T>>();
     saved_activations<T>* saved = &capsule->saved;  // owned by ctx from here on
     ctx->saved_data["activations"] = c10::IValue::make_capsule(std::move(capsule));
@@ -304,7 +305,7 @@ struct intervention_function : torch::autograd::Function<intervention_function<I
   static constexpr const char* op = "grun::torch_adapter::gated_intervention";
 
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& h,
-                                                const Tensor& flat, const Tensor& rows) {
+                                                const Tensor& flat, const Tensor& rows, bool records) {
     require_device(flat, op);
     require_same_device(h, "h", flat, "flat");
     require<shape_error>(flat.scalar_type() == h.scalar_type(), op, ": flat: expected the dtype of h (",
@@ -319,7 +320,6 @@ struct intervention_function : torch::autograd::Function<intervention_function<I
     Tensor out_full = at::empty(h.sizes(), x.options());
     Tensor out = out_full.view(x.sizes());
     Tensor gates = at::empty({pos.size()}, x.options());
-    const bool differentiable = h.requires_grad() || flat.requires_grad();
     dispatch_compute(ct, op, [&](auto tag) {
       using T = typename decltype(tag)::type;
       on_executor(x, op, [&](const auto& ex, auto space) {
@@ -329,7 +329,7 @@ struct intervention_function : torch::autograd::Function<intervention_function<I
         const auto hv = view<const T, 2, S>(x, "h");
         const auto outv = view<T, 2, S>(out, "out");
         const auto gv = view<T, 1, S>(gates, "gates");
-        if (auto* saved = keep_saved<I, T, E>(ctx, differentiable, d)) I::forward(ex, params, hv, pos, outv, gv, *saved);
+        if (auto* saved = keep_saved<I, T, E>(ctx, records, d)) I::forward(ex, params, hv, pos, outv, gv, *saved);
         else I::forward(ex, params, hv, pos, outv, gv);
       });
     });
@@ -369,7 +369,7 @@ struct intervention_function : torch::autograd::Function<intervention_function<I
       });
     });
     const at::ScalarType st = dtype_of(ctx->saved_data["dtype"]);
-    return {dh.view(ctx->saved_data["shape"].toIntVector()).to(st), dflat.to(st), Tensor()};
+    return {dh.view(ctx->saved_data["shape"].toIntVector()).to(st), dflat.to(st), Tensor(), Tensor()};
   }
 };
 
@@ -407,7 +407,7 @@ struct stack_function : torch::autograd::Function<stack_function<I>> {
 
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& h,
                                                 const Tensor& frozen_in, const Tensor& flat_in, const Tensor& rows,
-                                                double scale) {
+                                                double scale, bool records) {
     Tensor x = contiguous_rows(h, op);
     const index_t d = x.size(1);
     check(x, frozen_in, flat_in);
@@ -419,7 +419,6 @@ struct stack_function : torch::autograd::Function<stack_function<I>> {
     Tensor out_full = at::empty(h.sizes(), x.options());  // returned as is: see intervention_function
     Tensor out = out_full.view(x.sizes());
     Tensor gates = at::empty({K, pos.size()}, x.options());
-    const bool differentiable = h.requires_grad() || flat_in.requires_grad();
     dispatch_compute(ct, op, [&](auto tag) {
       using T = typename decltype(tag)::type;
       on_executor(x, op, [&](const auto& ex, auto space) {
@@ -431,7 +430,7 @@ struct stack_function : torch::autograd::Function<stack_function<I>> {
         I::check_inputs(mods[0], hv, pos, op);
         grun::detail::run_forward<I>(ex, std::span<const typename I::template params<T, S>>(mods), scale, hv, pos,
                                      view<T, 2, S>(out, "out"), view<T, 2, S>(gates, "gates"),
-                                     keep_saved<I, T, E>(ctx, differentiable, d));
+                                     keep_saved<I, T, E>(ctx, records, d));
       });
     });
     ctx->set_materialize_grads(false);
@@ -473,7 +472,7 @@ struct stack_function : torch::autograd::Function<stack_function<I>> {
     });
     const at::ScalarType st = dtype_of(ctx->saved_data["dtype"]);
     return {dh.view(ctx->saved_data["shape"].toIntVector()).to(st), Tensor(), trainable ? dflat.to(st) : Tensor(),
-            Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -540,7 +539,8 @@ struct token_nll_function : torch::autograd::Function<token_nll_function> {
 template <class I>
 std::tuple<Tensor, Tensor> apply_intervention(const Tensor& h, const Tensor& flat, const Tensor& rows) {
   detail::require_defined({{h, "h"}, {flat, "flat"}, {rows, "rows"}}, "grun::torch_adapter::gated_intervention");
-  auto r = detail::intervention_function<I>::apply(h, flat, rows);
+  const bool records = at::GradMode::is_enabled() && (h.requires_grad() || flat.requires_grad());
+  auto r = detail::intervention_function<I>::apply(h, flat, rows, records);
   return {r[0], r[1]};
 }
 
@@ -551,7 +551,8 @@ std::tuple<Tensor, Tensor> apply_stack(const Tensor& h, const Tensor& frozen, co
                                        double scale) {
   detail::require_defined({{h, "h"}, {frozen, "frozen"}, {flat, "flat"}, {rows, "rows"}},
                           "grun::torch_adapter::intervention_stack");
-  auto r = detail::stack_function<I>::apply(h, frozen.detach(), flat, rows, scale);
+  const bool records = at::GradMode::is_enabled() && (h.requires_grad() || flat.requires_grad());
+  auto r = detail::stack_function<I>::apply(h, frozen.detach(), flat, rows, scale, records);
   return {r[0], r[1]};
 }
 
