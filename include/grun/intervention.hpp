@@ -75,9 +75,7 @@ void run_backward(const Exec& ex, std::span<const module_params<I, T, S>> module
                   matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
                   matrix_view<const DG, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads,
                   const saved_activations<T>* saved, const char* what);
-}  // namespace detail
 
-namespace detail {
 /// The dispatch seam. Specialize for (executor, gated_intervention<G, R, O>) with
 ///   template <class T, class S> static void forward(const Exec&, std::span<const module_params<I, T, S>> modules,
 ///       double scale, matrix_view<const T, S> h, const positions&, matrix_view<T, S> out, matrix_view<T, S> gates);
@@ -229,7 +227,8 @@ struct gated_intervention {
   static void backward(const Exec& ex, const params<T, S>& p, std::type_identity_t<matrix_view<const T, S>> h,
                        const positions& pos, std::type_identity_t<matrix_view<const T, S>> dout,
                        tensor_view<DG, 1, S> dgates, std::type_identity_t<matrix_view<T, S>> dh, const params<T, S>& grads) {
-    backward_checked(ex, p, h, pos, dout, vector_view<const acc_t<T>, S>(dgates), dh, grads, static_cast<const saved_activations<T>*>(nullptr));
+    backward_checked(ex, p, h, pos, dout, vector_view<const acc_t<T>, S>(dgates), dh, grads,
+                     static_cast<const saved_activations<T>*>(nullptr));
   }
   /// Either of the above after a forward that filled `saved` (same parameters, h and positions).
   template <class Exec, class T, class S, class DG>
