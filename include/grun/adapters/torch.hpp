@@ -212,11 +212,17 @@ inline void refuse_double_backward(const char* what) {
                  "true (the backward is not itself differentiable; double backward is not supported)");
 }
 
+/// Whether autograd records a call on these inputs: grad mode on and an input that requires grad.
+/// Asked before apply (inside a Function's forward grad mode is always off).
+inline bool autograd_records(const Tensor& h, const Tensor& flat) {
+  return at::GradMode::is_enabled() && (h.requires_grad() || flat.requires_grad());
+}
+
 /// A forward's saved_activations kept in the autograd context for its backward (as a capsule: no
 /// class registration needed), so the backward skips the gate's forward as libtorch's own autograd
 /// would. Only where there is something to save (exec::host, a gate with a saved form) and autograd
-/// records the call (`records`: grad mode on and an input that requires grad, decided by the caller
-/// of apply: inside forward grad mode is always off). An inference forward keeps nothing.
+/// records the call (`records`: autograd_records, decided by the caller of apply). An inference
+/// forward keeps nothing.
 template <class T>
 struct saved_capsule : torch::CustomClassHolder {
   saved_activations<T> saved;
@@ -539,8 +545,7 @@ struct token_nll_function : torch::autograd::Function<token_nll_function> {
 template <class I>
 std::tuple<Tensor, Tensor> apply_intervention(const Tensor& h, const Tensor& flat, const Tensor& rows) {
   detail::require_defined({{h, "h"}, {flat, "flat"}, {rows, "rows"}}, "grun::torch_adapter::gated_intervention");
-  const bool records = at::GradMode::is_enabled() && (h.requires_grad() || flat.requires_grad());
-  auto r = detail::intervention_function<I>::apply(h, flat, rows, records);
+  auto r = detail::intervention_function<I>::apply(h, flat, rows, detail::autograd_records(h, flat));
   return {r[0], r[1]};
 }
 
@@ -551,8 +556,8 @@ std::tuple<Tensor, Tensor> apply_stack(const Tensor& h, const Tensor& frozen, co
                                        double scale) {
   detail::require_defined({{h, "h"}, {frozen, "frozen"}, {flat, "flat"}, {rows, "rows"}},
                           "grun::torch_adapter::intervention_stack");
-  const bool records = at::GradMode::is_enabled() && (h.requires_grad() || flat.requires_grad());
-  auto r = detail::stack_function<I>::apply(h, frozen.detach(), flat, rows, scale, records);
+  auto r = detail::stack_function<I>::apply(h, frozen.detach(), flat, rows, scale,
+                                            detail::autograd_records(h, flat));
   return {r[0], r[1]};
 }
 
