@@ -392,6 +392,19 @@ TEST_CASE("positions: constructors and validation", "[intervention][positions]")
   CHECK(positions{}.size() == 0);
   CHECK_NOTHROW(positions::rows({9}).validate(10, "t"));
   CHECK_THROWS_AS(positions::rows({10}).validate(10, "t"), shape_error);
+  CHECK_THROWS_WITH(positions::rows({3, 12, 5}).validate(10, "t"),
+                    Catch::Contains("t: position 1 selects row 12, expected a row in [0, 10)"));
+  // in_order / max_row are known at construction (the CUDA path asks them on every call).
+  CHECK(a.in_order());
+  CHECK(a.max_row() == 3);
+  CHECK(positions::rows({0, 1, 2}).in_order());
+  CHECK_FALSE(positions::rows({0, 2, 1}).in_order());
+  CHECK_FALSE(positions::rows({1}).in_order());
+  CHECK_FALSE(l.in_order());
+  CHECK(l.max_row() == 14);
+  CHECK(positions{}.in_order());
+  CHECK(positions{}.max_row() == -1);
+  CHECK(positions::rows({4, 0, 7}).max_row() == 7);
 }
 
 TEST_CASE("one trained module applied from many threads at once gives identical results", "[intervention][threads]") {

@@ -26,6 +26,7 @@ class positions {
     p.rows_.resize(static_cast<std::size_t>(n));
     for (index_t i = 0; i < n; ++i) p.rows_[static_cast<std::size_t>(i)] = i;
     p.expected_rows_ = n;
+    p.summarize();
     return p;
   }
 
@@ -41,6 +42,7 @@ class positions {
       p.rows_.push_back(static_cast<index_t>(b) * seq_len + len - 1);
     }
     p.expected_rows_ = static_cast<index_t>(prompt_lengths.size()) * seq_len;
+    p.summarize();
     return p;
   }
   static positions last_prompt_token(std::initializer_list<index_t> prompt_lengths, index_t seq_len) {
@@ -58,6 +60,7 @@ class positions {
                          dup == sorted.end() ? 0 : *dup, " appears more than once");
     positions p;
     p.rows_ = std::move(r);
+    p.summarize();
     return p;
   }
 
@@ -69,20 +72,38 @@ class positions {
   vector_view<const index_t> view() const { return {rows_.data(), {size()}}; }
   /// The row count h must have (all / last_prompt_token), or -1 when any N > max row will do.
   index_t expected_rows() const { return expected_rows_; }
+  /// Whether entry i selects row i for every i (positions::all, or a list that happens to be 0..n-1):
+  /// a kernel then needs no list at all. Known at construction (positions never change), so asking
+  /// costs nothing per call — it used to be an O(P) scan on every call of the CUDA forward.
+  bool in_order() const { return in_order_; }
+  /// The largest row selected (−1 when none).
+  index_t max_row() const { return max_row_; }
 
   /// Throws shape_error unless these positions fit an h with n rows.
   void validate(index_t n, const char* what) const {
     if (expected_rows_ >= 0)
       require<shape_error>(n == expected_rows_, what, ": positions were built for ", expected_rows_,
                            " rows (batch × seq_len), but h has ", n, " rows");
+    if (max_row_ < n) return;  // O(1) on every call; the scan below only names the offender
     for (std::size_t i = 0; i < rows_.size(); ++i)
       require<shape_error>(rows_[i] < n, what, ": position ", i, " selects row ", rows_[i], ", expected a row in [0, ",
                            n, ")");
   }
 
  private:
+  void summarize() {
+    in_order_ = true;
+    max_row_ = -1;
+    for (std::size_t i = 0; i < rows_.size(); ++i) {
+      in_order_ = in_order_ && rows_[i] == static_cast<index_t>(i);
+      max_row_ = std::max(max_row_, rows_[i]);
+    }
+  }
+
   std::vector<index_t> rows_;
   index_t expected_rows_ = -1;
+  bool in_order_ = true;
+  index_t max_row_ = -1;
 };
 
 }  // namespace grun

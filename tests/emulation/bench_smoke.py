@@ -6,7 +6,7 @@ Usage: bench_smoke.py EMULATED_BENCH_CUDA GPU_TABLE_PY
 Runs `bench_cuda --smoke` (every benchmark and schedule at the GPU run's d and V, a few rows, timed
 once) and checks that it exits 0 and prints a RESULT for every row of gpu_table.py's table that the
 smoke sizes cover (all but the T-scaling rows, which --smoke skips, as --quick does), each a
-finite, non-negative time with its bytes (of the three forward schedules, the two that are not the
+finite, non-negative time with its bytes (of the forward schedules, all but the
 run's default); then renders the table from that output, as gpu_check.sh would. Also: --schedule
 changes the default (its row goes, the others come), --only limits the run to the names given, and
 a bad --schedule or argument is refused with exit 2 and a message. The timings are host time under the emulation and are not looked at.
@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 SCALING = ("_T4096", "_T65536")  # the scaling rows: full sizes only
-SCHEDULES = ("_fwd_stream", "_fwd_resident", "_fwd_staged")  # all but the run's default one are printed
+SCHEDULES = ("_fwd_stream", "_fwd_resident", "_fwd_staged", "_fwd_tensor")  # all but the run's default are printed
 
 
 def run(bench, *args):
@@ -48,9 +48,9 @@ def main(argv):
     schedule_rows = [key for key, _, _ in table.ROWS if key.endswith(SCHEDULES)]
     for prefix in sorted({key[: key.rindex("_fwd_")] for key in schedule_rows}):
         printed = [key for key in schedule_rows if key.startswith(prefix + "_fwd_") and key in r["ms"]]
-        if len(printed) != 2:
-            problems.append(f"{prefix}: {len(printed)} of the three schedule rows ({printed}); expected the two "
-                            "that are not the default")
+        if len(printed) != len(SCHEDULES) - 1:
+            problems.append(f"{prefix}: {len(printed)} of the {len(SCHEDULES)} schedule rows ({printed}); expected "
+                            "all but the default's")
         expected += printed
     for key in expected:
         if key not in r["ms"]:
@@ -67,9 +67,10 @@ def main(argv):
     rc, out, err = run(bench, "--smoke", "--schedule", "staged", "--only", "intervention_linear_direft4")
     keys = set(table.parse(out.splitlines())["ms"])
     name = "intervention_linear_direft4"
-    if rc != 0 or name + "_fwd_staged" in keys or not {name + "_fwd_stream", name + "_fwd_resident"} <= keys:
-        problems.append(f"--schedule staged: exit {rc}, RESULTs {sorted(keys)} (expected the stream and resident "
-                        "rows, not the staged one)")
+    if rc != 0 or name + "_fwd_staged" in keys or not {name + "_fwd_stream", name + "_fwd_resident",
+                                                         name + "_fwd_tensor"} <= keys:
+        problems.append(f"--schedule staged: exit {rc}, RESULTs {sorted(keys)} (expected the stream, resident and "
+                        "tensor rows, not the staged one)")
     rc, out, err = run(bench, "--smoke", "--only", "nll,adamw")
     keys = sorted(table.parse(out.splitlines())["ms"])
     if rc != 0 or keys != ["adamw_mlp_loreft4", "copy_d2d", "nll_fwd", "nll_fwdbwd"]:

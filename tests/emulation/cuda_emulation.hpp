@@ -39,6 +39,7 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstddef>
 #include <tuple>
 #include <type_traits>
@@ -172,3 +173,71 @@ template <class T>
 inline T __ldg(const T* p) {
   return *p;
 }
+/// So are the streaming (evict-first) loads and stores.
+template <class T>
+inline T __ldcs(const T* p) {
+  return *p;
+}
+template <class T>
+inline void __stcs(T* p, T v) {
+  *p = v;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+/// Kernels reach the warp collectives the emulation defines for their inline PTX through this.
+#define GRUN_CUDA_EMULATION 1
+
+namespace grun_emu {
+
+/// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} as the warp collective it is: every lane posts
+/// its fragments (PTX ISA's layout: lane = 4g + t; a0 = A[g][2t..2t+1], a1 = A[g+8][2t..],
+/// a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]; b0 = B[2t..2t+1][g], b1 = B[2t+8..][g]; c = C[g][2t],
+/// C[g][2t+1], C[g+8][2t], C[g+8][2t+1]), waits for its warp, and takes its four sums of
+/// C + A·B (k in order, fp32 fused multiply-adds — the device's order and rounding differ).
+template <class T>
+void mma_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+  struct posted {
+    unsigned a[4], b[2];
+  };
+  static thread_local posted warps[32][32];  // [warp of the CTA][lane]: CTAs run one after another
+  const unsigned rank = thread_rank(), lane = rank % 32, g = lane / 4, t = lane % 4;
+  posted* warp = warps[rank / 32];
+  warp[lane] = {{a0, a1, a2, a3}, {b0, b1}};
+  sync_warp();
+  auto half_of = [](unsigned w, int hi) {
+    const unsigned short bits = static_cast<unsigned short>(hi ? w >> 16 : w & 0xffffu);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      const unsigned u = unsigned(bits) << 16;
+      float f;
+      std::memcpy(&f, &u, sizeof f);
+      return f;
+    } else {
+      __half_raw r;
+      r.x = bits;
+      return __half2float(__half(r));
+    }
+  };
+  auto A = [&](unsigned m, unsigned k) {  // the lane holding A[m][k], its register and half
+    const unsigned owner = 4 * (m % 8) + (k % 8) / 2, reg = (m >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return half_of(warp[owner].a[reg], int(k % 2));
+  };
+  auto B = [&](unsigned k, unsigned n) {
+    const unsigned owner = 4 * n + (k % 8) / 2;
+    return half_of(warp[owner].b[k >= 8 ? 1 : 0], int(k % 2));
+  };
+  const unsigned rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    float acc = c[i];
+    for (unsigned k = 0; k < 16; ++k) acc = std::fma(A(rows[i], k), B(k, cols[i]), acc);
+    out[i] = acc;
+  }
+  sync_warp();  // every lane has read the posted fragments before any posts again
+  for (int i = 0; i < 4; ++i) c[i] = out[i];
+}
+
+}  // namespace grun_emu

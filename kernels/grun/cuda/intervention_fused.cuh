@@ -27,6 +27,10 @@
 //                    write of h' in the same kernel. How the tile is read — streamed through registers
 //                    and staged in shared memory, held in registers, or copied by cp.async — is a
 //                    schedule (forward_schedule below). All K modules of a stack in the same launch.
+//   forward_tensor_kernel  the default forward for 16-bit storage (d ≤ 4096, K ≤ 8, sm_80+): tiles
+//                    of 8 rows held in registers by 256 threads, the dots on tensor cores (mma.sync,
+//                    fp32 accumulate); one module's parameters staged in shared memory by persistent
+//                    CTAs, a stack's read in place. See "forward on tensor cores" below.
 //   Positions: when the list selects every row in order, nothing is uploaded (row q is position q).
 //   coef_kernel      backward, per tile of rows: the 3r+1 dots of each module reduced like the forward
 //                    (h and dout streamed or held in registers: coef_schedule; accumulated in fp64 for
@@ -178,6 +182,14 @@ struct src_ptrs {
   const T* w;
   const T* c;
 };
+/// Up to 8 modules' src_ptrs by value, as a launch parameter: no host → device copy before the
+/// kernel (a pageable copy costs the GPU more idle time than the packing it feeds).
+inline constexpr int tensor_max_modules = 8;
+template <class T>
+struct module_ptrs {
+  src_ptrs<T> m[tensor_max_modules];
+  __host__ __device__ const src_ptrs<T>& operator[](index_t k) const { return m[k]; }
+};
 template <class T>
 struct dst_ptrs {
   T* U;
@@ -192,9 +204,9 @@ struct dst_ptrs {
 GRUN_HD constexpr index_t padded_dim(index_t d) { return (d + 7) / 8 * 8; }
 GRUN_HD constexpr index_t module_stride(index_t r, index_t dp) { return (2 * r + 1) * dp + (r + 1 + 7) / 8 * 8; }
 
-template <class T>
-__global__ void pack_kernel(const src_ptrs<T>* __restrict__ src, index_t K, int r, index_t d, index_t dp, index_t ms,
-                            T* __restrict__ out) {
+/// Src: a device array of src_ptrs<T>, or module_ptrs<T> by value (K ≤ tensor_max_modules).
+template <class T, class Src>
+__global__ void pack_kernel(Src src, index_t K, int r, index_t d, index_t dp, index_t ms, T* __restrict__ out) {
   const index_t n = K * ms;
   for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x) {
     const index_t k = i / ms, o = i % ms;
@@ -293,10 +305,16 @@ __device__ __forceinline__ void load_resident(const T* const (&rows)[ROWS], inde
 ///   staged    the whole tile copied to shared memory by cp.async (cooperative_groups::memcpy_async):
 ///             all of it in flight at once without holding registers, then the dots and the write
 ///             read shared memory. Needs the tile in shared memory (ROWS·d·sizeof(T) + coef ≤ 40 KiB).
-/// Calls a schedule cannot take (rows that are not 16-byte vectors, rows too wide) run `stream`.
-/// `stream` stays the default until the others are timed on a GPU.
-enum class forward_schedule { stream, resident, staged };
-inline forward_schedule forward_plan = forward_schedule::stream;
+///   tensor    (the default) the dots on tensor cores (forward_tensor_kernel below), tiles of 8 rows
+///             held in registers by 256 threads; one module: its parameters staged in shared memory
+///             once per CTA and the CTAs persistent; a stack: parameters read in place (packed when
+///             not 16-byte aligned). 16-bit storage, d ≤ 4096, K ≤ 8, sm_80+. Not the same bits as
+///             the three above (another summation order; the same bits run to run); the agreement
+///             tests hold it to the host like every other path.
+/// Calls a schedule cannot take (fp32 storage, rows that are not 16-byte vectors, rows too wide)
+/// run `stream`.
+enum class forward_schedule { stream, resident, staged, tensor };
+inline forward_schedule forward_plan = forward_schedule::tensor;
 
 /// Most vectors per thread and row the resident schedule keeps in registers.
 inline constexpr int max_resident = 4;
@@ -430,6 +448,232 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) forward_kernel(const T
 #pragma unroll
       for (int rr = 0; rr < ROWS; ++rr)
         if (rr < nr) store_row<T, V>(dst[rr] + v * V, o[rr]);
+    }
+  }
+}
+
+// ---- forward on tensor cores (16-bit storage) -----------------------------------------------------
+// The forward's dots are a skinny GEMM: for a tile of 8 rows, C [2r+1, 8] = P [2r+1, d] · Hᵀ [d, 8]
+// (P the parameter rows U, D, w). On CUDA cores they cost 2r+1 FMAs per element of h — at d = 4096
+// bf16 loreft<4> more instruction issue than the memory time allows (the stream schedule: 35% of copy
+// bandwidth, every unit under 60% busy). mma.sync m16n8k16 (fp32 accumulate; the products of two
+// 16-bit values are exact in fp32) does them in 2 instructions per warp and 32 columns of 8 rows.
+//
+// The sum over k is order-free, so a thread's fragments come from plain 16-byte loads: lane (g, t)
+// (g = lane / 4, t = lane % 4) loads 8 consecutive elements of h row g at vector v, and of parameter
+// rows g and g + 8 at the same vector; words 2s and 2s + 1 of those vectors are its k = 2t..2t+1 and
+// 2t+8..2t+9 registers of mma step s (s = 0, 1). Every lane maps a logical k to the same physical
+// column, which is all the product needs.
+//
+// Parameters travel by value in the launch (up to tensor_max_modules modules): no host → device
+// copy before the forward, and no packing kernel unless a stack's rows are not 16-byte aligned.
+
+/// Threads per CTA of the tensor schedule: 8 warps share a tile's columns.
+inline constexpr int tensor_block = 256;
+/// Rows per tile: the mma's n.
+inline constexpr int tensor_rows = 8;
+/// Most vectors of 8 elements per thread (held in registers): d ≤ 16 · 4 · 8 warps · 8 = 4096.
+inline constexpr int tensor_max_held = 16;
+
+/// c += a · b: one mma.sync.m16n8k16, row-major a (16 × 16), column-major b (16 × 8), fp32 c.
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                          unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, bfloat16>)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#elif defined(GRUN_CUDA_EMULATION)
+  ::grun_emu::mma_16816<device_type_t<T>>(c, a0, a1, a2, a3, b0, b1);  // tests/emulation: the warp collective
+#else
+  __trap();  // the host never launches it; sm < 80 never dispatches here (launch_forward_tensor checks)
+#endif
+}
+
+/// The two 16-bit elements of a 32-bit word (lower address in the low half) → float.
+template <class T>
+__device__ __forceinline__ void unpack_pair(unsigned w, float& lo, float& hi) {
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+  } else {
+    const __half2 p = *reinterpret_cast<const __half2*>(&w);
+    const float2 f = __half22float2(p);
+    lo = f.x;
+    hi = f.y;
+  }
+}
+
+/// The staged variant's shared-memory row stride: d + 8 elements, so that the 8 rows a warp's
+/// lanes read at one vector index fall in different banks (a stride of d would put them all in one).
+GRUN_HD constexpr index_t staged_row_stride(index_t d) { return d + 8; }
+
+/// One tile of 8 positions per CTA and iteration; warp w, lane (g, t) holds row g's vectors
+/// v = t + 4·(w + 8c), c < HELD (loaded once, streamed past L1, used for the dots of every module and
+/// the write of h'). Per module: mma over the held vectors → per-warp partial C [16·MT, 8] → summed
+/// over warps in a fixed order (bitwise-repeatable) → g and coef = s·g·e per row → after the last
+/// module, h' = h + Σ_k Σ_i coef_k,i U_k,i on CUDA cores (r FMAs per element).
+///
+/// STAGED (one module): the CTA copies the module's 2r+1 parameter rows into shared memory once
+/// and then walks tiles blockIdx.x, + gridDim.x, … (a grid of about 2 CTAs per SM): the dots and the
+/// write read parameters from shared memory instead of L1/L2, which per tile of 8 rows (64 KiB of h
+/// at d = 4096 bf16) would otherwise stream 72 KiB of parameters through L2 and stall on them.
+/// Otherwise one tile per CTA, parameters read through the read-only cache.
+template <class T, int R, bool LO, int GM, int HELD, bool STAGED>
+__global__ void __launch_bounds__(tensor_block, 2)
+    forward_tensor_kernel(module_ptrs<T> mods, index_t K, float scale, matrix_view<const T, cuda_space> h,
+                          const index_t* __restrict__ pos, index_t P, matrix_view<T, cuda_space> out,
+                          matrix_view<T, cuda_space> gates, const float* __restrict__ gext) {
+  constexpr int NP = 2 * R + 1, MT = (NP + 15) / 16, WARPS = tensor_block / 32, ROWS = tensor_rows;
+  constexpr bool GATED = GM == gate_linear;
+  __shared__ float part[WARPS][MT * 16][ROWS];
+  __shared__ float dots[MT * 16][ROWS];
+  __shared__ float coef[tensor_max_modules][ROWS][R];
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* staged = reinterpret_cast<T*>(smem);  // STAGED: [NP][d + 8] — U rows, D rows, w (zeros without a gate)
+
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
+  const index_t d = h.extent(1);
+  const int nvec = int(d / 8);  // ≤ 512 (launch_forward_tensor checks)
+  const index_t lds = staged_row_stride(d);
+  // The thread's vectors of its row: v = v0 + STEP·c. Chunk c starts at column 8·(4·warp + STEP·c),
+  // the same for the warp's lanes: the mma runs on every lane of a chunk with any column left, and
+  // lanes past the row's end hold zeros (h and parameters both: no 0 · garbage). 32-bit vector
+  // indices and one base pointer per row, so the HELD loads are one register and immediate offsets.
+  constexpr int STEP = 4 * WARPS;
+  const int v0 = t + 4 * warp;
+  auto chunk_live = [&](int c) { return 4 * warp + STEP * c < nvec; };
+
+  if constexpr (STAGED) {
+    const src_ptrs<T> m = mods.m[0];
+#pragma unroll 1
+    for (int r = 0; r < NP; ++r) {
+      const T* src = r < R ? m.U + index_t(r) * d : r < 2 * R ? m.D + index_t(r - R) * d : m.w;
+      T* to = staged + r * lds;
+      if (src == nullptr) {  // the gate row without a gate: zeros
+        for (int v = int(threadIdx.x); v < nvec; v += tensor_block) reinterpret_cast<uint4*>(to)[v] = make_uint4(0, 0, 0, 0);
+      } else if ((reinterpret_cast<std::uintptr_t>(src) & 15u) == 0) {
+        for (int v = int(threadIdx.x); v < nvec; v += tensor_block)
+          reinterpret_cast<uint4*>(to)[v] = __ldg(reinterpret_cast<const uint4*>(src) + v);
+      } else {  // a tensor that starts mid-vector (e.g. after a bias of r elements in one flat buffer)
+        for (index_t j = threadIdx.x; j < d; j += tensor_block) to[j] = src[j];
+      }
+    }
+    __syncthreads();
+  }
+  // Row `row` of module m's parameter matrix [2R+1, d] as the dots use it (null: a row of zeros —
+  // direft's e needs no U·h, gate::always no w), as 16-byte vectors from v0 on.
+  auto dot_row = [&](const src_ptrs<T>& m, int r) -> const uint4* {
+    if ((r < R && !LO) || r >= NP || (r == 2 * R && !GATED)) return nullptr;
+    const T* base = STAGED ? staged + r * lds : r < R ? m.U + index_t(r) * d : r < 2 * R ? m.D + index_t(r - R) * d : m.w;
+    return reinterpret_cast<const uint4*>(base) + v0;
+  };
+
+  const index_t tiles = (P + ROWS - 1) / ROWS;
+  for (index_t tile = blockIdx.x; tile < tiles; tile += STAGED ? index_t(gridDim.x) : tiles) {
+    const index_t q0 = tile * ROWS;
+    const int nr = int(P - q0 < ROWS ? P - q0 : ROWS);
+    const bool live = g < nr;  // rows past the last position repeat the first: loaded, never stored
+    const index_t row = row_at(pos, q0 + (live ? g : 0));
+
+    uint4 held[HELD];
+    const uint4* hv = reinterpret_cast<const uint4*>(h.row(row)) + v0;
+#pragma unroll
+    for (int c = 0; c < HELD; ++c) held[c] = v0 + STEP * c < nvec ? __ldcs(hv + STEP * c) : make_uint4(0, 0, 0, 0);
+
+    for (index_t k = 0; k < K; ++k) {
+      const src_ptrs<T> m = mods.m[k];
+      const uint4* ra[MT];
+      const uint4* rb[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        ra[mt] = dot_row(m, 16 * mt + g);
+        rb[mt] = dot_row(m, 16 * mt + g + 8);
+      }
+      float acc[MT][4] = {};
+#pragma unroll
+      for (int c = 0; c < HELD; ++c) {
+        if (!chunk_live(c)) break;
+        const bool in = v0 + STEP * c < nvec;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint4 zero = make_uint4(0, 0, 0, 0);
+          const uint4 pa = in && ra[mt] ? (STAGED ? ra[mt][STEP * c] : __ldg(ra[mt] + STEP * c)) : zero;
+          const uint4 pb = in && rb[mt] ? (STAGED ? rb[mt][STEP * c] : __ldg(rb[mt] + STEP * c)) : zero;
+          mma_16816<T>(acc[mt], pa.x, pb.x, pa.y, pb.y, held[c].x, held[c].y);
+          mma_16816<T>(acc[mt], pa.z, pb.z, pa.w, pb.w, held[c].z, held[c].w);
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        part[warp][16 * mt + g][2 * t] = acc[mt][0];
+        part[warp][16 * mt + g][2 * t + 1] = acc[mt][1];
+        part[warp][16 * mt + g + 8][2 * t] = acc[mt][2];
+        part[warp][16 * mt + g + 8][2 * t + 1] = acc[mt][3];
+      }
+      __syncthreads();  // (also: every thread is past the previous tile's reads of coef)
+      for (int i = int(threadIdx.x); i < NP * ROWS; i += tensor_block) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) s += part[w][i / ROWS][i % ROWS];
+        dots[i / ROWS][i % ROWS] = s;
+      }
+      __syncthreads();  // dots complete; part free for the next module
+      if (threadIdx.x < ROWS) {
+        const int n = int(threadIdx.x);
+        float gv = 1.f;
+        if (n < nr) {
+          if constexpr (GATED) gv = dsigmoid(dload(m.c) + dots[2 * R][n]);
+          else if constexpr (GM == gate_external) gv = dsigmoid(gext[k * P + q0 + n]);
+          dstore(&gates(k, q0 + n), gv);
+        }
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          const float e = dots[R + i][n] + dload(m.b + i) - (LO ? dots[i][n] : 0.f);
+          coef[k][n][i] = scale * gv * e;
+        }
+      }
+    }
+    __syncthreads();  // every module's coef visible
+
+    uint4* dst = reinterpret_cast<uint4*>(out.row(row)) + v0;
+#pragma unroll
+    for (int c = 0; c < HELD; ++c) {
+      if (!chunk_live(c)) break;
+      if (v0 + STEP * c >= nvec) continue;
+      float o[8];
+      unpack_pair<T>(held[c].x, o[0], o[1]);
+      unpack_pair<T>(held[c].y, o[2], o[3]);
+      unpack_pair<T>(held[c].z, o[4], o[5]);
+      unpack_pair<T>(held[c].w, o[6], o[7]);
+      for (index_t k = 0; k < K; ++k) {
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          const uint4 u = STAGED ? *(reinterpret_cast<const uint4*>(staged + i * lds) + v0 + STEP * c)
+                                 : __ldg(reinterpret_cast<const uint4*>(mods.m[k].U) + v0 + STEP * c + i * nvec);
+          const float cf = coef[k][g][i];
+          float p[8];
+          unpack_pair<T>(u.x, p[0], p[1]);
+          unpack_pair<T>(u.y, p[2], p[3]);
+          unpack_pair<T>(u.z, p[4], p[5]);
+          unpack_pair<T>(u.w, p[6], p[7]);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) o[e] = fmaf(cf, p[e], o[e]);
+        }
+      }
+      if (live) {
+        vec<T, 8> r;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dstore(&r.v[e], o[e]);
+        __stcs(dst + STEP * c, *reinterpret_cast<const uint4*>(&r));
+      }
     }
   }
 }
@@ -776,6 +1020,17 @@ class device_positions {
   cuda::detail::stream_scratch<index_t> list_;
 };
 
+/// Where one module's parameters live (w, c null for gate::always).
+template <class I, class T>
+src_ptrs<T> sources_of(const module_params<I, T, cuda_space>& m) {
+  src_ptrs<T> p{m.reft.rotate_layer.data, m.reft.weight.data, m.reft.bias.data, nullptr, nullptr};
+  if constexpr (gate_kind<typename I::gate_type>::value == 1) {
+    p.w = m.gate.weight.data;
+    p.c = m.gate.bias.data;
+  }
+  return p;
+}
+
 /// Packs K modules' parameters (fp32, padded) into a stream-scoped scratch buffer.
 template <class I, class T>
 void pack(std::span<const module_params<I, T, cuda_space>> modules, index_t d, index_t dp, index_t ms,
@@ -783,25 +1038,125 @@ void pack(std::span<const module_params<I, T, cuda_space>> modules, index_t d, i
   constexpr int R = int(I::rank);
   const index_t K = index_t(modules.size());
   std::vector<src_ptrs<T>> host(static_cast<std::size_t>(K));
-  for (index_t k = 0; k < K; ++k) {
-    const auto& m = modules[std::size_t(k)];
-    src_ptrs<T>& p = host[std::size_t(k)];
-    p.U = m.reft.rotate_layer.data;
-    p.D = m.reft.weight.data;
-    p.b = m.reft.bias.data;
-    if constexpr (gate_kind<typename I::gate_type>::value == 1) {
-      p.w = m.gate.weight.data;
-      p.c = m.gate.bias.data;
-    } else {
-      p.w = nullptr;
-      p.c = nullptr;
-    }
-  }
+  for (index_t k = 0; k < K; ++k) host[std::size_t(k)] = sources_of<I, T>(modules[std::size_t(k)]);
   GRUN_CUDA_CHECK(cudaMemcpyAsync(srcs.ptr, host.data(), sizeof(src_ptrs<T>) * host.size(), cudaMemcpyHostToDevice, s));
   const index_t n = K * ms;
   const unsigned grid = unsigned(std::min<index_t>(cuda::ceil_div(n, 256), 4096));
-  pack_kernel<T><<<grid, 256, 0, s>>>(srcs.ptr, K, R, d, dp, ms, packed.ptr);
+  pack_kernel<T><<<grid, 256, 0, s>>>(static_cast<const src_ptrs<T>*>(srcs.ptr), K, R, d, dp, ms, packed.ptr);
   GRUN_CUDA_CHECK_LAUNCH();
+}
+
+/// Storage and ranks the tensor schedule takes: 16-bit storage (mma.sync's operands), 2r + 1 ≤ 32
+/// parameter rows (two m16 tiles).
+template <class T, int R>
+inline constexpr bool tensor_takes = (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>) && 2 * R + 1 <= 32;
+
+/// Compute capability ≥ 8.0 (mma.sync m16n8k16 on 16-bit operands) on the current device, asked once.
+inline bool device_has_mma() {
+  static const bool has = [] {
+    int dev = 0, major = 0;
+    GRUN_CUDA_CHECK(cudaGetDevice(&dev));
+    GRUN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    return major >= 8;
+  }();
+  return has;
+}
+
+/// The staged tensor kernel's dynamic shared memory for dimension d, and whether a device takes it
+/// with 2 CTAs per SM (else the unstaged kernel runs).
+template <class T, int R>
+std::size_t staged_bytes(index_t d) {
+  return std::size_t(2 * R + 1) * std::size_t(staged_row_stride(d)) * sizeof(T);
+}
+struct device_smem {
+  int per_block_optin = 48 * 1024, per_sm = 0, sms = 1;
+};
+inline const device_smem& smem_limits() {
+  static const device_smem limits = [] {
+    device_smem l;
+    int dev = 0;
+    GRUN_CUDA_CHECK(cudaGetDevice(&dev));
+    GRUN_CUDA_CHECK(cudaDeviceGetAttribute(&l.per_block_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    GRUN_CUDA_CHECK(cudaDeviceGetAttribute(&l.per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+    GRUN_CUDA_CHECK(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, dev));
+    return l;
+  }();
+  return limits;
+}
+
+/// The tensor schedule's launch, when the call is one it takes (16-byte vector rows of h and out,
+/// d ≤ 4096, at most tensor_max_modules modules, an sm_80+ device); false, having done nothing,
+/// otherwise. One module whose parameter rows fit in shared memory twice per SM: the staged,
+/// persistent kernel (any alignment of the parameters). Else one CTA per tile, parameters read in
+/// place when their rows are 16-byte vectors, packed first when not.
+template <class I, class T, int GM>
+bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modules, double scale,
+                           matrix_view<const T, cuda_space> h, const positions& pos, matrix_view<T, cuda_space> out,
+                           matrix_view<T, cuda_space> gates, const float* gext, cudaStream_t s) {
+  constexpr int R = int(I::rank);
+  constexpr bool LO = reft_kind<typename I::reft_type>::value == 1;
+  const index_t d = h.extent(1), P = pos.size(), K = index_t(modules.size());
+  const index_t nvec = d / 8, per_thread = cuda::ceil_div(nvec, index_t(tensor_block / 8));
+  if (K > tensor_max_modules || !vector_rows<T>(h, 8) || !vector_rows<T>(out, 8) || per_thread > tensor_max_held ||
+      !device_has_mma())
+    return false;
+  module_ptrs<T> mods{};
+  bool aligned = true;
+  for (index_t k = 0; k < K; ++k) {
+    const src_ptrs<T> p = sources_of<I, T>(modules[std::size_t(k)]);
+    aligned = aligned && aligned16(p.U) && aligned16(p.D) && (p.w == nullptr || aligned16(p.w));
+    mods.m[k] = p;
+  }
+  const device_positions dpos(pos, h.extent(0), s);
+  const index_t tiles = cuda::ceil_div(P, index_t(tensor_rows));
+  // The staged kernel's static shared memory (part, dots, coef) is under 12 KiB; 2 CTAs per SM.
+  const std::size_t staged = staged_bytes<T, R>(d);
+  const device_smem& lim = smem_limits();
+  const bool stage = K == 1 && tiles > 1 && staged <= std::size_t(lim.per_block_optin) &&
+                     2 * (staged + 12 * 1024 + 1024) <= std::size_t(lim.per_sm);
+  auto launch = [&](auto held, auto staged_kernel) {
+    constexpr bool S = decltype(staged_kernel)::value;
+    const auto kernel = forward_tensor_kernel<T, R, LO, GM, decltype(held)::value, S>;
+    if constexpr (S) {
+      static const bool opted_in = [&] {  // once per instantiation: room for the largest d (4096)
+        const int most = int(staged_bytes<T, R>(index_t(tensor_max_held) * tensor_block));
+        GRUN_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             std::min(most, lim.per_block_optin)));
+        return true;
+      }();
+      (void)opted_in;
+      const unsigned grid = unsigned(std::min<index_t>(tiles, index_t(2) * lim.sms));
+      kernel<<<grid, tensor_block, staged, s>>>(mods, K, float(scale), h, dpos.ptr(), P, out, gates, gext);
+    } else {
+      kernel<<<unsigned(tiles), tensor_block, 0, s>>>(mods, K, float(scale), h, dpos.ptr(), P, out, gates, gext);
+    }
+  };
+  using small = std::integral_constant<int, 4>;
+  using large = std::integral_constant<int, tensor_max_held>;
+  if (stage) {
+    per_thread <= 4 ? launch(small{}, std::true_type{}) : launch(large{}, std::true_type{});
+    GRUN_CUDA_CHECK_LAUNCH();
+    return true;
+  }
+  // Parameter rows read in place when they are 16-byte vectors (d % 8 == 0 here, so when each
+  // tensor starts aligned); else packed first (one small kernel, the sources by value) — e.g. one
+  // flat buffer per module, where the tensors after a bias of r elements start mid-vector.
+  const index_t ms = module_stride(R, d);
+  cuda::detail::stream_scratch<T> packed(aligned ? 0 : K * ms, s);
+  if (!aligned) {
+    const unsigned pgrid = unsigned(std::min<index_t>(cuda::ceil_div(K * ms, 256), 4096));
+    pack_kernel<T><<<pgrid, 256, 0, s>>>(mods, K, R, d, d, ms, packed.ptr);
+    GRUN_CUDA_CHECK_LAUNCH();
+    for (index_t k = 0; k < K; ++k) {
+      T* pm = packed.ptr + k * ms;
+      const bool gated = mods.m[k].w != nullptr;
+      mods.m[k] = {pm, pm + R * d, pm + (2 * R + 1) * d, gated ? pm + 2 * R * d : nullptr,
+                   gated ? pm + (2 * R + 1) * d + R : nullptr};
+    }
+  }
+  per_thread <= 4 ? launch(small{}, std::false_type{}) : launch(large{}, std::false_type{});
+  GRUN_CUDA_CHECK_LAUNCH();
+  return true;
 }
 
 }  // namespace detail
@@ -827,6 +1182,12 @@ bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cu
   const cudaStream_t s = stream_of(ex);
   if (!cuda::detail::selects_every_row(pos, N)) cuda::detail::copy_rows<T>(h, out, s);
   if (P == 0 || K == 0) return true;
+
+  if constexpr (detail::tensor_takes<T, R>) {
+    if (detail::forward_plan == detail::forward_schedule::tensor &&
+        detail::launch_forward_tensor<I, T, GM>(modules, scale, h, pos, out, gates, gext, s))
+      return true;
+  }
 
   const index_t dp = detail::padded_dim(d), ms = detail::module_stride(R, dp);
   cuda::detail::stream_scratch<T> packed(K * ms, s);

@@ -141,11 +141,6 @@ void copy_rows(matrix_view<const T, cuda_space> src, matrix_view<T, cuda_space> 
 
 /// True when the position list is 0, 1, …, N−1 (every row selected, in order): the rows that
 /// pass through unchanged are then none, and the copy of h into out can be skipped.
-inline bool selects_every_row(const positions& pos, index_t n) {
-  if (pos.size() != n) return false;
-  for (index_t q = 0; q < n; ++q)
-    if (pos[q] != q) return false;
-  return true;
-}
+inline bool selects_every_row(const positions& pos, index_t n) { return pos.size() == n && pos.in_order(); }
 
 }  // namespace grun::cuda::detail
