@@ -132,6 +132,7 @@ struct gemm_args {
   float* D;
   index_t ldd;
   const fp16_scale* scaled = nullptr;
+  bool chunk_fp32_k = true;  // false: the result is rounded to 16 bits anyway (see fp32_k_chunk)
 };
 
 /// Largest power of two ≤ 256 dividing both the address and the row pitch (ld · element size): the
@@ -148,13 +149,14 @@ inline void gemm(const gemm_args& g, void* workspace, cudaStream_t s, bool deter
 inline void gemm(cublasOperation_t ta, cublasOperation_t tb, index_t m, index_t n, index_t k, const void* A,
                  cudaDataType_t at, index_t lda, const void* B, cudaDataType_t bt, index_t ldb, float beta, float* D,
                  index_t ldd, void* workspace, cudaStream_t s, bool deterministic,
-                 const fp16_scale* scaled = nullptr) {
+                 const fp16_scale* scaled = nullptr, bool chunk_fp32_k = true) {
   gemm_args g;
   g.ta = ta; g.tb = tb; g.m = m; g.n = n; g.k = k;
   g.A = A; g.at = at; g.lda = lda;
   g.B = B; g.bt = bt; g.ldb = ldb;
   g.beta = beta; g.D = D; g.ldd = ldd;
   g.scaled = scaled;
+  g.chunk_fp32_k = chunk_fp32_k;
   gemm(g, workspace, s, deterministic);
 }
 
@@ -167,11 +169,13 @@ inline void gemm_once(const gemm_args& g, void* workspace, cudaStream_t s, bool 
 /// for many shapes — is ~√k ε off: at d = 2048 the gate's b3 gradient came 1.8e-5 off the exact
 /// one (the CPU emulation sums that way; tolerance 1e-5). Chunks bring that to ~(√chunk + √(k/chunk)) ε,
 /// in a fixed order, so still bitwise-repeatable. 16-bit inputs run on tensor cores in one call:
-/// their rounding, not the sum's, bounds their error.
+/// their rounding, not the sum's, bounds their error. So does a 16-bit module's fp32 product that
+/// is rounded to 16 bits (dW2 over k = P): one call (chunk_fp32_k = false), not P/256 — 64 at
+/// P = 16384, each with its own cuBLASLt descriptors and heuristic query on the host.
 inline constexpr index_t fp32_k_chunk = 256;
 
 inline void gemm(const gemm_args& g, void* workspace, cudaStream_t s, bool deterministic) {
-  if (g.at != CUDA_R_32F || g.k <= fp32_k_chunk) return gemm_once(g, workspace, s, deterministic);
+  if (g.at != CUDA_R_32F || g.k <= fp32_k_chunk || !g.chunk_fp32_k) return gemm_once(g, workspace, s, deterministic);
   // Chunk c of op(A) [m, k] is columns [c·chunk, …) of op(A): rows of A as stored when A is transposed.
   const index_t a_step = g.ta == CUBLAS_OP_N ? fp32_k_chunk * g.lda : fp32_k_chunk;
   const index_t b_step = g.tb == CUBLAS_OP_N ? fp32_k_chunk : fp32_k_chunk * g.ldb;
@@ -606,7 +610,7 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
                    detail::data_type<T>(), H1p, 0.f, dw1.ptr, d, ws.ptr, s, ex.deterministic, dz1_scale.ptr);
       // dW2 = dZ2ᵀ A1: row-major [H2, H1] = column-major [H1, H2] = (A1 as column-major [H1, P]) · op_T(dZ2 as column-major [H2, P]).
       detail::gemm(CUBLAS_OP_N, CUBLAS_OP_T, H1, H2, P, a1k, CUDA_R_32F, H1, dz2.ptr, CUDA_R_32F, H2, 0.f, dw2.ptr, H1,
-                   ws.ptr, s, ex.deterministic);
+                   ws.ptr, s, ex.deterministic, nullptr, std::is_same_v<T, float>);
       detail::convert_kernel<T><<<detail::grid_for(H1 * d, 256), 256, 0, s>>>(dw1.ptr, H1 * d, gg.w1.data);
       detail::convert_kernel<T><<<detail::grid_for(H2 * H1, 256), 256, 0, s>>>(dw2.ptr, H2 * H1, gg.w2.data);
       detail::column_sums<T>(dz1f.ptr, P, H1, H1, nullptr, gg.b1.data, s);
