@@ -348,6 +348,9 @@ void check_all() {
   check<I, T>({70, 96, iota(70), 3, 1, 0.6 * 3 + 0.6});              // stack of K = 3, every row, train the middle
   check<I, T>({600, 1001, iota(600)});                               // d odd, many slots (P/16 = 38)
   check<I, T>({300, 1024, {299, 5, 17, 42, 128, 256, 3, 4, 6, 8}, 2, 0, 0.9});  // K = 2 (parameters re-read)
+  // K = 9: more modules than travel by value in a launch (fused::detail::tensor_max_modules = 8):
+  // their sources go host → device for the packing, and the forward takes a CUDA-core schedule.
+  check<I, T>({24, 40, {23, 1, 2, 3, 5, 8, 13, 21}, 9, 8, 0.25});
   // Wide rows: the resident forward at 2 (bf16/fp16) or 4 (fp32) vectors per thread and row, and
   // at 4 (16-bit) beside fp32's streaming fallback; a partial last tile; a stack.
   check<I, T>({13, 2048, iota(13)});

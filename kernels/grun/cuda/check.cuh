@@ -12,6 +12,9 @@
 #include <thrust/device_vector.h>
 #include <thrust/fill.h>
 
+#include <cstddef>
+#include <mutex>
+#include <optional>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -57,6 +60,25 @@ inline int device_count() noexcept {
   return count;
 }
 inline bool device_available() noexcept { return device_count() > 0; }
+
+/// The value `make(device)` gives for the device current at the call: made at the first call on each
+/// device and kept for the process, never destroyed (a pool or handle torn down at static
+/// destruction could outlive the CUDA context). One table per call site (each `make` lambda is its
+/// own type), guarded by its own mutex; make runs under it. For what belongs to a device — its
+/// memory pool, a library handle, its attributes, a kernel's opt-in — where a process-wide `static`
+/// would decide for every device from the first one that asked.
+template <class Value, class Make>
+Value per_device(Make make) {
+  int device = 0;
+  GRUN_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex guard;
+  static std::vector<std::optional<Value>> table;
+  const std::lock_guard lock(guard);
+  if (table.size() <= std::size_t(device)) table.resize(std::size_t(device) + 1);
+  std::optional<Value>& slot = table[std::size_t(device)];
+  if (!slot) slot = make(device);
+  return *slot;
+}
 
 /// Launches need a device; without one the call fails by name instead of a CUDA error code.
 inline void require_device(const char* what) {

@@ -202,7 +202,21 @@ struct dst_ptrs {
 /// Packed layout of one module: rows 0..r−1 = U, r..2r−1 = D, 2r = w (zeros without a gate), each
 /// dp floats; then b [r], c at (2r+1)·dp. ms = module stride (a multiple of 8 floats).
 GRUN_HD constexpr index_t padded_dim(index_t d) { return (d + 7) / 8 * 8; }
-GRUN_HD constexpr index_t module_stride(index_t r, index_t dp) { return (2 * r + 1) * dp + (r + 1 + 7) / 8 * 8; }
+/// Where b starts (c follows it): after the 2r+1 rows.
+GRUN_HD constexpr index_t packed_tail(index_t r, index_t dp) { return (2 * r + 1) * dp; }
+GRUN_HD constexpr index_t module_stride(index_t r, index_t dp) { return packed_tail(r, dp) + (r + 1 + 7) / 8 * 8; }
+/// A packed module (at pm, rows of dp) seen as sources: U, D, w rows dp apart, b and c in the tail.
+template <class T>
+GRUN_HD src_ptrs<T> packed_sources(const T* pm, index_t r, index_t dp, bool gated) {
+  const T* tail = pm + packed_tail(r, dp);
+  return {pm, pm + r * dp, tail, gated ? pm + 2 * r * dp : nullptr, gated ? tail + r : nullptr};
+}
+/// Row `row` < 2r+1 of a module's parameter matrix [U; D; w] (rows of d elements): U_row, D_row−r,
+/// or w (null without a gate). The order every layout here keeps.
+template <class T>
+GRUN_HD const T* param_row(const src_ptrs<T>& m, index_t row, index_t r, index_t d) {
+  return row < r ? m.U + row * d : row < 2 * r ? m.D + (row - r) * d : m.w;
+}
 
 /// Src: a device array of src_ptrs<T>, or module_ptrs<T> by value (K ≤ tensor_max_modules).
 template <class T, class Src>
@@ -214,12 +228,10 @@ __global__ void pack_kernel(Src src, index_t K, int r, index_t d, index_t dp, in
     const index_t row = o / dp, j = o % dp;
     T v{};  // zero bits = +0: padding, and w, c without a gate
     if (row < 2 * r + 1) {
-      if (j < d) {
-        const T* p = row < r ? s.U + row * d : row < 2 * r ? s.D + (row - r) * d : s.w;
-        if (row < 2 * r || s.w != nullptr) v = p[j];
-      }
+      const T* p = param_row(s, row, index_t(r), d);
+      if (j < d && p != nullptr) v = p[j];
     } else {
-      const index_t t = o - (2 * r + 1) * dp;
+      const index_t t = o - packed_tail(r, dp);
       if (t < r) v = s.b[t];
       else if (t == r && s.c != nullptr) v = *s.c;
     }
@@ -403,7 +415,7 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) forward_kernel(const T
     }
     a = BR(tmp).Reduce(a, farr_sum{});
     if (threadIdx.x == 0) {
-      const T* sc = pm + NP * dp;  // b [R], c
+      const T* sc = pm + packed_tail(R, dp);  // b [R], c
 #pragma unroll
       for (int rr = 0; rr < ROWS; ++rr) {
         if (rr >= nr) break;
@@ -555,7 +567,7 @@ __global__ void __launch_bounds__(tensor_block, 2)
     const src_ptrs<T> m = mods.m[0];
 #pragma unroll 1
     for (int r = 0; r < NP; ++r) {
-      const T* src = r < R ? m.U + index_t(r) * d : r < 2 * R ? m.D + index_t(r - R) * d : m.w;
+      const T* src = param_row(m, r, R, d);
       T* to = staged + r * lds;
       if (src == nullptr) {  // the gate row without a gate: zeros
         for (int v = int(threadIdx.x); v < nvec; v += tensor_block) reinterpret_cast<uint4*>(to)[v] = make_uint4(0, 0, 0, 0);
@@ -572,7 +584,7 @@ __global__ void __launch_bounds__(tensor_block, 2)
   // direft's e needs no U·h, gate::always no w), as 16-byte vectors from v0 on.
   auto dot_row = [&](const src_ptrs<T>& m, int r) -> const uint4* {
     if ((r < R && !LO) || r >= NP || (r == 2 * R && !GATED)) return nullptr;
-    const T* base = STAGED ? staged + r * lds : r < R ? m.U + index_t(r) * d : r < 2 * R ? m.D + index_t(r - R) * d : m.w;
+    const T* base = STAGED ? staged + r * lds : param_row(m, r, R, d);
     return reinterpret_cast<const uint4*>(base) + v0;
   };
 
@@ -763,7 +775,7 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
     }
     a = BR(tmp).Reduce(a, farr_sum{});
     if (threadIdx.x == 0) {
-      const T* sc = pm + NP * dp;
+      const T* sc = pm + packed_tail(R, dp);
 #pragma unroll
       for (int rr = 0; rr < ROWS; ++rr) {
         if (rr >= nr) break;
@@ -832,12 +844,12 @@ __global__ void __launch_bounds__(block) slot_kernel(const T* __restrict__ pk, i
     for (int i = 0; i < R; ++i) {
       float s = 0.f;
       for (index_t q = q0; q < q1; ++q) s += rc[q * NP + R + i];
-      slot[NP * dp + i] = s;
+      slot[packed_tail(R, dp) + i] = s;
     }
     float s = 0.f;
     if (GATED)
       for (index_t q = q0; q < q1; ++q) s += rc[q * NP + 2 * R];
-    slot[NP * dp + R] = s;
+    slot[packed_tail(R, dp) + R] = s;
   }
   const index_t c = index_t(blockIdx.y) * block + threadIdx.x;
   if (c >= d / CW) return;
@@ -981,11 +993,11 @@ __global__ void sum_slots_kernel(const float* __restrict__ slots, index_t nslots
     off = 2 * R * dp + (i - 2 * R * d);
     p = dst.w + (i - 2 * R * d);
   } else if (i < NP * d + R) {
-    off = NP * dp + (i - NP * d);
+    off = packed_tail(R, dp) + (i - NP * d);
     p = dst.b + (i - NP * d);
   } else {
     if (!GATED) return;
-    off = NP * dp + R;
+    off = packed_tail(R, dp) + R;
     p = dst.c;
   }
   double s = 0;
@@ -1031,18 +1043,26 @@ src_ptrs<T> sources_of(const module_params<I, T, cuda_space>& m) {
   return p;
 }
 
-/// Packs K modules' parameters (fp32, padded) into a stream-scoped scratch buffer.
+/// Packs K modules' parameters (as stored, rows padded to dp) into `packed` [K][ms]. Up to
+/// tensor_max_modules modules, their sources travel by value in the launch; a larger stack's go
+/// host → device first.
 template <class I, class T>
-void pack(std::span<const module_params<I, T, cuda_space>> modules, index_t d, index_t dp, index_t ms,
-          cuda::detail::stream_scratch<T>& packed, cuda::detail::stream_scratch<src_ptrs<T>>& srcs, cudaStream_t s) {
+void pack(std::span<const module_params<I, T, cuda_space>> modules, index_t d, index_t dp, index_t ms, T* packed,
+          cudaStream_t s) {
   constexpr int R = int(I::rank);
   const index_t K = index_t(modules.size());
-  std::vector<src_ptrs<T>> host(static_cast<std::size_t>(K));
-  for (index_t k = 0; k < K; ++k) host[std::size_t(k)] = sources_of<I, T>(modules[std::size_t(k)]);
-  GRUN_CUDA_CHECK(cudaMemcpyAsync(srcs.ptr, host.data(), sizeof(src_ptrs<T>) * host.size(), cudaMemcpyHostToDevice, s));
-  const index_t n = K * ms;
-  const unsigned grid = unsigned(std::min<index_t>(cuda::ceil_div(n, 256), 4096));
-  pack_kernel<T><<<grid, 256, 0, s>>>(static_cast<const src_ptrs<T>*>(srcs.ptr), K, R, d, dp, ms, packed.ptr);
+  const unsigned grid = unsigned(std::min<index_t>(cuda::ceil_div(K * ms, 256), 4096));
+  if (K <= tensor_max_modules) {
+    module_ptrs<T> mods{};
+    for (index_t k = 0; k < K; ++k) mods.m[k] = sources_of<I, T>(modules[std::size_t(k)]);
+    pack_kernel<T><<<grid, 256, 0, s>>>(mods, K, R, d, dp, ms, packed);
+  } else {
+    std::vector<src_ptrs<T>> host(static_cast<std::size_t>(K));
+    for (index_t k = 0; k < K; ++k) host[std::size_t(k)] = sources_of<I, T>(modules[std::size_t(k)]);
+    cuda::detail::stream_scratch<src_ptrs<T>> srcs(K, s);
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(srcs.ptr, host.data(), sizeof(src_ptrs<T>) * host.size(), cudaMemcpyHostToDevice, s));
+    pack_kernel<T><<<grid, 256, 0, s>>>(static_cast<const src_ptrs<T>*>(srcs.ptr), K, R, d, dp, ms, packed);
+  }
   GRUN_CUDA_CHECK_LAUNCH();
 }
 
@@ -1051,15 +1071,23 @@ void pack(std::span<const module_params<I, T, cuda_space>> modules, index_t d, i
 template <class T, int R>
 inline constexpr bool tensor_takes = (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>) && 2 * R + 1 <= 32;
 
-/// Compute capability ≥ 8.0 (mma.sync m16n8k16 on 16-bit operands) on the current device, asked once.
-inline bool device_has_mma() {
-  static const bool has = [] {
-    int dev = 0, major = 0;
-    GRUN_CUDA_CHECK(cudaGetDevice(&dev));
+/// What the tensor schedule asks of the current device, asked once per device: compute capability
+/// ≥ 8.0 (mma.sync m16n8k16 on 16-bit operands), its shared memory limits and SM count.
+struct device_limits {
+  bool mma = false;
+  int smem_per_block_optin = 48 * 1024, smem_per_sm = 0, sms = 1;
+};
+inline device_limits limits_of_device() {
+  return per_device<device_limits>([](int dev) {
+    device_limits l;
+    int major = 0;
     GRUN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    return major >= 8;
-  }();
-  return has;
+    l.mma = major >= 8;
+    GRUN_CUDA_CHECK(cudaDeviceGetAttribute(&l.smem_per_block_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    GRUN_CUDA_CHECK(cudaDeviceGetAttribute(&l.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+    GRUN_CUDA_CHECK(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, dev));
+    return l;
+  });
 }
 
 /// The staged tensor kernel's dynamic shared memory for dimension d, and whether a device takes it
@@ -1068,22 +1096,6 @@ template <class T, int R>
 std::size_t staged_bytes(index_t d) {
   return std::size_t(2 * R + 1) * std::size_t(staged_row_stride(d)) * sizeof(T);
 }
-struct device_smem {
-  int per_block_optin = 48 * 1024, per_sm = 0, sms = 1;
-};
-inline const device_smem& smem_limits() {
-  static const device_smem limits = [] {
-    device_smem l;
-    int dev = 0;
-    GRUN_CUDA_CHECK(cudaGetDevice(&dev));
-    GRUN_CUDA_CHECK(cudaDeviceGetAttribute(&l.per_block_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    GRUN_CUDA_CHECK(cudaDeviceGetAttribute(&l.per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
-    GRUN_CUDA_CHECK(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, dev));
-    return l;
-  }();
-  return limits;
-}
-
 /// The tensor schedule's launch, when the call is one it takes (16-byte vector rows of h and out,
 /// d ≤ 4096, at most tensor_max_modules modules, an sm_80+ device); false, having done nothing,
 /// otherwise. One module whose parameter rows fit in shared memory twice per SM: the staged,
@@ -1097,9 +1109,10 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
   constexpr bool LO = reft_kind<typename I::reft_type>::value == 1;
   const index_t d = h.extent(1), P = pos.size(), K = index_t(modules.size());
   const index_t nvec = d / 8, per_thread = cuda::ceil_div(nvec, index_t(tensor_block / 8));
-  if (K > tensor_max_modules || !vector_rows<T>(h, 8) || !vector_rows<T>(out, 8) || per_thread > tensor_max_held ||
-      !device_has_mma())
+  if (K > tensor_max_modules || !vector_rows<T>(h, 8) || !vector_rows<T>(out, 8) || per_thread > tensor_max_held)
     return false;
+  const device_limits lim = limits_of_device();
+  if (!lim.mma) return false;
   module_ptrs<T> mods{};
   bool aligned = true;
   for (index_t k = 0; k < K; ++k) {
@@ -1111,20 +1124,20 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
   const index_t tiles = cuda::ceil_div(P, index_t(tensor_rows));
   // The staged kernel's static shared memory (part, dots, coef) is under 12 KiB; 2 CTAs per SM.
   const std::size_t staged = staged_bytes<T, R>(d);
-  const device_smem& lim = smem_limits();
-  const bool stage = K == 1 && tiles > 1 && staged <= std::size_t(lim.per_block_optin) &&
-                     2 * (staged + 12 * 1024 + 1024) <= std::size_t(lim.per_sm);
+  const bool stage = K == 1 && tiles > 1 && staged <= std::size_t(lim.smem_per_block_optin) &&
+                     2 * (staged + 12 * 1024 + 1024) <= std::size_t(lim.smem_per_sm);
   auto launch = [&](auto held, auto staged_kernel) {
     constexpr bool S = decltype(staged_kernel)::value;
     const auto kernel = forward_tensor_kernel<T, R, LO, GM, decltype(held)::value, S>;
     if constexpr (S) {
-      static const bool opted_in = [&] {  // once per instantiation: room for the largest d (4096)
+      // Once per instantiation and device (an attribute of the function on the current device):
+      // room for the largest d (4096).
+      (void)per_device<bool>([&](int) {
         const int most = int(staged_bytes<T, R>(index_t(tensor_max_held) * tensor_block));
         GRUN_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             std::min(most, lim.per_block_optin)));
+                                             std::min(most, lim.smem_per_block_optin)));
         return true;
-      }();
-      (void)opted_in;
+      });
       const unsigned grid = unsigned(std::min<index_t>(tiles, index_t(2) * lim.sms));
       kernel<<<grid, tensor_block, staged, s>>>(mods, K, float(scale), h, dpos.ptr(), P, out, gates, gext);
     } else {
@@ -1144,15 +1157,8 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
   const index_t ms = module_stride(R, d);
   cuda::detail::stream_scratch<T> packed(aligned ? 0 : K * ms, s);
   if (!aligned) {
-    const unsigned pgrid = unsigned(std::min<index_t>(cuda::ceil_div(K * ms, 256), 4096));
-    pack_kernel<T><<<pgrid, 256, 0, s>>>(mods, K, R, d, d, ms, packed.ptr);
-    GRUN_CUDA_CHECK_LAUNCH();
-    for (index_t k = 0; k < K; ++k) {
-      T* pm = packed.ptr + k * ms;
-      const bool gated = mods.m[k].w != nullptr;
-      mods.m[k] = {pm, pm + R * d, pm + (2 * R + 1) * d, gated ? pm + 2 * R * d : nullptr,
-                   gated ? pm + (2 * R + 1) * d + R : nullptr};
-    }
+    pack<I, T>(modules, d, d, ms, packed.ptr, s);
+    for (index_t k = 0; k < K; ++k) mods.m[k] = packed_sources<T>(packed.ptr + k * ms, R, d, mods.m[k].w != nullptr);
   }
   per_thread <= 4 ? launch(small{}, std::false_type{}) : launch(large{}, std::false_type{});
   GRUN_CUDA_CHECK_LAUNCH();
@@ -1191,8 +1197,7 @@ bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cu
 
   const index_t dp = detail::padded_dim(d), ms = detail::module_stride(R, dp);
   cuda::detail::stream_scratch<T> packed(K * ms, s);
-  cuda::detail::stream_scratch<detail::src_ptrs<T>> srcs(K, s);
-  detail::pack<I, T>(modules, d, dp, ms, packed, srcs, s);
+  detail::pack<I, T>(modules, d, dp, ms, packed.ptr, s);
   const detail::device_positions dpos(pos, N, s);
 
   constexpr int VW = vec_width<T>;
@@ -1279,8 +1284,7 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
   cuda::detail::stream_scratch<float> slots(nslots * ms, s);
   if (P > 0) {
     cuda::detail::stream_scratch<T> packed(K * ms, s);
-    cuda::detail::stream_scratch<detail::src_ptrs<T>> srcs(K, s);
-    detail::pack<I, T>(modules, d, dp, ms, packed, srcs, s);
+    detail::pack<I, T>(modules, d, dp, ms, packed.ptr, s);
     const detail::device_positions dpos(pos, N, s);
     cuda::detail::stream_scratch<float> cf(P * K * NP, s), rc(P * NP, s), dz(GM == detail::gate_external ? K * P : 0, s);
     // rc rows of a trained index outside [0, K) stay unset: make them zero (no gradient).

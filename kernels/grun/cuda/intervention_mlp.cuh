@@ -37,7 +37,6 @@
 #include <cub/warp/warp_reduce.cuh>
 #include <thrust/iterator/transform_iterator.h>
 
-#include <mutex>
 #include <vector>
 
 #include "intervention_fused.cuh"
@@ -67,18 +66,13 @@ inline void check_lt(cublasStatus_t status, const char* call, const char* file, 
 #define GRUN_CUBLASLT_CHECK(call) ::grun::cuda::mlp_gate::detail::check_lt((call), #call, __FILE__, __LINE__)
 
 /// One cuBLASLt handle per device (a handle belongs to the device current when it was created),
-/// created on first use there and never destroyed. cuBLASLt handles may be shared across threads;
-/// the table itself is guarded.
+/// created on first use there and never destroyed. cuBLASLt handles may be shared across threads.
 inline cublasLtHandle_t lt_handle() {
-  int device = 0;
-  GRUN_CUDA_CHECK(cudaGetDevice(&device));
-  static std::mutex guard;
-  static std::vector<cublasLtHandle_t> handles;
-  const std::lock_guard<std::mutex> lock(guard);
-  if (handles.size() <= std::size_t(device)) handles.resize(std::size_t(device) + 1, nullptr);
-  cublasLtHandle_t& h = handles[std::size_t(device)];
-  if (h == nullptr) GRUN_CUBLASLT_CHECK(cublasLtCreate(&h));
-  return h;
+  return per_device<cublasLtHandle_t>([](int) {
+    cublasLtHandle_t h = nullptr;
+    GRUN_CUBLASLT_CHECK(cublasLtCreate(&h));
+    return h;
+  });
 }
 
 template <class T> constexpr cudaDataType_t data_type() {

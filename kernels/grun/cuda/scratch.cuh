@@ -5,34 +5,11 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 #include <vector>
 
 #include <grun/positions.hpp>
 
 namespace grun::cuda {
-
-namespace detail {
-/// One pool per device, created on first use and kept for the process (destroying it at static
-/// destruction could run after the CUDA context is gone).
-inline cudaMemPool_t pool_for(int device) {  // by value: the table may grow under another thread
-  static std::mutex mutex;
-  static std::vector<cudaMemPool_t> pools;
-  const std::lock_guard lock(mutex);
-  if (pools.size() <= static_cast<std::size_t>(device)) pools.resize(static_cast<std::size_t>(device) + 1, nullptr);
-  cudaMemPool_t& pool = pools[static_cast<std::size_t>(device)];
-  if (pool == nullptr) {
-    cudaMemPoolProps props{};
-    props.allocType = cudaMemAllocationTypePinned;
-    props.location.type = cudaMemLocationTypeDevice;
-    props.location.id = device;
-    GRUN_CUDA_CHECK(cudaMemPoolCreate(&pool, &props));
-    std::uint64_t keep = ~std::uint64_t{0};
-    GRUN_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
-  }
-  return pool;
-}
-}  // namespace detail
 
 /// grun's pool for call-scoped device scratch on the current device: stream-ordered allocations
 /// whose memory stays mapped between calls. The device's default pool has a release threshold of 0,
@@ -41,9 +18,17 @@ inline cudaMemPool_t pool_for(int device) {  // by value: the table may grow und
 /// scratch. On an H200 that cost more than the kernels: ~0.2 ms per fused forward at d = 4096,
 /// T = 16384 (0.06 ms of memory traffic), ~0.6 ms per forward + backward.
 inline cudaMemPool_t scratch_pool() {
-  int device = 0;
-  GRUN_CUDA_CHECK(cudaGetDevice(&device));
-  return detail::pool_for(device);
+  return per_device<cudaMemPool_t>([](int device) {
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device;
+    cudaMemPool_t pool = nullptr;
+    GRUN_CUDA_CHECK(cudaMemPoolCreate(&pool, &props));
+    std::uint64_t keep = ~std::uint64_t{0};
+    GRUN_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    return pool;
+  });
 }
 
 /// Returns the scratch pool's unused memory on the current device to the driver, keeping at most
