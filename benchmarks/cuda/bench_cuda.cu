@@ -98,7 +98,7 @@ void bench_copy(index_t bytes) {
 
 /// What bench_intervention times: the path exec::cuda takes (fused kernels where the policies have
 /// them), the generic per-thread path instead (the fallback for other policies), or the fused path
-/// and then its kernels' other schedules (fused::detail::forward_plan / coef_plan).
+/// and then its kernels' other schedules (fused::detail::forward_plan / coef_plan / slot_plan).
 enum class timing { fused, generic, fused_and_schedules };
 
 /// Forward, in-place forward and forward+backward of one module over every row of h [T, d] (bf16).
@@ -173,6 +173,12 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
     result(both.c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, 5), 5.0 * elems * 2);
     fd::forward_plan = saved;
     fd::coef_plan = saved_coef;
+    // The slot kernel on tensor cores (not yet the default: to be timed against it).
+    const auto saved_slot = fd::slot_plan;
+    fd::slot_plan = fd::slot_schedule::tensor;
+    const std::string slots = name + "_fwdbwd_slot_tensor";
+    result(slots.c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, 5), 5.0 * elems * 2);
+    fd::slot_plan = saved_slot;
   }
 }
 

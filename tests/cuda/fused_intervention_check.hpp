@@ -280,19 +280,48 @@ void check(const config& c) {
 
   CHECK(grun::test::rel_error(out_d.storage.span(), out_wide.storage.span()) < tol);
   if (P > 0) CHECK(grun::test::rel_error(gatesd.to_host().storage.span(), gates_wide.storage.span()) < tol);
-  CHECK(grun::test::rel_error(dh_d.storage.span(), dh_wide.storage.span()) < tol);
-  if (P > 0) {
+  const std::vector<double> gh(grads_wide.data(), grads_wide.data() + grads_wide.size());
+  auto check_gradients = [&](const std::vector<T>& g) {
+    if (P == 0) {
+      for (const T& x : g) CHECK(grun::load<float>(x) == 0.f);
+      return;
+    }
     // Each parameter tensor on its own scale (bias gradients are sums over P rows, weights over P·d).
-    const std::vector<double> gh(grads_wide.data(), grads_wide.data() + grads_wide.size());
     index_t off = 0;
     grun::for_each_param(*ref.grads, [&](const auto& leaf) {
       const auto n = std::size_t(leaf.size());
       INFO("gradient leaf at offset " << off << ", " << leaf.rows << " × " << leaf.cols);
-      CHECK(grun::test::rel_error(std::span<const T>(gd.data() + off, n), std::span<const double>(gh.data() + off, n)) < tol);
+      CHECK(grun::test::rel_error(std::span<const T>(g.data() + off, n), std::span<const double>(gh.data() + off, n)) < tol);
       off += leaf.size();
     });
-  } else {
-    for (const T& x : gd) CHECK(grun::load<float>(x) == 0.f);
+  };
+  CHECK(grun::test::rel_error(dh_d.storage.span(), dh_wide.storage.span()) < tol);
+  check_gradients(gd);
+
+  // The slot kernel's tensor schedule (a tuning knob; it takes bf16, r ≤ 16, one module trained,
+  // 16-byte vector rows; other calls run the default): another summation order, held to the host
+  // like the default, and the same bits again, in place (dh = dout).
+  if (std::is_same_v<T, grun::bfloat16> && I::rank <= 16 && K == 1 && c.trained == 0) {
+    namespace fd = gc::fused::detail;
+    const auto saved = fd::slot_plan;
+    auto run = [&](bool in_place) {
+      strided<T> x(N, d, ld), y(N, d, ld);
+      x.upload(ref.dout);
+      gc::device_params<Dp> g(I::template shape<T, cuda_space>(d));
+      fd::slot_plan = fd::slot_schedule::tensor;
+      cuda_impl::backward(det, std::span<const Dp>(ref.device_views), c.scale, c.trained, cdview<T>(hd.view()), pos,
+                          cdview<T>(x.view()), cdview<T>(dgatesd.view()), in_place ? x.view() : y.view(), *g);
+      fd::slot_plan = saved;
+      return std::pair{(in_place ? x : y).download(), flat<I, T>(g)};
+    };
+    if (c.in_place) hd.upload(ref.h);  // the in-place forward above overwrote h
+    INFO("slot schedule tensor");
+    const auto [dh_t, g_t] = run(false);
+    CHECK(grun::test::rel_error(dh_t.storage.span(), dh_wide.storage.span()) < tol);
+    check_gradients(g_t);
+    const auto [dh2, g2] = run(true);
+    CHECK(std::memcmp(dh2.storage.data(), dh_t.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+    CHECK(std::memcmp(g2.data(), g_t.data(), sizeof(T) * g_t.size()) == 0);
   }
 }
 
@@ -337,6 +366,13 @@ inline std::vector<index_t> iota(index_t n) {
   return v;
 }
 
+/// n positions first, first − 1, …: a list out of order.
+inline std::vector<index_t> reversed(index_t n, index_t first) {
+  std::vector<index_t> v(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) v[std::size_t(i)] = first - i;
+  return v;
+}
+
 template <class I, class T>
 void check_all() {
   check<I, T>({5, 37, {3}});                                         // d odd (scalar rows), P = 1
@@ -347,6 +383,9 @@ void check_all() {
   check<I, T>({20, 72, {19, 0, 7, 8}, 1, 0, 1.0, 0, true});         // in place
   check<I, T>({70, 96, iota(70), 3, 1, 0.6 * 3 + 0.6});              // stack of K = 3, every row, train the middle
   check<I, T>({600, 1001, iota(600)});                               // d odd, many slots (P/16 = 38)
+  // A position list in reverse order over several slots (the tensor slot schedule's: 64 positions,
+  // the last one partial), d = 264: a column group and a warp's strip of 32 columns partly past d.
+  check<I, T>({230, 264, reversed(200, 229)});
   check<I, T>({300, 1024, {299, 5, 17, 42, 128, 256, 3, 4, 6, 8}, 2, 0, 0.9});  // K = 2 (parameters re-read)
   // K = 9: more modules than travel by value in a launch (fused::detail::tensor_max_modules = 8):
   // their sources go host → device for the packing, and the forward takes a CUDA-core schedule.

@@ -240,4 +240,21 @@ void mma_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3
   for (int i = 0; i < 4; ++i) c[i] = out[i];
 }
 
+/// movmatrix.sync.aligned.m8n8.trans.b16 as a warp collective: lane 4g + t posts a = M[g][2t..2t+1]
+/// (16-bit elements, the lower column in the low half) and takes M^T[g][2t..2t+1] = M[2t][g], M[2t+1][g].
+inline unsigned movmatrix_trans(unsigned a) {
+  static thread_local unsigned warps[32][32];  // [warp of the CTA][lane]
+  const unsigned rank = thread_rank(), lane = rank % 32, g = lane / 4, t = lane % 4;
+  unsigned* warp = warps[rank / 32];
+  warp[lane] = a;
+  sync_warp();
+  auto element = [&](unsigned row, unsigned col) {  // M[row][col]: lane 4·row + col/2, half col % 2
+    const unsigned w = warp[4 * row + col / 2];
+    return col % 2 ? w >> 16 : w & 0xffffu;
+  };
+  const unsigned d = element(2 * t, g) | element(2 * t + 1, g) << 16;
+  sync_warp();  // every lane has read before any posts again
+  return d;
+}
+
 }  // namespace grun_emu

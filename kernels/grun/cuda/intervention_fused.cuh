@@ -701,6 +701,17 @@ __global__ void __launch_bounds__(tensor_block, 2)
 enum class coef_schedule { stream, resident };
 inline coef_schedule coef_plan = coef_schedule::stream;
 
+/// How the backward's second kernel forms dh and the slots' gradient rows (a tuning knob like
+/// forward_schedule; not an interface):
+///   cuda_cores  slot_kernel (measured on an H200: 274 µs at d = 4096, T = 16384 bf16, 36% of DRAM
+///               bandwidth, latency-bound at 164 registers);
+///   tensor      slot_tensor_kernel: both products on tensor cores, 16 positions per step, larger
+///               slots (fewer partial sums to write and add). bf16 storage, one module (the one
+///               trained), rows in 16-byte vectors, sm_80+; other calls run cuda_cores. Other bits than
+///               cuda_cores (summation order), held to the host like every path. Not yet timed on a GPU.
+enum class slot_schedule { cuda_cores, tensor };
+inline slot_schedule slot_plan = slot_schedule::cuda_cores;
+
 /// Per tile of ROWS positions and every module k: the dots U·h, D·h, w·h, U·x (x = dout row), then
 ///   cf[q][k] = { −[lo] de (coefficient of U in dh) | de (of D) | dz (of w) }            [2r+1]
 ///   rc[q]    = { s g e (of x in dU) | de (of h in dD, −[lo]·it in dU) | dz (of h in dw) } [2r+1], trained k
@@ -822,6 +833,21 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
   }
 }
 
+/// db = Σ de and dc = Σ dz over the slot's positions [q0, q1), in order, into the slot's tail (b, c).
+template <int R, bool GATED>
+__device__ __forceinline__ void slot_bias_sums(const float* __restrict__ rc, index_t q0, index_t q1, float* tail) {
+  constexpr int NP = 2 * R + 1;
+  for (int i = 0; i < R; ++i) {
+    float s = 0.f;
+    for (index_t q = q0; q < q1; ++q) s += rc[q * NP + R + i];
+    tail[i] = s;
+  }
+  float s = 0.f;
+  if (GATED)
+    for (index_t q = q0; q < q1; ++q) s += rc[q * NP + 2 * R];
+  tail[R] = s;
+}
+
 /// Grid (slot, column block). A thread owns CW columns [col, col + CW) of the slot's rows
 /// q ∈ [slot·rps, min(P, (slot+1)·rps)): it accumulates the trained module's gradient rows for those
 /// columns into the slot's partial sums (slots + slot·ms, the packed layout) and writes dh.
@@ -840,18 +866,7 @@ __global__ void __launch_bounds__(block) slot_kernel(const T* __restrict__ pk, i
   const index_t d = h.extent(1);
   const index_t q0 = index_t(blockIdx.x) * rps, q1 = P < q0 + rps ? P : q0 + rps;
   float* slot = slots + index_t(blockIdx.x) * ms;
-  if (blockIdx.y == 0 && threadIdx.x == 0) {
-    // db = Σ de, dc = Σ dz over the slot's rows, in row order.
-    for (int i = 0; i < R; ++i) {
-      float s = 0.f;
-      for (index_t q = q0; q < q1; ++q) s += rc[q * NP + R + i];
-      slot[packed_tail(R, dp) + i] = s;
-    }
-    float s = 0.f;
-    if (GATED)
-      for (index_t q = q0; q < q1; ++q) s += rc[q * NP + 2 * R];
-    slot[packed_tail(R, dp) + R] = s;
-  }
+  if (blockIdx.y == 0 && threadIdx.x == 0) slot_bias_sums<R, GATED>(rc, q0, q1, slot + packed_tail(R, dp));
   const index_t c = index_t(blockIdx.y) * block + threadIdx.x;
   if (c >= d / CW) return;
   const index_t col = c * CW;
@@ -971,6 +986,208 @@ __global__ void __launch_bounds__(block) slot_kernel(const T* __restrict__ pk, i
     if (i0 == 0)
 #pragma unroll
       for (int e = 0; e < CW; ++e) slot[2 * R * dp + col + e] = Z[e];
+  }
+}
+
+// ---- the slot kernel on tensor cores (bf16, one module) ---------------------------------------------
+// Both halves of the slot kernel's work are products with a thin side of 2r+1 ≤ 32 rows
+// (P = [U; D; w] as packed, cf [P][2r+1] = { −[lo] de | de | dz }, rc [P][2r+1] = { s g e | … }):
+//   dh[q, :] = dout[q, :] + Σ_m cf[q][m] P[m, :]                       positions × (2r+1) · (2r+1) × columns
+//   G[m, :] += Σ_q cf[q][m] h[q, :] + [m < r] rc[q][m] dout[q, :]        (2r+1) × positions · positions × columns
+// (G: the slot's gradient rows dU, dD, dw — the same sums slot_kernel forms on CUDA cores), so both
+// run as mma.sync m16n8k16, 16 positions per step. The second has positions along k, but a 16-byte
+// load puts 8 columns of one position in a lane: movmatrix (an 8 × 8 transpose across the warp)
+// makes the loaded tile the B fragment. As in the forward, which physical column a logical column n
+// of an 8-column block j is may be chosen freely so long as every operand agrees. Here
+//   lane (g, t) loads columns c0 + 8t … c0 + 8t + 7 of positions g and g + 8;
+//   block j (0..3), logical column n  ↔  physical column c0 + 8·⌊n/2⌋ + 2j + n mod 2,
+// so that a lane's C/D fragment of block j (positions g, g+8; logical columns 2t, 2t+1) is word j
+// of its own 16-byte vectors: dout goes in as C, dh comes out as D, and the gradient rows are
+// written, without a shuffle. The parameters' B fragments (k = parameter row, n = logical column)
+// are gathered once per warp.
+//
+// Coefficients enter the mma as bf16, each split into hi + lo (bf16(c) and bf16(c − hi): ~16
+// significant bits) and multiplied twice; h, dout and the parameters are bf16 already, so every
+// product is exact in the fp32 accumulators and the coefficients' rounding is the only new one,
+// ~2⁻¹⁷ relative. (fp16 storage keeps slot_kernel: a mean loss's coefficients, ~1e-7, fall below
+// fp16's normal range, where hi + lo would keep a few bits.)
+
+/// Threads per CTA of slot_tensor_kernel: 8 warps, each owning a strip of 32 columns.
+inline constexpr int slot_tensor_block = 256;
+/// Positions per mma step: the k of the gradient product.
+inline constexpr int slot_tensor_step = 16;
+
+/// M^T of an 8 × 8 matrix of 16-bit elements spread over the warp (lane 4g + t holds M[g][2t..2t+1],
+/// the lower column in the low half; it gets M^T[g][2t..2t+1]). Every lane of the warp calls it.
+__device__ __forceinline__ unsigned transpose_8x8(unsigned a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  unsigned d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+  return d;
+#elif defined(GRUN_CUDA_EMULATION)
+  return ::grun_emu::movmatrix_trans(a);
+#else
+  __trap();  // never dispatched below sm_80 (backward_impl checks)
+  return a;
+#endif
+}
+
+/// The bits of bf16(x), rounded to nearest even.
+__device__ __forceinline__ unsigned bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+/// Two coefficients (a at the lower k) as bf16 pairs: hi = bf16(a), bf16(b); lo = their remainders.
+__device__ __forceinline__ void split_pair(float a, float b, unsigned& hi, unsigned& lo) {
+  const unsigned ah = bf16_bits(a), bh = bf16_bits(b);
+  hi = ah | bh << 16;
+  lo = bf16_bits(a - __uint_as_float(ah << 16)) | bf16_bits(b - __uint_as_float(bh << 16)) << 16;
+}
+
+/// An A fragment of m16n8k16 (row-major 16 × 16) from a(row, k) → float, as hi and lo words:
+/// lane (g, t) holds rows g, g + 8 at k = 2t, 2t + 1 and 2t + 8, 2t + 9.
+template <class Entry>
+__device__ __forceinline__ void a_fragment(int g, int t, Entry a, unsigned (&hi)[4], unsigned (&lo)[4]) {
+  split_pair(a(g, 2 * t), a(g, 2 * t + 1), hi[0], lo[0]);
+  split_pair(a(g + 8, 2 * t), a(g + 8, 2 * t + 1), hi[1], lo[1]);
+  split_pair(a(g, 2 * t + 8), a(g, 2 * t + 9), hi[2], lo[2]);
+  split_pair(a(g + 8, 2 * t + 8), a(g + 8, 2 * t + 9), hi[3], lo[3]);
+}
+
+/// The A fragment of the transposed 16 × 16 matrix, from a's: its 8 × 8 blocks swap places across the
+/// diagonal (a1, rows 8–15 × k 0–7, and a2, rows 0–7 × k 8–15) and each is transposed.
+__device__ __forceinline__ void transpose_a(const unsigned (&a)[4], unsigned (&t)[4]) {
+  t[0] = transpose_8x8(a[0]);
+  t[1] = transpose_8x8(a[2]);
+  t[2] = transpose_8x8(a[1]);
+  t[3] = transpose_8x8(a[3]);
+}
+
+/// c += (hi + lo) · b.
+__device__ __forceinline__ void mma_split(float (&c)[4], const unsigned (&hi)[4], const unsigned (&lo)[4], unsigned b0,
+                                          unsigned b1) {
+  mma_16816<bfloat16>(c, hi[0], hi[1], hi[2], hi[3], b0, b1);
+  mma_16816<bfloat16>(c, lo[0], lo[1], lo[2], lo[3], b0, b1);
+}
+
+/// Grid (slot, group of 256 columns), one module (K = 1), rows of h, dout, dh in 16-byte vectors.
+/// Warp w owns columns [c0, c0 + 32), c0 = 256·blockIdx.y + 32w; per step of 16 positions it loads
+/// its lanes' vectors of h and dout (the next step's loads issued before this step's math), then
+/// per block j: the gradient rows G += cf^T·h + rc^T·dout and dh = dout (+ the external gate's path)
+/// + cf·P, all on tensor cores. Positions past the slot read its last row and get zero coefficients.
+template <int R>
+__global__ void __launch_bounds__(slot_tensor_block) slot_tensor_kernel(
+    const bfloat16* __restrict__ pk, index_t ms, index_t dp, matrix_view<const bfloat16, cuda_space> h,
+    matrix_view<const bfloat16, cuda_space> dout, const index_t* __restrict__ pos, index_t P, index_t rps,
+    const float* __restrict__ cf, const float* __restrict__ rc, const float* __restrict__ dhg,
+    matrix_view<bfloat16, cuda_space> dh, float* __restrict__ slots) {
+  constexpr int NP = 2 * R + 1, MT = (NP + 15) / 16, STEP = slot_tensor_step;
+  static_assert(R <= 16, "the U rows (rc's s·g·e coefficients of dout) lie in the first tile of 16 rows");
+  const index_t d = h.extent(1);
+  const index_t q0 = index_t(blockIdx.x) * rps, q1 = P < q0 + rps ? P : q0 + rps;
+  float* slot = slots + index_t(blockIdx.x) * ms;
+  // The trained module is the only one: its gate's bias gradient is Σ dz whether or not it has a gate
+  // (rc's dz column is 0 without one).
+  if (blockIdx.y == 0 && threadIdx.x == 0) slot_bias_sums<R, true>(rc, q0, q1, slot + packed_tail(R, dp));
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
+  const index_t c0 = index_t(blockIdx.y) * slot_tensor_block + 32 * warp;
+  if (c0 >= d) return;  // the whole warp: its strip lies past the row's end
+  const index_t col = c0 + 8 * t;  // this lane's vector
+  const bool live = col < d;       // d % 8 == 0: a vector is wholly in or out
+
+  // The parameters as dh's B fragments: k = parameter row (tile kt), n = logical column g of block j.
+  unsigned pb[MT][4][2];
+  {
+    const auto* bits = reinterpret_cast<const unsigned short*>(pk);
+    const index_t pc0 = c0 + 8 * (g / 2) + (g % 2);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const index_t pc = pc0 + 2 * j;
+      auto p = [&](int m) -> unsigned { return m < NP && pc < d ? unsigned(bits[index_t(m) * dp + pc]) : 0u; };
+#pragma unroll
+      for (int kt = 0; kt < MT; ++kt) {
+        const int m = 16 * kt + 2 * t;
+        pb[kt][j][0] = p(m) | p(m + 1) << 16;
+        pb[kt][j][1] = p(m + 8) | p(m + 9) << 16;
+      }
+    }
+  }
+
+  // v[0], v[1]: h at positions qs + g, qs + g + 8; v[2], v[3]: dout there (zeros past the row's end).
+  auto load_step = [&](index_t qs, uint4 (&v)[4]) {
+    const index_t ra = row_at(pos, qs + g < q1 ? qs + g : q1 - 1);
+    const index_t rb = row_at(pos, qs + g + 8 < q1 ? qs + g + 8 : q1 - 1);
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    v[0] = live ? __ldcs(reinterpret_cast<const uint4*>(h.row(ra) + col)) : zero;
+    v[1] = live ? __ldcs(reinterpret_cast<const uint4*>(h.row(rb) + col)) : zero;
+    v[2] = live ? __ldcs(reinterpret_cast<const uint4*>(dout.row(ra) + col)) : zero;
+    v[3] = live ? __ldcs(reinterpret_cast<const uint4*>(dout.row(rb) + col)) : zero;
+  };
+  auto word = [](const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; };
+
+  float grad[MT][4][4] = {};
+  uint4 cur[4], next[4];
+  load_step(q0, cur);
+  for (index_t qs = q0; qs < q1; qs += STEP) {
+    if (qs + STEP < q1) load_step(qs + STEP, next);
+    // The step's coefficients (zero past the slot): cf as dh's A (rows = positions, k = parameter
+    // rows of tile mt) and, transposed, as the gradient's (rows = parameter rows, k = positions);
+    // rc's s·g·e as the dout part of the U rows.
+    unsigned gh[MT][4], gl[MT][4], dh_hi[MT][4], dh_lo[MT][4], yh[4], yl[4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      a_fragment(
+          g, t, [&](int q, int k) { return qs + q < q1 && 16 * mt + k < NP ? __ldg(cf + (qs + q) * NP + 16 * mt + k) : 0.f; },
+          dh_hi[mt], dh_lo[mt]);
+      transpose_a(dh_hi[mt], gh[mt]);
+      transpose_a(dh_lo[mt], gl[mt]);
+    }
+    a_fragment(g, t, [&](int m, int k) { return m < R && qs + k < q1 ? __ldg(rc + (qs + k) * NP + m) : 0.f; }, yh, yl);
+
+    unsigned o0[4], o1[4];  // dh at positions g, g + 8 (word j: block j)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const unsigned xw0 = word(cur[0], j), xw1 = word(cur[1], j), yw0 = word(cur[2], j), yw1 = word(cur[3], j);
+      // Gradient rows: B = the step's 16 positions × block j (k = position), by transposing.
+      const unsigned bx0 = transpose_8x8(xw0), bx1 = transpose_8x8(xw1);
+      const unsigned by0 = transpose_8x8(yw0), by1 = transpose_8x8(yw1);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma_split(grad[mt][j], gh[mt], gl[mt], bx0, bx1);
+      mma_split(grad[0][j], yh, yl, by0, by1);
+      // dh = dout + cf · P for positions g, g + 8 and logical columns 2t, 2t + 1 of block j.
+      float c[4];
+      unpack_pair<bfloat16>(yw0, c[0], c[1]);
+      unpack_pair<bfloat16>(yw1, c[2], c[3]);
+      if (dhg != nullptr && live) {  // the mlp gate's path [P, d] fp32, computed elsewhere
+        const index_t qa = qs + g < q1 ? qs + g : q1 - 1, qb = qs + g + 8 < q1 ? qs + g + 8 : q1 - 1;
+        const float2 ga = *reinterpret_cast<const float2*>(dhg + qa * d + col + 2 * j);
+        const float2 gb = *reinterpret_cast<const float2*>(dhg + qb * d + col + 2 * j);
+        c[0] += ga.x;
+        c[1] += ga.y;
+        c[2] += gb.x;
+        c[3] += gb.y;
+      }
+#pragma unroll
+      for (int kt = 0; kt < MT; ++kt) mma_split(c, dh_hi[kt], dh_lo[kt], pb[kt][j][0], pb[kt][j][1]);
+      o0[j] = bf16_bits(c[0]) | bf16_bits(c[1]) << 16;
+      o1[j] = bf16_bits(c[2]) | bf16_bits(c[3]) << 16;
+    }
+    if (live && qs + g < q1)
+      __stcs(reinterpret_cast<uint4*>(dh.row(row_at(pos, qs + g)) + col), make_uint4(o0[0], o0[1], o0[2], o0[3]));
+    if (live && qs + g + 8 < q1)
+      __stcs(reinterpret_cast<uint4*>(dh.row(row_at(pos, qs + g + 8)) + col), make_uint4(o1[0], o1[1], o1[2], o1[3]));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cur[i] = next[i];
+  }
+  // The slot's gradient rows: lane (g, t) holds rows 16mt + g, + 8 at logical columns 2t, 2t + 1 of
+  // block j = physical columns col + 2j, + 1.
+  if (!live) return;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int m = 16 * mt + g;
+      if (m < NP) *reinterpret_cast<float2*>(slot + index_t(m) * dp + col + 2 * j) = make_float2(grad[mt][j][0], grad[mt][j][1]);
+      if (m + 8 < NP)
+        *reinterpret_cast<float2*>(slot + index_t(m + 8) * dp + col + 2 * j) = make_float2(grad[mt][j][2], grad[mt][j][3]);
+    }
   }
 }
 
@@ -1291,9 +1508,19 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
   if (!cuda::detail::selects_every_row(pos, N)) cuda::detail::copy_rows<T>(dout, dh, s);
 
   const index_t dp = detail::padded_dim(d), ms = detail::module_stride(R, dp);
-  // Slots: runs of rps consecutive positions; their number and size depend on (P, d, r) only.
-  const index_t max_slots = std::clamp<index_t>((index_t(256) << 20) / (ms * index_t(sizeof(float))), 1, 512);
-  const index_t rps = std::max<index_t>(16, cuda::ceil_div(P, max_slots));
+  constexpr int VW = vec_width<T>;
+  const bool vec = detail::vector_rows<T>(h, VW) && detail::vector_rows<T>(dout, VW) && detail::vector_rows<T>(dh, VW);
+  bool tensor_slots = false;
+  if constexpr (std::is_same_v<T, bfloat16> && R <= 16)
+    tensor_slots = detail::slot_plan == detail::slot_schedule::tensor && K == 1 && trained == 0 && vec &&
+                   detail::limits_of_device().mma;
+  // Slots: runs of rps consecutive positions; their number and size depend on (P, d, r) and the
+  // schedule only. The tensor schedule's hold whole steps of 16 positions, at least 4 of them, and
+  // are at most 128 (the slot kernel on CUDA cores: up to 512, for parallelism).
+  const index_t max_slots =
+      std::clamp<index_t>((index_t(256) << 20) / (ms * index_t(sizeof(float))), 1, tensor_slots ? 128 : 512);
+  const index_t rps = tensor_slots ? std::max<index_t>(64, cuda::ceil_div(cuda::ceil_div(P, max_slots), 16) * 16)
+                                   : std::max<index_t>(16, cuda::ceil_div(P, max_slots));
   const index_t nslots = P > 0 ? cuda::ceil_div(P, rps) : 0;
 
   detail::dst_ptrs<T> dst{grads.reft.rotate_layer.data, grads.reft.weight.data, grads.reft.bias.data, nullptr, nullptr};
@@ -1310,8 +1537,6 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
     // rc rows of a trained index outside [0, K) stay unset: make them zero (no gradient).
     GRUN_CUDA_CHECK(cudaMemsetAsync(rc.ptr, 0, sizeof(float) * std::size_t(P * NP), s));
 
-    constexpr int VW = vec_width<T>;
-    const bool vec = detail::vector_rows<T>(h, VW) && detail::vector_rows<T>(dout, VW) && detail::vector_rows<T>(dh, VW);
     const unsigned grid1 = unsigned(cuda::ceil_div(P, ROWS));
     const index_t per_thread = cuda::ceil_div(d / VW, index_t(detail::block));  // vectors per thread and row
     const bool resident = detail::coef_plan == detail::coef_schedule::resident && vec && per_thread <= detail::max_resident;
@@ -1331,6 +1556,13 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
     GRUN_CUDA_CHECK_LAUNCH();
     const float* dhg = mid(static_cast<const float*>(dz.ptr));
 
+    auto launch_tensor = [&] {
+      if constexpr (std::is_same_v<T, bfloat16> && R <= 16) {
+        const dim3 grid(unsigned(nslots), unsigned(cuda::ceil_div(d, index_t(detail::slot_tensor_block))));
+        detail::slot_tensor_kernel<R><<<grid, detail::slot_tensor_block, 0, s>>>(
+            packed.ptr, ms, dp, h, dout, dpos.ptr(), P, rps, cf.ptr, rc.ptr, dhg, dh, slots.ptr);
+      }
+    };
     const bool hold = K == 1 && R <= 8;
     const int CW = vec ? 4 : 1;
     const dim3 grid2(unsigned(nslots), unsigned(std::max<index_t>(1, cuda::ceil_div(d / CW, detail::block))));
@@ -1340,7 +1572,9 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
       detail::slot_kernel<T, C, R, LO, GATED, H><<<grid2, detail::block, 0, s>>>(
           packed.ptr, ms, dp, K, h, dout, dpos.ptr(), P, rps, cf.ptr, rc.ptr, dhg, dh, slots.ptr);
     };
-    if (vec) {
+    if (tensor_slots) {
+      launch_tensor();
+    } else if (vec) {
       if (hold) launch(std::integral_constant<int, 4>{}, std::true_type{});
       else launch(std::integral_constant<int, 4>{}, std::false_type{});
     } else {
