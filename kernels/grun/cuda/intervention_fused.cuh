@@ -49,6 +49,7 @@
 #include <cooperative_groups/memcpy_async.h>
 #include <cuda/barrier>  // cuda::aligned_size_t
 #include <cub/block/block_reduce.cuh>
+#include <cub/warp/warp_reduce.cuh>
 
 #include <algorithm>
 #include <span>
@@ -833,19 +834,26 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
   }
 }
 
-/// db = Σ de and dc = Σ dz over the slot's positions [q0, q1), in order, into the slot's tail (b, c).
+/// db = Σ de and dc = Σ dz over the slot's positions [q0, q1), into the slot's tail (b, c); called by
+/// every lane of one warp. Lane ℓ sums positions q0 + ℓ, q0 + ℓ + 32, … in order and cub::WarpReduce
+/// adds the lanes' sums (a fixed shuffle pattern: the same bits every run). One thread walking the
+/// slot alone — (r+1)·rps dependent-latency loads from L2 — held its warp, and its CTA, for tens of
+/// µs at 128 positions per slot.
 template <int R, bool GATED>
 __device__ __forceinline__ void slot_bias_sums(const float* __restrict__ rc, index_t q0, index_t q1, float* tail) {
   constexpr int NP = 2 * R + 1;
-  for (int i = 0; i < R; ++i) {
+  using WR = cub::WarpReduce<float>;
+  __shared__ typename WR::TempStorage tmp;
+  const int lane = int(threadIdx.x) % 32;
+  for (int i = 0; i <= R; ++i) {
+    const int column = i < R ? R + i : 2 * R;  // de_i, then dz
     float s = 0.f;
-    for (index_t q = q0; q < q1; ++q) s += rc[q * NP + R + i];
-    tail[i] = s;
+    if (i < R || GATED)
+      for (index_t q = q0 + lane; q < q1; q += 32) s += rc[q * NP + column];
+    const float total = WR(tmp).Sum(s);
+    if (lane == 0) tail[i] = total;
+    __syncwarp();  // tmp is reused
   }
-  float s = 0.f;
-  if (GATED)
-    for (index_t q = q0; q < q1; ++q) s += rc[q * NP + 2 * R];
-  tail[R] = s;
 }
 
 /// Grid (slot, column block). A thread owns CW columns [col, col + CW) of the slot's rows
@@ -866,7 +874,7 @@ __global__ void __launch_bounds__(block) slot_kernel(const T* __restrict__ pk, i
   const index_t d = h.extent(1);
   const index_t q0 = index_t(blockIdx.x) * rps, q1 = P < q0 + rps ? P : q0 + rps;
   float* slot = slots + index_t(blockIdx.x) * ms;
-  if (blockIdx.y == 0 && threadIdx.x == 0) slot_bias_sums<R, GATED>(rc, q0, q1, slot + packed_tail(R, dp));
+  if (blockIdx.y == 0 && threadIdx.x < 32) slot_bias_sums<R, GATED>(rc, q0, q1, slot + packed_tail(R, dp));
   const index_t c = index_t(blockIdx.y) * block + threadIdx.x;
   if (c >= d / CW) return;
   const index_t col = c * CW;
@@ -1085,7 +1093,7 @@ __global__ void __launch_bounds__(slot_tensor_block) slot_tensor_kernel(
   float* slot = slots + index_t(blockIdx.x) * ms;
   // The trained module is the only one: its gate's bias gradient is Σ dz whether or not it has a gate
   // (rc's dz column is 0 without one).
-  if (blockIdx.y == 0 && threadIdx.x == 0) slot_bias_sums<R, true>(rc, q0, q1, slot + packed_tail(R, dp));
+  if (blockIdx.y == 0 && threadIdx.x < 32) slot_bias_sums<R, true>(rc, q0, q1, slot + packed_tail(R, dp));
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   const index_t c0 = index_t(blockIdx.y) * slot_tensor_block + 32 * warp;
   if (c0 >= d) return;  // the whole warp: its strip lies past the row's end
@@ -1123,7 +1131,7 @@ __global__ void __launch_bounds__(slot_tensor_block) slot_tensor_kernel(
   auto word = [](const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; };
 
   float grad[MT][4][4] = {};
-  uint4 cur[4], next[4];
+  uint4 cur[4], next[4] = {};  // = {}: a slot of one step copies next without having loaded it
   load_step(q0, cur);
   for (index_t qs = q0; qs < q1; qs += STEP) {
     if (qs + STEP < q1) load_step(qs + STEP, next);
