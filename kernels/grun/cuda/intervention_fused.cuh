@@ -836,9 +836,9 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
 
 /// db = Σ de and dc = Σ dz over the slot's positions [q0, q1), into the slot's tail (b, c); called by
 /// every lane of one warp. Lane ℓ sums positions q0 + ℓ, q0 + ℓ + 32, … in order and cub::WarpReduce
-/// adds the lanes' sums (a fixed shuffle pattern: the same bits every run). One thread walking the
-/// slot alone — (r+1)·rps dependent-latency loads from L2 — held its warp, and its CTA, for tens of
-/// µs at 128 positions per slot.
+/// adds the lanes' sums (a fixed shuffle pattern: the same bits every run). Before, one thread made
+/// all (r+1)·rps loads from L2, a few in flight at a time, while the rest of its warp waited (an
+/// estimated tens of µs at the tensor schedule's 128 positions per slot; not measured).
 template <int R, bool GATED>
 __device__ __forceinline__ void slot_bias_sums(const float* __restrict__ rc, index_t q0, index_t q1, float* tail) {
   constexpr int NP = 2 * R + 1;
@@ -999,8 +999,8 @@ __global__ void __launch_bounds__(block) slot_kernel(const T* __restrict__ pk, i
 
 // ---- the slot kernel on tensor cores (bf16, one module) ---------------------------------------------
 // Both halves of the slot kernel's work are products with a thin side of 2r+1 ≤ 32 rows
-// (P = [U; D; w] as packed, cf [P][2r+1] = { −[lo] de | de | dz }, rc [P][2r+1] = { s g e | … }):
-//   dh[q, :] = dout[q, :] + Σ_m cf[q][m] P[m, :]                       positions × (2r+1) · (2r+1) × columns
+// (Θ = [U; D; w] as packed, cf [P][2r+1] = { −[lo] de | de | dz }, rc [P][2r+1] = { s g e | … }):
+//   dh[q, :] = dout[q, :] + Σ_m cf[q][m] Θ[m, :]                       positions × (2r+1) · (2r+1) × columns
 //   G[m, :] += Σ_q cf[q][m] h[q, :] + [m < r] rc[q][m] dout[q, :]        (2r+1) × positions · positions × columns
 // (G: the slot's gradient rows dU, dD, dw — the same sums slot_kernel forms on CUDA cores), so both
 // run as mma.sync m16n8k16, 16 positions per step. The second has positions along k, but a 16-byte
@@ -1079,7 +1079,7 @@ __device__ __forceinline__ void mma_split(float (&c)[4], const unsigned (&hi)[4]
 /// Warp w owns columns [c0, c0 + 32), c0 = 256·blockIdx.y + 32w; per step of 16 positions it loads
 /// its lanes' vectors of h and dout (the next step's loads issued before this step's math), then
 /// per block j: the gradient rows G += cf^T·h + rc^T·dout and dh = dout (+ the external gate's path)
-/// + cf·P, all on tensor cores. Positions past the slot read its last row and get zero coefficients.
+/// + cf·Θ, all on tensor cores. Positions past the slot read its last row and get zero coefficients.
 template <int R>
 __global__ void __launch_bounds__(slot_tensor_block) slot_tensor_kernel(
     const bfloat16* __restrict__ pk, index_t ms, index_t dp, matrix_view<const bfloat16, cuda_space> h,
@@ -1159,7 +1159,7 @@ __global__ void __launch_bounds__(slot_tensor_block) slot_tensor_kernel(
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) mma_split(grad[mt][j], gh[mt], gl[mt], bx0, bx1);
       mma_split(grad[0][j], yh, yl, by0, by1);
-      // dh = dout + cf · P for positions g, g + 8 and logical columns 2t, 2t + 1 of block j.
+      // dh = dout + cf · Θ for positions g, g + 8 and logical columns 2t, 2t + 1 of block j.
       float c[4];
       unpack_pair<bfloat16>(yw0, c[0], c[1]);
       unpack_pair<bfloat16>(yw1, c[2], c[3]);
