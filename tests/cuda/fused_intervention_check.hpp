@@ -301,7 +301,7 @@ void check(const config& c) {
   // The slot kernel's tensor schedule (a tuning knob; it takes bf16, r ≤ 16, one module trained,
   // 16-byte vector rows; other calls run the default): another summation order, held to the host
   // like the default, and the same bits again, in place (dh = dout).
-  if (std::is_same_v<T, grun::bfloat16> && I::rank <= 16 && K == 1 && c.trained == 0) {
+  if (gc::fused::detail::slot_tensor_takes<T, int(I::rank)> && K == 1 && c.trained == 0) {
     namespace fd = gc::fused::detail;
     const auto saved = fd::slot_plan;
     auto run = [&](bool in_place) {

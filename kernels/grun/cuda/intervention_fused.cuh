@@ -1020,6 +1020,10 @@ __global__ void __launch_bounds__(block) slot_kernel(const T* __restrict__ pk, i
 // ~2⁻¹⁷ relative. (fp16 storage keeps slot_kernel: a mean loss's coefficients, ~1e-7, fall below
 // fp16's normal range, where hi + lo would keep a few bits.)
 
+/// Storage and ranks slot_tensor_kernel takes: bf16, the U rows within the first 16 parameter rows.
+template <class T, int R>
+inline constexpr bool slot_tensor_takes = std::is_same_v<T, bfloat16> && R <= 16;
+
 /// Threads per CTA of slot_tensor_kernel: 8 warps, each owning a strip of 32 columns.
 inline constexpr int slot_tensor_block = 256;
 /// Positions per mma step: the k of the gradient product.
@@ -1118,10 +1122,11 @@ __global__ void __launch_bounds__(slot_tensor_block) slot_tensor_kernel(
     }
   }
 
+  // The position a lane reads for slot position q (the slot's last past its end: read, not used).
+  auto in_slot = [&](index_t q) { return q < q1 ? q : q1 - 1; };
   // v[0], v[1]: h at positions qs + g, qs + g + 8; v[2], v[3]: dout there (zeros past the row's end).
   auto load_step = [&](index_t qs, uint4 (&v)[4]) {
-    const index_t ra = row_at(pos, qs + g < q1 ? qs + g : q1 - 1);
-    const index_t rb = row_at(pos, qs + g + 8 < q1 ? qs + g + 8 : q1 - 1);
+    const index_t ra = row_at(pos, in_slot(qs + g)), rb = row_at(pos, in_slot(qs + g + 8));
     const uint4 zero = make_uint4(0, 0, 0, 0);
     v[0] = live ? __ldcs(reinterpret_cast<const uint4*>(h.row(ra) + col)) : zero;
     v[1] = live ? __ldcs(reinterpret_cast<const uint4*>(h.row(rb) + col)) : zero;
@@ -1164,9 +1169,8 @@ __global__ void __launch_bounds__(slot_tensor_block) slot_tensor_kernel(
       unpack_pair<bfloat16>(yw0, c[0], c[1]);
       unpack_pair<bfloat16>(yw1, c[2], c[3]);
       if (dhg != nullptr && live) {  // the mlp gate's path [P, d] fp32, computed elsewhere
-        const index_t qa = qs + g < q1 ? qs + g : q1 - 1, qb = qs + g + 8 < q1 ? qs + g + 8 : q1 - 1;
-        const float2 ga = *reinterpret_cast<const float2*>(dhg + qa * d + col + 2 * j);
-        const float2 gb = *reinterpret_cast<const float2*>(dhg + qb * d + col + 2 * j);
+        const float2 ga = *reinterpret_cast<const float2*>(dhg + in_slot(qs + g) * d + col + 2 * j);
+        const float2 gb = *reinterpret_cast<const float2*>(dhg + in_slot(qs + g + 8) * d + col + 2 * j);
         c[0] += ga.x;
         c[1] += ga.y;
         c[2] += gb.x;
@@ -1519,7 +1523,7 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
   constexpr int VW = vec_width<T>;
   const bool vec = detail::vector_rows<T>(h, VW) && detail::vector_rows<T>(dout, VW) && detail::vector_rows<T>(dh, VW);
   bool tensor_slots = false;
-  if constexpr (std::is_same_v<T, bfloat16> && R <= 16)
+  if constexpr (detail::slot_tensor_takes<T, R>)
     tensor_slots = detail::slot_plan == detail::slot_schedule::tensor && K == 1 && trained == 0 && vec &&
                    detail::limits_of_device().mma;
   // Slots: runs of rps consecutive positions; their number and size depend on (P, d, r) and the
@@ -1565,7 +1569,7 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
     const float* dhg = mid(static_cast<const float*>(dz.ptr));
 
     auto launch_tensor = [&] {
-      if constexpr (std::is_same_v<T, bfloat16> && R <= 16) {
+      if constexpr (detail::slot_tensor_takes<T, R>) {
         const dim3 grid(unsigned(nslots), unsigned(cuda::ceil_div(d, index_t(detail::slot_tensor_block))));
         detail::slot_tensor_kernel<R><<<grid, detail::slot_tensor_block, 0, s>>>(
             packed.ptr, ms, dp, h, dout, dpos.ptr(), P, rps, cf.ptr, rc.ptr, dhg, dh, slots.ptr);
