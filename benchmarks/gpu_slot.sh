@@ -85,7 +85,7 @@ ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*
 if [[ -n $ncu ]]; then
   # The forward once per schedule (bench_cuda --schedule makes it the run's default, so -c 1 takes it).
   for job in "forward_tensor_kernel tensor" "forward_kernel stream" "forward_kernel resident" "coef_kernel stream" \
-             "slot_kernel stream" "slot_tensor_kernel tensor" "sum_slots_kernel stream"; do
+             "coef_tensor_kernel tensor" "slot_kernel stream" "slot_tensor_kernel tensor" "sum_slots_kernel stream"; do
     set -- $job
     echo "== ncu $1 (forward schedule $2)" >>"$out/ncu.txt"
     timeout 40 "$ncu" --clock-control none -k "regex:$1" -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \

@@ -173,11 +173,23 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
     result(both.c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, 5), 5.0 * elems * 2);
     fd::forward_plan = saved;
     fd::coef_plan = saved_coef;
-    // The slot kernel on tensor cores (not yet the default: to be timed against it).
+    // The backward's kernels on tensor cores (not yet the defaults: to be timed against them), each
+    // alone and both together.
     const auto saved_slot = fd::slot_plan;
-    fd::slot_plan = fd::slot_schedule::tensor;
-    const std::string slots = name + "_fwdbwd_slot_tensor";
-    result(slots.c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, 5), 5.0 * elems * 2);
+    const struct {
+      fd::coef_schedule coef;
+      fd::slot_schedule slot;
+      const char* suffix;
+    } backward_plans[] = {{saved_coef, fd::slot_schedule::tensor, "_fwdbwd_slot_tensor"},
+                          {fd::coef_schedule::tensor, saved_slot, "_fwdbwd_coef_tensor"},
+                          {fd::coef_schedule::tensor, fd::slot_schedule::tensor, "_fwdbwd_tensor"}};
+    for (const auto& plan : backward_plans) {
+      fd::coef_plan = plan.coef;
+      fd::slot_plan = plan.slot;
+      result((name + plan.suffix).c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, 5),
+             5.0 * elems * 2);
+    }
+    fd::coef_plan = saved_coef;
     fd::slot_plan = saved_slot;
   }
 }

@@ -298,30 +298,44 @@ void check(const config& c) {
   CHECK(grun::test::rel_error(dh_d.storage.span(), dh_wide.storage.span()) < tol);
   check_gradients(gd);
 
-  // The slot kernel's tensor schedule (a tuning knob; it takes bf16, r ≤ 16, one module trained,
-  // 16-byte vector rows; other calls run the default): another summation order, held to the host
-  // like the default, and the same bits again, in place (dh = dout).
-  if (gc::fused::detail::slot_tensor_takes<T, int(I::rank)> && K == 1 && c.trained == 0) {
+  // The tensor-core schedules of the backward's two kernels (tuning knobs; other calls run the
+  // defaults): the coefficient kernel's takes 16-bit storage, 2r+1 ≤ 32, one module; the slot
+  // kernel's bf16, r ≤ 16, one module trained; both need 16-byte vector rows. Each, alone and
+  // together: another summation order, held to the host like the default, and the same bits again,
+  // in place (dh = dout).
+  if (K == 1) {
     namespace fd = gc::fused::detail;
-    const auto saved = fd::slot_plan;
-    auto run = [&](bool in_place) {
+    constexpr int r = int(I::rank);
+    const auto saved_coef = fd::coef_plan;
+    const auto saved_slot = fd::slot_plan;
+    auto run = [&](fd::coef_schedule coef, fd::slot_schedule slot, bool in_place) {
       strided<T> x(N, d, ld), y(N, d, ld);
       x.upload(ref.dout);
       gc::device_params<Dp> g(I::template shape<T, cuda_space>(d));
-      fd::slot_plan = fd::slot_schedule::tensor;
+      fd::coef_plan = coef;
+      fd::slot_plan = slot;
       cuda_impl::backward(det, std::span<const Dp>(ref.device_views), c.scale, c.trained, cdview<T>(hd.view()), pos,
                           cdview<T>(x.view()), cdview<T>(dgatesd.view()), in_place ? x.view() : y.view(), *g);
-      fd::slot_plan = saved;
+      fd::coef_plan = saved_coef;
+      fd::slot_plan = saved_slot;
       return std::pair{(in_place ? x : y).download(), flat<I, T>(g)};
     };
     if (c.in_place) hd.upload(ref.h);  // the in-place forward above overwrote h
-    INFO("slot schedule tensor");
-    const auto [dh_t, g_t] = run(false);
-    CHECK(grun::test::rel_error(dh_t.storage.span(), dh_wide.storage.span()) < tol);
-    check_gradients(g_t);
-    const auto [dh2, g2] = run(true);
-    CHECK(std::memcmp(dh2.storage.data(), dh_t.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
-    CHECK(std::memcmp(g2.data(), g_t.data(), sizeof(T) * g_t.size()) == 0);
+    const bool coef_tensor = fd::tensor_takes<T, r>, slot_tensor = fd::slot_tensor_takes<T, r> && c.trained == 0;
+    const std::pair<fd::coef_schedule, fd::slot_schedule> plans[] = {
+        {fd::coef_schedule::tensor, saved_slot}, {saved_coef, fd::slot_schedule::tensor},
+        {fd::coef_schedule::tensor, fd::slot_schedule::tensor}};
+    for (const auto& [coef, slot] : plans) {
+      if ((coef == fd::coef_schedule::tensor && !coef_tensor) || (slot == fd::slot_schedule::tensor && !slot_tensor))
+        continue;
+      INFO("coefficient schedule " << int(coef) << ", slot schedule " << int(slot));
+      const auto [dh_t, g_t] = run(coef, slot, false);
+      CHECK(grun::test::rel_error(dh_t.storage.span(), dh_wide.storage.span()) < tol);
+      check_gradients(g_t);
+      const auto [dh2, g2] = run(coef, slot, true);
+      CHECK(std::memcmp(dh2.storage.data(), dh_t.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+      CHECK(std::memcmp(g2.data(), g_t.data(), sizeof(T) * g_t.size()) == 0);
+    }
   }
 }
 

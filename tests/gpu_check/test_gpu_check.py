@@ -310,7 +310,8 @@ def test_slot():
             with open(os.path.join(out, "ncu.txt")) as f:
                 ncu = f.read()
             for kernel, schedule in [("forward_tensor_kernel", "tensor"), ("forward_kernel", "stream"),
-                                     ("forward_kernel", "resident"), ("coef_kernel", "stream"), ("slot_kernel", "stream"),
+                                     ("forward_kernel", "resident"), ("coef_kernel", "stream"),
+                                     ("coef_tensor_kernel", "tensor"), ("slot_kernel", "stream"),
                                      ("slot_tensor_kernel", "tensor"), ("sum_slots_kernel", "stream")]:
                 check(any(f"-k regex:{kernel} -c 1" in line and line.endswith(f"--schedule {schedule}")
                           for line in ncu.splitlines()),

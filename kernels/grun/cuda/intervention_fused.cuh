@@ -35,12 +35,14 @@
 //   coef_kernel      backward, per tile of rows: the 3r+1 dots of each module reduced like the forward
 //                    (h and dout streamed or held in registers: coef_schedule; accumulated in fp64 for
 //                    fp32 storage, see the kernel); per-row coefficients (de, dz, s g e) to a small
-//                    fp32 buffer [P][K][2r+1].
+//                    fp32 buffer [P][K][2r+1]. coef_tensor_kernel: the same on tensor cores (16-bit
+//                    storage, one module; opt-in, coef_schedule::tensor).
 //   slot_kernel      backward, grid (slot, column block): each slot is a fixed run of consecutive
 //                    positions; a thread owns 4 (or 1) columns, walks the slot's rows, accumulates the
 //                    trained module's 2r+1 gradient rows in registers and writes them to the slot's own
 //                    partial-sum area, and writes dh for its columns (dout re-read, parameters held in
-//                    registers for K = 1, r ≤ 8).
+//                    registers for K = 1, r ≤ 8). slot_tensor_kernel: the same on tensor cores (bf16,
+//                    one module; opt-in, slot_schedule::tensor).
 //   sum_slots_kernel the deterministic second stage: every gradient entry = Σ over slots in double,
 //                    in a grouping fixed by the slot count (8 runs, each in slot order), stored into the
 //                    gradient leaves. No atomics anywhere, and the slot size depends only on (P, d, r):
@@ -529,6 +531,27 @@ __device__ __forceinline__ void unpack_pair(unsigned w, float& lo, float& hi) {
 /// lanes read at one vector index fall in different banks (a stride of d would put them all in one).
 GRUN_HD constexpr index_t staged_row_stride(index_t d) { return d + 8; }
 
+/// The CTA copies module m's 2R+1 parameter rows [U; D; w] (zeros for a null w: no gate) into shared
+/// memory, rows staged_row_stride(d) apart, and waits for all of it. d % 8 == 0.
+template <class T, int R>
+__device__ __forceinline__ void stage_parameter_rows(const src_ptrs<T>& m, index_t d, T* staged) {
+  const int nvec = int(d / 8);
+#pragma unroll 1
+  for (int r = 0; r < 2 * R + 1; ++r) {
+    const T* src = param_row(m, r, R, d);
+    T* to = staged + r * staged_row_stride(d);
+    if (src == nullptr) {  // the gate row without a gate: zeros
+      for (int v = int(threadIdx.x); v < nvec; v += int(blockDim.x)) reinterpret_cast<uint4*>(to)[v] = make_uint4(0, 0, 0, 0);
+    } else if ((reinterpret_cast<std::uintptr_t>(src) & 15u) == 0) {
+      for (int v = int(threadIdx.x); v < nvec; v += int(blockDim.x))
+        reinterpret_cast<uint4*>(to)[v] = __ldg(reinterpret_cast<const uint4*>(src) + v);
+    } else {  // a tensor that starts mid-vector (e.g. after a bias of r elements in one flat buffer)
+      for (index_t j = threadIdx.x; j < d; j += blockDim.x) to[j] = src[j];
+    }
+  }
+  __syncthreads();
+}
+
 /// One tile of 8 positions per CTA and iteration; warp w, lane (g, t) holds row g's vectors
 /// v = t + 4·(w + 8c), c < HELD (loaded once, streamed past L1, used for the dots of every module and
 /// the write of h'). Per module: mma over the held vectors → per-warp partial C [16·MT, 8] → summed
@@ -565,23 +588,7 @@ __global__ void __launch_bounds__(tensor_block, 2)
   const int v0 = t + 4 * warp;
   auto chunk_live = [&](int c) { return 4 * warp + STEP * c < nvec; };
 
-  if constexpr (STAGED) {
-    const src_ptrs<T> m = mods.m[0];
-#pragma unroll 1
-    for (int r = 0; r < NP; ++r) {
-      const T* src = param_row(m, r, R, d);
-      T* to = staged + r * lds;
-      if (src == nullptr) {  // the gate row without a gate: zeros
-        for (int v = int(threadIdx.x); v < nvec; v += tensor_block) reinterpret_cast<uint4*>(to)[v] = make_uint4(0, 0, 0, 0);
-      } else if ((reinterpret_cast<std::uintptr_t>(src) & 15u) == 0) {
-        for (int v = int(threadIdx.x); v < nvec; v += tensor_block)
-          reinterpret_cast<uint4*>(to)[v] = __ldg(reinterpret_cast<const uint4*>(src) + v);
-      } else {  // a tensor that starts mid-vector (e.g. after a bias of r elements in one flat buffer)
-        for (index_t j = threadIdx.x; j < d; j += tensor_block) to[j] = src[j];
-      }
-    }
-    __syncthreads();
-  }
+  if constexpr (STAGED) stage_parameter_rows<T, R>(mods.m[0], d, staged);
   // Row `row` of module m's parameter matrix [2R+1, d] as the dots use it (null: a row of zeros —
   // direft's e needs no U·h, gate::always no w), as 16-byte vectors from v0 on.
   auto dot_row = [&](const src_ptrs<T>& m, int r) -> const uint4* {
@@ -699,7 +706,13 @@ __global__ void __launch_bounds__(tensor_block, 2)
 ///             H200: 121 µs at d = 4096, T = 16384 bf16, 47% of DRAM bandwidth);
 ///   resident  every vector the thread owns of both (d ≤ max_resident·block·V) loaded up front,
 ///             2·ROWS·⌈d/(V·block)⌉ loads in flight per thread (16 at d = 4096 bf16), then the dots.
-enum class coef_schedule { stream, resident };
+///   tensor    coef_tensor_kernel: the dots on tensor cores as in the forward's tensor schedule, the
+///             module's parameter rows staged in shared memory by persistent CTAs, h and dout streamed
+///             with the next batch of loads in flight. 16-bit storage, one module, 16-byte vector rows,
+///             sm_80+, the rows fitting in shared memory twice per SM; other calls run `stream`. Other
+///             bits than stream and resident (summation order), held to the host like them. Not yet
+///             timed on a GPU.
+enum class coef_schedule { stream, resident, tensor };
 inline coef_schedule coef_plan = coef_schedule::stream;
 
 /// How the backward's second kernel forms dh and the slots' gradient rows (a tuning knob like
@@ -712,6 +725,53 @@ inline coef_schedule coef_plan = coef_schedule::stream;
 ///               cuda_cores (summation order), held to the host like every path. Not yet timed on a GPU.
 enum class slot_schedule { cuda_cores, tensor };
 inline slot_schedule slot_plan = slot_schedule::cuda_cores;
+
+/// One position q's coefficients for module k (of K) from its dots ar = {U·h [R] | D·h [R] | w·h | U·x [R]}
+/// (in the kernel's accumulator type), the module's packed tail sc = {b [R], c} and dL/dg from
+/// outside (dg_acc: dgates(k, q), or 0):
+///   e_i = D_i·h + b_i − [lo] U_i·h,   de_i = s g U_i·x,   dL/dg = dg + s Σ_i e_i U_i·x,   dz = dL/dg σ'(z)
+/// → cf[q][k], rc[q] when the module is the trained one, and dz to dzext for an external gate.
+template <int R, bool LO, int GM, class T, class Acc>
+__device__ __forceinline__ void write_coefficients(const Acc* ar, const T* sc, float scale, Acc dg_acc, index_t k,
+                                                   index_t K, index_t q, index_t P, bool trained,
+                                                   const float* __restrict__ gext, float* __restrict__ dzext,
+                                                   float* __restrict__ cf, float* __restrict__ rc) {
+  constexpr int NP = 2 * R + 1;
+  constexpr bool GATED = GM == gate_linear;
+  const float z = GATED ? float(dload(sc + R) + ar[2 * R]) : 0.f;
+  const float zx = GM == gate_external ? gext[k * P + q] : 0.f;  // the external gate's logit
+  const float g = GATED ? dsigmoid(z) : GM == gate_external ? dsigmoid(zx) : 1.f;
+  float e[R];
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const Acc ei = ar[R + i] + dload(sc + i) - (LO ? ar[i] : Acc(0));
+    dg_acc += scale * ei * ar[NP + i];
+    e[i] = float(ei);
+  }
+  const float dg = float(dg_acc);
+  // dL/dz of the gate's last pre-activation (g = σ(z) for linear and mlp alike): σ'(z) = σ(z) σ(−z).
+  // With z at hand (linear) 1 − g is σ(−z) itself — for a nearly open gate (z ≈ 12) 1 − g in
+  // fp32 keeps ~2 digits, and one such row put a bias gradient 3e-5 off the double reference.
+  const float dz = GATED ? dg * g * dsigmoid(-z) : GM == gate_external ? dg * g * dsigmoid(-zx) : 0.f;
+  if (GM == gate_external) dzext[k * P + q] = dz;
+  float* c = cf + (q * K + k) * NP;
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const float de = scale * g * float(ar[NP + i]);
+    c[i] = LO ? -de : 0.f;
+    c[R + i] = de;
+  }
+  c[2 * R] = GATED ? dz : 0.f;
+  if (trained) {
+    float* t = rc + q * NP;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      t[i] = scale * g * e[i];
+      t[R + i] = scale * g * float(ar[NP + i]);
+    }
+    t[2 * R] = GATED ? dz : 0.f;
+  }
+}
 
 /// Per tile of ROWS positions and every module k: the dots U·h, D·h, w·h, U·x (x = dout row), then
 ///   cf[q][k] = { −[lo] de (coefficient of U in dh) | de (of D) | dz (of w) }            [2r+1]
@@ -733,7 +793,7 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
                                                      const index_t* __restrict__ pos, index_t P, float* __restrict__ cf,
                                                      float* __restrict__ rc, const float* __restrict__ gext,
                                                      float* __restrict__ dzext) {
-  constexpr int NP = 2 * R + 1, ND = 3 * R + 1;
+  constexpr int ND = 3 * R + 1;
   constexpr bool GATED = GM == gate_linear;
   using Acc = std::conditional_t<std::is_same_v<T, float>, double, float>;
   using A = farr<ROWS * ND, Acc>;
@@ -793,44 +853,172 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
       for (int rr = 0; rr < ROWS; ++rr) {
         if (rr >= nr) break;
         const index_t q = q0 + rr;
-        const Acc* ar = a.v + rr * ND;
-        const float z = GATED ? float(dload(sc + R) + ar[2 * R]) : 0.f;
-        const float zx = GM == gate_external ? gext[k * P + q] : 0.f;  // the external gate's logit
-        const float g = GATED ? dsigmoid(z) : GM == gate_external ? dsigmoid(zx) : 1.f;
-        Acc dg_acc = has_dg ? dload(&dgates(k, q)) : 0.f;
-        float e[R];
-#pragma unroll
-        for (int i = 0; i < R; ++i) {
-          const Acc ei = ar[R + i] + dload(sc + i) - (LO ? ar[i] : Acc(0));
-          dg_acc += scale * ei * ar[NP + i];
-          e[i] = float(ei);
-        }
-        const float dg = float(dg_acc);
-        // dL/dz of the gate's last pre-activation (g = σ(z) for linear and mlp alike): σ'(z) = σ(z) σ(−z).
-        // With z at hand (linear) 1 − g is σ(−z) itself — for a nearly open gate (z ≈ 12) 1 − g in
-        // fp32 keeps ~2 digits, and one such row put a bias gradient 3e-5 off the double reference.
-        const float dz = GATED ? dg * g * dsigmoid(-z) : GM == gate_external ? dg * g * dsigmoid(-zx) : 0.f;
-        if (GM == gate_external) dzext[k * P + q] = dz;
-        float* c = cf + (q * K + k) * NP;
-#pragma unroll
-        for (int i = 0; i < R; ++i) {
-          const float de = scale * g * float(ar[NP + i]);
-          c[i] = LO ? -de : 0.f;
-          c[R + i] = de;
-        }
-        c[2 * R] = GATED ? dz : 0.f;
-        if (k == trained) {
-          float* t = rc + q * NP;
-#pragma unroll
-          for (int i = 0; i < R; ++i) {
-            t[i] = scale * g * e[i];
-            t[R + i] = scale * g * float(ar[NP + i]);
-          }
-          t[2 * R] = GATED ? dz : 0.f;
-        }
+        write_coefficients<R, LO, GM>(a.v + rr * ND, sc, scale, has_dg ? Acc(dload(&dgates(k, q))) : Acc(0), k, K, q, P,
+                                      k == trained, gext, dzext, cf, rc);
       }
     }
     __syncthreads();
+  }
+}
+
+// ---- the coefficient kernel on tensor cores (16-bit storage, one module) ------------------------
+// coef_kernel's 3r+1 dots per position are two skinny products like the forward's, for a tile of
+// 8 positions: [U·h | D·h | w·h] = Θ·hᵀ and U·x = (Θ's first rows)·xᵀ (x = dout, Θ = [U; D; w]),
+// on mma.sync with the forward's fragments (plain 16-byte loads; a lane's k are 8 consecutive
+// columns of its row, the same for every operand). Unlike the forward nothing is written back per
+// element, so nothing is held: each warp streams its column strip of the tile's h and dout rows, the
+// next batch of loads — of this tile, or already of the CTA's next one — in flight while the current
+// batch is multiplied. Θ is staged in shared memory once per (persistent) CTA. Per tile the 8 warps'
+// partial dots are summed in a fixed order (bitwise-repeatable) and write_coefficients forms cf and
+// rc from them as coef_kernel does. run 5 (H200): coef_kernel took 121 µs to read these 256 MiB
+// (2.2 TB/s), 47% of DRAM peak, its dots on CUDA cores at 108 registers.
+
+/// Vectors of each row a lane loads per pipeline step (two steps in registers: 64 of them).
+inline constexpr int coef_tensor_batch = 4;
+
+/// Persistent CTAs of tensor_block threads walk tiles blockIdx.x, + gridDim.x, …; pm: the one module,
+/// packed (rows dp = d apart: d % 8 == 0 here); dynamic shared memory: staged_bytes<T, R>(d).
+template <class T, int R, bool LO, int GM, class DG>
+__global__ void __launch_bounds__(tensor_block, 2)
+    coef_tensor_kernel(const T* __restrict__ pm, index_t dp, index_t trained, float scale,
+                       matrix_view<const T, cuda_space> h, matrix_view<const T, cuda_space> dout,
+                       matrix_view<const DG, cuda_space> dgates, const index_t* __restrict__ pos, index_t P,
+                       float* __restrict__ cf, float* __restrict__ rc, const float* __restrict__ gext,
+                       float* __restrict__ dzext) {
+  constexpr int NP = 2 * R + 1, ND = 3 * R + 1, MT = (NP + 15) / 16, MU = (R + 15) / 16;
+  constexpr int WARPS = tensor_block / 32, ROWS = tensor_rows, B = coef_tensor_batch, STEP = 4 * WARPS;
+  constexpr bool GATED = GM == gate_linear;
+  // part: per warp, the h product's rows [0, 16·MT), then the dout product's [16·MT, 16·(MT + MU)).
+  __shared__ float part[WARPS][16 * (MT + MU)][ROWS];
+  __shared__ float dots[ND][ROWS];  // per position n: {U·h | D·h | w·h | U·x}, write_coefficients' order
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* staged = reinterpret_cast<T*>(smem);  // [NP][d + 8]: U rows, D rows, w (zeros without a gate)
+
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
+  const index_t d = h.extent(1);
+  const int nvec = int(d / 8);
+  const index_t tiles = (P + ROWS - 1) / ROWS;
+  if (index_t(blockIdx.x) >= tiles) return;  // the whole CTA (the launch makes none such)
+  stage_parameter_rows<T, R>(packed_sources<T>(pm, R, dp, GATED), d, staged);
+  // Lane (g, t) of warp w: vectors v0 + STEP·c of row g (c: chunk), as in forward_tensor_kernel.
+  const int v0 = t + 4 * warp;
+  const int batches = (nvec + STEP * B - 1) / (STEP * B);
+  auto chunk_live = [&](int c) { return 4 * warp + STEP * c < nvec; };  // the same for the warp's lanes
+  auto in_row = [&](int c) { return v0 + STEP * c < nvec; };
+  // The A fragments' parameter rows g and g + 8 of m-tile mt (null past the 2r+1 rows: zeros).
+  const uint4* ra[MT];
+  const uint4* rb[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int m = 16 * mt + g;
+    ra[mt] = m < NP ? reinterpret_cast<const uint4*>(staged + m * staged_row_stride(d)) + v0 : nullptr;
+    rb[mt] = m + 8 < NP ? reinterpret_cast<const uint4*>(staged + (m + 8) * staged_row_stride(d)) + v0 : nullptr;
+  }
+  const T* sc = pm + packed_tail(R, dp);
+  const bool has_dg = dgates.size() != 0;
+
+  struct batch {
+    uint4 h[B], x[B];
+  };
+  // Row g of a tile (rows past the last position read the tile's first: loaded, never used).
+  auto rows_of = [&](index_t tile, const uint4*& hv, const uint4*& xv) {
+    const index_t q0 = tile * ROWS;
+    const index_t row = row_at(pos, q0 + (q0 + g < P ? g : 0));
+    hv = reinterpret_cast<const uint4*>(h.row(row)) + v0;
+    xv = reinterpret_cast<const uint4*>(dout.row(row)) + v0;
+  };
+  auto load = [&](const uint4* hv, const uint4* xv, int b, batch& to) {
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int j = 0; j < B; ++j) {
+      const int c = b * B + j;
+      to.h[j] = in_row(c) ? __ldcs(hv + STEP * c) : zero;
+      to.x[j] = in_row(c) ? __ldcs(xv + STEP * c) : zero;
+    }
+  };
+  float acc_h[MT][4] = {}, acc_x[MU][4] = {};
+  auto multiply = [&](int b, const batch& in) {
+#pragma unroll
+    for (int j = 0; j < B; ++j) {
+      const int c = b * B + j;
+      if (!chunk_live(c)) break;
+      const bool inside = in_row(c);  // past the row's end: parameters zero too (no 0 · garbage)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint4 zero = make_uint4(0, 0, 0, 0);
+        const uint4 pa = inside && ra[mt] ? ra[mt][STEP * c] : zero;
+        const uint4 pb = inside && rb[mt] ? rb[mt][STEP * c] : zero;
+        mma_16816<T>(acc_h[mt], pa.x, pb.x, pa.y, pb.y, in.h[j].x, in.h[j].y);
+        mma_16816<T>(acc_h[mt], pa.z, pb.z, pa.w, pb.w, in.h[j].z, in.h[j].w);
+        if (mt < MU) {  // U's rows lie in the first MU m-tiles (the rest of those tiles' products unused)
+          mma_16816<T>(acc_x[mt], pa.x, pb.x, pa.y, pb.y, in.x[j].x, in.x[j].y);
+          mma_16816<T>(acc_x[mt], pa.z, pb.z, pa.w, pb.w, in.x[j].z, in.x[j].w);
+        }
+      }
+    }
+  };
+  // The tile's dots summed over warps (fixed order), then its positions' coefficients.
+  auto finish = [&](index_t tile) {
+    auto spill = [&](int row0, float(&acc)[4], int mt) {
+      part[warp][row0 + 16 * mt + g][2 * t] = acc[0];
+      part[warp][row0 + 16 * mt + g][2 * t + 1] = acc[1];
+      part[warp][row0 + 16 * mt + g + 8][2 * t] = acc[2];
+      part[warp][row0 + 16 * mt + g + 8][2 * t + 1] = acc[3];
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+    };
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) spill(0, acc_h[mt], mt);
+#pragma unroll
+    for (int mt = 0; mt < MU; ++mt) spill(16 * MT, acc_x[mt], mt);
+    __syncthreads();  // (also: the previous tile's coefficients are written, dots is free)
+    for (int i = int(threadIdx.x); i < ND * ROWS; i += tensor_block) {
+      const int m = i / ROWS, n = i % ROWS;
+      const int from = m < NP ? m : 16 * MT + (m - NP);
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) s += part[w][from][n];
+      dots[m][n] = s;
+    }
+    __syncthreads();  // dots complete; part free for the next tile
+    const index_t q = tile * ROWS + index_t(threadIdx.x);
+    if (threadIdx.x < ROWS && q < P) {
+      float ar[ND];
+#pragma unroll
+      for (int i = 0; i < ND; ++i) ar[i] = dots[i][threadIdx.x];
+      write_coefficients<R, LO, GM>(ar, sc, scale, has_dg ? float(dload(&dgates(0, q))) : 0.f, 0, 1, q, P, trained == 0,
+                                    gext, dzext, cf, rc);
+    }
+  };
+
+  // The pipeline over (tile, batch) pairs: load step i + 1, multiply step i.
+  index_t tile = blockIdx.x;
+  int b = 0;
+  const uint4 *hv, *xv;
+  rows_of(tile, hv, xv);
+  batch cur;
+  load(hv, xv, 0, cur);
+  for (;;) {
+    index_t next_tile = tile;
+    int next_b = b + 1;
+    if (next_b == batches) {
+      next_b = 0;
+      next_tile += gridDim.x;
+    }
+    const bool more = next_tile < tiles;
+    const uint4 *next_hv = hv, *next_xv = xv;
+    batch next;
+    if (more) {
+      if (next_b == 0) rows_of(next_tile, next_hv, next_xv);
+      load(next_hv, next_xv, next_b, next);
+    }
+    multiply(b, cur);
+    if (b + 1 == batches) finish(tile);
+    if (!more) break;
+    cur = next;
+    tile = next_tile;
+    b = next_b;
+    hv = next_hv;
+    xv = next_xv;
   }
 }
 
@@ -1345,6 +1533,24 @@ template <class T, int R>
 std::size_t staged_bytes(index_t d) {
   return std::size_t(2 * R + 1) * std::size_t(staged_row_stride(d)) * sizeof(T);
 }
+/// Whether the current device runs a staged tensor kernel — the 2r+1 parameter rows (staged_bytes) in
+/// dynamic shared memory, `fixed` bytes of its own static shared memory — with 2 CTAs per SM.
+template <class T, int R>
+bool staged_fits(index_t d, const device_limits& lim, std::size_t fixed) {
+  const std::size_t bytes = staged_bytes<T, R>(d);
+  return bytes <= std::size_t(lim.smem_per_block_optin) && 2 * (bytes + fixed + 1024) <= std::size_t(lim.smem_per_sm);
+}
+/// Opts Kernel in to the device's largest dynamic shared memory per CTA, once per device (an
+/// attribute of the function on the current device).
+template <auto Kernel>
+void allow_large_shared_memory(const device_limits& lim) {
+  (void)per_device<bool>([&](int) {
+    GRUN_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(Kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         lim.smem_per_block_optin));
+    return true;
+  });
+}
+
 /// The tensor schedule's launch, when the call is one it takes (16-byte vector rows of h and out,
 /// d ≤ 4096, at most tensor_max_modules modules, an sm_80+ device); false, having done nothing,
 /// otherwise. One module whose parameter rows fit in shared memory twice per SM: the staged,
@@ -1373,20 +1579,12 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
   const index_t tiles = cuda::ceil_div(P, index_t(tensor_rows));
   // The staged kernel's static shared memory (part, dots, coef) is under 12 KiB; 2 CTAs per SM.
   const std::size_t staged = staged_bytes<T, R>(d);
-  const bool stage = K == 1 && tiles > 1 && staged <= std::size_t(lim.smem_per_block_optin) &&
-                     2 * (staged + 12 * 1024 + 1024) <= std::size_t(lim.smem_per_sm);
+  const bool stage = K == 1 && tiles > 1 && staged_fits<T, R>(d, lim, 12 * 1024);
   auto launch = [&](auto held, auto staged_kernel) {
     constexpr bool S = decltype(staged_kernel)::value;
-    const auto kernel = forward_tensor_kernel<T, R, LO, GM, decltype(held)::value, S>;
+    constexpr auto kernel = forward_tensor_kernel<T, R, LO, GM, decltype(held)::value, S>;
     if constexpr (S) {
-      // Once per instantiation and device (an attribute of the function on the current device):
-      // room for the largest d (4096).
-      (void)per_device<bool>([&](int) {
-        const int most = int(staged_bytes<T, R>(index_t(tensor_max_held) * tensor_block));
-        GRUN_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             std::min(most, lim.smem_per_block_optin)));
-        return true;
-      });
+      allow_large_shared_memory<kernel>(lim);
       const unsigned grid = unsigned(std::min<index_t>(tiles, index_t(2) * lim.sms));
       kernel<<<grid, tensor_block, staged, s>>>(mods, K, float(scale), h, dpos.ptr(), P, out, gates, gext);
     } else {
@@ -1410,6 +1608,30 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
     for (index_t k = 0; k < K; ++k) mods.m[k] = packed_sources<T>(packed.ptr + k * ms, R, d, mods.m[k].w != nullptr);
   }
   per_thread <= 4 ? launch(small{}, std::false_type{}) : launch(large{}, std::false_type{});
+  GRUN_CUDA_CHECK_LAUNCH();
+  return true;
+}
+
+/// coef_tensor_kernel's launch for one packed module (pm, rows dp apart), when the call is one it
+/// takes (h and dout in 16-byte vector rows, an sm_80+ device that holds the staged parameter rows
+/// twice per SM); false, having done nothing, otherwise.
+template <class T, int R, bool LO, int GM, class DG>
+bool launch_coef_tensor(const T* pm, index_t dp, index_t trained, float scale, matrix_view<const T, cuda_space> h,
+                        matrix_view<const T, cuda_space> dout, matrix_view<const DG, cuda_space> dgates,
+                        const index_t* pos, index_t P, float* cf, float* rc, const float* gext, float* dz,
+                        cudaStream_t s) {
+  static_assert(tensor_takes<T, R>);
+  const index_t d = h.extent(1);
+  if (!vector_rows<T>(h, 8) || !vector_rows<T>(dout, 8) || P < 1) return false;
+  const device_limits lim = limits_of_device();
+  // Static shared memory: part [8 warps][16·(MT + MU)][8] and dots [3r+1][8] floats, under 14 KiB.
+  if (!lim.mma || !staged_fits<T, R>(d, lim, 14 * 1024)) return false;
+  constexpr auto kernel = coef_tensor_kernel<T, R, LO, GM, DG>;
+  allow_large_shared_memory<kernel>(lim);
+  const index_t tiles = cuda::ceil_div(P, index_t(tensor_rows));
+  const unsigned grid = unsigned(std::min<index_t>(tiles, index_t(2) * lim.sms));
+  kernel<<<grid, tensor_block, staged_bytes<T, R>(d), s>>>(pm, dp, trained, scale, h, dout, dgates, pos, P, cf, rc,
+                                                           gext, dz);
   GRUN_CUDA_CHECK_LAUNCH();
   return true;
 }
@@ -1552,20 +1774,27 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
     const unsigned grid1 = unsigned(cuda::ceil_div(P, ROWS));
     const index_t per_thread = cuda::ceil_div(d / VW, index_t(detail::block));  // vectors per thread and row
     const bool resident = detail::coef_plan == detail::coef_schedule::resident && vec && per_thread <= detail::max_resident;
+    bool tensor_coefs = false;
+    if constexpr (detail::tensor_takes<T, R>)
+      tensor_coefs = detail::coef_plan == detail::coef_schedule::tensor && K == 1 &&
+                     detail::launch_coef_tensor<T, R, LO, GM, DG>(packed.ptr, dp, trained, float(scale), h, dout, dgates,
+                                                                  dpos.ptr(), P, cf.ptr, rc.ptr, gext, dz.ptr, s);
     auto coefs = [&](auto vw, auto res) {
       const auto kernel = detail::coef_kernel<T, decltype(vw)::value, R, ROWS, LO, GM, decltype(res)::value, DG>;
       kernel<<<grid1, detail::block, 0, s>>>(packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr(),
                                              P, cf.ptr, rc.ptr, gext, dz.ptr);
     };
     using vw = std::integral_constant<int, VW>;
-    if (resident) {
-      if (per_thread == 1) coefs(vw{}, std::integral_constant<int, 1>{});
-      else if (per_thread == 2) coefs(vw{}, std::integral_constant<int, 2>{});
-      else coefs(vw{}, std::integral_constant<int, detail::max_resident>{});  // 3 or 4
-    } else {
-      vec ? coefs(vw{}, std::integral_constant<int, 0>{}) : coefs(std::integral_constant<int, 1>{}, std::integral_constant<int, 0>{});
+    if (!tensor_coefs) {
+      if (resident) {
+        if (per_thread == 1) coefs(vw{}, std::integral_constant<int, 1>{});
+        else if (per_thread == 2) coefs(vw{}, std::integral_constant<int, 2>{});
+        else coefs(vw{}, std::integral_constant<int, detail::max_resident>{});  // 3 or 4
+      } else {
+        vec ? coefs(vw{}, std::integral_constant<int, 0>{}) : coefs(std::integral_constant<int, 1>{}, std::integral_constant<int, 0>{});
+      }
+      GRUN_CUDA_CHECK_LAUNCH();
     }
-    GRUN_CUDA_CHECK_LAUNCH();
     const float* dhg = mid(static_cast<const float*>(dz.ptr));
 
     auto launch_tensor = [&] {
