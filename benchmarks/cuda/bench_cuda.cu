@@ -4,7 +4,7 @@
 // The copy bandwidth (cudaMemcpy device→device, read + write counted) is measured in the same run,
 // so "% of copy bandwidth" compares like with like on whatever GPU this runs on.
 //
-//   bench_cuda [--quick | --smoke] [--only NAME[,NAME…]] [--schedule stream|resident|staged|tensor]
+//   bench_cuda [--quick | --smoke] [--only NAME[,NAME…]] [--schedule stream|resident|staged|tensor|tensor_apply]
 //     --quick  smaller sizes (smoke test of the script itself)
 //     --smoke  the fewest rows that keep every benchmark's d and V, each timed once: every path a GPU
 //              run takes, in seconds on the CPU emulation (tests/emulation runs it so)
@@ -161,7 +161,8 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
     const std::pair<fd::forward_schedule, const char*> plans[] = {{fd::forward_schedule::stream, "_fwd_stream"},
                                                                   {fd::forward_schedule::resident, "_fwd_resident"},
                                                                   {fd::forward_schedule::staged, "_fwd_staged"},
-                                                                  {fd::forward_schedule::tensor, "_fwd_tensor"}};
+                                                                  {fd::forward_schedule::tensor, "_fwd_tensor"},
+                                                                  {fd::forward_schedule::tensor_apply, "_fwd_tensor_apply"}};
     for (const auto& [plan, suffix] : plans) {
       if (plan == saved) continue;
       fd::forward_plan = plan;
@@ -322,8 +323,9 @@ int main(int argc, char** argv) {
       else if (v == "resident") fd::forward_plan = fd::forward_schedule::resident;
       else if (v == "staged") fd::forward_plan = fd::forward_schedule::staged;
       else if (v == "tensor") fd::forward_plan = fd::forward_schedule::tensor;
+      else if (v == "tensor_apply") fd::forward_plan = fd::forward_schedule::tensor_apply;
       else {
-        std::fprintf(stderr, "bench_cuda: --schedule expects stream, resident, staged or tensor, got '%s'\n", v.c_str());
+        std::fprintf(stderr, "bench_cuda: --schedule expects stream, resident, staged, tensor or tensor_apply, got '%s'\n", v.c_str());
         return 2;
       }
     } else {

@@ -272,10 +272,13 @@ void check(const config& c) {
       INFO("forward schedule " << int(plan) << " against stream");
       same_bits(run(plan), streamed);
     }
-    const auto tensor = run(fd::forward_schedule::tensor);
-    CHECK(grun::test::rel_error(tensor.first.storage.span(), out_wide.storage.span()) < tol);
-    if (P > 0) CHECK(grun::test::rel_error(tensor.second.storage.span(), gates_wide.storage.span()) < tol);
-    same_bits(run(fd::forward_schedule::tensor), tensor);
+    for (const auto plan : {fd::forward_schedule::tensor, fd::forward_schedule::tensor_apply}) {
+      INFO("forward schedule " << int(plan) << " against the host, then again");
+      const auto tensor = run(plan);
+      CHECK(grun::test::rel_error(tensor.first.storage.span(), out_wide.storage.span()) < tol);
+      if (P > 0) CHECK(grun::test::rel_error(tensor.second.storage.span(), gates_wide.storage.span()) < tol);
+      same_bits(run(plan), tensor);
+    }
   }
 
   CHECK(grun::test::rel_error(out_d.storage.span(), out_wide.storage.span()) < tol);

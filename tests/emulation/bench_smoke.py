@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 SCALING = ("_T4096", "_T65536")  # the scaling rows: full sizes only
-SCHEDULES = ("_fwd_stream", "_fwd_resident", "_fwd_staged", "_fwd_tensor")  # all but the run's default are printed
+SCHEDULES = ("_fwd_stream", "_fwd_resident", "_fwd_staged", "_fwd_tensor", "_fwd_tensor_apply")  # all but the run's default are printed
 
 
 def run(bench, *args):

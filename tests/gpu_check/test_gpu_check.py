@@ -69,7 +69,7 @@ def bench_cuda_keys():
     calls = re.findall(r'\bbench_intervention<\w+>\("([A-Za-z0-9_]+)"([^;]*)\);', src)
     assert suffixes and calls, "bench_cuda.cu: bench_intervention's result names not found (update this test)"
     # timing::fused_and_schedules adds the schedule rows: every "_fwd…_<schedule>" name in the file.
-    schedules = set(re.findall(r'"(_fwd\w*_(?:stream|resident|staged|tensor))"', src))
+    schedules = set(re.findall(r'"(_fwd\w*_(?:stream|resident|staged|tensor|tensor_apply))"', src))
     assert schedules, "bench_cuda.cu: the schedule result names not found (update this test)"
     for name, rest in calls:
         generic = "timing::generic" in rest
@@ -309,7 +309,8 @@ def test_slot():
         if "ncu.txt" in files:
             with open(os.path.join(out, "ncu.txt")) as f:
                 ncu = f.read()
-            for kernel, schedule in [("forward_tensor_kernel", "tensor"), ("forward_kernel", "stream"),
+            for kernel, schedule in [("forward_tensor_kernel", "tensor"), ("forward_tensor_kernel", "tensor_apply"),
+                                     ("forward_kernel", "stream"),
                                      ("forward_kernel", "resident"), ("coef_kernel", "stream"),
                                      ("coef_tensor_kernel", "tensor"), ("slot_kernel", "stream"),
                                      ("slot_tensor_kernel", "tensor"), ("sum_slots_kernel", "stream")]:

@@ -329,7 +329,9 @@ __device__ __forceinline__ void load_resident(const T* const (&rows)[ROWS], inde
 ///             tests hold it to the host like every other path.
 /// Calls a schedule cannot take (fp32 storage, rows that are not 16-byte vectors, rows too wide)
 /// run `stream`.
-enum class forward_schedule { stream, resident, staged, tensor };
+///   tensor_apply  tensor, and with one module in bf16 (the staged kernel) the write of h' on tensor
+///             cores too (apply_on_tensor_cores); other calls as tensor. Not yet timed on a GPU.
+enum class forward_schedule { stream, resident, staged, tensor, tensor_apply };
 inline forward_schedule forward_plan = forward_schedule::tensor;
 
 /// Most vectors per thread and row the resident schedule keeps in registers.
@@ -527,6 +529,33 @@ __device__ __forceinline__ void unpack_pair(unsigned w, float& lo, float& hi) {
   }
 }
 
+// Coefficients as mma operands (bf16): each split into hi + lo, multiplied twice.
+/// The bits of bf16(x), rounded to nearest even.
+__device__ __forceinline__ unsigned bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+/// Two coefficients (a at the lower k) as bf16 pairs: hi = bf16(a), bf16(b); lo = their remainders.
+__device__ __forceinline__ void split_pair(float a, float b, unsigned& hi, unsigned& lo) {
+  const unsigned ah = bf16_bits(a), bh = bf16_bits(b);
+  hi = ah | bh << 16;
+  lo = bf16_bits(a - __uint_as_float(ah << 16)) | bf16_bits(b - __uint_as_float(bh << 16)) << 16;
+}
+
+/// An A fragment of m16n8k16 (row-major 16 × 16) from a(row, k) → float, as hi and lo words:
+/// lane (g, t) holds rows g, g + 8 at k = 2t, 2t + 1 and 2t + 8, 2t + 9.
+template <class Entry>
+__device__ __forceinline__ void a_fragment(int g, int t, Entry a, unsigned (&hi)[4], unsigned (&lo)[4]) {
+  split_pair(a(g, 2 * t), a(g, 2 * t + 1), hi[0], lo[0]);
+  split_pair(a(g + 8, 2 * t), a(g + 8, 2 * t + 1), hi[1], lo[1]);
+  split_pair(a(g, 2 * t + 8), a(g, 2 * t + 9), hi[2], lo[2]);
+  split_pair(a(g + 8, 2 * t + 8), a(g + 8, 2 * t + 9), hi[3], lo[3]);
+}
+
+/// c += (hi + lo) · b.
+__device__ __forceinline__ void mma_split(float (&c)[4], const unsigned (&hi)[4], const unsigned (&lo)[4], unsigned b0,
+                                          unsigned b1) {
+  mma_16816<bfloat16>(c, hi[0], hi[1], hi[2], hi[3], b0, b1);
+  mma_16816<bfloat16>(c, lo[0], lo[1], lo[2], lo[3], b0, b1);
+}
+
 /// The staged variant's shared-memory row stride: d + 8 elements, so that the 8 rows a warp's
 /// lanes read at one vector index fall in different banks (a stride of d would put them all in one).
 GRUN_HD constexpr index_t staged_row_stride(index_t d) { return d + 8; }
@@ -552,6 +581,51 @@ __device__ __forceinline__ void stage_parameter_rows(const src_ptrs<T>& m, index
   __syncthreads();
 }
 
+/// The write of h' = h + coef·U for one module (bf16, staged), on tensor cores: per chunk of the
+/// warp's 32 columns and per block j of 8 of them, one m16n8k16 product (twice: coef as hi + lo)
+///   D [positions, 8 columns] = coef [positions, k = U row] · U [k, 8 columns] + h
+/// with positions g on the rows (rows 8–15 and k ≥ r zero; r ≤ 8: one k-half). The columns are mapped as in
+/// slot_tensor_kernel: logical column n of block j is physical column 8·⌊n/2⌋ + 2j + n mod 2 of the
+/// chunk, so a lane's C/D fragment (position g, logical columns 2t, 2t + 1) is word j of its own held
+/// vector: h goes in as C, h' comes out as D. B (k = U row, n = logical column g) takes lane (g, t)
+/// U rows 2t, 2t + 1 at element 2j + g mod 2 of vector ⌊g/2⌋ of the chunk: two 16-byte
+/// shared-memory loads per chunk, then half-word selects. Against the CUDA-core
+/// write (per element: h and r parameters widened, r FMAs, per 8: r shared loads) about a third of
+/// the instructions (an estimate: not yet timed on a GPU). coef: [ROWS][R] of this module.
+template <int R, int HELD>
+__device__ __forceinline__ void apply_on_tensor_cores(const float (&coef)[tensor_rows][R], const bfloat16* staged,
+                                                      index_t lds, int nvec, int warp, int g, int t,
+                                                      const uint4 (&held)[HELD], bool live, uint4* dst) {
+  constexpr int STEP = 4 * (tensor_block / 32);
+  unsigned hi[4], lo[4];
+  a_fragment(g, t, [&](int q, int k) { return q < tensor_rows && k < R ? coef[q][k] : 0.f; }, hi, lo);
+  const int keep_high = g % 2;  // B column g reads the odd (high) or even (low) half-words
+  auto b_word = [&](unsigned row_a, unsigned row_b) {  // (U[2t][e], U[2t+1][e]) of one word's pair
+    return keep_high ? (row_a >> 16) | (row_b & 0xffff0000u) : (row_a & 0xffffu) | (row_b << 16);
+  };
+  auto u_vector = [&](int u_row, int vector) -> uint4 {
+    return u_row < R && vector < nvec ? *(reinterpret_cast<const uint4*>(staged + u_row * lds) + vector) : make_uint4(0, 0, 0, 0);
+  };
+  auto word = [](const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; };
+#pragma unroll
+  for (int c = 0; c < HELD; ++c) {
+    const int first = 4 * warp + STEP * c;  // the chunk's first vector (the same for the warp's lanes)
+    if (first >= nvec) break;
+    const int uv = first + g / 2;  // B column g lies in the chunk's vector g / 2
+    const uint4 u0 = u_vector(2 * t, uv), u1 = u_vector(2 * t + 1, uv);
+    unsigned o[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float acc[4];
+      unpack_pair<bfloat16>(word(held[c], j), acc[0], acc[1]);
+      acc[2] = acc[3] = 0.f;  // rows 8–15: no positions
+      mma_split(acc, hi, lo, b_word(word(u0, j), word(u1, j)), 0u);  // k ≥ 8: no U rows (r ≤ 8)
+      o[j] = bf16_bits(acc[0]) | bf16_bits(acc[1]) << 16;
+    }
+    if (live && first + t < nvec) __stcs(dst + STEP * c, make_uint4(o[0], o[1], o[2], o[3]));
+  }
+}
+
 /// One tile of 8 positions per CTA and iteration; warp w, lane (g, t) holds row g's vectors
 /// v = t + 4·(w + 8c), c < HELD (loaded once, streamed past L1, used for the dots of every module and
 /// the write of h'). Per module: mma over the held vectors → per-warp partial C [16·MT, 8] → summed
@@ -563,13 +637,16 @@ __device__ __forceinline__ void stage_parameter_rows(const src_ptrs<T>& m, index
 /// write read parameters from shared memory instead of L1/L2, which per tile of 8 rows (64 KiB of h
 /// at d = 4096 bf16) would otherwise stream 72 KiB of parameters through L2 and stall on them.
 /// Otherwise one tile per CTA, parameters read through the read-only cache.
-template <class T, int R, bool LO, int GM, int HELD, bool STAGED>
+/// APPLY (STAGED, bf16, r ≤ 8; forward_schedule::tensor_apply): the write of h' on tensor cores too
+/// (apply_on_tensor_cores above).
+template <class T, int R, bool LO, int GM, int HELD, bool STAGED, bool APPLY>
 __global__ void __launch_bounds__(tensor_block, 2)
     forward_tensor_kernel(module_ptrs<T> mods, index_t K, float scale, matrix_view<const T, cuda_space> h,
                           const index_t* __restrict__ pos, index_t P, matrix_view<T, cuda_space> out,
                           matrix_view<T, cuda_space> gates, const float* __restrict__ gext) {
   constexpr int NP = 2 * R + 1, MT = (NP + 15) / 16, WARPS = tensor_block / 32, ROWS = tensor_rows;
   constexpr bool GATED = GM == gate_linear;
+  static_assert(!APPLY || (STAGED && std::is_same_v<T, bfloat16> && R <= 8), "apply_on_tensor_cores' conditions");
   __shared__ float part[WARPS][MT * 16][ROWS];
   __shared__ float dots[MT * 16][ROWS];
   __shared__ float coef[tensor_max_modules][ROWS][R];
@@ -665,35 +742,39 @@ __global__ void __launch_bounds__(tensor_block, 2)
     __syncthreads();  // every module's coef visible
 
     uint4* dst = reinterpret_cast<uint4*>(out.row(row)) + v0;
+    if constexpr (APPLY) {
+      apply_on_tensor_cores<R, HELD>(coef[0], staged, lds, nvec, warp, g, t, held, live, dst);
+    } else {
 #pragma unroll
-    for (int c = 0; c < HELD; ++c) {
-      if (!chunk_live(c)) break;
-      if (v0 + STEP * c >= nvec) continue;
-      float o[8];
-      unpack_pair<T>(held[c].x, o[0], o[1]);
-      unpack_pair<T>(held[c].y, o[2], o[3]);
-      unpack_pair<T>(held[c].z, o[4], o[5]);
-      unpack_pair<T>(held[c].w, o[6], o[7]);
-      for (index_t k = 0; k < K; ++k) {
+      for (int c = 0; c < HELD; ++c) {
+        if (!chunk_live(c)) break;
+        if (v0 + STEP * c >= nvec) continue;
+        float o[8];
+        unpack_pair<T>(held[c].x, o[0], o[1]);
+        unpack_pair<T>(held[c].y, o[2], o[3]);
+        unpack_pair<T>(held[c].z, o[4], o[5]);
+        unpack_pair<T>(held[c].w, o[6], o[7]);
+        for (index_t k = 0; k < K; ++k) {
 #pragma unroll
-        for (int i = 0; i < R; ++i) {
-          const uint4 u = STAGED ? *(reinterpret_cast<const uint4*>(staged + i * lds) + v0 + STEP * c)
-                                 : __ldg(reinterpret_cast<const uint4*>(mods.m[k].U) + v0 + STEP * c + i * nvec);
-          const float cf = coef[k][g][i];
-          float p[8];
-          unpack_pair<T>(u.x, p[0], p[1]);
-          unpack_pair<T>(u.y, p[2], p[3]);
-          unpack_pair<T>(u.z, p[4], p[5]);
-          unpack_pair<T>(u.w, p[6], p[7]);
+          for (int i = 0; i < R; ++i) {
+            const uint4 u = STAGED ? *(reinterpret_cast<const uint4*>(staged + i * lds) + v0 + STEP * c)
+                                   : __ldg(reinterpret_cast<const uint4*>(mods.m[k].U) + v0 + STEP * c + i * nvec);
+            const float cf = coef[k][g][i];
+            float p[8];
+            unpack_pair<T>(u.x, p[0], p[1]);
+            unpack_pair<T>(u.y, p[2], p[3]);
+            unpack_pair<T>(u.z, p[4], p[5]);
+            unpack_pair<T>(u.w, p[6], p[7]);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) o[e] = fmaf(cf, p[e], o[e]);
+            for (int e = 0; e < 8; ++e) o[e] = fmaf(cf, p[e], o[e]);
+          }
         }
-      }
-      if (live) {
-        vec<T, 8> r;
+        if (live) {
+          vec<T, 8> r;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dstore(&r.v[e], o[e]);
-        __stcs(dst + STEP * c, *reinterpret_cast<const uint4*>(&r));
+          for (int e = 0; e < 8; ++e) dstore(&r.v[e], o[e]);
+          __stcs(dst + STEP * c, *reinterpret_cast<const uint4*>(&r));
+        }
       }
     }
   }
@@ -1232,25 +1313,6 @@ __device__ __forceinline__ unsigned transpose_8x8(unsigned a) {
 #endif
 }
 
-/// The bits of bf16(x), rounded to nearest even.
-__device__ __forceinline__ unsigned bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
-/// Two coefficients (a at the lower k) as bf16 pairs: hi = bf16(a), bf16(b); lo = their remainders.
-__device__ __forceinline__ void split_pair(float a, float b, unsigned& hi, unsigned& lo) {
-  const unsigned ah = bf16_bits(a), bh = bf16_bits(b);
-  hi = ah | bh << 16;
-  lo = bf16_bits(a - __uint_as_float(ah << 16)) | bf16_bits(b - __uint_as_float(bh << 16)) << 16;
-}
-
-/// An A fragment of m16n8k16 (row-major 16 × 16) from a(row, k) → float, as hi and lo words:
-/// lane (g, t) holds rows g, g + 8 at k = 2t, 2t + 1 and 2t + 8, 2t + 9.
-template <class Entry>
-__device__ __forceinline__ void a_fragment(int g, int t, Entry a, unsigned (&hi)[4], unsigned (&lo)[4]) {
-  split_pair(a(g, 2 * t), a(g, 2 * t + 1), hi[0], lo[0]);
-  split_pair(a(g + 8, 2 * t), a(g + 8, 2 * t + 1), hi[1], lo[1]);
-  split_pair(a(g, 2 * t + 8), a(g, 2 * t + 9), hi[2], lo[2]);
-  split_pair(a(g + 8, 2 * t + 8), a(g + 8, 2 * t + 9), hi[3], lo[3]);
-}
-
 /// The A fragment of the transposed 16 × 16 matrix, from a's: its 8 × 8 blocks swap places across the
 /// diagonal (a1, rows 8–15 × k 0–7, and a2, rows 0–7 × k 8–15) and each is transposed.
 __device__ __forceinline__ void transpose_a(const unsigned (&a)[4], unsigned (&t)[4]) {
@@ -1260,12 +1322,6 @@ __device__ __forceinline__ void transpose_a(const unsigned (&a)[4], unsigned (&t
   t[3] = transpose_8x8(a[3]);
 }
 
-/// c += (hi + lo) · b.
-__device__ __forceinline__ void mma_split(float (&c)[4], const unsigned (&hi)[4], const unsigned (&lo)[4], unsigned b0,
-                                          unsigned b1) {
-  mma_16816<bfloat16>(c, hi[0], hi[1], hi[2], hi[3], b0, b1);
-  mma_16816<bfloat16>(c, lo[0], lo[1], lo[2], lo[3], b0, b1);
-}
 
 /// Grid (slot, group of 256 columns), one module (K = 1), rows of h, dout, dh in 16-byte vectors.
 /// Warp w owns columns [c0, c0 + 32), c0 = 256·blockIdx.y + 32w; per step of 16 positions it loads
@@ -1580,9 +1636,10 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
   // The staged kernel's static shared memory (part, dots, coef) is under 12 KiB; 2 CTAs per SM.
   const std::size_t staged = staged_bytes<T, R>(d);
   const bool stage = K == 1 && tiles > 1 && staged_fits<T, R>(d, lim, 12 * 1024);
-  auto launch = [&](auto held, auto staged_kernel) {
+  auto launch = [&](auto held, auto staged_kernel, auto apply_on_tensor_cores) {
     constexpr bool S = decltype(staged_kernel)::value;
-    constexpr auto kernel = forward_tensor_kernel<T, R, LO, GM, decltype(held)::value, S>;
+    constexpr auto kernel =
+        forward_tensor_kernel<T, R, LO, GM, decltype(held)::value, S, decltype(apply_on_tensor_cores)::value>;
     if constexpr (S) {
       allow_large_shared_memory<kernel>(lim);
       const unsigned grid = unsigned(std::min<index_t>(tiles, index_t(2) * lim.sms));
@@ -1593,8 +1650,17 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
   };
   using small = std::integral_constant<int, 4>;
   using large = std::integral_constant<int, tensor_max_held>;
+  using yes = std::true_type;
+  using no = std::false_type;
   if (stage) {
-    per_thread <= 4 ? launch(small{}, std::true_type{}) : launch(large{}, std::true_type{});
+    // forward_schedule::tensor_apply: the write of h' on tensor cores too (bf16, r ≤ 8).
+    bool applied = false;
+    if constexpr (std::is_same_v<T, bfloat16> && R <= 8)
+      if (forward_plan == forward_schedule::tensor_apply) {
+        per_thread <= 4 ? launch(small{}, yes{}, yes{}) : launch(large{}, yes{}, yes{});
+        applied = true;
+      }
+    if (!applied) per_thread <= 4 ? launch(small{}, yes{}, no{}) : launch(large{}, yes{}, no{});
     GRUN_CUDA_CHECK_LAUNCH();
     return true;
   }
@@ -1607,7 +1673,7 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
     pack<I, T>(modules, d, d, ms, packed.ptr, s);
     for (index_t k = 0; k < K; ++k) mods.m[k] = packed_sources<T>(packed.ptr + k * ms, R, d, mods.m[k].w != nullptr);
   }
-  per_thread <= 4 ? launch(small{}, std::false_type{}) : launch(large{}, std::false_type{});
+  per_thread <= 4 ? launch(small{}, no{}, no{}) : launch(large{}, no{}, no{});
   GRUN_CUDA_CHECK_LAUNCH();
   return true;
 }
@@ -1661,7 +1727,8 @@ bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cu
   if (P == 0 || K == 0) return true;
 
   if constexpr (detail::tensor_takes<T, R>) {
-    if (detail::forward_plan == detail::forward_schedule::tensor &&
+    if ((detail::forward_plan == detail::forward_schedule::tensor ||
+         detail::forward_plan == detail::forward_schedule::tensor_apply) &&
         detail::launch_forward_tensor<I, T, GM>(modules, scale, h, pos, out, gates, gext, s))
       return true;
   }
