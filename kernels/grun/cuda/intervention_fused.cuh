@@ -626,6 +626,14 @@ __device__ __forceinline__ void apply_on_tensor_cores(const float (&coef)[tensor
   }
 }
 
+/// forward_tensor_kernel's static shared memory for rank R (part, dots, coef; the kernel asserts it):
+/// the staged launch opts in to the device's per-CTA limit less this, and the two must not exceed it.
+template <int R>
+constexpr std::size_t forward_tensor_static_bytes() {
+  constexpr std::size_t MT = (2 * R + 1 + 15) / 16, WARPS = tensor_block / 32;
+  return sizeof(float) * (WARPS * MT * 16 * tensor_rows + MT * 16 * tensor_rows + tensor_max_modules * tensor_rows * R);
+}
+
 /// One tile of 8 positions per CTA and iteration; warp w, lane (g, t) holds row g's vectors
 /// v = t + 4·(w + 8c), c < HELD (loaded once, streamed past L1, used for the dots of every module and
 /// the write of h'). Per module: mma over the held vectors → per-warp partial C [16·MT, 8] → summed
@@ -650,6 +658,7 @@ __global__ void __launch_bounds__(tensor_block, 2)
   __shared__ float part[WARPS][MT * 16][ROWS];
   __shared__ float dots[MT * 16][ROWS];
   __shared__ float coef[tensor_max_modules][ROWS][R];
+  static_assert(sizeof(part) + sizeof(dots) + sizeof(coef) == forward_tensor_static_bytes<R>());
   extern __shared__ __align__(16) unsigned char smem[];
   T* staged = reinterpret_cast<T*>(smem);  // STAGED: [NP][d + 8] — U rows, D rows, w (zeros without a gate)
 
@@ -957,6 +966,13 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
 /// Vectors of each row a lane loads per pipeline step (two steps in registers: 64 of them).
 inline constexpr int coef_tensor_batch = 4;
 
+/// coef_tensor_kernel's static shared memory for rank R (part, dots; the kernel asserts it).
+template <int R>
+constexpr std::size_t coef_tensor_static_bytes() {
+  constexpr std::size_t MT = (2 * R + 1 + 15) / 16, MU = (R + 15) / 16, WARPS = tensor_block / 32;
+  return sizeof(float) * (WARPS * 16 * (MT + MU) * tensor_rows + (3 * R + 1) * tensor_rows);
+}
+
 /// Persistent CTAs of tensor_block threads walk tiles blockIdx.x, + gridDim.x, …; pm: the one module,
 /// packed (rows dp = d apart: d % 8 == 0 here); dynamic shared memory: staged_bytes<T, R>(d).
 template <class T, int R, bool LO, int GM, class DG>
@@ -972,6 +988,7 @@ __global__ void __launch_bounds__(tensor_block, 2)
   // part: per warp, the h product's rows [0, 16·MT), then the dout product's [16·MT, 16·(MT + MU)).
   __shared__ float part[WARPS][16 * (MT + MU)][ROWS];
   __shared__ float dots[ND][ROWS];  // per position n: {U·h | D·h | w·h | U·x}, write_coefficients' order
+  static_assert(sizeof(part) + sizeof(dots) == coef_tensor_static_bytes<R>());
   extern __shared__ __align__(16) unsigned char smem[];
   T* staged = reinterpret_cast<T*>(smem);  // [NP][d + 8]: U rows, D rows, w (zeros without a gate)
 
@@ -1590,19 +1607,21 @@ std::size_t staged_bytes(index_t d) {
   return std::size_t(2 * R + 1) * std::size_t(staged_row_stride(d)) * sizeof(T);
 }
 /// Whether the current device runs a staged tensor kernel — the 2r+1 parameter rows (staged_bytes) in
-/// dynamic shared memory, `fixed` bytes of its own static shared memory — with 2 CTAs per SM.
+/// dynamic shared memory beside `fixed` bytes of static shared memory (the kernel's own) — with 2 CTAs
+/// per SM (1 KiB per CTA is the system's).
 template <class T, int R>
 bool staged_fits(index_t d, const device_limits& lim, std::size_t fixed) {
   const std::size_t bytes = staged_bytes<T, R>(d);
-  return bytes <= std::size_t(lim.smem_per_block_optin) && 2 * (bytes + fixed + 1024) <= std::size_t(lim.smem_per_sm);
+  return bytes + fixed <= std::size_t(lim.smem_per_block_optin) && 2 * (bytes + fixed + 1024) <= std::size_t(lim.smem_per_sm);
 }
-/// Opts Kernel in to the device's largest dynamic shared memory per CTA, once per device (an
-/// attribute of the function on the current device).
+/// Opts Kernel, whose static shared memory is `fixed` bytes, in to all the dynamic shared memory a CTA
+/// can have beside it, once per device (an attribute of the function on the current device). The
+/// driver refuses a value that, with the static part, passes the device's per-CTA opt-in limit.
 template <auto Kernel>
-void allow_large_shared_memory(const device_limits& lim) {
+void allow_large_shared_memory(const device_limits& lim, std::size_t fixed) {
   (void)per_device<bool>([&](int) {
     GRUN_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(Kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         lim.smem_per_block_optin));
+                                         lim.smem_per_block_optin - int(fixed)));
     return true;
   });
 }
@@ -1633,15 +1652,14 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
   }
   const device_positions dpos(pos, h.extent(0), s);
   const index_t tiles = cuda::ceil_div(P, index_t(tensor_rows));
-  // The staged kernel's static shared memory (part, dots, coef) is under 12 KiB; 2 CTAs per SM.
   const std::size_t staged = staged_bytes<T, R>(d);
-  const bool stage = K == 1 && tiles > 1 && staged_fits<T, R>(d, lim, 12 * 1024);
+  const bool stage = K == 1 && tiles > 1 && staged_fits<T, R>(d, lim, forward_tensor_static_bytes<R>());
   auto launch = [&](auto held, auto staged_kernel, auto apply_on_tensor_cores) {
     constexpr bool S = decltype(staged_kernel)::value;
     constexpr auto kernel =
         forward_tensor_kernel<T, R, LO, GM, decltype(held)::value, S, decltype(apply_on_tensor_cores)::value>;
     if constexpr (S) {
-      allow_large_shared_memory<kernel>(lim);
+      allow_large_shared_memory<kernel>(lim, forward_tensor_static_bytes<R>());
       const unsigned grid = unsigned(std::min<index_t>(tiles, index_t(2) * lim.sms));
       kernel<<<grid, tensor_block, staged, s>>>(mods, K, float(scale), h, dpos.ptr(), P, out, gates, gext);
     } else {
@@ -1690,10 +1708,9 @@ bool launch_coef_tensor(const T* pm, index_t dp, index_t trained, float scale, m
   const index_t d = h.extent(1);
   if (!vector_rows<T>(h, 8) || !vector_rows<T>(dout, 8) || P < 1) return false;
   const device_limits lim = limits_of_device();
-  // Static shared memory: part [8 warps][16·(MT + MU)][8] and dots [3r+1][8] floats, under 14 KiB.
-  if (!lim.mma || !staged_fits<T, R>(d, lim, 14 * 1024)) return false;
+  if (!lim.mma || !staged_fits<T, R>(d, lim, coef_tensor_static_bytes<R>())) return false;
   constexpr auto kernel = coef_tensor_kernel<T, R, LO, GM, DG>;
-  allow_large_shared_memory<kernel>(lim);
+  allow_large_shared_memory<kernel>(lim, coef_tensor_static_bytes<R>());
   const index_t tiles = cuda::ceil_div(P, index_t(tensor_rows));
   const unsigned grid = unsigned(std::min<index_t>(tiles, index_t(2) * lim.sms));
   kernel<<<grid, tensor_block, staged_bytes<T, R>(d), s>>>(pm, dp, trained, scale, h, dout, dgates, pos, P, cf, rc,
