@@ -529,6 +529,28 @@ __device__ __forceinline__ void unpack_pair(unsigned w, float& lo, float& hi) {
   }
 }
 
+/// Word j (0–3) of a 16-byte vector: elements 2j (low half) and 2j + 1 (high) of 16-bit storage.
+__device__ __forceinline__ unsigned word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+/// c += A · B over one 16-byte vector per lane (two m16n8k16 steps): lane (g, t) gives rows g, g + 8
+/// of A as the vectors a_g, a_g8 and column g of B as b, 8 consecutive k each — the dots' fragments
+/// of the forward and the coefficient kernel (the sum over k does not care which physical column a
+/// logical k is, so long as every operand maps it the same way).
+template <class T>
+__device__ __forceinline__ void mma_vector(float (&c)[4], const uint4& a_g, const uint4& a_g8, const uint4& b) {
+  mma_16816<T>(c, a_g.x, a_g8.x, a_g.y, a_g8.y, b.x, b.y);
+  mma_16816<T>(c, a_g.z, a_g8.z, a_g.w, a_g8.w, b.z, b.w);
+}
+
+/// Lane (g, t)'s C fragment of m-tile mt (rows 16mt + g, + 8; columns 2t, 2t + 1) into part[row][column].
+template <int COLS>
+__device__ __forceinline__ void store_fragment(const float (&c)[4], float (*part)[COLS], int mt, int g, int t) {
+  part[16 * mt + g][2 * t] = c[0];
+  part[16 * mt + g][2 * t + 1] = c[1];
+  part[16 * mt + g + 8][2 * t] = c[2];
+  part[16 * mt + g + 8][2 * t + 1] = c[3];
+}
+
 // Coefficients as mma operands (bf16): each split into hi + lo, multiplied twice.
 /// The bits of bf16(x), rounded to nearest even.
 __device__ __forceinline__ unsigned bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
@@ -606,7 +628,6 @@ __device__ __forceinline__ void apply_on_tensor_cores(const float (&coef)[tensor
   auto u_vector = [&](int u_row, int vector) -> uint4 {
     return u_row < R && vector < nvec ? *(reinterpret_cast<const uint4*>(staged + u_row * lds) + vector) : make_uint4(0, 0, 0, 0);
   };
-  auto word = [](const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; };
 #pragma unroll
   for (int c = 0; c < HELD; ++c) {
     const int first = 4 * warp + STEP * c;  // the chunk's first vector (the same for the warp's lanes)
@@ -617,9 +638,9 @@ __device__ __forceinline__ void apply_on_tensor_cores(const float (&coef)[tensor
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       float acc[4];
-      unpack_pair<bfloat16>(word(held[c], j), acc[0], acc[1]);
+      unpack_pair<bfloat16>(word_of(held[c], j), acc[0], acc[1]);
       acc[2] = acc[3] = 0.f;  // rows 8–15: no positions
-      mma_split(acc, hi, lo, b_word(word(u0, j), word(u1, j)), 0u);  // k ≥ 8: no U rows (r ≤ 8)
+      mma_split(acc, hi, lo, b_word(word_of(u0, j), word_of(u1, j)), 0u);  // k ≥ 8: no U rows (r ≤ 8)
       o[j] = bf16_bits(acc[0]) | bf16_bits(acc[1]) << 16;
     }
     if (live && first + t < nvec) __stcs(dst + STEP * c, make_uint4(o[0], o[1], o[2], o[3]));
@@ -714,16 +735,12 @@ __global__ void __launch_bounds__(tensor_block, 2)
           const uint4 zero = make_uint4(0, 0, 0, 0);
           const uint4 pa = in && ra[mt] ? (STAGED ? ra[mt][STEP * c] : __ldg(ra[mt] + STEP * c)) : zero;
           const uint4 pb = in && rb[mt] ? (STAGED ? rb[mt][STEP * c] : __ldg(rb[mt] + STEP * c)) : zero;
-          mma_16816<T>(acc[mt], pa.x, pb.x, pa.y, pb.y, held[c].x, held[c].y);
-          mma_16816<T>(acc[mt], pa.z, pb.z, pa.w, pb.w, held[c].z, held[c].w);
+          mma_vector<T>(acc[mt], pa, pb, held[c]);
         }
       }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        part[warp][16 * mt + g][2 * t] = acc[mt][0];
-        part[warp][16 * mt + g][2 * t + 1] = acc[mt][1];
-        part[warp][16 * mt + g + 8][2 * t] = acc[mt][2];
-        part[warp][16 * mt + g + 8][2 * t + 1] = acc[mt][3];
+        store_fragment(acc[mt], part[warp], mt, g, t);
       }
       __syncthreads();  // (also: every thread is past the previous tile's reads of coef)
       for (int i = int(threadIdx.x); i < NP * ROWS; i += tensor_block) {
@@ -1046,28 +1063,20 @@ __global__ void __launch_bounds__(tensor_block, 2)
         const uint4 zero = make_uint4(0, 0, 0, 0);
         const uint4 pa = inside && ra[mt] ? ra[mt][STEP * c] : zero;
         const uint4 pb = inside && rb[mt] ? rb[mt][STEP * c] : zero;
-        mma_16816<T>(acc_h[mt], pa.x, pb.x, pa.y, pb.y, in.h[j].x, in.h[j].y);
-        mma_16816<T>(acc_h[mt], pa.z, pb.z, pa.w, pb.w, in.h[j].z, in.h[j].w);
-        if (mt < MU) {  // U's rows lie in the first MU m-tiles (the rest of those tiles' products unused)
-          mma_16816<T>(acc_x[mt], pa.x, pb.x, pa.y, pb.y, in.x[j].x, in.x[j].y);
-          mma_16816<T>(acc_x[mt], pa.z, pb.z, pa.w, pb.w, in.x[j].z, in.x[j].w);
-        }
+        mma_vector<T>(acc_h[mt], pa, pb, in.h[j]);
+        // U's rows lie in the first MU m-tiles (the rest of those tiles' products unused)
+        if (mt < MU) mma_vector<T>(acc_x[mt], pa, pb, in.x[j]);
       }
     }
   };
   // The tile's dots summed over warps (fixed order), then its positions' coefficients.
   auto finish = [&](index_t tile) {
-    auto spill = [&](int row0, float(&acc)[4], int mt) {
-      part[warp][row0 + 16 * mt + g][2 * t] = acc[0];
-      part[warp][row0 + 16 * mt + g][2 * t + 1] = acc[1];
-      part[warp][row0 + 16 * mt + g + 8][2 * t] = acc[2];
-      part[warp][row0 + 16 * mt + g + 8][2 * t + 1] = acc[3];
-      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-    };
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) spill(0, acc_h[mt], mt);
+    for (int mt = 0; mt < MT; ++mt) store_fragment(acc_h[mt], part[warp], mt, g, t);
 #pragma unroll
-    for (int mt = 0; mt < MU; ++mt) spill(16 * MT, acc_x[mt], mt);
+    for (int mt = 0; mt < MU; ++mt) store_fragment(acc_x[mt], part[warp] + 16 * MT, mt, g, t);
+    for (auto& a : acc_h) a[0] = a[1] = a[2] = a[3] = 0.f;
+    for (auto& a : acc_x) a[0] = a[1] = a[2] = a[3] = 0.f;
     __syncthreads();  // (also: the previous tile's coefficients are written, dots is free)
     for (int i = int(threadIdx.x); i < ND * ROWS; i += tensor_block) {
       const int m = i / ROWS, n = i % ROWS;
@@ -1394,7 +1403,6 @@ __global__ void __launch_bounds__(slot_tensor_block) slot_tensor_kernel(
     v[2] = live ? __ldcs(reinterpret_cast<const uint4*>(dout.row(ra) + col)) : zero;
     v[3] = live ? __ldcs(reinterpret_cast<const uint4*>(dout.row(rb) + col)) : zero;
   };
-  auto word = [](const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; };
 
   float grad[MT][4][4] = {};
   uint4 cur[4], next[4] = {};  // = {}: a slot of one step copies next without having loaded it
@@ -1418,7 +1426,7 @@ __global__ void __launch_bounds__(slot_tensor_block) slot_tensor_kernel(
     unsigned o0[4], o1[4];  // dh at positions g, g + 8 (word j: block j)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const unsigned xw0 = word(cur[0], j), xw1 = word(cur[1], j), yw0 = word(cur[2], j), yw1 = word(cur[3], j);
+      const unsigned xw0 = word_of(cur[0], j), xw1 = word_of(cur[1], j), yw0 = word_of(cur[2], j), yw1 = word_of(cur[3], j);
       // Gradient rows: B = the step's 16 positions × block j (k = position), by transposing.
       const unsigned bx0 = transpose_8x8(xw0), bx1 = transpose_8x8(xw1);
       const unsigned by0 = transpose_8x8(yw0), by1 = transpose_8x8(yw1);
