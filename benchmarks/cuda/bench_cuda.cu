@@ -190,6 +190,27 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
       result((name + plan.suffix).c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, 5),
              5.0 * elems * 2);
     }
+    // The backward from what the forward kept (saved_activations: e and z per position, so the
+    // coefficient kernel reads dout only) — under the default schedules, with the coefficient kernel on
+    // tensor cores, and with both backward kernels on tensor cores.
+    grun::saved_activations<bf16> kept;
+    auto fwd_bwd_kept = [&] {
+      grun::detail::run_forward<I>(grun::exec::cuda, mods, 1.0, hv, pos, out.template view<2>({T_, d}), gv, &kept);
+      grun::detail::run_backward<I>(grun::exec::cuda, mods, 1.0, 0, hv, pos, dv, no_dgates, dh.template view<2>({T_, d}),
+                                    *g, &kept, "bench_cuda");
+    };
+    const struct {
+      fd::coef_schedule coef;
+      fd::slot_schedule slot;
+      const char* suffix;
+    } kept_plans[] = {{saved_coef, saved_slot, "_fwdbwd_saved"},
+                      {fd::coef_schedule::tensor, saved_slot, "_fwdbwd_coef_tensor_saved"},
+                      {fd::coef_schedule::tensor, fd::slot_schedule::tensor, "_fwdbwd_tensor_saved"}};
+    for (const auto& plan : kept_plans) {
+      fd::coef_plan = plan.coef;
+      fd::slot_plan = plan.slot;
+      result((name + plan.suffix).c_str(), time_ms(fwd_bwd_kept, 1, 5), 5.0 * elems * 2);
+    }
     fd::coef_plan = saved_coef;
     fd::slot_plan = saved_slot;
   }

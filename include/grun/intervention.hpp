@@ -65,7 +65,9 @@ template <class Gate, class Reft, class Ortho> struct gated_intervention;
 
 namespace detail {
 /// Forward / backward through the executor with an optional saved_activations (null: none).
-/// exec::host saves where the gate has a saved form; other executors record the call's shape only.
+/// exec::host saves where the gate has a saved form; an executor whose intervention_impl has
+/// forward_keeping / backward_from_kept saves what it can (exec::cuda), others record the call's
+/// shape only.
 template <class I, class Exec, class T, class S>
 void run_forward(const Exec& ex, std::span<const module_params<I, T, S>> modules, double scale,
                  matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates,
@@ -384,6 +386,10 @@ void run_forward(const Exec& ex, std::span<const module_params<I, T, S>> modules
   const index_t K = index_t(modules.size()), P = pos.size(), d = h.extent(1);
   if constexpr (std::is_same_v<Exec, exec::host_t>) {
     impl::forward(ex, modules, scale, h, pos, out, gates, saved_access::begin(*saved, K, P, d, impl::saved_width(d)));
+  } else if constexpr (requires { impl::forward_keeping(ex, modules, scale, h, pos, out, gates, *saved); }) {
+    // The executor saves what its kernels can (saved_access::begin_on_device), or nothing.
+    saved_access::begin(*saved, K, P, d, 0);
+    impl::forward_keeping(ex, modules, scale, h, pos, out, gates, *saved);
   } else {
     saved_access::begin(*saved, K, P, d, 0);
     impl::forward(ex, modules, scale, h, pos, out, gates);
@@ -397,10 +403,13 @@ void run_backward(const Exec& ex, std::span<const module_params<I, T, S>> module
                   matrix_view<const DG, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads,
                   const saved_activations<T>* saved, const char* what) {
   using impl = intervention_impl<Exec, I>;
+  constexpr bool on_host = std::is_same_v<Exec, exec::host_t>;
   const acc_t<T>* data =
-      saved ? saved_access::use(*saved, index_t(modules.size()), pos.size(), h.extent(1), what) : nullptr;
-  if constexpr (std::is_same_v<Exec, exec::host_t>) {
+      saved ? saved_access::use(*saved, index_t(modules.size()), pos.size(), h.extent(1), !on_host, what) : nullptr;
+  if constexpr (on_host) {
     if (data) return impl::backward(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, data);
+  } else if constexpr (requires { impl::backward_from_kept(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, data); }) {
+    if (data) return impl::backward_from_kept(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, data);
   }
   impl::backward(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);
 }

@@ -340,6 +340,105 @@ void check(const config& c) {
       CHECK(std::memcmp(g2.data(), g_t.data(), sizeof(T) * g_t.size()) == 0);
     }
   }
+
+  // saved_activations: with 16-bit storage the fused forward (either kernel) keeps e = D h + b −
+  // [lo] U h and z = c + w·h of every position and module in device memory, and the backward reads
+  // dout only for its coefficients.
+  // What it keeps is held to e and z from the double host parameters; the forward's output is the
+  // default forward's, bit for bit; the backward, under each coefficient schedule that takes the call,
+  // is held to the host like every path and repeats its bits (in place too).
+  {
+    namespace fd = gc::fused::detail;
+    constexpr int r = int(I::rank);
+    constexpr bool LO = gc::fused::reft_kind<typename I::reft_type>::value == 1;
+    constexpr bool gated = gc::fused::gate_kind<typename I::gate_type>::value == 1;
+    if (c.in_place) hd.upload(ref.h);  // the in-place forward above overwrote h
+    grun::saved_activations<T> saved;
+    strided<T> o(N, d, ld);
+    gc::device_matrix<T> gk(K, P);
+    grun::detail::run_forward<I>(grun::exec::cuda, std::span<const Dp>(ref.device_views), c.scale, cdview<T>(hd.view()),
+                                 pos, o.view(), gk.view(), &saved);
+    GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+    const bool keeps = impl::template may_save<T>(d) && P > 0;
+    INFO("saved activations (kept: " << keeps << ")");
+    REQUIRE(saved.filled());
+    CHECK(saved.width() == (keeps ? r + 1 : 0));
+    CHECK(saved.on_device() == keeps);
+    if (!c.in_place)
+      CHECK(std::memcmp(o.download().storage.data(), out_d.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+    if (keeps) {
+      std::vector<float> kept(std::size_t(K * P * (r + 1)));
+      const float* dev = grun::detail::saved_access::use(saved, K, P, d, true, "test");
+      GRUN_CUDA_CHECK(cudaMemcpy(kept.data(), dev, sizeof(float) * kept.size(), cudaMemcpyDeviceToHost));
+      std::vector<double> want_e, want_z;
+      std::vector<float> got_e, got_z;
+      for (index_t k = 0; k < K; ++k)
+        for (index_t q = 0; q < P; ++q) {
+          const double* x = h_wide.storage.data() + pos[q] * d;
+          const auto& m = hvd[std::size_t(k)];
+          auto dot = [&](const double* a) {
+            double sum = 0;
+            for (index_t j = 0; j < d; ++j) sum += a[j] * x[j];
+            return sum;
+          };
+          const float* kq = kept.data() + (k * P + q) * (r + 1);
+          for (index_t i = 0; i < r; ++i) {
+            want_e.push_back(dot(m.reft.weight.row(i)) + m.reft.bias.data[i] - (LO ? dot(m.reft.rotate_layer.row(i)) : 0.0));
+            got_e.push_back(kq[i]);
+          }
+          if constexpr (gated) {
+            want_z.push_back(m.gate.bias.data[0] + dot(m.gate.weight.row(0)));
+            got_z.push_back(kq[r]);
+          }
+        }
+      CHECK(grun::test::rel_error(got_e, want_e) < tol);
+      if (gated) CHECK(grun::test::rel_error(got_z, want_z) < tol);
+    }
+    const auto saved_coef = fd::coef_plan;
+    auto run = [&](fd::coef_schedule coef, bool in_place) {
+      strided<T> x(N, d, ld), y(N, d, ld);
+      x.upload(ref.dout);
+      gc::device_params<Dp> g(I::template shape<T, cuda_space>(d));
+      fd::coef_plan = coef;
+      grun::detail::run_backward<I>(det, std::span<const Dp>(ref.device_views), c.scale, c.trained,
+                                    cdview<T>(hd.view()), pos, cdview<T>(x.view()), cdview<T>(dgatesd.view()),
+                                    in_place ? x.view() : y.view(), *g, &saved, "test");
+      fd::coef_plan = saved_coef;
+      return std::pair{(in_place ? x : y).download(), flat<I, T>(g)};
+    };
+    // The default schedule: against the host, then again in place. Nothing kept (fp32, the mlp gate):
+    // the recomputing backward, checked above already — once is enough here.
+    const auto [dh_k, g_k] = run(saved_coef, false);
+    CHECK(grun::test::rel_error(dh_k.storage.span(), dh_wide.storage.span()) < tol);
+    check_gradients(g_k);
+    if (!keeps) return;
+    {
+      const auto [dh2, g2] = run(saved_coef, true);
+      CHECK(std::memcmp(dh2.storage.data(), dh_k.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+      CHECK(std::memcmp(g2.data(), g_k.data(), sizeof(T) * g_k.size()) == 0);
+    }
+    {
+      // The other CUDA-core schedule only reads dout differently: the same bits.
+      const auto other = saved_coef == fd::coef_schedule::stream ? fd::coef_schedule::resident : fd::coef_schedule::stream;
+      const auto [dh2, g2] = run(other, false);
+      CHECK(std::memcmp(dh2.storage.data(), dh_k.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+      CHECK(std::memcmp(g2.data(), g_k.data(), sizeof(T) * g_k.size()) == 0);
+    }
+    if (fd::tensor_takes<T, r> && K == 1) {
+      INFO("backward from the kept values, coefficient kernel on tensor cores");
+      const auto [dh_t, g_t] = run(fd::coef_schedule::tensor, false);
+      CHECK(grun::test::rel_error(dh_t.storage.span(), dh_wide.storage.span()) < tol);
+      check_gradients(g_t);
+      const auto [dh2, g2] = run(fd::coef_schedule::tensor, true);
+      CHECK(std::memcmp(dh2.storage.data(), dh_t.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+      CHECK(std::memcmp(g2.data(), g_t.data(), sizeof(T) * g_t.size()) == 0);
+    }
+    // The backward really reads them: with the kept values zeroed (e = 0, z = 0) it gives others.
+    float* dev = const_cast<float*>(grun::detail::saved_access::use(saved, K, P, d, true, "test"));
+    GRUN_CUDA_CHECK(cudaMemset(dev, 0, saved.bytes()));
+    const auto [dh0, g0] = run(saved_coef, false);
+    CHECK(std::memcmp(g0.data(), g_k.data(), sizeof(T) * g_k.size()) != 0);
+  }
 }
 
 /// The fused path against the generic device path (same device, same inputs).

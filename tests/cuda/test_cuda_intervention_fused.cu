@@ -18,3 +18,37 @@ TEMPLATE_TEST_CASE("fused intervention agrees with exec::host: linear + loreft<4
   GRUN_REQUIRE_DEVICE();
   check_all<lin_lo4, TestType>();
 }
+
+TEST_CASE("fused intervention: saved activations stay with the executor that saved them", "[intervention][saved]") {
+  GRUN_REQUIRE_DEVICE();
+  using grun::cuda_space;
+  using grun::index_t;
+  using T = grun::bfloat16;
+  using Dp = dparams<lin_lo4, T>;
+  const index_t N = 16, d = 64;
+  host_reference<lin_lo4, T> ref({N, d, iota(N)}, {21, 13});
+  gc::device_matrix<T> h(ref.h), out(N, d), dout(ref.dout), dh(N, d);
+  gc::device_buffer<T> gates(N);
+  gc::device_params<Dp> grads(lin_lo4::template shape<T, cuda_space>(d));
+  const auto pos = grun::positions::all(N);
+  lin_lo4::module<T> host_module(d, 21);
+  grun::saved_activations<T> saved;
+  lin_lo4::forward(grun::exec::cuda, ref.device_views[0], cdview<T>(h.view()), pos, out.view(),
+                   gates.template view<1>({{N}}), saved);
+  REQUIRE(saved.width() == 5);
+  REQUIRE(saved.on_device());
+  // A host backward cannot read device memory: refused, naming both sides.
+  grun::host_matrix<T> hdh(N, d);
+  CHECK_THROWS_WITH(host_module.backward(grun::exec::host, grun::matrix_view<const T>(ref.h.view()), pos,
+                                         grun::matrix_view<const T>(ref.dout.view()), grun::vector_view<const T>(),
+                                         hdh.view(), saved),
+                    Catch::Contains("expected ones saved by a forward on exec::host, got ones in device memory"));
+  // The device backward takes them (and is held to the host in check_all).
+  lin_lo4::backward(grun::exec::cuda, ref.device_views[0], cdview<T>(h.view()), pos, cdview<T>(dout.view()),
+                    grun::vector_view<const T, cuda_space>(), dh.view(), *grads, saved);
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  // Moved, not copied: the device block goes with it.
+  grun::saved_activations<T> moved = std::move(saved);
+  CHECK(moved.on_device());
+  static_assert(!std::is_copy_constructible_v<grun::saved_activations<T>>);
+}

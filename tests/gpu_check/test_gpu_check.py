@@ -68,8 +68,9 @@ def bench_cuda_keys():
     suffixes = re.findall(r'\bresult\(\(name \+ "([A-Za-z0-9_]+)"\)', src)
     calls = re.findall(r'\bbench_intervention<\w+>\("([A-Za-z0-9_]+)"([^;]*)\);', src)
     assert suffixes and calls, "bench_cuda.cu: bench_intervention's result names not found (update this test)"
-    # timing::fused_and_schedules adds the schedule rows: every "_fwd…_<schedule>" name in the file.
-    schedules = set(re.findall(r'"(_fwd\w*_(?:stream|resident|staged|tensor|tensor_apply))"', src))
+    # timing::fused_and_schedules adds the schedule rows: every "_fwd…_<schedule>" name in the file
+    # (and the backward-from-saved rows, "_fwdbwd…_saved").
+    schedules = set(re.findall(r'"(_fwd\w*_(?:stream|resident|staged|tensor|tensor_apply|saved))"', src))
     assert schedules, "bench_cuda.cu: the schedule result names not found (update this test)"
     for name, rest in calls:
         generic = "timing::generic" in rest

@@ -219,25 +219,26 @@ inline bool autograd_records(const Tensor& h, const Tensor& flat) {
 }
 
 /// A forward's saved_activations kept in the autograd context for its backward (as a capsule: no
-/// class registration needed), so the backward skips the gate's forward as libtorch's own autograd
-/// would. Only where there is something to save (exec::host, a gate with a saved form) and autograd
-/// records the call (`records`: autograd_records, decided by the caller of apply). An inference
-/// forward keeps nothing.
+/// class registration needed), so the backward skips what the forward already computed, as
+/// libtorch's own autograd would. Only where there may be something to save — exec::host with a gate
+/// that has a saved form; exec::cuda where the tensor-core forward may keep e and z (16-bit storage;
+/// see saved_activations) — and autograd records the call (`records`: autograd_records, decided by
+/// the caller of apply). An inference forward keeps nothing.
 template <class T>
 struct saved_capsule : torch::CustomClassHolder {
   saved_activations<T> saved;
 };
 template <class I, class T, class E>
 saved_activations<T>* keep_saved(torch::autograd::AutogradContext* ctx, bool records, index_t d) {
-  if constexpr (std::is_same_v<E, exec::host_t>) {
-    if (!records || grun::detail::intervention_impl<E, I>::saved_width(d) == 0) return nullptr;
-    auto capsule = c10::make_intrusive<saved_capsule<T>>();
-    saved_activations<T>* saved = &capsule->saved;  // owned by ctx from here on
-    ctx->saved_data["activations"] = c10::IValue::make_capsule(std::move(capsule));
-    return saved;
-  } else {
-    return nullptr;
-  }
+  using impl = grun::detail::intervention_impl<E, I>;
+  bool worth = false;
+  if constexpr (std::is_same_v<E, exec::host_t>) worth = impl::saved_width(d) != 0;
+  else if constexpr (requires { impl::template may_save<T>(d); }) worth = impl::template may_save<T>(d);
+  if (!records || !worth) return nullptr;
+  auto capsule = c10::make_intrusive<saved_capsule<T>>();
+  saved_activations<T>* saved = &capsule->saved;  // owned by ctx from here on
+  ctx->saved_data["activations"] = c10::IValue::make_capsule(std::move(capsule));
+  return saved;
 }
 /// What keep_saved kept (null: nothing; the backward recomputes). T is the forward's compute type.
 template <class T>

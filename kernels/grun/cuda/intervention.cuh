@@ -103,6 +103,14 @@ __global__ void intervention_backward_kernel(const module_params<I, T, cuda_spac
   }
 }
 
+/// Device memory for a saved_activations (saved_access::begin_on_device): one cudaMalloc, released
+/// with cudaFree when the saved_activations goes or grows (a failure there has nowhere to go).
+inline grun::detail::foreign_storage allocate_saved(std::size_t bytes) {
+  void* p = nullptr;
+  GRUN_CUDA_CHECK(cudaMalloc(&p, bytes));
+  return grun::detail::foreign_storage(p, bytes, [](void* q) noexcept { (void)cudaFree(q); });
+}
+
 /// Stage 2: grads[i] = Σ_b slots[b][i], b in order, in double (one thread per parameter).
 template <class T, class Acc>
 __global__ void sum_slots_kernel(const Acc* slots, index_t nslots, index_t np, T* const* leaves, const index_t* offsets,
@@ -149,6 +157,43 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
       if (cuda::mlp_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
     }
     generic_forward<T, S>(ex, modules, scale, h, pos, out, gates);
+  }
+
+  /// Whether a forward of storage T may keep something for its backward (saved_activations: the fused
+  /// forward's e and z, 16-bit storage; it decides for sure when it runs — a call the fused kernels
+  /// do not take keeps nothing). Adapters ask it before they keep a saved_activations alive.
+  template <class T>
+  static constexpr bool may_save(index_t /*d*/) {
+    return fused && (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>);
+  }
+
+  /// The forward keeping in `saved` what the fused backward would otherwise recompute (16-bit storage,
+  /// a call the fused kernels take: device memory, grown with cudaMalloc when too small); else
+  /// nothing — run_forward has recorded width 0 — and the backward recomputes.
+  template <class T, class S>
+  static void forward_keeping(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
+                              matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out,
+                              matrix_view<T, S> gates, saved_activations<T>& saved) {
+    if constexpr (fused && cuda::fused::takes_storage<T>) {
+      const index_t K = index_t(modules.size()), P = pos.size(), d = h.extent(1);
+      auto keep = [&](index_t width) -> float* {
+        return saved_access::begin_on_device(saved, K, P, d, width, cuda::detail::allocate_saved);
+      };
+      if (cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates, keep)) return;
+    }
+    forward(ex, modules, scale, h, pos, out, gates);
+  }
+
+  /// The backward from what the forward kept (kept: device, [K][P][r + 1]; see forward_keeping).
+  template <class T, class S, class DG>
+  static void backward_from_kept(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules,
+                                 double scale, index_t trained, matrix_view<const T, S> h, const positions& pos,
+                                 matrix_view<const T, S> dout, matrix_view<const DG, S> dgates, matrix_view<T, S> dh,
+                                 const module_params<I, T, S>& grads, const acc_t<T>* kept) {
+    if constexpr (fused && cuda::fused::takes_storage<T>) {
+      if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, kept)) return;
+    }
+    backward(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);  // (never kept: only the fused forward keeps)
   }
 
   template <class T, class S, class DG>

@@ -31,12 +31,16 @@
 //                    of 8 rows held in registers by 256 threads, the dots on tensor cores (mma.sync,
 //                    fp32 accumulate); one module's parameters staged in shared memory by persistent
 //                    CTAs, a stack's read in place. See "forward on tensor cores" below.
+//   Both forwards can keep e and z of every position for the backward (saved_activations; 16-bit
+//   storage): fp32 [K][P][r+1].
 //   Positions: when the list selects every row in order, nothing is uploaded (row q is position q).
 //   coef_kernel      backward, per tile of rows: the 3r+1 dots of each module reduced like the forward
 //                    (h and dout streamed or held in registers: coef_schedule; accumulated in fp64 for
 //                    fp32 storage, see the kernel); per-row coefficients (de, dz, s g e) to a small
 //                    fp32 buffer [P][K][2r+1]. coef_tensor_kernel: the same on tensor cores (16-bit
 //                    storage, one module; opt-in, coef_schedule::tensor).
+//                    When the forward kept e = D h + b − [lo] U h and z per position (saved_activations,
+//                    16-bit storage), both read dout only and form U·x alone — half their bytes.
 //   slot_kernel      backward, grid (slot, column block): each slot is a fixed run of consecutive
 //                    positions; a thread owns 4 (or 1) columns, walks the slot's rows, accumulates the
 //                    trained module's 2r+1 gradient rows in registers and writes them to the slot's own
@@ -93,6 +97,11 @@ inline constexpr bool supported = gate_kind<G>::value >= 0 && reft_kind<R>::valu
 /// half/bfloat16) assume a 16-byte vector holds a multiple of 4 elements, which 2 doubles are not.
 template <class T>
 inline constexpr bool takes_storage = std::is_same_v<T, float> || std::is_same_v<T, half> || std::is_same_v<T, bfloat16>;
+
+/// The forward's default `keep`: nothing is kept for the backward (it recomputes).
+struct keep_nothing {
+  float* operator()(index_t) const noexcept { return nullptr; }
+};
 
 namespace detail {
 
@@ -248,18 +257,46 @@ __global__ void pack_kernel(Src src, index_t K, int r, index_t d, index_t dp, in
 /// selected in order: no position list is uploaded).
 __device__ __forceinline__ index_t row_at(const index_t* __restrict__ pos, index_t q) { return pos ? pos[q] : q; }
 
+/// What a forward keeps per position and module for the backward (saved_activations on exec::cuda):
+/// {e [R], z}, fp32, [K][P][R + 1].
+template <int R>
+inline constexpr int kept_width = R + 1;
+
+/// The forward's values of one position and module, from its dots ar = {U·h [R] | D·h [R] | w·h}
+/// (in the kernel's accumulator type) and the module's b [R] and c:
+///   e_i = D_i·h + b_i − [lo] U_i·h,   z = c + w·h (gated; else 0)
+/// Both forward kernels form them here, keep_values keeps them, and the coefficient kernels form
+/// them here too when nothing was kept.
+template <int R, bool LO, int GM, class T, class Acc>
+__device__ __forceinline__ float forward_values(const Acc* ar, const T* b, const T* c, Acc (&e)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) e[i] = ar[R + i] + dload(b + i) - (LO ? ar[i] : Acc(0));
+  return GM == gate_linear ? float(dload(c) + ar[2 * R]) : 0.f;
+}
+
+/// Position q's e and z for module k into kept [K][P][R + 1] (a forward's, for its backward).
+template <int R>
+__device__ __forceinline__ void keep_values(float* __restrict__ kept, index_t k, index_t P, index_t q,
+                                            const float (&e)[R], float z) {
+  float* kr = kept + (k * P + q) * kept_width<R>;
+#pragma unroll
+  for (int i = 0; i < R; ++i) kr[i] = e[i];
+  kr[R] = z;
+}
+
 /// The dots of one vector of V columns (starting at column `col`) of every row of a tile, against the
 /// packed parameter rows the math needs, accumulated into a (stride S per row):
 ///   a[rr·S + i]        += P_i · x_rr   for U (i < R, loreft only), D (R ≤ i < 2R), w (i = 2R, gated only)
 ///   a[rr·S + 2R+1 + i] += U_i · y_rr   (Y: the backward's dout rows; the forward passes Y = false)
-/// Each parameter vector is loaded once for all ROWS rows of the tile.
-template <int V, int R, int ROWS, int S, bool LO, bool GATED, bool Y, class P, class Acc>
+/// (X = false: no x rows — a backward from what the forward kept.) Each parameter vector is loaded
+/// once for all ROWS rows of the tile.
+template <int V, int R, int ROWS, int S, bool LO, bool GATED, bool X, bool Y, class P, class Acc>
 __device__ __forceinline__ void accumulate_dots(const P* __restrict__ pm, index_t dp, index_t col,
                                                 const float (&x)[ROWS][V], const float (&y)[ROWS][V], Acc* a) {
   constexpr int NP = 2 * R + 1;
 #pragma unroll
   for (int i = 0; i < NP; ++i) {
-    const bool for_x = (LO || i >= R) && (GATED || i < 2 * R), for_y = Y && i < R;
+    const bool for_x = X && (LO || i >= R) && (GATED || i < 2 * R), for_y = Y && i < R;
     if (!for_x && !for_y) continue;
     float p[V];
     load_param<V>(pm + i * dp + col, p);
@@ -350,7 +387,8 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) forward_kernel(const T
                                                         float scale, matrix_view<const T, cuda_space> h,
                                                         const index_t* __restrict__ pos, index_t P,
                                                         matrix_view<T, cuda_space> out, matrix_view<T, cuda_space> gates,
-                                                        const float* __restrict__ gext, bool stage, index_t coef_floats) {
+                                                        const float* __restrict__ gext, bool stage, index_t coef_floats,
+                                                        float* __restrict__ kept) {
   static_assert(!(RES > 0 && ASYNC), "one schedule at a time");
   constexpr int NP = 2 * R + 1;
   constexpr bool GATED = GM == gate_linear;
@@ -405,7 +443,7 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) forward_kernel(const T
         float x[ROWS][V];
 #pragma unroll
         for (int rr = 0; rr < ROWS; ++rr) widen<T, V>(held[c][rr], x[rr]);
-        accumulate_dots<V, R, ROWS, NP, LO, GATED, false>(pm, dp, v * V, x, x, a.v);
+        accumulate_dots<V, R, ROWS, NP, LO, GATED, true, false>(pm, dp, v * V, x, x, a.v);
       }
     } else {
       for (index_t v = threadIdx.x; v < nvec; v += block) {
@@ -416,7 +454,7 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) forward_kernel(const T
           widen<T, V>(raw, x[rr]);
           if (!ASYNC && k == 0 && stage) *reinterpret_cast<vec<T, V>*>(tile + rr * d + v * V) = raw;
         }
-        accumulate_dots<V, R, ROWS, NP, LO, GATED, false>(pm, dp, v * V, x, x, a.v);
+        accumulate_dots<V, R, ROWS, NP, LO, GATED, true, false>(pm, dp, v * V, x, x, a.v);
       }
     }
     a = BR(tmp).Reduce(a, farr_sum{});
@@ -425,15 +463,13 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) forward_kernel(const T
 #pragma unroll
       for (int rr = 0; rr < ROWS; ++rr) {
         if (rr >= nr) break;
-        const float g = GATED               ? dsigmoid(dload(sc + R) + a.v[rr * NP + 2 * R])
-                        : GM == gate_external ? dsigmoid(gext[k * P + q0 + rr])
-                                              : 1.f;
+        float e[R];
+        const float z = forward_values<R, LO, GM>(a.v + rr * NP, sc, sc + R, e);
+        const float g = GATED ? dsigmoid(z) : GM == gate_external ? dsigmoid(gext[k * P + q0 + rr]) : 1.f;
         dstore(&gates(k, q0 + rr), g);
 #pragma unroll
-        for (int i = 0; i < R; ++i) {
-          const float e = a.v[rr * NP + R + i] + dload(sc + i) - (LO ? a.v[rr * NP + i] : 0.f);
-          coef[(k * ROWS + rr) * R + i] = scale * g * e;
-        }
+        for (int i = 0; i < R; ++i) coef[(k * ROWS + rr) * R + i] = scale * g * e[i];
+        if (kept) keep_values<R>(kept, k, P, q0 + rr, e, z);
       }
     }
     __syncthreads();  // coef visible; tmp free for the next module
@@ -667,12 +703,14 @@ constexpr std::size_t forward_tensor_static_bytes() {
 /// at d = 4096 bf16) would otherwise stream 72 KiB of parameters through L2 and stall on them.
 /// Otherwise one tile per CTA, parameters read through the read-only cache.
 /// APPLY (STAGED, bf16, r ≤ 8; forward_schedule::tensor_apply): the write of h' on tensor cores too
-/// (apply_on_tensor_cores above).
+/// (apply_on_tensor_cores above). kept (or null): [K][P][R + 1], each position's e and z for a
+/// backward that reads them instead of h (saved_activations).
 template <class T, int R, bool LO, int GM, int HELD, bool STAGED, bool APPLY>
 __global__ void __launch_bounds__(tensor_block, 2)
     forward_tensor_kernel(module_ptrs<T> mods, index_t K, float scale, matrix_view<const T, cuda_space> h,
                           const index_t* __restrict__ pos, index_t P, matrix_view<T, cuda_space> out,
-                          matrix_view<T, cuda_space> gates, const float* __restrict__ gext) {
+                          matrix_view<T, cuda_space> gates, const float* __restrict__ gext,
+                          float* __restrict__ kept) {
   constexpr int NP = 2 * R + 1, MT = (NP + 15) / 16, WARPS = tensor_block / 32, ROWS = tensor_rows;
   constexpr bool GATED = GM == gate_linear;
   static_assert(!APPLY || (STAGED && std::is_same_v<T, bfloat16> && R <= 8), "apply_on_tensor_cores' conditions");
@@ -752,17 +790,19 @@ __global__ void __launch_bounds__(tensor_block, 2)
       __syncthreads();  // dots complete; part free for the next module
       if (threadIdx.x < ROWS) {
         const int n = int(threadIdx.x);
+        float ar[NP], e[R];
+#pragma unroll
+        for (int i = 0; i < NP; ++i) ar[i] = dots[i][n];  // (rows a policy does not use: zero)
+        const float z = forward_values<R, LO, GM>(ar, m.b, m.c, e);
         float gv = 1.f;
         if (n < nr) {
-          if constexpr (GATED) gv = dsigmoid(dload(m.c) + dots[2 * R][n]);
+          if constexpr (GATED) gv = dsigmoid(z);
           else if constexpr (GM == gate_external) gv = dsigmoid(gext[k * P + q0 + n]);
           dstore(&gates(k, q0 + n), gv);
+          if (kept) keep_values<R>(kept, k, P, q0 + n, e, z);
         }
 #pragma unroll
-        for (int i = 0; i < R; ++i) {
-          const float e = dots[R + i][n] + dload(m.b + i) - (LO ? dots[i][n] : 0.f);
-          coef[k][n][i] = scale * gv * e;
-        }
+        for (int i = 0; i < R; ++i) coef[k][n][i] = scale * gv * e[i];
       }
     }
     __syncthreads();  // every module's coef visible
@@ -833,27 +873,25 @@ inline coef_schedule coef_plan = coef_schedule::stream;
 enum class slot_schedule { cuda_cores, tensor };
 inline slot_schedule slot_plan = slot_schedule::cuda_cores;
 
-/// One position q's coefficients for module k (of K) from its dots ar = {U·h [R] | D·h [R] | w·h | U·x [R]}
-/// (in the kernel's accumulator type), the module's packed tail sc = {b [R], c} and dL/dg from
-/// outside (dg_acc: dgates(k, q), or 0):
-///   e_i = D_i·h + b_i − [lo] U_i·h,   de_i = s g U_i·x,   dL/dg = dg + s Σ_i e_i U_i·x,   dz = dL/dg σ'(z)
+/// One position q's coefficients for module k (of K) from its forward values e, z (forward_values,
+/// or what the forward kept), its dout dots ux = {U·x [R]} and dL/dg from outside (dg_acc:
+/// dgates(k, q), or 0):
+///   de_i = s g U_i·x,   dL/dg = dg + s Σ_i e_i U_i·x,   dz = dL/dg σ'(z)
 /// → cf[q][k], rc[q] when the module is the trained one, and dz to dzext for an external gate.
-template <int R, bool LO, int GM, class T, class Acc>
-__device__ __forceinline__ void write_coefficients(const Acc* ar, const T* sc, float scale, Acc dg_acc, index_t k,
-                                                   index_t K, index_t q, index_t P, bool trained,
+template <int R, bool LO, int GM, class Acc>
+__device__ __forceinline__ void write_coefficients(const Acc (&e_acc)[R], float z, const Acc* ux, float scale,
+                                                   Acc dg_acc, index_t k, index_t K, index_t q, index_t P, bool trained,
                                                    const float* __restrict__ gext, float* __restrict__ dzext,
                                                    float* __restrict__ cf, float* __restrict__ rc) {
   constexpr int NP = 2 * R + 1;
   constexpr bool GATED = GM == gate_linear;
-  const float z = GATED ? float(dload(sc + R) + ar[2 * R]) : 0.f;
   const float zx = GM == gate_external ? gext[k * P + q] : 0.f;  // the external gate's logit
   const float g = GATED ? dsigmoid(z) : GM == gate_external ? dsigmoid(zx) : 1.f;
   float e[R];
 #pragma unroll
   for (int i = 0; i < R; ++i) {
-    const Acc ei = ar[R + i] + dload(sc + i) - (LO ? ar[i] : Acc(0));
-    dg_acc += scale * ei * ar[NP + i];
-    e[i] = float(ei);
+    dg_acc += scale * e_acc[i] * ux[i];
+    e[i] = float(e_acc[i]);
   }
   const float dg = float(dg_acc);
   // dL/dz of the gate's last pre-activation (g = σ(z) for linear and mlp alike): σ'(z) = σ(z) σ(−z).
@@ -864,7 +902,7 @@ __device__ __forceinline__ void write_coefficients(const Acc* ar, const T* sc, f
   float* c = cf + (q * K + k) * NP;
 #pragma unroll
   for (int i = 0; i < R; ++i) {
-    const float de = scale * g * float(ar[NP + i]);
+    const float de = scale * g * float(ux[i]);
     c[i] = LO ? -de : 0.f;
     c[R + i] = de;
   }
@@ -874,16 +912,37 @@ __device__ __forceinline__ void write_coefficients(const Acc* ar, const T* sc, f
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       t[i] = scale * g * e[i];
-      t[R + i] = scale * g * float(ar[NP + i]);
+      t[R + i] = scale * g * float(ux[i]);
     }
     t[2 * R] = GATED ? dz : 0.f;
   }
+}
+
+/// write_coefficients for position q of module k from the dots ar = {U·h | D·h | w·h | U·x} — or,
+/// KEPT, from the forward's e, z in kept [K][P][R + 1] and the dout dots at ar + 2R + 1 alone.
+template <int R, bool LO, int GM, bool KEPT, class T, class Acc>
+__device__ __forceinline__ void coefficients_of(const Acc* ar, const T* sc, const float* __restrict__ kept, float scale,
+                                                Acc dg_acc, index_t k, index_t K, index_t q, index_t P, bool trained,
+                                                const float* __restrict__ gext, float* __restrict__ dzext,
+                                                float* __restrict__ cf, float* __restrict__ rc) {
+  Acc e[R];
+  float z;
+  if constexpr (KEPT) {
+    const float* kr = kept + (k * P + q) * kept_width<R>;
+#pragma unroll
+    for (int i = 0; i < R; ++i) e[i] = Acc(kr[i]);
+    z = kr[R];
+  } else {
+    z = forward_values<R, LO, GM>(ar, sc, sc + R, e);
+  }
+  write_coefficients<R, LO, GM>(e, z, ar + 2 * R + 1, scale, dg_acc, k, K, q, P, trained, gext, dzext, cf, rc);
 }
 
 /// Per tile of ROWS positions and every module k: the dots U·h, D·h, w·h, U·x (x = dout row), then
 ///   cf[q][k] = { −[lo] de (coefficient of U in dh) | de (of D) | dz (of w) }            [2r+1]
 ///   rc[q]    = { s g e (of x in dU) | de (of h in dD, −[lo]·it in dU) | dz (of h in dw) } [2r+1], trained k
 /// RES > 0: the resident schedule with RES vectors per thread and row (launch bounds as the forward's).
+/// KEPT: the forward kept e and z per position (kept [K][P][R + 1]): only U·x is summed, h is not read.
 ///
 /// fp32 storage accumulates these dots in fp64. dL/dg = s Σ_i e_i ux_i cancels (e_i = D_i·h + b_i −
 /// U_i·h is itself a difference of dots), so every fp32 rounding along a dot over d is magnified in
@@ -892,14 +951,14 @@ __device__ __forceinline__ void write_coefficients(const Acc* ar, const T* sc, f
 /// double, so fp64 chains leave only the final roundings. Costs 3r+1 DFMA per element and module —
 /// at the FP64 rate of an H100/H200 (half the FP32 rate) well under the memory time; 16-bit storage
 /// (held to 2e-2, and the fast path) keeps fp32.
-template <class T, int V, int R, int ROWS, bool LO, int GM, int RES, class DG>
+template <class T, int V, int R, int ROWS, bool LO, int GM, int RES, bool KEPT, class DG>
 __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* __restrict__ pk, index_t ms, index_t dp, index_t K,
                                                      index_t trained, float scale, matrix_view<const T, cuda_space> h,
                                                      matrix_view<const T, cuda_space> dout,
                                                      matrix_view<const DG, cuda_space> dgates,
                                                      const index_t* __restrict__ pos, index_t P, float* __restrict__ cf,
                                                      float* __restrict__ rc, const float* __restrict__ gext,
-                                                     float* __restrict__ dzext) {
+                                                     float* __restrict__ dzext, const float* __restrict__ kept) {
   constexpr int ND = 3 * R + 1;
   constexpr bool GATED = GM == gate_linear;
   using Acc = std::conditional_t<std::is_same_v<T, float>, double, float>;
@@ -915,13 +974,13 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
 #pragma unroll
   for (int rr = 0; rr < ROWS; ++rr) {
     const index_t row = row_at(pos, q0 + (rr < nr ? rr : 0));
-    hr[rr] = h.row(row);
+    hr[rr] = h.row(row);  // (KEPT: never read)
     xr[rr] = dout.row(row);
   }
   // resident: the thread's vectors v = threadIdx.x + c·block (c < RES) of every row of h and dout.
   vec<T, V> held_h[RES > 0 ? RES : 1][ROWS], held_x[RES > 0 ? RES : 1][ROWS];
   if constexpr (RES > 0) {
-    load_resident<T, V>(hr, nvec, held_h);
+    if constexpr (!KEPT) load_resident<T, V>(hr, nvec, held_h);
     load_resident<T, V>(xr, nvec, held_x);
   }
   for (index_t k = 0; k < K; ++k) {
@@ -937,20 +996,20 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
         float x[ROWS][V], y[ROWS][V];
 #pragma unroll
         for (int rr = 0; rr < ROWS; ++rr) {
-          widen<T, V>(held_h[c][rr], x[rr]);
+          if constexpr (!KEPT) widen<T, V>(held_h[c][rr], x[rr]);
           widen<T, V>(held_x[c][rr], y[rr]);
         }
-        accumulate_dots<V, R, ROWS, ND, LO, GATED, true>(pm, dp, v * V, x, y, a.v);
+        accumulate_dots<V, R, ROWS, ND, LO, GATED, !KEPT, true>(pm, dp, v * V, x, y, a.v);
       }
     } else {
       for (index_t v = threadIdx.x; v < nvec; v += block) {
         float x[ROWS][V], y[ROWS][V];
 #pragma unroll
         for (int rr = 0; rr < ROWS; ++rr) {
-          load_row<T, V>(hr[rr] + v * V, x[rr]);
+          if constexpr (!KEPT) load_row<T, V>(hr[rr] + v * V, x[rr]);
           load_row<T, V>(xr[rr] + v * V, y[rr]);
         }
-        accumulate_dots<V, R, ROWS, ND, LO, GATED, true>(pm, dp, v * V, x, y, a.v);
+        accumulate_dots<V, R, ROWS, ND, LO, GATED, !KEPT, true>(pm, dp, v * V, x, y, a.v);
       }
     }
     a = BR(tmp).Reduce(a, farr_sum{});
@@ -960,8 +1019,8 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
       for (int rr = 0; rr < ROWS; ++rr) {
         if (rr >= nr) break;
         const index_t q = q0 + rr;
-        write_coefficients<R, LO, GM>(a.v + rr * ND, sc, scale, has_dg ? Acc(dload(&dgates(k, q))) : Acc(0), k, K, q, P,
-                                      k == trained, gext, dzext, cf, rc);
+        coefficients_of<R, LO, GM, KEPT>(a.v + rr * ND, sc, kept, scale, has_dg ? Acc(dload(&dgates(k, q))) : Acc(0), k,
+                                         K, q, P, k == trained, gext, dzext, cf, rc);
       }
     }
     __syncthreads();
@@ -992,13 +1051,14 @@ constexpr std::size_t coef_tensor_static_bytes() {
 
 /// Persistent CTAs of tensor_block threads walk tiles blockIdx.x, + gridDim.x, …; pm: the one module,
 /// packed (rows dp = d apart: d % 8 == 0 here); dynamic shared memory: staged_bytes<T, R>(d).
-template <class T, int R, bool LO, int GM, class DG>
+/// KEPT: the forward kept e and z (kept [1][P][R + 1]): only dout is read, only U·x multiplied.
+template <class T, int R, bool LO, int GM, bool KEPT, class DG>
 __global__ void __launch_bounds__(tensor_block, 2)
     coef_tensor_kernel(const T* __restrict__ pm, index_t dp, index_t trained, float scale,
                        matrix_view<const T, cuda_space> h, matrix_view<const T, cuda_space> dout,
                        matrix_view<const DG, cuda_space> dgates, const index_t* __restrict__ pos, index_t P,
                        float* __restrict__ cf, float* __restrict__ rc, const float* __restrict__ gext,
-                       float* __restrict__ dzext) {
+                       float* __restrict__ dzext, const float* __restrict__ kept) {
   constexpr int NP = 2 * R + 1, ND = 3 * R + 1, MT = (NP + 15) / 16, MU = (R + 15) / 16;
   constexpr int WARPS = tensor_block / 32, ROWS = tensor_rows, B = coef_tensor_batch, STEP = 4 * WARPS;
   constexpr bool GATED = GM == gate_linear;
@@ -1047,7 +1107,7 @@ __global__ void __launch_bounds__(tensor_block, 2)
 #pragma unroll
     for (int j = 0; j < B; ++j) {
       const int c = b * B + j;
-      to.h[j] = in_row(c) ? __ldcs(hv + STEP * c) : zero;
+      if constexpr (!KEPT) to.h[j] = in_row(c) ? __ldcs(hv + STEP * c) : zero;
       to.x[j] = in_row(c) ? __ldcs(xv + STEP * c) : zero;
     }
   };
@@ -1063,7 +1123,7 @@ __global__ void __launch_bounds__(tensor_block, 2)
         const uint4 zero = make_uint4(0, 0, 0, 0);
         const uint4 pa = inside && ra[mt] ? ra[mt][STEP * c] : zero;
         const uint4 pb = inside && rb[mt] ? rb[mt][STEP * c] : zero;
-        mma_vector<T>(acc_h[mt], pa, pb, in.h[j]);
+        if constexpr (!KEPT) mma_vector<T>(acc_h[mt], pa, pb, in.h[j]);
         // U's rows lie in the first MU m-tiles (the rest of those tiles' products unused)
         if (mt < MU) mma_vector<T>(acc_x[mt], pa, pb, in.x[j]);
       }
@@ -1071,14 +1131,16 @@ __global__ void __launch_bounds__(tensor_block, 2)
   };
   // The tile's dots summed over warps (fixed order), then its positions' coefficients.
   auto finish = [&](index_t tile) {
+    if constexpr (!KEPT) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) store_fragment(acc_h[mt], part[warp], mt, g, t);
+      for (int mt = 0; mt < MT; ++mt) store_fragment(acc_h[mt], part[warp], mt, g, t);
+    }
 #pragma unroll
     for (int mt = 0; mt < MU; ++mt) store_fragment(acc_x[mt], part[warp] + 16 * MT, mt, g, t);
     for (auto& a : acc_h) a[0] = a[1] = a[2] = a[3] = 0.f;
     for (auto& a : acc_x) a[0] = a[1] = a[2] = a[3] = 0.f;
     __syncthreads();  // (also: the previous tile's coefficients are written, dots is free)
-    for (int i = int(threadIdx.x); i < ND * ROWS; i += tensor_block) {
+    for (int i = int(threadIdx.x) + (KEPT ? NP * ROWS : 0); i < ND * ROWS; i += tensor_block) {
       const int m = i / ROWS, n = i % ROWS;
       const int from = m < NP ? m : 16 * MT + (m - NP);
       float s = 0.f;
@@ -1089,11 +1151,11 @@ __global__ void __launch_bounds__(tensor_block, 2)
     __syncthreads();  // dots complete; part free for the next tile
     const index_t q = tile * ROWS + index_t(threadIdx.x);
     if (threadIdx.x < ROWS && q < P) {
-      float ar[ND];
+      float ar[ND] = {};
 #pragma unroll
-      for (int i = 0; i < ND; ++i) ar[i] = dots[i][threadIdx.x];
-      write_coefficients<R, LO, GM>(ar, sc, scale, has_dg ? float(dload(&dgates(0, q))) : 0.f, 0, 1, q, P, trained == 0,
-                                    gext, dzext, cf, rc);
+      for (int i = KEPT ? NP : 0; i < ND; ++i) ar[i] = dots[i][threadIdx.x];
+      coefficients_of<R, LO, GM, KEPT>(ar, sc, kept, scale, has_dg ? float(dload(&dgates(0, q))) : 0.f, 0, 1, q, P,
+                                       trained == 0, gext, dzext, cf, rc);
     }
   };
 
@@ -1639,10 +1701,10 @@ void allow_large_shared_memory(const device_limits& lim, std::size_t fixed) {
 /// otherwise. One module whose parameter rows fit in shared memory twice per SM: the staged,
 /// persistent kernel (any alignment of the parameters). Else one CTA per tile, parameters read in
 /// place when their rows are 16-byte vectors, packed first when not.
-template <class I, class T, int GM>
+template <class I, class T, int GM, class Keep>
 bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modules, double scale,
                            matrix_view<const T, cuda_space> h, const positions& pos, matrix_view<T, cuda_space> out,
-                           matrix_view<T, cuda_space> gates, const float* gext, cudaStream_t s) {
+                           matrix_view<T, cuda_space> gates, const float* gext, Keep&& keep, cudaStream_t s) {
   constexpr int R = int(I::rank);
   constexpr bool LO = reft_kind<typename I::reft_type>::value == 1;
   const index_t d = h.extent(1), P = pos.size(), K = index_t(modules.size());
@@ -1651,6 +1713,7 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
     return false;
   const device_limits lim = limits_of_device();
   if (!lim.mma) return false;
+  float* const kept = keep(index_t(kept_width<R>));  // the call is taken: where to keep e and z (or null)
   module_ptrs<T> mods{};
   bool aligned = true;
   for (index_t k = 0; k < K; ++k) {
@@ -1669,9 +1732,9 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
     if constexpr (S) {
       allow_large_shared_memory<kernel>(lim, forward_tensor_static_bytes<R>());
       const unsigned grid = unsigned(std::min<index_t>(tiles, index_t(2) * lim.sms));
-      kernel<<<grid, tensor_block, staged, s>>>(mods, K, float(scale), h, dpos.ptr(), P, out, gates, gext);
+      kernel<<<grid, tensor_block, staged, s>>>(mods, K, float(scale), h, dpos.ptr(), P, out, gates, gext, kept);
     } else {
-      kernel<<<unsigned(tiles), tensor_block, 0, s>>>(mods, K, float(scale), h, dpos.ptr(), P, out, gates, gext);
+      kernel<<<unsigned(tiles), tensor_block, 0, s>>>(mods, K, float(scale), h, dpos.ptr(), P, out, gates, gext, kept);
     }
   };
   using small = std::integral_constant<int, 4>;
@@ -1711,18 +1774,21 @@ template <class T, int R, bool LO, int GM, class DG>
 bool launch_coef_tensor(const T* pm, index_t dp, index_t trained, float scale, matrix_view<const T, cuda_space> h,
                         matrix_view<const T, cuda_space> dout, matrix_view<const DG, cuda_space> dgates,
                         const index_t* pos, index_t P, float* cf, float* rc, const float* gext, float* dz,
-                        cudaStream_t s) {
+                        const float* kept, cudaStream_t s) {
   static_assert(tensor_takes<T, R>);
   const index_t d = h.extent(1);
   if (!vector_rows<T>(h, 8) || !vector_rows<T>(dout, 8) || P < 1) return false;
   const device_limits lim = limits_of_device();
   if (!lim.mma || !staged_fits<T, R>(d, lim, coef_tensor_static_bytes<R>())) return false;
-  constexpr auto kernel = coef_tensor_kernel<T, R, LO, GM, DG>;
-  allow_large_shared_memory<kernel>(lim, coef_tensor_static_bytes<R>());
   const index_t tiles = cuda::ceil_div(P, index_t(tensor_rows));
   const unsigned grid = unsigned(std::min<index_t>(tiles, index_t(2) * lim.sms));
-  kernel<<<grid, tensor_block, staged_bytes<T, R>(d), s>>>(pm, dp, trained, scale, h, dout, dgates, pos, P, cf, rc,
-                                                           gext, dz);
+  auto launch_as = [&](auto from_kept) {
+    constexpr auto kernel = coef_tensor_kernel<T, R, LO, GM, decltype(from_kept)::value, DG>;
+    allow_large_shared_memory<kernel>(lim, coef_tensor_static_bytes<R>());
+    kernel<<<grid, tensor_block, staged_bytes<T, R>(d), s>>>(pm, dp, trained, scale, h, dout, dgates, pos, P, cf, rc,
+                                                             gext, dz, kept);
+  };
+  kept ? launch_as(std::true_type{}) : launch_as(std::false_type{});
   GRUN_CUDA_CHECK_LAUNCH();
   return true;
 }
@@ -1732,10 +1798,10 @@ bool launch_coef_tensor(const T* pm, index_t dp, index_t trained, float scale, m
 /// Fused forward core for gate mode GM (gext: [K][P] fp32 gate logits when GM = gate_external).
 /// Returns false, having done nothing, when this call is not one the fused kernels take (rows not
 /// contiguous, too many modules for shared memory); the caller then runs the generic path.
-template <class I, class T, int GM>
+template <class I, class T, int GM, class Keep = keep_nothing>
 bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
                   matrix_view<const T, cuda_space> h, const positions& pos, matrix_view<T, cuda_space> out,
-                  matrix_view<T, cuda_space> gates, const float* gext) {
+                  matrix_view<T, cuda_space> gates, const float* gext, Keep&& keep = {}) {
   using Rf = typename I::reft_type;
   static_assert(reft_kind<Rf>::value >= 0 && I::rank <= max_rank);
   static_assert(takes_storage<T>, "grun::cuda::fused: float, half or bfloat16 storage (double takes the generic path)");
@@ -1754,7 +1820,7 @@ bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cu
   if constexpr (detail::tensor_takes<T, R>) {
     if ((detail::forward_plan == detail::forward_schedule::tensor ||
          detail::forward_plan == detail::forward_schedule::tensor_apply) &&
-        detail::launch_forward_tensor<I, T, GM>(modules, scale, h, pos, out, gates, gext, s))
+        detail::launch_forward_tensor<I, T, GM>(modules, scale, h, pos, out, gates, gext, keep, s))
       return true;
   }
 
@@ -1762,6 +1828,10 @@ bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cu
   cuda::detail::stream_scratch<T> packed(K * ms, s);
   detail::pack<I, T>(modules, d, dp, ms, packed.ptr, s);
   const detail::device_positions dpos(pos, N, s);
+  // e and z kept for the backward: 16-bit storage only (fp32's coefficient kernel forms them from
+  // fp64 dots, which this forward's fp32 dots would not match — see coef_kernel).
+  float* kept = nullptr;
+  if constexpr (!std::is_same_v<T, float>) kept = keep(index_t(detail::kept_width<R>));
 
   constexpr int VW = vec_width<T>;
   const bool vec = detail::vector_rows<T>(h, VW) && detail::vector_rows<T>(out, VW);
@@ -1778,7 +1848,7 @@ bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cu
     const auto kernel = detail::forward_kernel<T, decltype(vw)::value, R, ROWS, LO, GM, decltype(res)::value,
                                                decltype(async)::value>;
     kernel<<<grid, detail::block, smem, s>>>(packed.ptr, ms, dp, K, float(scale), h, dpos.ptr(), P, out, gates, gext,
-                                             stage, coef_floats);
+                                             stage, coef_floats, kept);
   };
   using vw = std::integral_constant<int, VW>;
   using none = std::integral_constant<int, 0>;
@@ -1796,27 +1866,30 @@ bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cu
 }
 
 /// Fused forward (see the file comment) for gate::linear / gate::always.
-template <class I, class T>
+/// keep(width) → float*: called (16-bit storage) once a fused forward kernel takes the call, with the
+/// scalars a position and module it can keep (e and z); returns where ([K][P][width] fp32, device),
+/// or null for nothing.
+template <class I, class T, class Keep = keep_nothing>
 bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
              matrix_view<const T, cuda_space> h, const positions& pos, matrix_view<T, cuda_space> out,
-             matrix_view<T, cuda_space> gates) {
+             matrix_view<T, cuda_space> gates, Keep&& keep = {}) {
   using G = typename I::gate_type;
   static_assert(supported<G, typename I::reft_type, typename I::ortho_type>);
   constexpr int GM = gate_kind<G>::value == 1 ? detail::gate_linear : detail::gate_none;
-  return forward_impl<I, T, GM>(ex, modules, scale, h, pos, out, gates, nullptr);
+  return forward_impl<I, T, GM>(ex, modules, scale, h, pos, out, gates, nullptr, keep);
 }
 
 /// Fused backward core for gate mode GM: dh and the ReFT (and linear gate) gradients of module
 /// `trained` (overwritten). With gate_external, gext [K][P] holds the logits z, and after the coefficient
 /// kernel `mid(dz)` runs with dz [K][P] = dL/dz (the gate's last pre-activation, device fp32); it
-/// returns a device [P, d] fp32 gate path added to dh (or nullptr). Returns false, having done
-/// nothing, when the call is not one the fused kernels take.
+/// returns a device [P, d] fp32 gate path added to dh (or nullptr). kept: null, or what the forward
+/// kept ([K][P][R + 1] fp32: e and z; 16-bit storage) — then the coefficient kernel reads dout only. Returns false, having done nothing, when the call is not one the fused kernels take.
 template <class I, class T, int GM, class DG, class Mid>
 bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
                    index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
                    matrix_view<const T, cuda_space> dout, matrix_view<const DG, cuda_space> dgates,
                    matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads, const float* gext,
-                   Mid&& mid) {
+                   Mid&& mid, const float* kept = nullptr) {
   using Rf = typename I::reft_type;
   static_assert(reft_kind<Rf>::value >= 0 && I::rank <= max_rank);
   static_assert(takes_storage<T>, "grun::cuda::fused: float, half or bfloat16 storage (double takes the generic path)");
@@ -1870,11 +1943,16 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
     if constexpr (detail::tensor_takes<T, R>)
       tensor_coefs = detail::coef_plan == detail::coef_schedule::tensor && K == 1 &&
                      detail::launch_coef_tensor<T, R, LO, GM, DG>(packed.ptr, dp, trained, float(scale), h, dout, dgates,
-                                                                  dpos.ptr(), P, cf.ptr, rc.ptr, gext, dz.ptr, s);
+                                                                  dpos.ptr(), P, cf.ptr, rc.ptr, gext, dz.ptr, kept, s);
     auto coefs = [&](auto vw, auto res) {
-      const auto kernel = detail::coef_kernel<T, decltype(vw)::value, R, ROWS, LO, GM, decltype(res)::value, DG>;
-      kernel<<<grid1, detail::block, 0, s>>>(packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates, dpos.ptr(),
-                                             P, cf.ptr, rc.ptr, gext, dz.ptr);
+      auto launch_as = [&](auto from_kept) {
+        const auto kernel =
+            detail::coef_kernel<T, decltype(vw)::value, R, ROWS, LO, GM, decltype(res)::value, decltype(from_kept)::value, DG>;
+        kernel<<<grid1, detail::block, 0, s>>>(packed.ptr, ms, dp, K, trained, float(scale), h, dout, dgates,
+                                               dpos.ptr(), P, cf.ptr, rc.ptr, gext, dz.ptr, kept);
+      };
+      if constexpr (std::is_same_v<T, float>) launch_as(std::false_type{});  // (fp32: never kept)
+      else kept ? launch_as(std::true_type{}) : launch_as(std::false_type{});
     };
     using vw = std::integral_constant<int, VW>;
     if (!tensor_coefs) {
@@ -1929,12 +2007,13 @@ template <class I, class T, class DG>
 bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
               index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
               matrix_view<const T, cuda_space> dout, matrix_view<const DG, cuda_space> dgates,
-              matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads) {
+              matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads,
+              const float* kept = nullptr) {
   using G = typename I::gate_type;
   static_assert(supported<G, typename I::reft_type, typename I::ortho_type>);
   constexpr int GM = gate_kind<G>::value == 1 ? detail::gate_linear : detail::gate_none;
   return backward_impl<I, T, GM>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, nullptr,
-                                 [](const float*) -> const float* { return nullptr; });
+                                 [](const float*) -> const float* { return nullptr; }, kept);
 }
 
 }  // namespace grun::cuda::fused
