@@ -97,9 +97,10 @@ void bench_copy(index_t bytes) {
 }
 
 /// What bench_intervention times: the path exec::cuda takes (fused kernels where the policies have
-/// them), the generic per-thread path instead (the fallback for other policies), or the fused path
-/// and then its kernels' other schedules (fused::detail::forward_plan / coef_plan / slot_plan).
-enum class timing { fused, generic, fused_and_schedules };
+/// them), the generic per-thread path instead (the fallback for other policies), the fused path and
+/// then fwd+bwd with a saved_activations (the backward from what the forward kept), or all that and
+/// the fused kernels' other schedules (fused::detail::forward_plan / coef_plan / slot_plan).
+enum class timing { fused, generic, fused_and_saved, fused_and_schedules };
 
 /// Forward, in-place forward and forward+backward of one module over every row of h [T, d] (bf16).
 /// Policies with fused kernels (intervention_fused.cuh, intervention_mlp.cuh) take them through exec::cuda.
@@ -151,6 +152,18 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
   // fwd + bwd minimum: fwd reads h, writes h'; bwd reads h and dout, writes dh.
   result((name + "_fwdbwd").c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, slow ? 2 : 5),
          5.0 * elems * 2);
+  // The same with a saved_activations: the backward from what the forward kept (16-bit storage: e and
+  // z, so the coefficient kernel reads dout only; the mlp gate's activations too).
+  grun::saved_activations<bf16> kept;
+  auto fwd_bwd_kept = [&] {
+    grun::detail::run_forward<I>(grun::exec::cuda, mods, 1.0, hv, pos, out.template view<2>({T_, d}), gv, &kept);
+    grun::detail::run_backward<I>(grun::exec::cuda, mods, 1.0, 0, hv, pos, dv, no_dgates, dh.template view<2>({T_, d}),
+                                  *g, &kept, "bench_cuda");
+  };
+  if (what == timing::fused_and_saved || what == timing::fused_and_schedules) {
+    const std::string saved_row = name + "_fwdbwd_saved";
+    result(saved_row.c_str(), time_ms(fwd_bwd_kept, 1, 5), 5.0 * elems * 2);
+  }
   if constexpr (impl::fused) {
     if (what != timing::fused_and_schedules) return;
     // The forward under each schedule but the run's default (timed above as _fwd), then fwd + bwd with
@@ -190,21 +203,13 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
       result((name + plan.suffix).c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, 5),
              5.0 * elems * 2);
     }
-    // The backward from what the forward kept (saved_activations: e and z per position, so the
-    // coefficient kernel reads dout only) — under the default schedules, with the coefficient kernel on
+    // The backward from what the forward kept (_fwdbwd_saved above) with the coefficient kernel on
     // tensor cores, and with both backward kernels on tensor cores.
-    grun::saved_activations<bf16> kept;
-    auto fwd_bwd_kept = [&] {
-      grun::detail::run_forward<I>(grun::exec::cuda, mods, 1.0, hv, pos, out.template view<2>({T_, d}), gv, &kept);
-      grun::detail::run_backward<I>(grun::exec::cuda, mods, 1.0, 0, hv, pos, dv, no_dgates, dh.template view<2>({T_, d}),
-                                    *g, &kept, "bench_cuda");
-    };
     const struct {
       fd::coef_schedule coef;
       fd::slot_schedule slot;
       const char* suffix;
-    } kept_plans[] = {{saved_coef, saved_slot, "_fwdbwd_saved"},
-                      {fd::coef_schedule::tensor, saved_slot, "_fwdbwd_coef_tensor_saved"},
+    } kept_plans[] = {{fd::coef_schedule::tensor, saved_slot, "_fwdbwd_coef_tensor_saved"},
                       {fd::coef_schedule::tensor, fd::slot_schedule::tensor, "_fwdbwd_tensor_saved"}};
     for (const auto& plan : kept_plans) {
       fd::coef_plan = plan.coef;
@@ -391,7 +396,7 @@ int main(int argc, char** argv) {
     if (wanted("intervention_linear_loreft4_generic"))  // the fallback path, for scale
       bench_intervention<lin>("intervention_linear_loreft4_generic", rows(1024, 1024, 8), 4096, timing::generic);
     if (wanted("intervention_mlp_loreft4"))  // cuBLASLt first layer + fused ReFT
-      bench_intervention<mlp>("intervention_mlp_loreft4", T_, 4096);
+      bench_intervention<mlp>("intervention_mlp_loreft4", T_, 4096, timing::fused_and_saved);
     if (wanted("intervention_scaling") && !quick && !smoke) {
       // The fused path at 1/4 and 4× the rows: a per-call cost shows as time that does not scale with T.
       bench_intervention<lin>("intervention_linear_loreft4_T4096", 4096, 4096);

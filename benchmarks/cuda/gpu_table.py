@@ -64,6 +64,7 @@ ROWS = [
     ("intervention_mlp_loreft4_fwd", "mlp<256,64>+loreft4 fwd (cuBLASLt) T=16384", ""),
     ("intervention_mlp_loreft4_fwd_inplace", "  same, in place (out = h)", ""),
     ("intervention_mlp_loreft4_fwdbwd", "mlp<256,64>+loreft4 fwd+bwd (cuBLASLt) T=16384", ""),
+    ("intervention_mlp_loreft4_fwdbwd_saved", "  same, backward from the forward's saved activations", ""),
     ("nll_fwd", "NLL fwd T=8192 V=131072 bf16", ""),
     ("nll_fwdbwd", "NLL fwd+bwd T=8192 V=131072 bf16", "rw"),
     ("kl_fwd", "KL fwd T=8192 V=131072 bf16", ""),

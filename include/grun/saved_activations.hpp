@@ -58,13 +58,14 @@ class foreign_storage {
 ///   forward, whose first-layer GEMM is a quarter of the gate's fwd+bwd arithmetic. Gradients are
 ///   bit for bit the same either way. Other gates on the host save nothing (a linear gate's
 ///   recompute is one dot over a row the backward reads anyway).
-/// - exec::cuda, 16-bit storage, the fused kernels (gate::linear / gate::always × a rank-r ReFT):
-///   e = D h + b − [lo] U h and the gate's logit z, r + 1 fp32 values per position and module, in
-///   device memory — so the backward's first kernel reads dout only, not h and dout: half its bytes.
-///   The gradients use the forward's dots instead of recomputed ones (another summation order: held
-///   to the host like every path, and bitwise repeatable). Other calls on exec::cuda (fp32, whose
-///   backward forms e from fp64 dots; the mlp gate; the generic path) save nothing and recompute
-///   (width() == 0).
+/// - exec::cuda, 16-bit storage, the fused kernels (gate::linear / gate::always / gate::mlp × a
+///   rank-r ReFT): e = D h + b − [lo] U h and the gate's logit z, r + 1 fp32 values per position and
+///   module, in device memory — so the backward's first kernel reads dout only, not h and dout: half
+///   its bytes; gate::mlp keeps its a1, a2 and logit too (H1 + H2 + 1 more), so the backward skips
+///   the gate's forward as on the host. The gradients use the forward's values instead of recomputed
+///   ones (another summation order: held to the host like every path, and bitwise repeatable).
+///   Other calls on exec::cuda (fp32, whose backward forms e from fp64 dots; the generic path) save
+///   nothing and recompute (width() == 0).
 /// Reuse one across steps: its storage is kept (for exec::cuda, one cudaMalloc when it must grow).
 ///
 ///   grun::saved_activations<float> saved;

@@ -306,24 +306,31 @@ void check(const config& c) {
   // kernel's bf16, r ≤ 16, one module trained; both need 16-byte vector rows. Each, alone and
   // together: another summation order, held to the host like the default, and the same bits again,
   // in place (dh = dout).
+  namespace fd = gc::fused::detail;
+  const auto saved_coef = fd::coef_plan;
+  const auto saved_slot = fd::slot_plan;
+  // One backward (from `saved` when given) under the given schedules into fresh buffers — dh = dout
+  // when in place — returning dh and the gradients.
+  auto backward_with = [&](fd::coef_schedule coef, fd::slot_schedule slot, bool in_place,
+                           const grun::saved_activations<T>* saved) {
+    strided<T> x(N, d, ld), y(N, d, ld);
+    x.upload(ref.dout);
+    gc::device_params<Dp> g(I::template shape<T, cuda_space>(d));
+    fd::coef_plan = coef;
+    fd::slot_plan = slot;
+    grun::detail::run_backward<I>(det, std::span<const Dp>(ref.device_views), c.scale, c.trained, cdview<T>(hd.view()),
+                                  pos, cdview<T>(x.view()), cdview<T>(dgatesd.view()), in_place ? x.view() : y.view(),
+                                  *g, saved, "test");
+    fd::coef_plan = saved_coef;
+    fd::slot_plan = saved_slot;
+    return std::pair{(in_place ? x : y).download(), flat<I, T>(g)};
+  };
+  if (c.in_place) hd.upload(ref.h);  // the in-place forward above overwrote h
   if (K == 1) {
-    namespace fd = gc::fused::detail;
     constexpr int r = int(I::rank);
-    const auto saved_coef = fd::coef_plan;
-    const auto saved_slot = fd::slot_plan;
     auto run = [&](fd::coef_schedule coef, fd::slot_schedule slot, bool in_place) {
-      strided<T> x(N, d, ld), y(N, d, ld);
-      x.upload(ref.dout);
-      gc::device_params<Dp> g(I::template shape<T, cuda_space>(d));
-      fd::coef_plan = coef;
-      fd::slot_plan = slot;
-      cuda_impl::backward(det, std::span<const Dp>(ref.device_views), c.scale, c.trained, cdview<T>(hd.view()), pos,
-                          cdview<T>(x.view()), cdview<T>(dgatesd.view()), in_place ? x.view() : y.view(), *g);
-      fd::coef_plan = saved_coef;
-      fd::slot_plan = saved_slot;
-      return std::pair{(in_place ? x : y).download(), flat<I, T>(g)};
+      return backward_with(coef, slot, in_place, nullptr);
     };
-    if (c.in_place) hd.upload(ref.h);  // the in-place forward above overwrote h
     const bool coef_tensor = fd::tensor_takes<T, r>, slot_tensor = fd::slot_tensor_takes<T, r> && c.trained == 0;
     const std::pair<fd::coef_schedule, fd::slot_schedule> plans[] = {
         {fd::coef_schedule::tensor, saved_slot}, {saved_coef, fd::slot_schedule::tensor},
@@ -348,11 +355,9 @@ void check(const config& c) {
   // default forward's, bit for bit; the backward, under each coefficient schedule that takes the call,
   // is held to the host like every path and repeats its bits (in place too).
   {
-    namespace fd = gc::fused::detail;
     constexpr int r = int(I::rank);
     constexpr bool LO = gc::fused::reft_kind<typename I::reft_type>::value == 1;
     constexpr bool gated = gc::fused::gate_kind<typename I::gate_type>::value == 1;
-    if (c.in_place) hd.upload(ref.h);  // the in-place forward above overwrote h
     grun::saved_activations<T> saved;
     strided<T> o(N, d, ld);
     gc::device_matrix<T> gk(K, P);
@@ -362,7 +367,12 @@ void check(const config& c) {
     const bool keeps = impl::template may_save<T>(d) && P > 0;
     INFO("saved activations (kept: " << keeps << ")");
     REQUIRE(saved.filled());
-    CHECK(saved.width() == (keeps ? r + 1 : 0));
+    index_t width = r + 1;  // e and z; the mlp gate's activations and logit too
+    if constexpr (impl::fused_mlp) {
+      using mk = gc::mlp_gate::mlp_kind<typename I::gate_type>;
+      width = gc::mlp_gate::detail::kept_regions<r, mk::h1, mk::h2, float>::width;
+    }
+    CHECK(saved.width() == (keeps ? width : 0));
     CHECK(saved.on_device() == keeps);
     if (!c.in_place)
       CHECK(std::memcmp(o.download().storage.data(), out_d.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
@@ -394,18 +404,7 @@ void check(const config& c) {
       CHECK(grun::test::rel_error(got_e, want_e) < tol);
       if (gated) CHECK(grun::test::rel_error(got_z, want_z) < tol);
     }
-    const auto saved_coef = fd::coef_plan;
-    auto run = [&](fd::coef_schedule coef, bool in_place) {
-      strided<T> x(N, d, ld), y(N, d, ld);
-      x.upload(ref.dout);
-      gc::device_params<Dp> g(I::template shape<T, cuda_space>(d));
-      fd::coef_plan = coef;
-      grun::detail::run_backward<I>(det, std::span<const Dp>(ref.device_views), c.scale, c.trained,
-                                    cdview<T>(hd.view()), pos, cdview<T>(x.view()), cdview<T>(dgatesd.view()),
-                                    in_place ? x.view() : y.view(), *g, &saved, "test");
-      fd::coef_plan = saved_coef;
-      return std::pair{(in_place ? x : y).download(), flat<I, T>(g)};
-    };
+    auto run = [&](fd::coef_schedule coef, bool in_place) { return backward_with(coef, saved_slot, in_place, &saved); };
     // The default schedule: against the host, then again in place. Nothing kept (fp32, the mlp gate):
     // the recomputing backward, checked above already — once is enough here.
     const auto [dh_k, g_k] = run(saved_coef, false);

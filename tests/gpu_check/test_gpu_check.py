@@ -80,6 +80,8 @@ def bench_cuda_keys():
             keys.add(name + s)
         if "timing::fused_and_schedules" in rest:
             keys.update(name + s for s in schedules)
+        if "timing::fused_and_saved" in rest:
+            keys.add(name + "_fwdbwd_saved")
     return keys
 
 

@@ -164,22 +164,27 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   /// do not take keeps nothing). Adapters ask it before they keep a saved_activations alive.
   template <class T>
   static constexpr bool may_save(index_t /*d*/) {
-    return fused && (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>);
+    return (fused || fused_mlp) && (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>);
   }
 
   /// The forward keeping in `saved` what the fused backward would otherwise recompute (16-bit storage,
-  /// a call the fused kernels take: device memory, grown with cudaMalloc when too small); else
-  /// nothing — run_forward has recorded width 0 — and the backward recomputes.
+  /// a call the fused kernels take: device memory, grown with cudaMalloc when too small) — e and z of
+  /// the ReFT, and with gate::mlp its hidden activations and logits too; else nothing — run_forward
+  /// has recorded width 0 — and the backward recomputes.
   template <class T, class S>
   static void forward_keeping(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                               matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out,
                               matrix_view<T, S> gates, saved_activations<T>& saved) {
-    if constexpr (fused && cuda::fused::takes_storage<T>) {
+    if constexpr ((fused || fused_mlp) && cuda::fused::takes_storage<T>) {
       const index_t K = index_t(modules.size()), P = pos.size(), d = h.extent(1);
       auto keep = [&](index_t width) -> float* {
         return saved_access::begin_on_device(saved, K, P, d, width, cuda::detail::allocate_saved);
       };
-      if (cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates, keep)) return;
+      bool taken = false;
+      if constexpr (fused) taken = cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates, keep);
+      else taken = cuda::mlp_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates, keep);
+      if (taken) return;
+      saved_access::begin(saved, K, P, d, 0);  // (a call not taken keeps nothing, whatever it reserved)
     }
     forward(ex, modules, scale, h, pos, out, gates);
   }
@@ -192,8 +197,10 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
                                  const module_params<I, T, S>& grads, const acc_t<T>* kept) {
     if constexpr (fused && cuda::fused::takes_storage<T>) {
       if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, kept)) return;
+    } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
+      if (cuda::mlp_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, kept)) return;
     }
-    backward(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);  // (never kept: only the fused forward keeps)
+    backward(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);  // (never kept: only the fused forwards keep)
   }
 
   template <class T, class S, class DG>

@@ -26,6 +26,9 @@
 //   db1, db2, dw3, db3              column sums in double: fixed slices of 256 rows in parallel, then
 //                                   the slices in order (column_sums)
 // Hs is h itself when every row is selected in order, else the selected rows gathered once.
+// With a saved_activations (16-bit storage) the forward writes every module's a1, a2 and z3 where
+// they are kept (detail::kept_regions), beside the ReFT's e, and the backward reads them instead of
+// running the gate's forward again — as exec::host does with its saved form of gate::mlp.
 //
 // Determinism: cuBLASLt returns the same bits for the same algorithm, problem and workspace on
 // the same GPU; the algorithm is the first heuristic answer for a fixed workspace size, and with
@@ -508,6 +511,23 @@ void gate_forward(const GP& gp, const float* w2, const T* hs, index_t ldh, index
   GRUN_CUDA_CHECK_LAUNCH();
 }
 
+/// What the forward keeps for its backward (saved_activations, 16-bit storage), one device block of
+/// width floats per position and module: the ReFT's e and z [K][P][R + 1] (fused::detail::keep_values;
+/// the coefficient kernel then reads dout only), then the gate's a1 [K][P][H1], a2 [K][P][H2] and
+/// logits z3 [K][P] (the backward then skips the gate's forward: its first-layer GEMM over P × d × H1).
+template <int R, int H1, int H2, class F>
+struct kept_regions {
+  static constexpr index_t width = R + 1 + H1 + H2 + 1;
+  F *e = nullptr, *a1 = nullptr, *a2 = nullptr, *z3 = nullptr;
+  kept_regions(F* base, index_t K, index_t P) {
+    if (!base) return;
+    e = base;
+    a1 = e + K * P * (R + 1);
+    a2 = a1 + K * P * H1;
+    z3 = a2 + K * P * H2;
+  }
+};
+
 template <class I, class T, class View>
 bool applicable(const View& h, index_t K) {
   constexpr int R = int(I::rank);
@@ -518,39 +538,52 @@ bool applicable(const View& h, index_t K) {
 }  // namespace detail
 
 /// Forward (see the file comment). Returns false, having done nothing, when the call is not one
-/// these kernels take (the caller runs the generic path).
-template <class I, class T>
+/// these kernels take (the caller runs the generic path). keep(width) → float*: as for
+/// fused::forward — with 16-bit storage, where to keep detail::kept_regions (or null).
+template <class I, class T, class Keep = fused::keep_nothing>
 bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
              matrix_view<const T, cuda_space> h, const positions& pos, matrix_view<T, cuda_space> out,
-             matrix_view<T, cuda_space> gates) {
+             matrix_view<T, cuda_space> gates, Keep&& keep = {}) {
   using G = typename I::gate_type;
   static_assert(supported<G, typename I::reft_type, typename I::ortho_type>);
-  constexpr int H1 = mlp_kind<G>::h1, H2 = mlp_kind<G>::h2;
+  constexpr int H1 = mlp_kind<G>::h1, H2 = mlp_kind<G>::h2, R = int(I::rank);
+  using regions = detail::kept_regions<R, H1, H2, float>;
   const index_t N = h.extent(0), d = h.extent(1), P = pos.size(), K = index_t(modules.size());
   if (!detail::applicable<I, T>(h, K) || out.stride(1) != 1) return false;
   if (N == 0 || P == 0)
     return fused::forward_impl<I, T, fused::detail::gate_external>(ex, modules, scale, h, pos, out, gates, nullptr);
   require_device("gated_intervention::forward");
   const cudaStream_t s = stream_of(ex);
+  // 16-bit storage: the gate's activations go straight to where they are kept (every module's);
+  // otherwise to scratch, one module at a time.
+  float* base = nullptr;
+  if constexpr (!std::is_same_v<T, float>) base = keep(regions::width);
+  const regions kept(base, K, P);
   detail::selected_rows<T> hs(h, pos, s);
-  cuda::detail::stream_scratch<float> a1s(P * H1, s), a2s(P * H2, s), g(K * P, s);
+  cuda::detail::stream_scratch<float> a1s(base ? 0 : P * H1, s), a2s(base ? 0 : P * H2, s), g(base ? 0 : K * P, s);
+  float* const z3 = base ? kept.z3 : g.ptr;
   cuda::detail::stream_scratch<unsigned char> ws(index_t(detail::workspace_bytes), s);
   const detail::fp32_w2s<T> w2s(modules, index_t(H2) * H1, s);
   for (index_t k = 0; k < K; ++k)
-    detail::gate_forward<T, H1, H2>(modules[std::size_t(k)].gate, w2s[k], hs.data, hs.ld, P, d, a1s.ptr, a2s.ptr,
-                                    g.ptr + k * P, ws.ptr, s, ex.deterministic);
-  return fused::forward_impl<I, T, fused::detail::gate_external>(ex, modules, scale, h, pos, out, gates, g.ptr);
+    detail::gate_forward<T, H1, H2>(modules[std::size_t(k)].gate, w2s[k], hs.data, hs.ld, P, d,
+                                    base ? kept.a1 + k * P * H1 : a1s.ptr, base ? kept.a2 + k * P * H2 : a2s.ptr,
+                                    z3 + k * P, ws.ptr, s, ex.deterministic);
+  return fused::forward_impl<I, T, fused::detail::gate_external>(ex, modules, scale, h, pos, out, gates, z3,
+                                                                 [&](index_t) { return kept.e; });
 }
 
 /// Backward (see the file comment): dh and the trained module's gradients (gate and ReFT, overwritten).
+/// kept: null, or what the forward kept (detail::kept_regions): the gate's forward is not recomputed
+/// and the coefficient kernel reads dout only.
 template <class I, class T, class DG>
 bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
               index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
               matrix_view<const T, cuda_space> dout, matrix_view<const DG, cuda_space> dgates,
-              matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads) {
+              matrix_view<T, cuda_space> dh, const module_params<I, T, cuda_space>& grads,
+              const float* kept_base = nullptr) {
   using G = typename I::gate_type;
   static_assert(supported<G, typename I::reft_type, typename I::ortho_type>);
-  constexpr int H1 = mlp_kind<G>::h1, H2 = mlp_kind<G>::h2;
+  constexpr int H1 = mlp_kind<G>::h1, H2 = mlp_kind<G>::h2, R = int(I::rank);
   const index_t d = h.extent(1), P = pos.size(), K = index_t(modules.size());
   if (!detail::applicable<I, T>(h, K) || dout.stride(1) != 1 || dh.stride(1) != 1) return false;
   require_device("gated_intervention::backward");
@@ -565,13 +598,20 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
       if (leaf->size() > 0) GRUN_CUDA_CHECK(cudaMemsetAsync(leaf->data, 0, sizeof(T) * std::size_t(leaf->size()), s));
     return ok;
   }
-  detail::selected_rows<T> hs(h, pos, s);
-  cuda::detail::stream_scratch<float> a1s(K * P * H1, s), a2s(K * P * H2, s), g(K * P, s);
+  detail::selected_rows<T> hs(h, pos, s);  // (dW1 = dZ1ᵀ Hs needs it either way)
+  const detail::kept_regions<R, H1, H2, const float> kept(kept_base, K, P);
+  const index_t recompute = kept_base ? 0 : 1;
+  cuda::detail::stream_scratch<float> a1s(recompute * K * P * H1, s), a2s(recompute * K * P * H2, s),
+      g(recompute * K * P, s);
   cuda::detail::stream_scratch<unsigned char> ws(index_t(detail::workspace_bytes), s);
   const detail::fp32_w2s<T> w2s(modules, index_t(H2) * H1, s);
-  for (index_t k = 0; k < K; ++k)
-    detail::gate_forward<T, H1, H2>(modules[std::size_t(k)].gate, w2s[k], hs.data, hs.ld, P, d, a1s.ptr + k * P * H1,
-                                    a2s.ptr + k * P * H2, g.ptr + k * P, ws.ptr, s, ex.deterministic);
+  if (recompute)
+    for (index_t k = 0; k < K; ++k)
+      detail::gate_forward<T, H1, H2>(modules[std::size_t(k)].gate, w2s[k], hs.data, hs.ld, P, d, a1s.ptr + k * P * H1,
+                                      a2s.ptr + k * P * H2, g.ptr + k * P, ws.ptr, s, ex.deterministic);
+  const float* const a1_all = kept_base ? kept.a1 : a1s.ptr;
+  const float* const a2_all = kept_base ? kept.a2 : a2s.ptr;
+  const float* const z3 = kept_base ? kept.z3 : g.ptr;
   constexpr index_t H1p = (H1 + 7) / 8 * 8;  // dZ1's row pitch as T (16-byte aligned rows)
   cuda::detail::stream_scratch<T> dz1(P * H1p, s);
   cuda::detail::stream_scratch<float> dz1f(P * H1, s), dz2(P * H2, s), dhg(P * d, s), dw1(H1 * d, s), dw2(H2 * H1, s);
@@ -580,8 +620,8 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
   auto gate_path = [&](const float* dz3) -> const float* {
     for (index_t k = 0; k < K; ++k) {
       const auto& gp = modules[std::size_t(k)].gate;
-      const float* a1k = a1s.ptr + k * P * H1;
-      const float* a2k = a2s.ptr + k * P * H2;
+      const float* a1k = a1_all + k * P * H1;
+      const float* a2k = a2_all + k * P * H2;
       // dz2 = [a2 > 0] dz3 w3;  dA1 = dZ2 W2: row-major [P, H1] = column-major [H1, P] = (W2 as column-major
       // [H1, H2]) · (dZ2 as column-major [H2, P]);  dz1 = [a1 > 0] dA1 (fp32, and as T for the GEMMs below:
       // fp16 scaled by 2^s, which they take back through alpha).
@@ -615,7 +655,7 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
     return dhg.ptr;
   };
   return fused::backward_impl<I, T, fused::detail::gate_external>(ex, modules, scale, trained, h, pos, dout, dgates, dh,
-                                                                   grads, g.ptr, gate_path);
+                                                                   grads, z3, gate_path, kept.e);
 }
 
 }  // namespace grun::cuda::mlp_gate
