@@ -84,7 +84,7 @@ ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*
 : >"$out/ncu.txt"
 if [[ -n $ncu ]]; then
   # The forward once per schedule (bench_cuda --schedule makes it the run's default, so -c 1 takes it).
-  for job in "forward_tensor_kernel tensor" "forward_tensor_kernel tensor_apply" "forward_kernel stream" "forward_kernel resident" "coef_kernel stream" \
+  for job in "forward_tensor_kernel tensor" "forward_tensor_kernel tensor_apply" "forward_tensor_kernel tensor_pipelined" "forward_kernel stream" "forward_kernel resident" "coef_kernel stream" \
              "coef_tensor_kernel tensor" "slot_kernel stream" "slot_tensor_kernel tensor" "sum_slots_kernel stream"; do
     set -- $job
     echo "== ncu $1 (forward schedule $2)" >>"$out/ncu.txt"

@@ -4,7 +4,7 @@
 // The copy bandwidth (cudaMemcpy device→device, read + write counted) is measured in the same run,
 // so "% of copy bandwidth" compares like with like on whatever GPU this runs on.
 //
-//   bench_cuda [--quick | --smoke] [--only NAME[,NAME…]] [--schedule stream|resident|staged|tensor|tensor_apply]
+//   bench_cuda [--quick | --smoke] [--only NAME[,NAME…]] [--schedule stream|resident|staged|tensor|tensor_apply|tensor_pipelined]
 //     --quick  smaller sizes (smoke test of the script itself)
 //     --smoke  the fewest rows that keep every benchmark's d and V, each timed once: every path a GPU
 //              run takes, in seconds on the CPU emulation (tests/emulation runs it so)
@@ -175,7 +175,8 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
                                                                   {fd::forward_schedule::resident, "_fwd_resident"},
                                                                   {fd::forward_schedule::staged, "_fwd_staged"},
                                                                   {fd::forward_schedule::tensor, "_fwd_tensor"},
-                                                                  {fd::forward_schedule::tensor_apply, "_fwd_tensor_apply"}};
+                                                                  {fd::forward_schedule::tensor_apply, "_fwd_tensor_apply"},
+                                                                  {fd::forward_schedule::tensor_pipelined, "_fwd_tensor_pipelined"}};
     for (const auto& [plan, suffix] : plans) {
       if (plan == saved) continue;
       fd::forward_plan = plan;
@@ -216,6 +217,12 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
       fd::slot_plan = plan.slot;
       result((name + plan.suffix).c_str(), time_ms(fwd_bwd_kept, 1, 5), 5.0 * elems * 2);
     }
+    // Every schedule not yet timed, together: the pipelined forward keeping e and z, and the backward
+    // from them with both its kernels on tensor cores.
+    fd::forward_plan = fd::forward_schedule::tensor_pipelined;
+    const std::string all_new = name + "_fwdbwd_pipelined_tensor_saved";
+    result(all_new.c_str(), time_ms(fwd_bwd_kept, 1, 5), 5.0 * elems * 2);
+    fd::forward_plan = saved;
     fd::coef_plan = saved_coef;
     fd::slot_plan = saved_slot;
   }
@@ -350,8 +357,12 @@ int main(int argc, char** argv) {
       else if (v == "staged") fd::forward_plan = fd::forward_schedule::staged;
       else if (v == "tensor") fd::forward_plan = fd::forward_schedule::tensor;
       else if (v == "tensor_apply") fd::forward_plan = fd::forward_schedule::tensor_apply;
+      else if (v == "tensor_pipelined") fd::forward_plan = fd::forward_schedule::tensor_pipelined;
       else {
-        std::fprintf(stderr, "bench_cuda: --schedule expects stream, resident, staged, tensor or tensor_apply, got '%s'\n", v.c_str());
+        std::fprintf(stderr,
+                     "bench_cuda: --schedule expects stream, resident, staged, tensor, tensor_apply or tensor_pipelined, "
+                     "got '%s'\n",
+                     v.c_str());
         return 2;
       }
     } else {

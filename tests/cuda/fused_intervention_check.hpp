@@ -207,35 +207,43 @@ void check(const config& c) {
   dview<T> dhv = c.in_place ? doutd.view() : dhd.view();
 
   // Backward first when in place (it reads h, which the in-place forward overwrites). Deterministic
-  // mode (cuBLASLt without split-K for the mlp gate) so the repeat below can be compared bitwise.
+  // mode (cuBLASLt without split-K for the mlp gate) so the repeats below can be compared bitwise.
   const grun::exec::cuda_t det{nullptr, true};
   cuda_impl::backward(det, std::span<const Dp>(ref.device_views), c.scale, c.trained, cdview<T>(hd.view()), pos,
                       cdview<T>(doutd.view()), cdview<T>(dgatesd.view()), dhv, *grads_d);
   GRUN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto dh_d = (c.in_place ? doutd : dhd).download();
   const auto gd = flat<I, T>(grads_d);
+
+  namespace fd = gc::fused::detail;
+  const auto saved_coef = fd::coef_plan;
+  const auto saved_slot = fd::slot_plan;
+  // One backward (from `saved` when given) under the given schedules into fresh buffers — dh = dout
+  // when in place — returning dh and the gradients.
+  auto backward_with = [&](fd::coef_schedule coef, fd::slot_schedule slot, bool in_place,
+                           const grun::saved_activations<T>* saved) {
+    strided<T> x(N, d, ld), y(N, d, ld);
+    x.upload(ref.dout);
+    gc::device_params<Dp> g(I::template shape<T, cuda_space>(d));
+    fd::coef_plan = coef;
+    fd::slot_plan = slot;
+    grun::detail::run_backward<I>(det, std::span<const Dp>(ref.device_views), c.scale, c.trained, cdview<T>(hd.view()),
+                                  pos, cdview<T>(x.view()), cdview<T>(dgatesd.view()), in_place ? x.view() : y.view(),
+                                  *g, saved, "test");
+    fd::coef_plan = saved_coef;
+    fd::slot_plan = saved_slot;
+    return std::pair{(in_place ? x : y).download(), flat<I, T>(g)};
+  };
   if (!c.in_place) {
-    // Determinism: the same call again gives the same bits (gradients and dh).
-    gc::device_params<Dp> again(I::template shape<T, cuda_space>(d));
-    cuda_impl::backward(det, std::span<const Dp>(ref.device_views), c.scale, c.trained, cdview<T>(hd.view()), pos,
-                        cdview<T>(doutd.view()), cdview<T>(dgatesd.view()), dhv, *again);
-    const auto gd2 = flat<I, T>(again);
-    CHECK(std::memcmp(gd.data(), gd2.data(), sizeof(T) * gd.size()) == 0);
-    const auto dh2 = dhd.download();
-    CHECK(std::memcmp(dh2.storage.data(), dh_d.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
-    // The coefficient kernel's other schedule (a tuning knob) gives the same bits too.
-    namespace fd = gc::fused::detail;
-    const auto saved = fd::coef_plan;
-    fd::coef_plan = saved == fd::coef_schedule::stream ? fd::coef_schedule::resident : fd::coef_schedule::stream;
-    gc::device_params<Dp> other(I::template shape<T, cuda_space>(d));
-    strided<T> dh3(N, d, ld);
-    cuda_impl::backward(det, std::span<const Dp>(ref.device_views), c.scale, c.trained, cdview<T>(hd.view()), pos,
-                        cdview<T>(doutd.view()), cdview<T>(dgatesd.view()), dh3.view(), *other);
-    fd::coef_plan = saved;
-    const auto gd3 = flat<I, T>(other);
-    CHECK(std::memcmp(gd.data(), gd3.data(), sizeof(T) * gd.size()) == 0);
-    const auto dh3h = dh3.download();
-    CHECK(std::memcmp(dh3h.storage.data(), dh_d.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+    // Determinism: the same call again gives the same bits (gradients and dh), and so does the
+    // coefficient kernel's other CUDA-core schedule (a tuning knob: it only reads h and dout otherwise).
+    const auto other = saved_coef == fd::coef_schedule::stream ? fd::coef_schedule::resident : fd::coef_schedule::stream;
+    for (const auto coef : {saved_coef, other}) {
+      INFO("the backward again, coefficient schedule " << int(coef));
+      const auto [dh2, g2] = backward_with(coef, saved_slot, false, nullptr);
+      CHECK(std::memcmp(gd.data(), g2.data(), sizeof(T) * gd.size()) == 0);
+      CHECK(std::memcmp(dh2.storage.data(), dh_d.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+    }
   }
   cuda_impl::forward(grun::exec::cuda, std::span<const Dp>(ref.device_views), c.scale, cdview<T>(hd.view()), pos, outv,
                      gatesd.view());
@@ -246,7 +254,6 @@ void check(const config& c) {
     // The forward kernel's schedule is a tuning knob. stream, resident and staged only change how a
     // tile's rows are read: the same bits. tensor sums in another order: held to the host like the
     // default. Each of them repeats its own bits.
-    namespace fd = gc::fused::detail;
     const auto saved = fd::forward_plan;
     auto run = [&](fd::forward_schedule plan) {
       strided<T> o(N, d, ld);
@@ -279,6 +286,12 @@ void check(const config& c) {
       if (P > 0) CHECK(grun::test::rel_error(tensor.second.storage.span(), gates_wide.storage.span()) < tol);
       same_bits(run(plan), tensor);
     }
+    {
+      // tensor_pipelined reads the tile from shared memory (cp.async, double-buffered) into the tensor
+      // schedule's fragments and writes h' in its FMA order: its bits (other calls run tensor).
+      INFO("forward schedule tensor_pipelined against tensor");
+      same_bits(run(fd::forward_schedule::tensor_pipelined), run(fd::forward_schedule::tensor));
+    }
   }
 
   CHECK(grun::test::rel_error(out_d.storage.span(), out_wide.storage.span()) < tol);
@@ -306,25 +319,6 @@ void check(const config& c) {
   // kernel's bf16, r ≤ 16, one module trained; both need 16-byte vector rows. Each, alone and
   // together: another summation order, held to the host like the default, and the same bits again,
   // in place (dh = dout).
-  namespace fd = gc::fused::detail;
-  const auto saved_coef = fd::coef_plan;
-  const auto saved_slot = fd::slot_plan;
-  // One backward (from `saved` when given) under the given schedules into fresh buffers — dh = dout
-  // when in place — returning dh and the gradients.
-  auto backward_with = [&](fd::coef_schedule coef, fd::slot_schedule slot, bool in_place,
-                           const grun::saved_activations<T>* saved) {
-    strided<T> x(N, d, ld), y(N, d, ld);
-    x.upload(ref.dout);
-    gc::device_params<Dp> g(I::template shape<T, cuda_space>(d));
-    fd::coef_plan = coef;
-    fd::slot_plan = slot;
-    grun::detail::run_backward<I>(det, std::span<const Dp>(ref.device_views), c.scale, c.trained, cdview<T>(hd.view()),
-                                  pos, cdview<T>(x.view()), cdview<T>(dgatesd.view()), in_place ? x.view() : y.view(),
-                                  *g, saved, "test");
-    fd::coef_plan = saved_coef;
-    fd::slot_plan = saved_slot;
-    return std::pair{(in_place ? x : y).download(), flat<I, T>(g)};
-  };
   if (c.in_place) hd.upload(ref.h);  // the in-place forward above overwrote h
   if (K == 1) {
     constexpr int r = int(I::rank);
@@ -403,6 +397,30 @@ void check(const config& c) {
         }
       CHECK(grun::test::rel_error(got_e, want_e) < tol);
       if (gated) CHECK(grun::test::rel_error(got_z, want_z) < tol);
+      // The pipelined forward keeps the tensor schedule's bits too (and writes its h' and gates).
+      auto keeping = [&](fd::forward_schedule plan) {
+        grun::saved_activations<T> s;
+        strided<T> y(N, d, ld);
+        gc::device_matrix<T> gy(K, P);
+        const auto before = fd::forward_plan;
+        fd::forward_plan = plan;
+        grun::detail::run_forward<I>(grun::exec::cuda, std::span<const Dp>(ref.device_views), c.scale,
+                                     cdview<T>(hd.view()), pos, y.view(), gy.view(), &s);
+        fd::forward_plan = before;
+        std::vector<float> values(std::size_t(s.bytes() / sizeof(float)));
+        GRUN_CUDA_CHECK(cudaMemcpy(values.data(), grun::detail::saved_access::use(s, K, P, d, true, "test"), s.bytes(),
+                                   cudaMemcpyDeviceToHost));
+        return std::tuple{y.download(), gy.to_host(), values};
+      };
+      if (!c.in_place) {
+        INFO("kept values, tensor_pipelined against tensor");
+        const auto [y1, g1, v1] = keeping(fd::forward_schedule::tensor);
+        const auto [y2, g2, v2] = keeping(fd::forward_schedule::tensor_pipelined);
+        CHECK(std::memcmp(y1.storage.data(), y2.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+        CHECK(std::memcmp(g1.storage.data(), g2.storage.data(), sizeof(T) * std::size_t(K * P)) == 0);
+        REQUIRE(v1.size() == v2.size());
+        CHECK(std::memcmp(v1.data(), v2.data(), sizeof(float) * v1.size()) == 0);
+      }
     }
     auto run = [&](fd::coef_schedule coef, bool in_place) { return backward_with(coef, saved_slot, in_place, &saved); };
     // The default schedule: against the host, then again in place. Nothing kept (fp32, the mlp gate):
@@ -500,7 +518,8 @@ void check_all() {
   check<I, T>({600, 1001, iota(600)});                               // d odd, many slots (P/16 = 38)
   // A position list in reverse order over several slots (the tensor slot schedule's: 64 positions,
   // the last one partial), d = 264: a column group and a warp's strip of 32 columns partly past d.
-  check<I, T>({230, 264, reversed(200, 229)});
+  // 197 positions: the last tile of 8 partial too (the pipelined forward's buffers refilled 24 times).
+  check<I, T>({230, 264, reversed(197, 229)});
   check<I, T>({300, 1024, {299, 5, 17, 42, 128, 256, 3, 4, 6, 8}, 2, 0, 0.9});  // K = 2 (parameters re-read)
   // K = 9: more modules than travel by value in a launch (fused::detail::tensor_max_modules = 8):
   // their sources go host → device for the packing, and the forward takes a CUDA-core schedule.

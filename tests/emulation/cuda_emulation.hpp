@@ -25,6 +25,7 @@
 //     memcpy_async checks the alignment its aligned_size_t promises; a device-wide sum checks that
 //     its temporary, input and output are device memory; a matmul checks its operands' memory,
 //     shapes, types and the alignment its algorithm was chosen for);
+//   - cp.async lands at the cp.async.wait_group that covers it; its destination reads as 0xFF until then;
 //   - atomics are plain read-modify-writes (no fiber is preempted between barriers);
 //   - events record host time (so bench_cuda runs, its timings meaningless).
 //
@@ -239,6 +240,16 @@ void mma_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3
   sync_warp();  // every lane has read the posted fragments before any posts again
   for (int i = 0; i < 4; ++i) c[i] = out[i];
 }
+
+/// cp.async.cg.shared.global (16 bytes), cp.async.commit_group and cp.async.wait_group n of the
+/// calling thread, as the asynchronous copies they are (runtime.cpp): a copy lands when a wait
+/// covers its group, and until then its destination reads as 0xFF bytes (NaN) — so a read before the
+/// wait, or a refill of a buffer another thread still reads, shows in the results. The source must be
+/// device memory, the destination the CTA's dynamic shared memory, both 16-byte aligned; a copy still
+/// in flight when its thread returns stops the emulation (an empty group is fine).
+void cp_async_16(void* shared_dst, const void* global_src);
+void cp_async_commit();
+void cp_async_wait(int pending);
 
 /// movmatrix.sync.aligned.m8n8.trans.b16 as a warp collective: lane 4g + t posts a = M[g][2t..2t+1]
 /// (16-bit elements, the lower column in the low half) and takes M^T[g][2t..2t+1] = M[2t][g], M[2t+1][g].

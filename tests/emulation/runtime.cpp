@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -198,12 +199,20 @@ constexpr std::size_t fiber_stack_bytes = 64 * 1024;  // kernels keep register a
 /// collective such as cub::WarpReduce).
 enum class barrier { none, cta, warp };
 
+/// One cp.async of 16 bytes, in flight.
+struct async_copy {
+  void* to;
+  const void* from;
+};
+
 struct fiber {
   ucontext_t context{};
   std::unique_ptr<unsigned char[]> stack{new unsigned char[fiber_stack_bytes]};
   uint3 thread{};
   bool done = false;
   barrier waiting = barrier::none;
+  std::vector<async_copy> open_group;                // cp.async issued since the last commit
+  std::deque<std::vector<async_copy>> committed;     // groups in flight, oldest first
 };
 
 /// The scheduler of the CTA that runs on this thread.
@@ -213,6 +222,7 @@ struct cta_scheduler {
   const void* stack_bottom = nullptr;  // the launching thread's stack (ASan learns it at the first switch)
   std::size_t stack_size = 0;
   fiber* running = nullptr;
+  std::size_t shared_bytes = 0;  // the running launch's dynamic shared memory
   void (*body)(void*) = nullptr;
   void* closure = nullptr;
 };
@@ -250,6 +260,28 @@ void sync_cta() {
 void sync_warp() {
   scheduler.running->waiting = barrier::warp;
   leave_fiber(false);
+}
+
+void cp_async_16(void* shared_dst, const void* global_src) {
+  const auto to = std::uintptr_t(shared_dst), base = std::uintptr_t(context.dynamic_shared);
+  if (to % 16 || std::uintptr_t(global_src) % 16) fail_device("cp.async: an address not 16-byte aligned");
+  if (to < base || to + 16 > base + scheduler.shared_bytes)
+    fail_device("cp.async: the destination is not in the CTA's dynamic shared memory");
+  if (!in_device_memory(global_src, 16)) fail_device("cp.async: the source is not device memory");
+  std::memset(shared_dst, 0xFF, 16);  // what a reader sees until the copy lands
+  scheduler.running->open_group.push_back({shared_dst, global_src});
+}
+void cp_async_commit() {
+  fiber& f = *scheduler.running;
+  f.committed.push_back(std::move(f.open_group));
+  f.open_group.clear();
+}
+void cp_async_wait(int pending) {
+  fiber& f = *scheduler.running;
+  while (f.committed.size() > std::size_t(pending < 0 ? 0 : pending)) {
+    for (const async_copy& c : f.committed.front()) std::memcpy(c.to, c.from, 16);
+    f.committed.pop_front();
+  }
 }
 
 namespace {
@@ -315,6 +347,7 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
   if (scheduler.running != nullptr) fail_device("a kernel launched from a kernel (dynamic parallelism is not emulated)");
   scheduler.body = body;
   scheduler.closure = closure;
+  scheduler.shared_bytes = config.dynamic_shared_bytes;
   // Fibers (and their stacks) are kept for the next launch: stacks made per launch were mapped,
   // faulted in and unmapped again by the OS, which was most of the emulation's time.
   static thread_local std::vector<fiber> pool;
@@ -345,6 +378,8 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
         for (auto& f : cta) {
           f.done = false;
           f.waiting = barrier::none;
+          f.open_group.clear();
+          f.committed.clear();
           getcontext(&f.context);
           f.context.uc_stack.ss_sp = f.stack.get();
           f.context.uc_stack.ss_size = fiber_stack_bytes;
@@ -363,6 +398,11 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
           }
           scheduler.running = nullptr;
         } while (open_barriers(cta, where));
+        for (const auto& f : cta) {
+          const bool in_flight = !f.open_group.empty() || std::any_of(f.committed.begin(), f.committed.end(),
+                                                                      [](const auto& group) { return !group.empty(); });
+          if (in_flight) fail_at(where, f.thread, "cp.async copies still in flight when the thread returned (no cp.async.wait_group covered them)");
+        }
       }
 }
 

@@ -70,7 +70,7 @@ def bench_cuda_keys():
     assert suffixes and calls, "bench_cuda.cu: bench_intervention's result names not found (update this test)"
     # timing::fused_and_schedules adds the schedule rows: every "_fwd…_<schedule>" name in the file
     # (and the backward-from-saved rows, "_fwdbwd…_saved").
-    schedules = set(re.findall(r'"(_fwd\w*_(?:stream|resident|staged|tensor|tensor_apply|saved))"', src))
+    schedules = set(re.findall(r'"(_fwd\w*_(?:stream|resident|staged|tensor|tensor_apply|tensor_pipelined|saved))"', src))
     assert schedules, "bench_cuda.cu: the schedule result names not found (update this test)"
     for name, rest in calls:
         generic = "timing::generic" in rest
@@ -102,6 +102,8 @@ def torch_reference_keys():
 def test_keys():
     row_keys = {k for k, _, _ in gpu_table.ROWS}
     check(len(row_keys) == len(gpu_table.ROWS), "gpu_table.ROWS: no key twice")
+    for k, label, _ in gpu_table.ROWS:
+        check(len(label) <= 48, f"gpu_table.ROWS: {k}'s label fits the table's 48 columns ({len(label)}: {label!r})")
     known = row_keys | {k + v for k in row_keys for v in ("_eager", "_compile")} | set(gpu_table.OTHER_KEYS)
     grun, torch = bench_cuda_keys(), torch_reference_keys()
     print(f"bench_cuda.cu keys: {sorted(grun)}\ntorch_reference.py keys: {sorted(torch)}")
@@ -210,6 +212,31 @@ def test_table():
         check("a note from the run" in out, "NOTE lines are printed")
         check("Phases: configure 7 s, build 61 s  (total 68 s)" in out, "phases and their total are printed")
 
+        # The fastest other schedule of a target row, where it beats the default, and where the target
+        # would stand with it (the synthetic rows above: every schedule row as slow as the default or slower).
+        check("Fastest other schedule per target row" in out, "the fastest-schedule section is printed")
+        check(re.search(r"fused fwd linear\+loreft4 d=4096 T=16384 bf16\s+the default is the fastest", out) is not None,
+              "fastest schedules: a default no schedule beats is named so")
+        with open(path, "w") as f:
+            f.write(f"RESULT copy_d2d {COPY_MS:.6f} {COPY_BYTES:.0f}\n"
+                    "RESULT intervention_linear_loreft4_fwd 1.0 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwd_inplace 0.9 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwd_tensor_pipelined 0.625 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwd_stream 2.0 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwdbwd 1.0 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwdbwd_eager 4.0\n"
+                    "RESULT intervention_linear_loreft4_fwdbwd_saved 0.8 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwdbwd_pipelined_tensor_saved 0.5 1000000000\n")
+        p = run([sys.executable, os.path.join(ROOT, "benchmarks", "cuda", "gpu_table.py"), path])
+        print(p.stdout)
+        check(re.search(r"loreft4 d=4096 T=16384 bf16\s+tensor_pipelined: 0\.625 ms, 1\.60× the default's speed, "
+                        r"80\.0% of copy BW \(MET if it were the default\)", p.stdout) is not None,
+              "fastest schedules: the forward's (not the in-place row), its speed-up and its target")
+        check(re.search(r"fused fwd\+bwd linear\+loreft4 \(same sizes\)\s+pipelined_tensor_saved: 0\.500 ms, 2\.00× "
+                        r"the default's speed, 8\.00× faster than eager \(MET if it were the default\)", p.stdout) is not None,
+              "fastest schedules: fwd+bwd against eager")
+        check("Issue 4 targets: 0 MET, 3 MISSED" in p.stdout, "the verdicts still count the defaults only")
+
         # A run that stopped early: only nvidia-smi's line and the copy; nothing may crash.
         with open(path, "w") as f:
             f.write("SMI Fake GPU 9000, 80000 MiB, 999.1\nMODE quick\nNOTE bench_cuda was not built\n")
@@ -313,6 +340,7 @@ def test_slot():
             with open(os.path.join(out, "ncu.txt")) as f:
                 ncu = f.read()
             for kernel, schedule in [("forward_tensor_kernel", "tensor"), ("forward_tensor_kernel", "tensor_apply"),
+                                     ("forward_tensor_kernel", "tensor_pipelined"),
                                      ("forward_kernel", "stream"),
                                      ("forward_kernel", "resident"), ("coef_kernel", "stream"),
                                      ("coef_tensor_kernel", "tensor"), ("slot_kernel", "stream"),

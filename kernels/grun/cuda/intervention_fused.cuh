@@ -30,7 +30,9 @@
 //   forward_tensor_kernel  the default forward for 16-bit storage (d ≤ 4096, K ≤ 8, sm_80+): tiles
 //                    of 8 rows held in registers by 256 threads, the dots on tensor cores (mma.sync,
 //                    fp32 accumulate); one module's parameters staged in shared memory by persistent
-//                    CTAs, a stack's read in place. See "forward on tensor cores" below.
+//                    CTAs, a stack's read in place. See "forward on tensor cores" below. Opt-in
+//                    (forward_schedule::tensor_pipelined): one module, one CTA of 512 threads per SM,
+//                    its tiles double-buffered in shared memory by cp.async — the same bits.
 //   Both forwards can keep e and z of every position for the backward (saved_activations; 16-bit
 //   storage): fp32 [K][P][r+1].
 //   Positions: when the list selects every row in order, nothing is uploaded (row q is position q).
@@ -368,7 +370,11 @@ __device__ __forceinline__ void load_resident(const T* const (&rows)[ROWS], inde
 /// run `stream`.
 ///   tensor_apply  tensor, and with one module in bf16 (the staged kernel) the write of h' on tensor
 ///             cores too (apply_on_tensor_cores); other calls as tensor. Not yet timed on a GPU.
-enum class forward_schedule { stream, resident, staged, tensor, tensor_apply };
+///   tensor_pipelined  tensor, and with one module whose parameters and two tiles fit in shared
+///             memory (pipelined_fits) one CTA per SM that double-buffers its tiles by cp.async: the
+///             next tile lands while this one is reduced and written. The tensor schedule's bits.
+///             Other calls as tensor. Not yet timed on a GPU.
+enum class forward_schedule { stream, resident, staged, tensor, tensor_apply, tensor_pipelined };
 inline forward_schedule forward_plan = forward_schedule::tensor;
 
 /// Most vectors per thread and row the resident schedule keeps in registers.
@@ -551,6 +557,39 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a
 #endif
 }
 
+// Asynchronous copies (cp.async, sm_80+): 16 bytes from global to shared memory without passing
+// through registers (.cg: cached in L2, not L1), in groups a thread commits and later waits for.
+/// Starts one 16-byte copy (both addresses 16-byte aligned); it lands when a cp_async_wait covers
+/// the group it is committed with.
+__device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(global_src) : "memory");
+#elif defined(GRUN_CUDA_EMULATION)
+  ::grun_emu::cp_async_16(shared_dst, global_src);  // tests/emulation: lands at the wait, poison until then
+#else
+  __trap();  // never launched below sm_80 (the launches check limits_of_device().mma)
+#endif
+}
+/// Closes the thread's current group of copies (an empty group is a group).
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(GRUN_CUDA_EMULATION)
+  ::grun_emu::cp_async_commit();
+#endif
+}
+/// Waits until at most N of the thread's committed groups are still in flight. Other threads' copies
+/// need a barrier after it.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#elif defined(GRUN_CUDA_EMULATION)
+  ::grun_emu::cp_async_wait(N);
+#endif
+}
+
 /// The two 16-bit elements of a 32-bit word (lower address in the low half) → float.
 template <class T>
 __device__ __forceinline__ void unpack_pair(unsigned w, float& lo, float& hi) {
@@ -618,15 +657,21 @@ __device__ __forceinline__ void mma_split(float (&c)[4], const unsigned (&hi)[4]
 /// lanes read at one vector index fall in different banks (a stride of d would put them all in one).
 GRUN_HD constexpr index_t staged_row_stride(index_t d) { return d + 8; }
 
+/// The pipelined forward's shared-memory row stride (parameter rows and tile rows): a multiple of 64
+/// elements plus 32, i.e. ≡ 64 bytes mod 128. The dots' lanes 4g + t read 64 contiguous bytes of row
+/// g, so a quarter-warp (the unit of a 16-byte shared load) reads two rows, which then fill the 32
+/// banks once; staged_row_stride's 16-byte shift leaves them 2-way conflicted.
+GRUN_HD constexpr index_t pipelined_row_stride(index_t d) { return (d + 63) / 64 * 64 + 32; }
+
 /// The CTA copies module m's 2R+1 parameter rows [U; D; w] (zeros for a null w: no gate) into shared
-/// memory, rows staged_row_stride(d) apart, and waits for all of it. d % 8 == 0.
+/// memory, rows lds elements apart, and waits for all of it. d % 8 == 0.
 template <class T, int R>
-__device__ __forceinline__ void stage_parameter_rows(const src_ptrs<T>& m, index_t d, T* staged) {
+__device__ __forceinline__ void stage_parameter_rows(const src_ptrs<T>& m, index_t d, T* staged, index_t lds) {
   const int nvec = int(d / 8);
 #pragma unroll 1
   for (int r = 0; r < 2 * R + 1; ++r) {
     const T* src = param_row(m, r, R, d);
-    T* to = staged + r * staged_row_stride(d);
+    T* to = staged + r * lds;
     if (src == nullptr) {  // the gate row without a gate: zeros
       for (int v = int(threadIdx.x); v < nvec; v += int(blockDim.x)) reinterpret_cast<uint4*>(to)[v] = make_uint4(0, 0, 0, 0);
     } else if ((reinterpret_cast<std::uintptr_t>(src) & 15u) == 0) {
@@ -691,6 +736,40 @@ constexpr std::size_t forward_tensor_static_bytes() {
   return sizeof(float) * (WARPS * MT * 16 * tensor_rows + MT * 16 * tensor_rows + tensor_max_modules * tensor_rows * R);
 }
 
+/// h' = h + Σ_k Σ_i coef(k, i) · U_k,i over one 16-byte vector (8 elements of 16-bit storage), on
+/// CUDA cores, in fp32 (r FMAs per element and module, k then i in order: the tensor schedules' bits);
+/// u(k, i) gives U_k row i's vector at the same columns.
+template <class T, int R, class Coef, class URow>
+__device__ __forceinline__ uint4 add_modules(const uint4& hx, index_t K, Coef coef, URow u) {
+  float o[8];
+  unpack_pair<T>(hx.x, o[0], o[1]);
+  unpack_pair<T>(hx.y, o[2], o[3]);
+  unpack_pair<T>(hx.z, o[4], o[5]);
+  unpack_pair<T>(hx.w, o[6], o[7]);
+  for (index_t k = 0; k < K; ++k) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const uint4 uv = u(k, i);
+      const float cf = coef(k, i);
+      float p[8];
+      unpack_pair<T>(uv.x, p[0], p[1]);
+      unpack_pair<T>(uv.y, p[2], p[3]);
+      unpack_pair<T>(uv.z, p[4], p[5]);
+      unpack_pair<T>(uv.w, p[6], p[7]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = fmaf(cf, p[e], o[e]);
+    }
+  }
+  vec<T, 8> r;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) dstore(&r.v[e], o[e]);
+  return *reinterpret_cast<const uint4*>(&r);
+}
+
+/// Threads per CTA of the pipelined tensor schedule: the tensor schedule's 8 warps do the dots (the
+/// same fragments, so the same bits), all 16 write h'.
+inline constexpr int pipelined_block = 2 * tensor_block;
+
 /// One tile of 8 positions per CTA and iteration; warp w, lane (g, t) holds row g's vectors
 /// v = t + 4·(w + 8c), c < HELD (loaded once, streamed past L1, used for the dots of every module and
 /// the write of h'). Per module: mma over the held vectors → per-warp partial C [16·MT, 8] → summed
@@ -705,35 +784,50 @@ constexpr std::size_t forward_tensor_static_bytes() {
 /// APPLY (STAGED, bf16, r ≤ 8; forward_schedule::tensor_apply): the write of h' on tensor cores too
 /// (apply_on_tensor_cores above). kept (or null): [K][P][R + 1], each position's e and z for a
 /// backward that reads them instead of h (saved_activations).
-template <class T, int R, bool LO, int GM, int HELD, bool STAGED, bool APPLY>
-__global__ void __launch_bounds__(tensor_block, 2)
+///
+/// PIPELINED (STAGED, not APPLY; forward_schedule::tensor_pipelined): one CTA of 512 threads per SM
+/// with two tile buffers in shared memory after the parameters. Held in registers, a tile leaves its
+/// CTA nothing to load while it is reduced and written, and two CTAs per SM do not cover each other
+/// (ncu, run 5: 9 cycles per issued instruction, 45% of DRAM peak). Here tile i + gridDim.x lands in
+/// the other buffer by cp.async while tile i is reduced and written: 64 KiB in flight per SM at
+/// d = 4096 all the time. Warps 0–7 copy their vectors of the tile from shared memory into the same
+/// registers the tensor schedule loads from global memory, so the dots, g, coef and the kept values
+/// are its bits; all 16 warps then write h' with thread → (vector, rows) and the same FMA order:
+/// h' is the tensor schedule's, bit for bit (the tests check it). Rows pipelined_row_stride(d) apart.
+template <class T, int R, bool LO, int GM, int HELD, bool STAGED, bool APPLY, bool PIPELINED = false>
+__global__ void __launch_bounds__(PIPELINED ? pipelined_block : tensor_block, PIPELINED ? 1 : 2)
     forward_tensor_kernel(module_ptrs<T> mods, index_t K, float scale, matrix_view<const T, cuda_space> h,
                           const index_t* __restrict__ pos, index_t P, matrix_view<T, cuda_space> out,
                           matrix_view<T, cuda_space> gates, const float* __restrict__ gext,
                           float* __restrict__ kept) {
   constexpr int NP = 2 * R + 1, MT = (NP + 15) / 16, WARPS = tensor_block / 32, ROWS = tensor_rows;
+  constexpr int THREADS = PIPELINED ? pipelined_block : tensor_block;
   constexpr bool GATED = GM == gate_linear;
   static_assert(!APPLY || (STAGED && std::is_same_v<T, bfloat16> && R <= 8), "apply_on_tensor_cores' conditions");
+  static_assert(!PIPELINED || (STAGED && !APPLY), "the pipelined schedule stages one module and writes on CUDA cores");
   __shared__ float part[WARPS][MT * 16][ROWS];
   __shared__ float dots[MT * 16][ROWS];
   __shared__ float coef[tensor_max_modules][ROWS][R];
   static_assert(sizeof(part) + sizeof(dots) + sizeof(coef) == forward_tensor_static_bytes<R>());
   extern __shared__ __align__(16) unsigned char smem[];
-  T* staged = reinterpret_cast<T*>(smem);  // STAGED: [NP][d + 8] — U rows, D rows, w (zeros without a gate)
+  T* staged = reinterpret_cast<T*>(smem);  // STAGED: [NP][lds] — U rows, D rows, w (zeros without a gate)
 
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   const index_t d = h.extent(1);
   const int nvec = int(d / 8);  // ≤ 512 (launch_forward_tensor checks)
-  const index_t lds = staged_row_stride(d);
+  const index_t lds = PIPELINED ? pipelined_row_stride(d) : staged_row_stride(d);
+  T* const buffers = staged + NP * lds;  // PIPELINED: two tiles [2][ROWS][lds] after the parameters
   // The thread's vectors of its row: v = v0 + STEP·c. Chunk c starts at column 8·(4·warp + STEP·c),
   // the same for the warp's lanes: the mma runs on every lane of a chunk with any column left, and
   // lanes past the row's end hold zeros (h and parameters both: no 0 · garbage). 32-bit vector
   // indices and one base pointer per row, so the HELD loads are one register and immediate offsets.
+  // Warps past the first 8 (PIPELINED) take no part in the dots.
   constexpr int STEP = 4 * WARPS;
   const int v0 = t + 4 * warp;
-  auto chunk_live = [&](int c) { return 4 * warp + STEP * c < nvec; };
+  const bool dot_warp = !PIPELINED || warp < WARPS;
+  auto chunk_live = [&](int c) { return dot_warp && 4 * warp + STEP * c < nvec; };
 
-  if constexpr (STAGED) stage_parameter_rows<T, R>(mods.m[0], d, staged);
+  if constexpr (STAGED) stage_parameter_rows<T, R>(mods.m[0], d, staged, lds);
   // Row `row` of module m's parameter matrix [2R+1, d] as the dots use it (null: a row of zeros —
   // direft's e needs no U·h, gate::always no w), as 16-byte vectors from v0 on.
   auto dot_row = [&](const src_ptrs<T>& m, int r) -> const uint4* {
@@ -743,16 +837,52 @@ __global__ void __launch_bounds__(tensor_block, 2)
   };
 
   const index_t tiles = (P + ROWS - 1) / ROWS;
-  for (index_t tile = blockIdx.x; tile < tiles; tile += STAGED ? index_t(gridDim.x) : tiles) {
+  // PIPELINED: tile → buffer b by cp.async, each thread a strided share of its vectors, one group
+  // per tile. Rows past the last position repeat the first (loaded, never stored), as below.
+  auto fetch = [&](index_t tile, int b) {
+    const index_t q0 = tile * ROWS;
+    const int nr = int(P - q0 < ROWS ? P - q0 : ROWS);
+    T* to = buffers + b * ROWS * lds;
+#pragma unroll 1
+    for (int rr = 0; rr < ROWS; ++rr) {
+      const T* from = h.row(row_at(pos, q0 + (rr < nr ? rr : 0)));
+      for (int v = int(threadIdx.x); v < nvec; v += THREADS) cp_async_16(to + rr * lds + 8 * v, from + 8 * v);
+    }
+    cp_async_commit();
+  };
+  // PIPELINED's write of h': thread → vector wv of the tile's rows first, first + groups, … (groups:
+  // how many rows the CTA's threads cover at once; nvec ≤ 512).
+  const int groups = PIPELINED && nvec > 0 ? (THREADS / nvec < ROWS ? THREADS / nvec : ROWS) : 1;
+  const int wv = PIPELINED && nvec > 0 ? int(threadIdx.x) % nvec : 0, first = PIPELINED && nvec > 0 ? int(threadIdx.x) / nvec : 0;
+  if constexpr (PIPELINED)
+    if (index_t(blockIdx.x) < tiles) fetch(blockIdx.x, 0);
+
+  int buffer = 0;  // PIPELINED: where this iteration's tile lands
+  for (index_t tile = blockIdx.x; tile < tiles; tile += STAGED ? index_t(gridDim.x) : tiles, buffer ^= 1) {
     const index_t q0 = tile * ROWS;
     const int nr = int(P - q0 < ROWS ? P - q0 : ROWS);
     const bool live = g < nr;  // rows past the last position repeat the first: loaded, never stored
     const index_t row = row_at(pos, q0 + (live ? g : 0));
+    const T* current = buffers + buffer * ROWS * lds;
 
     uint4 held[HELD];
-    const uint4* hv = reinterpret_cast<const uint4*>(h.row(row)) + v0;
+    if constexpr (PIPELINED) {
+      // The next tile starts for the other buffer (which the barrier ending the previous iteration
+      // freed); then this tile's copies are waited for: the thread's own, then everyone's. An empty
+      // group where there is no next tile keeps "all but the newest group" meaning this tile.
+      const index_t next = tile + index_t(gridDim.x);
+      if (next < tiles) fetch(next, buffer ^ 1);
+      else cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+      const uint4* hv = reinterpret_cast<const uint4*>(current + g * lds) + v0;
 #pragma unroll
-    for (int c = 0; c < HELD; ++c) held[c] = v0 + STEP * c < nvec ? __ldcs(hv + STEP * c) : make_uint4(0, 0, 0, 0);
+      for (int c = 0; c < HELD; ++c) held[c] = dot_warp && v0 + STEP * c < nvec ? hv[STEP * c] : make_uint4(0, 0, 0, 0);
+    } else {
+      const uint4* hv = reinterpret_cast<const uint4*>(h.row(row)) + v0;
+#pragma unroll
+      for (int c = 0; c < HELD; ++c) held[c] = v0 + STEP * c < nvec ? __ldcs(hv + STEP * c) : make_uint4(0, 0, 0, 0);
+    }
 
     for (index_t k = 0; k < K; ++k) {
       const src_ptrs<T> m = mods.m[k];
@@ -776,12 +906,12 @@ __global__ void __launch_bounds__(tensor_block, 2)
           mma_vector<T>(acc[mt], pa, pb, held[c]);
         }
       }
+      if (dot_warp) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        store_fragment(acc[mt], part[warp], mt, g, t);
+        for (int mt = 0; mt < MT; ++mt) store_fragment(acc[mt], part[warp], mt, g, t);
       }
       __syncthreads();  // (also: every thread is past the previous tile's reads of coef)
-      for (int i = int(threadIdx.x); i < NP * ROWS; i += tensor_block) {
+      for (int i = int(threadIdx.x); i < NP * ROWS; i += THREADS) {
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) s += part[w][i / ROWS][i % ROWS];
@@ -807,40 +937,40 @@ __global__ void __launch_bounds__(tensor_block, 2)
     }
     __syncthreads();  // every module's coef visible
 
-    uint4* dst = reinterpret_cast<uint4*>(out.row(row)) + v0;
-    if constexpr (APPLY) {
+    auto u_staged = [&](int v) {  // U row i's vector v, staged
+      return [=](index_t, int i) { return *(reinterpret_cast<const uint4*>(staged + i * lds) + v); };
+    };
+    if constexpr (PIPELINED) {
+      if (first < groups) {
+        const auto u = u_staged(wv);
+#pragma unroll 1
+        for (int rr = first; rr < nr; rr += groups) {
+          const uint4 hx = *(reinterpret_cast<const uint4*>(current + rr * lds) + wv);
+          const uint4 o = add_modules<T, R>(hx, 1, [&](index_t, int i) { return coef[0][rr][i]; }, u);
+          __stcs(reinterpret_cast<uint4*>(out.row(row_at(pos, q0 + rr))) + wv, o);
+        }
+      }
+      __syncthreads();  // every read of this buffer done before the next iteration refills it
+    } else if constexpr (APPLY) {
+      uint4* dst = reinterpret_cast<uint4*>(out.row(row)) + v0;
       apply_on_tensor_cores<R, HELD>(coef[0], staged, lds, nvec, warp, g, t, held, live, dst);
     } else {
+      uint4* dst = reinterpret_cast<uint4*>(out.row(row)) + v0;
 #pragma unroll
       for (int c = 0; c < HELD; ++c) {
         if (!chunk_live(c)) break;
-        if (v0 + STEP * c >= nvec) continue;
-        float o[8];
-        unpack_pair<T>(held[c].x, o[0], o[1]);
-        unpack_pair<T>(held[c].y, o[2], o[3]);
-        unpack_pair<T>(held[c].z, o[4], o[5]);
-        unpack_pair<T>(held[c].w, o[6], o[7]);
-        for (index_t k = 0; k < K; ++k) {
-#pragma unroll
-          for (int i = 0; i < R; ++i) {
-            const uint4 u = STAGED ? *(reinterpret_cast<const uint4*>(staged + i * lds) + v0 + STEP * c)
-                                   : __ldg(reinterpret_cast<const uint4*>(mods.m[k].U) + v0 + STEP * c + i * nvec);
-            const float cf = coef[k][g][i];
-            float p[8];
-            unpack_pair<T>(u.x, p[0], p[1]);
-            unpack_pair<T>(u.y, p[2], p[3]);
-            unpack_pair<T>(u.z, p[4], p[5]);
-            unpack_pair<T>(u.w, p[6], p[7]);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) o[e] = fmaf(cf, p[e], o[e]);
-          }
+        const int v = v0 + STEP * c;
+        if (v >= nvec) continue;
+        auto cf = [&](index_t k, int i) { return coef[k][g][i]; };
+        uint4 o;
+        if constexpr (STAGED) {
+          o = add_modules<T, R>(held[c], K, cf, u_staged(v));
+        } else {
+          o = add_modules<T, R>(held[c], K, cf, [&](index_t k, int i) {
+            return __ldg(reinterpret_cast<const uint4*>(mods.m[k].U) + v0 + STEP * c + i * nvec);
+          });
         }
-        if (live) {
-          vec<T, 8> r;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) dstore(&r.v[e], o[e]);
-          __stcs(dst + STEP * c, *reinterpret_cast<const uint4*>(&r));
-        }
+        if (live) __stcs(dst + STEP * c, o);
       }
     }
   }
@@ -1074,7 +1204,7 @@ __global__ void __launch_bounds__(tensor_block, 2)
   const int nvec = int(d / 8);
   const index_t tiles = (P + ROWS - 1) / ROWS;
   if (index_t(blockIdx.x) >= tiles) return;  // the whole CTA (the launch makes none such)
-  stage_parameter_rows<T, R>(packed_sources<T>(pm, R, dp, GATED), d, staged);
+  stage_parameter_rows<T, R>(packed_sources<T>(pm, R, dp, GATED), d, staged, staged_row_stride(d));
   // Lane (g, t) of warp w: vectors v0 + STEP·c of row g (c: chunk), as in forward_tensor_kernel.
   const int v0 = t + 4 * warp;
   const int batches = (nvec + STEP * B - 1) / (STEP * B);
@@ -1684,6 +1814,20 @@ bool staged_fits(index_t d, const device_limits& lim, std::size_t fixed) {
   const std::size_t bytes = staged_bytes<T, R>(d);
   return bytes + fixed <= std::size_t(lim.smem_per_block_optin) && 2 * (bytes + fixed + 1024) <= std::size_t(lim.smem_per_sm);
 }
+/// The pipelined tensor forward's dynamic shared memory: the 2r+1 parameter rows and two tiles of
+/// tensor_rows rows, pipelined_row_stride(d) apart.
+template <class T, int R>
+std::size_t pipelined_bytes(index_t d) {
+  return std::size_t(2 * R + 1 + 2 * tensor_rows) * std::size_t(pipelined_row_stride(d)) * sizeof(T);
+}
+/// Whether the current device runs the pipelined tensor forward (one CTA per SM) beside `fixed` bytes
+/// of static shared memory: at d = 4096, loreft<4> bf16, 206 KiB of an H100's or H200's 227; not an
+/// A100's 163 (those calls run the tensor schedule).
+template <class T, int R>
+bool pipelined_fits(index_t d, const device_limits& lim, std::size_t fixed) {
+  const std::size_t bytes = pipelined_bytes<T, R>(d);
+  return bytes + fixed <= std::size_t(lim.smem_per_block_optin) && bytes + fixed + 1024 <= std::size_t(lim.smem_per_sm);
+}
 /// Opts Kernel, whose static shared memory is `fixed` bytes, in to all the dynamic shared memory a CTA
 /// can have beside it, once per device (an attribute of the function on the current device). The
 /// driver refuses a value that, with the static part, passes the device's per-CTA opt-in limit.
@@ -1725,11 +1869,16 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
   const index_t tiles = cuda::ceil_div(P, index_t(tensor_rows));
   const std::size_t staged = staged_bytes<T, R>(d);
   const bool stage = K == 1 && tiles > 1 && staged_fits<T, R>(d, lim, forward_tensor_static_bytes<R>());
-  auto launch = [&](auto held, auto staged_kernel, auto apply_on_tensor_cores) {
-    constexpr bool S = decltype(staged_kernel)::value;
+  auto launch = [&](auto held, auto staged_kernel, auto apply_on_tensor_cores, auto pipelined_kernel) {
+    constexpr bool S = decltype(staged_kernel)::value, PL = decltype(pipelined_kernel)::value;
     constexpr auto kernel =
-        forward_tensor_kernel<T, R, LO, GM, decltype(held)::value, S, decltype(apply_on_tensor_cores)::value>;
-    if constexpr (S) {
+        forward_tensor_kernel<T, R, LO, GM, decltype(held)::value, S, decltype(apply_on_tensor_cores)::value, PL>;
+    if constexpr (PL) {  // one CTA per SM
+      allow_large_shared_memory<kernel>(lim, forward_tensor_static_bytes<R>());
+      const unsigned grid = unsigned(std::min<index_t>(tiles, index_t(lim.sms)));
+      kernel<<<grid, pipelined_block, pipelined_bytes<T, R>(d), s>>>(mods, K, float(scale), h, dpos.ptr(), P, out,
+                                                                     gates, gext, kept);
+    } else if constexpr (S) {
       allow_large_shared_memory<kernel>(lim, forward_tensor_static_bytes<R>());
       const unsigned grid = unsigned(std::min<index_t>(tiles, index_t(2) * lim.sms));
       kernel<<<grid, tensor_block, staged, s>>>(mods, K, float(scale), h, dpos.ptr(), P, out, gates, gext, kept);
@@ -1741,15 +1890,22 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
   using large = std::integral_constant<int, tensor_max_held>;
   using yes = std::true_type;
   using no = std::false_type;
+  // forward_schedule::tensor_pipelined: one module, the tile double-buffered in shared memory.
+  if (forward_plan == forward_schedule::tensor_pipelined && K == 1 && tiles > 1 && d > 0 &&
+      pipelined_fits<T, R>(d, lim, forward_tensor_static_bytes<R>())) {
+    per_thread <= 4 ? launch(small{}, yes{}, no{}, yes{}) : launch(large{}, yes{}, no{}, yes{});
+    GRUN_CUDA_CHECK_LAUNCH();
+    return true;
+  }
   if (stage) {
     // forward_schedule::tensor_apply: the write of h' on tensor cores too (bf16, r ≤ 8).
     bool applied = false;
     if constexpr (std::is_same_v<T, bfloat16> && R <= 8)
       if (forward_plan == forward_schedule::tensor_apply) {
-        per_thread <= 4 ? launch(small{}, yes{}, yes{}) : launch(large{}, yes{}, yes{});
+        per_thread <= 4 ? launch(small{}, yes{}, yes{}, no{}) : launch(large{}, yes{}, yes{}, no{});
         applied = true;
       }
-    if (!applied) per_thread <= 4 ? launch(small{}, yes{}, no{}) : launch(large{}, yes{}, no{});
+    if (!applied) per_thread <= 4 ? launch(small{}, yes{}, no{}, no{}) : launch(large{}, yes{}, no{}, no{});
     GRUN_CUDA_CHECK_LAUNCH();
     return true;
   }
@@ -1762,7 +1918,7 @@ bool launch_forward_tensor(std::span<const module_params<I, T, cuda_space>> modu
     pack<I, T>(modules, d, d, ms, packed.ptr, s);
     for (index_t k = 0; k < K; ++k) mods.m[k] = packed_sources<T>(packed.ptr + k * ms, R, d, mods.m[k].w != nullptr);
   }
-  per_thread <= 4 ? launch(small{}, no{}, no{}) : launch(large{}, no{}, no{});
+  per_thread <= 4 ? launch(small{}, no{}, no{}, no{}) : launch(large{}, no{}, no{}, no{});
   GRUN_CUDA_CHECK_LAUNCH();
   return true;
 }
@@ -1819,7 +1975,8 @@ bool forward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cu
 
   if constexpr (detail::tensor_takes<T, R>) {
     if ((detail::forward_plan == detail::forward_schedule::tensor ||
-         detail::forward_plan == detail::forward_schedule::tensor_apply) &&
+         detail::forward_plan == detail::forward_schedule::tensor_apply ||
+         detail::forward_plan == detail::forward_schedule::tensor_pipelined) &&
         detail::launch_forward_tensor<I, T, GM>(modules, scale, h, pos, out, gates, gext, keep, s))
       return true;
   }
