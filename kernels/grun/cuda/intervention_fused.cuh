@@ -1093,7 +1093,11 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
   constexpr bool GATED = GM == gate_linear;
   using Acc = std::conditional_t<std::is_same_v<T, float>, double, float>;
   using A = farr<ROWS * ND, Acc>;
-  using BR = cub::BlockReduce<A, block>;
+  // What the block reduces: every dot, or with KEPT the U·x dots alone (ROWS·R of the ROWS·(3R+1):
+  // the rest are never summed). A reduction sums each member on its own in a fixed tree, so the
+  // members' bits do not depend on which others travel with them.
+  using Reduced = farr<ROWS * (KEPT ? R : ND), Acc>;
+  using BR = cub::BlockReduce<Reduced, block>;
   __shared__ typename BR::TempStorage tmp;
   const index_t d = h.extent(1), nvec = d / V;
   const index_t q0 = index_t(blockIdx.x) * ROWS;
@@ -1142,7 +1146,20 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) coef_kernel(const T* _
         accumulate_dots<V, R, ROWS, ND, LO, GATED, !KEPT, true>(pm, dp, v * V, x, y, a.v);
       }
     }
-    a = BR(tmp).Reduce(a, farr_sum{});
+    if constexpr (KEPT) {
+      Reduced ux;  // U·x of each row: members 2R+1 … 3R of its dots
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr)
+#pragma unroll
+        for (int i = 0; i < R; ++i) ux.v[rr * R + i] = a.v[rr * ND + 2 * R + 1 + i];
+      ux = BR(tmp).Reduce(ux, farr_sum{});
+#pragma unroll
+      for (int rr = 0; rr < ROWS; ++rr)
+#pragma unroll
+        for (int i = 0; i < R; ++i) a.v[rr * ND + 2 * R + 1 + i] = ux.v[rr * R + i];
+    } else {
+      a = BR(tmp).Reduce(a, farr_sum{});
+    }
     if (threadIdx.x == 0) {
       const T* sc = pm + packed_tail(R, dp);
 #pragma unroll
