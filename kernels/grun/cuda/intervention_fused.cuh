@@ -653,15 +653,13 @@ __device__ __forceinline__ void mma_split(float (&c)[4], const unsigned (&hi)[4]
   mma_16816<bfloat16>(c, lo[0], lo[1], lo[2], lo[3], b0, b1);
 }
 
-/// The staged variant's shared-memory row stride: d + 8 elements, so that the 8 rows a warp's
-/// lanes read at one vector index fall in different banks (a stride of d would put them all in one).
-GRUN_HD constexpr index_t staged_row_stride(index_t d) { return d + 8; }
-
-/// The pipelined forward's shared-memory row stride (parameter rows and tile rows): a multiple of 64
-/// elements plus 32, i.e. ≡ 64 bytes mod 128. The dots' lanes 4g + t read 64 contiguous bytes of row
-/// g, so a quarter-warp (the unit of a 16-byte shared load) reads two rows, which then fill the 32
-/// banks once; staged_row_stride's 16-byte shift leaves them 2-way conflicted.
-GRUN_HD constexpr index_t pipelined_row_stride(index_t d) { return (d + 63) / 64 * 64 + 32; }
+/// The row stride of every row staged in shared memory for the tensor-core kernels (parameter rows,
+/// and the pipelined forward's tile rows): a multiple of 64 elements plus 32, i.e. ≡ 64 bytes mod
+/// 128. Their lanes 4g + t read 16-byte vector t + 4·warp (+ a chunk's offset) of row g, so a
+/// quarter-warp (the unit of a 16-byte shared load) reads 64 contiguous bytes of each of two rows;
+/// 64 bytes apart mod 128, those fill the 32 banks once. (A stride of d + 8 puts the two rows 16
+/// bytes apart mod 128: their vectors overlap in 3 of 4 bank groups, a 2-way conflict; d, in all 4.)
+GRUN_HD constexpr index_t staged_row_stride(index_t d) { return (d + 63) / 64 * 64 + 32; }
 
 /// The CTA copies module m's 2R+1 parameter rows [U; D; w] (zeros for a null w: no gate) into shared
 /// memory, rows lds elements apart, and waits for all of it. d % 8 == 0.
@@ -793,7 +791,7 @@ inline constexpr int pipelined_block = 2 * tensor_block;
 /// d = 4096 all the time. Warps 0–7 copy their vectors of the tile from shared memory into the same
 /// registers the tensor schedule loads from global memory, so the dots, g, coef and the kept values
 /// are its bits; all 16 warps then write h' with thread → (vector, rows) and the same FMA order:
-/// h' is the tensor schedule's, bit for bit (the tests check it). Rows pipelined_row_stride(d) apart.
+/// h' is the tensor schedule's, bit for bit (the tests check it). Rows staged_row_stride(d) apart.
 template <class T, int R, bool LO, int GM, int HELD, bool STAGED, bool APPLY, bool PIPELINED = false>
 __global__ void __launch_bounds__(PIPELINED ? pipelined_block : tensor_block, PIPELINED ? 1 : 2)
     forward_tensor_kernel(module_ptrs<T> mods, index_t K, float scale, matrix_view<const T, cuda_space> h,
@@ -815,7 +813,7 @@ __global__ void __launch_bounds__(PIPELINED ? pipelined_block : tensor_block, PI
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   const index_t d = h.extent(1);
   const int nvec = int(d / 8);  // ≤ 512 (launch_forward_tensor checks)
-  const index_t lds = PIPELINED ? pipelined_row_stride(d) : staged_row_stride(d);
+  const index_t lds = staged_row_stride(d);
   T* const buffers = staged + NP * lds;  // PIPELINED: two tiles [2][ROWS][lds] after the parameters
   // The thread's vectors of its row: v = v0 + STEP·c. Chunk c starts at column 8·(4·warp + STEP·c),
   // the same for the warp's lanes: the mma runs on every lane of a chunk with any column left, and
@@ -1215,7 +1213,7 @@ __global__ void __launch_bounds__(tensor_block, 2)
   __shared__ float dots[ND][ROWS];  // per position n: {U·h | D·h | w·h | U·x}, write_coefficients' order
   static_assert(sizeof(part) + sizeof(dots) == coef_tensor_static_bytes<R>());
   extern __shared__ __align__(16) unsigned char smem[];
-  T* staged = reinterpret_cast<T*>(smem);  // [NP][d + 8]: U rows, D rows, w (zeros without a gate)
+  T* staged = reinterpret_cast<T*>(smem);  // [NP][staged_row_stride(d)]: U, D rows, w (zeros: no gate)
 
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   const index_t d = h.extent(1);
@@ -1833,10 +1831,10 @@ bool staged_fits(index_t d, const device_limits& lim, std::size_t fixed) {
   return bytes + fixed <= std::size_t(lim.smem_per_block_optin) && 2 * (bytes + fixed + 1024) <= std::size_t(lim.smem_per_sm);
 }
 /// The pipelined tensor forward's dynamic shared memory: the 2r+1 parameter rows and two tiles of
-/// tensor_rows rows, pipelined_row_stride(d) apart.
+/// tensor_rows rows, staged_row_stride(d) apart.
 template <class T, int R>
 std::size_t pipelined_bytes(index_t d) {
-  return std::size_t(2 * R + 1 + 2 * tensor_rows) * std::size_t(pipelined_row_stride(d)) * sizeof(T);
+  return std::size_t(2 * R + 1 + 2 * tensor_rows) * std::size_t(staged_row_stride(d)) * sizeof(T);
 }
 /// Whether the current device runs the pipelined tensor forward (one CTA per SM) beside `fixed` bytes
 /// of static shared memory: at d = 4096, loreft<4> bf16, 206 KiB of an H100's or H200's 227; not an
