@@ -83,14 +83,17 @@ timeout 60 "$bin/bench_cuda" --only intervention_scaling >"$out/extra.txt" 2>&1
 ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
 : >"$out/ncu.txt"
 if [[ -n $ncu ]]; then
-  # The forward once per schedule (bench_cuda --schedule makes it the run's default, so -c 1 takes it).
+  # The forward once per schedule (bench_cuda --schedule makes it the run's default, so -c 1 takes it);
+  # the backward's opt-in kernels first run in the intervention_schedules group.
+  # The two l1tex metrics: shared-memory load bank conflicts against all shared-load wavefronts.
   for job in "forward_tensor_kernel tensor" "forward_tensor_kernel tensor_apply" "forward_tensor_kernel tensor_pipelined" "forward_kernel stream" "forward_kernel resident" "coef_kernel stream" \
              "coef_tensor_kernel tensor" "slot_kernel stream" "slot_tensor_kernel tensor" "sum_slots_kernel stream"; do
     set -- $job
     echo "== ncu $1 (forward schedule $2)" >>"$out/ncu.txt"
     timeout 40 "$ncu" --clock-control none -k "regex:$1" -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section Occupancy --section LaunchStats --section WarpStateStats \
-      "$bin/bench_cuda" --only intervention_linear_loreft4 --schedule "$2" >>"$out/ncu.txt" 2>&1 ||
+      --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum \
+      "$bin/bench_cuda" --only intervention_linear_loreft4,intervention_schedules --schedule "$2" >>"$out/ncu.txt" 2>&1 ||
       echo "ncu $1 ($2): exit $?" >>"$out/ncu.txt"
   done
 else

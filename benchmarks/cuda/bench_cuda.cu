@@ -10,9 +10,14 @@
 //              run takes, in seconds on the CPU emulation (tests/emulation runs it so)
 //     --schedule  the fused forward's schedule for the whole run (fused::detail::forward_plan), e.g.
 //              for ncu to profile that one; the others are still timed as …_fwd_<schedule>
+//     --fail-row KEY  the opt-in row KEY throws instead of running (a test of the FAILED path)
 //     --only   run only the named benchmarks (copy_d2d, intervention_linear_loreft4, …_direft4,
-//              …_loreft4_generic, intervention_mlp_loreft4, intervention_scaling, nll, kl, losses, adamw)
-//              — e.g. to profile one kernel under ncu without running the rest
+//              …_loreft4_generic, intervention_mlp_loreft4, intervention_scaling, nll, kl, losses, adamw,
+//              intervention_schedules) — e.g. to profile one kernel under ncu without running the rest
+//
+// intervention_schedules (the fused kernels' opt-in schedules, loreft4 and direft4) runs last. A row of
+// it that throws prints "FAILED <key> <what>" instead of its RESULT, the run goes on (unless the CUDA
+// context is lost), and bench_cuda exits 1 at the end.
 #include <grun/cuda/adamw.cuh>
 #include <grun/cuda/intervention.cuh>
 #include <grun/cuda/kl.cuh>
@@ -72,7 +77,8 @@ void result(const char* name, double ms, double bytes) { std::printf("RESULT %s 
 std::vector<std::string> only;
 const char* const benchmark_names[] = {"copy_d2d", "intervention_linear_loreft4", "intervention_linear_direft4",
                                        "intervention_linear_loreft4_generic", "intervention_mlp_loreft4",
-                                       "intervention_scaling", "nll", "kl", "losses", "adamw"};
+                                       "intervention_scaling", "nll", "kl", "losses", "adamw",
+                                       "intervention_schedules"};
 /// Whether benchmark `name` runs. A name missing from benchmark_names is this file's bug (--only could
 /// not select it): thrown, so every run (the emulated smoke test in CI included) fails on the drift.
 bool wanted(const std::string& name) {
@@ -97,134 +103,185 @@ void bench_copy(index_t bytes) {
 }
 
 /// What bench_intervention times: the path exec::cuda takes (fused kernels where the policies have
-/// them), the generic per-thread path instead (the fallback for other policies), the fused path and
-/// then fwd+bwd with a saved_activations (the backward from what the forward kept), or all that and
-/// the fused kernels' other schedules (fused::detail::forward_plan / coef_plan / slot_plan).
-enum class timing { fused, generic, fused_and_saved, fused_and_schedules };
+/// them), the generic per-thread path instead (the fallback for other policies), or the fused path and
+/// then fwd+bwd with a saved_activations (the backward from what the forward kept).
+enum class timing { fused, generic, fused_and_saved };
 
-/// Forward, in-place forward and forward+backward of one module over every row of h [T, d] (bf16).
-/// Policies with fused kernels (intervention_fused.cuh, intervention_mlp.cuh) take them through exec::cuda.
+/// One intervention benchmark's inputs: one module (bf16, parameters ~U(−0.05, 0.05)) over every row of
+/// h [T, d], dout, and the calls the rows time.
 template <class I>
-void bench_intervention(const std::string& name, index_t T_, index_t d, timing what = timing::fused) {
-  const bool generic = what == timing::generic;
+struct intervention_inputs {
   using P = typename I::template params<bf16, cuda_space>;
   using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
-  gc::device_params<P> p(I::template shape<bf16, cuda_space>(d)), g(*p);
-  {
+  index_t T_, d;
+  bool generic;
+  gc::device_params<P> p, g;
+  gc::device_buffer<bf16> h, out, dout, dh, gates;
+  grun::positions pos;
+  grun::saved_activations<bf16> kept;
+
+  intervention_inputs(index_t rows, index_t dim, bool gen)
+      : T_(rows), d(dim), generic(gen), p(I::template shape<bf16, cuda_space>(dim)), g(*p), h(rows * dim),
+        out(rows * dim), dout(rows * dim), dh(rows * dim), gates(rows), pos(grun::positions::all(rows)) {
     gc::device_buffer<bf16> tmp(p.size());
     fill(tmp, 1, -0.05f, 0.05f);
     GRUN_CUDA_CHECK(cudaMemcpy(p.data(), tmp.data(), sizeof(bf16) * std::size_t(p.size()), cudaMemcpyDeviceToDevice));
+    fill(h, 2, -1.f, 1.f);
+    fill(dout, 3, -1.f, 1.f);
   }
-  gc::device_buffer<bf16> h(T_ * d), out(T_ * d), dout(T_ * d), dh(T_ * d), gates(T_);
-  fill(h, 2, -1.f, 1.f);
-  fill(dout, 3, -1.f, 1.f);
-  const auto pos = grun::positions::all(T_);
-  const grun::matrix_view<const bf16, cuda_space> hv(h.data(), {T_, d});
-  const grun::matrix_view<const bf16, cuda_space> dv(dout.data(), {T_, d});
-  const grun::matrix_view<const bf16, cuda_space> no_dgates(nullptr, {0, 0});
-  const P one[1] = {*p};
-  const std::span<const P> mods(one);
-  const auto gv = gates.template view<2>({1, T_});
-  auto fwd = [&](grun::matrix_view<bf16, cuda_space> o) {
-    if (generic) impl::template generic_forward<bf16, cuda_space>(grun::exec::cuda, mods, 1.0, hv, pos, o, gv);
-    else impl::forward(grun::exec::cuda, mods, 1.0, hv, pos, o, gv);
-  };
-  auto bwd = [&] {
+  grun::matrix_view<const bf16, cuda_space> hv() const { return {h.data(), {T_, d}}; }
+  grun::matrix_view<const bf16, cuda_space> dv() const { return {dout.data(), {T_, d}}; }
+  grun::matrix_view<bf16, cuda_space> outv() { return out.template view<2>({T_, d}); }
+  grun::matrix_view<bf16, cuda_space> dhv() { return dh.template view<2>({T_, d}); }
+  grun::matrix_view<bf16, cuda_space> gv() { return gates.template view<2>({1, T_}); }
+  std::span<const P> mods() const { return {&*p, 1}; }
+  static grun::matrix_view<const bf16, cuda_space> no_dgates() { return {nullptr, {0, 0}}; }
+  /// Elements of h: the rows' byte counts are multiples of it (2 bytes each).
+  double elems() const { return double(T_ * d); }
+
+  void fwd(grun::matrix_view<bf16, cuda_space> o) {
+    if (generic) impl::template generic_forward<bf16, cuda_space>(grun::exec::cuda, mods(), 1.0, hv(), pos, o, gv());
+    else impl::forward(grun::exec::cuda, mods(), 1.0, hv(), pos, o, gv());
+  }
+  void bwd() {
     if (generic)
-      impl::template generic_backward<bf16, cuda_space>(grun::exec::cuda, mods, 1.0, 0, hv, pos, dv, no_dgates,
-                                                        dh.template view<2>({T_, d}), *g);
-    else
-      impl::backward(grun::exec::cuda, mods, 1.0, 0, hv, pos, dv, no_dgates, dh.template view<2>({T_, d}), *g);
-  };
+      impl::template generic_backward<bf16, cuda_space>(grun::exec::cuda, mods(), 1.0, 0, hv(), pos, dv(), no_dgates(),
+                                                        dhv(), *g);
+    else impl::backward(grun::exec::cuda, mods(), 1.0, 0, hv(), pos, dv(), no_dgates(), dhv(), *g);
+  }
+  /// The forward keeping what it can (16-bit storage: e and z, so the coefficient kernel reads dout
+  /// only; the mlp gate's activations too), then the backward from it.
+  void fwd_bwd_kept() {
+    grun::detail::run_forward<I>(grun::exec::cuda, mods(), 1.0, hv(), pos, outv(), gv(), &kept);
+    grun::detail::run_backward<I>(grun::exec::cuda, mods(), 1.0, 0, hv(), pos, dv(), no_dgates(), dhv(), *g, &kept,
+                                  "bench_cuda");
+  }
+};
+
+/// Forward, in-place forward and forward+backward of one module over every row of h [T, d] (bf16), under
+/// the run's schedules. Policies with fused kernels (intervention_fused.cuh, intervention_mlp.cuh) take
+/// them through exec::cuda.
+template <class I>
+void bench_intervention(const std::string& name, index_t T_, index_t d, timing what = timing::fused) {
+  using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
+  const bool generic = what == timing::generic;
+  intervention_inputs<I> in(T_, d, generic);
   const bool slow = generic || !(impl::fused || impl::fused_mlp);  // the per-thread path: few repetitions
   const int warm = slow ? 1 : 3, reps = slow ? 3 : 10;
-  const double elems = double(T_ * d);
+  const double elems = in.elems();
   // Minimum traffic: read h, write h' (gates and parameters are negligible).
-  result((name + "_fwd").c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); }, warm, reps), 2.0 * elems * 2);
+  result((name + "_fwd").c_str(), time_ms([&] { in.fwd(in.outv()); }, warm, reps), 2.0 * elems * 2);
   if (!slow) {
     // In place (out = h): h' overwrites h; values drift over repetitions, the timing does not.
     gc::device_buffer<bf16> hh(T_ * d);
-    GRUN_CUDA_CHECK(cudaMemcpy(hh.data(), h.data(), sizeof(bf16) * std::size_t(T_ * d), cudaMemcpyDeviceToDevice));
+    GRUN_CUDA_CHECK(cudaMemcpy(hh.data(), in.h.data(), sizeof(bf16) * std::size_t(T_ * d), cudaMemcpyDeviceToDevice));
     const grun::matrix_view<bf16, cuda_space> hhv(hh.data(), {T_, d});
     result((name + "_fwd_inplace").c_str(),
-           time_ms([&] { impl::forward(grun::exec::cuda, mods, 1.0, grun::matrix_view<const bf16, cuda_space>(hhv), pos, hhv, gv); }, warm, reps), 2.0 * elems * 2);
+           time_ms([&] { impl::forward(grun::exec::cuda, in.mods(), 1.0, grun::matrix_view<const bf16, cuda_space>(hhv), in.pos, hhv, in.gv()); }, warm, reps), 2.0 * elems * 2);
   }
   // fwd + bwd minimum: fwd reads h, writes h'; bwd reads h and dout, writes dh.
-  result((name + "_fwdbwd").c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, slow ? 2 : 5),
-         5.0 * elems * 2);
-  // The same with a saved_activations: the backward from what the forward kept (16-bit storage: e and
-  // z, so the coefficient kernel reads dout only; the mlp gate's activations too).
-  grun::saved_activations<bf16> kept;
-  auto fwd_bwd_kept = [&] {
-    grun::detail::run_forward<I>(grun::exec::cuda, mods, 1.0, hv, pos, out.template view<2>({T_, d}), gv, &kept);
-    grun::detail::run_backward<I>(grun::exec::cuda, mods, 1.0, 0, hv, pos, dv, no_dgates, dh.template view<2>({T_, d}),
-                                  *g, &kept, "bench_cuda");
-  };
-  if (what == timing::fused_and_saved || what == timing::fused_and_schedules) {
+  result((name + "_fwdbwd").c_str(), time_ms([&] { in.fwd(in.outv()); in.bwd(); }, 1, slow ? 2 : 5), 5.0 * elems * 2);
+  if (what == timing::fused_and_saved) {
     const std::string saved_row = name + "_fwdbwd_saved";
-    result(saved_row.c_str(), time_ms(fwd_bwd_kept, 1, 5), 5.0 * elems * 2);
+    result(saved_row.c_str(), time_ms([&] { in.fwd_bwd_kept(); }, 1, 5), 5.0 * elems * 2);
   }
-  if constexpr (impl::fused) {
-    if (what != timing::fused_and_schedules) return;
-    // The forward under each schedule but the run's default (timed above as _fwd), then fwd + bwd with
-    // the forward and the coefficient kernel both resident.
-    namespace fd = gc::fused::detail;
-    const auto saved = fd::forward_plan;
-    const auto saved_coef = fd::coef_plan;
-    const std::pair<fd::forward_schedule, const char*> plans[] = {{fd::forward_schedule::stream, "_fwd_stream"},
-                                                                  {fd::forward_schedule::resident, "_fwd_resident"},
-                                                                  {fd::forward_schedule::staged, "_fwd_staged"},
-                                                                  {fd::forward_schedule::tensor, "_fwd_tensor"},
-                                                                  {fd::forward_schedule::tensor_apply, "_fwd_tensor_apply"},
-                                                                  {fd::forward_schedule::tensor_pipelined, "_fwd_tensor_pipelined"}};
-    for (const auto& [plan, suffix] : plans) {
-      if (plan == saved) continue;
-      fd::forward_plan = plan;
-      result((name + suffix).c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); }, warm, reps), 2.0 * elems * 2);
-    }
-    fd::forward_plan = fd::forward_schedule::resident;
-    fd::coef_plan = fd::coef_schedule::resident;
-    const std::string both = name + "_fwdbwd_resident";
-    result(both.c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, 5), 5.0 * elems * 2);
-    fd::forward_plan = saved;
-    fd::coef_plan = saved_coef;
-    // The backward's kernels on tensor cores (not yet the defaults: to be timed against them), each
-    // alone and both together.
-    const auto saved_slot = fd::slot_plan;
-    const struct {
-      fd::coef_schedule coef;
-      fd::slot_schedule slot;
-      const char* suffix;
-    } backward_plans[] = {{saved_coef, fd::slot_schedule::tensor, "_fwdbwd_slot_tensor"},
-                          {fd::coef_schedule::tensor, saved_slot, "_fwdbwd_coef_tensor"},
-                          {fd::coef_schedule::tensor, fd::slot_schedule::tensor, "_fwdbwd_tensor"}};
-    for (const auto& plan : backward_plans) {
-      fd::coef_plan = plan.coef;
-      fd::slot_plan = plan.slot;
-      result((name + plan.suffix).c_str(), time_ms([&] { fwd(out.template view<2>({T_, d})); bwd(); }, 1, 5),
-             5.0 * elems * 2);
-    }
-    // The backward from what the forward kept (_fwdbwd_saved above) with the coefficient kernel on
-    // tensor cores, and with both backward kernels on tensor cores.
-    const struct {
-      fd::coef_schedule coef;
-      fd::slot_schedule slot;
-      const char* suffix;
-    } kept_plans[] = {{fd::coef_schedule::tensor, saved_slot, "_fwdbwd_coef_tensor_saved"},
-                      {fd::coef_schedule::tensor, fd::slot_schedule::tensor, "_fwdbwd_tensor_saved"}};
-    for (const auto& plan : kept_plans) {
-      fd::coef_plan = plan.coef;
-      fd::slot_plan = plan.slot;
-      result((name + plan.suffix).c_str(), time_ms(fwd_bwd_kept, 1, 5), 5.0 * elems * 2);
-    }
-    // Every schedule not yet timed, together: the pipelined forward keeping e and z, and the backward
-    // from them with both its kernels on tensor cores.
-    fd::forward_plan = fd::forward_schedule::tensor_pipelined;
-    const std::string all_new = name + "_fwdbwd_pipelined_tensor_saved";
-    result(all_new.c_str(), time_ms(fwd_bwd_kept, 1, 5), 5.0 * elems * 2);
-    fd::forward_plan = saved;
-    fd::coef_plan = saved_coef;
-    fd::slot_plan = saved_slot;
+}
+
+/// Rows of the opt-in schedules that failed (printed as FAILED lines; the run then exits 1).
+int failed_rows = 0;
+/// --fail-row KEY: that opt-in row throws instead of running (how the emulated smoke test checks
+/// that a failing row is reported and the run goes on).
+std::string fail_row;
+
+/// Times one opt-in schedule's row under `set` (which sets fused::detail's plans), and puts the run's
+/// plans back after it, whatever happens. A row that throws is reported as
+///   FAILED <key> <what>
+/// and the run goes on, unless the CUDA context is lost (a sticky error: nothing after it can run).
+/// The schedules are timed after every default row, so a broken one costs only its own rows.
+template <class Set, class Body>
+void opt_in_row(const std::string& key, Set&& set, Body&& body) {
+  namespace fd = gc::fused::detail;
+  struct restore {
+    fd::forward_schedule forward = fd::forward_plan;
+    fd::coef_schedule coef = fd::coef_plan;
+    fd::slot_schedule slot = fd::slot_plan;
+    ~restore() { fd::forward_plan = forward, fd::coef_plan = coef, fd::slot_plan = slot; }
+  } const plans;
+  try {
+    set();
+    if (key == fail_row) throw std::runtime_error("--fail-row " + key + ": failed on request");
+    body();
+  } catch (const std::exception& e) {
+    std::string what = e.what();
+    std::replace(what.begin(), what.end(), '\n', ' ');
+    std::printf("FAILED %s %s\n", key.c_str(), what.c_str());
+    std::fflush(stdout);
+    ++failed_rows;
+    (void)cudaGetLastError();  // a launch error that is not sticky
+    if (const cudaError_t e2 = cudaDeviceSynchronize(); e2 != cudaSuccess)
+      throw std::runtime_error("the CUDA context is lost after " + key + " (" + cudaGetErrorString(e2) +
+                               "): the rows after it cannot run");
+  }
+}
+
+/// The fused kernels' other schedules (fused::detail::forward_plan / coef_plan / slot_plan; tuning
+/// knobs, opt-in until a GPU run says which is faster) at bench_intervention's sizes: the forward under
+/// each but the run's default (timed there as _fwd), then fwd + bwd under each backward schedule.
+template <class I>
+void bench_schedules(const std::string& name, index_t T_, index_t d) {
+  using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
+  static_assert(impl::fused);
+  namespace fd = gc::fused::detail;
+  intervention_inputs<I> in(T_, d, false);
+  const double elems = in.elems();
+  const auto forward_default = fd::forward_plan;
+  const auto coef_default = fd::coef_plan;
+  const auto slot_default = fd::slot_plan;
+  const std::pair<fd::forward_schedule, const char*> plans[] = {{fd::forward_schedule::stream, "_fwd_stream"},
+                                                                {fd::forward_schedule::resident, "_fwd_resident"},
+                                                                {fd::forward_schedule::staged, "_fwd_staged"},
+                                                                {fd::forward_schedule::tensor, "_fwd_tensor"},
+                                                                {fd::forward_schedule::tensor_apply, "_fwd_tensor_apply"},
+                                                                {fd::forward_schedule::tensor_pipelined, "_fwd_tensor_pipelined"}};
+  for (const auto& [plan, suffix] : plans) {
+    if (plan == forward_default) continue;
+    const std::string key = name + suffix;
+    opt_in_row(key, [&] { fd::forward_plan = plan; }, [&] {
+      result(key.c_str(), time_ms([&] { in.fwd(in.outv()); }), 2.0 * elems * 2);
+    });
+  }
+  // fwd + bwd minimum: fwd reads h, writes h'; bwd reads h and dout, writes dh. Recomputing (false) or
+  // from what the forward kept (true).
+  const struct {
+    fd::forward_schedule forward;
+    fd::coef_schedule coef;
+    fd::slot_schedule slot;
+    bool from_kept;
+    const char* suffix;
+  } fwdbwd_plans[] = {
+      // The forward and the coefficient kernel both resident.
+      {fd::forward_schedule::resident, fd::coef_schedule::resident, slot_default, false, "_fwdbwd_resident"},
+      // The backward's kernels on tensor cores, each alone and both together.
+      {forward_default, coef_default, fd::slot_schedule::tensor, false, "_fwdbwd_slot_tensor"},
+      {forward_default, fd::coef_schedule::tensor, slot_default, false, "_fwdbwd_coef_tensor"},
+      {forward_default, fd::coef_schedule::tensor, fd::slot_schedule::tensor, false, "_fwdbwd_tensor"},
+      // The backward from what the forward kept (bench_intervention's _fwdbwd_saved) with the
+      // coefficient kernel on tensor cores, and with both backward kernels on tensor cores.
+      {forward_default, fd::coef_schedule::tensor, slot_default, true, "_fwdbwd_coef_tensor_saved"},
+      {forward_default, fd::coef_schedule::tensor, fd::slot_schedule::tensor, true, "_fwdbwd_tensor_saved"},
+      // Every schedule not yet timed, together: the pipelined forward keeping e and z, and the
+      // backward from them with both its kernels on tensor cores.
+      {fd::forward_schedule::tensor_pipelined, fd::coef_schedule::tensor, fd::slot_schedule::tensor, true,
+       "_fwdbwd_pipelined_tensor_saved"}};
+  for (const auto& plan : fwdbwd_plans) {
+    const std::string key = name + plan.suffix;
+    opt_in_row(
+        key, [&] { fd::forward_plan = plan.forward, fd::coef_plan = plan.coef, fd::slot_plan = plan.slot; },
+        [&] {
+          const double ms = plan.from_kept ? time_ms([&] { in.fwd_bwd_kept(); }, 1, 5)
+                                           : time_ms([&] { in.fwd(in.outv()); in.bwd(); }, 1, 5);
+          result(key.c_str(), ms, 5.0 * elems * 2);
+        });
   }
 }
 
@@ -349,6 +406,8 @@ int main(int argc, char** argv) {
         b = std::min(list.find(',', a), list.size());
         if (b > a) only.push_back(list.substr(a, b - a));
       }
+    } else if (std::strcmp(argv[i], "--fail-row") == 0 && i + 1 < argc) {
+      fail_row = argv[++i];
     } else if (std::strcmp(argv[i], "--schedule") == 0 && i + 1 < argc) {
       namespace fd = gc::fused::detail;
       const std::string v = argv[++i];
@@ -367,7 +426,7 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr,
-                   "bench_cuda: unknown argument '%s' (expected --quick, --smoke, --only NAME[,NAME...], --schedule NAME)\n",
+                   "bench_cuda: unknown argument '%s' (expected --quick, --smoke, --only NAME[,NAME...], --schedule NAME, --fail-row KEY)\n",
                    argv[i]);
       return 2;
     }
@@ -401,9 +460,9 @@ int main(int argc, char** argv) {
     using mlp = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
     const index_t T_ = rows(16384, 1024, 48);
     if (wanted("intervention_linear_loreft4"))
-      bench_intervention<lin>("intervention_linear_loreft4", T_, 4096, timing::fused_and_schedules);
+      bench_intervention<lin>("intervention_linear_loreft4", T_, 4096, timing::fused_and_saved);
     if (wanted("intervention_linear_direft4"))
-      bench_intervention<lin_di>("intervention_linear_direft4", T_, 4096, timing::fused_and_schedules);
+      bench_intervention<lin_di>("intervention_linear_direft4", T_, 4096, timing::fused_and_saved);
     if (wanted("intervention_linear_loreft4_generic"))  // the fallback path, for scale
       bench_intervention<lin>("intervention_linear_loreft4_generic", rows(1024, 1024, 8), 4096, timing::generic);
     if (wanted("intervention_mlp_loreft4"))  // cuBLASLt first layer + fused ReFT
@@ -417,8 +476,18 @@ int main(int argc, char** argv) {
     if (wanted("kl")) bench_kl(rows(8192, 512, 4), quick ? 32768 : 131072);
     if (wanted("losses")) bench_losses(rows(16384, 1024, 48), 4096, 64, 16384);
     if (wanted("adamw")) bench_adamw(4096);
+    // Last: the opt-in schedules (new kernels, not yet timed on a GPU), so that one which fails, even
+    // one that takes the CUDA context down with it, costs no default row.
+    if (wanted("intervention_schedules")) {
+      bench_schedules<lin>("intervention_linear_loreft4", T_, 4096);
+      bench_schedules<lin_di>("intervention_linear_direft4", T_, 4096);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda: %s\n", e.what());
+    return 1;
+  }
+  if (failed_rows > 0) {
+    std::fprintf(stderr, "bench_cuda: %d opt-in schedule row(s) FAILED (see the FAILED lines)\n", failed_rows);
     return 1;
   }
   return 0;

@@ -6,6 +6,8 @@ Usage: gpu_table.py RESULTS_FILE        (gpu_check.sh --table-only RESULTS_FILE 
 RESULTS_FILE is what gpu_check.sh collects from bench_cuda and torch_reference.py, one item a line:
   RESULT <key> <ms> [<bytes>]   a timing; bytes = the minimal traffic (read + write) of grun's computation.
                                 torch_reference.py's keys are grun's plus _eager / _compile / _liger.
+  FAILED <key> <what>           a row bench_cuda could not time (an opt-in schedule that threw): shown
+                                in its place, with what it said.
   DEVICE <name>                 the GPU bench_cuda ran on           SMI <name, memory, driver> (nvidia-smi)
   TORCH <version on gpu>        LIGER <version>                     NOTE <text>   (printed as given)
   PHASE <name> <seconds>        gpu_check.sh's phases               MODE quick    (--quick sizes)
@@ -86,7 +88,7 @@ NAN = float("nan")
 
 
 def parse(lines):
-    r = {"ms": {}, "bytes": {}, "device": None, "smi": None, "torch": None, "liger": None, "notes": [],
+    r = {"ms": {}, "bytes": {}, "failed": {}, "device": None, "smi": None, "torch": None, "liger": None, "notes": [],
          "phases": [], "quick": False}
     for line in lines:
         p = line.split()
@@ -100,6 +102,8 @@ def parse(lines):
                     r["bytes"][p[1]] = float(p[3])
             except ValueError:
                 r["notes"].append(f"unreadable line: {line.strip()}")
+        elif p[0] == "FAILED" and len(p) >= 2:
+            r["failed"][p[1]] = line.strip().split(None, 2)[2] if len(p) > 2 else "(no message)"
         elif p[0] == "DEVICE":
             r["device"] = rest
         elif p[0] == "SMI":
@@ -132,6 +136,12 @@ def verdict(kind, pct_copy, rw_ratio, eager_speedup):
         return "NOT MEASURED", f"{TARGETS[kind]}: not measured"
     met = value >= 70 if kind == "fwd" else value >= 5 if kind == "fwdbwd" else value <= 2
     return ("MET" if met else "MISSED"), f"{TARGETS[kind]}: {'MET' if met else 'MISSED'}"
+
+
+def shorten(text, width=70):
+    """text on one line, cut to width characters (the whole of it goes in the notes)."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def fmt(v, width, digits=3, suffix=""):
@@ -197,8 +207,11 @@ def render(r):
         name = f"{parent}, in place" if label.startswith(" ") else label
         parent = parent if label.startswith(" ") else label
         if key not in ms:
+            failed = r["failed"].get(key)
+            if failed is not None:
+                out.append(f"{label:48} FAILED: {shorten(failed)}")
             if kind:
-                verdicts.append(("NOT MEASURED", name, "no grun result"))
+                verdicts.append(("NOT MEASURED", name, f"FAILED: {shorten(failed)}" if failed else "no grun result"))
             continue
         t, b = ms[key], nbytes.get(key, 0.0)
         gbs = b / t / 1e6 if t and b else NAN
@@ -240,12 +253,15 @@ def render(r):
     row_keys = {k for k, _, _ in ROWS}
     known = row_keys | {k + v for k in row_keys for v in ("_eager", "_compile")} | set(OTHER_KEYS)
     extra = [k for k in ms if k not in known]
-    if extra:
+    failed_extra = [k for k in r["failed"] if k not in row_keys]
+    if extra or failed_extra:
         out.append("")
         out.append("other results (no row in gpu_table.py yet):")
         for k in extra:
             b = nbytes.get(k, 0.0)
             out.append(f"  {k:46} {fmt(ms[k], 9)} ms" + (f" {fmt(b / ms[k] / 1e6, 7, 0)} GB/s" if b and ms[k] else ""))
+        for k in failed_extra:
+            out.append(f"  {k:46} FAILED: {shorten(r['failed'][k])}")
 
     out.append("")
     counts = {s: sum(1 for v in verdicts if v[0] == s) for s in ("MET", "MISSED", "NOT MEASURED")}
@@ -253,10 +269,14 @@ def render(r):
     for status, label, detail in verdicts:
         out.append(f"  {status:12} {label:56} {detail}")
     out.extend(fastest_schedules(r, copy))
-    if r["notes"]:
+    notes = list(r["notes"])
+    if r["failed"]:
+        notes.append(f"{len(r['failed'])} row(s) FAILED; what each said, whole:")
+        notes.extend(f"  {k}: {v}" for k, v in r["failed"].items())
+    if notes:
         out.append("")
         out.append("Notes:")
-        out.extend(f"  {n}" for n in r["notes"])
+        out.extend(f"  {n}" for n in notes)
     if r["phases"]:
         out.append("")
         out.append("Phases: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in r["phases"])

@@ -9,7 +9,9 @@ smoke sizes cover (all but the T-scaling rows, which --smoke skips, as --quick d
 finite, non-negative time with its bytes (of the forward schedules, all but the
 run's default); then renders the table from that output, as gpu_check.sh would. Also: --schedule
 changes the default (its row goes, the others come), --only limits the run to the names given, and
-a bad --schedule or argument is refused with exit 2 and a message. The timings are host time under the emulation and are not looked at.
+a bad --schedule or argument is refused with exit 2 and a message, and an opt-in row made to fail
+(--fail-row) is reported as FAILED while the rows after it still run. The timings are host time under
+the emulation and are not looked at.
 """
 import importlib.util
 import math
@@ -64,13 +66,23 @@ def main(argv):
     print("the verdicts below mean nothing; what is checked is that every row is there.")
     print(table.render(r))
 
-    rc, out, err = run(bench, "--smoke", "--schedule", "staged", "--only", "intervention_linear_direft4")
+    rc, out, err = run(bench, "--smoke", "--schedule", "staged", "--only",
+                       "intervention_linear_direft4,intervention_schedules")
     keys = set(table.parse(out.splitlines())["ms"])
     name = "intervention_linear_direft4"
     if rc != 0 or name + "_fwd_staged" in keys or not {name + "_fwd_stream", name + "_fwd_resident",
                                                          name + "_fwd_tensor"} <= keys:
         problems.append(f"--schedule staged: exit {rc}, RESULTs {sorted(keys)} (expected the stream, resident and "
                         "tensor rows, not the staged one)")
+    # An opt-in row that throws: reported as FAILED in its place, the rows after it still run, exit 1.
+    failing = "intervention_linear_loreft4_fwd_tensor_pipelined"
+    rc, out, err = run(bench, "--smoke", "--only", "intervention_schedules", "--fail-row", failing)
+    parsed = table.parse(out.splitlines())
+    after = "intervention_linear_direft4_fwdbwd_pipelined_tensor_saved"
+    if rc != 1 or failing not in parsed["failed"] or failing in parsed["ms"] or after not in parsed["ms"] \
+            or "FAILED" not in err:
+        problems.append(f"--fail-row {failing}: exit {rc}, FAILED {sorted(parsed['failed'])}, stderr {err.strip()!r}; "
+                        f"expected exit 1, that row FAILED and the rows after it ({after}) timed")
     rc, out, err = run(bench, "--smoke", "--only", "nll,adamw")
     keys = sorted(table.parse(out.splitlines())["ms"])
     if rc != 0 or keys != ["adamw_mlp_loreft4", "copy_d2d", "nll_fwd", "nll_fwdbwd"]:

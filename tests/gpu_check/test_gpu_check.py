@@ -68,20 +68,21 @@ def bench_cuda_keys():
     suffixes = re.findall(r'\bresult\(\(name \+ "([A-Za-z0-9_]+)"\)', src)
     calls = re.findall(r'\bbench_intervention<\w+>\("([A-Za-z0-9_]+)"([^;]*)\);', src)
     assert suffixes and calls, "bench_cuda.cu: bench_intervention's result names not found (update this test)"
-    # timing::fused_and_schedules adds the schedule rows: every "_fwd…_<schedule>" name in the file
+    # bench_schedules<I>(name, …) adds the schedule rows: every "_fwd…_<schedule>" name in the file
     # (and the backward-from-saved rows, "_fwdbwd…_saved").
     schedules = set(re.findall(r'"(_fwd\w*_(?:stream|resident|staged|tensor|tensor_apply|tensor_pipelined|saved))"', src))
-    assert schedules, "bench_cuda.cu: the schedule result names not found (update this test)"
+    schedule_calls = re.findall(r'\bbench_schedules<\w+>\("([A-Za-z0-9_]+)"', src)
+    assert schedules and schedule_calls, "bench_cuda.cu: the schedule result names not found (update this test)"
     for name, rest in calls:
         generic = "timing::generic" in rest
         for s in suffixes:
             if generic and s == "_fwd_inplace":  # the generic path is timed without an in-place run
                 continue
             keys.add(name + s)
-        if "timing::fused_and_schedules" in rest:
-            keys.update(name + s for s in schedules)
         if "timing::fused_and_saved" in rest:
             keys.add(name + "_fwdbwd_saved")
+    for name in schedule_calls:
+        keys.update(name + s for s in schedules)
     return keys
 
 
@@ -236,6 +237,28 @@ def test_table():
                         r"the default's speed, 8\.00× faster than eager \(MET if it were the default\)", p.stdout) is not None,
               "fastest schedules: fwd+bwd against eager")
         check("Issue 4 targets: 0 MET, 3 MISSED" in p.stdout, "the verdicts still count the defaults only")
+
+        # Rows bench_cuda could not time (FAILED <key> <what>): shown in their place, a target among
+        # them not measured, a key without a row listed apart, and what each said, whole, in the notes.
+        long_what = "cudaFuncSetAttribute: invalid argument " + "x" * 80
+        with open(path, "w") as f:
+            f.write(f"RESULT copy_d2d {COPY_MS:.6f} {COPY_BYTES:.0f}\n"
+                    "RESULT intervention_linear_loreft4_fwd 1.0 1000000000\n"
+                    f"FAILED intervention_linear_loreft4_fwd_tensor_pipelined {long_what}\n"
+                    "FAILED intervention_linear_loreft4_fwdbwd out of memory\n"
+                    "FAILED no_such_row the CUDA context is lost\n")
+        p = run([sys.executable, os.path.join(ROOT, "benchmarks", "cuda", "gpu_table.py"), path])
+        print(p.stdout)
+        check(p.returncode == 0, "FAILED lines: gpu_table.py exits 0")
+        check(re.search(r"\n  same, tensor, tiles double-buffered \(cp\.async\)\s+FAILED: cudaFuncSetAttribute: "
+                        r"invalid argument x+…\n", p.stdout) is not None,
+              "a failed schedule row is shown in its place, what it said cut to the line")
+        check(re.search(r"NOT MEASURED\s+fused fwd\+bwd linear\+loreft4 \(same sizes\)\s+FAILED: out of memory",
+                        p.stdout) is not None, "a failed target row counts as not measured, saying why")
+        check(re.search(r"other results.*\n\s+no_such_row\s+FAILED: the CUDA context is lost", p.stdout, re.S) is not None,
+              "a failed key without a row is listed apart")
+        check(f"intervention_linear_loreft4_fwd_tensor_pipelined: {long_what}" in p.stdout,
+              "the notes keep what each failed row said, whole")
 
         # A run that stopped early: only nvidia-smi's line and the copy; nothing may crash.
         with open(path, "w") as f:
