@@ -389,7 +389,7 @@ void run_forward(const Exec& ex, std::span<const module_params<I, T, S>> modules
   } else if constexpr (requires { impl::forward_keeping(ex, modules, scale, h, pos, out, gates, *saved); }) {
     // The executor saves what its kernels can (saved_access::begin_on_device), or nothing.
     saved_access::begin(*saved, K, P, d, 0);
-    impl::forward_keeping(ex, modules, scale, h, pos, out, gates, *saved);
+    saved_access::touching(*saved, ex, [&] { impl::forward_keeping(ex, modules, scale, h, pos, out, gates, *saved); });
   } else {
     saved_access::begin(*saved, K, P, d, 0);
     impl::forward(ex, modules, scale, h, pos, out, gates);
@@ -409,7 +409,10 @@ void run_backward(const Exec& ex, std::span<const module_params<I, T, S>> module
   if constexpr (on_host) {
     if (data) return impl::backward(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, data);
   } else if constexpr (requires { impl::backward_from_kept(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, data); }) {
-    if (data) return impl::backward_from_kept(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, data);
+    if (data)
+      return saved_access::touching(*saved, ex, [&] {
+        impl::backward_from_kept(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, data);
+      });
   }
   impl::backward(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);
 }

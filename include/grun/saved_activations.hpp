@@ -14,22 +14,29 @@ namespace detail {
 struct saved_access;
 
 /// Memory of another space (exec::cuda: device memory) owned by a saved_activations: allocated by
-/// the executor that fills it, released through the function it gave — type-erased, so that this
-/// header includes no backend's.
+/// the executor that fills it, told of each call that touches it (note(where), `where` the
+/// executor's stream: a stream-ordered release must wait for all of them), released through the
+/// function it gave. Type-erased — two functions and an opaque context — so that this header
+/// includes no backend's.
 class foreign_storage {
  public:
-  using release_fn = void (*)(void*) noexcept;
+  using release_fn = void (*)(void* data, void* context) noexcept;
+  using note_fn = void (*)(void* context, void* where);
   foreign_storage() = default;
-  foreign_storage(void* data, std::size_t bytes, release_fn release) noexcept
-      : data_(data), bytes_(bytes), release_(release) {}
+  foreign_storage(void* data, std::size_t bytes, release_fn release, void* context = nullptr,
+                  note_fn note = nullptr) noexcept
+      : data_(data), bytes_(bytes), release_(release), note_(note), context_(context) {}
   foreign_storage(foreign_storage&& o) noexcept
-      : data_(std::exchange(o.data_, nullptr)), bytes_(std::exchange(o.bytes_, 0)), release_(o.release_) {}
+      : data_(std::exchange(o.data_, nullptr)), bytes_(std::exchange(o.bytes_, 0)), release_(o.release_),
+        note_(o.note_), context_(std::exchange(o.context_, nullptr)) {}
   foreign_storage& operator=(foreign_storage&& o) noexcept {
     if (this != &o) {
       reset();
       data_ = std::exchange(o.data_, nullptr);
       bytes_ = std::exchange(o.bytes_, 0);
       release_ = o.release_;
+      note_ = o.note_;
+      context_ = std::exchange(o.context_, nullptr);
     }
     return *this;
   }
@@ -38,16 +45,23 @@ class foreign_storage {
   ~foreign_storage() { reset(); }
   void* data() const noexcept { return data_; }
   std::size_t bytes() const noexcept { return bytes_; }
+  /// A call has touched the memory from `where` (it changes what the release waits for, not the memory).
+  void note(void* where) const {
+    if (data_ && note_) note_(context_, where);
+  }
   void reset() noexcept {
-    if (data_ && release_) release_(data_);
+    if (data_ && release_) release_(data_, context_);
     data_ = nullptr;
     bytes_ = 0;
+    context_ = nullptr;
   }
 
  private:
   void* data_ = nullptr;
   std::size_t bytes_ = 0;
   release_fn release_ = nullptr;
+  note_fn note_ = nullptr;
+  void* context_ = nullptr;
 };
 }  // namespace detail
 
@@ -66,7 +80,11 @@ class foreign_storage {
 ///   ones (another summation order: held to the host like every path, and bitwise repeatable).
 ///   Other calls on exec::cuda (fp32, whose backward forms e from fp64 dots; the generic path) save
 ///   nothing and recompute (width() == 0).
-/// Reuse one across steps: its storage is kept (for exec::cuda, one cudaMalloc when it must grow).
+/// Reuse one across steps: its storage is kept (for exec::cuda it grows when it must, stream-ordered
+/// from grun's device pool; nothing synchronizes the device, neither then nor when it goes — see
+/// cuda::detail::allocate_saved). With exec::cuda, its device block is released after the last
+/// forward or backward that used it, on the streams they ran on; a forward that refills it on
+/// another stream than the last backward that read it is the caller's to order, as for any buffer.
 ///
 ///   grun::saved_activations<float> saved;
 ///   m.forward(ex, h, pos, out, gates, saved);   m.backward(ex, h, pos, dout, dgates, dh, saved);
@@ -127,6 +145,23 @@ struct saved_access {
   }
   template <class T>
   static void finish(saved_activations<T>& s) noexcept { s.filled_ = true; }
+  /// Runs call() — a forward filling s, or a backward reading it, on executor ex — then tells the
+  /// device block that ex's stream touched it, also when call() throws (kernels it launched before
+  /// may still run: the block's release must wait for them). Executors without a stream: just call().
+  template <class T, class Exec, class Call>
+  static void touching(const saved_activations<T>& s, const Exec& ex, Call&& call) {
+    if constexpr (requires { ex.stream; }) {
+      try {
+        call();
+      } catch (...) {
+        s.device_.note(ex.stream);
+        throw;
+      }
+      s.device_.note(ex.stream);
+    } else {
+      call();
+    }
+  }
   /// What the backward reads: null when nothing was saved (width 0), else the values, which must lie
   /// where this backward's executor reads (on_device: a device executor's).
   template <class T>

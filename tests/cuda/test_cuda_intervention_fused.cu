@@ -52,3 +52,58 @@ TEST_CASE("fused intervention: saved activations stay with the executor that sav
   CHECK(moved.on_device());
   static_assert(!std::is_copy_constructible_v<grun::saved_activations<T>>);
 }
+
+TEST_CASE("fused intervention: saved activations live in grun's pool and go without a device-wide wait",
+          "[intervention][saved]") {
+  GRUN_REQUIRE_DEVICE();
+  using grun::cuda_space;
+  using grun::index_t;
+  using T = grun::bfloat16;
+  using Dp = dparams<lin_lo4, T>;
+  const index_t N = 24, d = 64;
+  host_reference<lin_lo4, T> ref({N, d, iota(N)}, {21, 13});
+  gc::device_matrix<T> h(ref.h), out(N, d), out_s(N, d), dout(ref.dout), dh(N, d), dh_s(N, d);
+  gc::device_buffer<T> gates(N);
+  gc::device_params<Dp> grads(lin_lo4::template shape<T, cuda_space>(d)), grads_s(lin_lo4::template shape<T, cuda_space>(d));
+  const auto pos = grun::positions::all(N);
+  const auto gv = gates.template view<1>({{N}});
+  const auto used = [] {
+    std::uint64_t bytes = 0;
+    GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+    GRUN_CUDA_CHECK(cudaMemPoolGetAttribute(gc::scratch_pool(), cudaMemPoolAttrUsedMemCurrent, &bytes));
+    return bytes;
+  };
+  // On the legacy default stream: the block is the pool's while the saved_activations holds it.
+  const std::uint64_t before = used();
+  {
+    grun::saved_activations<T> saved;
+    lin_lo4::forward(grun::exec::cuda, ref.device_views[0], cdview<T>(h.view()), pos, out.view(), gv, saved);
+    REQUIRE(saved.on_device());
+    CHECK(used() >= before + saved.bytes());
+    lin_lo4::backward(grun::exec::cuda, ref.device_views[0], cdview<T>(h.view()), pos, cdview<T>(dout.view()),
+                      grun::vector_view<const T, cuda_space>(), dh.view(), *grads, saved);
+  }
+  CHECK(used() == before);
+  // On a stream of the caller's that is destroyed before the saved_activations goes: the release
+  // waits on grun's own stream for the backward's event; the same bits as on the default stream.
+  cudaStream_t stream = nullptr;
+  GRUN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const auto on_stream = grun::exec::cuda(static_cast<void*>(stream));
+  {
+    grun::saved_activations<T> saved;
+    lin_lo4::forward(on_stream, ref.device_views[0], cdview<T>(h.view()), pos, out_s.view(), gv, saved);
+    lin_lo4::backward(on_stream, ref.device_views[0], cdview<T>(h.view()), pos, cdview<T>(dout.view()),
+                      grun::vector_view<const T, cuda_space>(), dh_s.view(), *grads_s, saved);
+    GRUN_CUDA_CHECK(cudaStreamSynchronize(stream));
+    GRUN_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  CHECK(cudaGetLastError() == cudaSuccess);
+  CHECK(used() == before);
+  const auto same = [](std::span<const T> a, std::span<const T> b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(T) * a.size()) == 0;
+  };
+  CHECK(same(out.to_host().storage.span(), out_s.to_host().storage.span()));
+  CHECK(same(dh.to_host().storage.span(), dh_s.to_host().storage.span()));
+  CHECK(same(flat<lin_lo4, T>(grads), flat<lin_lo4, T>(grads_s)));
+}

@@ -410,6 +410,15 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
 
 using namespace grun_emu;
 
+/// A stream created here: a handle, nothing else (work runs when it is issued, whatever the stream).
+/// Kept in a table that lives as long as the process, like the pools (a library may keep a stream of
+/// its own for the process, as a real runtime lets it).
+struct CUstream_st {};
+static std::vector<std::unique_ptr<CUstream_st>>& streams() {
+  static std::vector<std::unique_ptr<CUstream_st>> all;
+  return all;
+}
+
 /// An event: when it was recorded. Every stream is synchronous here, so the stream reaches the
 /// event the moment it is recorded; the elapsed time between two is host time (what bench_cuda
 /// prints under the emulation says nothing about a GPU's speed).
@@ -469,6 +478,8 @@ cudaError_t CUDARTAPI cudaEventCreate(cudaEvent_t* event) {
   *event = new CUevent_st;
   return cudaSuccess;
 }
+/// Any flags: an event here only keeps the time it was recorded.
+cudaError_t CUDARTAPI cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) { return cudaEventCreate(event); }
 cudaError_t CUDARTAPI cudaEventDestroy(cudaEvent_t event) {
   if (event == nullptr) return fail(cudaErrorInvalidResourceHandle);
   delete event;
@@ -615,6 +626,28 @@ cudaError_t CUDARTAPI cudaMemset2D(void* p, size_t pitch, int value, size_t widt
 cudaError_t CUDARTAPI cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height, cudaStream_t) {
   return set_2d(p, pitch, value, width, height);
 }
+cudaError_t CUDARTAPI cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
+  if (stream == nullptr) return fail(cudaErrorInvalidValue);
+  const std::lock_guard lock(table_mutex);
+  streams().push_back(std::make_unique<CUstream_st>());
+  *stream = streams().back().get();
+  return cudaSuccess;
+}
+/// A stream destroyed twice, or never created here: cudaErrorInvalidResourceHandle.
+cudaError_t CUDARTAPI cudaStreamDestroy(cudaStream_t stream) {
+  const std::lock_guard lock(table_mutex);
+  auto& all = streams();
+  const auto it = std::find_if(all.begin(), all.end(), [&](const auto& s) { return s.get() == stream; });
+  if (stream == nullptr || it == all.end()) return fail(cudaErrorInvalidResourceHandle);
+  all.erase(it);
+  return cudaSuccess;
+}
+/// The event has been reached (every stream is synchronous here): nothing to wait for. An event
+/// never recorded is no error, as on a GPU (the wait is then empty).
+cudaError_t CUDARTAPI cudaStreamWaitEvent(cudaStream_t, cudaEvent_t event, unsigned int) {
+  return event == nullptr ? fail(cudaErrorInvalidResourceHandle) : cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaSetDevice(int device) { return device == 0 ? cudaSuccess : fail(cudaErrorInvalidDevice); }
 cudaError_t CUDARTAPI cudaStreamSynchronize(cudaStream_t) {
   synchronize_pools();
   return cudaSuccess;

@@ -24,6 +24,7 @@
 // Parametrized rotations (ortho::householder) are refused at compile time.
 
 #include <algorithm>
+#include <memory>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -103,12 +104,62 @@ __global__ void intervention_backward_kernel(const module_params<I, T, cuda_spac
   }
 }
 
-/// Device memory for a saved_activations (saved_access::begin_on_device): one cudaMalloc, released
-/// with cudaFree when the saved_activations goes or grows (a failure there has nowhere to go).
-inline grun::detail::foreign_storage allocate_saved(std::size_t bytes) {
+/// A stream of grun's on the current device (non-blocking, kept for the process): where saved
+/// activations are released, after the event of their last use — not on a caller's stream, which may
+/// be gone by then.
+inline cudaStream_t release_stream() {
+  return per_device<cudaStream_t>([](int) {
+    cudaStream_t s = nullptr;
+    GRUN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    return s;
+  });
+}
+
+/// What a saved_activations' device block carries beside its memory: an event recorded after each
+/// call that touched it, and its device.
+struct saved_block {
+  cudaEvent_t last_use = nullptr;
+  int device = 0;
+};
+
+/// Device memory for a saved_activations (saved_access::begin_on_device), stream-ordered from grun's
+/// pool (scratch_pool) on the forward's stream s. cudaMalloc and cudaFree would each synchronize:
+/// cudaFree waits for the whole device, and the libtorch adapter keeps a fresh saved_activations per
+/// training forward, so every step would stall the host until the backward had run before it could
+/// queue the next step. Each forward and backward that touches the block records its event on its
+/// stream (saved_access::touching); the release makes release_stream() wait for that event and
+/// frees there (cudaFreeAsync): nothing on the host waits, and the pool hands the memory to a later
+/// allocation only once the free has run. The last recording is what the release waits for: the
+/// calls on one block are the caller's to order (a backward on stream B after its forward on A).
+inline grun::detail::foreign_storage allocate_saved(std::size_t bytes, cudaStream_t s) {
+  auto block = std::make_unique<saved_block>();
+  GRUN_CUDA_CHECK(cudaGetDevice(&block->device));
+  GRUN_CUDA_CHECK(cudaEventCreateWithFlags(&block->last_use, cudaEventDisableTiming));
   void* p = nullptr;
-  GRUN_CUDA_CHECK(cudaMalloc(&p, bytes));
-  return grun::detail::foreign_storage(p, bytes, [](void* q) noexcept { (void)cudaFree(q); });
+  if (const cudaError_t e = cudaMallocFromPoolAsync(&p, bytes, scratch_pool(), s); e != cudaSuccess) {
+    (void)cudaEventDestroy(block->last_use);
+    GRUN_CUDA_CHECK(e);
+  }
+  const auto release = [](void* data, void* context) noexcept {
+    const std::unique_ptr<saved_block> b(static_cast<saved_block*>(context));
+    int current = 0;
+    (void)cudaGetDevice(&current);
+    if (current != b->device) (void)cudaSetDevice(b->device);
+    try {
+      const cudaStream_t rs = release_stream();
+      (void)cudaStreamWaitEvent(rs, b->last_use, 0);
+      (void)cudaFreeAsync(data, rs);
+    } catch (...) {  // no stream of grun's (the context is going): wait for the last use here instead
+      (void)cudaEventSynchronize(b->last_use);
+      (void)cudaFreeAsync(data, nullptr);
+    }
+    (void)cudaEventDestroy(b->last_use);  // its resources go once the wait above has passed it
+    if (current != b->device) (void)cudaSetDevice(current);
+  };
+  const auto note = [](void* context, void* where) {
+    GRUN_CUDA_CHECK(cudaEventRecord(static_cast<saved_block*>(context)->last_use, static_cast<cudaStream_t>(where)));
+  };
+  return grun::detail::foreign_storage(p, bytes, release, block.release(), note);
 }
 
 /// Stage 2: grads[i] = Σ_b slots[b][i], b in order, in double (one thread per parameter).
@@ -168,7 +219,7 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   }
 
   /// The forward keeping in `saved` what the fused backward would otherwise recompute (16-bit storage,
-  /// a call the fused kernels take: device memory, grown with cudaMalloc when too small) — e and z of
+  /// a call the fused kernels take: device memory, grown by allocate_saved when too small) — e and z of
   /// the ReFT, and with gate::mlp its hidden activations and logits too; else nothing — run_forward
   /// has recorded width 0 — and the backward recomputes.
   template <class T, class S>
@@ -178,7 +229,9 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
     if constexpr ((fused || fused_mlp) && cuda::fused::takes_storage<T>) {
       const index_t K = index_t(modules.size()), P = pos.size(), d = h.extent(1);
       auto keep = [&](index_t width) -> float* {
-        return saved_access::begin_on_device(saved, K, P, d, width, cuda::detail::allocate_saved);
+        return saved_access::begin_on_device(saved, K, P, d, width, [&](std::size_t bytes) {
+          return cuda::detail::allocate_saved(bytes, cuda::stream_of(ex));
+        });
       };
       bool taken = false;
       if constexpr (fused) taken = cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates, keep);
