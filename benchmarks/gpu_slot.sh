@@ -11,7 +11,8 @@
 #   --wheels  Python wheels to install first with --no-deps into a private target (e.g. liger-kernel,
 #             which the lent machines lack and cannot fetch)
 # Files in OUT: env.txt, gpu_check.log, results.txt (gpu_check.sh --table-only reprints the table),
-# extra.txt (bench_cuda --only intervention_scaling), ncu.txt, memcheck.txt, logs.tgz (every log).
+# extra.txt (bench_cuda --only intervention_scaling), fastest.txt (the table again with the fastest
+# measured schedules as the run's defaults), ncu.txt, memcheck.txt, logs.tgz (every log).
 # Exit status: gpu_check.sh's (0 all passed; 1 a test or bench_cuda failed; 2 bad arguments; 3 no GPU).
 set -uo pipefail
 
@@ -78,6 +79,24 @@ chmod u+x "$bin"/* 2>/dev/null
 
 # 2. bench_cuda's groups outside the table's main rows.
 timeout 60 "$bin/bench_cuda" --only intervention_scaling >"$out/extra.txt" 2>&1
+
+# 2b. The fastest measured schedules as the run's defaults (gpu_table.py --fastest-flags: the loreft4
+# forward's and fwd+bwd's): the intervention target rows timed again under those bench_cuda options,
+# and the table over them (the first run's other rows, PyTorch's included) — where the targets would
+# stand were they the library's defaults, measured in the same call: the flip to make next.
+flags="$(python3 "$here/cuda/gpu_table.py" --fastest-flags "$out/results.txt" 2>/dev/null)"
+if [[ -n $flags ]]; then
+  cp "$out/results.txt" "$work/fastest_results.txt"
+  # shellcheck disable=SC2086  # the options, one word each
+  timeout 60 "$bin/bench_cuda" --only intervention_linear_loreft4,intervention_linear_direft4 $flags 2>&1 |
+    grep -E '^(RESULT|SCHEDULES|FAILED) ' >>"$work/fastest_results.txt"
+  { echo "bench_cuda $flags: the fastest measured schedules as the run's defaults (the rows they move are timed again)"
+    python3 "$here/cuda/gpu_table.py" "$work/fastest_results.txt"; } >"$out/fastest.txt" 2>&1
+else
+  echo "the library's default schedules were the fastest measured (or no table): nothing timed again" >"$out/fastest.txt"
+fi
+cat "$out/fastest.txt"
+echo "fastest schedules done after $(elapsed) s"
 
 # 3. ncu on the fused intervention kernels (one launch each; --clock-control none leaves the clocks alone).
 ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"

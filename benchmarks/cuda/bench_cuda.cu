@@ -5,11 +5,18 @@
 // so "% of copy bandwidth" compares like with like on whatever GPU this runs on.
 //
 //   bench_cuda [--quick | --smoke] [--only NAME[,NAME…]] [--schedule stream|resident|staged|tensor|tensor_apply|tensor_pipelined]
+//              [--coef-schedule NAME] [--slot-schedule NAME] [--saved] [--fail-row KEY]
 //     --quick  smaller sizes (smoke test of the script itself)
 //     --smoke  the fewest rows that keep every benchmark's d and V, each timed once: every path a GPU
 //              run takes, in seconds on the CPU emulation (tests/emulation runs it so)
 //     --schedule  the fused forward's schedule for the whole run (fused::detail::forward_plan), e.g.
 //              for ncu to profile that one; the others are still timed as …_fwd_<schedule>
+//     --coef-schedule stream|resident|tensor, --slot-schedule cuda_cores|tensor  the backward's two
+//              kernels' schedules for the whole run (coef_plan, slot_plan)
+//     --saved  the …_fwdbwd rows run the backward from what the forward kept (saved_activations: the
+//              libtorch adapter's path), not recomputing it
+//   A line "SCHEDULES forward=… coef=… slot=… fwdbwd=recompute|saved defaults forward=… …" says which
+//   schedules the run's default rows ran and which are the library's defaults.
 //     --fail-row KEY  the opt-in row KEY throws instead of running (a test of the FAILED path)
 //     --only   run only the named benchmarks (copy_d2d, intervention_linear_loreft4, …_direft4,
 //              …_loreft4_generic, intervention_mlp_loreft4, intervention_scaling, nll, kl, losses, adamw,
@@ -46,6 +53,42 @@ namespace {
 
 /// --smoke: every timing is one run, no warm-up.
 bool smoke = false;
+
+/// --saved: the _fwdbwd rows run the backward from what the forward kept (the libtorch adapter's path
+/// for CUDA tensors) instead of recomputing it; the _fwdbwd_saved rows, the same then, are not repeated.
+bool fwdbwd_saved = false;
+
+namespace fd = gc::fused::detail;
+/// The fused kernels' schedules as the options and the SCHEDULES line spell them.
+constexpr std::pair<fd::forward_schedule, const char*> forward_names[] = {
+    {fd::forward_schedule::stream, "stream"}, {fd::forward_schedule::resident, "resident"},
+    {fd::forward_schedule::staged, "staged"}, {fd::forward_schedule::tensor, "tensor"},
+    {fd::forward_schedule::tensor_apply, "tensor_apply"}, {fd::forward_schedule::tensor_pipelined, "tensor_pipelined"}};
+constexpr std::pair<fd::coef_schedule, const char*> coef_names[] = {
+    {fd::coef_schedule::stream, "stream"}, {fd::coef_schedule::resident, "resident"}, {fd::coef_schedule::tensor, "tensor"}};
+constexpr std::pair<fd::slot_schedule, const char*> slot_names[] = {{fd::slot_schedule::cuda_cores, "cuda_cores"},
+                                                                    {fd::slot_schedule::tensor, "tensor"}};
+
+template <class E, std::size_t N>
+const char* name_of(E e, const std::pair<E, const char*> (&names)[N]) {
+  for (const auto& [value, name] : names)
+    if (value == e) return name;
+  return "?";
+}
+/// Sets `plan` to the schedule named v; false, having said what `option` expects, when v names none.
+template <class E, std::size_t N>
+bool parse_schedule(const char* option, const std::string& v, const std::pair<E, const char*> (&names)[N], E& plan) {
+  std::string known;
+  for (const auto& [value, name] : names) {
+    if (v == name) {
+      plan = value;
+      return true;
+    }
+    known += std::string(known.empty() ? "" : ", ") + name;
+  }
+  std::fprintf(stderr, "bench_cuda: %s expects one of %s, got '%s'\n", option, known.c_str(), v.c_str());
+  return false;
+}
 
 /// Median of `reps` timed runs after `warmup` untimed ones, in milliseconds.
 double time_ms(const std::function<void()>& f, int warmup = 3, int reps = 10) {
@@ -179,9 +222,12 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
     result((name + "_fwd_inplace").c_str(),
            time_ms([&] { impl::forward(grun::exec::cuda, in.mods(), 1.0, grun::matrix_view<const bf16, cuda_space>(hhv), in.pos, hhv, in.gv()); }, warm, reps), 2.0 * elems * 2);
   }
-  // fwd + bwd minimum: fwd reads h, writes h'; bwd reads h and dout, writes dh.
-  result((name + "_fwdbwd").c_str(), time_ms([&] { in.fwd(in.outv()); in.bwd(); }, 1, slow ? 2 : 5), 5.0 * elems * 2);
-  if (what == timing::fused_and_saved) {
+  // fwd + bwd minimum: fwd reads h, writes h'; bwd reads h and dout, writes dh. (--saved: from the kept values.)
+  const bool from_kept = fwdbwd_saved && what == timing::fused_and_saved;
+  result((name + "_fwdbwd").c_str(),
+         time_ms([&] { from_kept ? in.fwd_bwd_kept() : (in.fwd(in.outv()), in.bwd()); }, 1, slow ? 2 : 5),
+         5.0 * elems * 2);
+  if (what == timing::fused_and_saved && !from_kept) {
     const std::string saved_row = name + "_fwdbwd_saved";
     result(saved_row.c_str(), time_ms([&] { in.fwd_bwd_kept(); }, 1, 5), 5.0 * elems * 2);
   }
@@ -200,7 +246,6 @@ std::string fail_row;
 /// The schedules are timed after every default row, so a broken one costs only its own rows.
 template <class Set, class Body>
 void opt_in_row(const std::string& key, Set&& set, Body&& body) {
-  namespace fd = gc::fused::detail;
   struct restore {
     fd::forward_schedule forward = fd::forward_plan;
     fd::coef_schedule coef = fd::coef_plan;
@@ -231,7 +276,6 @@ template <class I>
 void bench_schedules(const std::string& name, index_t T_, index_t d) {
   using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
   static_assert(impl::fused);
-  namespace fd = gc::fused::detail;
   intervention_inputs<I> in(T_, d, false);
   const double elems = in.elems();
   const auto forward_default = fd::forward_plan;
@@ -394,6 +438,10 @@ void bench_adamw(index_t d) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The library's defaults, before the options change them (the SCHEDULES line names both).
+  const auto forward_default = fd::forward_plan;
+  const auto coef_default = fd::coef_plan;
+  const auto slot_default = fd::slot_plan;
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
@@ -409,24 +457,17 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--fail-row") == 0 && i + 1 < argc) {
       fail_row = argv[++i];
     } else if (std::strcmp(argv[i], "--schedule") == 0 && i + 1 < argc) {
-      namespace fd = gc::fused::detail;
-      const std::string v = argv[++i];
-      if (v == "stream") fd::forward_plan = fd::forward_schedule::stream;
-      else if (v == "resident") fd::forward_plan = fd::forward_schedule::resident;
-      else if (v == "staged") fd::forward_plan = fd::forward_schedule::staged;
-      else if (v == "tensor") fd::forward_plan = fd::forward_schedule::tensor;
-      else if (v == "tensor_apply") fd::forward_plan = fd::forward_schedule::tensor_apply;
-      else if (v == "tensor_pipelined") fd::forward_plan = fd::forward_schedule::tensor_pipelined;
-      else {
-        std::fprintf(stderr,
-                     "bench_cuda: --schedule expects stream, resident, staged, tensor, tensor_apply or tensor_pipelined, "
-                     "got '%s'\n",
-                     v.c_str());
-        return 2;
-      }
+      if (!parse_schedule("--schedule", argv[++i], forward_names, fd::forward_plan)) return 2;
+    } else if (std::strcmp(argv[i], "--coef-schedule") == 0 && i + 1 < argc) {
+      if (!parse_schedule("--coef-schedule", argv[++i], coef_names, fd::coef_plan)) return 2;
+    } else if (std::strcmp(argv[i], "--slot-schedule") == 0 && i + 1 < argc) {
+      if (!parse_schedule("--slot-schedule", argv[++i], slot_names, fd::slot_plan)) return 2;
+    } else if (std::strcmp(argv[i], "--saved") == 0) {
+      fwdbwd_saved = true;
     } else {
       std::fprintf(stderr,
-                   "bench_cuda: unknown argument '%s' (expected --quick, --smoke, --only NAME[,NAME...], --schedule NAME, --fail-row KEY)\n",
+                   "bench_cuda: unknown argument '%s' (expected --quick, --smoke, --only NAME[,NAME...], --schedule NAME, "
+                   "--coef-schedule NAME, --slot-schedule NAME, --saved, --fail-row KEY)\n",
                    argv[i]);
       return 2;
     }
@@ -449,6 +490,11 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   GRUN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("DEVICE %s\n", prop.name);
+  std::printf("SCHEDULES forward=%s coef=%s slot=%s fwdbwd=%s defaults forward=%s coef=%s slot=%s fwdbwd=recompute\n",
+              name_of(fd::forward_plan, forward_names), name_of(fd::coef_plan, coef_names),
+              name_of(fd::slot_plan, slot_names), fwdbwd_saved ? "saved" : "recompute",
+              name_of(forward_default, forward_names), name_of(coef_default, coef_names),
+              name_of(slot_default, slot_names));
   // Rows: full (the issue's sizes), --quick, --smoke. d and V stay: they set the kernels' tiling.
   const auto rows = [&](index_t full, index_t quick_rows, index_t smoke_rows) {
     return smoke ? smoke_rows : quick ? quick_rows : full;

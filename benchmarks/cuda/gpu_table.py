@@ -2,6 +2,11 @@
 """The one table benchmarks/gpu_check.sh prints: grun's CUDA timings beside PyTorch's, against issue 4's targets.
 
 Usage: gpu_table.py RESULTS_FILE        (gpu_check.sh --table-only RESULTS_FILE does the same)
+       gpu_table.py --fastest-flags RESULTS_FILE
+                                        bench_cuda's options that make the fastest measured schedules
+                                        of the loreft4 forward and fwd+bwd the run's defaults (nothing
+                                        when the defaults are the fastest): gpu_slot.sh times the
+                                        target rows again with them, in the same call
 
 RESULTS_FILE is what gpu_check.sh collects from bench_cuda and torch_reference.py, one item a line:
   RESULT <key> <ms> [<bytes>]   a timing; bytes = the minimal traffic (read + write) of grun's computation.
@@ -9,6 +14,8 @@ RESULTS_FILE is what gpu_check.sh collects from bench_cuda and torch_reference.p
   FAILED <key> <what>           a row bench_cuda could not time (an opt-in schedule that threw): shown
                                 in its place, with what it said.
   DEVICE <name>                 the GPU bench_cuda ran on           SMI <name, memory, driver> (nvidia-smi)
+  SCHEDULES forward=… coef=… slot=… fwdbwd=… defaults forward=… …
+                                the schedules bench_cuda's default rows ran, and the library's defaults
   TORCH <version on gpu>        LIGER <version>                     NOTE <text>   (printed as given)
   PHASE <name> <seconds>        gpu_check.sh's phases               MODE quick    (--quick sizes)
 Unknown lines are ignored, so a log can be fed as it is.
@@ -88,7 +95,7 @@ NAN = float("nan")
 
 
 def parse(lines):
-    r = {"ms": {}, "bytes": {}, "failed": {}, "device": None, "smi": None, "torch": None, "liger": None, "notes": [],
+    r = {"ms": {}, "bytes": {}, "failed": {}, "schedules": None, "device": None, "smi": None, "torch": None, "liger": None, "notes": [],
          "phases": [], "quick": False}
     for line in lines:
         p = line.split()
@@ -104,6 +111,11 @@ def parse(lines):
                 r["notes"].append(f"unreadable line: {line.strip()}")
         elif p[0] == "FAILED" and len(p) >= 2:
             r["failed"][p[1]] = line.strip().split(None, 2)[2] if len(p) > 2 else "(no message)"
+        elif p[0] == "SCHEDULES" and "defaults" in p:
+            cut = p.index("defaults")
+            ran = dict(kv.split("=", 1) for kv in p[1:cut] if "=" in kv)
+            lib = dict(kv.split("=", 1) for kv in p[cut + 1:] if "=" in kv)
+            r["schedules"] = (ran, lib)
         elif p[0] == "DEVICE":
             r["device"] = rest
         elif p[0] == "SMI":
@@ -181,6 +193,52 @@ def fastest_schedules(r, copy):
     return lines
 
 
+# bench_cuda's options that make a schedule row's configuration the run's default: the row key's
+# suffix after the target row's key ("fwd_" / "fwdbwd_" + the schedule) → options.
+SCHEDULE_FLAGS = {
+    "fwd_stream": ["--schedule", "stream"],
+    "fwd_resident": ["--schedule", "resident"],
+    "fwd_staged": ["--schedule", "staged"],
+    "fwd_tensor": ["--schedule", "tensor"],
+    "fwd_tensor_apply": ["--schedule", "tensor_apply"],
+    "fwd_tensor_pipelined": ["--schedule", "tensor_pipelined"],
+    "fwdbwd_resident": ["--schedule", "resident", "--coef-schedule", "resident"],
+    "fwdbwd_slot_tensor": ["--slot-schedule", "tensor"],
+    "fwdbwd_coef_tensor": ["--coef-schedule", "tensor"],
+    "fwdbwd_tensor": ["--coef-schedule", "tensor", "--slot-schedule", "tensor"],
+    "fwdbwd_saved": ["--saved"],
+    "fwdbwd_coef_tensor_saved": ["--saved", "--coef-schedule", "tensor"],
+    "fwdbwd_tensor_saved": ["--saved", "--coef-schedule", "tensor", "--slot-schedule", "tensor"],
+    "fwdbwd_pipelined_tensor_saved": ["--saved", "--schedule", "tensor_pipelined", "--coef-schedule", "tensor",
+                                      "--slot-schedule", "tensor"],
+}
+FASTEST_OF = "intervention_linear_loreft4"  # the issue's target rows decide (one set of options per run)
+
+
+def fastest_flags(r):
+    """bench_cuda options that make the fastest measured configuration of FASTEST_OF's forward and of its
+    fwd+bwd the run's defaults: the fastest forward's --schedule (none: the default's), and the fastest
+    fwd+bwd row's backward options (--coef-schedule, --slot-schedule, --saved; its forward schedule
+    gives way to the fastest forward's, which its forward also runs). Empty when the defaults are the
+    fastest."""
+    ms = r["ms"]
+
+    def fastest(kind):
+        key = f"{FASTEST_OF}_{kind}"
+        if key not in ms:
+            return None
+        others = [k for k in ms if k.startswith(key + "_") and k[len(FASTEST_OF) + 1:] in SCHEDULE_FLAGS]
+        best = min(others, key=lambda k: ms[k], default=None)
+        return best[len(FASTEST_OF) + 1:] if best and ms[best] < ms[key] else None
+
+    fwd, fwdbwd = fastest("fwd"), fastest("fwdbwd")
+    flags = list(SCHEDULE_FLAGS[fwdbwd]) if fwdbwd else []
+    if "--schedule" in flags:
+        i = flags.index("--schedule")
+        del flags[i:i + 2]
+    return (list(SCHEDULE_FLAGS[fwd]) if fwd else []) + flags
+
+
 def render(r):
     out = []
     ms, nbytes = r["ms"], r["bytes"]
@@ -193,6 +251,11 @@ def render(r):
                + (f"   (torch copy_ of the same size: {fmt(nbytes['copy_d2d'] / torch_copy / 1e6, 6, 0).strip()} GB/s)"
                   if torch_copy and "copy_d2d" in nbytes else ""))
     out.append(f"PyTorch: {r['torch'] or 'not run'}" + (f"   Liger: {r['liger']}" if r["liger"] else ""))
+    if r["schedules"]:
+        ran, lib = r["schedules"]
+        spell = lambda d: ", ".join(f"{k} {v}" for k, v in d.items())
+        out.append(f"schedules of the default rows: {spell(ran)}"
+                   + ("  (the library's defaults)" if ran == lib else f"  (bench_cuda options; the library's defaults: {spell(lib)})"))
     if r["quick"]:
         out.append("MODE quick: smaller sizes than the labels say; the targets are for the full sizes")
     out.append("")
@@ -285,11 +348,13 @@ def render(r):
 
 
 def main(argv):
-    if len(argv) != 2:
-        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+    flags = len(argv) == 3 and argv[1] == "--fastest-flags"
+    if len(argv) != 2 and not flags:
+        print("\n".join(__doc__.strip().splitlines()[2:4]), file=sys.stderr)
         return 2
-    with open(argv[1], encoding="utf-8", errors="replace") as f:
-        print(render(parse(f)))
+    with open(argv[-1], encoding="utf-8", errors="replace") as f:
+        r = parse(f)
+    print(" ".join(fastest_flags(r)) if flags else render(r))
     return 0
 
 

@@ -8,7 +8,8 @@ once) and checks that it exits 0 and prints a RESULT for every row of gpu_table.
 smoke sizes cover (all but the T-scaling rows, which --smoke skips, as --quick does), each a
 finite, non-negative time with its bytes (of the forward schedules, all but the
 run's default); then renders the table from that output, as gpu_check.sh would. Also: --schedule
-changes the default (its row goes, the others come), --only limits the run to the names given, and
+changes the default (its row goes, the others come), --coef-schedule / --slot-schedule / --saved
+change the backward's (named on the SCHEDULES line), --only limits the run to the names given, and
 a bad --schedule or argument is refused with exit 2 and a message, and an opt-in row made to fail
 (--fail-row) is reported as FAILED while the rows after it still run. The timings are host time under
 the emulation and are not looked at.
@@ -74,6 +75,16 @@ def main(argv):
                                                          name + "_fwd_tensor"} <= keys:
         problems.append(f"--schedule staged: exit {rc}, RESULTs {sorted(keys)} (expected the stream, resident and "
                         "tensor rows, not the staged one)")
+    # The backward's schedules and the backward from kept values as the run's defaults: the SCHEDULES
+    # line names them beside the library's, and _fwdbwd is then the kept path (no _fwdbwd_saved twice).
+    rc, out, err = run(bench, "--smoke", "--only", name, "--coef-schedule", "tensor", "--slot-schedule", "tensor",
+                       "--saved")
+    parsed = table.parse(out.splitlines())
+    ran, lib = parsed["schedules"] or ({}, {})
+    if rc != 0 or ran.get("coef") != "tensor" or ran.get("slot") != "tensor" or ran.get("fwdbwd") != "saved" \
+            or lib.get("coef") == "tensor" or name + "_fwdbwd" not in parsed["ms"] or name + "_fwdbwd_saved" in parsed["ms"]:
+        problems.append(f"--coef-schedule tensor --slot-schedule tensor --saved: exit {rc}, SCHEDULES {parsed['schedules']}, "
+                        f"RESULTs {sorted(parsed['ms'])}")
     # An opt-in row that throws: reported as FAILED in its place, the rows after it still run, exit 1.
     failing = "intervention_linear_loreft4_fwd_tensor_pipelined"
     rc, out, err = run(bench, "--smoke", "--only", "intervention_schedules", "--fail-row", failing)
@@ -88,6 +99,7 @@ def main(argv):
     if rc != 0 or keys != ["adamw_mlp_loreft4", "copy_d2d", "nll_fwd", "nll_fwdbwd"]:
         problems.append(f"--only nll,adamw: exit {rc}, RESULTs {keys} (expected copy_d2d, nll_*, adamw_*)")
     for bad, says in ((["--schedule", "sideways"], "--schedule expects"), (["--fast"], "unknown argument '--fast'"),
+                      (["--slot-schedule", "tensr"], "--slot-schedule expects one of cuda_cores, tensor, got 'tensr'"),
                       (["--quick", "--smoke"], "give one"), (["--only", "nll,kll"], "no benchmark named 'kll'")):
         rc, out, err = run(bench, *bad)
         if rc != 2 or says not in err:

@@ -237,6 +237,49 @@ def test_table():
                         r"the default's speed, 8\.00× faster than eager \(MET if it were the default\)", p.stdout) is not None,
               "fastest schedules: fwd+bwd against eager")
         check("Issue 4 targets: 0 MET, 3 MISSED" in p.stdout, "the verdicts still count the defaults only")
+        table_py = os.path.join(ROOT, "benchmarks", "cuda", "gpu_table.py")
+        flags = run([sys.executable, table_py, "--fastest-flags", path])
+        check(flags.returncode == 0 and flags.stdout.strip() ==
+              "--schedule tensor_pipelined --saved --coef-schedule tensor --slot-schedule tensor",
+              f"--fastest-flags: the fastest forward's schedule, then the fastest fwd+bwd's backward options "
+              f"(got {flags.stdout.strip()!r})")
+        # The forward's default is the fastest; the fwd+bwd's fastest sets a forward schedule of its own
+        # (resident), which gives way to the default's; the in-place row is no schedule.
+        with open(path, "w") as f:
+            f.write("RESULT intervention_linear_loreft4_fwd 1.0 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwd_inplace 0.5 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwd_stream 2.0 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwdbwd 1.0 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwdbwd_resident 0.9 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwdbwd_tensor 0.95 1000000000\n"
+                    "RESULT intervention_linear_direft4_fwd_stream 0.1 1000000000\n")
+        flags = run([sys.executable, table_py, "--fastest-flags", path])
+        check(flags.stdout.strip() == "--coef-schedule resident",
+              f"--fastest-flags: a default forward stays, the fwd+bwd's backward options come (got {flags.stdout.strip()!r})")
+        with open(path, "w") as f:
+            f.write("RESULT intervention_linear_loreft4_fwd 1.0 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwd_stream 2.0 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwdbwd 1.0 1000000000\n"
+                    "RESULT intervention_linear_loreft4_fwdbwd_tensor 1.5 1000000000\n")
+        flags = run([sys.executable, table_py, "--fastest-flags", path])
+        check(flags.returncode == 0 and flags.stdout.strip() == "", "--fastest-flags: nothing when the defaults are the fastest")
+        bad = run([sys.executable, table_py, "--fastest", path])
+        check(bad.returncode == 2 and "--fastest-flags" in bad.stderr, "a bad option: exit 2 and the usage")
+
+        # The SCHEDULES line: the schedules the default rows ran, and whether they are the library's.
+        for line, want in (("SCHEDULES forward=tensor coef=stream slot=cuda_cores fwdbwd=recompute defaults forward=tensor "
+                            "coef=stream slot=cuda_cores fwdbwd=recompute",
+                            "schedules of the default rows: forward tensor, coef stream, slot cuda_cores, fwdbwd recompute  "
+                            "(the library's defaults)"),
+                           ("SCHEDULES forward=tensor_pipelined coef=tensor slot=cuda_cores fwdbwd=saved defaults "
+                            "forward=tensor coef=stream slot=cuda_cores fwdbwd=recompute",
+                            "schedules of the default rows: forward tensor_pipelined, coef tensor, slot cuda_cores, fwdbwd "
+                            "saved  (bench_cuda options; the library's defaults: forward tensor, coef stream, slot "
+                            "cuda_cores, fwdbwd recompute)")):
+            with open(path, "w") as f:
+                f.write(line + "\n")
+            p = run([sys.executable, table_py, path])
+            check(want in p.stdout, f"SCHEDULES shown as {want!r}")
 
         # Rows bench_cuda could not time (FAILED <key> <what>): shown in their place, a target among
         # them not measured, a key without a row listed apart, and what each said, whole, in the notes.
@@ -337,7 +380,17 @@ def test_slot():
         os.makedirs(os.path.join(bundle, "bin"))
         with open(os.path.join(bundle, "MANIFEST"), "w") as f:
             f.write("commit 1111111 (fake)\narchs 90\n")
-        write_program(os.path.join(bundle, "bin", "bench_cuda"), "echo 'DEVICE Fake GPU 9000'; echo \"args $*\"")
+        # A bench_cuda whose pipelined forward and saved tensor-core fwd+bwd beat the defaults, and which
+        # under the options that make them the defaults prints those rows faster.
+        write_program(os.path.join(bundle, "bin", "bench_cuda"), "\n".join([
+            "echo 'DEVICE Fake GPU 9000'; echo \"args $*\"",
+            "k=intervention_linear_loreft4",
+            "case \"$*\" in",
+            "  *--saved*) echo \"RESULT ${k}_fwd 0.5 1000000000\"; echo \"RESULT ${k}_fwdbwd 0.7 1000000000\" ;;",
+            "  *--only*) ;;",
+            "  *) for r in fwd:1.0 fwd_tensor_pipelined:0.5 fwdbwd:1.0 fwdbwd_tensor_saved:0.7; do",
+            "       echo \"RESULT ${k}_${r%%:*} ${r#*:} 1000000000\"; done ;;",
+            "esac"]))
         write_program(os.path.join(bundle, "bin", "test_cuda_passes"), "echo 'All tests passed (1 assertion in 1 test case)'")
         write_program(os.path.join(bundle, "bin", "device_loop_cuda"), "echo 'loss 0.8 -> 0.03'")
         p = run(["bash", slot, "--bundle", bundle, "--out", out], dict(os.environ, GRUN_NVIDIA_SMI=os.path.join(tmp, "none")))
@@ -351,7 +404,7 @@ def test_slot():
                 dict(os.environ, GRUN_NVIDIA_SMI=smi, PATH=f"{fakebin}:/usr/bin:/bin"))
         check(p.returncode == 0, f"passing bundle: exit 0 (got {p.returncode}; {p.stdout[-600:]!r})")
         files = sorted(os.listdir(out)) if os.path.isdir(out) else []
-        want = ["env.txt", "extra.txt", "gpu_check.log", "logs.tgz", "memcheck.txt", "ncu.txt", "results.txt"]
+        want = ["env.txt", "extra.txt", "fastest.txt", "gpu_check.log", "logs.tgz", "memcheck.txt", "ncu.txt", "results.txt"]
         check(files == want, f"--out holds {want} (at most 8 files: a device call returns no more), got {files}")
         if "results.txt" in files:
             with open(os.path.join(out, "results.txt")) as f:
@@ -359,6 +412,16 @@ def test_slot():
         if "extra.txt" in files:
             with open(os.path.join(out, "extra.txt")) as f:
                 check("args --only intervention_scaling" in f.read(), "extra.txt: bench_cuda --only intervention_scaling")
+        if "fastest.txt" in files:
+            with open(os.path.join(out, "fastest.txt")) as f:
+                fastest = f.read()
+            print(fastest)
+            check(fastest.startswith("bench_cuda --schedule tensor_pipelined --saved --coef-schedule tensor "
+                                     "--slot-schedule tensor: the fastest"),
+                  "fastest.txt: bench_cuda run again with the fastest schedules' options")
+            check(re.search(r"fused fwd linear\+loreft4 d=4096 T=16384 bf16\s+0\.500\s", fastest) is not None
+                  and re.search(r"fused fwd\+bwd linear\+loreft4 \(same sizes\)\s+0\.700\s", fastest) is not None,
+                  "fastest.txt: the table's target rows are the second run's")
         if "ncu.txt" in files:
             with open(os.path.join(out, "ncu.txt")) as f:
                 ncu = f.read()
