@@ -19,33 +19,49 @@ TEMPLATE_TEST_CASE("fused intervention agrees with exec::host: linear + loreft<4
   check_all<lin_lo4, TestType>();
 }
 
-TEST_CASE("fused intervention: saved activations stay with the executor that saved them", "[intervention][saved]") {
-  GRUN_REQUIRE_DEVICE();
-  using grun::cuda_space;
-  using grun::index_t;
+/// The saved-activations cases' setup: one linear + loreft<4> module (bf16: the forward keeps e and z)
+/// over every row of h [N, 64], its host reference, and the module's forward and backward on an
+/// executor, keeping in / reading from a saved_activations.
+struct saved_case {
   using T = grun::bfloat16;
   using Dp = dparams<lin_lo4, T>;
-  const index_t N = 16, d = 64;
-  host_reference<lin_lo4, T> ref({N, d, iota(N)}, {21, 13});
-  gc::device_matrix<T> h(ref.h), out(N, d), dout(ref.dout), dh(N, d);
-  gc::device_buffer<T> gates(N);
-  gc::device_params<Dp> grads(lin_lo4::template shape<T, cuda_space>(d));
-  const auto pos = grun::positions::all(N);
-  lin_lo4::module<T> host_module(d, 21);
+  grun::index_t N, d = 64;
+  host_reference<lin_lo4, T> ref;
+  gc::device_matrix<T> h, dout;
+  gc::device_buffer<T> gates;
+  grun::positions pos;
+  explicit saved_case(grun::index_t n)
+      : N(n), ref({n, 64, iota(n)}, {21, 13}), h(ref.h), dout(ref.dout), gates(n), pos(grun::positions::all(n)) {}
+  void forward(const grun::exec::cuda_t& ex, gc::device_matrix<T>& out, grun::saved_activations<T>& saved) {
+    lin_lo4::forward(ex, ref.device_views[0], cdview<T>(h.view()), pos, out.view(), gates.template view<1>({{N}}), saved);
+  }
+  void backward(const grun::exec::cuda_t& ex, gc::device_matrix<T>& dh, gc::device_params<Dp>& grads,
+                const grun::saved_activations<T>& saved) {
+    lin_lo4::backward(ex, ref.device_views[0], cdview<T>(h.view()), pos, cdview<T>(dout.view()),
+                      grun::vector_view<const T, grun::cuda_space>(), dh.view(), *grads, saved);
+  }
+  gc::device_params<Dp> new_grads() const { return gc::device_params<Dp>(lin_lo4::template shape<T, grun::cuda_space>(d)); }
+};
+
+TEST_CASE("fused intervention: saved activations stay with the executor that saved them", "[intervention][saved]") {
+  GRUN_REQUIRE_DEVICE();
+  using T = saved_case::T;
+  saved_case c(16);
+  gc::device_matrix<T> out(c.N, c.d), dh(c.N, c.d);
+  auto grads = c.new_grads();
+  lin_lo4::module<T> host_module(c.d, 21);
   grun::saved_activations<T> saved;
-  lin_lo4::forward(grun::exec::cuda, ref.device_views[0], cdview<T>(h.view()), pos, out.view(),
-                   gates.template view<1>({{N}}), saved);
+  c.forward(grun::exec::cuda, out, saved);
   REQUIRE(saved.width() == 5);
   REQUIRE(saved.on_device());
   // A host backward cannot read device memory: refused, naming both sides.
-  grun::host_matrix<T> hdh(N, d);
-  CHECK_THROWS_WITH(host_module.backward(grun::exec::host, grun::matrix_view<const T>(ref.h.view()), pos,
-                                         grun::matrix_view<const T>(ref.dout.view()), grun::vector_view<const T>(),
+  grun::host_matrix<T> hdh(c.N, c.d);
+  CHECK_THROWS_WITH(host_module.backward(grun::exec::host, grun::matrix_view<const T>(c.ref.h.view()), c.pos,
+                                         grun::matrix_view<const T>(c.ref.dout.view()), grun::vector_view<const T>(),
                                          hdh.view(), saved),
                     Catch::Contains("expected ones saved by a forward on exec::host, got ones in device memory"));
   // The device backward takes them (and is held to the host in check_all).
-  lin_lo4::backward(grun::exec::cuda, ref.device_views[0], cdview<T>(h.view()), pos, cdview<T>(dout.view()),
-                    grun::vector_view<const T, cuda_space>(), dh.view(), *grads, saved);
+  c.backward(grun::exec::cuda, dh, grads, saved);
   GRUN_CUDA_CHECK(cudaDeviceSynchronize());
   // Moved, not copied: the device block goes with it.
   grun::saved_activations<T> moved = std::move(saved);
@@ -56,17 +72,10 @@ TEST_CASE("fused intervention: saved activations stay with the executor that sav
 TEST_CASE("fused intervention: saved activations live in grun's pool and go without a device-wide wait",
           "[intervention][saved]") {
   GRUN_REQUIRE_DEVICE();
-  using grun::cuda_space;
-  using grun::index_t;
-  using T = grun::bfloat16;
-  using Dp = dparams<lin_lo4, T>;
-  const index_t N = 24, d = 64;
-  host_reference<lin_lo4, T> ref({N, d, iota(N)}, {21, 13});
-  gc::device_matrix<T> h(ref.h), out(N, d), out_s(N, d), dout(ref.dout), dh(N, d), dh_s(N, d);
-  gc::device_buffer<T> gates(N);
-  gc::device_params<Dp> grads(lin_lo4::template shape<T, cuda_space>(d)), grads_s(lin_lo4::template shape<T, cuda_space>(d));
-  const auto pos = grun::positions::all(N);
-  const auto gv = gates.template view<1>({{N}});
+  using T = saved_case::T;
+  saved_case c(24);
+  gc::device_matrix<T> out(c.N, c.d), out_s(c.N, c.d), dh(c.N, c.d), dh_s(c.N, c.d);
+  auto grads = c.new_grads(), grads_s = c.new_grads();
   const auto used = [] {
     std::uint64_t bytes = 0;
     GRUN_CUDA_CHECK(cudaDeviceSynchronize());
@@ -77,11 +86,10 @@ TEST_CASE("fused intervention: saved activations live in grun's pool and go with
   const std::uint64_t before = used();
   {
     grun::saved_activations<T> saved;
-    lin_lo4::forward(grun::exec::cuda, ref.device_views[0], cdview<T>(h.view()), pos, out.view(), gv, saved);
+    c.forward(grun::exec::cuda, out, saved);
     REQUIRE(saved.on_device());
     CHECK(used() >= before + saved.bytes());
-    lin_lo4::backward(grun::exec::cuda, ref.device_views[0], cdview<T>(h.view()), pos, cdview<T>(dout.view()),
-                      grun::vector_view<const T, cuda_space>(), dh.view(), *grads, saved);
+    c.backward(grun::exec::cuda, dh, grads, saved);
   }
   CHECK(used() == before);
   // On a stream of the caller's that is destroyed before the saved_activations goes: the release
@@ -91,9 +99,8 @@ TEST_CASE("fused intervention: saved activations live in grun's pool and go with
   const auto on_stream = grun::exec::cuda(static_cast<void*>(stream));
   {
     grun::saved_activations<T> saved;
-    lin_lo4::forward(on_stream, ref.device_views[0], cdview<T>(h.view()), pos, out_s.view(), gv, saved);
-    lin_lo4::backward(on_stream, ref.device_views[0], cdview<T>(h.view()), pos, cdview<T>(dout.view()),
-                      grun::vector_view<const T, cuda_space>(), dh_s.view(), *grads_s, saved);
+    c.forward(on_stream, out_s, saved);
+    c.backward(on_stream, dh_s, grads_s, saved);
     GRUN_CUDA_CHECK(cudaStreamSynchronize(stream));
     GRUN_CUDA_CHECK(cudaStreamDestroy(stream));
   }
