@@ -145,19 +145,24 @@ struct saved_access {
   }
   template <class T>
   static void finish(saved_activations<T>& s) noexcept { s.filled_ = true; }
-  /// Runs call() — a forward filling s, or a backward reading it, on executor ex — then tells the
-  /// device block that ex's stream touched it, also when call() throws (kernels it launched before
-  /// may still run: the block's release must wait for them). Executors without a stream: just call().
+  /// Runs call() — a forward that may fill s in device memory, or a backward reading it, on executor
+  /// ex — then, when s holds values in device memory (the forward kept some; the backward reads
+  /// them), tells the device block that ex's stream touched it, also when call() throws (kernels it
+  /// launched before may still run: the block's release must wait for them). A call that kept
+  /// nothing leaves what the release waits for as it was. Executors without a stream: just call().
   template <class T, class Exec, class Call>
   static void touching(const saved_activations<T>& s, const Exec& ex, Call&& call) {
     if constexpr (requires { ex.stream; }) {
+      const auto note = [&] {
+        if (s.on_device_ && s.width_ > 0) s.device_.note(ex.stream);
+      };
       try {
         call();
       } catch (...) {
-        s.device_.note(ex.stream);
+        note();
         throw;
       }
-      s.device_.note(ex.stream);
+      note();
     } else {
       call();
     }
