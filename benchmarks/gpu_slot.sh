@@ -102,18 +102,25 @@ echo "fastest schedules done after $(elapsed) s"
 ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
 : >"$out/ncu.txt"
 if [[ -n $ncu ]]; then
-  # The forward once per schedule (bench_cuda --schedule makes it the run's default, so -c 1 takes it);
-  # the backward's opt-in kernels first run in the intervention_schedules group.
-  # The two l1tex metrics: shared-memory load bank conflicts against all shared-load wavefronts.
-  for job in "forward_tensor_kernel tensor" "forward_tensor_kernel tensor_apply" "forward_tensor_kernel tensor_pipelined" "forward_kernel stream" "forward_kernel resident" "coef_kernel stream" \
-             "coef_tensor_kernel tensor" "slot_kernel stream" "slot_tensor_kernel tensor" "sum_slots_kernel stream"; do
+  # Each kernel under the bench_cuda options that make its schedule the run's default, so that -c 1
+  # takes its first launch in the loreft4 group's default rows (coef_kernel --saved: the variant that
+  # reads the forward's kept values). The two l1tex metrics: shared-memory load bank conflicts against
+  # all shared-load wavefronts.
+  for job in "forward_tensor_kernel --schedule tensor" "forward_tensor_kernel --schedule tensor_apply" \
+             "forward_tensor_kernel --schedule tensor_pipelined" "forward_kernel --schedule stream" \
+             "forward_kernel --schedule resident" "coef_kernel --coef-schedule stream" "coef_kernel --saved" \
+             "coef_tensor_kernel --coef-schedule tensor" "slot_kernel --slot-schedule cuda_cores" \
+             "slot_tensor_kernel --slot-schedule tensor" "sum_slots_kernel --slot-schedule cuda_cores"; do
+    # shellcheck disable=SC2086  # a kernel's name, then its options, one word each
     set -- $job
-    echo "== ncu $1 (forward schedule $2)" >>"$out/ncu.txt"
-    timeout 40 "$ncu" --clock-control none -k "regex:$1" -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    kernel=$1
+    shift
+    echo "== ncu $kernel (bench_cuda $*)" >>"$out/ncu.txt"
+    timeout 40 "$ncu" --clock-control none -k "regex:$kernel" -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section Occupancy --section LaunchStats --section WarpStateStats \
       --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum \
-      "$bin/bench_cuda" --only intervention_linear_loreft4,intervention_schedules --schedule "$2" >>"$out/ncu.txt" 2>&1 ||
-      echo "ncu $1 ($2): exit $?" >>"$out/ncu.txt"
+      "$bin/bench_cuda" --only intervention_linear_loreft4 "$@" >>"$out/ncu.txt" 2>&1 ||
+      echo "ncu $kernel ($*): exit $?" >>"$out/ncu.txt"
   done
 else
   echo "no ncu on this machine" >"$out/ncu.txt"

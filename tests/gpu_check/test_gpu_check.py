@@ -425,15 +425,19 @@ def test_slot():
         if "ncu.txt" in files:
             with open(os.path.join(out, "ncu.txt")) as f:
                 ncu = f.read()
-            for kernel, schedule in [("forward_tensor_kernel", "tensor"), ("forward_tensor_kernel", "tensor_apply"),
-                                     ("forward_tensor_kernel", "tensor_pipelined"),
-                                     ("forward_kernel", "stream"),
-                                     ("forward_kernel", "resident"), ("coef_kernel", "stream"),
-                                     ("coef_tensor_kernel", "tensor"), ("slot_kernel", "stream"),
-                                     ("slot_tensor_kernel", "tensor"), ("sum_slots_kernel", "stream")]:
-                check(any(f"-k regex:{kernel} -c 1" in line and line.endswith(f"--schedule {schedule}")
+            for kernel, options in [("forward_tensor_kernel", "--schedule tensor"),
+                                    ("forward_tensor_kernel", "--schedule tensor_apply"),
+                                    ("forward_tensor_kernel", "--schedule tensor_pipelined"),
+                                    ("forward_kernel", "--schedule stream"), ("forward_kernel", "--schedule resident"),
+                                    ("coef_kernel", "--coef-schedule stream"), ("coef_kernel", "--saved"),
+                                    ("coef_tensor_kernel", "--coef-schedule tensor"),
+                                    ("slot_kernel", "--slot-schedule cuda_cores"),
+                                    ("slot_tensor_kernel", "--slot-schedule tensor"),
+                                    ("sum_slots_kernel", "--slot-schedule cuda_cores")]:
+                check(any(f"-k regex:{kernel} -c 1" in line
+                          and line.endswith(f"--only intervention_linear_loreft4 {options}")
                           for line in ncu.splitlines()),
-                      f"ncu.txt: {kernel} profiled (forward schedule {schedule})")
+                      f"ncu.txt: {kernel} profiled under bench_cuda {options}")
 
         # The archive gpu_bundle.sh writes beside the folder (what a device call carries): unpacked and run.
         archive = os.path.join(tmp, "bundle.tar.gz")
