@@ -160,6 +160,17 @@ def fmt(v, width, digits=3, suffix=""):
     return f"{'-':>{width}}" if v is None or math.isnan(v) else f"{v:{width - len(suffix)}.{digits}f}{suffix}"
 
 
+def schedule_rows(ms, key):
+    """The measured schedule rows of target row `key`: <key>_<schedule>, its in-place row aside."""
+    return [k for k, _, _ in ROWS if k.startswith(key + "_") and k != key + "_inplace" and k in ms]
+
+
+def fastest_schedule(ms, key):
+    """The fastest of schedule_rows(ms, key) where it beats the default row `key`; else None."""
+    best = min(schedule_rows(ms, key), key=lambda k: ms[k], default=None)
+    return best if best is not None and ms[best] and ms[best] < ms[key] else None
+
+
 def fastest_schedules(r, copy):
     """Lines naming, for each forward / fwd+bwd target row, its fastest other schedule (the rows keyed
     <target key>_<schedule>, in place aside) when that beats the default, with where the target would
@@ -169,14 +180,13 @@ def fastest_schedules(r, copy):
     for key, label, kind in ROWS:
         if kind not in ("fwd", "fwdbwd") or key not in ms:
             continue
-        others = [k for k, _, _ in ROWS if k.startswith(key + "_") and k != key + "_inplace" and k in ms]
-        if not others:
+        if not schedule_rows(ms, key):
             continue
-        best = min(others, key=lambda k: ms[k])
-        t = ms[best]
-        if not t or t >= ms[key]:
+        best = fastest_schedule(ms, key)
+        if best is None:
             lines.append(f"  {label:48} the default is the fastest measured schedule")
             continue
+        t = ms[best]
         if kind == "fwd":
             b = nbytes.get(key, 0.0)
             value = 100 * b / t / 1e6 / copy if b else NAN
@@ -225,11 +235,8 @@ def fastest_flags(r):
 
     def fastest(kind):
         key = f"{FASTEST_OF}_{kind}"
-        if key not in ms:
-            return None
-        others = [k for k in ms if k.startswith(key + "_") and k[len(FASTEST_OF) + 1:] in SCHEDULE_FLAGS]
-        best = min(others, key=lambda k: ms[k], default=None)
-        return best[len(FASTEST_OF) + 1:] if best and ms[best] < ms[key] else None
+        best = fastest_schedule(ms, key) if key in ms else None
+        return best[len(FASTEST_OF) + 1:] if best else None
 
     fwd, fwdbwd = fastest("fwd"), fastest("fwdbwd")
     flags = list(SCHEDULE_FLAGS[fwdbwd]) if fwdbwd else []

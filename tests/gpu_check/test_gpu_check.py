@@ -106,6 +106,11 @@ def test_keys():
     for k, label, _ in gpu_table.ROWS:
         check(len(label) <= 48, f"gpu_table.ROWS: {k}'s label fits the table's 48 columns ({len(label)}: {label!r})")
     known = row_keys | {k + v for k in row_keys for v in ("_eager", "_compile")} | set(gpu_table.OTHER_KEYS)
+    # Every schedule row of the rows --fastest-flags reads has bench_cuda options that make it the default.
+    for target in (f"{gpu_table.FASTEST_OF}_fwd", f"{gpu_table.FASTEST_OF}_fwdbwd"):
+        for k in gpu_table.schedule_rows({k: 1.0 for k in row_keys}, target):
+            check(k[len(gpu_table.FASTEST_OF) + 1:] in gpu_table.SCHEDULE_FLAGS,
+                  f"gpu_table.SCHEDULE_FLAGS: options for {k}")
     grun, torch = bench_cuda_keys(), torch_reference_keys()
     print(f"bench_cuda.cu keys: {sorted(grun)}\ntorch_reference.py keys: {sorted(torch)}")
     for k in sorted(grun | torch):
