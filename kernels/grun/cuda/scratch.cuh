@@ -11,7 +11,8 @@
 
 namespace grun::cuda {
 
-/// grun's pool for call-scoped device scratch on the current device: stream-ordered allocations
+/// grun's pool for call-scoped device scratch on the current device (and for saved activations'
+/// device blocks, which outlive a call: cuda::detail::allocate_saved): stream-ordered allocations
 /// whose memory stays mapped between calls. The device's default pool has a release threshold of 0,
 /// so it hands its memory back to the driver at every stream / event / device synchronization —
 /// and a training step synchronizes (a loss read back), after which every call re-mapped its
@@ -32,7 +33,8 @@ inline cudaMemPool_t scratch_pool() {
 }
 
 /// Returns the scratch pool's unused memory on the current device to the driver, keeping at most
-/// `keep_bytes` (the pool otherwise keeps what its largest call needed, for the next call).
+/// `keep_bytes` (the pool otherwise keeps what its largest call needed, for the next call). Blocks
+/// still held — a saved_activations alive — stay.
 inline void release_scratch(std::size_t keep_bytes = 0) {
   GRUN_CUDA_CHECK(cudaMemPoolTrimTo(scratch_pool(), keep_bytes));
 }
