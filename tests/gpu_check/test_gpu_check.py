@@ -393,7 +393,7 @@ def test_slot():
             "case \"$*\" in",
             "  *--saved*) echo \"RESULT ${k}_fwd 0.5 1000000000\"; echo \"RESULT ${k}_fwdbwd 0.7 1000000000\" ;;",
             "  *--only*) ;;",
-            "  *) for r in fwd:1.0 fwd_tensor_pipelined:0.5 fwdbwd:1.0 fwdbwd_tensor_saved:0.7; do",
+            "  *) for r in fwd:1.0 fwd_inplace:0.9 fwd_tensor_pipelined:0.5 fwdbwd:1.0 fwdbwd_tensor_saved:0.7; do",
             "       echo \"RESULT ${k}_${r%%:*} ${r#*:} 1000000000\"; done ;;",
             "esac"]))
         write_program(os.path.join(bundle, "bin", "test_cuda_passes"), "echo 'All tests passed (1 assertion in 1 test case)'")
@@ -427,6 +427,9 @@ def test_slot():
             check(re.search(r"fused fwd linear\+loreft4 d=4096 T=16384 bf16\s+0\.500\s", fastest) is not None
                   and re.search(r"fused fwd\+bwd linear\+loreft4 \(same sizes\)\s+0\.700\s", fastest) is not None,
                   "fastest.txt: the table's target rows are the second run's")
+            check(re.search(r"NOT MEASURED\s+fused fwd linear\+loreft4 d=4096 T=16384 bf16, in place\s+no grun result",
+                            fastest) is not None,
+                  "fastest.txt: a row the second run did not print is not measured (not the first run's default)")
         if "ncu.txt" in files:
             with open(os.path.join(out, "ncu.txt")) as f:
                 ncu = f.read()
