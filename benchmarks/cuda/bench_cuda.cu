@@ -281,15 +281,9 @@ void bench_schedules(const std::string& name, index_t T_, index_t d) {
   const auto forward_default = fd::forward_plan;
   const auto coef_default = fd::coef_plan;
   const auto slot_default = fd::slot_plan;
-  const std::pair<fd::forward_schedule, const char*> plans[] = {{fd::forward_schedule::stream, "_fwd_stream"},
-                                                                {fd::forward_schedule::resident, "_fwd_resident"},
-                                                                {fd::forward_schedule::staged, "_fwd_staged"},
-                                                                {fd::forward_schedule::tensor, "_fwd_tensor"},
-                                                                {fd::forward_schedule::tensor_apply, "_fwd_tensor_apply"},
-                                                                {fd::forward_schedule::tensor_pipelined, "_fwd_tensor_pipelined"}};
-  for (const auto& [plan, suffix] : plans) {
+  for (const auto& [plan, schedule] : forward_names) {  // rows …_fwd_<schedule>
     if (plan == forward_default) continue;
-    const std::string key = name + suffix;
+    const std::string key = name + "_fwd_" + schedule;
     opt_in_row(key, [&] { fd::forward_plan = plan; }, [&] {
       result(key.c_str(), time_ms([&] { in.fwd(in.outv()); }), 2.0 * elems * 2);
     });

@@ -70,7 +70,11 @@ def bench_cuda_keys():
     assert suffixes and calls, "bench_cuda.cu: bench_intervention's result names not found (update this test)"
     # bench_schedules<I>(name, …) adds the schedule rows: every "_fwd…_<schedule>" name in the file
     # (and the backward-from-saved rows, "_fwdbwd…_saved").
-    schedules = set(re.findall(r'"(_fwd\w*_(?:stream|resident|staged|tensor|tensor_apply|tensor_pipelined|saved))"', src))
+    schedules = set(re.findall(r'"(_fwdbwd\w*_(?:resident|tensor|saved))"', src))
+    # The forward's schedule rows: "_fwd_" + every name of bench_cuda's forward_names table.
+    names = re.search(r'forward_names\[\] = \{(.*?)\};', src, re.S)
+    assert names, "bench_cuda.cu: forward_names not found (update this test)"
+    schedules |= {"_fwd_" + n for n in re.findall(r'fd::forward_schedule::\w+, "(\w+)"', names.group(1))}
     schedule_calls = re.findall(r'\bbench_schedules<\w+>\("([A-Za-z0-9_]+)"', src)
     assert schedules and schedule_calls, "bench_cuda.cu: the schedule result names not found (update this test)"
     for name, rest in calls:
