@@ -16,7 +16,9 @@
 //     --saved  the …_fwdbwd rows run the backward from what the forward kept (saved_activations: the
 //              libtorch adapter's path), not recomputing it
 //   A line "SCHEDULES forward=… coef=… slot=… fwdbwd=recompute|saved defaults forward=… …" says which
-//   schedules the run's default rows ran and which are the library's defaults.
+//   schedules the run's default rows ran and which are the library's defaults, and before each row of
+//   another schedule a line "OPTIONS <key> <options…>" gives the options above that make that row's
+//   configuration the run's default (what gpu_table.py --fastest-flags reads).
 //     --fail-row KEY  the opt-in row KEY throws instead of running (a test of the FAILED path)
 //     --only   run only the named benchmarks (copy_d2d, intervention_linear_loreft4, …_direft4,
 //              …_loreft4_generic, intervention_mlp_loreft4, intervention_scaling, nll, kl, losses, adamw,
@@ -89,6 +91,28 @@ bool parse_schedule(const char* option, const std::string& v, const std::pair<E,
   std::fprintf(stderr, "bench_cuda: %s expects one of %s, got '%s'\n", option, known.c_str(), v.c_str());
   return false;
 }
+
+/// One row's configuration of the fused kernels' schedules (fused::detail's plans) and the backward's
+/// source; by default the run's.
+struct schedules {
+  fd::forward_schedule forward = fd::forward_plan;
+  fd::coef_schedule coef = fd::coef_plan;
+  fd::slot_schedule slot = fd::slot_plan;
+  bool from_kept = fwdbwd_saved;
+
+  void set() const { fd::forward_plan = forward, fd::coef_plan = coef, fd::slot_plan = slot; }
+  /// Prints "OPTIONS <key> <options>": the bench_cuda options that make this configuration the run's
+  /// default, spelled from the same tables the options are parsed with. A forward row's (backward =
+  /// false) names its forward schedule only: nothing else changes a forward.
+  void print_options(const std::string& key, bool backward) const {
+    std::string options = std::string("--schedule ") + name_of(forward, forward_names);
+    if (backward) {
+      options += std::string(" --coef-schedule ") + name_of(coef, coef_names) + " --slot-schedule " +
+                 name_of(slot, slot_names) + (from_kept ? " --saved" : "");
+    }
+    std::printf("OPTIONS %s %s\n", key.c_str(), options.c_str());
+  }
+};
 
 /// Median of `reps` timed runs after `warmup` untimed ones, in milliseconds.
 double time_ms(const std::function<void()>& f, int warmup = 3, int reps = 10) {
@@ -229,6 +253,7 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
          5.0 * elems * 2);
   if (what == timing::fused_and_saved && !from_kept) {
     const std::string saved_row = name + "_fwdbwd_saved";
+    schedules{.from_kept = true}.print_options(saved_row, true);
     result(saved_row.c_str(), time_ms([&] { in.fwd_bwd_kept(); }, 1, 5), 5.0 * elems * 2);
   }
 }
@@ -239,21 +264,20 @@ int failed_rows = 0;
 /// that a failing row is reported and the run goes on).
 std::string fail_row;
 
-/// Times one opt-in schedule's row under `set` (which sets fused::detail's plans), and puts the run's
-/// plans back after it, whatever happens. A row that throws is reported as
+/// Times one opt-in schedule's row under `config` (its OPTIONS line first; `backward`: a fwd + bwd row),
+/// and puts the run's plans back after it, whatever happens. A row that throws is reported as
 ///   FAILED <key> <what>
 /// and the run goes on, unless the CUDA context is lost (a sticky error: nothing after it can run).
 /// The schedules are timed after every default row, so a broken one costs only its own rows.
-template <class Set, class Body>
-void opt_in_row(const std::string& key, Set&& set, Body&& body) {
+template <class Body>
+void opt_in_row(const std::string& key, const schedules& config, bool backward, Body&& body) {
   struct restore {
-    fd::forward_schedule forward = fd::forward_plan;
-    fd::coef_schedule coef = fd::coef_plan;
-    fd::slot_schedule slot = fd::slot_plan;
-    ~restore() { fd::forward_plan = forward, fd::coef_plan = coef, fd::slot_plan = slot; }
+    schedules run;
+    ~restore() { run.set(); }
   } const plans;
+  config.print_options(key, backward);
   try {
-    set();
+    config.set();
     if (key == fail_row) throw std::runtime_error("--fail-row " + key + ": failed on request");
     body();
   } catch (const std::exception& e) {
@@ -278,48 +302,41 @@ void bench_schedules(const std::string& name, index_t T_, index_t d) {
   static_assert(impl::fused);
   intervention_inputs<I> in(T_, d, false);
   const double elems = in.elems();
-  const auto forward_default = fd::forward_plan;
-  const auto coef_default = fd::coef_plan;
-  const auto slot_default = fd::slot_plan;
+  const schedules run;  // the run's: each row below changes some of it
   for (const auto& [plan, schedule] : forward_names) {  // rows …_fwd_<schedule>
-    if (plan == forward_default) continue;
+    if (plan == run.forward) continue;
     const std::string key = name + "_fwd_" + schedule;
-    opt_in_row(key, [&] { fd::forward_plan = plan; }, [&] {
-      result(key.c_str(), time_ms([&] { in.fwd(in.outv()); }), 2.0 * elems * 2);
-    });
+    schedules config = run;
+    config.forward = plan;
+    opt_in_row(key, config, false, [&] { result(key.c_str(), time_ms([&] { in.fwd(in.outv()); }), 2.0 * elems * 2); });
   }
-  // fwd + bwd minimum: fwd reads h, writes h'; bwd reads h and dout, writes dh. Recomputing (false) or
-  // from what the forward kept (true).
+  // fwd + bwd minimum: fwd reads h, writes h'; bwd reads h and dout, writes dh. Recomputing
+  // (from_kept false) or from what the forward kept (true).
   const struct {
-    fd::forward_schedule forward;
-    fd::coef_schedule coef;
-    fd::slot_schedule slot;
-    bool from_kept;
+    schedules config;
     const char* suffix;
   } fwdbwd_plans[] = {
       // The forward and the coefficient kernel both resident.
-      {fd::forward_schedule::resident, fd::coef_schedule::resident, slot_default, false, "_fwdbwd_resident"},
+      {{fd::forward_schedule::resident, fd::coef_schedule::resident, run.slot, false}, "_fwdbwd_resident"},
       // The backward's kernels on tensor cores, each alone and both together.
-      {forward_default, coef_default, fd::slot_schedule::tensor, false, "_fwdbwd_slot_tensor"},
-      {forward_default, fd::coef_schedule::tensor, slot_default, false, "_fwdbwd_coef_tensor"},
-      {forward_default, fd::coef_schedule::tensor, fd::slot_schedule::tensor, false, "_fwdbwd_tensor"},
+      {{run.forward, run.coef, fd::slot_schedule::tensor, false}, "_fwdbwd_slot_tensor"},
+      {{run.forward, fd::coef_schedule::tensor, run.slot, false}, "_fwdbwd_coef_tensor"},
+      {{run.forward, fd::coef_schedule::tensor, fd::slot_schedule::tensor, false}, "_fwdbwd_tensor"},
       // The backward from what the forward kept (bench_intervention's _fwdbwd_saved) with the
       // coefficient kernel on tensor cores, and with both backward kernels on tensor cores.
-      {forward_default, fd::coef_schedule::tensor, slot_default, true, "_fwdbwd_coef_tensor_saved"},
-      {forward_default, fd::coef_schedule::tensor, fd::slot_schedule::tensor, true, "_fwdbwd_tensor_saved"},
+      {{run.forward, fd::coef_schedule::tensor, run.slot, true}, "_fwdbwd_coef_tensor_saved"},
+      {{run.forward, fd::coef_schedule::tensor, fd::slot_schedule::tensor, true}, "_fwdbwd_tensor_saved"},
       // Every schedule not yet timed, together: the pipelined forward keeping e and z, and the
       // backward from them with both its kernels on tensor cores.
-      {fd::forward_schedule::tensor_pipelined, fd::coef_schedule::tensor, fd::slot_schedule::tensor, true,
+      {{fd::forward_schedule::tensor_pipelined, fd::coef_schedule::tensor, fd::slot_schedule::tensor, true},
        "_fwdbwd_pipelined_tensor_saved"}};
-  for (const auto& plan : fwdbwd_plans) {
-    const std::string key = name + plan.suffix;
-    opt_in_row(
-        key, [&] { fd::forward_plan = plan.forward, fd::coef_plan = plan.coef, fd::slot_plan = plan.slot; },
-        [&] {
-          const double ms = plan.from_kept ? time_ms([&] { in.fwd_bwd_kept(); }, 1, 5)
-                                           : time_ms([&] { in.fwd(in.outv()); in.bwd(); }, 1, 5);
-          result(key.c_str(), ms, 5.0 * elems * 2);
-        });
+  for (const auto& [config, suffix] : fwdbwd_plans) {
+    const std::string key = name + suffix;
+    opt_in_row(key, config, true, [&] {
+      const double ms = config.from_kept ? time_ms([&] { in.fwd_bwd_kept(); }, 1, 5)
+                                         : time_ms([&] { in.fwd(in.outv()); in.bwd(); }, 1, 5);
+      result(key.c_str(), ms, 5.0 * elems * 2);
+    });
   }
 }
 

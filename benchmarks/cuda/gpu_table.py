@@ -16,6 +16,8 @@ RESULTS_FILE is what gpu_check.sh collects from bench_cuda and torch_reference.p
   DEVICE <name>                 the GPU bench_cuda ran on           SMI <name, memory, driver> (nvidia-smi)
   SCHEDULES forward=… coef=… slot=… fwdbwd=… defaults forward=… …
                                 the schedules bench_cuda's default rows ran, and the library's defaults
+  OPTIONS <key> <options…>      the bench_cuda options that make schedule row <key>'s configuration the
+                                run's default (--fastest-flags reads them)
   TORCH <version on gpu>        LIGER <version>                     NOTE <text>   (printed as given)
   PHASE <name> <seconds>        gpu_check.sh's phases               MODE quick    (--quick sizes)
 Unknown lines are ignored, so a log can be fed as it is.
@@ -95,7 +97,7 @@ NAN = float("nan")
 
 
 def parse(lines):
-    r = {"ms": {}, "bytes": {}, "failed": {}, "schedules": None, "device": None, "smi": None, "torch": None, "liger": None, "notes": [],
+    r = {"ms": {}, "bytes": {}, "failed": {}, "options": {}, "schedules": None, "device": None, "smi": None, "torch": None, "liger": None, "notes": [],
          "phases": [], "quick": False}
     for line in lines:
         p = line.split()
@@ -111,6 +113,8 @@ def parse(lines):
                 r["notes"].append(f"unreadable line: {line.strip()}")
         elif p[0] == "FAILED" and len(p) >= 2:
             r["failed"][p[1]] = line.strip().split(None, 2)[2] if len(p) > 2 else "(no message)"
+        elif p[0] == "OPTIONS" and len(p) >= 2:
+            r["options"][p[1]] = p[2:]
         elif p[0] == "SCHEDULES" and "defaults" in p:
             cut = p.index("defaults")
             ran = dict(kv.split("=", 1) for kv in p[1:cut] if "=" in kv)
@@ -203,25 +207,6 @@ def fastest_schedules(r, copy):
     return lines
 
 
-# bench_cuda's options that make a schedule row's configuration the run's default: the row key's
-# suffix after the target row's key ("fwd_" / "fwdbwd_" + the schedule) → options.
-SCHEDULE_FLAGS = {
-    "fwd_stream": ["--schedule", "stream"],
-    "fwd_resident": ["--schedule", "resident"],
-    "fwd_staged": ["--schedule", "staged"],
-    "fwd_tensor": ["--schedule", "tensor"],
-    "fwd_tensor_apply": ["--schedule", "tensor_apply"],
-    "fwd_tensor_pipelined": ["--schedule", "tensor_pipelined"],
-    "fwdbwd_resident": ["--schedule", "resident", "--coef-schedule", "resident"],
-    "fwdbwd_slot_tensor": ["--slot-schedule", "tensor"],
-    "fwdbwd_coef_tensor": ["--coef-schedule", "tensor"],
-    "fwdbwd_tensor": ["--coef-schedule", "tensor", "--slot-schedule", "tensor"],
-    "fwdbwd_saved": ["--saved"],
-    "fwdbwd_coef_tensor_saved": ["--saved", "--coef-schedule", "tensor"],
-    "fwdbwd_tensor_saved": ["--saved", "--coef-schedule", "tensor", "--slot-schedule", "tensor"],
-    "fwdbwd_pipelined_tensor_saved": ["--saved", "--schedule", "tensor_pipelined", "--coef-schedule", "tensor",
-                                      "--slot-schedule", "tensor"],
-}
 FASTEST_OF = "intervention_linear_loreft4"  # the issue's target rows decide (one set of options per run)
 
 
@@ -229,21 +214,26 @@ def fastest_flags(r):
     """bench_cuda options that make the fastest measured configuration of FASTEST_OF's forward and of its
     fwd+bwd the run's defaults: the fastest forward's --schedule (none: the default's), and the fastest
     fwd+bwd row's backward options (--coef-schedule, --slot-schedule, --saved; its forward schedule
-    gives way to the fastest forward's, which its forward also runs). Empty when the defaults are the
-    fastest."""
-    ms = r["ms"]
+    gives way to the fastest forward's, which its forward also runs). Each row's options are its
+    OPTIONS line's, as bench_cuda printed them; a row without one cannot be made the default and is
+    passed over (said on stderr). Empty when the defaults are the fastest."""
+    ms, options = r["ms"], r["options"]
 
     def fastest(kind):
         key = f"{FASTEST_OF}_{kind}"
-        best = fastest_schedule(ms, key) if key in ms else None
-        return best[len(FASTEST_OF) + 1:] if best else None
+        if key not in ms:
+            return []
+        unset = [k for k in schedule_rows(ms, key) if k not in options]
+        if unset:
+            print(f"gpu_table.py: no OPTIONS line for {', '.join(unset)}: passed over", file=sys.stderr)
+        best = fastest_schedule({k: v for k, v in ms.items() if k not in unset}, key)
+        return list(options[best]) if best else []
 
-    fwd, fwdbwd = fastest("fwd"), fastest("fwdbwd")
-    flags = list(SCHEDULE_FLAGS[fwdbwd]) if fwdbwd else []
+    fwd, flags = fastest("fwd"), fastest("fwdbwd")
     if "--schedule" in flags:
         i = flags.index("--schedule")
         del flags[i:i + 2]
-    return (list(SCHEDULE_FLAGS[fwd]) if fwd else []) + flags
+    return fwd + flags
 
 
 def render(r):

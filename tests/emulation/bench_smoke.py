@@ -9,7 +9,8 @@ smoke sizes cover (all but the T-scaling rows, which --smoke skips, as --quick d
 finite, non-negative time with its bytes (of the forward schedules, all but the
 run's default); then renders the table from that output, as gpu_check.sh would. Also: --schedule
 changes the default (its row goes, the others come), --coef-schedule / --slot-schedule / --saved
-change the backward's (named on the SCHEDULES line), --only limits the run to the names given, and
+change the backward's (named on the SCHEDULES line; given as a schedule row's OPTIONS line, which
+every schedule row has), --only limits the run to the names given, and
 a bad --schedule or argument is refused with exit 2 and a message, and an opt-in row made to fail
 (--fail-row) is reported as FAILED while the rows after it still run. The timings are host time under
 the emulation and are not looked at.
@@ -60,6 +61,11 @@ def main(argv):
             problems.append(f"no RESULT for {key}")
         elif not (math.isfinite(r["ms"][key]) and r["ms"][key] >= 0) or key not in r["bytes"]:
             problems.append(f"RESULT {key}: time {r['ms'][key]} or its bytes unusable")
+    # Every schedule row of a target row says which options make it the default (--fastest-flags reads them).
+    for key, _, kind in table.ROWS:
+        for row in table.schedule_rows(r["ms"], key) if kind in ("fwd", "fwdbwd") else []:
+            if not r["options"].get(row, [])[:1] == ["--schedule"]:
+                problems.append(f"{row}: no OPTIONS line naming its schedules (got {r['options'].get(row)})")
     unexpected = [k for k in r["ms"] if k not in expected]
     if unexpected:
         problems.append(f"RESULTs without a smoke row: {', '.join(unexpected)}")
@@ -75,16 +81,19 @@ def main(argv):
                                                          name + "_fwd_tensor"} <= keys:
         problems.append(f"--schedule staged: exit {rc}, RESULTs {sorted(keys)} (expected the stream, resident and "
                         "tensor rows, not the staged one)")
-    # The backward's schedules and the backward from kept values as the run's defaults: the SCHEDULES
-    # line names them beside the library's, and _fwdbwd is then the kept path (no _fwdbwd_saved twice).
-    rc, out, err = run(bench, "--smoke", "--only", name, "--coef-schedule", "tensor", "--slot-schedule", "tensor",
-                       "--saved")
+    # The backward's schedules and the backward from kept values as the run's defaults, through the
+    # options the first run printed for its row that has them all (as gpu_slot.sh's second pass gives
+    # them): the SCHEDULES line names them beside the library's, and _fwdbwd is then the kept path (no
+    # _fwdbwd_saved twice).
+    options = r["options"].get(name + "_fwdbwd_pipelined_tensor_saved", [])
+    rc, out, err = run(bench, "--smoke", "--only", name, *options)
     parsed = table.parse(out.splitlines())
     ran, lib = parsed["schedules"] or ({}, {})
-    if rc != 0 or ran.get("coef") != "tensor" or ran.get("slot") != "tensor" or ran.get("fwdbwd") != "saved" \
-            or lib.get("coef") == "tensor" or name + "_fwdbwd" not in parsed["ms"] or name + "_fwdbwd_saved" in parsed["ms"]:
-        problems.append(f"--coef-schedule tensor --slot-schedule tensor --saved: exit {rc}, SCHEDULES {parsed['schedules']}, "
-                        f"RESULTs {sorted(parsed['ms'])}")
+    if rc != 0 or ran.get("forward") != "tensor_pipelined" or ran.get("coef") != "tensor" or ran.get("slot") != "tensor" \
+            or ran.get("fwdbwd") != "saved" or lib.get("coef") == "tensor" or name + "_fwdbwd" not in parsed["ms"] \
+            or name + "_fwdbwd_saved" in parsed["ms"]:
+        problems.append(f"{' '.join(options)}: exit {rc}, SCHEDULES {parsed['schedules']}, RESULTs {sorted(parsed['ms'])}; "
+                        "expected the pipelined forward, both backward kernels on tensor cores, from kept values")
     # An opt-in row that throws: reported as FAILED in its place, the rows after it still run, exit 1.
     failing = "intervention_linear_loreft4_fwd_tensor_pipelined"
     rc, out, err = run(bench, "--smoke", "--only", "intervention_schedules", "--fail-row", failing)

@@ -110,11 +110,6 @@ def test_keys():
     for k, label, _ in gpu_table.ROWS:
         check(len(label) <= 48, f"gpu_table.ROWS: {k}'s label fits the table's 48 columns ({len(label)}: {label!r})")
     known = row_keys | {k + v for k in row_keys for v in ("_eager", "_compile")} | set(gpu_table.OTHER_KEYS)
-    # Every schedule row of the rows --fastest-flags reads has bench_cuda options that make it the default.
-    for target in (f"{gpu_table.FASTEST_OF}_fwd", f"{gpu_table.FASTEST_OF}_fwdbwd"):
-        for k in gpu_table.schedule_rows({k: 1.0 for k in row_keys}, target):
-            check(k[len(gpu_table.FASTEST_OF) + 1:] in gpu_table.SCHEDULE_FLAGS,
-                  f"gpu_table.SCHEDULE_FLAGS: options for {k}")
     grun, torch = bench_cuda_keys(), torch_reference_keys()
     print(f"bench_cuda.cu keys: {sorted(grun)}\ntorch_reference.py keys: {sorted(torch)}")
     for k in sorted(grun | torch):
@@ -236,7 +231,14 @@ def test_table():
                     "RESULT intervention_linear_loreft4_fwdbwd 1.0 1000000000\n"
                     "RESULT intervention_linear_loreft4_fwdbwd_eager 4.0\n"
                     "RESULT intervention_linear_loreft4_fwdbwd_saved 0.8 1000000000\n"
-                    "RESULT intervention_linear_loreft4_fwdbwd_pipelined_tensor_saved 0.5 1000000000\n")
+                    "RESULT intervention_linear_loreft4_fwdbwd_pipelined_tensor_saved 0.5 1000000000\n"
+                    # bench_cuda's OPTIONS lines: what --fastest-flags gives back
+                    "OPTIONS intervention_linear_loreft4_fwd_tensor_pipelined --schedule tensor_pipelined\n"
+                    "OPTIONS intervention_linear_loreft4_fwd_stream --schedule stream\n"
+                    "OPTIONS intervention_linear_loreft4_fwdbwd_saved --schedule tensor --coef-schedule stream "
+                    "--slot-schedule cuda_cores --saved\n"
+                    "OPTIONS intervention_linear_loreft4_fwdbwd_pipelined_tensor_saved --schedule tensor_pipelined "
+                    "--coef-schedule tensor --slot-schedule tensor --saved\n")
         p = run([sys.executable, os.path.join(ROOT, "benchmarks", "cuda", "gpu_table.py"), path])
         print(p.stdout)
         check(re.search(r"loreft4 d=4096 T=16384 bf16\s+tensor_pipelined: 0\.625 ms, 1\.60× the default's speed, "
@@ -249,11 +251,12 @@ def test_table():
         table_py = os.path.join(ROOT, "benchmarks", "cuda", "gpu_table.py")
         flags = run([sys.executable, table_py, "--fastest-flags", path])
         check(flags.returncode == 0 and flags.stdout.strip() ==
-              "--schedule tensor_pipelined --saved --coef-schedule tensor --slot-schedule tensor",
+              "--schedule tensor_pipelined --coef-schedule tensor --slot-schedule tensor --saved",
               f"--fastest-flags: the fastest forward's schedule, then the fastest fwd+bwd's backward options "
               f"(got {flags.stdout.strip()!r})")
         # The forward's default is the fastest; the fwd+bwd's fastest sets a forward schedule of its own
-        # (resident), which gives way to the default's; the in-place row is no schedule.
+        # (resident), which gives way to the default's; the in-place row is no schedule; a faster row
+        # without an OPTIONS line (an older bench_cuda's) cannot be made the default and is passed over.
         with open(path, "w") as f:
             f.write("RESULT intervention_linear_loreft4_fwd 1.0 1000000000\n"
                     "RESULT intervention_linear_loreft4_fwd_inplace 0.5 1000000000\n"
@@ -261,10 +264,19 @@ def test_table():
                     "RESULT intervention_linear_loreft4_fwdbwd 1.0 1000000000\n"
                     "RESULT intervention_linear_loreft4_fwdbwd_resident 0.9 1000000000\n"
                     "RESULT intervention_linear_loreft4_fwdbwd_tensor 0.95 1000000000\n"
-                    "RESULT intervention_linear_direft4_fwd_stream 0.1 1000000000\n")
+                    "RESULT intervention_linear_loreft4_fwdbwd_slot_tensor 0.85 1000000000\n"
+                    "RESULT intervention_linear_direft4_fwd_stream 0.1 1000000000\n"
+                    "OPTIONS intervention_linear_loreft4_fwd_stream --schedule stream\n"
+                    "OPTIONS intervention_linear_loreft4_fwdbwd_resident --schedule resident --coef-schedule resident "
+                    "--slot-schedule cuda_cores\n"
+                    "OPTIONS intervention_linear_loreft4_fwdbwd_tensor --schedule tensor --coef-schedule tensor "
+                    "--slot-schedule tensor\n"
+                    "OPTIONS intervention_linear_direft4_fwd_stream --schedule stream\n")
         flags = run([sys.executable, table_py, "--fastest-flags", path])
-        check(flags.stdout.strip() == "--coef-schedule resident",
+        check(flags.returncode == 0 and flags.stdout.strip() == "--coef-schedule resident --slot-schedule cuda_cores",
               f"--fastest-flags: a default forward stays, the fwd+bwd's backward options come (got {flags.stdout.strip()!r})")
+        check("no OPTIONS line for intervention_linear_loreft4_fwdbwd_slot_tensor: passed over" in flags.stderr,
+              f"--fastest-flags: a row without options is passed over, and said so (stderr {flags.stderr.strip()!r})")
         with open(path, "w") as f:
             f.write("RESULT intervention_linear_loreft4_fwd 1.0 1000000000\n"
                     "RESULT intervention_linear_loreft4_fwd_stream 2.0 1000000000\n"
@@ -398,7 +410,9 @@ def test_slot():
             "  *--saved*) echo \"RESULT ${k}_fwd 0.5 1000000000\"; echo \"RESULT ${k}_fwdbwd 0.7 1000000000\" ;;",
             "  *--only*) ;;",
             "  *) for r in fwd:1.0 fwd_inplace:0.9 fwd_tensor_pipelined:0.5 fwdbwd:1.0 fwdbwd_tensor_saved:0.7; do",
-            "       echo \"RESULT ${k}_${r%%:*} ${r#*:} 1000000000\"; done ;;",
+            "       echo \"RESULT ${k}_${r%%:*} ${r#*:} 1000000000\"; done",
+            "     echo \"OPTIONS ${k}_fwd_tensor_pipelined --schedule tensor_pipelined\"",
+            "     echo \"OPTIONS ${k}_fwdbwd_tensor_saved --schedule tensor --coef-schedule tensor --slot-schedule tensor --saved\" ;;",
             "esac"]))
         write_program(os.path.join(bundle, "bin", "test_cuda_passes"), "echo 'All tests passed (1 assertion in 1 test case)'")
         write_program(os.path.join(bundle, "bin", "device_loop_cuda"), "echo 'loss 0.8 -> 0.03'")
@@ -425,8 +439,8 @@ def test_slot():
             with open(os.path.join(out, "fastest.txt")) as f:
                 fastest = f.read()
             print(fastest)
-            check(fastest.startswith("bench_cuda --schedule tensor_pipelined --saved --coef-schedule tensor "
-                                     "--slot-schedule tensor: the fastest"),
+            check(fastest.startswith("bench_cuda --schedule tensor_pipelined --coef-schedule tensor "
+                                     "--slot-schedule tensor --saved: the fastest"),
                   "fastest.txt: bench_cuda run again with the fastest schedules' options")
             check(re.search(r"fused fwd linear\+loreft4 d=4096 T=16384 bf16\s+0\.500\s", fastest) is not None
                   and re.search(r"fused fwd\+bwd linear\+loreft4 \(same sizes\)\s+0\.700\s", fastest) is not None,
