@@ -82,9 +82,10 @@ class foreign_storage {
 ///   nothing and recompute (width() == 0).
 /// Reuse one across steps: its storage is kept (for exec::cuda it grows when it must, stream-ordered
 /// from grun's device pool; nothing synchronizes the device, neither then nor when it goes — see
-/// cuda::detail::allocate_saved). With exec::cuda, its device block is released after the last
-/// forward or backward that used it, on the streams they ran on; a forward that refills it on
-/// another stream than the last backward that read it is the caller's to order, as for any buffer.
+/// cuda::detail::allocate_saved). With exec::cuda, its device block is released once every forward
+/// and backward that used it has run, whatever streams they ran on (no caller's stream waits for
+/// that); a forward that refills it on another stream than a backward that reads it is the caller's
+/// to order, as for any buffer.
 ///
 ///   grun::saved_activations<float> saved;
 ///   m.forward(ex, h, pos, out, gates, saved);   m.backward(ex, h, pos, dout, dgates, dh, saved);

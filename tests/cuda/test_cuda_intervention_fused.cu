@@ -30,8 +30,8 @@ struct saved_case {
   gc::device_matrix<T> h, dout;
   gc::device_buffer<T> gates;
   grun::positions pos;
-  explicit saved_case(grun::index_t n)
-      : N(n), ref({n, 64, iota(n)}, {21, 13}), h(ref.h), dout(ref.dout), gates(n), pos(grun::positions::all(n)) {}
+  explicit saved_case(grun::index_t n, seeds s = {21, 13})
+      : N(n), ref({n, 64, iota(n)}, s), h(ref.h), dout(ref.dout), gates(n), pos(grun::positions::all(n)) {}
   void forward(const grun::exec::cuda_t& ex, gc::device_matrix<T>& out, grun::saved_activations<T>& saved) {
     lin_lo4::forward(ex, ref.device_views[0], cdview<T>(h.view()), pos, out.view(), gates.template view<1>({{N}}), saved);
   }
@@ -39,6 +39,10 @@ struct saved_case {
                 const grun::saved_activations<T>& saved) {
     lin_lo4::backward(ex, ref.device_views[0], cdview<T>(h.view()), pos, cdview<T>(dout.view()),
                       grun::vector_view<const T, grun::cuda_space>(), dh.view(), *grads, saved);
+  }
+  /// Bit for bit the same values.
+  static bool same(std::span<const T> a, std::span<const T> b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(T) * a.size()) == 0;
   }
   gc::device_params<Dp> new_grads() const { return gc::device_params<Dp>(lin_lo4::template shape<T, grun::cuda_space>(d)); }
 };
@@ -107,10 +111,57 @@ TEST_CASE("fused intervention: saved activations live in grun's pool and go with
   GRUN_CUDA_CHECK(cudaDeviceSynchronize());
   CHECK(cudaGetLastError() == cudaSuccess);
   CHECK(used() == before);
-  const auto same = [](std::span<const T> a, std::span<const T> b) {
-    return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(T) * a.size()) == 0;
-  };
-  CHECK(same(out.to_host().storage.span(), out_s.to_host().storage.span()));
-  CHECK(same(dh.to_host().storage.span(), dh_s.to_host().storage.span()));
-  CHECK(same(flat<lin_lo4, T>(grads), flat<lin_lo4, T>(grads_s)));
+  CHECK(saved_case::same(out.to_host().storage.span(), out_s.to_host().storage.span()));
+  CHECK(saved_case::same(dh.to_host().storage.span(), dh_s.to_host().storage.span()));
+  CHECK(saved_case::same(flat<lin_lo4, T>(grads), flat<lin_lo4, T>(grads_s)));
+}
+
+/// Holds its stream for about `cycles` clock cycles (on the CPU emulation, where each launch runs as it
+/// is made, for none).
+__global__ void hold_stream_kernel(long long cycles) {
+#if defined(__CUDA_ARCH__)
+  const long long start = clock64();
+  while (clock64() - start < cycles) {
+  }
+#else
+  (void)cycles;
+#endif
+}
+
+TEST_CASE("fused intervention: saved activations go only once every call that read them has run, on any stream",
+          "[intervention][saved]") {
+  GRUN_REQUIRE_DEVICE();
+  using T = saved_case::T;
+  saved_case c(24), other(24, {5, 3});
+  gc::device_matrix<T> out(c.N, c.d), out_d(c.N, c.d), dh_b(c.N, c.d), dh_c(c.N, c.d);
+  auto grads_b = c.new_grads(), grads_c = c.new_grads();
+  cudaStream_t b = nullptr, cs = nullptr, ds = nullptr;
+  for (cudaStream_t* s : {&b, &cs, &ds}) GRUN_CUDA_CHECK(cudaStreamCreateWithFlags(s, cudaStreamNonBlocking));
+  {
+    grun::saved_activations<T> saved;
+    c.forward(grun::exec::cuda, out, saved);
+    GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+    // Two backwards read it: C's is queued first but waits behind ~20 ms of other work, B's runs at
+    // once. B's is the last call to touch the block, C's the last to finish.
+    hold_stream_kernel<<<1, 1, 0, cs>>>(40'000'000);
+    c.backward(grun::exec::cuda(static_cast<void*>(cs)), dh_c, grads_c, saved);
+    c.backward(grun::exec::cuda(static_cast<void*>(b)), dh_b, grads_b, saved);
+  }  // released: its free is queued on grun's release stream
+  // Once the release stream has passed the free, a forward on a third stream takes a block from the
+  // pool. Had the free waited for B's backward only, it would have run while C's still waited, and
+  // the pool could hand the same block to this forward (its reuse is opportunistic), whose values
+  // C's backward would then read: not a certain catch, but a likely one. Freed after C's backward,
+  // as it must be, the block cannot be handed out before C has read it.
+  GRUN_CUDA_CHECK(cudaStreamSynchronize(b));
+  GRUN_CUDA_CHECK(cudaStreamSynchronize(gc::detail::release_stream()));
+  {
+    grun::saved_activations<T> refill;
+    other.forward(grun::exec::cuda(static_cast<void*>(ds)), out_d, refill);
+    GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  for (cudaStream_t s : {b, cs, ds}) GRUN_CUDA_CHECK(cudaStreamDestroy(s));
+  CHECK(cudaGetLastError() == cudaSuccess);
+  CHECK(saved_case::same(dh_b.to_host().storage.span(), dh_c.to_host().storage.span()));
+  CHECK(saved_case::same(flat<lin_lo4, T>(grads_b), flat<lin_lo4, T>(grads_c)));
 }

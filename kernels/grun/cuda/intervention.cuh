@@ -116,9 +116,10 @@ inline cudaStream_t release_stream() {
 }
 
 /// What a saved_activations' device block carries beside its memory: an event recorded after each
-/// call that touched it, and its device.
+/// call that touched it (whether it has been yet), and its device.
 struct saved_block {
   cudaEvent_t last_use = nullptr;
+  bool recorded = false;
   int device = 0;
 };
 
@@ -129,8 +130,12 @@ struct saved_block {
 /// queue the next step. Each forward and backward that touches the block records its event on its
 /// stream (saved_access::touching); the release makes release_stream() wait for that event and
 /// frees there (cudaFreeAsync): nothing on the host waits, and the pool hands the memory to a later
-/// allocation only once the free has run. The last recording is what the release waits for: the
-/// calls on one block are the caller's to order (a backward on stream B after its forward on A).
+/// allocation only once the free has run. An event waits for its latest recording only, and the
+/// last call to touch the block need not be the last to finish (two backwards on streams B and C
+/// read one forward's values; C's was queued first behind other work): so before each recording
+/// after the first, release_stream() is made to wait for the one it replaces. The frees queued
+/// there thus pass only once every call that touched the block has run, whatever their streams, and
+/// no caller's stream waits for another's.
 inline grun::detail::foreign_storage allocate_saved(std::size_t bytes, cudaStream_t s) {
   auto block = std::make_unique<saved_block>();
   GRUN_CUDA_CHECK(cudaGetDevice(&block->device));
@@ -157,7 +162,10 @@ inline grun::detail::foreign_storage allocate_saved(std::size_t bytes, cudaStrea
     if (current != b->device) (void)cudaSetDevice(current);
   };
   const auto note = [](void* context, void* where) {
-    GRUN_CUDA_CHECK(cudaEventRecord(static_cast<saved_block*>(context)->last_use, static_cast<cudaStream_t>(where)));
+    saved_block& b = *static_cast<saved_block*>(context);
+    if (b.recorded) GRUN_CUDA_CHECK(cudaStreamWaitEvent(release_stream(), b.last_use, 0));
+    GRUN_CUDA_CHECK(cudaEventRecord(b.last_use, static_cast<cudaStream_t>(where)));
+    b.recorded = true;
   };
   return grun::detail::foreign_storage(p, bytes, release, block.release(), note);
 }
