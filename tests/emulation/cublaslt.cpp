@@ -135,6 +135,9 @@ cublasStatus_t refuse(cublasStatus_t status, const char* what, const char* matri
   return status;
 }
 
+/// The matmul itself (below the runtime calls), as cublasLtMatmul issues it.
+void multiply(const problem& p, const void* A, const void* B, const void* C, void* D, float a_scale, float b_scale);
+
 }  // namespace
 
 extern "C" {
@@ -272,7 +275,7 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatm
                                            cublasLtMatrixLayout_t Bdesc, const void* beta, const void* C,
                                            cublasLtMatrixLayout_t Cdesc, void* D, cublasLtMatrixLayout_t Ddesc,
                                            const cublasLtMatmulAlgo_t* algo_in, void* workspace, size_t workspace_bytes,
-                                           cudaStream_t) {
+                                           cudaStream_t stream) {
   if (handle == nullptr || alpha == nullptr || beta == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
   problem p;
   if (const cublasStatus_t s = make_problem(desc, Adesc, Bdesc, Cdesc, Ddesc, p); s != CUBLAS_STATUS_SUCCESS) return s;
@@ -308,8 +311,23 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatm
   }
   if (workspace_bytes > 0 && !::grun_emu::in_device_memory(workspace, workspace_bytes))
     return refuse(CUBLAS_STATUS_INVALID_VALUE, "is not device memory of the size given", "the workspace");
-  // op(A) as rows of k and op(B) as columns of k, widened to fp32 (each element read once, the
-  // layouts' bounds checked by AddressSanitizer there); then D's elements as dot products.
+  // Checked when issued, computed in the stream's order (host scalars taken now, device ones then).
+  ::grun_emu::issue(stream, [=] {
+    const float as = on_device ? *static_cast<const float*>(alpha) : a_scale;
+    const float bs = on_device ? *static_cast<const float*>(beta) : b_scale;
+    multiply(p, A, B, C, D, as, bs);
+  });
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+}  // extern "C"
+
+namespace {
+
+/// D = alpha · op(A) op(B) + beta · C: op(A) as rows of k and op(B) as columns of k, widened to fp32
+/// (each element read once, the layouts' bounds checked by AddressSanitizer there); then D's
+/// elements as dot products.
+void multiply(const problem& p, const void* A, const void* B, const void* C, void* D, float a_scale, float b_scale) {
   const bool an = p.op.trans_a == CUBLAS_OP_N, bn = p.op.trans_b == CUBLAS_OP_N;
   const std::size_t m = p.m, n = p.n, k = p.k, lda = std::size_t(p.a.ld), ldb = std::size_t(p.b.ld),
                     ldc = std::size_t(p.c.ld), ldd = std::size_t(p.d.ld);
@@ -330,7 +348,6 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatm
     }
   for (std::size_t j = 0; j < n; ++j)
     for (std::size_t i = 0; i < m; ++i) store(D, p.d.type, i + j * ldd, result[i + j * m]);
-  return CUBLAS_STATUS_SUCCESS;
 }
 
-}  // extern "C"
+}  // namespace

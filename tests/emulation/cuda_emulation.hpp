@@ -27,7 +27,15 @@
 //     shapes, types and the alignment its algorithm was chosen for);
 //   - cp.async lands at the cp.async.wait_group that covers it; its destination reads as 0xFF until then;
 //   - atomics are plain read-modify-writes (no fiber is preempted between barriers);
-//   - events record host time (so bench_cuda runs, its timings meaningless).
+//   - events record host time (so bench_cuda runs, its timings meaningless);
+//   - work on a stream made by cudaStreamCreateWithFlags (kernels, async copies and memsets,
+//     cudaFreeAsync, event waits, cub::DeviceReduce, cublasLtMatmul) waits in that stream's line
+//     until something waits for the stream — its synchronization, the device's, an event's, a
+//     stream waiting for one of its events, a copy from it to host memory, cudaFree, its
+//     destruction — so work a program leaves unordered runs late: a kernel that reads memory freed
+//     before it ran is an AddressSanitizer report, a copy to the host before the kernel that writes
+//     it has run reads 0xFF. The legacy default stream runs work as it is issued, after the blocking
+//     streams' (created without cudaStreamNonBlocking).
 //
 // What it checks that a CPU test of the host path cannot: the kernels' indexing, tiling, launch
 // shapes (grid and block limits, 48 KiB of dynamic shared memory, an empty grid is an error as
@@ -42,6 +50,8 @@
 #include <cmath>
 #include <cstring>
 #include <cstddef>
+#include <functional>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -108,10 +118,17 @@ struct launch_config {
 /// Runs body() on every thread of every CTA of the grid (defined in runtime.cpp). A bad
 /// configuration runs nothing and becomes the runtime's last error, as a failed launch does.
 void run_grid(const launch_config& config, void (*body)(void*), void* closure);
+/// Whether the device takes a launch of this shape; if not, false and the runtime's last error.
+bool launch_allowed(const launch_config& config);
+/// Issues work on `stream` in stream order (runtime.cpp): a stream made by cudaStreamCreateWithFlags
+/// keeps it until something waits for that stream (so work a program leaves unordered runs as late
+/// as a device may run it); the legacy default stream runs it now, after the blocking streams' work.
+void issue(cudaStream_t stream, std::function<void()> work);
 
-/// `launch(grid, block, smem, stream)(body, args...)`: the arguments are evaluated once and
-/// copied to every thread, which calls body(its copies...) — body calls the kernel, whose by-value
-/// parameters then get their own copies, as kernel parameters are.
+/// `launch(grid, block, smem, stream)(body, args...)`: the arguments are evaluated once (at the
+/// launch, as the device takes them) and copied to every thread, which calls body(its copies...) —
+/// body calls the kernel, whose by-value parameters then get their own copies, as kernel parameters
+/// are. The grid runs in its stream's order (issue).
 struct launcher {
   launch_config config;
   template <class Body, class... Args>
@@ -119,10 +136,14 @@ struct launcher {
     struct closure_t {
       Body body;
       std::tuple<std::decay_t<Args>...> args;
-    } closure{body, std::tuple<std::decay_t<Args>...>(std::forward<Args>(args)...)};
-    run_grid(
-        config, [](void* p) { auto& c = *static_cast<closure_t*>(p); std::apply(c.body, std::as_const(c.args)); },
-        &closure);
+    };
+    if (!launch_allowed(config)) return;
+    auto closure = std::make_shared<closure_t>(closure_t{body, std::tuple<std::decay_t<Args>...>(std::forward<Args>(args)...)});
+    issue(config.stream, [config = config, closure] {
+      run_grid(
+          config, [](void* p) { auto& c = *static_cast<closure_t*>(p); std::apply(c.body, std::as_const(c.args)); },
+          closure.get());
+    });
   }
 };
 

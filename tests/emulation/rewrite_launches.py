@@ -6,13 +6,15 @@ them away; this script rewrites them, and nothing else:
 
   ns::kernel<T><<<grid, block, smem, stream>>>(args)
       -> ::grun_emu::launch(grid, block, smem, stream)(
-             [&](const auto&... a) { ns::kernel<T>(a...); }, args)
+             [=](const auto&... a) { ns::kernel<T>(a...); }, args)
   extern __shared__ __align__(16) unsigned char smem[];
       -> unsigned char* const smem = reinterpret_cast<unsigned char*>(::grun_emu::dynamic_shared());
 
 The kernel is called inside a generic lambda so that template arguments left to deduction (as a
-<<<>>> launch allows) are deduced from the arguments there. The arguments are evaluated once, on
-the launching thread, and copied to every emulated thread, as kernel parameters are.
+<<<>>> launch allows) are deduced from the arguments there; it captures by copy, since the launch
+may run after the launching scope has ended (a kernel named by a local pointer, on a stream whose
+work waits: cuda_emulation.hpp). The arguments are evaluated once, on the launching thread, and
+copied to every emulated thread, as kernel parameters are.
 
 Usage: rewrite_launches.py OUT_DIR SRC_ROOT FILE... — each FILE (under SRC_ROOT) is written to
 OUT_DIR with its path relative to SRC_ROOT kept (a .cu file as .cu.cpp, for the host compiler), only when its rewritten text changed (so an
@@ -84,7 +86,7 @@ def rewrite(text: str, name: str) -> str:
             fail(name, chevron, "a launch inside another launch's arguments")
         kernel, config, args = text[start:chevron].strip(), text[chevron + 3:close], text[paren + 1:end - 1]
         out.append(text[at:start])
-        out.append(f"::grun_emu::launch({config})([&](const auto&... grun_emu_args) {{ {kernel}(grun_emu_args...); }}"
+        out.append(f"::grun_emu::launch({config})([=](const auto&... grun_emu_args) {{ {kernel}(grun_emu_args...); }}"
                    + (f", {args})" if args.strip() else ")"))
         at = end
     out.append(text[at:])

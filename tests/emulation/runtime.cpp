@@ -1,6 +1,7 @@
 // tests/emulation/runtime.cpp — the CUDA runtime calls grun makes, over host memory, and the grid
-// runner behind cuda_emulation.hpp's launches. One emulated device (device 0); every stream is
-// synchronous, so stream order is program order.
+// runner behind cuda_emulation.hpp's launches. One emulated device (device 0). The legacy default
+// stream runs work as it is issued; a stream made by cudaStreamCreateWithFlags keeps its work in
+// line until something waits for it (see stream_queue), so stream order is kept and nothing more.
 //
 // Device memory is host memory the runtime keeps a table of: cudaPointerGetAttributes answers
 // from it, and every copy and memset checks its ranges against it (a copy that runs off an
@@ -335,15 +336,22 @@ bool open_barriers(std::span<fiber> cta, const thread_context& where) {
 
 }  // namespace
 
-void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
+bool launch_allowed(const launch_config& config) {
   const dim3 g = config.grid, b = config.block;
   const unsigned long long threads = 1ull * b.x * b.y * b.z;
   const bool shape_ok = g.x >= 1 && g.y >= 1 && g.z >= 1 && g.x <= 0x7fffffffu && g.y <= 65535 && g.z <= 65535 &&
                         b.x >= 1 && b.y >= 1 && b.z >= 1 && b.x <= 1024 && b.y <= 1024 && b.z <= 64 && threads <= 1024;
   if (!shape_ok || config.dynamic_shared_bytes > dynamic_shared_limit) {
     fail(cudaErrorInvalidConfiguration);
-    return;
+    return false;
   }
+  return true;
+}
+
+void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
+  if (!launch_allowed(config)) return;
+  const dim3 g = config.grid, b = config.block;
+  const unsigned long long threads = 1ull * b.x * b.y * b.z;
   if (scheduler.running != nullptr) fail_device("a kernel launched from a kernel (dynamic parallelism is not emulated)");
   scheduler.body = body;
   scheduler.closure = closure;
@@ -410,21 +418,92 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
 
 using namespace grun_emu;
 
-/// A stream created here: a handle, nothing else (work runs when it is issued, whatever the stream).
-/// Kept in a table that lives as long as the process, like the pools (a library may keep a stream of
-/// its own for the process, as a real runtime lets it).
-struct CUstream_st {};
+namespace grun_emu {
+
+/// The work of a stream made by cudaStreamCreateWithFlags, in issue order, numbered from 1. It runs
+/// only when something waits for the stream: cudaStreamSynchronize, cudaDeviceSynchronize, an
+/// event of it that is synchronized or that another stream waits for (through that event's
+/// place), a copy from it to host memory (which returns once done, as a copy to pageable memory
+/// does), cudaFree (which waits for the device), its destruction. That is as late as a device may
+/// run it: what a program orders runs in order, what it does not may run late, and then shows — a
+/// kernel reading a block that was freed before it ran is an AddressSanitizer report, a copy to
+/// the host from memory not yet written reads 0xFF bytes. One thread issues and drains (the tests
+/// are single-threaded).
+struct stream_queue {
+  bool blocking = false;  // made without cudaStreamNonBlocking: the legacy stream's work waits for it
+  std::uint64_t issued = 0;
+  std::deque<std::pair<std::uint64_t, std::function<void()>>> pending;
+  /// Runs the work numbered up to `through`, in order (the work may drain other streams).
+  void drain(std::uint64_t through = ~std::uint64_t(0)) {
+    while (!pending.empty() && pending.front().first <= through) {
+      std::function<void()> work = std::move(pending.front().second);
+      pending.pop_front();
+      work();
+    }
+  }
+};
+
+}  // namespace grun_emu
+
+/// A stream created here: its line of work. Kept in a table while it lives (a library may keep a
+/// stream of its own for the process, as a real runtime lets it).
+struct CUstream_st {
+  std::shared_ptr<grun_emu::stream_queue> queue = std::make_shared<grun_emu::stream_queue>();
+};
 static std::vector<std::unique_ptr<CUstream_st>>& streams() {
   static std::vector<std::unique_ptr<CUstream_st>> all;
   return all;
 }
 
-/// An event: when it was recorded. Every stream is synchronous here, so the stream reaches the
-/// event the moment it is recorded; the elapsed time between two is host time (what bench_cuda
-/// prints under the emulation says nothing about a GPU's speed).
+namespace grun_emu {
+namespace {
+
+/// The line of a stream created here; null for the legacy default stream (0, cudaStreamLegacy,
+/// cudaStreamPerThread), whose work runs as it is issued. A handle that is neither stops the run.
+std::shared_ptr<stream_queue> queue_of(cudaStream_t stream) {
+  if (stream == nullptr || stream == cudaStreamLegacy || stream == cudaStreamPerThread) return nullptr;
+  const std::lock_guard lock(table_mutex);
+  for (const auto& s : streams())
+    if (s.get() == stream) return s->queue;
+  std::fprintf(stderr, "grun CUDA emulation: work issued on stream %p, which is no live stream\n", static_cast<void*>(stream));
+  std::abort();
+}
+/// Runs the queued work of every stream (blocking_only: of the blocking ones), stream by stream.
+void drain_streams(bool blocking_only) {
+  std::vector<std::shared_ptr<stream_queue>> queues;
+  {
+    const std::lock_guard lock(table_mutex);
+    for (const auto& s : streams())
+      if (!blocking_only || s->queue->blocking) queues.push_back(s->queue);
+  }
+  for (const auto& q : queues) q->drain();
+}
+
+}  // namespace
+
+void issue(cudaStream_t stream, std::function<void()> work) {
+  if (const auto q = queue_of(stream)) {
+    q->pending.emplace_back(++q->issued, std::move(work));
+  } else {
+    drain_streams(true);  // the legacy stream's work follows the blocking streams'
+    work();
+  }
+}
+
+}  // namespace grun_emu
+
+/// An event: where its latest recording stands in a stream's line (none: the legacy stream's, reached
+/// at once), and the host time it was recorded at — the elapsed time between two is host time (what
+/// bench_cuda prints under the emulation says nothing about a GPU's speed).
 struct CUevent_st {
   std::chrono::steady_clock::time_point at;
   bool recorded = false;
+  std::weak_ptr<grun_emu::stream_queue> queue;
+  std::uint64_t place = 0;
+  /// Runs what the recording follows.
+  void reach() const {
+    if (const auto q = queue.lock()) q->drain(place);
+  }
 };
 
 extern "C" {
@@ -485,14 +564,20 @@ cudaError_t CUDARTAPI cudaEventDestroy(cudaEvent_t event) {
   delete event;
   return cudaSuccess;
 }
-cudaError_t CUDARTAPI cudaEventRecord(cudaEvent_t event, cudaStream_t) {
+cudaError_t CUDARTAPI cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   if (event == nullptr) return fail(cudaErrorInvalidResourceHandle);
+  const auto q = queue_of(stream);
+  if (!q) drain_streams(true);  // on the legacy stream: after the blocking streams' work
   event->at = std::chrono::steady_clock::now();
   event->recorded = true;
+  event->queue = q;
+  event->place = q ? q->issued : 0;
   return cudaSuccess;
 }
 cudaError_t CUDARTAPI cudaEventSynchronize(cudaEvent_t event) {
-  return event == nullptr ? fail(cudaErrorInvalidResourceHandle) : cudaSuccess;
+  if (event == nullptr) return fail(cudaErrorInvalidResourceHandle);
+  event->reach();
+  return cudaSuccess;
 }
 /// As the runtime: an event never recorded is cudaErrorInvalidResourceHandle.
 cudaError_t CUDARTAPI cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
@@ -530,7 +615,10 @@ const char* CUDARTAPI cudaGetErrorString(cudaError_t e) {
 }
 
 cudaError_t CUDARTAPI cudaMalloc(void** p, size_t bytes) { return allocate(p, bytes); }
-cudaError_t CUDARTAPI cudaFree(void* p) { return release(p); }
+cudaError_t CUDARTAPI cudaFree(void* p) {
+  drain_streams(false);  // cudaFree waits for the device
+  return release(p);
+}
 cudaError_t CUDARTAPI cudaMallocFromPoolAsync(void** p, size_t bytes, cudaMemPool_t handle, cudaStream_t) {
   if (handle == nullptr) return fail(cudaErrorInvalidValue);
   const cudaError_t e = allocate(p, bytes);
@@ -543,18 +631,25 @@ cudaError_t CUDARTAPI cudaMallocFromPoolAsync(void** p, size_t bytes, cudaMemPoo
   pool_allocations()[std::uintptr_t(*p)] = &pool;
   return cudaSuccess;
 }
-cudaError_t CUDARTAPI cudaFreeAsync(void* p, cudaStream_t) {
-  {
-    const std::lock_guard lock(table_mutex);
-    const auto it = pool_allocations().find(std::uintptr_t(p));
-    if (it != pool_allocations().end()) {
-      const std::size_t size = rounded_size(allocations().at(it->first));
-      it->second->live -= size;
-      it->second->kept += size;  // kept mapped until a synchronization or a trim hands it back
-      pool_allocations().erase(it);
+/// The free runs in the stream's order (its memory stays readable until then, and is freed memory
+/// after: a kernel that reads it later is an AddressSanitizer report).
+cudaError_t CUDARTAPI cudaFreeAsync(void* p, cudaStream_t stream) {
+  if (p == nullptr) return cudaSuccess;
+  if (!in_device_memory(p, 1)) return fail(cudaErrorInvalidValue);
+  issue(stream, [p] {
+    {
+      const std::lock_guard lock(table_mutex);
+      const auto it = pool_allocations().find(std::uintptr_t(p));
+      if (it != pool_allocations().end()) {
+        const std::size_t size = rounded_size(allocations().at(it->first));
+        it->second->live -= size;
+        it->second->kept += size;  // kept mapped until a synchronization or a trim hands it back
+        pool_allocations().erase(it);
+      }
     }
-  }
-  return release(p);
+    (void)release(p);
+  });
+  return cudaSuccess;
 }
 cudaError_t CUDARTAPI cudaMemPoolCreate(cudaMemPool_t* pool, const struct cudaMemPoolProps*) {
   if (pool == nullptr) return fail(cudaErrorInvalidValue);
@@ -602,57 +697,110 @@ cudaError_t CUDARTAPI cudaPointerGetAttributes(struct cudaPointerAttributes* att
   return cudaSuccess;
 }
 
+// Synchronous copies and memsets run on the legacy stream; the async ones in their stream's order.
 cudaError_t CUDARTAPI cudaMemcpy(void* dst, const void* src, size_t bytes, enum cudaMemcpyKind kind) {
-  return copy_2d(dst, bytes, src, bytes, bytes, 1, kind);
+  return cudaMemcpy2DAsync(dst, bytes, src, bytes, bytes, 1, kind, nullptr);
 }
-cudaError_t CUDARTAPI cudaMemcpyAsync(void* dst, const void* src, size_t bytes, enum cudaMemcpyKind kind, cudaStream_t) {
-  return cudaMemcpy(dst, src, bytes, kind);
+cudaError_t CUDARTAPI cudaMemcpyAsync(void* dst, const void* src, size_t bytes, enum cudaMemcpyKind kind,
+                                      cudaStream_t stream) {
+  return cudaMemcpy2DAsync(dst, bytes, src, bytes, bytes, 1, kind, stream);
 }
 cudaError_t CUDARTAPI cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
                                    enum cudaMemcpyKind kind) {
-  return copy_2d(dst, dpitch, src, spitch, width, height, kind);
+  return cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, nullptr);
 }
+/// Checked when issued. On a stream created here: to host memory, the stream's work first and then
+/// the copy (it returns once done, as a copy to pageable memory does); from host memory, the source
+/// is taken now (as the runtime stages pageable memory) and written in stream order; device to
+/// device, in stream order.
 cudaError_t CUDARTAPI cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
-                                        size_t height, enum cudaMemcpyKind kind, cudaStream_t) {
-  return copy_2d(dst, dpitch, src, spitch, width, height, kind);
+                                        size_t height, enum cudaMemcpyKind kind, cudaStream_t stream) {
+  const auto q = queue_of(stream);
+  if (!q) {
+    drain_streams(true);
+    return copy_2d(dst, dpitch, src, spitch, width, height, kind);
+  }
+  if (height == 0 || width == 0) return cudaSuccess;
+  if (dpitch < width || spitch < width) return fail(cudaErrorInvalidPitchValue);
+  if (!copy_allowed(dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width, kind))
+    return fail(cudaErrorInvalidValue);
+  auto* out = static_cast<unsigned char*>(dst);
+  const auto* in = static_cast<const unsigned char*>(src);
+  if (!is_device_pointer(dst)) {
+    q->drain();
+    return copy_2d(dst, dpitch, src, spitch, width, height, kind);
+  }
+  if (!is_device_pointer(src)) {
+    auto staged = std::make_shared<std::vector<unsigned char>>(width * height);
+    for (std::size_t row = 0; row < height; ++row) std::memcpy(staged->data() + row * width, in + row * spitch, width);
+    issue(stream, [=] {
+      for (std::size_t row = 0; row < height; ++row) std::memcpy(out + row * dpitch, staged->data() + row * width, width);
+    });
+    return cudaSuccess;
+  }
+  issue(stream, [=] {
+    for (std::size_t row = 0; row < height; ++row) std::memmove(out + row * dpitch, in + row * spitch, width);
+  });
+  return cudaSuccess;
 }
-cudaError_t CUDARTAPI cudaMemset(void* p, int value, size_t bytes) { return set_2d(p, bytes, value, bytes, 1); }
-cudaError_t CUDARTAPI cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
-  return set_2d(p, bytes, value, bytes, 1);
+cudaError_t CUDARTAPI cudaMemset(void* p, int value, size_t bytes) { return cudaMemset2DAsync(p, bytes, value, bytes, 1, nullptr); }
+cudaError_t CUDARTAPI cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t stream) {
+  return cudaMemset2DAsync(p, bytes, value, bytes, 1, stream);
 }
 cudaError_t CUDARTAPI cudaMemset2D(void* p, size_t pitch, int value, size_t width, size_t height) {
-  return set_2d(p, pitch, value, width, height);
+  return cudaMemset2DAsync(p, pitch, value, width, height, nullptr);
 }
-cudaError_t CUDARTAPI cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height, cudaStream_t) {
-  return set_2d(p, pitch, value, width, height);
+/// Checked when issued, set in stream order.
+cudaError_t CUDARTAPI cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height,
+                                        cudaStream_t stream) {
+  if (height == 0 || width == 0) return cudaSuccess;
+  if (pitch < width) return fail(cudaErrorInvalidPitchValue);
+  if (!in_device_memory(p, pitch * (height - 1) + width)) return fail(cudaErrorInvalidValue);
+  issue(stream, [=] { (void)set_2d(p, pitch, value, width, height); });
+  return cudaSuccess;
 }
-cudaError_t CUDARTAPI cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
+cudaError_t CUDARTAPI cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
   if (stream == nullptr) return fail(cudaErrorInvalidValue);
   const std::lock_guard lock(table_mutex);
   streams().push_back(std::make_unique<CUstream_st>());
+  streams().back()->queue->blocking = (flags & cudaStreamNonBlocking) == 0;
   *stream = streams().back().get();
   return cudaSuccess;
 }
-/// A stream destroyed twice, or never created here: cudaErrorInvalidResourceHandle.
+/// Its work still runs (first, here), as a device finishes it. A stream destroyed twice, or never
+/// created here: cudaErrorInvalidResourceHandle.
 cudaError_t CUDARTAPI cudaStreamDestroy(cudaStream_t stream) {
-  const std::lock_guard lock(table_mutex);
-  auto& all = streams();
-  const auto it = std::find_if(all.begin(), all.end(), [&](const auto& s) { return s.get() == stream; });
-  if (stream == nullptr || it == all.end()) return fail(cudaErrorInvalidResourceHandle);
-  all.erase(it);
+  std::unique_ptr<CUstream_st> gone;
+  {
+    const std::lock_guard lock(table_mutex);
+    auto& all = streams();
+    const auto it = std::find_if(all.begin(), all.end(), [&](const auto& s) { return s.get() == stream; });
+    if (stream == nullptr || it == all.end()) return fail(cudaErrorInvalidResourceHandle);
+    gone = std::move(*it);
+    all.erase(it);
+  }
+  gone->queue->drain();
   return cudaSuccess;
 }
-/// The event has been reached (every stream is synchronous here): nothing to wait for. An event
-/// never recorded is no error, as on a GPU (the wait is then empty).
-cudaError_t CUDARTAPI cudaStreamWaitEvent(cudaStream_t, cudaEvent_t event, unsigned int) {
-  return event == nullptr ? fail(cudaErrorInvalidResourceHandle) : cudaSuccess;
+/// The stream's later work waits for what the event's latest recording follows (taken now: a later
+/// recording changes nothing for this wait). An event never recorded is no error, as on a GPU (the
+/// wait is then empty).
+cudaError_t CUDARTAPI cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int) {
+  if (event == nullptr) return fail(cudaErrorInvalidResourceHandle);
+  issue(stream, [queue = event->queue, place = event->place] {
+    if (const auto q = queue.lock()) q->drain(place);
+  });
+  return cudaSuccess;
 }
 cudaError_t CUDARTAPI cudaSetDevice(int device) { return device == 0 ? cudaSuccess : fail(cudaErrorInvalidDevice); }
-cudaError_t CUDARTAPI cudaStreamSynchronize(cudaStream_t) {
+cudaError_t CUDARTAPI cudaStreamSynchronize(cudaStream_t stream) {
+  if (const auto q = queue_of(stream)) q->drain();
+  else drain_streams(true);
   synchronize_pools();
   return cudaSuccess;
 }
 cudaError_t CUDARTAPI cudaDeviceSynchronize(void) {
+  drain_streams(false);
   synchronize_pools();
   return cudaSuccess;
 }

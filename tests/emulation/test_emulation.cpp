@@ -1,6 +1,7 @@
 // The emulation's own contracts (tests/emulation): warp and CTA barriers in one kernel, cub's warp
-// reduction order, cub::DeviceReduce, events and device properties, and cuBLASLt's matmul — its numbers and the misuses it must refuse as the
-// device library would (the emulated agreement tests rely on those refusals to catch glue bugs).
+// reduction order, cub::DeviceReduce, events and device properties, stream order, and cuBLASLt's
+// matmul — its numbers and the misuses it must refuse as the device library would (the emulated
+// agreement tests rely on those refusals to catch glue bugs).
 // Kernels here are plain functions launched through ::grun_emu::launch, as rewritten launches are.
 #include <catch2/catch.hpp>
 
@@ -270,4 +271,57 @@ TEST_CASE("emulation: cuBLASLt refuses what the device library refuses or faults
   matmul_case device_mode = c;
   device_mode.scalars = host_scalars.data();
   CHECK(device_mode.run(a.ptr, m, b.ptr, k, d.ptr, m) == CUBLAS_STATUS_INVALID_VALUE);
+}
+
+namespace {
+void set_value(float* p, float v) { *p = v; }  // launched with one thread
+}  // namespace
+
+TEST_CASE("emulation: a created stream's work waits in line until something waits for it", "[emulation]") {
+  cudaStream_t s = nullptr, t = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess);
+  REQUIRE(cudaStreamCreateWithFlags(&t, cudaStreamNonBlocking) == cudaSuccess);
+  const device_array<float> x(std::vector<float>{1.f}), y(std::vector<float>{1.f});
+  ::grun_emu::launch(dim3(1), dim3(1), 0, s)(set_value, x.ptr, 2.f);
+  CHECK(x.to_host()[0] == 1.f);  // the legacy stream does not wait for a non-blocking one
+  float back = 0.f;
+  REQUIRE(cudaMemcpyAsync(&back, x.ptr, sizeof(float), cudaMemcpyDeviceToHost, s) == cudaSuccess);
+  CHECK(back == 2.f);  // a copy to the host on the stream: the stream's work first
+  // From host memory the source is taken when the copy is issued.
+  float src = 3.f;
+  REQUIRE(cudaMemcpyAsync(x.ptr, &src, sizeof(float), cudaMemcpyHostToDevice, s) == cudaSuccess);
+  src = 4.f;
+  // Across streams through an event: t's copy of x into y waits for s's work up to the recording only.
+  cudaEvent_t e = nullptr;
+  REQUIRE(cudaEventCreateWithFlags(&e, cudaEventDisableTiming) == cudaSuccess);
+  REQUIRE(cudaEventRecord(e, s) == cudaSuccess);
+  ::grun_emu::launch(dim3(1), dim3(1), 0, s)(set_value, x.ptr, 5.f);
+  REQUIRE(cudaStreamWaitEvent(t, e, 0) == cudaSuccess);
+  REQUIRE(cudaMemcpyAsync(y.ptr, x.ptr, sizeof(float), cudaMemcpyDeviceToDevice, t) == cudaSuccess);
+  REQUIRE(cudaStreamSynchronize(t) == cudaSuccess);
+  CHECK(y.to_host()[0] == 3.f);  // x as the recording left it: not 4 (taken at issue), not 5 (after it)
+  REQUIRE(cudaEventSynchronize(e) == cudaSuccess);
+  CHECK(x.to_host()[0] == 3.f);
+  REQUIRE(cudaStreamSynchronize(s) == cudaSuccess);
+  CHECK(x.to_host()[0] == 5.f);
+  // A stream-ordered free: the block stays until its stream passes the free.
+  cudaMemPool_t pool = nullptr;
+  cudaMemPoolProps props{};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.location.type = cudaMemLocationTypeDevice;
+  REQUIRE(cudaMemPoolCreate(&pool, &props) == cudaSuccess);
+  void* p = nullptr;
+  REQUIRE(cudaMallocFromPoolAsync(&p, 64, pool, s) == cudaSuccess);
+  ::grun_emu::launch(dim3(1), dim3(1), 0, s)(set_value, static_cast<float*>(p), 6.f);
+  REQUIRE(cudaFreeAsync(p, s) == cudaSuccess);
+  CHECK(::grun_emu::in_device_memory(p, sizeof(float)));
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  CHECK_FALSE(::grun_emu::in_device_memory(p, sizeof(float)));
+  // A destroyed stream's work still runs (here, first).
+  ::grun_emu::launch(dim3(1), dim3(1), 0, t)(set_value, y.ptr, 7.f);
+  REQUIRE(cudaStreamDestroy(t) == cudaSuccess);
+  CHECK(y.to_host()[0] == 7.f);
+  CHECK(cudaEventDestroy(e) == cudaSuccess);
+  CHECK(cudaStreamDestroy(s) == cudaSuccess);
+  CHECK(cudaGetLastError() == cudaSuccess);
 }
