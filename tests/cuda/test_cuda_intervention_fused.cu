@@ -116,8 +116,8 @@ TEST_CASE("fused intervention: saved activations live in grun's pool and go with
   CHECK(saved_case::same(flat<lin_lo4, T>(grads), flat<lin_lo4, T>(grads_s)));
 }
 
-/// Holds its stream for about `cycles` clock cycles (on the CPU emulation, where each launch runs as it
-/// is made, for none).
+/// Holds its stream for about `cycles` clock cycles (on the CPU emulation, for none: there a stream's
+/// work waits anyway until something waits for the stream).
 __global__ void hold_stream_kernel(long long cycles) {
 #if defined(__CUDA_ARCH__)
   const long long start = clock64();
@@ -148,10 +148,12 @@ TEST_CASE("fused intervention: saved activations go only once every call that re
     c.backward(grun::exec::cuda(static_cast<void*>(b)), dh_b, grads_b, saved);
   }  // released: its free is queued on grun's release stream
   // Once the release stream has passed the free, a forward on a third stream takes a block from the
-  // pool. Had the free waited for B's backward only, it would have run while C's still waited, and
-  // the pool could hand the same block to this forward (its reuse is opportunistic), whose values
-  // C's backward would then read: not a certain catch, but a likely one. Freed after C's backward,
-  // as it must be, the block cannot be handed out before C has read it.
+  // pool. Had the free waited for B's backward only, it would have run while C's still waited:
+  // - on a GPU the pool could hand the same block to this forward (its reuse is opportunistic), whose
+  //   values C's backward would then read — a likely catch, not a certain one;
+  // - on the CPU emulation C's work waits until something waits for C, so C's backward would read a
+  //   freed block: an AddressSanitizer report, every time (tried: the release without its waits).
+  // Freed after C's backward, as it must be, the block cannot be handed out before C has read it.
   GRUN_CUDA_CHECK(cudaStreamSynchronize(b));
   GRUN_CUDA_CHECK(cudaStreamSynchronize(gc::detail::release_stream()));
   {
