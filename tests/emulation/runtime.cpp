@@ -787,9 +787,7 @@ cudaError_t CUDARTAPI cudaStreamDestroy(cudaStream_t stream) {
 /// wait is then empty).
 cudaError_t CUDARTAPI cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int) {
   if (event == nullptr) return fail(cudaErrorInvalidResourceHandle);
-  issue(stream, [queue = event->queue, place = event->place] {
-    if (const auto q = queue.lock()) q->drain(place);
-  });
+  issue(stream, [recording = *event] { recording.reach(); });
   return cudaSuccess;
 }
 cudaError_t CUDARTAPI cudaSetDevice(int device) { return device == 0 ? cudaSuccess : fail(cudaErrorInvalidDevice); }
