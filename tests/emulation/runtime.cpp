@@ -122,24 +122,39 @@ bool copy_allowed(void* dst, std::size_t dspan, const void* src, std::size_t ssp
   return false;
 }
 
-cudaError_t copy_2d(void* dst, std::size_t dpitch, const void* src, std::size_t spitch, std::size_t width,
-                    std::size_t height, cudaMemcpyKind kind) {
+/// Whether a 2D copy's pitches and ends are legal for `kind` (the error, made the last one, if not).
+cudaError_t check_copy_2d(void* dst, std::size_t dpitch, const void* src, std::size_t spitch, std::size_t width,
+                          std::size_t height, cudaMemcpyKind kind) {
   if (height == 0 || width == 0) return cudaSuccess;
   if (dpitch < width || spitch < width) return fail(cudaErrorInvalidPitchValue);
   if (!copy_allowed(dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width, kind))
     return fail(cudaErrorInvalidValue);
+  return cudaSuccess;
+}
+/// The copy itself, row by row (checked before).
+void move_rows(void* dst, std::size_t dpitch, const void* src, std::size_t spitch, std::size_t width,
+               std::size_t height) {
   for (std::size_t row = 0; row < height; ++row)
     std::memmove(static_cast<unsigned char*>(dst) + row * dpitch, static_cast<const unsigned char*>(src) + row * spitch,
                  width);
-  return cudaSuccess;
+}
+cudaError_t copy_2d(void* dst, std::size_t dpitch, const void* src, std::size_t spitch, std::size_t width,
+                    std::size_t height, cudaMemcpyKind kind) {
+  const cudaError_t e = check_copy_2d(dst, dpitch, src, spitch, width, height, kind);
+  if (e == cudaSuccess) move_rows(dst, dpitch, src, spitch, width, height);
+  return e;
 }
 
-cudaError_t set_2d(void* p, std::size_t pitch, int value, std::size_t width, std::size_t height) {
+/// Whether a 2D memset's pitch and range are legal (the error, made the last one, if not).
+cudaError_t check_set_2d(void* p, std::size_t pitch, std::size_t width, std::size_t height) {
   if (height == 0 || width == 0) return cudaSuccess;
   if (pitch < width) return fail(cudaErrorInvalidPitchValue);
   if (!in_device_memory(p, pitch * (height - 1) + width)) return fail(cudaErrorInvalidValue);
-  for (std::size_t row = 0; row < height; ++row) std::memset(static_cast<unsigned char*>(p) + row * pitch, value, width);
   return cudaSuccess;
+}
+/// The memset itself, row by row (checked before).
+void set_rows(void* p, std::size_t pitch, int value, std::size_t width, std::size_t height) {
+  for (std::size_t row = 0; row < height; ++row) std::memset(static_cast<unsigned char*>(p) + row * pitch, value, width);
 }
 
 /// A memory pool's accounting: what its live allocations hold, what it keeps mapped for reuse
@@ -720,27 +735,18 @@ cudaError_t CUDARTAPI cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* sr
     drain_streams(true);
     return copy_2d(dst, dpitch, src, spitch, width, height, kind);
   }
+  if (const cudaError_t e = check_copy_2d(dst, dpitch, src, spitch, width, height, kind); e != cudaSuccess) return e;
   if (height == 0 || width == 0) return cudaSuccess;
-  if (dpitch < width || spitch < width) return fail(cudaErrorInvalidPitchValue);
-  if (!copy_allowed(dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width, kind))
-    return fail(cudaErrorInvalidValue);
-  auto* out = static_cast<unsigned char*>(dst);
-  const auto* in = static_cast<const unsigned char*>(src);
   if (!is_device_pointer(dst)) {
     q->drain();
-    return copy_2d(dst, dpitch, src, spitch, width, height, kind);
-  }
-  if (!is_device_pointer(src)) {
+    move_rows(dst, dpitch, src, spitch, width, height);
+  } else if (!is_device_pointer(src)) {
     auto staged = std::make_shared<std::vector<unsigned char>>(width * height);
-    for (std::size_t row = 0; row < height; ++row) std::memcpy(staged->data() + row * width, in + row * spitch, width);
-    issue(stream, [=] {
-      for (std::size_t row = 0; row < height; ++row) std::memcpy(out + row * dpitch, staged->data() + row * width, width);
-    });
-    return cudaSuccess;
+    move_rows(staged->data(), width, src, spitch, width, height);
+    issue(stream, [=] { move_rows(dst, dpitch, staged->data(), width, width, height); });
+  } else {
+    issue(stream, [=] { move_rows(dst, dpitch, src, spitch, width, height); });
   }
-  issue(stream, [=] {
-    for (std::size_t row = 0; row < height; ++row) std::memmove(out + row * dpitch, in + row * spitch, width);
-  });
   return cudaSuccess;
 }
 cudaError_t CUDARTAPI cudaMemset(void* p, int value, size_t bytes) { return cudaMemset2DAsync(p, bytes, value, bytes, 1, nullptr); }
@@ -753,10 +759,8 @@ cudaError_t CUDARTAPI cudaMemset2D(void* p, size_t pitch, int value, size_t widt
 /// Checked when issued, set in stream order.
 cudaError_t CUDARTAPI cudaMemset2DAsync(void* p, size_t pitch, int value, size_t width, size_t height,
                                         cudaStream_t stream) {
-  if (height == 0 || width == 0) return cudaSuccess;
-  if (pitch < width) return fail(cudaErrorInvalidPitchValue);
-  if (!in_device_memory(p, pitch * (height - 1) + width)) return fail(cudaErrorInvalidValue);
-  issue(stream, [=] { (void)set_2d(p, pitch, value, width, height); });
+  if (const cudaError_t e = check_set_2d(p, pitch, width, height); e != cudaSuccess) return e;
+  issue(stream, [=] { set_rows(p, pitch, value, width, height); });
   return cudaSuccess;
 }
 cudaError_t CUDARTAPI cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
