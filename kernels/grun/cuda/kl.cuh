@@ -112,45 +112,16 @@ token_kl_backward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<R, 2, cuda
                          tensor_view<L, 1, cuda_space> labels, tensor_view<A, 1, cuda_space> lse,
                          tensor_view<A, 1, cuda_space> lse_ref, tensor_view<A, 1, cuda_space> dkl,
                          tensor_view<G, 2, cuda_space> dx) {
-  using EX = std::remove_const_t<T>;
-  using ER = std::remove_const_t<R>;
   const index_t t = blockIdx.x;
   const index_t V = x.extent(1);
-  const index_t nvec = V / W;
   G* out = dx.row(t);
   if (static_cast<std::int64_t>(labels(t)) == loss::ignore_index) {  // a zero row, or left alone when accumulating
-    if constexpr (!Accumulate) {
-      vec<G, W> zero;
-#pragma unroll
-      for (int k = 0; k < W; ++k) acc_store(&zero.v[k], Acc(0));
-      for (index_t i = threadIdx.x; i < nvec; i += Block) reinterpret_cast<vec<G, W>*>(out)[i] = zero;
-      for (index_t v = nvec * W + threadIdx.x; v < V; v += Block) acc_store(out + v, Acc(0));
-    }
+    if constexpr (!Accumulate) write_row_gradient<Block, W, false, Acc>(out, V, [](index_t) { return Acc(0); });
     return;
   }
-  const EX* xrow = x.row(t);
-  const ER* rrow = r.row(t);
   const Acc lx = static_cast<Acc>(lse(t)), lr = static_cast<Acc>(lse_ref(t)), g = static_cast<Acc>(dkl(t));
-  // dx may alias x (not with Accumulate): each thread reads its vector of x before writing the
-  // same vector of dx, and no other thread touches it.
-  for (index_t i = threadIdx.x; i < nvec; i += Block) {
-    const vec<EX, W> xv = reinterpret_cast<const vec<EX, W>*>(xrow)[i];
-    const vec<ER, W> rv = reinterpret_cast<const vec<ER, W>*>(rrow)[i];
-    vec<G, W> o;
-    if constexpr (Accumulate) o = reinterpret_cast<const vec<G, W>*>(out)[i];
-#pragma unroll
-    for (int k = 0; k < W; ++k) {
-      Acc d = g * (fast_exp(acc_load<Acc>(&xv.v[k]) - lx) - fast_exp(acc_load<Acc>(&rv.v[k]) - lr));
-      if constexpr (Accumulate) d += acc_load<Acc>(&o.v[k]);
-      acc_store(&o.v[k], d);
-    }
-    reinterpret_cast<vec<G, W>*>(out)[i] = o;
-  }
-  for (index_t v = nvec * W + threadIdx.x; v < V; v += Block) {
-    Acc d = g * (fast_exp(acc_load<Acc>(xrow + v) - lx) - fast_exp(acc_load<Acc>(rrow + v) - lr));
-    if constexpr (Accumulate) d += acc_load<Acc>(out + v);
-    acc_store(out + v, d);
-  }
+  write_row_gradient<Block, W, Accumulate, Acc>(
+      out, V, [&](index_t, Acc xv, Acc rv) { return g * (fast_exp(xv - lx) - fast_exp(rv - lr)); }, x.row(t), r.row(t));
 }
 
 }  // namespace detail

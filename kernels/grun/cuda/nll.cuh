@@ -83,6 +83,36 @@ void launch_per_row(const char* op, index_t rows, Launch&& launch, const RowView
   GRUN_CUDA_CHECK_LAUNCH();
 }
 
+/// The gradient sweep of every vocabulary backward (token NLL, token KL) and of a zeroed row:
+///   out[v] = grad(v, a_v, b_v, …)   (+ out[v] when Accumulate)   for v in [0, V)
+/// where a, b, … are the rows passed, each element widened to Acc. The block walks W-wide 16-byte
+/// vectors (every row and out aligned: launch_per_row's vector path), then the scalar tail. out may
+/// alias a row it reads (not with Accumulate): each thread reads its vector of every row before it
+/// writes the same vector of out, and no other thread touches it.
+template <int Block, int W, bool Accumulate, class Acc, class G, class Grad, class... E>
+__device__ __forceinline__ void write_row_gradient(G* out, index_t V, const Grad& grad, const E*... rows) {
+  const index_t nvec = V / W;
+  for (index_t i = threadIdx.x; i < nvec; i += Block) {
+    const auto step = [&](const auto&... loaded) {
+      vec<G, W> o;
+      if constexpr (Accumulate) o = reinterpret_cast<const vec<G, W>*>(out)[i];
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        Acc d = grad(i * W + k, acc_load<Acc>(&loaded.v[k])...);
+        if constexpr (Accumulate) d += acc_load<Acc>(&o.v[k]);
+        acc_store(&o.v[k], d);
+      }
+      reinterpret_cast<vec<G, W>*>(out)[i] = o;
+    };
+    step(reinterpret_cast<const vec<E, W>*>(rows)[i]...);
+  }
+  for (index_t v = nvec * W + threadIdx.x; v < V; v += Block) {
+    Acc d = grad(v, acc_load<Acc>(rows + v)...);
+    if constexpr (Accumulate) d += acc_load<Acc>(out + v);
+    acc_store(out + v, d);
+  }
+}
+
 /// Rows whose label is out of the vocabulary: how many, and the first. Both are order-free
 /// (a sum and a minimum), so the census is the same whatever order the blocks ran in.
 struct label_census {
@@ -177,41 +207,21 @@ __global__ void __launch_bounds__(Block)
 token_nll_backward_kernel(tensor_view<T, 2, cuda_space> x, tensor_view<L, 1, cuda_space> labels,
                           tensor_view<A, 1, cuda_space> lse, tensor_view<A, 1, cuda_space> dnll,
                           tensor_view<G, 2, cuda_space> dx, label_census* census) {
-  using E = std::remove_const_t<T>;
   const index_t t = blockIdx.x;
   const index_t V = x.extent(1);
   const auto y = static_cast<index_t>(labels(t));
   G* out = dx.row(t);
-  if (y == loss::ignore_index) {
-    if constexpr (!Accumulate)
-      for (index_t v = threadIdx.x; v < V; v += Block) acc_store(out + v, Acc(0));
+  if (y == loss::ignore_index) {  // a zero row, or left alone when accumulating
+    if constexpr (!Accumulate) write_row_gradient<Block, W, false, Acc>(out, V, [](index_t) { return Acc(0); });
     return;
   }
   if (y < 0 || y >= V) {  // out of the vocabulary: row left untouched, reported after the launch
     if (threadIdx.x == 0) record_bad_label(census, t);
     return;
   }
-  const E* row = x.row(t);
   const Acc l = static_cast<Acc>(lse(t)), g = static_cast<Acc>(dnll(t));
-  const index_t nvec = V / W;
-  for (index_t i = threadIdx.x; i < nvec; i += Block) {
-    const vec<E, W> v = reinterpret_cast<const vec<E, W>*>(row)[i];
-    vec<G, W> o;
-    if constexpr (Accumulate) o = reinterpret_cast<const vec<G, W>*>(out)[i];
-#pragma unroll
-    for (int k = 0; k < W; ++k) {
-      const index_t col = i * W + k;
-      Acc d = g * (fast_exp(acc_load<Acc>(&v.v[k]) - l) - (col == y ? Acc(1) : Acc(0)));
-      if constexpr (Accumulate) d += acc_load<Acc>(&o.v[k]);
-      acc_store(&o.v[k], d);
-    }
-    reinterpret_cast<vec<G, W>*>(out)[i] = o;
-  }
-  for (index_t v = nvec * W + threadIdx.x; v < V; v += Block) {
-    Acc d = g * (fast_exp(acc_load<Acc>(row + v) - l) - (v == y ? Acc(1) : Acc(0)));
-    if constexpr (Accumulate) d += acc_load<Acc>(out + v);
-    acc_store(out + v, d);
-  }
+  write_row_gradient<Block, W, Accumulate, Acc>(
+      out, V, [&](index_t v, Acc xv) { return g * (fast_exp(xv - l) - (v == y ? Acc(1) : Acc(0))); }, x.row(t));
 }
 
 }  // namespace detail
