@@ -16,6 +16,7 @@
 #include "../rowmath.hpp"
 #include "../ortho/none.hpp"
 #include "../ortho/qr_retraction.hpp"
+#include "init.hpp"
 
 namespace grun::reft {
 
@@ -84,19 +85,10 @@ struct direft {
   }
   static constexpr index_t group = 8;
 
-  /// Initialization (used by grun::init): W2 = orthonormalized Gaussian rows (as pyreft initializes
-  /// its rotate_layer), W1 ~ N(0, 1/d), b = 0.
+  /// Initialization (used by grun::init): reft/init.hpp's, rotate_layer orthonormalized Gaussian
+  /// rows, weight ~ N(0, 1/d), bias = 0.
   template <class T, class S, class Rng>
-  static void init(const params<T, S>& p, Rng& rng) {
-    const index_t r = p.rotate_layer.rows, d = p.rotate_layer.cols;
-    std::vector<double> W2(static_cast<std::size_t>(r * d));
-    for (auto& x : W2) x = rng.normal();
-    if (r <= d) ortho::detail::orthonormalize_rows(W2.data(), r, d);
-    for (index_t i = 0; i < r * d; ++i) p.rotate_layer[i] = store<T>(W2[i]);
-    const double sd = 1.0 / std::sqrt(double(d));
-    for (index_t i = 0; i < p.weight.size(); ++i) p.weight[i] = store<T>(sd * rng.normal());
-    for (index_t i = 0; i < p.bias.size(); ++i) p.bias[i] = store<T>(0.0);
-  }
+  static void init(const params<T, S>& p, Rng& rng) { detail::init_lowrank<T>(p, rng); }
 };
 
 static_assert(reft_policy<direft<4>>);

@@ -16,6 +16,7 @@
 #include "../rowmath.hpp"
 #include "../ortho/none.hpp"
 #include "../ortho/qr_retraction.hpp"
+#include "init.hpp"
 
 namespace grun::reft {
 
@@ -353,20 +354,10 @@ struct lowrank_edit {
  public:
 #endif
 
-  /// Initialization (used by grun::init): R = orthonormalized Gaussian rows; W ~ N(0, 1/d) (the
-  /// scale of nn.Linear's default init); b = 0.
+  /// Initialization (used by grun::init): reft/init.hpp's, rotate_layer orthonormalized Gaussian
+  /// rows, weight ~ N(0, 1/d), bias = 0.
   template <class T, class S, class Rng>
-  static void init(const params<T, S>& p, Rng& rng) {
-    const index_t r = p.rotate_layer.rows, d = p.rotate_layer.cols;
-    std::vector<double> R(static_cast<std::size_t>(r * d));
-    for (auto& x : R) x = rng.normal();
-    // Orthonormal rows need r <= d; noreft (no constraint on its R) also takes r > d, left Gaussian.
-    if (r <= d) ortho::detail::orthonormalize_rows(R.data(), r, d);
-    for (index_t i = 0; i < r * d; ++i) p.rotate_layer[i] = store<T>(R[i]);
-    const double sd = 1.0 / std::sqrt(double(d));
-    for (index_t i = 0; i < p.weight.size(); ++i) p.weight[i] = store<T>(sd * rng.normal());
-    for (index_t i = 0; i < p.bias.size(); ++i) p.bias[i] = store<T>(0.0);
-  }
+  static void init(const params<T, S>& p, Rng& rng) { detail::init_lowrank<T>(p, rng); }
 };
 }  // namespace detail
 
