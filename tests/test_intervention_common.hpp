@@ -89,6 +89,28 @@ inline double central_difference(double* x, const std::function<double()>& f, do
   return (fp - fm) / (2 * eps);
 }
 
+/// rel_err of the gradient of `loss` w.r.t. every scalar of a parameter aggregate: `grads` (same
+/// shape, for_each_param order) against central differences of `loss` in `params`' scalars.
+template <class P, class G>
+double param_gradient_error(const P& params, const G& grads, const std::function<double()>& loss) {
+  const auto ps = scalars(params);
+  const auto gs = scalars(grads);
+  REQUIRE(ps.size() == gs.size());
+  std::vector<double> analytic, numeric;
+  for (std::size_t i = 0; i < ps.size(); ++i) {
+    analytic.push_back(*gs[i]);
+    numeric.push_back(central_difference(ps[i], loss));
+  }
+  return rel_err(analytic, numeric);
+}
+
+/// rel_err of an input gradient: grad[i] against central differences of `loss` in x[i], i < n.
+inline double input_gradient_error(const double* grad, double* x, index_t n, const std::function<double()>& loss) {
+  std::vector<double> numeric;
+  for (index_t i = 0; i < n; ++i) numeric.push_back(central_difference(x + i, loss));
+  return rel_err(std::vector<double>(grad, grad + n), numeric);
+}
+
 /// Finite-difference check of gated_intervention I in double: L = Σ c ⊙ h' + Σ cg ⊙ g over positions.
 template <class I>
 void check_intervention_fd(index_t d, index_t n, const positions& pos, std::uint64_t seed, bool gate_loss,
@@ -118,23 +140,10 @@ void check_intervention_fd(index_t d, index_t n, const positions& pos, std::uint
   I::backward(exec::host(3), *p, h.view(), pos, c.view(),
               gate_loss ? vector_view<const double>(cg.data(), {P}) : vector_view<const double>(), dh.view(), *grads);
 
-  std::vector<double> analytic, numeric;
-  auto ps = scalars(*p);
-  auto gs = scalars(*grads);
-  for (std::size_t i = 0; i < ps.size(); ++i) {
-    analytic.push_back(*gs[i]);
-    numeric.push_back(central_difference(ps[i], loss));
-  }
-  INFO("parameter gradients, d = " << d << ", N = " << n << ", P = " << P);
-  CHECK(rel_err(analytic, numeric) < 1e-6);
-  analytic.clear();
-  numeric.clear();
-  for (index_t i = 0; i < n * d; ++i) {
-    analytic.push_back(dh.storage[i]);
-    numeric.push_back(central_difference(&h.storage[i], loss));
-  }
+  INFO("d = " << d << ", N = " << n << ", P = " << P);
+  CHECK(param_gradient_error(*p, *grads, loss) < 1e-6);
   INFO("input gradient dh");
-  CHECK(rel_err(analytic, numeric) < 1e-6);
+  CHECK(input_gradient_error(dh.storage.data(), h.storage.data(), n * d, loss) < 1e-6);
 }
 
 }  // namespace grun_test
