@@ -31,8 +31,9 @@
 //   - work on a stream made by cudaStreamCreateWithFlags (kernels, async copies and memsets,
 //     cudaFreeAsync, event waits, cub::DeviceReduce, cublasLtMatmul) waits in that stream's line
 //     until something waits for the stream — its synchronization, the device's, an event's, a
-//     stream waiting for one of its events, a copy from it to host memory, cudaFree, its
-//     destruction — so work a program leaves unordered runs late: a kernel that reads memory freed
+//     stream waiting for one of its events, a copy from it to host memory, cudaFree (destroying
+//     the stream does not: its work runs later, as a device finishes it, at the latest at exit) —
+//     so work a program leaves unordered runs late: a kernel that reads memory freed
 //     before it ran is an AddressSanitizer report, a copy to the host before the kernel that writes
 //     it has run reads 0xFF. The legacy default stream runs work as it is issued, after the blocking
 //     streams' (created without cudaStreamNonBlocking).

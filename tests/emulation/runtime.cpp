@@ -439,8 +439,9 @@ namespace grun_emu {
 /// only when something waits for the stream: cudaStreamSynchronize, cudaDeviceSynchronize, an
 /// event of it that is synchronized or that another stream waits for (through that event's
 /// place), a copy from it to host memory (which returns once done, as a copy to pageable memory
-/// does), cudaFree (which waits for the device), its destruction. That is as late as a device may
-/// run it: what a program orders runs in order, what it does not may run late, and then shows — a
+/// does), cudaFree (which waits for the device). Destroying the stream does not: its work stays in
+/// line (orphaned_queues) until one of those — or the end of the program — runs it, as a device
+/// finishes it after cudaStreamDestroy has returned. That is as late as a device may run it: what a program orders runs in order, what it does not may run late, and then shows — a
 /// kernel reading a block that was freed before it ran is an AddressSanitizer report, a copy to
 /// the host from memory not yet written reads 0xFF bytes. One thread issues and drains (the tests
 /// are single-threaded).
@@ -483,15 +484,27 @@ std::shared_ptr<stream_queue> queue_of(cudaStream_t stream) {
   std::fprintf(stderr, "grun CUDA emulation: work issued on stream %p, which is no live stream\n", static_cast<void*>(stream));
   std::abort();
 }
-/// Runs the queued work of every stream (blocking_only: of the blocking ones), stream by stream.
+/// The lines of destroyed streams that still held work: it runs when something waits for the
+/// device (or, for a blocking stream's, the legacy stream does), when an event recorded on the
+/// stream is reached, or at exit; a line leaves once it is empty.
+std::vector<std::shared_ptr<stream_queue>>& orphaned_queues() {
+  static std::vector<std::shared_ptr<stream_queue>> all;
+  return all;
+}
+/// Runs the queued work of every stream, live or destroyed (blocking_only: of the blocking ones),
+/// stream by stream.
 void drain_streams(bool blocking_only) {
   std::vector<std::shared_ptr<stream_queue>> queues;
   {
     const std::lock_guard lock(table_mutex);
     for (const auto& s : streams())
       if (!blocking_only || s->queue->blocking) queues.push_back(s->queue);
+    for (const auto& q : orphaned_queues())
+      if (!blocking_only || q->blocking) queues.push_back(q);
   }
   for (const auto& q : queues) q->drain();
+  const std::lock_guard lock(table_mutex);
+  std::erase_if(orphaned_queues(), [](const auto& q) { return q->pending.empty(); });
 }
 
 }  // namespace
@@ -771,8 +784,8 @@ cudaError_t CUDARTAPI cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned i
   *stream = streams().back().get();
   return cudaSuccess;
 }
-/// Its work still runs (first, here), as a device finishes it. A stream destroyed twice, or never
-/// created here: cudaErrorInvalidResourceHandle.
+/// Its work still runs, later, as a device finishes it (orphaned_queues; at the latest when the
+/// program exits). A stream destroyed twice, or never created here: cudaErrorInvalidResourceHandle.
 cudaError_t CUDARTAPI cudaStreamDestroy(cudaStream_t stream) {
   std::unique_ptr<CUstream_st> gone;
   {
@@ -782,8 +795,11 @@ cudaError_t CUDARTAPI cudaStreamDestroy(cudaStream_t stream) {
     if (stream == nullptr || it == all.end()) return fail(cudaErrorInvalidResourceHandle);
     gone = std::move(*it);
     all.erase(it);
+    if (gone->queue->pending.empty()) return cudaSuccess;
+    static const bool drained_at_exit = [] { return std::atexit([] { drain_streams(false); }) == 0; }();
+    (void)drained_at_exit;
+    orphaned_queues().push_back(gone->queue);
   }
-  gone->queue->drain();
   return cudaSuccess;
 }
 /// The stream's later work waits for what the event's latest recording follows (taken now: a later

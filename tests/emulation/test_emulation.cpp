@@ -317,10 +317,31 @@ TEST_CASE("emulation: a created stream's work waits in line until something wait
   CHECK(::grun_emu::in_device_memory(p, sizeof(float)));
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   CHECK_FALSE(::grun_emu::in_device_memory(p, sizeof(float)));
-  // A destroyed stream's work still runs (here, first).
+  // A destroyed stream's work still runs — later, as a device finishes it after cudaStreamDestroy
+  // returns: when something waits for the device, or for an event recorded on the stream.
   ::grun_emu::launch(dim3(1), dim3(1), 0, t)(set_value, y.ptr, 7.f);
   REQUIRE(cudaStreamDestroy(t) == cudaSuccess);
+  CHECK(y.to_host()[0] == 3.f);  // t was non-blocking: the legacy stream's copy does not wait for it
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   CHECK(y.to_host()[0] == 7.f);
+  cudaStream_t u = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&u, cudaStreamNonBlocking) == cudaSuccess);
+  ::grun_emu::launch(dim3(1), dim3(1), 0, u)(set_value, y.ptr, 8.f);
+  REQUIRE(cudaEventRecord(e, u) == cudaSuccess);
+  ::grun_emu::launch(dim3(1), dim3(1), 0, u)(set_value, y.ptr, 9.f);
+  REQUIRE(cudaStreamDestroy(u) == cudaSuccess);
+  CHECK(y.to_host()[0] == 7.f);
+  REQUIRE(cudaEventSynchronize(e) == cudaSuccess);
+  CHECK(y.to_host()[0] == 8.f);  // up to the recording only
+  // A blocking stream's: the legacy stream's work follows it, destroyed or not.
+  cudaStream_t v = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&v, cudaStreamDefault) == cudaSuccess);
+  ::grun_emu::launch(dim3(1), dim3(1), 0, v)(set_value, x.ptr, 10.f);
+  REQUIRE(cudaStreamDestroy(v) == cudaSuccess);
+  CHECK(x.to_host()[0] == 10.f);
+  CHECK(y.to_host()[0] == 8.f);  // u's last launch: still in line (u was non-blocking)
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  CHECK(y.to_host()[0] == 9.f);
   CHECK(cudaEventDestroy(e) == cudaSuccess);
   CHECK(cudaStreamDestroy(s) == cudaSuccess);
   CHECK(cudaGetLastError() == cudaSuccess);
