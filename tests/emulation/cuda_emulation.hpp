@@ -28,15 +28,16 @@
 //   - cp.async lands at the cp.async.wait_group that covers it; its destination reads as 0xFF until then;
 //   - atomics are plain read-modify-writes (no fiber is preempted between barriers);
 //   - events record host time (so bench_cuda runs, its timings meaningless);
-//   - work on a stream made by cudaStreamCreateWithFlags (kernels, async copies and memsets,
-//     cudaFreeAsync, event waits, cub::DeviceReduce, cublasLtMatmul) waits in that stream's line
-//     until something waits for the stream — its synchronization, the device's, an event's, a
-//     stream waiting for one of its events, a copy from it to host memory, cudaFree (destroying
-//     the stream does not: its work runs later, as a device finishes it, at the latest at exit) —
-//     so work a program leaves unordered runs late: a kernel that reads memory freed
-//     before it ran is an AddressSanitizer report, a copy to the host before the kernel that writes
-//     it has run reads 0xFF. The legacy default stream runs work as it is issued, after the blocking
-//     streams' (created without cudaStreamNonBlocking).
+//   - work on a stream — the legacy default stream or one made by cudaStreamCreateWithFlags
+//     (kernels, async copies and memsets, cudaFreeAsync, event waits, cub::DeviceReduce,
+//     cublasLtMatmul) — waits in that stream's line until something waits for the stream: its
+//     synchronization, the device's, an event's, a stream waiting for one of its events, a copy
+//     from it to host memory, cudaMalloc and cudaFree (destroying the stream does not: its work runs
+//     later, as a device finishes it, at the latest at exit) — so work a program leaves unordered
+//     runs late: a kernel that reads memory freed before it ran is an AddressSanitizer report, a
+//     copy to the host before the kernel that writes it has run reads 0xFF. The legacy stream's
+//     implicit synchronization is kept: its work follows what the blocking streams (created
+//     without cudaStreamNonBlocking) held when it was issued, and theirs what it held.
 //
 // What it checks that a CPU test of the host path cannot: the kernels' indexing, tiling, launch
 // shapes (grid and block limits, 48 KiB of dynamic shared memory, an empty grid is an error as

@@ -1,7 +1,7 @@
 // tests/emulation/runtime.cpp — the CUDA runtime calls grun makes, over host memory, and the grid
-// runner behind cuda_emulation.hpp's launches. One emulated device (device 0). The legacy default
-// stream runs work as it is issued; a stream made by cudaStreamCreateWithFlags keeps its work in
-// line until something waits for it (see stream_queue), so stream order is kept and nothing more.
+// runner behind cuda_emulation.hpp's launches. One emulated device (device 0). Every stream — the
+// legacy default stream and those made by cudaStreamCreateWithFlags — keeps its work in line until
+// something waits for it (see stream_queue), so stream order is kept and nothing more.
 //
 // Device memory is host memory the runtime keeps a table of: cudaPointerGetAttributes answers
 // from it, and every copy and memset checks its ranges against it (a copy that runs off an
@@ -435,13 +435,16 @@ using namespace grun_emu;
 
 namespace grun_emu {
 
-/// The work of a stream made by cudaStreamCreateWithFlags, in issue order, numbered from 1. It runs
-/// only when something waits for the stream: cudaStreamSynchronize, cudaDeviceSynchronize, an
+/// The work of a stream (made by cudaStreamCreateWithFlags, or the legacy default stream's:
+/// legacy_line), in issue order, numbered from 1. It runs only when something waits for the
+/// stream: cudaStreamSynchronize, cudaDeviceSynchronize, an
 /// event of it that is synchronized or that another stream waits for (through that event's
 /// place), a copy from it to host memory (which returns once done, as a copy to pageable memory
-/// does), cudaFree (which waits for the device). Destroying the stream does not: its work stays in
-/// line (orphaned_queues) until one of those — or the end of the program — runs it, as a device
-/// finishes it after cudaStreamDestroy has returned. That is as late as a device may run it: what a program orders runs in order, what it does not may run late, and then shows — a
+/// does), cudaMalloc and cudaFree (which wait for the device), and for the legacy stream a
+/// synchronous copy. Destroying a stream does not: its work stays in line (orphaned_queues) until
+/// one of those — or the end of the program — runs it, as a device finishes it after
+/// cudaStreamDestroy has returned. That is as late as a device may run it: what a program orders
+/// runs in order, what it does not may run late, and then shows — a
 /// kernel reading a block that was freed before it ran is an AddressSanitizer report, a copy to
 /// the host from memory not yet written reads 0xFF bytes. One thread issues and drains (the tests
 /// are single-threaded).
@@ -475,7 +478,7 @@ namespace grun_emu {
 namespace {
 
 /// The line of a stream created here; null for the legacy default stream (0, cudaStreamLegacy,
-/// cudaStreamPerThread), whose work runs as it is issued. A handle that is neither stops the run.
+/// cudaStreamPerThread: legacy_line). A handle that is neither stops the run.
 std::shared_ptr<stream_queue> queue_of(cudaStream_t stream) {
   if (stream == nullptr || stream == cudaStreamLegacy || stream == cudaStreamPerThread) return nullptr;
   const std::lock_guard lock(table_mutex);
@@ -491,10 +494,22 @@ std::vector<std::shared_ptr<stream_queue>>& orphaned_queues() {
   static std::vector<std::shared_ptr<stream_queue>> all;
   return all;
 }
-/// Runs the queued work of every stream, live or destroyed (blocking_only: of the blocking ones),
-/// stream by stream.
+/// The legacy default stream's line (0, cudaStreamLegacy, cudaStreamPerThread). Its work waits
+/// here like a created stream's, and the legacy stream's implicit synchronization is kept: each
+/// piece first runs what the blocking streams held when it was issued, and a blocking stream's
+/// piece first runs what this line held when it was issued (issue).
+const std::shared_ptr<stream_queue>& legacy_line() {
+  static const std::shared_ptr<stream_queue> line = [] {
+    auto q = std::make_shared<stream_queue>();
+    q->blocking = true;
+    return q;
+  }();
+  return line;
+}
+/// Runs the queued work of the legacy stream and of every created stream, live or destroyed
+/// (blocking_only: of the blocking ones), stream by stream.
 void drain_streams(bool blocking_only) {
-  std::vector<std::shared_ptr<stream_queue>> queues;
+  std::vector<std::shared_ptr<stream_queue>> queues{legacy_line()};
   {
     const std::lock_guard lock(table_mutex);
     for (const auto& s : streams())
@@ -510,18 +525,35 @@ void drain_streams(bool blocking_only) {
 }  // namespace
 
 void issue(cudaStream_t stream, std::function<void()> work) {
-  if (const auto q = queue_of(stream)) {
-    q->pending.emplace_back(++q->issued, std::move(work));
-  } else {
-    drain_streams(true);  // the legacy stream's work follows the blocking streams'
-    work();
+  std::shared_ptr<stream_queue> q = queue_of(stream);
+  if (!q) {
+    // The legacy stream: after everything the blocking streams hold now.
+    std::vector<std::pair<std::shared_ptr<stream_queue>, std::uint64_t>> before;
+    {
+      const std::lock_guard lock(table_mutex);
+      for (const auto& s : streams())
+        if (s->queue->blocking) before.emplace_back(s->queue, s->queue->issued);
+      for (const auto& o : orphaned_queues())
+        if (o->blocking) before.emplace_back(o, o->issued);
+    }
+    work = [before = std::move(before), work = std::move(work)] {
+      for (const auto& [line, through] : before) line->drain(through);
+      work();
+    };
+    q = legacy_line();
+  } else if (q->blocking) {
+    // A blocking stream: after everything the legacy stream holds now.
+    work = [through = legacy_line()->issued, work = std::move(work)] {
+      legacy_line()->drain(through);
+      work();
+    };
   }
+  q->pending.emplace_back(++q->issued, std::move(work));
 }
 
 }  // namespace grun_emu
 
-/// An event: where its latest recording stands in a stream's line (none: the legacy stream's, reached
-/// at once), and the host time it was recorded at — the elapsed time between two is host time (what
+/// An event: where its latest recording stands in a stream's line, and the host time it was recorded at — the elapsed time between two is host time (what
 /// bench_cuda prints under the emulation says nothing about a GPU's speed).
 struct CUevent_st {
   std::chrono::steady_clock::time_point at;
@@ -594,12 +626,15 @@ cudaError_t CUDARTAPI cudaEventDestroy(cudaEvent_t event) {
 }
 cudaError_t CUDARTAPI cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   if (event == nullptr) return fail(cudaErrorInvalidResourceHandle);
-  const auto q = queue_of(stream);
-  if (!q) drain_streams(true);  // on the legacy stream: after the blocking streams' work
+  auto q = queue_of(stream);
+  if (!q) {  // on the legacy stream: a mark in its line, which runs the blocking streams' work first
+    issue(stream, [] {});
+    q = legacy_line();
+  }
   event->at = std::chrono::steady_clock::now();
   event->recorded = true;
   event->queue = q;
-  event->place = q ? q->issued : 0;
+  event->place = q->issued;
   return cudaSuccess;
 }
 cudaError_t CUDARTAPI cudaEventSynchronize(cudaEvent_t event) {
@@ -642,7 +677,12 @@ const char* CUDARTAPI cudaGetErrorString(cudaError_t e) {
   }
 }
 
-cudaError_t CUDARTAPI cudaMalloc(void** p, size_t bytes) { return allocate(p, bytes); }
+/// Waits for the device first, as cudaFree does (the runtime may synchronize here; the thrust shim's
+/// device_vector copies its elements right after it).
+cudaError_t CUDARTAPI cudaMalloc(void** p, size_t bytes) {
+  drain_streams(false);
+  return allocate(p, bytes);
+}
 cudaError_t CUDARTAPI cudaFree(void* p) {
   drain_streams(false);  // cudaFree waits for the device
   return release(p);

@@ -275,6 +275,7 @@ TEST_CASE("emulation: cuBLASLt refuses what the device library refuses or faults
 
 namespace {
 void set_value(float* p, float v) { *p = v; }  // launched with one thread
+void copy_value(const float* from, float* to) { *to = *from; }
 }  // namespace
 
 TEST_CASE("emulation: a created stream's work waits in line until something waits for it", "[emulation]") {
@@ -344,5 +345,46 @@ TEST_CASE("emulation: a created stream's work waits in line until something wait
   CHECK(y.to_host()[0] == 9.f);
   CHECK(cudaEventDestroy(e) == cudaSuccess);
   CHECK(cudaStreamDestroy(s) == cudaSuccess);
+  CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+TEST_CASE("emulation: the legacy stream's work waits in line too, synchronized with the blocking streams", "[emulation]") {
+  cudaStream_t blocking = nullptr, nonblocking = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&blocking, cudaStreamDefault) == cudaSuccess);
+  REQUIRE(cudaStreamCreateWithFlags(&nonblocking, cudaStreamNonBlocking) == cudaSuccess);
+  const device_array<float> x(std::vector<float>{1.f}), y(std::vector<float>{1.f});
+  // Issued, not run: the device memory (host memory here, read directly) still holds the old value
+  // until something waits — here a synchronous copy, which follows the legacy stream's work.
+  ::grun_emu::launch(dim3(1), dim3(1), 0, nullptr)(set_value, x.ptr, 2.f);
+  CHECK(*x.ptr == 1.f);
+  CHECK(x.to_host()[0] == 2.f);
+  // A blocking stream's work follows the legacy stream's issued before it...
+  ::grun_emu::launch(dim3(1), dim3(1), 0, nullptr)(set_value, x.ptr, 3.f);
+  ::grun_emu::launch(dim3(1), dim3(1), 0, blocking)(copy_value, x.ptr, y.ptr);
+  REQUIRE(cudaStreamSynchronize(blocking) == cudaSuccess);
+  CHECK(*y.ptr == 3.f);
+  // ...and the legacy stream's work follows a blocking stream's issued before it.
+  ::grun_emu::launch(dim3(1), dim3(1), 0, blocking)(set_value, x.ptr, 4.f);
+  ::grun_emu::launch(dim3(1), dim3(1), 0, nullptr)(copy_value, x.ptr, y.ptr);
+  REQUIRE(cudaStreamSynchronize(nullptr) == cudaSuccess);
+  CHECK(*y.ptr == 4.f);
+  // A non-blocking stream does not wait for the legacy stream.
+  ::grun_emu::launch(dim3(1), dim3(1), 0, nullptr)(set_value, x.ptr, 5.f);
+  ::grun_emu::launch(dim3(1), dim3(1), 0, nonblocking)(copy_value, x.ptr, y.ptr);
+  REQUIRE(cudaStreamSynchronize(nonblocking) == cudaSuccess);
+  CHECK(*y.ptr == 4.f);
+  CHECK(*x.ptr == 4.f);
+  // An event recorded on the legacy stream: reached up to the recording only.
+  cudaEvent_t e = nullptr;
+  REQUIRE(cudaEventCreateWithFlags(&e, cudaEventDisableTiming) == cudaSuccess);
+  REQUIRE(cudaEventRecord(e, nullptr) == cudaSuccess);
+  ::grun_emu::launch(dim3(1), dim3(1), 0, nullptr)(set_value, x.ptr, 6.f);
+  REQUIRE(cudaEventSynchronize(e) == cudaSuccess);
+  CHECK(*x.ptr == 5.f);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  CHECK(*x.ptr == 6.f);
+  CHECK(cudaEventDestroy(e) == cudaSuccess);
+  CHECK(cudaStreamDestroy(nonblocking) == cudaSuccess);
+  CHECK(cudaStreamDestroy(blocking) == cudaSuccess);
   CHECK(cudaGetLastError() == cudaSuccess);
 }
