@@ -443,7 +443,8 @@ namespace grun_emu {
 /// does), cudaMalloc and cudaFree (which wait for the device), and for the legacy stream a
 /// synchronous copy. Destroying a stream does not: its work stays in line (orphaned_queues) until
 /// one of those — or the end of the program — runs it, as a device finishes it after
-/// cudaStreamDestroy has returned. That is as late as a device may run it: what a program orders
+/// cudaStreamDestroy has returned. (Work of a live stream that nothing waits for before the program
+/// ends is never run: nothing could have observed it.) That is as late as a device may run it: what a program orders
 /// runs in order, what it does not may run late, and then shows — a
 /// kernel reading a block that was freed before it ran is an AddressSanitizer report, a copy to
 /// the host from memory not yet written reads 0xFF bytes. One thread issues and drains (the tests
@@ -553,8 +554,9 @@ void issue(cudaStream_t stream, std::function<void()> work) {
 
 }  // namespace grun_emu
 
-/// An event: where its latest recording stands in a stream's line, and the host time it was recorded at — the elapsed time between two is host time (what
-/// bench_cuda prints under the emulation says nothing about a GPU's speed).
+/// An event: where its latest recording stands in a stream's line, and the host time it was
+/// recorded at — the elapsed time between two is host time (what bench_cuda prints under the
+/// emulation says nothing about a GPU's speed).
 struct CUevent_st {
   std::chrono::steady_clock::time_point at;
   bool recorded = false;
