@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks of benchmarks/gpu_check.sh and benchmarks/cuda/gpu_table.py that need no GPU.
 
-Usage: test_gpu_check.py {no_gpu|keys|table|prebuilt} REPO_ROOT     (registered by tests/gpu_check/CMakeLists.txt)
+Usage: test_gpu_check.py {no_gpu|keys|table|prebuilt|slot|sass} REPO_ROOT     (registered by tests/gpu_check/CMakeLists.txt)
 Exit 0 when every check of the group holds; otherwise each failure is printed and the exit status is 1.
 """
 import os
@@ -486,6 +486,53 @@ def test_slot():
               f"a broken archive: exit 2 naming what was expected, nothing written (got {p.returncode}: {p.stderr.strip()!r})")
 
 
-{"no_gpu": test_no_gpu, "keys": test_keys, "table": test_table, "prebuilt": test_prebuilt, "slot": test_slot}[MODE]()
+# ------------------------------------------------------------------------------------------------ sass
+def test_sass():
+    """benchmarks/cuda/sass_report.py's parsing and table over a synthetic ptxas -v log and nvdisasm
+    listing (the formats those tools print), and its refusals; nothing is compiled or fetched."""
+    import sass_report
+    ptxas = ("ptxas info    : Compiling entry function '_Z3fooIfEvv' for 'sm_90'\n"
+             "ptxas info    : Function properties for _Z3fooIfEvv\n"
+             "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+             "ptxas info    : Used 128 registers, used 1 barriers, 380 bytes cmem[0]\n"
+             "ptxas info    : Compiling entry function '_Z3barv' for 'sm_90'\n"
+             "ptxas info    : Function properties for _Z3barv\n"
+             "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+             "ptxas info    : Used 32 registers, 360 bytes cmem[0]\n")
+    res = sass_report.parse_ptxas(ptxas)
+    check(res == {"_Z3fooIfEvv": (128, 8, 4, 12), "_Z3barv": (32, 0, 0, 0)}, f"ptxas -v parsed: {res}")
+    sass = ("\t.text._Z3fooIfEvv:\n"
+            "        /*0000*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;\n"
+            "        /*0010*/                   HMMA.16816.F32.BF16 R8, R4, R12, R8 ;\n"
+            "        /*0020*/              @!P0 LDG.E.U16 R1, desc[UR4][R2.64] ;\n"
+            "        /*0030*/                   FFMA R1, R2, R3, R1 ;\n"
+            "        /*0040*/               @P1 STL [R1], R2 ;\n"
+            "        /*0050*/                   STG.E.EF.128 desc[UR4][R2.64], R4 ;\n"
+            "        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;\n"
+            "\t.text._Z3barv:\n"
+            "        /*0000*/                   LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;\n"
+            "        /*0010*/                   EXIT ;\n")
+    ops = sass_report.parse_sass(sass)
+    check(sum(ops["_Z3fooIfEvv"].values()) == 7 and sum(ops["_Z3barv"].values()) == 2,
+          f"nvdisasm listing parsed per kernel, predicated ones too: {dict((k, dict(v)) for k, v in ops.items())}")
+    table = sass_report.report(res, ops, r"^foo") or ""
+    row = next((line for line in table.splitlines() if line.startswith("foo<float>")), "")
+    cols = row.split()
+    # kernel, regs, spill, instrs, HMMA, FFMA, LDG.128, LDG, STG.128, LDS, LDGSTS, LDL+STL, BAR
+    check(cols[1:] == ["128", "4/12", "7", "1", "1", "1", "1", "1", "0", "0", "1", "1"],
+          f"table row for foo<float> (demangled, short name): {row!r}")
+    check("bar" not in table, "--filter leaves the other kernel out")
+    check(sass_report.short_name("void grun::cuda::fused::detail::k<grun::bfloat16, 4>(grun::x<int>, long)")
+          == "k<bfloat16, 4>", "short names drop namespaces and the parameter list")
+    script = os.path.join(ROOT, "benchmarks", "cuda", "sass_report.py")
+    p = run([sys.executable, script, "--arch", "90"])
+    check(p.returncode != 0 and "--arch expects sm_<number>" in p.stderr, f"a bad --arch is refused: {p.stderr.strip()!r}")
+    p = run([sys.executable, script, "--cubin", "x.cubin"])
+    check(p.returncode != 0 and "--cubin and --ptxas-log go together" in p.stderr,
+          f"--cubin without --ptxas-log is refused: {p.stderr.strip()!r}")
+
+
+{"no_gpu": test_no_gpu, "keys": test_keys, "table": test_table, "prebuilt": test_prebuilt, "slot": test_slot,
+ "sass": test_sass}[MODE]()
 print(f"\n{len(failures)} failure(s)" if failures else "\nall checks hold")
 sys.exit(1 if failures else 0)

@@ -144,6 +144,13 @@ __global__ void __launch_bounds__(PIPELINED ? pipelined_block : tensor_block, PI
   extern __shared__ __align__(16) unsigned char smem[];
   T* staged = reinterpret_cast<T*>(smem);  // STAGED: [NP][lds] — U rows, D rows, w (zeros without a gate)
 
+  // STAGED holds one module (launch_forward_tensor stages only K = 1). As a constant, ptxas drops the
+  // module loops instead of unrolling each by 2 plus a remainder around a K it cannot see: for
+  // loreft<4> bf16 at d = 4096 the default kernel's code goes from 5,320 SASS instructions with a
+  // 4-byte spill to 3,200 with none, the pipelined one's registers from 123 to 108 (ptxas 13.0, sm_90;
+  // benchmarks/cuda/sass_report.py). APPLY keeps the run-time count: as a constant its spill grows
+  // from 16 bytes to 36.
+  const index_t modules = STAGED && !APPLY ? 1 : K;
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   const index_t d = h.extent(1);
   const int nvec = int(d / 8);  // ≤ 512 (launch_forward_tensor checks)
@@ -216,7 +223,7 @@ __global__ void __launch_bounds__(PIPELINED ? pipelined_block : tensor_block, PI
       for (int c = 0; c < HELD; ++c) held[c] = v0 + STEP * c < nvec ? __ldcs(hv + STEP * c) : make_uint4(0, 0, 0, 0);
     }
 
-    for (index_t k = 0; k < K; ++k) {
+    for (index_t k = 0; k < modules; ++k) {
       const src_ptrs<T> m = mods.m[k];
       const uint4* ra[MT];
       const uint4* rb[MT];
@@ -296,7 +303,7 @@ __global__ void __launch_bounds__(PIPELINED ? pipelined_block : tensor_block, PI
         auto cf = [&](index_t k, int i) { return coef[k][g][i]; };
         uint4 o;
         if constexpr (STAGED) {
-          o = add_modules<T, R>(held[c], K, cf, u_staged(v));
+          o = add_modules<T, R>(held[c], modules, cf, u_staged(v));
         } else {
           // (v0 + STEP·c rather than v: so written, ptxas 13.0 keeps this variant's spill at 4 bytes, not 16)
           o = add_modules<T, R>(held[c], K, cf, [&](index_t k, int i) {
