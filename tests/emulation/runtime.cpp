@@ -436,19 +436,19 @@ using namespace grun_emu;
 namespace grun_emu {
 
 /// The work of a stream (made by cudaStreamCreateWithFlags, or the legacy default stream's:
-/// legacy_line), in issue order, numbered from 1. It runs only when something waits for the
-/// stream: cudaStreamSynchronize, cudaDeviceSynchronize, an
-/// event of it that is synchronized or that another stream waits for (through that event's
-/// place), a copy from it to host memory (which returns once done, as a copy to pageable memory
-/// does), cudaMalloc and cudaFree (which wait for the device), and for the legacy stream a
-/// synchronous copy. Destroying a stream does not: its work stays in line (orphaned_queues) until
-/// one of those — or the end of the program — runs it, as a device finishes it after
-/// cudaStreamDestroy has returned. (Work of a live stream that nothing waits for before the program
-/// ends is never run: nothing could have observed it.) That is as late as a device may run it: what a program orders
-/// runs in order, what it does not may run late, and then shows — a
-/// kernel reading a block that was freed before it ran is an AddressSanitizer report, a copy to
-/// the host from memory not yet written reads 0xFF bytes. One thread issues and drains (the tests
-/// are single-threaded).
+/// legacy_line), in issue order, numbered from 1. It runs only when something waits for the stream:
+/// cudaStreamSynchronize, cudaDeviceSynchronize, an event of it that is synchronized or that another
+/// stream waits for (through that event's place), a copy from it to host memory (which returns once
+/// done, as a copy to pageable memory does), cudaMalloc and cudaFree (which wait for the device), and
+/// for the legacy stream a synchronous copy. Destroying a stream does not: its work stays in line
+/// (orphaned_queues) until one of those — or the end of the program — runs it, as a device finishes
+/// it after cudaStreamDestroy has returned.
+///
+/// That is as late as a device may run work: what a program orders runs in order, what it does not
+/// may run late, and then shows — a kernel reading a block that was freed before it ran is an
+/// AddressSanitizer report, a copy to the host from memory not yet written reads 0xFF bytes. (Work of
+/// a live stream that nothing waits for before the program ends is never run: nothing could have
+/// observed it.) One thread issues and drains (the tests are single-threaded).
 struct stream_queue {
   bool blocking = false;  // made without cudaStreamNonBlocking: the legacy stream's work waits for it
   std::uint64_t issued = 0;
