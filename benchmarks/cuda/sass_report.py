@@ -168,13 +168,13 @@ def main():
         if path and not os.path.isfile(path):
             fail(f"{what} expects an existing file, got {path!r}")
 
+    nvcc = find_tool("nvcc", None, "NVCC")
     with tempfile.TemporaryDirectory() as tmp:
         if args.cubin:
             cubin = args.cubin
             with open(args.ptxas_log, encoding="utf-8") as f:
                 log = f.read()
         else:
-            nvcc = find_tool("nvcc", None, "NVCC")
             if nvcc is None:
                 fail("nvcc not found ($NVCC, PATH, /usr/local/cuda/bin); or pass --cubin and --ptxas-log")
             cubin = os.path.join(tmp, "bench_cuda.cubin")
@@ -186,8 +186,7 @@ def main():
             if p.returncode != 0:
                 fail(f"nvcc failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
             log = p.stderr
-        nvcc = find_tool("nvcc", None, "NVCC")
-        near = os.path.dirname(nvcc) if nvcc else None
+        near = os.path.dirname(nvcc) if nvcc else None  # a toolkit's nvdisasm sits beside its nvcc
         nvdisasm = find_tool("nvdisasm", args.nvdisasm, "NVDISASM", near) or nvdisasm_from_pypi()
         p = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
         if p.returncode != 0:
