@@ -5,7 +5,7 @@
 // so "% of copy bandwidth" compares like with like on whatever GPU this runs on.
 //
 //   bench_cuda [--quick | --smoke] [--only NAME[,NAME…]] [--schedule stream|resident|staged|tensor|tensor_apply|tensor_pipelined]
-//              [--coef-schedule NAME] [--slot-schedule NAME] [--saved] [--fail-row KEY]
+//              [--coef-schedule NAME] [--slot-schedule NAME] [--slots N] [--saved] [--fail-row KEY]
 //     --quick  smaller sizes (smoke test of the script itself)
 //     --smoke  the fewest rows that keep every benchmark's d and V, each timed once: every path a GPU
 //              run takes, in seconds on the CPU emulation (tests/emulation runs it so)
@@ -13,9 +13,10 @@
 //              for ncu to profile that one; the others are still timed as …_fwd_<schedule>
 //     --coef-schedule stream|resident|tensor, --slot-schedule cuda_cores|tensor  the backward's two
 //              kernels' schedules for the whole run (coef_plan, slot_plan)
+//     --slots N  the most slots of the CUDA-core slot kernel (slot_limit; 512 by default) for the run
 //     --saved  the …_fwdbwd rows run the backward from what the forward kept (saved_activations: the
 //              libtorch adapter's path), not recomputing it
-//   A line "SCHEDULES forward=… coef=… slot=… fwdbwd=recompute|saved defaults forward=… …" says which
+//   A line "SCHEDULES forward=… coef=… slot=… slots=… fwdbwd=recompute|saved defaults forward=… …" says which
 //   schedules the run's default rows ran and which are the library's defaults, and before each row of
 //   another schedule a line "OPTIONS <key> <options…>" gives the options above that make that row's
 //   configuration the run's default (what gpu_table.py --fastest-flags reads).
@@ -39,6 +40,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -98,9 +100,10 @@ struct schedules {
   fd::forward_schedule forward = fd::forward_plan;
   fd::coef_schedule coef = fd::coef_plan;
   fd::slot_schedule slot = fd::slot_plan;
+  index_t slots = fd::slot_limit;
   bool from_kept = fwdbwd_saved;
 
-  void set() const { fd::forward_plan = forward, fd::coef_plan = coef, fd::slot_plan = slot; }
+  void set() const { fd::forward_plan = forward, fd::coef_plan = coef, fd::slot_plan = slot, fd::slot_limit = slots; }
   /// Prints "OPTIONS <key> <options>": the bench_cuda options that make this configuration the run's
   /// default, spelled from the same tables the options are parsed with. A forward row's (backward =
   /// false) names its forward schedule only: nothing else changes a forward.
@@ -108,7 +111,7 @@ struct schedules {
     std::string options = std::string("--schedule ") + name_of(forward, forward_names);
     if (backward) {
       options += std::string(" --coef-schedule ") + name_of(coef, coef_names) + " --slot-schedule " +
-                 name_of(slot, slot_names) + (from_kept ? " --saved" : "");
+                 name_of(slot, slot_names) + " --slots " + std::to_string(slots) + (from_kept ? " --saved" : "");
     }
     std::printf("OPTIONS %s %s\n", key.c_str(), options.c_str());
   }
@@ -317,18 +320,21 @@ void bench_schedules(const std::string& name, index_t T_, index_t d) {
     const char* suffix;
   } fwdbwd_plans[] = {
       // The forward and the coefficient kernel both resident.
-      {{fd::forward_schedule::resident, fd::coef_schedule::resident, run.slot, false}, "_fwdbwd_resident"},
+      {{fd::forward_schedule::resident, fd::coef_schedule::resident, run.slot, run.slots, false}, "_fwdbwd_resident"},
+      // The CUDA-core slot kernel with fewer slots: less partial-sum traffic, fewer CTAs (slot_limit).
+      {{run.forward, run.coef, fd::slot_schedule::cuda_cores, 128, false}, "_fwdbwd_slots128"},
+      {{run.forward, run.coef, fd::slot_schedule::cuda_cores, 256, false}, "_fwdbwd_slots256"},
       // The backward's kernels on tensor cores, each alone and both together.
-      {{run.forward, run.coef, fd::slot_schedule::tensor, false}, "_fwdbwd_slot_tensor"},
-      {{run.forward, fd::coef_schedule::tensor, run.slot, false}, "_fwdbwd_coef_tensor"},
-      {{run.forward, fd::coef_schedule::tensor, fd::slot_schedule::tensor, false}, "_fwdbwd_tensor"},
+      {{run.forward, run.coef, fd::slot_schedule::tensor, run.slots, false}, "_fwdbwd_slot_tensor"},
+      {{run.forward, fd::coef_schedule::tensor, run.slot, run.slots, false}, "_fwdbwd_coef_tensor"},
+      {{run.forward, fd::coef_schedule::tensor, fd::slot_schedule::tensor, run.slots, false}, "_fwdbwd_tensor"},
       // The backward from what the forward kept (bench_intervention's _fwdbwd_saved) with the
       // coefficient kernel on tensor cores, and with both backward kernels on tensor cores.
-      {{run.forward, fd::coef_schedule::tensor, run.slot, true}, "_fwdbwd_coef_tensor_saved"},
-      {{run.forward, fd::coef_schedule::tensor, fd::slot_schedule::tensor, true}, "_fwdbwd_tensor_saved"},
+      {{run.forward, fd::coef_schedule::tensor, run.slot, run.slots, true}, "_fwdbwd_coef_tensor_saved"},
+      {{run.forward, fd::coef_schedule::tensor, fd::slot_schedule::tensor, run.slots, true}, "_fwdbwd_tensor_saved"},
       // Every schedule not yet timed, together: the pipelined forward keeping e and z, and the
       // backward from them with both its kernels on tensor cores.
-      {{fd::forward_schedule::tensor_pipelined, fd::coef_schedule::tensor, fd::slot_schedule::tensor, true},
+      {{fd::forward_schedule::tensor_pipelined, fd::coef_schedule::tensor, fd::slot_schedule::tensor, run.slots, true},
        "_fwdbwd_pipelined_tensor_saved"}};
   for (const auto& [config, suffix] : fwdbwd_plans) {
     const std::string key = name + suffix;
@@ -453,6 +459,7 @@ int main(int argc, char** argv) {
   const auto forward_default = fd::forward_plan;
   const auto coef_default = fd::coef_plan;
   const auto slot_default = fd::slot_plan;
+  const auto slots_default = fd::slot_limit;
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
@@ -473,12 +480,21 @@ int main(int argc, char** argv) {
       if (!parse_schedule("--coef-schedule", argv[++i], coef_names, fd::coef_plan)) return 2;
     } else if (std::strcmp(argv[i], "--slot-schedule") == 0 && i + 1 < argc) {
       if (!parse_schedule("--slot-schedule", argv[++i], slot_names, fd::slot_plan)) return 2;
+    } else if (std::strcmp(argv[i], "--slots") == 0 && i + 1 < argc) {
+      const std::string v = argv[++i];
+      char* end = nullptr;
+      const long long n = std::strtoll(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0' || n < 1 || n > 1 << 20) {
+        std::fprintf(stderr, "bench_cuda: --slots expects a whole number of slots from 1 to 1048576, got '%s'\n", v.c_str());
+        return 2;
+      }
+      fd::slot_limit = index_t(n);
     } else if (std::strcmp(argv[i], "--saved") == 0) {
       fwdbwd_saved = true;
     } else {
       std::fprintf(stderr,
                    "bench_cuda: unknown argument '%s' (expected --quick, --smoke, --only NAME[,NAME...], --schedule NAME, "
-                   "--coef-schedule NAME, --slot-schedule NAME, --saved, --fail-row KEY)\n",
+                   "--coef-schedule NAME, --slot-schedule NAME, --slots N, --saved, --fail-row KEY)\n",
                    argv[i]);
       return 2;
     }
@@ -501,11 +517,12 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   GRUN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("DEVICE %s\n", prop.name);
-  std::printf("SCHEDULES forward=%s coef=%s slot=%s fwdbwd=%s defaults forward=%s coef=%s slot=%s fwdbwd=recompute\n",
+  std::printf("SCHEDULES forward=%s coef=%s slot=%s slots=%lld fwdbwd=%s defaults forward=%s coef=%s slot=%s slots=%lld "
+              "fwdbwd=recompute\n",
               name_of(fd::forward_plan, forward_names), name_of(fd::coef_plan, coef_names),
-              name_of(fd::slot_plan, slot_names), fwdbwd_saved ? "saved" : "recompute",
-              name_of(forward_default, forward_names), name_of(coef_default, coef_names),
-              name_of(slot_default, slot_names));
+              name_of(fd::slot_plan, slot_names), static_cast<long long>(fd::slot_limit),
+              fwdbwd_saved ? "saved" : "recompute", name_of(forward_default, forward_names),
+              name_of(coef_default, coef_names), name_of(slot_default, slot_names), static_cast<long long>(slots_default));
   // Rows: full (the issue's sizes), --quick, --smoke. d and V stay: they set the kernels' tiling.
   const auto rows = [&](index_t full, index_t quick_rows, index_t smoke_rows) {
     return smoke ? smoke_rows : quick ? quick_rows : full;

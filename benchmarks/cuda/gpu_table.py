@@ -44,6 +44,8 @@ ROWS = [
     ("intervention_linear_loreft4_fwd_tensor_pipelined", "  same, tensor, tiles double-buffered (cp.async)", ""),
     ("intervention_linear_loreft4_fwdbwd", "fused fwd+bwd linear+loreft4 (same sizes)", "fwdbwd"),
     ("intervention_linear_loreft4_fwdbwd_resident", "  same, forward and coef kernel resident", ""),
+    ("intervention_linear_loreft4_fwdbwd_slots128", "  same, slot kernel with at most 128 slots", ""),
+    ("intervention_linear_loreft4_fwdbwd_slots256", "  same, slot kernel with at most 256 slots", ""),
     ("intervention_linear_loreft4_fwdbwd_slot_tensor", "  same, slot kernel on tensor cores", ""),
     ("intervention_linear_loreft4_fwdbwd_coef_tensor", "  same, coefficient kernel on tensor cores", ""),
     ("intervention_linear_loreft4_fwdbwd_tensor", "  same, both backward kernels on tensor cores", ""),
@@ -61,6 +63,8 @@ ROWS = [
     ("intervention_linear_direft4_fwd_tensor_pipelined", "  same, tensor, tiles double-buffered (cp.async)", ""),
     ("intervention_linear_direft4_fwdbwd", "fused fwd+bwd linear+direft4 (same sizes)", "fwdbwd"),
     ("intervention_linear_direft4_fwdbwd_resident", "  same, forward and coef kernel resident", ""),
+    ("intervention_linear_direft4_fwdbwd_slots128", "  same, slot kernel with at most 128 slots", ""),
+    ("intervention_linear_direft4_fwdbwd_slots256", "  same, slot kernel with at most 256 slots", ""),
     ("intervention_linear_direft4_fwdbwd_slot_tensor", "  same, slot kernel on tensor cores", ""),
     ("intervention_linear_direft4_fwdbwd_coef_tensor", "  same, coefficient kernel on tensor cores", ""),
     ("intervention_linear_direft4_fwdbwd_tensor", "  same, both backward kernels on tensor cores", ""),
@@ -213,7 +217,7 @@ FASTEST_OF = "intervention_linear_loreft4"  # the issue's target rows decide (on
 def fastest_flags(r):
     """bench_cuda options that make the fastest measured configuration of FASTEST_OF's forward and of its
     fwd+bwd the run's defaults: the fastest forward's --schedule (none: the default's), and the fastest
-    fwd+bwd row's backward options (--coef-schedule, --slot-schedule, --saved; its forward schedule
+    fwd+bwd row's backward options (--coef-schedule, --slot-schedule, --slots, --saved; its forward schedule
     gives way to the fastest forward's, which its forward also runs). Each row's options are its
     OPTIONS line's, as bench_cuda printed them; a row without one cannot be made the default and is
     passed over (said on stderr). Empty when the defaults are the fastest."""

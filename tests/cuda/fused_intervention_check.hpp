@@ -331,6 +331,20 @@ void check(const config& c) {
   };
   CHECK(grun::test::rel_error(dh_d.storage.span(), dh_wide.storage.span()) < tol);
   check_gradients(gd);
+  if (!c.in_place) {
+    // At most 3 slots (slot_limit, a tuning knob of the CUDA-core slot kernel): runs of ⌈P/3⌉
+    // positions (at least 16) that need not be whole groups of the kernel's 4 rows, added in another
+    // order by the slot sums — held to the host; dh is formed row by row, the same bits.
+    const auto saved_limit = fd::slot_limit;
+    fd::slot_limit = 3;
+    const auto [dh3, g3] = backward_with(saved_coef, fd::slot_schedule::cuda_cores, false, nullptr);
+    fd::slot_limit = saved_limit;
+    INFO("at most 3 slots");
+    CHECK(grun::test::rel_error(dh3.storage.span(), dh_wide.storage.span()) < tol);
+    if (saved_slot == fd::slot_schedule::cuda_cores)
+      CHECK(std::memcmp(dh3.storage.data(), dh_d.storage.data(), sizeof(T) * std::size_t(N * d)) == 0);
+    check_gradients(g3);
+  }
 
   // The tensor-core schedules of the backward's two kernels (tuning knobs; other calls run the
   // defaults): the coefficient kernel's takes 16-bit storage, 2r+1 ≤ 32, one module; the slot

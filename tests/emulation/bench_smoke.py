@@ -9,7 +9,7 @@ smoke sizes cover (all but the T-scaling rows, which --smoke skips, as --quick d
 schedules, all but the run's default), each a finite, non-negative time with its bytes; then renders
 the table from that output, as gpu_check.sh would. Also: every schedule row has an OPTIONS line,
 --schedule changes the default (its row goes, the others come), --coef-schedule / --slot-schedule /
---saved change the backward's (named on the SCHEDULES line; given as a schedule row's OPTIONS line
+--slots / --saved change the backward's (named on the SCHEDULES line; given as a schedule row's OPTIONS line
 says), --only limits the run to the names given, a bad --schedule or argument is refused with exit 2
 and a message, and an opt-in row made to fail (--fail-row) is reported as FAILED while the rows after
 it still run. The timings are host time under the emulation and are not looked at.
@@ -90,6 +90,15 @@ def main(argv):
             or name + "_fwdbwd_saved" in parsed["ms"]:
         problems.append(f"{' '.join(options)}: exit {rc}, SCHEDULES {parsed['schedules']}, RESULTs {sorted(parsed['ms'])}; "
                         "expected the pipelined forward, both backward kernels on tensor cores, from kept values")
+    # The slot count likewise: a row's --slots N makes N the run's slot_limit (SCHEDULES slots=N).
+    slot_row = "intervention_linear_loreft4_fwdbwd_slots128"
+    options = r["options"].get(slot_row, [])
+    rc, out, err = run(bench, "--smoke", "--only", "intervention_linear_loreft4", *options)
+    ran, lib = table.parse(out.splitlines())["schedules"] or ({}, {})
+    if "--slots" not in options or options[options.index("--slots") + 1:][:1] != ["128"] or rc != 0 \
+            or ran.get("slots") != "128" or lib.get("slots") != "512":
+        problems.append(f"{slot_row}: OPTIONS {options}, then exit {rc} and SCHEDULES {ran} defaults {lib}; "
+                        "expected --slots 128 and a run with slots=128 (the library's 512)")
     # An opt-in row that throws: reported as FAILED in its place, the rows after it still run, exit 1.
     failing = "intervention_linear_loreft4_fwd_tensor_pipelined"
     rc, out, err = run(bench, "--smoke", "--only", "intervention_schedules", "--fail-row", failing)
@@ -105,6 +114,8 @@ def main(argv):
         problems.append(f"--only nll,adamw: exit {rc}, RESULTs {keys} (expected copy_d2d, nll_*, adamw_*)")
     for bad, says in ((["--schedule", "sideways"], "--schedule expects"), (["--fast"], "unknown argument '--fast'"),
                       (["--slot-schedule", "tensr"], "--slot-schedule expects one of cuda_cores, tensor, got 'tensr'"),
+                      (["--slots", "0"], "--slots expects a whole number of slots from 1 to 1048576, got '0'"),
+                      (["--slots", "12x"], "got '12x'"),
                       (["--quick", "--smoke"], "give one"), (["--only", "nll,kll"], "no benchmark named 'kll'")):
         rc, out, err = run(bench, *bad)
         if rc != 2 or says not in err:

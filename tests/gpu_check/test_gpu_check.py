@@ -69,8 +69,8 @@ def bench_cuda_keys():
     calls = re.findall(r'\bbench_intervention<\w+>\("([A-Za-z0-9_]+)"([^;]*)\);', src)
     assert suffixes and calls, "bench_cuda.cu: bench_intervention's result names not found (update this test)"
     # bench_schedules<I>(name, …) adds the schedule rows: every "_fwd…_<schedule>" name in the file
-    # (and the backward-from-saved rows, "_fwdbwd…_saved").
-    schedules = set(re.findall(r'"(_fwdbwd\w*_(?:resident|tensor|saved))"', src))
+    # (and the backward-from-saved rows, "_fwdbwd…_saved", and the slot counts', "_fwdbwd_slots<N>").
+    schedules = set(re.findall(r'"(_fwdbwd\w*_(?:resident|tensor|saved|slots\d+))"', src))
     # The forward's schedule rows: "_fwd_" + every name of bench_cuda's forward_names table.
     names = re.search(r'forward_names\[\] = \{(.*?)\};', src, re.S)
     assert names, "bench_cuda.cu: forward_names not found (update this test)"

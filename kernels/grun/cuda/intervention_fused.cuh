@@ -438,9 +438,9 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
                    detail::limits_of_device().mma;
   // Slots: runs of rps consecutive positions; their number and size depend on (P, d, r) and the
   // schedule only. The tensor schedule's hold whole steps of 16 positions, at least 4 of them, and
-  // are at most 128 (the slot kernel on CUDA cores: up to 512, for parallelism).
-  const index_t max_slots =
-      std::clamp<index_t>((index_t(256) << 20) / (ms * index_t(sizeof(float))), 1, tensor_slots ? 128 : 512);
+  // are at most 128 (the slot kernel on CUDA cores: up to slot_limit, 512 unless a benchmark set it).
+  const index_t max_slots = std::clamp<index_t>((index_t(256) << 20) / (ms * index_t(sizeof(float))), 1,
+                                                tensor_slots ? 128 : std::max<index_t>(1, detail::slot_limit));
   const index_t rps = tensor_slots ? std::max<index_t>(64, cuda::ceil_div(cuda::ceil_div(P, max_slots), 16) * 16)
                                    : std::max<index_t>(16, cuda::ceil_div(P, max_slots));
   const index_t nslots = P > 0 ? cuda::ceil_div(P, rps) : 0;
@@ -456,8 +456,10 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
     detail::pack<I, T>(modules, d, dp, ms, packed.ptr, s);
     const detail::device_positions dpos(pos, N, s);
     cuda::detail::stream_scratch<float> cf(P * K * NP, s), rc(P * NP, s), dz(GM == detail::gate_external ? K * P : 0, s);
-    // rc rows of a trained index outside [0, K) stay unset: make them zero (no gradient).
-    GRUN_CUDA_CHECK(cudaMemsetAsync(rc.ptr, 0, sizeof(float) * std::size_t(P * NP), s));
+    // The coefficient kernels write every position's rc row for the trained module; a trained index
+    // outside [0, K) leaves them unset: then zero (no gradient). (Unconditional, this was a launch
+    // and a 590 KB write per backward at T = 16384, r = 4.)
+    if (trained < 0 || trained >= K) GRUN_CUDA_CHECK(cudaMemsetAsync(rc.ptr, 0, sizeof(float) * std::size_t(P * NP), s));
 
     const unsigned grid1 = unsigned(cuda::ceil_div(P, ROWS));
     const index_t per_thread = cuda::ceil_div(d / VW, index_t(detail::block));  // vectors per thread and row

@@ -5,6 +5,8 @@
 // times each, and a GPU run (benchmarks/gpu_slot.sh, fastest.txt) says which one each default
 // should be. Set them before any call. Part of intervention_fused.cuh (include that).
 
+#include <grun/core/config.hpp>  // index_t
+
 namespace grun::cuda::fused::detail {
 
 /// How the forward kernel reads its tile of ROWS rows. A tuning knob for benchmarks and tests (every
@@ -67,5 +69,16 @@ inline coef_schedule coef_plan = coef_schedule::stream;
 ///               cuda_cores (summation order), held to the host like every path. Not yet timed on a GPU.
 enum class slot_schedule { cuda_cores, tensor };
 inline slot_schedule slot_plan = slot_schedule::cuda_cores;
+
+/// Most slots of slot_kernel (the cuda_cores schedule; the tensor one takes at most 128). A slot is a
+/// run of consecutive positions whose gradient rows one column of CTAs sums into a partial
+/// [module size] fp32 buffer; sum_slots_kernel then adds the slots. More slots, more CTAs (the grid is
+/// slots × d/512) and a smaller tail, but every slot's partial sums are written once and read once:
+/// at d = 4096, r = 4, 147 KB a slot — 75 MB each way at 512 slots, beside the 384 MiB the slot kernel
+/// must move (h and dout read, dh written), against 19 MB at 128. A tuning knob like the schedules
+/// (bench_cuda --slots, rows …_fwdbwd_slots128 and …_slots256): the slot count changes the order in
+/// which the partial sums are added, so the bits, not the tolerance the tests hold them to. 512 was
+/// chosen for parallelism, not measured against fewer; not yet timed on a GPU.
+inline index_t slot_limit = 512;
 
 }  // namespace grun::cuda::fused::detail
