@@ -13,6 +13,13 @@ TEST_CASE("fused intervention: policy selection needs no device", "[nodevice][in
   CHECK_FALSE(grun::cuda::fused::supported<grun::gate::mlp<>, grun::reft::loreft<4>, grun::ortho::qr_retraction>);
 }
 
+// The public question: which configurations exec::cuda runs on the fused kernels (the mlp gate's
+// included), and which fall to the generic per-row path (double storage; a policy of the user's:
+// test_cuda_intervention_fused_generic.cu).
+static_assert(grun::cuda::runs_fused<lin_lo4, grun::bfloat16> && grun::cuda::runs_fused<lin_lo4, float>);
+static_assert(grun::cuda::runs_fused<mlp_lo4, grun::half> && grun::cuda::runs_fused<all_di8, grun::bfloat16>);
+static_assert(!grun::cuda::runs_fused<lin_lo4, double>);
+
 TEMPLATE_TEST_CASE("fused intervention agrees with exec::host: linear + loreft<4>", "[intervention][fused]", float,
                    grun::bfloat16, grun::half) {
   GRUN_REQUIRE_DEVICE();

@@ -374,3 +374,21 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
 };
 
 }  // namespace grun::detail
+
+namespace grun::cuda {
+
+/// Whether exec::cuda runs gated_intervention I — or a stack of I — stored as T on the fused kernels:
+/// gate::linear, gate::always or gate::mlp with reft::loreft, noreft or direft of rank ≤ 32, in float,
+/// half or bfloat16. Otherwise (a policy of the user's, double storage) the generic path runs: one
+/// thread per selected row executes the policies' own row math, the code exec::host runs — correct for
+/// every policy, but two to three orders of magnitude slower per row (on an H200 at d = 4096, bf16:
+/// the forward 4.6 ms for 1,024 rows against 0.039 ms for 4,096 fused; BENCHMARKS.md). Check it where a
+/// configuration must be fast, e.g. static_assert(grun::cuda::runs_fused<I, grun::bfloat16>). At run
+/// time the fused kernels also hand a call to the generic path when its rows' elements are not
+/// contiguous (a view with a column stride other than 1) or the stack has more than 256 modules.
+template <class I, class T>
+inline constexpr bool runs_fused = (grun::detail::intervention_impl<exec::cuda_t, I>::fused ||
+                                    grun::detail::intervention_impl<exec::cuda_t, I>::fused_mlp) &&
+                                   fused::takes_storage<T>;
+
+}  // namespace grun::cuda
