@@ -5,7 +5,10 @@ SASS instruction mix (nvdisasm) of bench_cuda's instantiations.
 A static proxy, not a time: it says how many instructions a kernel's code holds, which of them are
 tensor-core (HMMA), FMA, 16-byte global / shared / async-copy memory operations, and whether anything
 went to local memory — what a change to a kernel did to its code, checked on a machine with nvcc and no
-GPU. Counts are of the code, not of what runs (a loop's body counts once).
+GPU. Counts are of the code, not of what runs (a loop's body counts once). Beside them: the CTA size
+its __launch_bounds__ declare and how many such CTAs (and warps) one SM holds by registers, threads and
+static shared memory — a kernel that also takes dynamic shared memory at launch (the staged and
+pipelined ones) may fit fewer.
 
 Usage:
   benchmarks/cuda/sass_report.py [--arch sm_90] [--filter REGEX] [--cubin FILE --ptxas-log FILE]
@@ -96,15 +99,48 @@ def demangle(names):
 
 
 def parse_ptxas(text):
-    """ptxas -v's output → {mangled name: (registers, stack, spill stores, spill loads)}."""
+    """ptxas -v's output → {mangled name: (registers, stack, spill stores, spill loads, static smem bytes)}."""
     resources = {}
     pattern = re.compile(r"Compiling entry function '(\w+)' for '\w+'\s*\n"
                          r"ptxas info\s*: Function properties for \w+\s*\n"
                          r"\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\s*\n"
-                         r"ptxas info\s*: Used (\d+) registers")
+                         r"ptxas info\s*: Used (\d+) registers([^\n]*)")
     for m in pattern.finditer(text):
-        resources[m.group(1)] = (int(m.group(5)), int(m.group(2)), int(m.group(3)), int(m.group(4)))
+        smem = re.search(r"(\d+) bytes smem", m.group(6))
+        resources[m.group(1)] = (int(m.group(5)), int(m.group(2)), int(m.group(3)), int(m.group(4)),
+                                 int(smem.group(1)) if smem else 0)
     return resources
+
+
+def parse_max_threads(text):
+    """nvdisasm's full listing → {mangled name: threads per CTA its __launch_bounds__ declare}: the first
+    word after EIATTR_MAX_THREADS in the kernel's .nv.info.<name> section (x; y and z follow)."""
+    threads = {}
+    parts = re.split(r"^\s*\.section\s+\.nv\.info\.(\w+),", text, flags=re.M)
+    for name, body in zip(parts[1::2], parts[2::2]):
+        m = re.search(r"EIATTR_MAX_THREADS\b.*?\.word\s+0x([0-9a-fA-F]+)", body, flags=re.S)
+        if m:
+            threads[name] = int(m.group(1), 16)
+    return threads
+
+
+# Per SM, by compute capability: registers, warps, CTAs, shared memory (bytes; each CTA also takes 1 KiB).
+SM_LIMITS = {80: (65536, 64, 32, 167936), 86: (65536, 48, 16, 102400), 89: (65536, 48, 24, 102400),
+             90: (65536, 64, 32, 233472)}
+
+
+def ctas_per_sm(arch, regs, threads, smem):
+    """CTAs of `threads` threads one SM of `arch` holds, by registers (allocated per warp in units of
+    256), warps, its CTA limit and static shared memory (+1 KiB reserved per CTA); None if unknown."""
+    if regs is None or not threads:
+        return None
+    major = int(re.sub(r"\D", "", arch))
+    per_sm_regs, max_warps, max_ctas, max_smem = SM_LIMITS.get(major, SM_LIMITS[90])
+    warps = -(-threads // 32)
+    warp_regs = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = (per_sm_regs // warp_regs) // warps
+    by_smem = max_smem // (smem + 1024) if smem else max_ctas
+    return min(by_regs, max_warps // warps, max_ctas, by_smem)
 
 
 def parse_sass(text):
@@ -130,25 +166,30 @@ def short_name(demangled):
     return s
 
 
-def report(resources, kernels, pattern):
+def report(resources, kernels, pattern, threads=None, arch="sm_90"):
     names = sorted(set(resources) | set(kernels))
+    threads = threads or {}
     rows = []
     for mangled, demangled in zip(names, demangle(names)):
         if not re.search(pattern, short_name(demangled)):
             continue
         ops = kernels.get(mangled, collections.Counter())
         counts = [sum(n for (op, sfx), n in ops.items() if test(op, sfx)) for _, test in COLUMNS]
-        regs, stack, spill_st, spill_ld = resources.get(mangled, (None, None, None, None))
-        rows.append((short_name(demangled), regs, spill_st, spill_ld, sum(ops.values()), counts))
+        regs, stack, spill_st, spill_ld, smem = resources.get(mangled, (None, None, None, None, 0))
+        t = threads.get(mangled)
+        ctas = ctas_per_sm(arch, regs, t, smem)
+        fit = "-" if ctas is None else f"{ctas} ({ctas * -(-t // 32)}w)"
+        rows.append((short_name(demangled), regs, spill_st, spill_ld, t, fit, sum(ops.values()), counts))
     if not rows:
         return None
     width = max(len(r[0]) for r in rows)
-    head = f"{'kernel':<{width}}  regs  spill st/ld  instrs " + " ".join(f"{c:>7}" for c, _ in COLUMNS)
+    head = (f"{'kernel':<{width}}  regs  spill st/ld  CTA thr   CTAs/SM  instrs "
+            + " ".join(f"{c:>7}" for c, _ in COLUMNS))
     lines = [head, "-" * len(head)]
-    for name, regs, st, ld, total, counts in rows:
+    for name, regs, st, ld, t, fit, total, counts in rows:
         spill = "-" if st is None else f"{st}/{ld}"
-        lines.append(f"{name:<{width}}  {'-' if regs is None else regs:>4}  {spill:>11}  {total:>6} "
-                     + " ".join(f"{c:>7}" for c in counts))
+        lines.append(f"{name:<{width}}  {'-' if regs is None else regs:>4}  {spill:>11}  {'-' if not t else t:>7}  "
+                     f"{fit:>8}  {total:>6} " + " ".join(f"{c:>7}" for c in counts))
     return "\n".join(lines)
 
 
@@ -188,13 +229,17 @@ def main():
             log = p.stderr
         near = os.path.dirname(nvcc) if nvcc else None  # a toolkit's nvdisasm sits beside its nvcc
         nvdisasm = find_tool("nvdisasm", args.nvdisasm, "NVDISASM", near) or nvdisasm_from_pypi()
-        p = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
-        if p.returncode != 0:
-            fail(f"{nvdisasm} -c {cubin} failed (exit {p.returncode}): {p.stderr.strip()[-500:]}")
-        table = report(parse_ptxas(log), parse_sass(p.stdout), args.filter)
+        listings = []
+        for flags in (["-c"], []):  # the code; then everything, for the launch bounds in .nv.info
+            p = subprocess.run([nvdisasm, *flags, cubin], capture_output=True, text=True)
+            if p.returncode != 0:
+                fail(f"{nvdisasm} {' '.join(flags)} {cubin} failed (exit {p.returncode}): {p.stderr.strip()[-500:]}")
+            listings.append(p.stdout)
+        table = report(parse_ptxas(log), parse_sass(listings[0]), args.filter, parse_max_threads(listings[1]), args.arch)
     if table is None:
         fail(f"no kernel matches --filter {args.filter!r}")
-    print(f"# {args.arch}, bench_cuda.cu's instantiations; counts are of the code (a loop body once), not of what runs")
+    print(f"# {args.arch}, bench_cuda.cu's instantiations; counts are of the code (a loop body once), not of what runs;")
+    print("# CTAs/SM: by registers, threads and static shared memory (w: warps), before any dynamic shared memory")
     print(table)
 
 

@@ -494,13 +494,13 @@ def test_sass():
     ptxas = ("ptxas info    : Compiling entry function '_Z3fooIfEvv' for 'sm_90'\n"
              "ptxas info    : Function properties for _Z3fooIfEvv\n"
              "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
-             "ptxas info    : Used 128 registers, used 1 barriers, 380 bytes cmem[0]\n"
+             "ptxas info    : Used 128 registers, used 1 barriers, 1024 bytes smem, 380 bytes cmem[0]\n"
              "ptxas info    : Compiling entry function '_Z3barv' for 'sm_90'\n"
              "ptxas info    : Function properties for _Z3barv\n"
              "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
              "ptxas info    : Used 32 registers, 360 bytes cmem[0]\n")
     res = sass_report.parse_ptxas(ptxas)
-    check(res == {"_Z3fooIfEvv": (128, 8, 4, 12), "_Z3barv": (32, 0, 0, 0)}, f"ptxas -v parsed: {res}")
+    check(res == {"_Z3fooIfEvv": (128, 8, 4, 12, 1024), "_Z3barv": (32, 0, 0, 0, 0)}, f"ptxas -v parsed: {res}")
     sass = ("\t.text._Z3fooIfEvv:\n"
             "        /*0000*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;\n"
             "        /*0010*/                   HMMA.16816.F32.BF16 R8, R4, R12, R8 ;\n"
@@ -515,11 +515,29 @@ def test_sass():
     ops = sass_report.parse_sass(sass)
     check(sum(ops["_Z3fooIfEvv"].values()) == 7 and sum(ops["_Z3barv"].values()) == 2,
           f"nvdisasm listing parsed per kernel, predicated ones too: {dict((k, dict(v)) for k, v in ops.items())}")
-    table = sass_report.report(res, ops, r"^foo") or ""
+    info = ("\t.section\t.nv.info._Z3fooIfEvv,\"\",@\"SHT_CUDA_INFO\"\n"
+            "\t//----- nvinfo : EIATTR_MAXREG_COUNT\n        /*001c*/ \t.byte\t0x03, 0x1b\n"
+            "        /*001e*/ \t.short\t0x0080\n"
+            "\t//----- nvinfo : EIATTR_MAX_THREADS\n\t.align\t\t4\n.L_23:\n        /*002c*/ \t.byte\t0x04, 0x05\n"
+            "        /*002e*/ \t.short\t(.L_25 - .L_24)\n.L_24:\n        /*0030*/ \t.word\t0x00000100\n"
+            "        /*0034*/ \t.word\t0x00000001\n        /*0038*/ \t.word\t0x00000001\n"
+            "\t.section\t.nv.info._Z3barv,\"\",@\"SHT_CUDA_INFO\"\n"
+            "\t//----- nvinfo : EIATTR_CBANK_PARAM_SIZE\n        /*003e*/ \t.short\t0x0008\n")
+    threads = sass_report.parse_max_threads(info)
+    check(threads == {"_Z3fooIfEvv": 256}, f"launch bounds from .nv.info (none for a kernel without): {threads}")
+    # 128 registers × 32 lanes = 4096 a warp: 16 warps an SM, 2 CTAs of 8; 167 registers (→ 168 a lane):
+    # 12 warps, 3 CTAs of 128 threads (slot_kernel); static shared memory and the CTA limit also bound it.
+    for args, want in (((128, 256, 1024), 2), ((167, 128, 0), 3), ((32, 64, 0), 32), ((32, 128, 48 * 1024), 4)):
+        got = sass_report.ctas_per_sm("sm_90", *args)
+        check(got == want, f"CTAs per SM on sm_90 for (registers, threads, smem) {args}: {got}, expected {want}")
+    check(sass_report.ctas_per_sm("sm_86", 32, 64, 0) == 16, "sm_86's limit of 16 CTAs per SM")
+    check(sass_report.ctas_per_sm("sm_90", 128, None, 0) is None, "no launch bounds: no CTA count")
+    table = sass_report.report(res, ops, r"^foo", threads, "sm_90") or ""
     row = next((line for line in table.splitlines() if line.startswith("foo<float>")), "")
     cols = row.split()
-    # kernel, regs, spill, instrs, HMMA, FFMA, LDG.128, LDG, STG.128, LDS, LDGSTS, LDL+STL, BAR
-    check(cols[1:] == ["128", "4/12", "7", "1", "1", "1", "1", "1", "0", "0", "1", "1"],
+    # kernel, regs, spill, CTA threads, CTAs/SM (warps), instrs, HMMA, FFMA, LDG.128, LDG, STG.128, LDS,
+    # LDGSTS, LDL+STL, BAR
+    check(cols[1:] == ["128", "4/12", "256", "2", "(16w)", "7", "1", "1", "1", "1", "1", "0", "0", "1", "1"],
           f"table row for foo<float> (demangled, short name): {row!r}")
     check("bar" not in table, "--filter leaves the other kernel out")
     check(sass_report.short_name("void grun::cuda::fused::detail::k<grun::bfloat16, 4>(grun::x<int>, long)")
