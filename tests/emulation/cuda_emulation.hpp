@@ -33,7 +33,9 @@
 //     cublasLtMatmul) — waits in that stream's line until something waits for the stream: its
 //     synchronization, the device's, an event's, a stream waiting for one of its events, a copy
 //     from it to host memory, cudaMalloc and cudaFree (destroying the stream does not: its work runs
-//     later, as a device finishes it, at the latest at exit) — so work a program leaves unordered
+//     later, as a device finishes it). What no one waits for runs when the thread that issued work
+//     ends — the main thread: at exit, so a faulting kernel nobody waited for still fails the
+//     run. So work a program leaves unordered
 //     runs late: a kernel that reads memory freed before it ran is an AddressSanitizer report, a
 //     copy to the host before the kernel that writes it has run reads 0xFF. The legacy stream's
 //     implicit synchronization is kept: its work follows what the blocking streams (created

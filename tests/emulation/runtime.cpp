@@ -243,6 +243,12 @@ struct cta_scheduler {
   void* closure = nullptr;
 };
 thread_local cta_scheduler scheduler;
+/// The fibers of this thread's CTAs, kept from launch to launch: stacks made per launch were mapped,
+/// faulted in and unmapped again by the OS, which was most of the emulation's time.
+std::vector<fiber>& fiber_pool() {
+  static thread_local std::vector<fiber> pool;
+  return pool;
+}
 
 /// Back to the scheduler: from a parked fiber (to be resumed) or a finished one (never resumed).
 void leave_fiber(bool finished) {
@@ -371,9 +377,7 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
   scheduler.body = body;
   scheduler.closure = closure;
   scheduler.shared_bytes = config.dynamic_shared_bytes;
-  // Fibers (and their stacks) are kept for the next launch: stacks made per launch were mapped,
-  // faulted in and unmapped again by the OS, which was most of the emulation's time.
-  static thread_local std::vector<fiber> pool;
+  std::vector<fiber>& pool = fiber_pool();
   if (pool.size() < threads) pool.resize(static_cast<std::size_t>(threads));
   const std::span<fiber> cta(pool.data(), static_cast<std::size_t>(threads));
   for (unsigned tz = 0, i = 0; tz < b.z; ++tz)
@@ -525,7 +529,27 @@ void drain_streams(bool blocking_only) {
 
 }  // namespace
 
+/// Work no one waited for still runs, as a GPU runs what was launched: what is queued when the thread
+/// that first issued work ends — the main thread: when the program exits — runs then, on every
+/// stream, live or destroyed (a kernel that faults there still fails the run). From a thread_local's
+/// destructor: those of a thread run before any static object's is (grun's and the runtime's tables
+/// are whole), and in the reverse order of their construction, so the fibers and the scheduler,
+/// made first here, are still there. (An atexit handler ran after them: it would have run kernels
+/// on destroyed fibers.)
+struct exit_drain {
+  exit_drain() {
+    (void)fiber_pool();
+    (void)scheduler;
+  }
+  ~exit_drain() { drain_streams(false); }
+};
+void drain_when_thread_ends() {
+  static thread_local exit_drain drain;
+  (void)drain;
+}
+
 void issue(cudaStream_t stream, std::function<void()> work) {
+  drain_when_thread_ends();
   std::shared_ptr<stream_queue> q = queue_of(stream);
   if (!q) {
     // The legacy stream: after everything the blocking streams hold now.
@@ -827,7 +851,7 @@ cudaError_t CUDARTAPI cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned i
   return cudaSuccess;
 }
 /// Its work still runs, later, as a device finishes it (orphaned_queues; at the latest when the
-/// program exits). A stream destroyed twice, or never created here: cudaErrorInvalidResourceHandle.
+/// thread that issued work ends: exit_drain). A stream destroyed twice, or never created here: cudaErrorInvalidResourceHandle.
 cudaError_t CUDARTAPI cudaStreamDestroy(cudaStream_t stream) {
   std::unique_ptr<CUstream_st> gone;
   {
@@ -838,8 +862,6 @@ cudaError_t CUDARTAPI cudaStreamDestroy(cudaStream_t stream) {
     gone = std::move(*it);
     all.erase(it);
     if (gone->queue->pending.empty()) return cudaSuccess;
-    static const bool drained_at_exit = [] { return std::atexit([] { drain_streams(false); }) == 0; }();
-    (void)drained_at_exit;
     orphaned_queues().push_back(gone->queue);
   }
   return cudaSuccess;

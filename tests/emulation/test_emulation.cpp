@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -346,6 +347,24 @@ TEST_CASE("emulation: a created stream's work waits in line until something wait
   CHECK(cudaEventDestroy(e) == cudaSuccess);
   CHECK(cudaStreamDestroy(s) == cudaSuccess);
   CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+TEST_CASE("emulation: work no one waits for runs when the thread that issued it ends", "[emulation]") {
+  // As a GPU runs what was launched whether or not anyone waits: the main thread's leftovers run as
+  // the program exits (a kernel that faults there fails the run); another thread's when it ends.
+  cudaStream_t live = nullptr, gone = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&live, cudaStreamNonBlocking) == cudaSuccess);
+  REQUIRE(cudaStreamCreateWithFlags(&gone, cudaStreamNonBlocking) == cudaSuccess);
+  const device_array<float> x(std::vector<float>{1.f}), y(std::vector<float>{1.f});
+  std::thread([&] {
+    ::grun_emu::launch(dim3(1), dim3(1), 0, live)(set_value, x.ptr, 2.f);
+    ::grun_emu::launch(dim3(1), dim3(1), 0, gone)(set_value, y.ptr, 3.f);
+    CHECK(cudaStreamDestroy(gone) == cudaSuccess);
+    CHECK(*x.ptr == 1.f);  // read directly: issued, not run
+  }).join();
+  CHECK(*x.ptr == 2.f);  // still read directly: nothing here waited
+  CHECK(*y.ptr == 3.f);
+  CHECK(cudaStreamDestroy(live) == cudaSuccess);
 }
 
 TEST_CASE("emulation: the legacy stream's work waits in line too, synchronized with the blocking streams", "[emulation]") {
