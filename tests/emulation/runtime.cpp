@@ -851,7 +851,8 @@ cudaError_t CUDARTAPI cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned i
   return cudaSuccess;
 }
 /// Its work still runs, later, as a device finishes it (orphaned_queues; at the latest when the
-/// thread that issued work ends: exit_drain). A stream destroyed twice, or never created here: cudaErrorInvalidResourceHandle.
+/// thread that issued work ends: exit_drain). A stream destroyed twice, or never created here:
+/// cudaErrorInvalidResourceHandle.
 cudaError_t CUDARTAPI cudaStreamDestroy(cudaStream_t stream) {
   std::unique_ptr<CUstream_st> gone;
   {

@@ -385,7 +385,8 @@ namespace grun::cuda {
 /// the forward 4.6 ms for 1,024 rows against 0.039 ms for 4,096 fused; BENCHMARKS.md). Check it where a
 /// configuration must be fast, e.g. static_assert(grun::cuda::runs_fused<I, grun::bfloat16>). At run
 /// time the fused kernels also hand a call to the generic path when its rows' elements are not
-/// contiguous (a view with a column stride other than 1) or the stack has more than 256 modules.
+/// contiguous (a view with a column stride other than 1) or a stack holds more modules than its
+/// launch can carry coefficients for (more than 256 at rank 32, 512 at rank 4).
 template <class I, class T>
 inline constexpr bool runs_fused = (grun::detail::intervention_impl<exec::cuda_t, I>::fused ||
                                     grun::detail::intervention_impl<exec::cuda_t, I>::fused_mlp) &&

@@ -76,9 +76,9 @@ inline slot_schedule slot_plan = slot_schedule::cuda_cores;
 /// slots × d/512) and a smaller tail, but every slot's partial sums are written once and read once:
 /// at d = 4096, r = 4, 147 KB a slot — 75 MB each way at 512 slots, beside the 384 MiB the slot kernel
 /// must move (h and dout read, dh written), against 19 MB at 128. A tuning knob like the schedules
-/// (bench_cuda --slots, rows …_fwdbwd_slots128 and …_slots256): the slot count changes the order in
-/// which the partial sums are added, so the bits, not the tolerance the tests hold them to. 512 was
-/// chosen for parallelism, not measured against fewer; not yet timed on a GPU.
+/// (bench_cuda --slots, rows …_fwdbwd_slots128 and …_slots256). The slot count changes the order in
+/// which the partial sums are added: other bits, held to the host like every path (dh keeps its
+/// bits). 512 was chosen for parallelism, not measured against fewer; not yet timed on a GPU.
 inline index_t slot_limit = 512;
 
 }  // namespace grun::cuda::fused::detail
