@@ -1,5 +1,6 @@
 // Gates: row math against finite differences (double), algebraic laws, initialization, metadata,
 // and a user-defined gate composed with loreft through gated_intervention (the extension point).
+#include "cuda/norm_gate.hpp"
 #include "test_intervention_common.hpp"
 
 using namespace grun_test;
@@ -26,38 +27,8 @@ void check_gate_row_fd(index_t d, std::uint64_t seed) {
   CHECK(input_gradient_error(dh.data(), h.data(), d, loss) < 1e-6);
 }
 
-// A user-defined gate written here, outside the library: g = σ(β · Σ_j h_j²/d − τ), "fires on
-// large-norm rows", with two scalar parameters β, τ. Nothing in grun names it.
-struct norm_gate {
-  static constexpr const char* name = "test::norm_gate";
-  template <class T, class Space = host_space>
-  struct params {
-    param<T, Space> beta;  // [1]
-    param<T, Space> tau;   // [1]
-  };
-  static constexpr std::array<std::string_view, 2> param_names{"beta", "tau"};
-  template <class T, class S> static void shape(params<T, S>& p, index_t) {
-    set_vector(p.beta, 1);
-    set_vector(p.tau, 1);
-  }
-  static constexpr index_t scratch_size(index_t) { return 1; }
-  template <class Acc, class P>
-  static Acc forward(const P& p, const Acc* h, index_t d, Acc* scratch) {
-    Acc m = 0;
-    for (index_t j = 0; j < d; ++j) m += h[j] * h[j];
-    scratch[0] = m / Acc(d);
-    return sigmoid(load<Acc>(p.beta[0]) * scratch[0] - load<Acc>(p.tau[0]));
-  }
-  template <class Acc, class P, class G>
-  static void backward(const P& p, const G& grads, const Acc* h, index_t d, Acc* scratch, Acc g, Acc dg, Acc* dh) {
-    const Acc dz = dg * g * (Acc(1) - g);
-    grads.beta[0] += dz * scratch[0];
-    grads.tau[0] -= dz;
-    const Acc k = dz * load<Acc>(p.beta[0]) * Acc(2) / Acc(d);
-    for (index_t j = 0; j < d; ++j) dh[j] += k * h[j];
-  }
-};
-static_assert(gate_policy<norm_gate>);
+// A user-defined gate (cuda/norm_gate.hpp: one definition for these host tests and the device's).
+using grun::test::norm_gate;
 
 }  // namespace
 

@@ -1,6 +1,7 @@
 // gated_intervention on exec::cuda agrees with exec::host: forward (out, gates), backward (dh and
 // parameter gradients), a stack of K modules in one launch, odd d, P = 1, empty position lists.
 #include "fused_intervention_check.hpp"
+#include "norm_gate.hpp"
 
 using grun::cuda_space;
 using grun::index_t;
@@ -170,44 +171,11 @@ TEST_CASE("cuda intervention agrees with exec::host: double storage (generic pat
   check_agreement<mlp_lo4, double>(9, 38, {8, 1, 2}, 1, 0, 1.0);         // mlp gate: no cuBLASLt type for double
 }
 
-namespace user {  // named, not anonymous: nvcc warns of an anonymous class's unused static members
-// A gate of the user's, written here, outside the library (tests/test_gate.cpp's norm_gate, its row
-// math marked GRUN_HD so that it also compiles for the device): g = σ(β · Σ_j h_j²/d − τ), two scalar
-// parameters. Nothing in grun names it, so exec::cuda runs it — beside a shipped ReFT — on the generic
-// path: one thread per selected row executing this very code, as exec::host does.
-struct norm_gate {
-  static constexpr const char* name = "test::norm_gate";
-  template <class T, class Space = grun::host_space>
-  struct params {
-    grun::param<T, Space> beta;  // [1]
-    grun::param<T, Space> tau;   // [1]
-  };
-  static constexpr std::array<std::string_view, 2> param_names{"beta", "tau"};
-  template <class T, class S>
-  static void shape(params<T, S>& p, index_t) {
-    grun::set_vector(p.beta, 1);
-    grun::set_vector(p.tau, 1);
-  }
-  GRUN_HD static constexpr index_t scratch_size(index_t) { return 1; }
-  template <class Acc, class P>
-  GRUN_HD static Acc forward(const P& p, const Acc* h, index_t d, Acc* scratch) {
-    Acc m = 0;
-    for (index_t j = 0; j < d; ++j) m += h[j] * h[j];
-    scratch[0] = m / Acc(d);
-    return grun::sigmoid(grun::load<Acc>(p.beta[0]) * scratch[0] - grun::load<Acc>(p.tau[0]));
-  }
-  template <class Acc, class P, class G>
-  GRUN_HD static void backward(const P& p, const G& grads, const Acc* h, index_t d, Acc* scratch, Acc g, Acc dg,
-                               Acc* dh) {
-    const Acc dz = dg * g * (Acc(1) - g);
-    grads.beta[0] += dz * scratch[0];
-    grads.tau[0] -= dz;
-    const Acc k = dz * grun::load<Acc>(p.beta[0]) * Acc(2) / Acc(d);
-    for (index_t j = 0; j < d; ++j) dh[j] += k * h[j];
-  }
-};
-static_assert(grun::gate_policy<norm_gate>);
-using norm_lo2 = grun::gated_intervention<norm_gate, grun::reft::loreft<2>>;
+// A gate of the user's (norm_gate.hpp, also tests/test_gate.cpp's): nothing in grun names it, so
+// exec::cuda runs it — beside a shipped ReFT — on the generic path, one thread per selected row
+// executing its very row math, as exec::host does.
+namespace user {
+using norm_lo2 = grun::gated_intervention<grun::test::norm_gate, grun::reft::loreft<2>>;
 static_assert(!grun::cuda::runs_fused<norm_lo2, float> && !grun::cuda::runs_fused<norm_lo2, grun::bfloat16>);
 }  // namespace user
 

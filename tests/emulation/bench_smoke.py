@@ -9,8 +9,8 @@ smoke sizes cover (all but the T-scaling rows, which --smoke skips, as --quick d
 schedules, all but the run's default), each a finite, non-negative time with its bytes; then renders
 the table from that output, as gpu_check.sh would. Also: every schedule row has an OPTIONS line,
 --schedule changes the default (its row goes, the others come), --coef-schedule / --slot-schedule /
---slots / --saved change the backward's (named on the SCHEDULES line; given as a schedule row's OPTIONS line
-says), --only limits the run to the names given, a bad --schedule or argument is refused with exit 2
+--slots / --saved change the backward's (named on the SCHEDULES line; given as a schedule row's
+OPTIONS line says), --only limits the run to the names given, a bad --schedule or argument is refused with exit 2
 and a message, and an opt-in row made to fail (--fail-row) is reported as FAILED while the rows after
 it still run. The timings are host time under the emulation and are not looked at.
 """
