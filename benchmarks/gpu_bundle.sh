@@ -12,9 +12,11 @@
 #   benchmarks/gpu_check.sh --prebuilt build-gpu-bundle   # there: tests, bench_cuda, PyTorch, table
 #   benchmarks/gpu_slot.sh --bundle build-gpu-bundle.tar.gz   # or: the whole call, from the archive
 #
-# The bundle: bin/ (every tests/cuda test, examples' device_loop_cuda, bench_cuda; stripped),
+# The bundle: bin/ (every tests/cuda test, examples' device_loop_cuda, bench_cuda, and
+# tests/torch_cuda's test_torch_adapter_cuda where a CUDA libtorch was fetched; stripped),
 # lib/libcudart.so.13 (cuBLASLt, 0.5 GB, is taken from the GPU machine's CUDA or PyTorch), and
-# MANIFEST (the commit, whether the tree had changes, the architectures, nvcc's version). It is
+# MANIFEST (the commit, whether the tree had changes, the architectures, nvcc's version, the torch
+# version test_torch_adapter_cuda was linked with). It is
 # written to DIR.tmp and renamed to DIR only when complete: a failed build never leaves a bundle.
 # The same bundle is also written as DIR.tar.gz (about 40% of the folder's size): a device call carries
 # at most 64 MiB with the working tree and the folder alone is ~56 MiB, so carry the archive
@@ -62,14 +64,30 @@ cmake -S "$here/cuda" -B "$build/bench" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCM
   >"$build/bench-configure.log" 2>&1 || { cat "$build/bench-configure.log" >&2; exit 1; }
 
 tests=$(cd "$root/tests/cuda" && ls test_cuda_*.cu | sed 's/\.cu$//' | tr '\n' ' ')
-log "build with -j $jobs: $tests device_loop_cuda bench_cuda (logs: $build/*.log)"
-cmake --build "$build/grun" -j "$jobs" --target $tests device_loop_cuda >"$build/build.log" 2>&1 \
+# tests/torch_cuda's program exists where configure found a CUDA libtorch (cmake/fetch_torch_cuda.sh).
+torch_target=""
+if ninja -C "$build/grun" -t targets all 2>/dev/null | grep -q '^test_torch_adapter_cuda:'; then
+  torch_target=test_torch_adapter_cuda
+else
+  log "no CUDA libtorch configured (run cmake/fetch_torch_cuda.sh): the bundle has no test_torch_adapter_cuda"
+fi
+log "build with -j $jobs: $tests device_loop_cuda $torch_target bench_cuda (logs: $build/*.log)"
+cmake --build "$build/grun" -j "$jobs" --target $tests device_loop_cuda $torch_target >"$build/build.log" 2>&1 \
   || { grep -E "error|FAILED" "$build/build.log" | head -n 40 >&2; echo "gpu_bundle.sh: build failed, no bundle written" >&2; exit 1; }
 cmake --build "$build/bench" -j "$jobs" >"$build/bench-build.log" 2>&1 \
   || { grep -E "error|FAILED" "$build/bench-build.log" | head -n 40 >&2; echo "gpu_bundle.sh: bench_cuda failed, no bundle written" >&2; exit 1; }
 
 for t in $tests; do cp "$build/grun/tests/cuda/$t" "$staging/bin/"; done
 cp "$build/grun/examples/device_loop_cuda" "$build/bench/bench_cuda" "$staging/bin/"
+
+# The libtorch adapter on CUDA tensors (built above where a CUDA libtorch was found): it runs there
+# against the GPU machine's own torch, which must be the version it was linked with.
+torch_version=""
+if [[ -n $torch_target ]]; then
+  cp "$build/grun/tests/torch_cuda/test_torch_adapter_cuda" "$staging/bin/"
+  torch_dir="$(sed -n 's/^GRUN_TORCH_CUDA_DIR:PATH=//p' "$build/grun/CMakeCache.txt")"
+  torch_version="$(cat "$torch_dir/VERSION" 2>/dev/null || echo unknown)"
+fi
 strip "$staging"/bin/*
 cudart="$(ldd "$staging/bin/bench_cuda" | awk '/libcudart\.so/ { print $3 }')"
 [[ -n $cudart ]] && cp -L "$cudart" "$staging/lib/"
@@ -82,6 +100,8 @@ dirty="$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null | he
   echo "nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
   echo "built $(date -u +%Y-%m-%dT%H:%MZ) on $(uname -n)"
   echo "tests $tests"
+  [[ -n $torch_version ]] && echo "torch $torch_version"
+  true
 } >"$staging/MANIFEST"
 
 rm -rf "$out"

@@ -8,7 +8,8 @@
 #      file does not stop the others). With --prebuilt DIR nothing is built: DIR is a bundle that
 #      benchmarks/gpu_bundle.sh made on a machine without a GPU (the way to use a short lent slot,
 #      whose machine may lack Boost / Catch2 / nlohmann_json and whose minutes nvcc would spend);
-#   2. run the CUDA tests with ctest, or the bundle's test programs (they must PASS here, not skip);
+#   2. run the CUDA tests with ctest, or the bundle's test programs (they must PASS here, not skip) —
+#      tests/torch_cuda's too, built or run against this machine's torch where it imports;
 #   3. run bench_cuda (cudaEvent timings + the D2D copy bandwidth of this run);
 #   4. run torch_reference.py (PyTorch eager of the same math, then torch.compile while time remains,
 #      Liger's fused cross entropy if liger_kernel imports), if torch imports with CUDA;
@@ -111,16 +112,33 @@ print(":".join(sorted(dirs)))
 PY
 )"
   export LD_LIBRARY_PATH="$prebuilt/lib:/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib${wheel_libs:+:$wheel_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  missing="$(ldd "$prebuilt"/bin/* 2>/dev/null | grep "not found" | sort -u | tr -d '\t' | tr '\n' ' ' || true)"
-  [[ -n $missing ]] && note "shared libraries not found for the bundle's programs: $missing(LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"
   cuda_test_programs=("$prebuilt"/bin/test_cuda_* "$prebuilt/bin/device_loop_cuda")
   bench_bin="$prebuilt/bin/bench_cuda"
+  # The libtorch adapter on CUDA tensors runs against this machine's torch (its libtorch_cpu and the
+  # libtorch_cuda it loads), which must be the version the bundle linked it with.
+  if [[ -f $prebuilt/bin/test_torch_adapter_cuda ]]; then
+    linked="$(sed -n 's/^torch //p' "$prebuilt/MANIFEST")"
+    machine_torch="$(python3 -c 'import os, torch; print(torch.__version__.split("+")[0], os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null || true)"
+    if [[ -z $machine_torch ]]; then
+      note "test_torch_adapter_cuda not run: torch does not import on this machine"
+    elif [[ ${machine_torch%% *} != "$linked" ]]; then
+      note "test_torch_adapter_cuda not run: the bundle linked it with torch $linked, this machine has ${machine_torch%% *}"
+    else
+      export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:${machine_torch#* }"
+      cuda_test_programs+=("$prebuilt/bin/test_torch_adapter_cuda")
+    fi
+  fi
+  missing="$(ldd "${cuda_test_programs[@]}" "$bench_bin" 2>/dev/null | grep "not found" | sort -u | tr -d '\t' | tr '\n' ' ' || true)"
+  [[ -n $missing ]] && note "shared libraries not found for the bundle's programs: $missing(LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"
   phase_done build
 else
   # 1. Configure both projects, then build the tests and the benchmark side by side.
   log "configure ($build, CUDA archs: $archs)"
+  # The libtorch adapter's CUDA test builds against this machine's torch where it imports.
+  torch_pkg="$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null || true)"
   cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGRUN_ENABLE_CUDA=ON \
-    -DCMAKE_CUDA_ARCHITECTURES="$archs" -DGRUN_BUILD_BENCHMARKS=OFF -DGRUN_BUILD_EXAMPLES=ON >"$build/gpu_check.configure.log" 2>&1 \
+    -DCMAKE_CUDA_ARCHITECTURES="$archs" -DGRUN_BUILD_BENCHMARKS=OFF -DGRUN_BUILD_EXAMPLES=ON \
+    ${torch_pkg:+-DGRUN_TORCH_CUDA_DIR="$torch_pkg"} >"$build/gpu_check.configure.log" 2>&1 \
     || { cat "$build/gpu_check.configure.log"; exit 1; }
   # The benchmark is configured standalone so nothing but the CUDA targets is compiled.
   cmake -S "$here/cuda" -B "$build/bench" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$archs" \
@@ -129,6 +147,7 @@ else
   cuda_tests=$(cd "$root/tests/cuda" && ls test_cuda_*.cu | sed 's/\.cu$//' | tr '\n' ' ')
   # examples/device_loop: the whole training loop on the device, next to the host run (ctest label cuda).
   cuda_tests+="device_loop_cuda "
+  ninja -C "$build" -t targets all 2>/dev/null | grep -q '^test_torch_adapter_cuda:' && cuda_tests+="test_torch_adapter_cuda "
   log "build with -j $jobs: bench_cuda and CUDA tests $cuda_tests(logs: $build/gpu_check.*.log)"
   cmake --build "$build/bench" -j "$jobs" >"$build/gpu_check.bench-build.log" 2>&1 &
   bench_build_pid=$!

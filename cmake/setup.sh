@@ -47,3 +47,9 @@ fi
 if [ -x "$here/cmake/fetch_dlpack.sh" ]; then
   "$here/cmake/fetch_dlpack.sh"
 fi
+# libtorch's C++ side as a CUDA build (Debian's libtorch-dev has none), for nvcc to build the libtorch
+# adapter's CUDA path and its test (tests/torch_cuda): from PyPI's torch wheel, only where CUDA code is
+# built (nvcc present; once; cached likewise).
+if [ -x "$here/cmake/fetch_torch_cuda.sh" ] && { command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; }; then
+  "$here/cmake/fetch_torch_cuda.sh"
+fi

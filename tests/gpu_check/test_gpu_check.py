@@ -376,6 +376,33 @@ def test_prebuilt():
               "bundle: a program that lost its execute bit still runs")
         check("prebuilt bundle: commit 0000000" in p.stdout, "bundle: its MANIFEST commit is in the table's notes")
 
+        # The libtorch adapter's CUDA test runs against the machine's torch, only at the version it
+        # was linked with (MANIFEST "torch X"); a stand-in torch package says which version is here.
+        with open(os.path.join(bundle, "MANIFEST"), "a") as f:
+            f.write("torch 2.11.0\n")
+        write_program(os.path.join(bundle, "bin", "test_torch_adapter_cuda"), 'echo "library path: $LD_LIBRARY_PATH"')
+        fake = os.path.join(tmp, "site")
+        os.makedirs(os.path.join(fake, "torch", "lib"))
+        for version, runs in (("2.11.0+cu130", True), ("2.12.0", False)):
+            with open(os.path.join(fake, "torch", "__init__.py"), "w") as f:
+                f.write(f"__version__ = {version!r}\n")
+            p = run(args, dict(env, PYTHONPATH=fake))
+            if runs:
+                check(p.returncode == 0 and "3 of 3 test programs passed" in p.stdout
+                      and os.path.join(fake, "torch", "lib") in p.stdout,
+                      f"torch 2.11.0 here: test_torch_adapter_cuda runs with this torch's lib/ on the library path "
+                      f"(got {p.returncode}; {p.stdout[-800:]!r})")
+            else:
+                check(p.returncode == 0 and "2 of 2 test programs passed" in p.stdout
+                      and "linked it with torch 2.11.0, this machine has 2.12.0" in p.stdout,
+                      f"torch 2.12.0 here: test_torch_adapter_cuda not run, and the note says why "
+                      f"(got {p.returncode}; {p.stdout[-800:]!r})")
+        p = run(args, dict(env, PYTHONPATH=os.path.join(tmp, "nothing")))  # python3's own torch, if any: not 2.11.0's stand-in
+        check(p.returncode == 0 and "2 of 2 test programs passed" in p.stdout
+              and "test_torch_adapter_cuda not run: " in p.stdout,
+              f"no torch here (or another): test_torch_adapter_cuda not run, and the note says why ({p.stdout[-600:]!r})")
+        os.remove(os.path.join(bundle, "bin", "test_torch_adapter_cuda"))
+
         write_program(os.path.join(bundle, "bin", "test_cuda_skips"), "exit 77")
         write_program(os.path.join(bundle, "bin", "test_cuda_fails"), "echo 'expected 1 == 2'; exit 1")
         p = run(args, env)
