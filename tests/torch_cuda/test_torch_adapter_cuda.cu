@@ -24,6 +24,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -200,7 +201,6 @@ TEST_CASE("torch adapter on CUDA tensors: training steps with torch's AdamW and 
   const Tensor target = randn({16, d}, 13);
   const Tensor label = torch::cat({torch::ones({16}), torch::zeros({16})});
   std::vector<double> losses[2];
-  Tensor flats[2];
   int side = 0;
   for (at::Device dev : {at::Device(at::kCPU), at::Device(at::kCUDA)}) {
     auto m = std::make_shared<M>(d, 5);
@@ -217,11 +217,21 @@ TEST_CASE("torch adapter on CUDA tensors: training steps with torch's AdamW and 
       m->retract();  // on a CUDA module: through a CPU copy, written back
       losses[side].push_back(loss.item<double>());
     }
-    flats[side++] = m->flat().detach().cpu();
+    CHECK(m->flat().device() == dev);
+    const auto params = m->named_params();
+    const auto rotate = std::find_if(params.begin(), params.end(), [](const auto& p) { return p.name == "reft.rotate_layer"; });
+    REQUIRE(rotate != params.end());
+    const Tensor R = rotate->tensor.detach().cpu();  // [4, d]: rows orthonormal again after the retraction
+    CHECK((R.matmul(R.t()) - torch::eye(4)).abs().max().item<float>() < 1e-5f);
+    ++side;
   }
-  CHECK(losses[1].back() < losses[1].front());
-  for (std::size_t i = 0; i < losses[0].size(); ++i) CHECK(losses[1][i] == Approx(losses[0][i]).epsilon(1e-4));
-  CHECK(rel_error(flats[1], flats[0]) <= 1e-4);  // eight steps of fp32 rounding apart
+  CHECK(losses[1].back() < 0.9 * losses[1].front());
+  // The losses, not the parameters, are compared: Adam divides each gradient entry by its own
+  // magnitude, so an entry that is ~0 on both sides may step ±lr apart; the loss averages that out.
+  for (std::size_t i = 0; i < losses[0].size(); ++i) {
+    INFO("step " << i);
+    CHECK(losses[1][i] == Approx(losses[0][i]).epsilon(1e-3));
+  }
 }
 
 TEST_CASE("torch adapter on CUDA tensors: grun runs on torch's current stream", "[torch_cuda]") {
