@@ -141,9 +141,26 @@ struct token_kl_impl<exec::cuda_t> {
   static void forward(const exec::cuda_t& ex, const tensor_view<T, 2, Sp>& logits, const tensor_view<R, 2, Sp>& logits_ref,
                       const tensor_view<L, 1, Sp>& labels, const tensor_view<A, 1, Sp>& kl,
                       const tensor_view<A, 1, Sp>& lse, const tensor_view<A, 1, Sp>& lse_ref) {
-    if constexpr (!std::is_same_v<Sp, cuda_space>) {
-      require_space<cuda_space>(logits, "token_kl_forward: logits");
-    } else {
+    if constexpr (std::is_same_v<Sp, cuda_space>) launch_forward(ex, logits, logits_ref, labels, kl, lse, lse_ref);
+    else require_space<cuda_space>(logits, "token_kl_forward: logits");
+  }
+
+  template <bool Accumulate, class T, class R, class L, class A, class G, memory_space Sp>
+  static void backward(const exec::cuda_t& ex, const tensor_view<T, 2, Sp>& logits,
+                       const tensor_view<R, 2, Sp>& logits_ref, const tensor_view<L, 1, Sp>& labels,
+                       const tensor_view<A, 1, Sp>& lse, const tensor_view<A, 1, Sp>& lse_ref,
+                       const tensor_view<A, 1, Sp>& dkl, const tensor_view<G, 2, Sp>& dlogits) {
+    if constexpr (std::is_same_v<Sp, cuda_space>)
+      launch_backward<Accumulate>(ex, logits, logits_ref, labels, lse, lse_ref, dkl, dlogits);
+    else require_space<cuda_space>(logits, "token_kl_backward: logits");
+  }
+
+ private:
+  template <class T, class R, class L, class A>
+  static void launch_forward(const exec::cuda_t& ex, const tensor_view<T, 2, cuda_space>& logits,
+                             const tensor_view<R, 2, cuda_space>& logits_ref, const tensor_view<L, 1, cuda_space>& labels,
+                             const tensor_view<A, 1, cuda_space>& kl, const tensor_view<A, 1, cuda_space>& lse,
+                             const tensor_view<A, 1, cuda_space>& lse_ref) {
     using EX = std::remove_const_t<T>;
     using ER = std::remove_const_t<R>;
     using Acc = acc_t<EX>;
@@ -156,17 +173,14 @@ struct token_kl_impl<exec::cuda_t> {
       cuda::detail::token_kl_forward_kernel<B, decltype(width)::value, Acc>
           <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, r, labels, kl, lse, lse_ref);
     }, x, r);
-    }
   }
 
-  template <bool Accumulate, class T, class R, class L, class A, class G, memory_space Sp>
-  static void backward(const exec::cuda_t& ex, const tensor_view<T, 2, Sp>& logits,
-                       const tensor_view<R, 2, Sp>& logits_ref, const tensor_view<L, 1, Sp>& labels,
-                       const tensor_view<A, 1, Sp>& lse, const tensor_view<A, 1, Sp>& lse_ref,
-                       const tensor_view<A, 1, Sp>& dkl, const tensor_view<G, 2, Sp>& dlogits) {
-    if constexpr (!std::is_same_v<Sp, cuda_space>) {
-      require_space<cuda_space>(logits, "token_kl_backward: logits");
-    } else {
+  template <bool Accumulate, class T, class R, class L, class A, class G>
+  static void launch_backward(const exec::cuda_t& ex, const tensor_view<T, 2, cuda_space>& logits,
+                              const tensor_view<R, 2, cuda_space>& logits_ref,
+                              const tensor_view<L, 1, cuda_space>& labels, const tensor_view<A, 1, cuda_space>& lse,
+                              const tensor_view<A, 1, cuda_space>& lse_ref, const tensor_view<A, 1, cuda_space>& dkl,
+                              const tensor_view<G, 2, cuda_space>& dlogits) {
     using EX = std::remove_const_t<T>;
     using ER = std::remove_const_t<R>;
     using Acc = acc_t<EX>;
@@ -179,7 +193,6 @@ struct token_kl_impl<exec::cuda_t> {
       cuda::detail::token_kl_backward_kernel<B, decltype(width)::value, Accumulate, Acc>
           <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, r, labels, lse, lse_ref, dkl, dlogits);
     }, x, r, dlogits);
-    }
   }
 };
 

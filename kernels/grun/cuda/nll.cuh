@@ -240,9 +240,23 @@ struct token_nll_impl<exec::cuda_t> {
   static void forward(const exec::cuda_t& ex, const tensor_view<T, 2, Sp>& logits,
                       const tensor_view<L, 1, Sp>& labels, const tensor_view<A, 1, Sp>& nll,
                       const tensor_view<A, 1, Sp>& lse) {
-    if constexpr (!std::is_same_v<Sp, cuda_space>) {
-      require_space<cuda_space>(logits, "token_nll_forward: logits");
-    } else {
+    if constexpr (std::is_same_v<Sp, cuda_space>) launch_forward(ex, logits, labels, nll, lse);
+    else require_space<cuda_space>(logits, "token_nll_forward: logits");
+  }
+
+  template <bool Accumulate, class T, class L, class A, class G, memory_space Sp>
+  static void backward(const exec::cuda_t& ex, const tensor_view<T, 2, Sp>& logits,
+                       const tensor_view<L, 1, Sp>& labels, const tensor_view<A, 1, Sp>& lse,
+                       const tensor_view<A, 1, Sp>& dnll, const tensor_view<G, 2, Sp>& dlogits) {
+    if constexpr (std::is_same_v<Sp, cuda_space>) launch_backward<Accumulate>(ex, logits, labels, lse, dnll, dlogits);
+    else require_space<cuda_space>(logits, "token_nll_backward: logits");
+  }
+
+ private:
+  template <class T, class L, class A>
+  static void launch_forward(const exec::cuda_t& ex, const tensor_view<T, 2, cuda_space>& logits,
+                             const tensor_view<L, 1, cuda_space>& labels, const tensor_view<A, 1, cuda_space>& nll,
+                             const tensor_view<A, 1, cuda_space>& lse) {
     using E = std::remove_const_t<T>;
     using Acc = acc_t<E>;
     constexpr int B = cuda::detail::nll_block;
@@ -255,16 +269,12 @@ struct token_nll_impl<exec::cuda_t> {
           <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, nll, lse, labels_ok.device());
     }, x);
     labels_ok.report(labels, logits.extent(1), "token_nll_forward");
-    }
   }
 
-  template <bool Accumulate, class T, class L, class A, class G, memory_space Sp>
-  static void backward(const exec::cuda_t& ex, const tensor_view<T, 2, Sp>& logits,
-                       const tensor_view<L, 1, Sp>& labels, const tensor_view<A, 1, Sp>& lse,
-                       const tensor_view<A, 1, Sp>& dnll, const tensor_view<G, 2, Sp>& dlogits) {
-    if constexpr (!std::is_same_v<Sp, cuda_space>) {
-      require_space<cuda_space>(logits, "token_nll_backward: logits");
-    } else {
+  template <bool Accumulate, class T, class L, class A, class G>
+  static void launch_backward(const exec::cuda_t& ex, const tensor_view<T, 2, cuda_space>& logits,
+                              const tensor_view<L, 1, cuda_space>& labels, const tensor_view<A, 1, cuda_space>& lse,
+                              const tensor_view<A, 1, cuda_space>& dnll, const tensor_view<G, 2, cuda_space>& dlogits) {
     using E = std::remove_const_t<T>;
     using Acc = acc_t<E>;
     constexpr int B = cuda::detail::nll_block;
@@ -277,7 +287,6 @@ struct token_nll_impl<exec::cuda_t> {
           <<<unsigned(rows), B, 0, cuda::stream_of(ex)>>>(x, labels, lse, dnll, dlogits, labels_ok.device());
     }, x, dlogits);
     labels_ok.report(labels, logits.extent(1), "token_nll_backward");
-    }
   }
 };
 
