@@ -6,8 +6,8 @@
 // CUDA results are exec::cuda's kernels; CPU results are exec::host's, which tests/torch_adapter
 // holds to grun's own calls bit for bit. Tolerances are issue 4's (fp32 rel 1e-5, bf16 rel 2e-2).
 //
-// libtorch_cuda.so is loaded at run time (dlopen), by the first device case, once a GPU was seen:
-// see CMakeLists.txt. Without a GPU the device cases skip, visibly (exit 77).
+// libtorch_cuda.so is loaded at run time (dlopen, before main) where a GPU is visible: see
+// CMakeLists.txt. Without a GPU the device cases skip, visibly (exit 77).
 #include <grun/cuda/intervention.cuh>
 #include <grun/cuda/nll.cuh>
 
@@ -36,20 +36,22 @@ using torch::Tensor;
 namespace {
 
 /// torch's CUDA half — its kernels, allocator and hooks, in libtorch_cuda.so — from the torch this
-/// machine has (LD_LIBRARY_PATH or the build's rpath). Loaded before anything asks torch about CUDA:
-/// torch caches its CUDA hooks at the first question. Empty: loaded; otherwise dlerror()'s message.
-const std::string& torch_cuda_load_error() {
-  static const std::string error = [] {
-    if (dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_GLOBAL) != nullptr) return std::string();
-    return std::string(dlerror());
-  }();
-  return error;
+/// machine has (LD_LIBRARY_PATH or the build's rpath), loaded where a GPU is visible. It must be in
+/// before anything asks torch about CUDA: torch creates its CUDA hooks at the first question and
+/// keeps what it found, and questions come early — torch::manual_seed asks for the device count — so
+/// it is loaded during static initialization, before main and any test case (libtorch_cpu's own
+/// initialization, which asks nothing, has run by then). Empty: loaded; otherwise why not.
+std::string load_torch_cuda() {
+  if (!grun::test::device_present()) return "not loaded: no CUDA device";
+  if (dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_GLOBAL) != nullptr) return {};
+  return dlerror();
 }
+const std::string torch_cuda_load_error = load_torch_cuda();
 
 #define GRUN_REQUIRE_TORCH_CUDA()                                                                    \
   GRUN_REQUIRE_DEVICE();                                                                             \
-  INFO("dlopen(libtorch_cuda.so): " << torch_cuda_load_error());                                     \
-  REQUIRE(torch_cuda_load_error().empty());                                                          \
+  INFO("dlopen(libtorch_cuda.so): " << torch_cuda_load_error);                                       \
+  REQUIRE(torch_cuda_load_error.empty());                                                            \
   REQUIRE(torch::cuda::is_available())
 
 Tensor randn(std::vector<int64_t> shape, int64_t seed, at::ScalarType dt = at::kFloat) {
@@ -57,6 +59,9 @@ Tensor randn(std::vector<int64_t> shape, int64_t seed, at::ScalarType dt = at::k
   return torch::randn(shape, at::TensorOptions().dtype(at::kFloat)).to(dt);
 }
 Tensor rows_of(std::vector<int64_t> r) { return torch::tensor(r, at::kLong); }
+/// A new leaf on `device` that autograd fills .grad() of. (t.to(kCPU) of a CPU tensor is t itself:
+/// marking that would make t require grad, and its later .to(kCUDA) a non-leaf without a .grad().)
+Tensor leaf_on(const Tensor& t, at::Device device) { return t.detach().clone().to(device).requires_grad_(true); }
 
 /// Norm-wise relative error max|a − b| / max|b| (tests/cuda/agreement.hpp's), on the CPU in double.
 double rel_error(const Tensor& a, const Tensor& b) {
@@ -78,7 +83,7 @@ std::vector<int64_t> some_rows() {
 template <class I>
 std::vector<Tensor> module_step(const Tensor& h0, const Tensor& flat0, const std::vector<int64_t>& rows,
                                 const Tensor& wy, const Tensor& wg, at::Device device) {
-  const Tensor h = h0.to(device).requires_grad_(true), flat = flat0.to(device).requires_grad_(true);
+  const Tensor h = leaf_on(h0, device), flat = leaf_on(flat0, device);
   auto [y, g] = ta::apply_intervention<I>(h, flat, rows_of(rows));
   ((y.to(at::kFloat) * wy.to(device)).sum() + (g.to(at::kFloat) * wg.to(device)).sum()).backward();
   return {y.cpu(), g.cpu(), h.grad().cpu(), flat.grad().cpu()};
@@ -159,7 +164,7 @@ TEST_CASE("torch adapter on CUDA tensors: a stack (two frozen modules and a trai
   for (ta::any_intervention_stack* s : {static_cast<ta::any_intervention_stack*>(&cpu),
                                         static_cast<ta::any_intervention_stack*>(&gpu)}) {
     const at::Device dev = s->trainable().device();
-    const Tensor h = h0.to(dev).requires_grad_(true);
+    const Tensor h = leaf_on(h0, dev);
     auto [y, g] = s->forward(h, rows_of(rows));
     ((y * wy.to(dev)).sum() + (g * wg.to(dev)).sum()).backward();
     got[side++] = {y.cpu(), g.cpu(), h.grad().cpu(), s->trainable().grad().cpu()};
@@ -180,7 +185,7 @@ TEST_CASE("torch adapter on CUDA tensors: token_nll and its gradient equal the C
     std::vector<Tensor> got[2];
     int side = 0;
     for (at::Device dev : {at::Device(at::kCPU), at::Device(at::kCUDA)}) {
-      const Tensor logits = logits0.to(dev).requires_grad_(true);
+      const Tensor logits = leaf_on(logits0, dev);
       const Tensor nll = ta::token_nll(logits, rows_of(labels).to(dev));
       CHECK(nll.scalar_type() == at::kFloat);
       (nll * w.to(dev)).sum().backward();
