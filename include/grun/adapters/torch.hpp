@@ -43,7 +43,9 @@
 //    thread count). CUDA tensors run on exec::cuda on the current stream when this header is compiled
 //    by nvcc with GRUN_TORCH_CUDA defined and the kernels/ headers included first; otherwise they are
 //    rejected with grun::error "built without CUDA kernels". All tensors of one call share a device
-//    (rows may live anywhere: positions are host data, copied to the CPU).
+//    (rows may live anywhere: positions are host data, copied to the CPU). On CUDA, half and bfloat16
+//    keep their storage type (the fused kernels' 16-bit paths). tests/torch_cuda is such a build (the
+//    kernels' includes, the link, libtorch_cuda loaded before torch is asked about CUDA).
 //  * layout: non-contiguous inputs are handled, not rejected: they are copied with .contiguous()
 //    (gradients are returned in the caller's shape). Wrong rank, dtype, device, length, or a row index
 //    outside [0, N) or repeated → grun::shape_error naming expected vs got, before any work.
