@@ -8,7 +8,7 @@
 # the CUDA tests. Built here (same nvcc 13.0; glibc ≥ 2.34, libstdc++ of GCC 12 needed there), the
 # slot only runs the programs:
 #
-#   benchmarks/gpu_bundle.sh                              # here: ~7–10 min of nvcc on 2 cores
+#   benchmarks/gpu_bundle.sh                              # here: ~13 min of nvcc on 2 cores
 #   benchmarks/gpu_check.sh --prebuilt build-gpu-bundle   # there: tests, bench_cuda, PyTorch, table
 #   benchmarks/gpu_slot.sh --bundle build-gpu-bundle.tar.gz   # or: the whole call, from the archive
 #
@@ -18,8 +18,8 @@
 # MANIFEST (the commit, whether the tree had changes, the architectures, nvcc's version, the torch
 # version test_torch_adapter_cuda was linked with). It is
 # written to DIR.tmp and renamed to DIR only when complete: a failed build never leaves a bundle.
-# The same bundle is also written as DIR.tar.gz (about 40% of the folder's size): a device call carries
-# at most 64 MiB with the working tree and the folder alone is ~56 MiB, so carry the archive
+# The same bundle is also written as DIR.tar.gz (about 45% of the folder's size): a device call carries
+# at most 64 MiB with the working tree and the folder alone is ~79 MiB, so carry the archive
 # (gpu_slot.sh --bundle DIR.tar.gz unpacks it there). It too is written under a temporary name first.
 #
 # Usage: benchmarks/gpu_bundle.sh [--out DIR] [--jobs N]
