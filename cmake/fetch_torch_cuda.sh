@@ -9,7 +9,7 @@
 #
 # Where it goes: ${GRUN_CACHE_DIR:-$HOME/.cache/grun}/torch-2.11.0-cu130 with include/, lib/ and
 # VERSION — the layout of an installed torch package (site-packages/torch), so CMake's
-# -DGRUN_TORCH_CUDA_DIR may name either. Only what building and linking need is kept (~520 MB of the
+# -DGRUN_TORCH_CUDA_DIR may name either. Only what building and linking need is kept (~490 MB of the
 # wheel's 1 GB): libtorch_cuda.so is not, the test loads it at run time, and only on a machine with
 # a GPU, from the torch installed there (tests/torch_cuda/CMakeLists.txt says why). Idempotent; the
 # wheel's sha256 is pinned; any failure exits non-zero with a message, and a partial directory is
