@@ -169,7 +169,8 @@ fi
 log "CUDA tests"
 if [[ -n $prebuilt ]]; then
   # Each program runs all its cases (bad-input and device), four programs at a time; exit 0 passed,
-  # 77 skipped (it saw no device), anything else failed (124: stopped after 120 s).
+  # 77 skipped (no device, or too little free device memory for a large case), anything else failed
+  # (124: stopped after 120 s).
   status_file="$build/gpu_check.test-status.txt"
   : >"$status_file"
   printf '%s\n' "${cuda_test_programs[@]}" | xargs -P 4 -I{} bash -c \
@@ -180,14 +181,14 @@ if [[ -n $prebuilt ]]; then
     tail -n 2 "$build/gpu_check.test.$name.log" | sed "s/^/[$name] /"
     case $code in
       0) passed=$((passed + 1)) ;;
-      77) skipped=$((skipped + 1)); log "$name: SKIPPED (saw no CUDA device)" ;;
+      77) skipped=$((skipped + 1)); log "$name: SKIPPED (no CUDA device, or too little free device memory; see its log)" ;;
       *) failed=$((failed + 1)); log "$name: FAILED (exit $code); its last lines:"; tail -n 40 "$build/gpu_check.test.$name.log" ;;
     esac
   done < <(sort "$status_file")
   summary="$passed of ${#cuda_test_programs[@]} test programs passed, $failed failed, $skipped skipped"
   log "$summary (logs: $build/gpu_check.test.*.log)"
   (( failed > 0 )) && { note "CUDA tests FAILED: $summary"; rc=1; }
-  (( skipped > 0 )) && { note "CUDA tests were SKIPPED — the tests saw no CUDA device"; rc=1; }
+  (( skipped > 0 )) && { note "CUDA tests were SKIPPED — no CUDA device, or too little free device memory (see the logs)"; rc=1; }
 else
   (cd "$build" && ctest -L cuda --output-on-failure --timeout 120 -j 4 2>&1) | tee "$build/gpu_check.ctest.log" || true
   if ! grep -q "tests passed, 0 tests failed" "$build/gpu_check.ctest.log"; then
@@ -195,7 +196,7 @@ else
     rc=1
   fi
   if grep -q "(Skipped)" "$build/gpu_check.ctest.log"; then
-    note "CUDA tests were SKIPPED — the tests saw no CUDA device"
+    note "CUDA tests were SKIPPED — no CUDA device, or too little free device memory (see the logs)"
     rc=1
   fi
 fi

@@ -4,7 +4,9 @@
 // A device test case starts with GRUN_REQUIRE_DEVICE(). Without a CUDA device it WARNs
 // "SKIPPED: no CUDA device" (printed by Catch's console reporter), counts itself and returns;
 // cuda_main.cpp then exits 77 so ctest (SKIP_RETURN_CODE 77) reports the run as Skipped.
-// Cases tagged [nodevice] check host-side validation that needs no GPU and always run.
+// A case that needs more device memory than is free skips the same way, with its own WARN
+// (test_cuda_large_index.cu). Cases tagged [nodevice] check host-side validation that needs no GPU
+// and always run.
 #include <catch2/catch.hpp>
 
 namespace grun::test {

@@ -157,6 +157,48 @@ struct host_reference {
   }
 };
 
+/// A host matrix's stored values in double.
+template <class T>
+grun::host_matrix<double> widen(const grun::host_matrix<T>& a) {
+  grun::host_matrix<double> w(a.rows, a.cols);
+  for (index_t i = 0; i < a.rows * a.cols; ++i) w.storage[i] = grun::load<double>(a.storage[i]);
+  return w;
+}
+
+/// exec::host in double on the stored values of a host_reference's modules, for inputs given in
+/// double: the reference every fused result is held to. Why double: a bias gradient is one sum over P
+/// rows with heavy cancellation, where the fp32 host and the device (another summation order) each
+/// carry ~1e-5 of rounding, and at d = 4096 (K = 2) the fp32 host's own dh is 1.5e-5 from the double
+/// one — comparing two fp32 results would test the rounding, not the kernel. Against the exact result
+/// the device must hold the tolerance on its own.
+template <class I>
+struct wide_reference {
+  using Hd = hparams<I, double>;
+  std::vector<grun::owned_params<Hd>> modules;
+  std::vector<Hd> views;
+  grun::host_matrix<double> out, gates, dh;
+  grun::owned_params<Hd> grads;
+
+  template <class T>
+  wide_reference(const host_reference<I, T>& ref, double scale, index_t trained, const grun::host_matrix<double>& h,
+                 const grun::host_matrix<double>& dout, const grun::host_matrix<double>& dgates)
+      : out(h.rows, h.cols), gates(dgates.rows, dgates.cols), dh(h.rows, h.cols),
+        grads(I::template shape<double>(h.cols)) {
+    for (const auto& m : ref.host_modules) {
+      modules.emplace_back(I::template shape<double>(h.cols));
+      for (index_t i = 0; i < m.size(); ++i) modules.back().data()[i] = grun::load<double>(m.data()[i]);
+    }
+    for (auto& m : modules) views.push_back(*m);
+    using host_impl = grun::detail::intervention_impl<grun::exec::host_t, I>;
+    host_impl::forward(grun::exec::host, std::span<const Hd>(views), scale, grun::matrix_view<const double>(h.view()),
+                       ref.pos, out.view(), gates.view());
+    host_impl::backward(grun::exec::host, std::span<const Hd>(views), scale, trained,
+                        grun::matrix_view<const double>(h.view()), ref.pos,
+                        grun::matrix_view<const double>(dout.view()), grun::matrix_view<const double>(dgates.view()),
+                        dh.view(), *grads);
+  }
+};
+
 template <class I, class T>
 void check(const config& c) {
   using Dp = dparams<I, T>;
@@ -167,35 +209,14 @@ void check(const config& c) {
   const index_t N = c.N, d = c.d, K = c.K, P = pos.size();
   INFO("d = " << d << ", N = " << N << ", P = " << P << ", K = " << K << ", pad = " << c.pad << ", in place "
               << c.in_place << ", " << I::gate_type::name << " + " << I::reft_type::name << "<" << I::rank << ">");
-  using host_impl = grun::detail::intervention_impl<grun::exec::host_t, I>;
   using cuda_impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
 
-  // The reference is exec::host in double on the same stored values, for every result: a bias
-  // gradient is one sum over P rows with heavy cancellation, where the fp32 host and the device
-  // (another summation order) each carry ~1e-5 of rounding, and at d = 4096 (K = 2) the fp32 host's
-  // own dh is 1.5e-5 from the double one — comparing two fp32 results would test the rounding, not
-  // the kernel. Against the exact result the device must hold the tolerance on its own.
-  using Hd = hparams<I, double>;
-  std::vector<grun::owned_params<Hd>> hmd;
-  std::vector<Hd> hvd;
-  for (auto& m : ref.host_modules) {
-    hmd.emplace_back(I::template shape<double>(d));
-    for (index_t i = 0; i < m.size(); ++i) hmd.back().data()[i] = grun::load<double>(m.data()[i]);
-  }
-  for (auto& m : hmd) hvd.push_back(*m);
-  auto widen = [](const grun::host_matrix<T>& a) {
-    grun::host_matrix<double> w(a.rows, a.cols);
-    for (index_t i = 0; i < a.rows * a.cols; ++i) w.storage[i] = grun::load<double>(a.storage[i]);
-    return w;
-  };
-  const auto h_wide = widen(ref.h), dout_wide = widen(ref.dout), dgates_wide = widen(ref.dgates);
-  grun::host_matrix<double> out_wide(N, d), gates_wide(K, P), dh_wide(N, d);
-  host_impl::forward(grun::exec::host, std::span<const Hd>(hvd), c.scale, grun::matrix_view<const double>(h_wide.view()),
-                     pos, out_wide.view(), gates_wide.view());
-  grun::owned_params<Hd> grads_wide(I::template shape<double>(d));
-  host_impl::backward(grun::exec::host, std::span<const Hd>(hvd), c.scale, c.trained,
-                      grun::matrix_view<const double>(h_wide.view()), pos, grun::matrix_view<const double>(dout_wide.view()),
-                      grun::matrix_view<const double>(dgates_wide.view()), dh_wide.view(), *grads_wide);
+  // Every result is held to exec::host in double on the same stored values (see wide_reference).
+  const auto h_wide = widen(ref.h);
+  const wide_reference<I> wide(ref, c.scale, c.trained, h_wide, widen(ref.dout), widen(ref.dgates));
+  const auto &out_wide = wide.out, &gates_wide = wide.gates, &dh_wide = wide.dh;
+  const auto& grads_wide = wide.grads;
+  const auto& hvd = wide.views;
 
   const index_t ld = d + c.pad;
   strided<T> hd(N, d, ld), outd(N, d, ld), doutd(N, d, ld), dhd(N, d, ld);

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include <ucontext.h>
+#include <unistd.h>
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
@@ -712,6 +713,14 @@ cudaError_t CUDARTAPI cudaMalloc(void** p, size_t bytes) {
 cudaError_t CUDARTAPI cudaFree(void* p) {
   drain_streams(false);  // cudaFree waits for the device
   return release(p);
+}
+/// The emulated device's memory is the host's: its physical memory, and what of it is free now.
+cudaError_t CUDARTAPI cudaMemGetInfo(size_t* free, size_t* total) {
+  if (free == nullptr || total == nullptr) return fail(cudaErrorInvalidValue);
+  const auto page = std::size_t(sysconf(_SC_PAGESIZE));
+  *total = std::size_t(sysconf(_SC_PHYS_PAGES)) * page;
+  *free = std::size_t(sysconf(_SC_AVPHYS_PAGES)) * page;
+  return cudaSuccess;
 }
 cudaError_t CUDARTAPI cudaMallocFromPoolAsync(void** p, size_t bytes, cudaMemPool_t handle, cudaStream_t) {
   if (handle == nullptr) return fail(cudaErrorInvalidValue);
