@@ -23,6 +23,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "agreement.hpp"
@@ -199,6 +200,36 @@ struct wide_reference {
   }
 };
 
+/// A flat gradient (the device's, stored as T) against the reference's, each parameter tensor on its
+/// own scale (bias gradients are sums over P rows, weights over P·d); `shaped` names the leaves.
+template <class Params, class T>
+void check_gradient_leaves(const Params& shaped, const std::vector<T>& got, const std::vector<double>& want,
+                           double tol) {
+  REQUIRE(got.size() == want.size());
+  index_t off = 0;
+  grun::for_each_param(shaped, [&](const auto& leaf) {
+    const auto n = std::size_t(leaf.size());
+    INFO("gradient leaf at offset " << off << ", " << leaf.rows << " × " << leaf.cols);
+    CHECK(grun::test::rel_error(std::span<const T>(got.data() + off, n), std::span<const double>(want.data() + off, n)) <
+          tol);
+    off += leaf.size();
+  });
+}
+
+/// Runs `run` once under each forward schedule (schedules.cuh), that schedule the default meanwhile.
+template <class Run>
+void under_each_forward_schedule(Run&& run) {
+  namespace fd = grun::cuda::fused::detail;
+  for (const auto plan : {fd::forward_schedule::stream, fd::forward_schedule::resident, fd::forward_schedule::staged,
+                          fd::forward_schedule::tensor, fd::forward_schedule::tensor_apply,
+                          fd::forward_schedule::tensor_pipelined}) {
+    INFO("forward schedule " << int(plan));
+    const auto before = std::exchange(fd::forward_plan, plan);
+    run();
+    fd::forward_plan = before;
+  }
+}
+
 template <class I, class T>
 void check(const config& c) {
   using Dp = dparams<I, T>;
@@ -341,14 +372,7 @@ void check(const config& c) {
       for (const T& x : g) CHECK(grun::load<float>(x) == 0.f);
       return;
     }
-    // Each parameter tensor on its own scale (bias gradients are sums over P rows, weights over P·d).
-    index_t off = 0;
-    grun::for_each_param(*ref.grads, [&](const auto& leaf) {
-      const auto n = std::size_t(leaf.size());
-      INFO("gradient leaf at offset " << off << ", " << leaf.rows << " × " << leaf.cols);
-      CHECK(grun::test::rel_error(std::span<const T>(g.data() + off, n), std::span<const double>(gh.data() + off, n)) < tol);
-      off += leaf.size();
-    });
+    check_gradient_leaves(*ref.grads, g, gh, tol);
   };
   CHECK(grun::test::rel_error(dh_d.storage.span(), dh_wide.storage.span()) < tol);
   check_gradients(gd);

@@ -293,18 +293,12 @@ void check_every_row() {
       CHECK(grun::test::rel_error(std::span<const T>(row_of(outd.data(), n, d)), row_span(per_row.out, n % M)) < tol);
     }
   };
-  for (const auto plan : {fd::forward_schedule::stream, fd::forward_schedule::resident, fd::forward_schedule::staged,
-                          fd::forward_schedule::tensor, fd::forward_schedule::tensor_apply,
-                          fd::forward_schedule::tensor_pipelined}) {
-    INFO("forward schedule " << int(plan));
-    const auto before = fd::forward_plan;
-    fd::forward_plan = plan;
+  under_each_forward_schedule([&] {
     poison(outd.data(), N * d);
     poison(gatesd.data(), N);
     cuda_impl::forward(grun::exec::cuda, modules, 1.0, hv, pos, outv, gv);
-    fd::forward_plan = before;
     check_forward();
-  }
+  });
 
   gc::device_buffer<T> dhd(N * d);
   const grun::matrix_view<T, cuda_space> dhv(dhd.data(), {N, d});
@@ -327,15 +321,7 @@ void check_every_row() {
       INFO("dh row " << n << " (elements from " << n * d << ")");
       CHECK(grun::test::rel_error(std::span<const T>(row_of(dhd.data(), n, d)), row_span(per_row.dh, n % M)) < tol);
     }
-    const auto g = flat<I, T>(grads);
-    index_t off = 0;
-    grun::for_each_param(*ref.grads, [&](const auto& leaf) {
-      const auto n = std::size_t(leaf.size());
-      INFO("gradient leaf at offset " << off << ", " << leaf.rows << " × " << leaf.cols);
-      CHECK(grun::test::rel_error(std::span<const T>(g.data() + off, n), std::span<const double>(grads_sum.data() + off, n)) <
-            tol);
-      off += leaf.size();
-    });
+    check_gradient_leaves(*ref.grads, flat<I, T>(grads), grads_sum, tol);
   };
   for (const auto coef : {fd::coef_schedule::stream, fd::coef_schedule::resident, fd::coef_schedule::tensor})
     for (const auto slot : {fd::slot_schedule::cuda_cores, fd::slot_schedule::tensor}) check_backward(coef, slot, nullptr);
@@ -391,15 +377,9 @@ void check_sparse_rows() {
     return std::memcmp(got.data(), want.data(), sizeof(T) * got.size()) == 0;
   };
 
-  for (const auto plan : {fd::forward_schedule::stream, fd::forward_schedule::resident, fd::forward_schedule::staged,
-                          fd::forward_schedule::tensor, fd::forward_schedule::tensor_apply,
-                          fd::forward_schedule::tensor_pipelined}) {
-    INFO("forward schedule " << int(plan));
-    const auto before = fd::forward_plan;
-    fd::forward_plan = plan;
+  under_each_forward_schedule([&] {
     poison(outd.data(), N * d);
     cuda_impl::forward(grun::exec::cuda, modules, 1.0, hv, pos, outv, gv);
-    fd::forward_plan = before;
     GRUN_CUDA_CHECK(cudaDeviceSynchronize());
     CHECK(grun::test::rel_error(gatesd.to_host(), wide.gates.storage) < tol);
     for (index_t j = 0; j < P; ++j) {
@@ -411,7 +391,7 @@ void check_sparse_rows() {
       INFO("h' row " << n << " (not selected)");
       CHECK(same_row(outd.data(), n, row_span(ref.h, n % P)));
     }
-  }
+  });
 
   gc::device_params<Dp> grads(I::template shape<T, cuda_space>(d));
   poison(dhd.data(), N * d);
@@ -425,15 +405,8 @@ void check_sparse_rows() {
     INFO("dh row " << n << " (not selected)");
     CHECK(same_row(dhd.data(), n, row_span(ref.dout, n % P)));
   }
-  const auto g = flat<I, T>(grads);
   const std::vector<double> want(wide.grads.data(), wide.grads.data() + wide.grads.size());
-  index_t off = 0;
-  grun::for_each_param(*ref.grads, [&](const auto& leaf) {
-    const auto n = std::size_t(leaf.size());
-    INFO("gradient leaf at offset " << off);
-    CHECK(grun::test::rel_error(std::span<const T>(g.data() + off, n), std::span<const double>(want.data() + off, n)) < tol);
-    off += leaf.size();
-  });
+  check_gradient_leaves(*ref.grads, flat<I, T>(grads), want, tol);
 }
 
 }  // namespace grun::test::large_index
