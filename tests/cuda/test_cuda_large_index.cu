@@ -14,8 +14,9 @@
 // wrapped offset does not land on a row of the same class: 2^31 and 2^32 are not multiples of
 // M · V or M · d (M = 7, odd), so it reads or writes another class's values, or outside the buffer.
 //
-// On a GPU the cases need up to ~30 GiB (the losses) and ~47 GiB (the intervention) of device memory; with
-// less free they skip visibly (exit 77, like a missing device). The emulated program
+// On a GPU the cases ask for ~29 GiB (the losses) and ~44 GiB (the intervention: its four [N, d]
+// tensors and a margin for the mlp gate's activations) of free device memory; with less they skip
+// visibly (exit 77, like a missing device). The emulated program
 // (tests/emulation) runs the same cases at small sizes: it checks the cases themselves.
 #include <grun/cuda/kl.cuh>
 #include <grun/cuda/losses.cuh>
