@@ -224,9 +224,12 @@ void under_each_forward_schedule(Run&& run) {
                           fd::forward_schedule::tensor, fd::forward_schedule::tensor_apply,
                           fd::forward_schedule::tensor_pipelined}) {
     INFO("forward schedule " << int(plan));
-    const auto before = std::exchange(fd::forward_plan, plan);
+    // Restored on the way out, a throwing check (REQUIRE, a CUDA error) included.
+    struct restore {
+      fd::forward_schedule before;
+      ~restore() { fd::forward_plan = before; }
+    } const guard{std::exchange(fd::forward_plan, plan)};
     run();
-    fd::forward_plan = before;
   }
 }
 
