@@ -6,7 +6,7 @@
 // rows of a 4096-wide model.
 //
 // What makes the references cheap: every large input is a compact one repeated — row n of the device
-// tensor is row n mod M of a small host matrix (tile_rows). Per-row results repeat with it, so
+// tensor is row n mod M of a small host matrix (tiled). Per-row results repeat with it, so
 // exec::host on the M compact rows gives the expected value of every row (every nll, lse, KL and
 // gate is checked; h', dh and dlogits on the rows around each 2^31 and 2^32 boundary and the ends),
 // and a parameter gradient, a sum over rows, is the compact backward with each row's upstream
@@ -330,6 +330,7 @@ void check_every_row() {
   // The forward keeping e and z (and the mlp gate's activations) of every row, and the backward from them.
   grun::saved_activations<T> saved;
   poison(outd.data(), N * d);
+  poison(gatesd.data(), N);
   grun::detail::run_forward<I>(grun::exec::cuda, modules, 1.0, hv, pos, outv, gv, &saved);
   check_forward();
   CHECK(saved.on_device());
