@@ -9,13 +9,18 @@
 //   - a launch `k<<<grid, block, smem, stream>>>(args)` is rewritten by rewrite_launches.py into a
 //     call of ::grun_emu::launch(grid, block, smem, stream); each CTA then runs as blockDim fibers
 //     (ucontext, each with its own stack) on the launching thread, CTAs one after another, the
-//     fibers of a CTA in thread order — deterministic, and a barrier costs a context switch, not
-//     a wake-up of blockDim OS threads;
+//     ready fibers of a CTA in rounds between barrier openings — each round in thread order or in
+//     reverse, alternating by CTA and round (run_order.hpp: GRUN_EMU_ORDER pins or shuffles it),
+//     so a race's two outcomes both occur; deterministic, and a barrier costs a context switch,
+//     not a wake-up of blockDim OS threads;
 //   - __syncthreads() parks the fiber until every fiber of the CTA has parked or returned (a thread
 //     that returns stops counting for the CTA's barriers, as an exited thread does for bar.sync);
 //     __syncwarp() and the steps of a warp collective park it until the 32 lanes of its warp have
 //     arrived (a lane that returned first, or barriers that can never open, stop the emulation);
 //   - __shared__ is `static`: every thread of the CTA sees one object, and CTAs never overlap;
+//     rewrite_launches.py registers each such variable of a kernel (GRUN_EMU_SHARED_REGION), and
+//     it is filled with 0xFF bytes when first reached and at the start of every CTA — so a CTA
+//     that reads what it did not write sees NaN, not the values its predecessor left there;
 //     dynamic shared memory (extern __shared__ x[]) is a per-CTA buffer filled with 0xFF bytes
 //     (NaN for every float type), so a read before a write shows;
 //   - cub::BlockReduce, cub::WarpReduce, cub::DeviceReduce (Sum, Max), cooperative_groups::memcpy_async,
@@ -43,10 +48,13 @@
 //
 // What it checks that a CPU test of the host path cannot: the kernels' indexing, tiling, launch
 // shapes (grid and block limits, 48 KiB of dynamic shared memory, an empty grid is an error as
-// on the device), barriers, the host-side scratch and copies, and — under AddressSanitizer —
-// every out-of-bounds access to device memory. What it cannot: timing, races inside a warp
-// (its lanes run one after another between barriers), memory-model races between CTAs, and the
-// device's own float rounding of fused operations and of cuBLASLt's summation order.
+// on the device), barriers — a missing one shows when a reader can run before its writer (or a
+// writer before the last reader), which the alternating order makes happen whichever thread
+// ranks they have —, the host-side scratch and copies, and — under AddressSanitizer — every
+// out-of-bounds access to device memory. What it cannot: timing, a race whose outcomes are equal
+// (the same value written twice), what the memory model allows beyond interleavings (a store seen
+// late by another CTA, reordered accesses without a fence), and the device's own float rounding of
+// fused operations and of cuBLASLt's summation order.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -104,6 +112,14 @@ void sync_cta();
 /// every lane of its warp (32 consecutive thread ranks) has arrived.
 void sync_warp();
 inline unsigned char* dynamic_shared() { return context.dynamic_shared; }
+
+/// A kernel's static __shared__ variable, registered once (the first time a thread reaches its
+/// declaration): filled with 0xFF bytes then, and again by the runtime as every CTA starts.
+struct shared_region {
+  shared_region(void* where, std::size_t bytes);
+};
+#define GRUN_EMU_SHARED_REGION(name) \
+  static const ::grun_emu::shared_region grun_emu_shared_region_##name { &(name), sizeof(name) }
 
 /// Linear rank of the calling thread in its CTA (x fastest, as on the device).
 inline unsigned thread_rank() {

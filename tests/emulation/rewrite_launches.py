@@ -9,6 +9,10 @@ them away; this script rewrites them, and nothing else:
              [=](const auto&... a) { ns::kernel<T>(a...); }, args)
   extern __shared__ __align__(16) unsigned char smem[];
       -> unsigned char* const smem = reinterpret_cast<unsigned char*>(::grun_emu::dynamic_shared());
+  __shared__ float part[8][32];
+      -> __shared__ float part[8][32]; GRUN_EMU_SHARED_REGION(part);
+     (on the same line: the variable is registered with the runtime, which fills it with 0xFF bytes
+     at the start of every CTA, as the device's shared memory holds no CTA's values for the next)
 
 The kernel is called inside a generic lambda so that template arguments left to deduction (as a
 <<<>>> launch allows) are deduced from the arguments there; it captures by copy, since the launch
@@ -26,6 +30,7 @@ import re
 import sys
 
 DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:\s]*?)\s+(\w+)\s*\[\s*\]\s*;")
+STATIC_SHARED = re.compile(r"^([ \t]*__shared__\s+[^;{}()]*?\s(\w+)\s*(?:\[[^\];]*\]\s*)*;)", re.MULTILINE)
 IDENT = re.compile(r"[A-Za-z_]\w*$")
 
 
@@ -90,9 +95,10 @@ def rewrite(text: str, name: str) -> str:
                    + (f", {args})" if args.strip() else ")"))
         at = end
     out.append(text[at:])
-    return DYNAMIC_SHARED.sub(
+    text = DYNAMIC_SHARED.sub(
         lambda m: f"{m.group(1)}* const {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::grun_emu::dynamic_shared());",
         "".join(out))
+    return STATIC_SHARED.sub(lambda m: f"{m.group(1)} GRUN_EMU_SHARED_REGION({m.group(2)});", text)
 
 
 def main(argv):

@@ -9,6 +9,7 @@
 // scribbling). Fresh allocations are filled with 0xFF bytes (NaN in every float type, −1 in
 // integers): a kernel that reads what no one wrote shows in the results.
 #include <cuda_emulation.hpp>
+#include "run_order.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -18,6 +19,9 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <numeric>
+#include <random>
+#include <string_view>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -358,6 +362,86 @@ bool open_barriers(std::span<fiber> cta, const thread_context& where) {
 
 }  // namespace
 
+// ---- static shared memory ------------------------------------------------------------------------
+
+namespace {
+/// Every static __shared__ variable registered so far (GRUN_EMU_SHARED_REGION): where and how large.
+std::mutex regions_mutex;
+std::vector<std::pair<void*, std::size_t>>& shared_regions() {
+  static std::vector<std::pair<void*, std::size_t>> regions;
+  return regions;
+}
+/// As a CTA starts: what a device's shared memory holds for it is no CTA's values.
+void poison_shared_regions() {
+  const std::lock_guard lock(regions_mutex);
+  for (const auto& [where, bytes] : shared_regions()) std::memset(where, 0xFF, bytes);
+}
+}  // namespace
+
+shared_region::shared_region(void* where, std::size_t bytes) {
+  const std::lock_guard lock(regions_mutex);
+  std::memset(where, 0xFF, bytes);
+  shared_regions().emplace_back(where, bytes);
+}
+
+// ---- the order fibers and CTAs run in (run_order.hpp) ------------------------------------------
+// Thread order alone, the scheduler's first, hid every race whose writer has the lower rank (the
+// reader always ran after it) and every intra-warp race of that shape; the default now runs each
+// barrier interval both ways across CTAs, and GRUN_EMU_ORDER pins or shuffles it.
+
+namespace {
+
+/// GRUN_EMU_ORDER, read once; anything else stops the program with what it expected.
+run_order order_from_environment() {
+  const char* env = std::getenv("GRUN_EMU_ORDER");
+  const std::string_view v = env ? env : "";
+  if (v.empty() || v == "alternate") return {};
+  if (v == "forward") return {run_order::forward};
+  if (v == "reverse") return {run_order::reverse};
+  if (v == "shuffle") return {run_order::shuffle};
+  if (v.starts_with("shuffle:") && v.size() > 8 && v.find_first_not_of("0123456789", 8) == v.npos)
+    return {run_order::shuffle, std::strtoull(env + 8, nullptr, 10)};
+  std::fprintf(stderr, "GRUN_EMU_ORDER=%s: expected alternate, forward, reverse, shuffle or shuffle:<seed>\n", env);
+  std::exit(2);
+}
+run_order current_order = order_from_environment();
+
+/// The fibers of one round in the order they run: indices into the CTA.
+void arrange(std::vector<unsigned>& sequence, unsigned long long cta, unsigned round, std::mt19937_64& rng) {
+  std::iota(sequence.begin(), sequence.end(), 0u);
+  switch (current_order.mode) {
+    case run_order::forward: break;
+    case run_order::reverse: std::reverse(sequence.begin(), sequence.end()); break;
+    case run_order::alternate:
+      if ((cta + round) % 2 == 1) std::reverse(sequence.begin(), sequence.end());
+      break;
+    case run_order::shuffle: std::shuffle(sequence.begin(), sequence.end(), rng); break;
+  }
+}
+
+/// The CTA the i-th of n runs: i itself, n − 1 − i, or under shuffle an affine permutation
+/// (a·i + b) mod n with gcd(a, n) = 1 — a fresh one per launch, and no table for a large grid.
+struct cta_sequence {
+  unsigned long long n, a = 1, b = 0;
+  bool reversed = false;
+  cta_sequence(unsigned long long count, std::mt19937_64& rng) : n(count) {
+    if (current_order.mode == run_order::reverse) reversed = true;
+    if (current_order.mode == run_order::shuffle && n > 1) {
+      do a = 1 + rng() % (n - 1); while (std::gcd(a, n) != 1);
+      b = rng() % n;
+    }
+  }
+  unsigned long long operator[](unsigned long long i) const {
+    if (reversed) return n - 1 - i;
+    return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * i + b) % n);
+  }
+};
+
+}  // namespace
+
+run_order order() { return current_order; }
+void set_order(run_order o) { current_order = o; }
+
 bool launch_allowed(const launch_config& config) {
   const dim3 g = config.grid, b = config.block;
   const unsigned long long threads = 1ull * b.x * b.y * b.z;
@@ -398,40 +482,51 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
   };
   const std::size_t shared_bytes = config.dynamic_shared_bytes;
   const shared_memory shared(shared_bytes);
-  for (unsigned z = 0; z < g.z; ++z)
-    for (unsigned y = 0; y < g.y; ++y)
-      for (unsigned x = 0; x < g.x; ++x) {
-        // 0xFF-filled per CTA: the device's shared memory holds whatever the last CTA left.
-        std::memset(shared.get(), 0xFF, shared_bytes);
-        for (auto& f : cta) {
-          f.done = false;
-          f.waiting = barrier::none;
-          f.open_group.clear();
-          f.committed.clear();
-          getcontext(&f.context);
-          f.context.uc_stack.ss_sp = f.stack.get();
-          f.context.uc_stack.ss_size = fiber_stack_bytes;
-          f.context.uc_link = nullptr;
-          makecontext(&f.context, fiber_entry, 0);
-        }
-        // Rounds: every fiber not waiting runs, in thread order, until it parks at a barrier or
-        // returns; then the barriers all their fibers have reached open, and the next round starts.
-        const thread_context where{{0, 0, 0}, {x, y, z}, b, g, shared.get()};
-        do {
-          for (auto& f : cta) {
-            if (f.done || f.waiting != barrier::none) continue;
-            thread_context here = where;
-            here.thread = f.thread;
-            resume(f, here);
-          }
-          scheduler.running = nullptr;
-        } while (open_barriers(cta, where));
-        for (const auto& f : cta) {
-          const bool in_flight = !f.open_group.empty() || std::any_of(f.committed.begin(), f.committed.end(),
-                                                                      [](const auto& group) { return !group.empty(); });
-          if (in_flight) fail_at(where, f.thread, "cp.async copies still in flight when the thread returned (no cp.async.wait_group covered them)");
-        }
+  // Each launch's shuffles come from the seed and the launch's number on this thread, so a run repeats.
+  static thread_local unsigned long long launches = 0;
+  std::mt19937_64 rng(current_order.seed + 0x9E3779B97F4A7C15ull * ++launches);
+  std::vector<unsigned> sequence(static_cast<std::size_t>(threads));
+  const unsigned long long ctas = 1ull * g.x * g.y * g.z;
+  const cta_sequence cta_order(ctas, rng);
+  for (unsigned long long i = 0; i < ctas; ++i) {
+    const unsigned long long c = cta_order[i];
+    const unsigned x = unsigned(c % g.x), y = unsigned(c / g.x % g.y), z = unsigned(c / g.x / g.y);
+    // 0xFF-filled per CTA, static and dynamic: the device's shared memory holds whatever the last CTA
+    // left, so a kernel must not count on any of it.
+    std::memset(shared.get(), 0xFF, shared_bytes);
+    poison_shared_regions();
+    for (auto& f : cta) {
+      f.done = false;
+      f.waiting = barrier::none;
+      f.open_group.clear();
+      f.committed.clear();
+      getcontext(&f.context);
+      f.context.uc_stack.ss_sp = f.stack.get();
+      f.context.uc_stack.ss_size = fiber_stack_bytes;
+      f.context.uc_link = nullptr;
+      makecontext(&f.context, fiber_entry, 0);
+    }
+    // Rounds: every fiber not waiting runs, in the round's order (arrange), until it parks at a
+    // barrier or returns; then the barriers all their fibers have reached open, and the next starts.
+    const thread_context where{{0, 0, 0}, {x, y, z}, b, g, shared.get()};
+    unsigned round = 0;
+    do {
+      arrange(sequence, c, round++, rng);
+      for (const unsigned t : sequence) {
+        fiber& f = cta[t];
+        if (f.done || f.waiting != barrier::none) continue;
+        thread_context here = where;
+        here.thread = f.thread;
+        resume(f, here);
       }
+      scheduler.running = nullptr;
+    } while (open_barriers(cta, where));
+    for (const auto& f : cta) {
+      const bool in_flight = !f.open_group.empty() || std::any_of(f.committed.begin(), f.committed.end(),
+                                                                  [](const auto& group) { return !group.empty(); });
+      if (in_flight) fail_at(where, f.thread, "cp.async copies still in flight when the thread returned (no cp.async.wait_group covered them)");
+    }
+  }
 }
 
 }  // namespace grun_emu

@@ -1,7 +1,8 @@
-// The emulation's own contracts (tests/emulation): warp and CTA barriers in one kernel, cub's warp
-// reduction order, cub::DeviceReduce, events and device properties, stream order, and cuBLASLt's
-// matmul — its numbers and the misuses it must refuse as the device library would (the emulated
-// agreement tests rely on those refusals to catch glue bugs).
+// The emulation's own contracts (tests/emulation): warp and CTA barriers in one kernel, the order
+// threads and CTAs run in (a race shows), static shared memory that starts as 0xFF bytes in every
+// CTA, cub's warp reduction order, cub::DeviceReduce, events and device properties, stream order,
+// and cuBLASLt's matmul — its numbers and the misuses it must refuse as the device library would
+// (the emulated agreement tests rely on those refusals to catch glue bugs).
 // Kernels here are plain functions launched through ::grun_emu::launch, as rewritten launches are.
 #include <catch2/catch.hpp>
 
@@ -10,6 +11,9 @@
 #include <cub/warp/warp_reduce.cuh>
 #include <cublasLt.h>
 
+#include "run_order.hpp"
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -113,6 +117,59 @@ struct matmul_case {
     return s;
   }
 };
+
+/// Every thread writes its slot of dynamic shared memory and reads its right neighbour's (thread
+/// blockDim − 1 reads thread 0's) — with a barrier between the two when `synced`, else a race: the
+/// neighbour's value, or the 0xFF bytes (−1) the CTA's shared memory starts as, by who ran first.
+void neighbour_slot(int* seen, bool synced) {
+  int* slot = reinterpret_cast<int*>(::grun_emu::dynamic_shared());
+  const int t = int(threadIdx.x), n = int(blockDim.x);
+  slot[t] = t + 1;
+  if (synced) __syncthreads();
+  seen[int(blockIdx.x) * n + t] = slot[(t + 1) % n];
+}
+
+/// The place of each CTA in the grid's run: *counter counts the CTAs that have started.
+void cta_place(int* place, int* counter) {
+  if (threadIdx.x == 0) place[blockIdx.x] = atomicAdd(counter, 1);
+}
+
+/// CTA 0 writes a static __shared__ variable (registered, as rewrite_launches.py registers a kernel's);
+/// every CTA then reads it without a barrier's worth of writing of its own: CTA 0 its value, the
+/// others the 0xFF bytes every CTA starts with (not CTA 0's leftovers).
+void leftover_shared(int* seen) {
+  __shared__ int value;
+  GRUN_EMU_SHARED_REGION(value);
+  if (blockIdx.x == 0 && threadIdx.x == 0) value = 42;
+  __syncthreads();
+  if (threadIdx.x == 0) seen[blockIdx.x] = value;
+}
+
+/// Sets the scheduler's order for a scope and restores the one before.
+struct order_scope {
+  ::grun_emu::run_order before = ::grun_emu::order();
+  explicit order_scope(::grun_emu::run_order o) { ::grun_emu::set_order(o); }
+  ~order_scope() { ::grun_emu::set_order(before); }
+};
+
+constexpr int race_threads = 64, race_ctas = 2;
+
+/// neighbour_slot over race_ctas CTAs under `o`: what each thread saw.
+std::vector<int> neighbours_seen(::grun_emu::run_order o, bool synced) {
+  const order_scope scope(o);
+  device_array<int> seen(race_threads * race_ctas);
+  ::grun_emu::launch(dim3(race_ctas), dim3(race_threads), sizeof(int) * race_threads)(neighbour_slot, seen.ptr, synced);
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  return seen.to_host();
+}
+
+std::vector<int> cta_places(::grun_emu::run_order o, int ctas) {
+  const order_scope scope(o);
+  device_array<int> place{std::size_t(ctas)}, counter{std::vector<int>{0}};
+  ::grun_emu::launch(dim3(unsigned(ctas)), dim3(32))(cta_place, place.ptr, counter.ptr);
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  return place.to_host();
+}
 
 std::vector<float> ramp(std::size_t n, float scale) {
   std::vector<float> v(n);
@@ -406,4 +463,66 @@ TEST_CASE("emulation: the legacy stream's work waits in line too, synchronized w
   CHECK(cudaStreamDestroy(nonblocking) == cudaSuccess);
   CHECK(cudaStreamDestroy(blocking) == cudaSuccess);
   CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+TEST_CASE("emulation: a CTA's threads run both ways between barriers, so a race shows; GRUN_EMU_ORDER pins or shuffles", "[emulation]") {
+  using order = ::grun_emu::run_order;
+  // Thread t saw its neighbour's write (t + 2), or the 0xFF start (−1): who ran first decides.
+  auto wrote = [](const std::vector<int>& seen, int cta, int t) { return seen[std::size_t(cta * race_threads + t)] != -1; };
+  SECTION("with the barrier every order gives every thread its neighbour's value") {
+    for (const order o : {order{order::alternate}, order{order::forward}, order{order::reverse}, order{order::shuffle, 7}}) {
+      const auto seen = neighbours_seen(o, true);
+      for (int c = 0; c < race_ctas; ++c)
+        for (int t = 0; t < race_threads; ++t) CHECK(seen[std::size_t(c * race_threads + t)] == (t + 1) % race_threads + 1);
+    }
+  }
+  SECTION("alternate (the default): CTA 0 runs in thread order, CTA 1 in reverse — the race shows in one of them") {
+    const auto seen = neighbours_seen(order{order::alternate}, false);
+    for (int t = 0; t + 1 < race_threads; ++t) {
+      CHECK_FALSE(wrote(seen, 0, t));  // its neighbour (rank t + 1) had not run yet
+      CHECK(wrote(seen, 1, t));        // it had
+    }
+    CHECK(wrote(seen, 0, race_threads - 1));  // thread 0 ran before the last
+    CHECK_FALSE(wrote(seen, 1, race_threads - 1));
+  }
+  SECTION("forward and reverse: thread order, or its reverse, in every CTA") {
+    const auto fwd = neighbours_seen(order{order::forward}, false), rev = neighbours_seen(order{order::reverse}, false);
+    for (int c = 0; c < race_ctas; ++c)
+      for (int t = 0; t + 1 < race_threads; ++t) {
+        CHECK_FALSE(wrote(fwd, c, t));
+        CHECK(wrote(rev, c, t));
+      }
+  }
+  SECTION("shuffle: both outcomes in one CTA") {
+    const auto a = neighbours_seen(order{order::shuffle, 1}, false);
+    int written = 0;
+    for (int t = 0; t < race_threads; ++t) written += wrote(a, 0, t);
+    CHECK(written > 0);
+    CHECK(written < race_threads);
+  }
+  SECTION("CTAs: in order, from the last, or an arbitrary permutation") {
+    constexpr int ctas = 16;
+    const auto fwd = cta_places(order{order::alternate}, ctas), rev = cta_places(order{order::reverse}, ctas);
+    for (int c = 0; c < ctas; ++c) {
+      CHECK(fwd[std::size_t(c)] == c);
+      CHECK(rev[std::size_t(c)] == ctas - 1 - c);
+    }
+    bool moved = false;
+    for (unsigned long long seed = 1; seed <= 4; ++seed) {
+      auto shuffled = cta_places(order{order::shuffle, seed}, ctas);
+      moved = moved || shuffled != fwd;
+      std::sort(shuffled.begin(), shuffled.end());
+      CHECK(shuffled == fwd);  // every CTA ran once
+    }
+    CHECK(moved);
+  }
+}
+
+TEST_CASE("emulation: a kernel's static shared memory starts as 0xFF bytes in every CTA", "[emulation]") {
+  device_array<int> seen(3);
+  for (int launch = 0; launch < 2; ++launch) {  // the first launch registers the variable; the second finds it registered
+    ::grun_emu::launch(dim3(3), dim3(32))(leftover_shared, seen.ptr);
+    REQUIRE(cudaGetLastError() == cudaSuccess);
+    CHECK(seen.to_host() == std::vector<int>{42, -1, -1});
+  }
 }
