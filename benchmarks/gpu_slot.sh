@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # benchmarks/gpu_slot.sh — one call on a lent GPU machine, everything in it: gpu_check.sh on a prebuilt
 # bundle (tests, bench_cuda, PyTorch / Liger, the table), bench_cuda's extra groups, ncu on the fused
-# intervention kernels, compute-sanitizer memcheck on the intervention test programs. Each step is
-# bounded; what it wrote lands in OUT (at most 8 files, for transfers that return few files).
+# intervention kernels, compute-sanitizer (memcheck on the intervention test programs, racecheck and
+# synccheck on the fused kernels' program). Each step is bounded; what it wrote lands in OUT (at most
+# 8 files, for transfers that return few files).
 #
 # Usage: benchmarks/gpu_slot.sh [--bundle DIR] [--out DIR] [--wheels DIR]
 #   --bundle  a bundle from benchmarks/gpu_bundle.sh: its folder, or its .tar.gz (unpacked here into a
@@ -12,7 +13,8 @@
 #             which the lent machines lack and cannot fetch)
 # Files in OUT: env.txt, gpu_check.log, results.txt (gpu_check.sh --table-only reprints the table),
 # extra.txt (bench_cuda --only intervention_scaling), fastest.txt (the table again with the fastest
-# measured schedules as the run's defaults), ncu.txt, memcheck.txt, logs.tgz (every log).
+# measured schedules as the run's defaults), ncu.txt, memcheck.txt (every compute-sanitizer run's
+# summary), logs.tgz (every log).
 # Exit status: gpu_check.sh's (0 all passed; 1 a test or bench_cuda failed; 2 bad arguments; 3 no GPU).
 set -uo pipefail
 
@@ -130,17 +132,26 @@ else
 fi
 echo "ncu done after $(elapsed) s"
 
-# 4. memcheck, four programs side by side, 90 s each at most.
+# 4. compute-sanitizer, six runs side by side, 90 s each at most: memcheck on four programs, and racecheck
+# (shared-memory hazards) and synccheck (barriers) on the fused intervention kernels, the schedules that
+# stage tiles and parameters in shared memory — what the CPU emulation's alternating thread order
+# checks only as far as interleavings go. A run cut short by the limit says so (exit 124).
 sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -n 1)"
 : >"$out/memcheck.txt"
 if [[ -n $sanitizer ]]; then
-  for p in test_cuda_intervention_fused test_cuda_intervention test_cuda_intervention_fused_mlp test_cuda_core; do
-    timeout 90 "$sanitizer" --tool memcheck --print-limit 20 "$bin/$p" >"$work/memcheck.$p.log" 2>&1 &
+  for job in "memcheck test_cuda_intervention_fused" "memcheck test_cuda_intervention" \
+             "memcheck test_cuda_intervention_fused_mlp" "memcheck test_cuda_core" \
+             "racecheck test_cuda_intervention_fused" "synccheck test_cuda_intervention_fused"; do
+    set -- $job  # a tool, then a program
+    { timeout 90 "$sanitizer" --tool "$1" --print-limit 20 "$bin/$2"; echo "exit $?"; } >"$work/$1.$2.log" 2>&1 &
   done
   wait
-  for f in "$work"/memcheck.*.log; do
-    echo "== $(basename "$f")"
-    grep -E "ERROR SUMMARY|Invalid|passed|failed|Program hit" "$f" | head -n 8
+  for f in "$work"/{memcheck,racecheck,synccheck}.*.log; do
+    [[ -f $f ]] || continue
+    name="$(basename "$f" .log)"
+    echo "== ${name%%.*} ${name#*.}"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race reported|Barrier error|passed|failed|Program hit|^exit [0-9]+$" "$f" |
+      head -n 8
   done >"$out/memcheck.txt"
 else
   echo "no compute-sanitizer on this machine" >"$out/memcheck.txt"

@@ -450,6 +450,9 @@ def test_slot():
         fakebin = os.path.join(tmp, "fakebin")  # an ncu that reports how it was called
         os.makedirs(fakebin)
         write_program(os.path.join(fakebin, "ncu"), 'echo "ncu $*"')
+        # A compute-sanitizer that reports a clean run of each tool it is given.
+        write_program(os.path.join(fakebin, "compute-sanitizer"),
+                      'echo "sanitizer $*"; echo "========= ERROR SUMMARY: 0 errors"')
         p = run(["bash", slot, "--bundle", bundle, "--out", out],
                 dict(os.environ, GRUN_NVIDIA_SMI=smi, PATH=f"{fakebin}:/usr/bin:/bin"))
         check(p.returncode == 0, f"passing bundle: exit 0 (got {p.returncode}; {p.stdout[-600:]!r})")
@@ -491,6 +494,16 @@ def test_slot():
                           and line.endswith(f"--only intervention_linear_loreft4 {options}")
                           for line in ncu.splitlines()),
                       f"ncu.txt: {kernel} profiled under bench_cuda {options}")
+
+        if "memcheck.txt" in files:
+            with open(os.path.join(out, "memcheck.txt")) as f:
+                sanitized = f.read()
+            for tool, program in [("memcheck", "test_cuda_intervention_fused"), ("memcheck", "test_cuda_intervention"),
+                                  ("memcheck", "test_cuda_intervention_fused_mlp"), ("memcheck", "test_cuda_core"),
+                                  ("racecheck", "test_cuda_intervention_fused"),
+                                  ("synccheck", "test_cuda_intervention_fused")]:
+                check(f"== {tool} {program}\n========= ERROR SUMMARY: 0 errors\nexit 0\n" in sanitized,
+                      f"memcheck.txt: compute-sanitizer --tool {tool} on {program}, its summary and exit status")
 
         # The archive gpu_bundle.sh writes beside the folder (what a device call carries): unpacked and run.
         archive = os.path.join(tmp, "bundle.tar.gz")
