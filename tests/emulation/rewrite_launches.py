@@ -2,7 +2,8 @@
 """Rewrites CUDA sources so a host C++ compiler takes them (tests/emulation).
 
 Two constructs of the device dialect are syntax, not names, so cuda_emulation.hpp cannot define
-them away; this script rewrites them, and nothing else:
+them away, and a third needs a statement after it that a macro cannot add; this script rewrites
+those three, and nothing else:
 
   ns::kernel<T><<<grid, block, smem, stream>>>(args)
       -> ::grun_emu::launch(grid, block, smem, stream)(
