@@ -1,5 +1,6 @@
 // gated_intervention on exec::cuda agrees with exec::host: forward (out, gates), backward (dh and
-// parameter gradients), a stack of K modules in one launch, odd d, P = 1, empty position lists.
+// parameter gradients), a stack of K modules in one launch, odd d, P = 1, empty position lists, and
+// ortho::householder (R materialized on the device, dL/dR pulled back).
 #include "fused_intervention_check.hpp"
 #include "norm_gate.hpp"
 
@@ -169,6 +170,103 @@ TEST_CASE("cuda intervention agrees with exec::host: double storage (generic pat
   check_agreement<lin_lo4, double>(9, 38, {8, 1, 2}, 1, 0, 1.0);         // d % 4 = 2
   check_agreement<lin_lo4, double>(12, 40, {11, 0, 5, 6}, 2, 1, 0.8);    // stack of K = 2
   check_agreement<mlp_lo4, double>(9, 38, {8, 1, 2}, 1, 0, 1.0);         // mlp gate: no cuBLASLt type for double
+}
+
+// ortho::householder: each call materializes R from the raw vectors on the device, runs the same
+// intervention with R as an ordinary matrix (fused, mlp gate or generic path), and the backward pulls
+// dL/dR back to dL/dv — against exec::host, which materializes and pulls back in double on the host.
+namespace hh {
+using lin_lo4 = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>, grun::ortho::householder>;
+using mlp_lo4 = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>, grun::ortho::householder>;
+using lin_lo3 = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<3>, grun::ortho::householder>;
+}  // namespace hh
+
+TEMPLATE_TEST_CASE("cuda intervention with ortho::householder agrees with exec::host", "[intervention][householder]",
+                   float, grun::bfloat16) {
+  GRUN_REQUIRE_DEVICE();
+  check_sizes<hh::lin_lo4, TestType>();                                          // fused kernels
+  check_agreement<hh::mlp_lo4, TestType>(40, 64, {0, 5, 9, 17, 39, 21}, 2, 1, 0.8);  // mlp gate, a stack
+}
+
+TEST_CASE("cuda intervention with ortho::householder agrees with exec::host: double storage (generic path)",
+          "[intervention][householder]") {
+  GRUN_REQUIRE_DEVICE();
+  check_agreement<hh::lin_lo3, double>(9, 38, {8, 1, 2}, 1, 0, 1.0);
+  check_agreement<hh::lin_lo3, double>(12, 40, {11, 0, 5, 6}, 2, 1, 0.8);
+}
+
+TEST_CASE("cuda intervention with ortho::householder: the generic path called directly, fp32 dgates",
+          "[intervention][householder]") {
+  GRUN_REQUIRE_DEVICE();
+  for (const bool generic : {false, true}) check_fp32_dgates<hh::lin_lo4, grun::bfloat16>(generic);
+}
+
+TEST_CASE("cuda intervention with ortho::householder: the backward from saved activations", "[intervention][householder]") {
+  GRUN_REQUIRE_DEVICE();
+  using I = hh::lin_lo4;
+  using T = grun::bfloat16;
+  const index_t N = 24, d = 64;
+  host_reference<I, T> ref({N, d, iota(N)}, {21, 13});
+  const auto pos = grun::positions::all(N);
+  gc::device_matrix<T> hd(ref.h), doutd(ref.dout), outd(N, d), dhd(N, d);
+  gc::device_buffer<T> gatesd(N);
+  gc::device_params<dparams<I, T>> grads_d(I::template shape<T, cuda_space>(d));
+  grun::saved_activations<T> saved;
+  I::forward(grun::exec::cuda, ref.device_views[0], cdview<T>(hd.view()), pos, outd.view(), gatesd.template view<1>({{N}}),
+             saved);
+  CHECK(saved.width() == 5);  // the fused forward kept e and z for the backward
+  I::backward(grun::exec::cuda, ref.device_views[0], cdview<T>(hd.view()), pos, cdview<T>(doutd.view()),
+              grun::vector_view<const T, cuda_space>(), dhd.view(), *grads_d, saved);
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  // The host reference's backward took dgates; this one none: compare with a host backward without them.
+  grun::owned_params<hparams<I, T>> grads_h(I::template shape<T>(d));
+  grun::host_matrix<T> dh_h(N, d);
+  I::backward(grun::exec::host, ref.host_views[0], grun::matrix_view<const T>(ref.h.view()), pos,
+              grun::matrix_view<const T>(ref.dout.view()), grun::vector_view<const T>(), dh_h.view(), *grads_h);
+  const double tol = grun::test::tolerance<T>();
+  CHECK(grun::test::rel_error(outd.to_host().storage.span(), ref.out.storage.span()) < tol);
+  CHECK(grun::test::rel_error(dhd.to_host().storage.span(), dh_h.storage.span()) < tol);
+  const auto gd = flat<I, T>(grads_d);
+  CHECK(grun::test::rel_error(std::span<const T>(gd), std::span<const T>(grads_h.data(), std::size_t(grads_h.size()))) < tol);
+}
+
+TEST_CASE("cuda intervention with ortho::householder: a zero or non-finite raw vector is exec::host's numeric_error",
+          "[intervention][householder]") {
+  GRUN_REQUIRE_DEVICE();
+  using I = hh::lin_lo4;
+  using T = float;
+  const index_t N = 6, d = 40;
+  for (const float bad : {0.f, NAN}) {
+    for (const index_t K : {index_t(1), index_t(2)}) {
+      INFO("v_2 of module " << K - 1 << " set to " << bad << ", K = " << K);
+      host_reference<I, T> ref({N, d, {1, 4}, K, K - 1, 1.0}, {11, 7});
+      // v_2 of the last module: zero, or one NaN element.
+      auto& raw = grun::reft::loreft<4>::rotation((*ref.host_modules.back()).reft);
+      for (index_t j = 0; j < d; ++j) raw(2, j) = bad == 0.f ? 0.f : (j == 5 ? NAN : raw(2, j));
+      const auto& draw = grun::reft::loreft<4>::rotation((*ref.device_modules.back()).reft);
+      GRUN_CUDA_CHECK(cudaMemcpy(draw.data, raw.data, sizeof(T) * std::size_t(raw.size()), cudaMemcpyHostToDevice));
+      const std::string expected = K == 1 ? "householder: raw vector v_2 must be nonzero and finite"
+                                          : "householder: raw vector v_2 of module 1 must be nonzero and finite";
+      // The host says the same (K = 1: word for word).
+      if (K == 1)
+        CHECK_THROWS_WITH(I::forward(grun::exec::host, ref.host_views[0], grun::matrix_view<const T>(ref.h.view()), ref.pos,
+                                     ref.out.view(), grun::vector_view<T>(ref.gates.storage.data(), {2})),
+                          Catch::Contains(expected));
+      using cuda_impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
+      const std::span<const dparams<I, T>> modules(ref.device_views);
+      gc::device_matrix<T> hd(ref.h), doutd(ref.dout), outd(ref.dout), dhd(ref.h), gatesd(K, 2), dgatesd(ref.dgates);
+      gc::device_params<dparams<I, T>> grads_d(I::template shape<T, cuda_space>(d));
+      CHECK_THROWS_AS(cuda_impl::forward(grun::exec::cuda, modules, 1.0, cdview<T>(hd.view()), ref.pos, outd.view(),
+                                         gatesd.view()),
+                      grun::numeric_error);
+      CHECK_THROWS_WITH(cuda_impl::backward(grun::exec::cuda, modules, 1.0, K - 1, cdview<T>(hd.view()), ref.pos,
+                                            cdview<T>(doutd.view()), cdview<T>(dgatesd.view()), dhd.view(), *grads_d),
+                        Catch::Contains(expected));
+      // Refused before any of the intervention ran: out and dh keep what they held.
+      CHECK(grun::test::rel_error(outd.to_host().storage.span(), ref.dout.storage.span()) == 0);
+      CHECK(grun::test::rel_error(dhd.to_host().storage.span(), ref.h.storage.span()) == 0);
+    }
+  }
 }
 
 // A gate of the user's (norm_gate.hpp, also tests/test_gate.cpp's): nothing in grun names it, so

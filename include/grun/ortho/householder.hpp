@@ -6,6 +6,8 @@
 // Each H_k is orthogonal, so R's rows are orthonormal for any nonzero v_k, and no retraction is needed
 // (cf. torch.nn.utils.parametrizations.orthogonal with orthogonal_map="householder").
 // Forward materializes R once per call (O(r² d)); the backward maps dL/dR to dL/dv exactly.
+// The two formulas below (reflection_coefficient, pullback_term) are GRUN_HD: exec::cuda's kernels
+// (kernels/grun/cuda/householder.cuh) sweep the same recurrences with them.
 #include <cmath>
 #include <vector>
 
@@ -19,6 +21,18 @@ struct householder {
   static constexpr bool is_parametrization = true;
 
   template <class P> static void retract(P&) {}
+
+  /// The coefficient of v in a row's reflection, m H = m − (2/n)(m·v) v with n = vᵀv: (2/n)·dot,
+  /// given dot = m·v.
+  GRUN_HD static constexpr double reflection_coefficient(double dot, double n) { return dot * (2.0 / n); }
+
+  /// Row i's share of dL/dv_k at column j (pullback sums it over the rows i):
+  ///   −(2/n)(m c + g a) + (4/n²) a c v,
+  /// where m = M_{k−1}(i, j) (R's row i before H_k), g = G(i, j) (dL/dM_k), v = v_k(j), a = M_{k−1}(i)·v_k,
+  /// c = G(i)·v_k, n = v_kᵀv_k.
+  GRUN_HD static constexpr double pullback_term(double m, double g, double v, double a, double c, double n) {
+    return -(2.0 / n) * (m * c + g * a) + (4.0 / (n * n)) * a * c * v;
+  }
 
   /// R [r, d] (row-major double) from raw [r, d]. Throws numeric_error for a zero or non-finite v_k.
   template <class T, class S>
@@ -52,20 +66,19 @@ struct householder {
       const double* Mp = M.data() + k * rd;  // M_{k-1} in the formula's numbering (before H_k)
       double n = 0;
       for (index_t j = 0; j < d; ++j) { v[j] = load<double>(raw(k, j)); n += v[j] * v[j]; }
-      double ac = 0;
       for (index_t i = 0; i < r; ++i) {
         double ai = 0, ci = 0;
         for (index_t j = 0; j < d; ++j) { ai += Mp[i * d + j] * v[j]; ci += G[i * d + j] * v[j]; }
-        a[i] = ai; c[i] = ci; ac += ai * ci;
+        a[i] = ai; c[i] = ci;
       }
       double* out = draw + k * d;
       for (index_t j = 0; j < d; ++j) {
         double s = 0;
-        for (index_t i = 0; i < r; ++i) s += Mp[i * d + j] * c[i] + G[i * d + j] * a[i];
-        out[j] = -(2.0 / n) * s + (4.0 / (n * n)) * ac * v[j];
+        for (index_t i = 0; i < r; ++i) s += pullback_term(Mp[i * d + j], G[i * d + j], v[j], a[i], c[i], n);
+        out[j] = s;
       }
       for (index_t i = 0; i < r; ++i)
-        for (index_t j = 0; j < d; ++j) G[i * d + j] -= (2.0 / n) * c[i] * v[j];
+        for (index_t j = 0; j < d; ++j) G[i * d + j] -= reflection_coefficient(c[i], n) * v[j];
     }
   }
 
@@ -97,7 +110,7 @@ struct householder {
     for (index_t i = 0; i < r; ++i) {
       double s = 0;
       for (index_t j = 0; j < d; ++j) s += M[i * d + j] * v[j];
-      a[i] = s * (2.0 / n);
+      a[i] = reflection_coefficient(s, n);
     }
     for (index_t i = 0; i < r; ++i)
       for (index_t j = 0; j < d; ++j) M[i * d + j] -= a[i] * v[j];

@@ -21,7 +21,11 @@
 //
 // gate::mlp × those ReFTs takes intervention_mlp.cuh: the first gate layer as cuBLASLt GEMMs on
 // tensor cores, then the same fused ReFT kernels (link CUDA::cublasLt).
-// Parametrized rotations (ortho::householder) are refused at compile time.
+// A parametrized rotation (ortho::householder) is a change of variables around all of this: R is
+// materialized from the raw tensor on the device before each call (householder.cuh), the same
+// intervention with R as an ordinary matrix (ortho::none) runs — fused, mlp or generic — and the
+// backward pulls dL/dR back to dL/draw. Materializing waits for the stream once per call, to report
+// a degenerate raw vector as exec::host does.
 
 #include <algorithm>
 #include <memory>
@@ -30,11 +34,13 @@
 #include <vector>
 
 #include "check.cuh"  // first: exec::host_t before exec/cuda.hpp
+#include "householder.cuh"
 #include "intervention_fused.cuh"
 #include "intervention_mlp.cuh"
 #include "scratch.cuh"
 
 #include <grun/intervention.hpp>
+#include <grun/ortho/none.hpp>
 
 namespace grun::cuda {
 
@@ -192,9 +198,9 @@ namespace grun::detail {
 template <class G, class R, class O>
 struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   using I = gated_intervention<G, R, O>;
-  static_assert(!O::is_parametrization,
-                "grun: no forward for gated_intervention with a parametrized rotation (ortho::householder) on exec::cuda "
-                "yet; use ortho::qr_retraction (retract with grun::cuda::qr_retract) or exec::host");
+  static_assert(!O::is_parametrization || cuda::device_parametrization<O>::available,
+                "grun: this parametrized rotation has no device kernels (grun::cuda::device_parametrization<O>); "
+                "ortho::householder has them, or use exec::host");
 
   /// Bytes of per-thread work space a launch may take (rows are processed in chunks beyond this).
   static constexpr index_t work_budget = index_t(256) << 20;
@@ -206,11 +212,54 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   /// for the same storage types.
   static constexpr bool fused_mlp = cuda::mlp_gate::supported<G, R, O>;
 
+  /// With a parametrized rotation: the same intervention with R an ordinary matrix, which runs once
+  /// R is materialized (named only where O::is_parametrization).
+  using plain = gated_intervention<G, R, ortho::none>;
+  using plain_impl = intervention_impl<exec::cuda_t, plain>;
+
+  /// One call's modules as `plain` modules, each R materialized from its raw tensor into call-scoped
+  /// device scratch on ex's stream, with the dots the pullback replays.
+  template <class T>
+  struct materialized {
+    using device = cuda::device_parametrization<O>;
+    using plain_params = module_params<plain, T, cuda_space>;
+    static constexpr index_t r = I::rank;
+    cuda::detail::stream_scratch<T> rotations;  // [K][r][d]
+    cuda::detail::stream_scratch<double> dots;  // [K][dots_size(r)]
+    std::vector<plain_params> modules;
+
+    materialized(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> mods, index_t d)
+        : rotations(index_t(mods.size()) * r * d, cuda::stream_of(ex)),
+          dots(index_t(mods.size()) * device::dots_size(r), cuda::stream_of(ex)) {
+      std::vector<param<T, cuda_space>> raws;
+      for (const auto& m : mods) raws.push_back(R::rotation(m.reft));
+      device::template materialize<T>(ex, std::span<const param<T, cuda_space>>(raws), rotations.ptr, dots.ptr);
+      for (std::size_t k = 0; k < mods.size(); ++k) {
+        modules.push_back(as_plain(mods[k]));
+        R::rotation(modules.back().reft).data = rotations.ptr + index_t(k) * r * d;
+      }
+    }
+    std::span<const plain_params> view() const { return modules; }
+    /// The same leaves (the raw tensor's leaf holds R, or dL/dR in a gradient aggregate).
+    static plain_params as_plain(const module_params<I, T, cuda_space>& p) { return {p.gate, p.reft}; }
+    /// grads' rotation leaf: dL/dR (the plain backward's) → dL/draw of module `trained`.
+    void pull_back(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> mods, index_t trained,
+                   const module_params<I, T, cuda_space>& grads) const {
+      if (trained < 0 || trained >= index_t(mods.size())) return;  // (the public front ends refuse it first)
+      const auto& dR = R::rotation(grads.reft);
+      device::template pullback<r, T, T>(ex, R::rotation(mods[std::size_t(trained)].reft), dR.data, dR.data,
+                                         dots.ptr + trained * device::dots_size(r));
+    }
+  };
+
   template <class T, class S>
   static void forward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                       matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates) {
     static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
-    if constexpr (fused && cuda::fused::takes_storage<T>) {
+    if constexpr (O::is_parametrization) {
+      const materialized<T> m(ex, modules, h.extent(1));
+      return plain_impl::forward(ex, m.view(), scale, h, pos, out, gates);
+    } else if constexpr (fused && cuda::fused::takes_storage<T>) {
       if (cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
     } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
       if (cuda::mlp_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
@@ -222,8 +271,9 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   /// forward's e and z, 16-bit storage; it decides for sure when it runs — a call the fused kernels
   /// do not take keeps nothing). Adapters ask it before they keep a saved_activations alive.
   template <class T>
-  static constexpr bool may_save(index_t /*d*/) {
-    return (fused || fused_mlp) && (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>);
+  static constexpr bool may_save(index_t d) {
+    if constexpr (O::is_parametrization) return plain_impl::template may_save<T>(d);
+    else return (fused || fused_mlp) && (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>);
   }
 
   /// The forward keeping in `saved` what the fused backward would otherwise recompute (16-bit storage,
@@ -234,7 +284,10 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   static void forward_keeping(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                               matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out,
                               matrix_view<T, S> gates, saved_activations<T>& saved) {
-    if constexpr ((fused || fused_mlp) && cuda::fused::takes_storage<T>) {
+    if constexpr (O::is_parametrization) {
+      const materialized<T> m(ex, modules, h.extent(1));
+      return plain_impl::forward_keeping(ex, m.view(), scale, h, pos, out, gates, saved);
+    } else if constexpr ((fused || fused_mlp) && cuda::fused::takes_storage<T>) {
       const index_t K = index_t(modules.size()), P = pos.size(), d = h.extent(1);
       auto keep = [&](index_t width) -> float* {
         return saved_access::begin_on_device(saved, K, P, d, width, [&](std::size_t bytes) {
@@ -256,7 +309,11 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
                                  double scale, index_t trained, matrix_view<const T, S> h, const positions& pos,
                                  matrix_view<const T, S> dout, matrix_view<const DG, S> dgates, matrix_view<T, S> dh,
                                  const module_params<I, T, S>& grads, const acc_t<T>* kept) {
-    if constexpr (fused && cuda::fused::takes_storage<T>) {
+    if constexpr (O::is_parametrization) {
+      const materialized<T> m(ex, modules, h.extent(1));
+      plain_impl::backward_from_kept(ex, m.view(), scale, trained, h, pos, dout, dgates, dh, m.as_plain(grads), kept);
+      return m.pull_back(ex, modules, trained, grads);
+    } else if constexpr (fused && cuda::fused::takes_storage<T>) {
       if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, kept)) return;
     } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
       if (cuda::mlp_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, kept)) return;
@@ -269,7 +326,11 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
                        index_t trained, matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
                        matrix_view<const DG, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
     static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
-    if constexpr (fused && cuda::fused::takes_storage<T>) {
+    if constexpr (O::is_parametrization) {
+      const materialized<T> m(ex, modules, h.extent(1));
+      plain_impl::backward(ex, m.view(), scale, trained, h, pos, dout, dgates, dh, m.as_plain(grads));
+      return m.pull_back(ex, modules, trained, grads);
+    } else if constexpr (fused && cuda::fused::takes_storage<T>) {
       if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
     } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
       if (cuda::mlp_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
@@ -278,10 +339,38 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   }
 
   /// The generic path (one thread per row, the policies' own row math); public so tests can compare.
+  /// A parametrized rotation's R is materialized first, as forward and backward do.
   template <class T, class S>
   static void generic_forward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                               matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out,
                               matrix_view<T, S> gates) {
+    if constexpr (O::is_parametrization) {
+      const materialized<T> m(ex, modules, h.extent(1));
+      plain_impl::template generic_forward<T, S>(ex, m.view(), scale, h, pos, out, gates);
+    } else {
+      generic_forward_rows<T, S>(ex, modules, scale, h, pos, out, gates);
+    }
+  }
+  template <class T, class S, class DG>
+  static void generic_backward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
+                               index_t trained, matrix_view<const T, S> h, const positions& pos,
+                               matrix_view<const T, S> dout, matrix_view<const DG, S> dgates, matrix_view<T, S> dh,
+                               const module_params<I, T, S>& grads) {
+    if constexpr (O::is_parametrization) {
+      const materialized<T> m(ex, modules, h.extent(1));
+      plain_impl::template generic_backward<T, S>(ex, m.view(), scale, trained, h, pos, dout, dgates, dh,
+                                                  m.as_plain(grads));
+      m.pull_back(ex, modules, trained, grads);
+    } else {
+      generic_backward_rows<T, S>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);
+    }
+  }
+
+ private:
+  template <class T, class S>
+  static void generic_forward_rows(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules,
+                                   double scale, matrix_view<const T, S> h, const positions& pos,
+                                   matrix_view<T, S> out, matrix_view<T, S> gates) {
     static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
     using Acc = acc_t<T>;
     const cudaStream_t s = cuda::stream_of(ex);
@@ -308,10 +397,10 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   }
 
   template <class T, class S, class DG>
-  static void generic_backward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
-                               index_t trained, matrix_view<const T, S> h, const positions& pos,
-                               matrix_view<const T, S> dout, matrix_view<const DG, S> dgates, matrix_view<T, S> dh,
-                               const module_params<I, T, S>& grads) {
+  static void generic_backward_rows(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules,
+                                    double scale, index_t trained, matrix_view<const T, S> h, const positions& pos,
+                                    matrix_view<const T, S> dout, matrix_view<const DG, S> dgates,
+                                    matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
     static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
     using Acc = acc_t<T>;
     using PA = typename I::template params<Acc, cuda_space>;

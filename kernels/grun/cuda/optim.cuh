@@ -32,7 +32,8 @@ namespace grun::cuda {
 
 /// optim::retract_after_step on the device: a gated_intervention module whose ortho policy is
 /// qr_retraction gets its R retracted by one block (retract.cuh); ortho::none needs nothing.
-/// Parametrizations (householder) have no device kernels and are refused at compile time.
+/// A parametrization (householder) keeps R orthonormal by construction: its raw tensor is updated
+/// like any other parameter and nothing is retracted, as on the host.
 template <class P>
 void retract_after_step(const exec::cuda_t& ex, const P& p) {
   if constexpr (optim::detail::module_params_traits<P>::value) {
