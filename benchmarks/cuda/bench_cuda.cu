@@ -22,7 +22,8 @@
 //   configuration the run's default (what gpu_table.py --fastest-flags reads).
 //     --fail-row KEY  the opt-in row KEY throws instead of running (a test of the FAILED path)
 //     --only   run only the named benchmarks (copy_d2d, intervention_linear_loreft4, …_direft4,
-//              …_loreft4_generic, intervention_mlp_loreft4, intervention_scaling, nll, kl, losses, adamw,
+//              …_loreft4_generic, intervention_mlp_loreft4, …_loreft4_householder, intervention_scaling, nll,
+//              kl, losses, adamw,
 //              intervention_schedules) — e.g. to profile one kernel under ncu without running the rest
 //
 // intervention_schedules (the fused kernels' opt-in schedules, loreft4 and direft4) runs last. A row of
@@ -35,6 +36,7 @@
 #include <grun/cuda/nll.cuh>
 #include <grun/gate/linear.hpp>
 #include <grun/gate/mlp.hpp>
+#include <grun/ortho/householder.hpp>
 #include <grun/reft/direft.hpp>
 #include <grun/reft/loreft.hpp>
 
@@ -46,6 +48,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace gc = grun::cuda;
@@ -147,7 +150,7 @@ void result(const char* name, double ms, double bytes) { std::printf("RESULT %s 
 std::vector<std::string> only;
 const char* const benchmark_names[] = {"copy_d2d", "intervention_linear_loreft4", "intervention_linear_direft4",
                                        "intervention_linear_loreft4_generic", "intervention_mlp_loreft4",
-                                       "intervention_scaling", "nll", "kl", "losses", "adamw",
+                                       "intervention_linear_loreft4_householder", "intervention_scaling", "nll", "kl", "losses", "adamw",
                                        "intervention_schedules"};
 /// Whether benchmark `name` runs. A name missing from benchmark_names is this file's bug (--only could
 /// not select it): thrown, so every run (the emulated smoke test in CI included) fails on the drift.
@@ -236,7 +239,9 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
   using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
   const bool generic = what == timing::generic;
   intervention_inputs<I> in(T_, d, generic);
-  const bool slow = generic || !(impl::fused || impl::fused_mlp);  // the per-thread path: few repetitions
+  // A parametrized rotation runs the plain intervention's path once R is materialized.
+  using runs = std::conditional_t<I::ortho_type::is_parametrization, typename impl::plain_impl, impl>;
+  const bool slow = generic || !(runs::fused || runs::fused_mlp);  // the per-thread path: few repetitions
   const int warm = slow ? 1 : 3, reps = slow ? 3 : 10;
   const double elems = in.elems();
   // Minimum traffic: read h, write h' (gates and parameters are negligible).
@@ -532,6 +537,7 @@ int main(int argc, char** argv) {
     using lin = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
     using lin_di = grun::gated_intervention<grun::gate::linear, grun::reft::direft<4>>;
     using mlp = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
+    using lin_hh = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>, grun::ortho::householder>;
     const index_t T_ = rows(16384, 1024, 48);
     if (wanted("intervention_linear_loreft4"))
       bench_intervention<lin>("intervention_linear_loreft4", T_, 4096, timing::fused_and_saved);
@@ -541,6 +547,8 @@ int main(int argc, char** argv) {
       bench_intervention<lin>("intervention_linear_loreft4_generic", rows(1024, 1024, 8), 4096, timing::generic);
     if (wanted("intervention_mlp_loreft4"))  // cuBLASLt first layer + fused ReFT
       bench_intervention<mlp>("intervention_mlp_loreft4", T_, 4096, timing::fused_and_saved);
+    if (wanted("intervention_linear_loreft4_householder"))  // R materialized from raw vectors every call
+      bench_intervention<lin_hh>("intervention_linear_loreft4_householder", T_, 4096);
     if (wanted("intervention_scaling") && !quick && !smoke) {
       // The fused path at 1/4 and 4× the rows: a per-call cost shows as time that does not scale with T.
       bench_intervention<lin>("intervention_linear_loreft4_T4096", 4096, 4096);
