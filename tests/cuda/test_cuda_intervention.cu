@@ -179,6 +179,9 @@ namespace hh {
 using lin_lo4 = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>, grun::ortho::householder>;
 using mlp_lo4 = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>, grun::ortho::householder>;
 using lin_lo3 = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<3>, grun::ortho::householder>;
+// Once R is materialized they take the plain intervention's path, and the traits say so.
+static_assert(grun::cuda::runs_fused<lin_lo4, grun::bfloat16> && grun::cuda::runs_fused<mlp_lo4, float>);
+static_assert(!grun::cuda::runs_fused<lin_lo3, double>);
 }  // namespace hh
 
 TEMPLATE_TEST_CASE("cuda intervention with ortho::householder agrees with exec::host", "[intervention][householder]",
@@ -270,17 +273,33 @@ TEST_CASE("cuda intervention with ortho::householder: a zero or non-finite raw v
 }
 
 // A gate of the user's (norm_gate.hpp, also tests/test_gate.cpp's): nothing in grun names it, so
-// exec::cuda runs it — beside a shipped ReFT — on the generic path, one thread per selected row
-// executing its very row math, as exec::host does.
+// exec::cuda runs its very row math one thread per selected row, as exec::host does. Beside a
+// shipped ReFT in float, half or bfloat16 only the gate runs that way: the ReFT takes the fused
+// kernels, given the gate's values and exporting dL/dg (intervention_row_gate.cuh). In double, or
+// called directly, the generic path runs the whole module per row.
 namespace user {
 using norm_lo2 = grun::gated_intervention<grun::test::norm_gate, grun::reft::loreft<2>>;
+using norm_di4 = grun::gated_intervention<grun::test::norm_gate, grun::reft::direft<4>>;
 static_assert(!grun::cuda::runs_fused<norm_lo2, float> && !grun::cuda::runs_fused<norm_lo2, grun::bfloat16>);
+static_assert(grun::cuda::runs_fused_reft<norm_lo2, float> && grun::cuda::runs_fused_reft<norm_di4, grun::half>);
+static_assert(!grun::cuda::runs_fused_reft<norm_lo2, double>);
+static_assert(grun::cuda::runs_fused_reft<lin_lo4, grun::bfloat16>);
 }  // namespace user
 
-TEMPLATE_TEST_CASE("cuda intervention agrees with exec::host: a user's gate (generic path)", "[intervention]", float,
-                   grun::bfloat16, double) {
+TEMPLATE_TEST_CASE("cuda intervention agrees with exec::host: a user's gate (its row math; the ReFT fused, or "
+                   "the generic path in double)",
+                   "[intervention][user_gate]", float, grun::bfloat16, grun::half, double) {
   GRUN_REQUIRE_DEVICE();
   check_sizes<user::norm_lo2, TestType>();
+  check_agreement<user::norm_di4, TestType>(40, 64, {0, 5, 9, 17, 39, 21}, 2, 0, 0.8);  // direft, a stack
+  check_agreement<user::norm_di4, TestType>(33, 40, iota(33), 3, 2, 1.0);              // every row, in order
+}
+
+TEMPLATE_TEST_CASE("cuda intervention: a user's gate, fp32 dgates on 16-bit storage, the front end and the "
+                   "generic path",
+                   "[intervention][user_gate]", grun::half, grun::bfloat16) {
+  GRUN_REQUIRE_DEVICE();
+  for (const bool generic : {false, true}) check_fp32_dgates<user::norm_lo2, TestType>(generic);
 }
 
 TEST_CASE("cuda intervention through the public front end", "[intervention]") {

@@ -5,25 +5,23 @@
 //   forward   h' = h + s · Σ_k g_k(h) Δ_k(h)   on the rows named by the position list
 //   backward  dh (identity + gate + ReFT paths), parameter gradients of module `trained`
 //
-// Two device paths. The shipped rank-r policies (gate::linear / gate::always × reft::loreft /
-// noreft / direft, r ≤ 32) stored as float / half / bfloat16 take the block-cooperative FUSED
-// kernels of intervention_fused.cuh (fused::supported<G, R, O> and fused::takes_storage<T>; they
-// compute in fp32). Everything else, double storage included (computed in double, like exec::host),
-// takes the GENERIC path below: one thread per selected row runs the policies' own GRUN_HD row
-// math (gated_intervention::forward_row / backward_row) — the very code exec::host runs — so it
-// works for every gate/ReFT policy, a user's included, and agrees with the host by construction.
-// All K modules of a stack are evaluated in the same launch.
+// The shipped rank-r policies (gate::linear / gate::always × reft::loreft / noreft / direft,
+// r ≤ 32) stored as float / half / bfloat16 take the block-cooperative FUSED kernels of
+// intervention_fused.cuh (fused::supported<G, R, O> and fused::takes_storage<T>; they compute in
+// fp32). gate::mlp × those ReFTs takes intervention_mlp.cuh: the first gate layer as cuBLASLt GEMMs
+// on tensor cores, then the same fused ReFT kernels (link CUDA::cublasLt). A gate of the user's ×
+// those ReFTs takes intervention_row_gate.cuh: the gate's own row math one thread per row, the ReFT
+// on the same fused kernels. Everything else — a ReFT of the user's, double storage (computed in
+// double, like exec::host) — takes the GENERIC path below: one thread per selected row runs the
+// policies' own GRUN_HD row math (gated_intervention::forward_row / backward_row) — the very code
+// exec::host runs — so it works for every gate/ReFT policy and agrees with the host by
+// construction. All K modules of a stack are evaluated in the same launch; its parameter gradients
+// are reduced in row_path.cuh's two deterministic stages (no atomics: bitwise repeatable, so
+// exec::cuda_t::deterministic holds).
 //
-// Parameter gradients are reduced in two deterministic stages, like the host: stage 1 gives each
-// slot (one thread, a fixed contiguous block of positions) its own gradient aggregate; stage 2 sums
-// the slots in slot order per parameter (one thread per parameter, in double). No atomics: the
-// result is bitwise repeatable whatever the launch order, so exec::cuda_t::deterministic holds.
-//
-// gate::mlp × those ReFTs takes intervention_mlp.cuh: the first gate layer as cuBLASLt GEMMs on
-// tensor cores, then the same fused ReFT kernels (link CUDA::cublasLt).
 // A parametrized rotation (ortho::householder) is a change of variables around all of this: R is
 // materialized from the raw tensor on the device before each call (householder.cuh), the same
-// intervention with R as an ordinary matrix (ortho::none) runs — fused, mlp or generic — and the
+// intervention with R as an ordinary matrix (ortho::none) runs — on whichever path it takes — and the
 // backward pulls dL/dR back to dL/draw. Materializing waits for the stream once per call, to report
 // a degenerate raw vector as exec::host does.
 
@@ -37,6 +35,8 @@
 #include "householder.cuh"
 #include "intervention_fused.cuh"
 #include "intervention_mlp.cuh"
+#include "intervention_row_gate.cuh"
+#include "row_path.cuh"
 #include "scratch.cuh"
 
 #include <grun/intervention.hpp>
@@ -176,19 +176,6 @@ inline grun::detail::foreign_storage allocate_saved(std::size_t bytes, cudaStrea
   return grun::detail::foreign_storage(p, bytes, release, block.release(), note);
 }
 
-/// Stage 2: grads[i] = Σ_b slots[b][i], b in order, in double (one thread per parameter).
-template <class T, class Acc>
-__global__ void sum_slots_kernel(const Acc* slots, index_t nslots, index_t np, T* const* leaves, const index_t* offsets,
-                                 int nleaves) {
-  const index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= np) return;
-  double s = 0;
-  for (index_t b = 0; b < nslots; ++b) s += double(slots[b * np + i]);
-  int leaf = 0;
-  while (leaf + 1 < nleaves && i >= offsets[leaf + 1]) ++leaf;
-  leaves[leaf][i - offsets[leaf]] = store<T>(s);
-}
-
 }  // namespace detail
 
 }  // namespace grun::cuda
@@ -202,20 +189,22 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
                 "grun: this parametrized rotation has no device kernels (grun::cuda::device_parametrization<O>); "
                 "ortho::householder has them, or use exec::host");
 
-  /// Bytes of per-thread work space a launch may take (rows are processed in chunks beyond this).
-  static constexpr index_t work_budget = index_t(256) << 20;
-
   /// The fused kernels take this policy (intervention_fused.cuh) for float / half / bfloat16
   /// storage (cuda::fused::takes_storage<T>); otherwise the generic path runs.
   static constexpr bool fused = cuda::fused::supported<G, R, O>;
   /// gate::mlp with a rank-r ReFT: cuBLASLt first layer + fused ReFT kernels (intervention_mlp.cuh),
   /// for the same storage types.
   static constexpr bool fused_mlp = cuda::mlp_gate::supported<G, R, O>;
+  /// A gate of the user's with a rank-r ReFT: the gate's row math on the row path, the ReFT on the
+  /// fused kernels (intervention_row_gate.cuh), for the same storage types.
+  static constexpr bool fused_reft = cuda::row_gate::supported<G, R, O>;
 
   /// With a parametrized rotation: the same intervention with R an ordinary matrix, which runs once
   /// R is materialized (named only where O::is_parametrization).
   using plain = gated_intervention<G, R, ortho::none>;
   using plain_impl = intervention_impl<exec::cuda_t, plain>;
+  /// Whose flags above say which path a call takes: the plain intervention's with a parametrization.
+  using path_of = std::conditional_t<O::is_parametrization, plain_impl, intervention_impl>;
 
   /// One call's modules as `plain` modules, each R materialized from its raw tensor into call-scoped
   /// device scratch on ex's stream, with the dots the pullback replays.
@@ -263,6 +252,8 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
       if (cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
     } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
       if (cuda::mlp_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
+    } else if constexpr (fused_reft && cuda::fused::takes_storage<T>) {
+      if (cuda::row_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
     }
     generic_forward<T, S>(ex, modules, scale, h, pos, out, gates);
   }
@@ -334,6 +325,8 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
       if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
     } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
       if (cuda::mlp_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
+    } else if constexpr (fused_reft && cuda::fused::takes_storage<T>) {
+      if (cuda::row_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
     }
     generic_backward<T, S>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);
   }
@@ -384,7 +377,7 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
     cuda::detail::stream_scratch<index_t> dpos(P, s);
     GRUN_CUDA_CHECK(cudaMemcpyAsync(dpos.ptr, pos.data(), sizeof(index_t) * std::size_t(P), cudaMemcpyHostToDevice, s));
     const index_t ws = 3 * d + I::scratch_size(d);
-    const index_t chunk = std::clamp<index_t>(work_budget / index_t(sizeof(Acc) * ws), 1, P);
+    const index_t chunk = std::clamp<index_t>(cuda::detail::row_work_budget / index_t(sizeof(Acc) * ws), 1, P);
     cuda::detail::stream_scratch<Acc> work(chunk * ws, s);
     for (index_t q0 = 0; q0 < P; q0 += chunk) {
       const index_t q1 = std::min(P, q0 + chunk);
@@ -410,55 +403,21 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
     cuda::require_device("gated_intervention::backward");
     cuda::detail::copy_rows<T>(dout, dh, s);
 
-    // Leaf layout of the gradient aggregate (for binding slots and for the final scatter).
-    const PA shaped = I::template shape<Acc, cuda_space>(d);
-    std::vector<index_t> offsets;
-    std::vector<T*> leaves;
-    index_t np = 0;
-    for_each_param_pair(shaped, grads, [&](const auto& sl, const auto& gl) {
-      offsets.push_back(np);
-      leaves.push_back(gl.data);
-      np += sl.size();
-    });
-    offsets.push_back(np);
-    const int nleaves = int(leaves.size());
-    cuda::detail::stream_scratch<index_t> doff(index_t(offsets.size()), s);
-    GRUN_CUDA_CHECK(cudaMemcpyAsync(doff.ptr, offsets.data(), sizeof(index_t) * offsets.size(), cudaMemcpyHostToDevice, s));
-    cuda::detail::stream_scratch<T*> dleaves(nleaves, s);
-    GRUN_CUDA_CHECK(cudaMemcpyAsync(dleaves.ptr, leaves.data(), sizeof(T*) * leaves.size(), cudaMemcpyHostToDevice, s));
-
     const index_t ws = 5 * d + I::scratch_size(d);
-    const index_t per_slot = index_t(sizeof(Acc)) * (np * (K > 1 ? 2 : 1) + ws);
-    const index_t max_slots = std::clamp<index_t>(work_budget / per_slot, 1, 4096);
-    const index_t block = std::max<index_t>(1, cuda::ceil_div(std::max<index_t>(P, 1), max_slots));
-    const index_t nslots = std::max<index_t>(1, cuda::ceil_div(P, block));
-    cuda::detail::stream_scratch<Acc> slots(nslots * np, s), sinks(K > 1 ? nslots * np : 0, s), work(nslots * ws, s);
-    // One gradient aggregate per slot (and per sink), bound on the host and copied over.
-    std::vector<PA> bound(std::size_t(nslots * (K > 1 ? 2 : 1)));
-    for (index_t b = 0; b < nslots; ++b) {
-      bound[std::size_t(b)] = bind_params(shaped, slots.ptr + b * np);
-      if (K > 1) bound[std::size_t(nslots + b)] = bind_params(shaped, sinks.ptr + b * np);
-    }
-    cuda::detail::stream_scratch<PA> dbound(index_t(bound.size()), s);
-    GRUN_CUDA_CHECK(cudaMemcpyAsync(dbound.ptr, bound.data(), sizeof(PA) * bound.size(), cudaMemcpyHostToDevice, s));
-    if (P > 0 && K > 0) {
+    const cuda::detail::slot_aggregates<Acc, T, PA> slots(I::template shape<Acc, cuda_space>(d), grads, P, ws, K > 1, s);
+    const bool run = P > 0 && K > 0;
+    if (run) {
       cuda::detail::stream_scratch<module_params<I, T, cuda_space>> mods(K, s);
       GRUN_CUDA_CHECK(cudaMemcpyAsync(mods.ptr, modules.data(), sizeof(modules[0]) * std::size_t(K), cudaMemcpyHostToDevice, s));
       cuda::detail::stream_scratch<index_t> dpos(P, s);
       GRUN_CUDA_CHECK(cudaMemcpyAsync(dpos.ptr, pos.data(), sizeof(index_t) * std::size_t(P), cudaMemcpyHostToDevice, s));
+      const index_t nslots = slots.count();
       cuda::detail::intervention_backward_kernel<I, T, PA, DG><<<unsigned(cuda::ceil_div(nslots, 64)), 64, 0, s>>>(
-          mods.ptr, K, trained, scale, h, dpos.ptr, P, block, dout, dgates, dh, dbound.ptr,
-          dbound.ptr + (K > 1 ? nslots : 0), np, slots.ptr, work.ptr, nslots);
-      GRUN_CUDA_CHECK_LAUNCH();
-    } else if (np > 0) {
-      GRUN_CUDA_CHECK(cudaMemsetAsync(slots.ptr, 0, sizeof(Acc) * std::size_t(np), s));
-    }
-    if (np > 0) {
-      const index_t used = (P > 0 && K > 0) ? nslots : 1;
-      cuda::detail::sum_slots_kernel<T, Acc><<<unsigned(cuda::ceil_div(np, 256)), 256, 0, s>>>(slots.ptr, used, np,
-                                                                                              dleaves.ptr, doff.ptr, nleaves);
+          mods.ptr, K, trained, scale, h, dpos.ptr, P, slots.positions_per_slot(), dout, dgates, dh, slots.slot_params(),
+          slots.sink_params(), slots.size(), slots.slot_storage(), slots.work(), nslots);
       GRUN_CUDA_CHECK_LAUNCH();
     }
+    slots.sum_into_grads(run, s);
   }
 };
 
@@ -468,17 +427,26 @@ namespace grun::cuda {
 
 /// Whether exec::cuda runs gated_intervention I — or a stack of I — stored as T on the fused kernels:
 /// gate::linear, gate::always or gate::mlp with reft::loreft, noreft or direft of rank ≤ 32, in float,
-/// half or bfloat16. Otherwise (a policy of the user's, double storage) the generic path runs: one
-/// thread per selected row executes the policies' own row math, the code exec::host runs — correct for
-/// every policy, but two to three orders of magnitude slower per row (on an H200 at d = 4096, bf16:
-/// the forward 4.6 ms for 1,024 rows against 0.039 ms for 4,096 fused; BENCHMARKS.md). Check it where a
+/// half or bfloat16. Otherwise the generic path runs — one thread per selected row executes the
+/// policies' own row math, the code exec::host runs: correct for every policy, but two to three
+/// orders of magnitude slower per row (on an H200 at d = 4096, bf16: the forward 4.6 ms for 1,024
+/// rows against 0.039 ms for 4,096 fused; BENCHMARKS.md) — or, for a gate of the user's with one of
+/// those ReFTs (runs_fused_reft), the gate alone runs that way and the ReFT fused. Check it where a
 /// configuration must be fast, e.g. static_assert(grun::cuda::runs_fused<I, grun::bfloat16>). At run
 /// time the fused kernels also hand a call to the generic path when its rows' elements are not
 /// contiguous (a view with a column stride other than 1) or a stack holds more modules than its
 /// launch can carry coefficients for (more than 256 at rank 32, 512 at rank 4).
 template <class I, class T>
-inline constexpr bool runs_fused = (grun::detail::intervention_impl<exec::cuda_t, I>::fused ||
-                                    grun::detail::intervention_impl<exec::cuda_t, I>::fused_mlp) &&
+inline constexpr bool runs_fused = (grun::detail::intervention_impl<exec::cuda_t, I>::path_of::fused ||
+                                    grun::detail::intervention_impl<exec::cuda_t, I>::path_of::fused_mlp) &&
                                    fused::takes_storage<T>;
+
+/// Whether I's ReFT — the 2r+1 dots of every row, the write of h', their backward: most of the work —
+/// runs on the fused kernels: runs_fused, or a gate of the user's (its row math one thread per row,
+/// intervention_row_gate.cuh) with reft::loreft, noreft or direft of rank ≤ 32 in float, half or bfloat16.
+template <class I, class T>
+inline constexpr bool runs_fused_reft =
+    runs_fused<I, T> ||
+    (grun::detail::intervention_impl<exec::cuda_t, I>::path_of::fused_reft && fused::takes_storage<T>);
 
 }  // namespace grun::cuda

@@ -317,7 +317,8 @@ bool launch_coef_tensor(const T* pm, index_t dp, index_t trained, float scale, m
 
 }  // namespace detail
 
-/// Fused forward core for gate mode GM (gext: [K][P] fp32 gate logits when GM = gate_external).
+/// Fused forward core for gate mode GM (gext: [K][P] fp32 gate logits when GM = gate_external, the gate
+/// values themselves when GM = gate_value).
 /// Returns false, having done nothing, when this call is not one the fused kernels take (rows not
 /// contiguous, too many modules for shared memory); the caller then runs the generic path.
 template <class I, class T, int GM, class Keep = keep_nothing>
@@ -404,9 +405,11 @@ bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_sp
 
 /// Fused backward core for gate mode GM: dh and the ReFT (and linear gate) gradients of module
 /// `trained` (overwritten). With gate_external, gext [K][P] holds the logits z, and after the coefficient
-/// kernel `mid(dz)` runs with dz [K][P] = dL/dz (the gate's last pre-activation, device fp32); it
-/// returns a device [P, d] fp32 gate path added to dh (or nullptr). kept: null, or what the forward
-/// kept ([K][P][R + 1] fp32: e and z; 16-bit storage) — then the coefficient kernel reads dout only. Returns false, having done nothing, when the call is not one the fused kernels take.
+/// kernel `mid(dz)` runs with dz [K][P] = dL/dz (the gate's last pre-activation, device fp32); with
+/// gate_value, gext holds g and mid gets dL/dg. mid returns a device [P, d] fp32 gate path added to dh
+/// (or nullptr). kept: null, or what the forward kept ([K][P][R + 1] fp32: e and z; 16-bit storage) —
+/// then the coefficient kernel reads dout only. Returns false, having done nothing, when the call is
+/// not one the fused kernels take.
 template <class I, class T, int GM, class DG, class Mid>
 bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
                    index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
@@ -455,7 +458,7 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
     cuda::detail::stream_scratch<T> packed(K * ms, s);
     detail::pack<I, T>(modules, d, dp, ms, packed.ptr, s);
     const detail::device_positions dpos(pos, N, s);
-    cuda::detail::stream_scratch<float> cf(P * K * NP, s), rc(P * NP, s), dz(GM == detail::gate_external ? K * P : 0, s);
+    cuda::detail::stream_scratch<float> cf(P * K * NP, s), rc(P * NP, s), dz(detail::gate_from_outside<GM> ? K * P : 0, s);
     // The coefficient kernels write every position's rc row for the trained module; a trained index
     // outside [0, K) leaves them unset: then zero (no gradient). (Unconditional, this was a launch
     // and a 590 KB write per backward at T = 16384, r = 4.)

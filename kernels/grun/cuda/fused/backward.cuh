@@ -15,7 +15,8 @@ namespace grun::cuda::fused::detail {
 /// or what the forward kept), its dout dots ux = {U·x [R]} and dL/dg from outside (dg_acc:
 /// dgates(k, q), or 0):
 ///   de_i = s g U_i·x,   dL/dg = dg + s Σ_i e_i U_i·x,   dz = dL/dg σ'(z)
-/// → cf[q][k], rc[q] when the module is the trained one, and dz to dzext for an external gate.
+/// → cf[q][k], rc[q] when the module is the trained one, and to dzext: dz for an external gate's
+/// logit, dL/dg for a gate given by its value.
 template <int R, bool LO, int GM, class Acc>
 __device__ __forceinline__ void write_coefficients(const Acc (&e_acc)[R], float z, const Acc* ux, float scale,
                                                    Acc dg_acc, index_t k, index_t K, index_t q, index_t P, bool trained,
@@ -24,7 +25,9 @@ __device__ __forceinline__ void write_coefficients(const Acc (&e_acc)[R], float 
   constexpr int NP = 2 * R + 1;
   constexpr bool GATED = GM == gate_linear;
   const float zx = GM == gate_external ? gext[k * P + q] : 0.f;  // the external gate's logit
-  const float g = GATED ? dsigmoid(z) : GM == gate_external ? dsigmoid(zx) : 1.f;
+  float g = 1.f;
+  if constexpr (GATED) g = dsigmoid(z);
+  else if constexpr (gate_from_outside<GM>) g = outside_gate<GM>(gext, k * P + q);
   float e[R];
 #pragma unroll
   for (int i = 0; i < R; ++i) {
@@ -36,7 +39,8 @@ __device__ __forceinline__ void write_coefficients(const Acc (&e_acc)[R], float 
   // With z at hand (linear) 1 − g is σ(−z) itself — for a nearly open gate (z ≈ 12) 1 − g in
   // fp32 keeps ~2 digits, and one such row put a bias gradient 3e-5 off the double reference.
   const float dz = GATED ? dg * g * dsigmoid(-z) : GM == gate_external ? dg * g * dsigmoid(-zx) : 0.f;
-  if (GM == gate_external) dzext[k * P + q] = dz;
+  if constexpr (GM == gate_external) dzext[k * P + q] = dz;
+  else if constexpr (GM == gate_value) dzext[k * P + q] = dg;
   float* c = cf + (q * K + k) * NP;
 #pragma unroll
   for (int i = 0; i < R; ++i) {

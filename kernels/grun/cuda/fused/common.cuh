@@ -53,8 +53,13 @@ inline constexpr int block = 128;  // threads per CTA of every fused kernel
 
 /// How a kernel gets g: none (g ≡ 1), linear (σ(wᵀh + c), computed here), external (g = σ(z) with the
 /// logit z given per module and position in fp32 [K][P], e.g. by the mlp gate's GEMMs + head; dL/dz
-/// exported).
-inline constexpr int gate_none = 0, gate_linear = 1, gate_external = 2;
+/// exported), value (g itself given, fp32 [K][P], e.g. by a gate of the user's on the row path —
+/// intervention_row_gate.cuh; dL/dg exported).
+inline constexpr int gate_none = 0, gate_linear = 1, gate_external = 2, gate_value = 3;
+
+/// Whether gate mode GM takes g (or its logit) from outside, in fp32 [K][P], and exports its gradient.
+template <int GM>
+inline constexpr bool gate_from_outside = GM == gate_external || GM == gate_value;
 
 /// N accumulators reduced as one value by cub::BlockReduce (one reduction for all dots of a tile).
 template <int N, class Acc = float>
@@ -129,6 +134,14 @@ __device__ __forceinline__ void load_param(const P* __restrict__ p, float (&x)[V
 }
 
 __device__ __forceinline__ float dsigmoid(float z) { return grun::sigmoid(z); }
+
+/// g of a gate given from outside, from gext[i]: σ(z) for an external logit, the value itself otherwise.
+template <int GM>
+__device__ __forceinline__ float outside_gate(const float* __restrict__ gext, index_t i) {
+  static_assert(gate_from_outside<GM>);
+  if constexpr (GM == gate_external) return dsigmoid(gext[i]);
+  else return gext[i];
+}
 
 /// Raw pointers of one module's parameters (w, c null for gate::always).
 template <class T>

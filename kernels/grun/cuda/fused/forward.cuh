@@ -104,7 +104,9 @@ __global__ void __launch_bounds__(block, RES > 2 ? 3 : 0) forward_kernel(const T
         if (rr >= nr) break;
         float e[R];
         const float z = forward_values<R, LO, GM>(a.v + rr * NP, sc, sc + R, e);
-        const float g = GATED ? dsigmoid(z) : GM == gate_external ? dsigmoid(gext[k * P + q0 + rr]) : 1.f;
+        float g = 1.f;
+        if constexpr (GATED) g = dsigmoid(z);
+        else if constexpr (gate_from_outside<GM>) g = outside_gate<GM>(gext, k * P + q0 + rr);
         dstore(&gates(k, q0 + rr), g);
 #pragma unroll
         for (int i = 0; i < R; ++i) coef[(k * ROWS + rr) * R + i] = scale * g * e[i];

@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(PIPELINED ? pipelined_block : tensor_block, PI
         float gv = 1.f;
         if (n < nr) {
           if constexpr (GATED) gv = dsigmoid(z);
-          else if constexpr (GM == gate_external) gv = dsigmoid(gext[k * P + q0 + n]);
+          else if constexpr (gate_from_outside<GM>) gv = outside_gate<GM>(gext, k * P + q0 + n);
           dstore(&gates(k, q0 + n), gv);
           if (kept) keep_values<R>(kept, k, P, q0 + n, e, z);
         }
