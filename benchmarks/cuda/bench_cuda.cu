@@ -22,7 +22,8 @@
 //   configuration the run's default (what gpu_table.py --fastest-flags reads).
 //     --fail-row KEY  the opt-in row KEY throws instead of running (a test of the FAILED path)
 //     --only   run only the named benchmarks (copy_d2d, intervention_linear_loreft4, …_direft4,
-//              …_loreft4_generic, intervention_mlp_loreft4, …_loreft4_householder, intervention_scaling, nll,
+//              …_loreft4_generic, intervention_mlp_loreft4, …_loreft4_householder, intervention_user_gate_loreft4,
+//              intervention_scaling, nll,
 //              kl, losses, adamw,
 //              intervention_schedules) — e.g. to profile one kernel under ncu without running the rest
 //
@@ -39,6 +40,8 @@
 #include <grun/ortho/householder.hpp>
 #include <grun/reft/direft.hpp>
 #include <grun/reft/loreft.hpp>
+
+#include "../../tests/cuda/norm_gate.hpp"  // a gate of the user's: g = σ(β‖h‖²/d − τ)
 
 #include <algorithm>
 #include <cstdio>
@@ -150,7 +153,7 @@ void result(const char* name, double ms, double bytes) { std::printf("RESULT %s 
 std::vector<std::string> only;
 const char* const benchmark_names[] = {"copy_d2d", "intervention_linear_loreft4", "intervention_linear_direft4",
                                        "intervention_linear_loreft4_generic", "intervention_mlp_loreft4",
-                                       "intervention_linear_loreft4_householder", "intervention_scaling", "nll", "kl", "losses", "adamw",
+                                       "intervention_linear_loreft4_householder", "intervention_user_gate_loreft4", "intervention_scaling", "nll", "kl", "losses", "adamw",
                                        "intervention_schedules"};
 /// Whether benchmark `name` runs. A name missing from benchmark_names is this file's bug (--only could
 /// not select it): thrown, so every run (the emulated smoke test in CI included) fails on the drift.
@@ -239,9 +242,9 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
   using impl = grun::detail::intervention_impl<grun::exec::cuda_t, I>;
   const bool generic = what == timing::generic;
   intervention_inputs<I> in(T_, d, generic);
-  // A parametrized rotation runs the plain intervention's path once R is materialized.
-  using runs = std::conditional_t<I::ortho_type::is_parametrization, typename impl::plain_impl, impl>;
-  const bool slow = generic || !(runs::fused || runs::fused_mlp);  // the per-thread path: few repetitions
+  // The per-thread path for the whole module: few repetitions. (A parametrized rotation runs the plain
+  // intervention's path once R is materialized; a user's gate beside a fused ReFT is not this slow.)
+  const bool slow = generic || !grun::cuda::runs_fused_reft<I, bf16>;
   const int warm = slow ? 1 : 3, reps = slow ? 3 : 10;
   const double elems = in.elems();
   // Minimum traffic: read h, write h' (gates and parameters are negligible).
@@ -538,6 +541,7 @@ int main(int argc, char** argv) {
     using lin_di = grun::gated_intervention<grun::gate::linear, grun::reft::direft<4>>;
     using mlp = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
     using lin_hh = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>, grun::ortho::householder>;
+    using user_gate = grun::gated_intervention<grun::test::norm_gate, grun::reft::loreft<4>>;
     const index_t T_ = rows(16384, 1024, 48);
     if (wanted("intervention_linear_loreft4"))
       bench_intervention<lin>("intervention_linear_loreft4", T_, 4096, timing::fused_and_saved);
@@ -549,6 +553,8 @@ int main(int argc, char** argv) {
       bench_intervention<mlp>("intervention_mlp_loreft4", T_, 4096, timing::fused_and_saved);
     if (wanted("intervention_linear_loreft4_householder"))  // R materialized from raw vectors every call
       bench_intervention<lin_hh>("intervention_linear_loreft4_householder", T_, 4096);
+    if (wanted("intervention_user_gate_loreft4"))  // the gate's row math one thread per row, the ReFT fused
+      bench_intervention<user_gate>("intervention_user_gate_loreft4", T_, 4096);
     if (wanted("intervention_scaling") && !quick && !smoke) {
       // The fused path at 1/4 and 4× the rows: a per-call cost shows as time that does not scale with T.
       bench_intervention<lin>("intervention_linear_loreft4_T4096", 4096, 4096);
