@@ -2,7 +2,8 @@
 // A gate of the user's, written outside the library: g = σ(β · Σ_j h_j²/d − τ), "fires on large-norm
 // rows", two scalar parameters β, τ. Nothing in grun names it. Its row math is GRUN_HD, so one
 // definition serves exec::host (tests/test_gate.cpp: finite differences, composition with loreft)
-// and exec::cuda, where it runs on the generic path (tests/cuda/test_cuda_intervention.cu).
+// and exec::cuda, where it runs one thread per row beside the fused ReFT kernels, or on the generic
+// path (tests/cuda/test_cuda_intervention.cu).
 #include <array>
 #include <string_view>
 

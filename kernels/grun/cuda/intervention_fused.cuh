@@ -2,8 +2,9 @@
 // grun/cuda/intervention_fused.cuh — block-cooperative fused kernels for the shipped rank-r
 // policies: gate::linear / gate::always × reft::loreft<r> / noreft<r> / direft<r>, r ≤ 32.
 // intervention.cuh dispatches here (fused::supported<G, R, O>, storage float / half / bfloat16:
-// fused::takes_storage<T>) and keeps the generic per-thread path for every other policy (a user's
-// policies) and for double storage.
+// fused::takes_storage<T>), as do the mlp gate's path and a user's gate's (intervention_mlp.cuh,
+// intervention_row_gate.cuh: the gate computed outside, its value or logit given per row); every
+// other policy (a user's ReFT) and double storage take the generic per-thread path.
 //
 // The math, for one selected row h [d] and module k (U, D [r, d] rows, b [r], gate w [d], c):
 //   loreft/noreft (U = R, D = W):   e = D h + b − U h,   Δ = Uᵀ e            (ReFT eq. 2)
