@@ -105,23 +105,22 @@ struct device_gates {
   }
 };
 
-/// g [K][P] (device fp32) of every module's gate on every selected row.
+/// g [K][P] (device fp32) of every module's gate on every selected row (dpos: the device position
+/// list, null for every row in order).
 template <class I, class T>
-void gate_values(std::span<const module_params<I, T, cuda_space>> modules, matrix_view<const T, cuda_space> h,
-                 const positions& pos, float* g, cudaStream_t s) {
+void gate_values(const device_gates<I, T>& gates, index_t K, matrix_view<const T, cuda_space> h, const index_t* dpos,
+                 index_t P, float* g, cudaStream_t s) {
   using G = typename I::gate_type;
   using Acc = acc_t<T>;
   using PG = typename device_gates<I, T>::PG;
-  const index_t d = h.extent(1), P = pos.size(), K = index_t(modules.size());
-  const device_gates<I, T> gates(modules, s);
-  const fused::detail::device_positions dpos(pos, h.extent(0), s);
+  const index_t d = h.extent(1);
   const index_t ws = cuda::detail::widened_row_size<Acc, T>(d) + G::scratch_size(d);
   const index_t chunk = std::clamp<index_t>(cuda::detail::row_work_budget / std::max<index_t>(index_t(sizeof(Acc)) * ws, 1), 1, P);
   cuda::detail::stream_scratch<Acc> work(chunk * ws, s);
   for (index_t q0 = 0; q0 < P; q0 += chunk) {
     const index_t q1 = std::min(P, q0 + chunk);
-    gate_values_kernel<G, T, PG><<<unsigned(cuda::ceil_div(q1 - q0, 64)), 64, 0, s>>>(gates.list.ptr, K, h, dpos.ptr(),
-                                                                                       q0, q1, P, g, work.ptr);
+    gate_values_kernel<G, T, PG><<<unsigned(cuda::ceil_div(q1 - q0, 64)), 64, 0, s>>>(gates.list.ptr, K, h, dpos, q0, q1,
+                                                                                       P, g, work.ptr);
     GRUN_CUDA_CHECK_LAUNCH();
   }
 }
@@ -142,7 +141,9 @@ bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_sp
   require_device("gated_intervention::forward");
   const cudaStream_t s = stream_of(ex);
   cuda::detail::stream_scratch<float> g(K * P, s);
-  detail::gate_values<I, T>(modules, h, pos, g.ptr, s);
+  const detail::device_gates<I, T> device_gates(modules, s);
+  const fused::detail::device_positions dpos(pos, N, s);
+  detail::gate_values<I, T>(device_gates, K, h, dpos.ptr(), P, g.ptr, s);
   return fused::forward_impl<I, T, GM>(ex, modules, scale, h, pos, out, gates, g.ptr);
 }
 
@@ -170,10 +171,10 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
   // rows at T = 16384, on 64 CTAs).
   const cuda::detail::slot_aggregates<Acc, T, PA> slots(shaped, grads.gate, P, ws, K > 1, s, index_t(1) << 15);
   cuda::detail::stream_scratch<float> g(K * P, s), dhg(P * d, s);
-  if (P > 0) detail::gate_values<I, T>(modules, h, pos, g.ptr, s);
+  const detail::device_gates<I, T> gates(modules, s);  // for both gate kernels
+  const fused::detail::device_positions dpos(pos, h.extent(0), s);
+  if (P > 0) detail::gate_values<I, T>(gates, K, h, dpos.ptr(), P, g.ptr, s);
   auto gate_path = [&](const float* dg) -> const float* {
-    const detail::device_gates<I, T> gates(modules, s);
-    const fused::detail::device_positions dpos(pos, h.extent(0), s);
     const index_t nslots = slots.count();
     detail::gate_backward_kernel<G, T><<<unsigned(cuda::ceil_div(nslots, 64)), 64, 0, s>>>(
         gates.list.ptr, K, trained, h, dpos.ptr(), P, slots.positions_per_slot(), dg, dhg.ptr, slots.slot_params(),
