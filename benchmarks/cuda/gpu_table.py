@@ -82,7 +82,7 @@ ROWS = [
     ("intervention_linear_loreft4_T65536_fwdbwd", "  fused fwd+bwd at T=65536", ""),
     ("intervention_mlp_loreft4_fwd", "mlp<256,64>+loreft4 fwd (cuBLASLt) T=16384", ""),
     ("intervention_mlp_loreft4_fwd_inplace", "  same, in place (out = h)", ""),
-    ("intervention_mlp_loreft4_fwdbwd", "mlp<256,64>+loreft4 fwd+bwd (cuBLASLt) T=16384", ""),
+    ("intervention_mlp_loreft4_fwdbwd", "mlp<256,64>+loreft4 fwd+bwd (cuBLASLt) T=16384", "fwdbwd"),
     ("intervention_mlp_loreft4_fwdbwd_saved", "  same, backward from saved activations", ""),
     ("intervention_linear_loreft4_householder_fwd", "householder R: fused fwd linear+loreft4 T=16384", ""),
     ("intervention_linear_loreft4_householder_fwd_inplace", "  same, in place (out = h)", ""),

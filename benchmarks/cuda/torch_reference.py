@@ -5,6 +5,8 @@ Prints lines  RESULT <name>_<variant> <milliseconds>  with variant eager or comp
 Same sizes, dtype (bf16) and math as benchmarks/cuda/bench_cuda.cu:
   intervention: h' = h + sigmoid(h w + c) * ((h W^T + b - h R^T) R) on every row (linear gate + LoReFT r = 4)
                 h' = h + sigmoid(h w + c) * ((h W1^T + b) W2)          (linear gate + DiReFT r = 4)
+                h' = h + sigmoid(w3 relu(W2 relu(G1 h + b1) + b2) + b3) * LoReFT   (mlp<256, 64> gate, the
+                     paper's and grun-unlearn's default: its first layer a [T, d] x [d, 256] GEMM)
   nll:          sum of token cross entropy over logits [T, V] (fp32 accumulate), forward and backward
   kl:           per-token KL(softmax(r) || softmax(x)) over logits x, r [T, V] (fp32 accumulate),
                 forward and backward to x (r is a frozen reference: no gradient)
@@ -122,14 +124,28 @@ def intervention_direft(h, w, c, W1, b, W2):
     return h + g * delta, g
 
 
-def intervention_inputs(r=4):
-    """h [T, d] and the parameters w, c, W (or W1), b, R (or W2) of a linear gate + rank-r edit; the
-    backward is dout^T d(out)/d(h, parameters)."""
+def intervention_mlp(h, G1, b1, G2, b2, G3, b3, W, b, R):
+    a1 = torch.relu(h @ G1.t() + b1)  # [T, 256]
+    a2 = torch.relu(a1 @ G2.t() + b2)  # [T, 64]
+    g = torch.sigmoid(a2 @ G3.t() + b3)  # [T, 1]
+    delta = (h @ W.t() + b - h @ R.t()) @ R  # [T, d]
+    return h + g * delta, g
+
+
+def intervention_inputs(gate_shapes=((D, 1), (1,)), r=4):
+    """h [T, d] and the parameters of a gate (gate_shapes: the linear gate's w, c by default) and of a
+    rank-r edit: W (or W1), b, R (or W2); the backward is dout^T d(out)/d(h, parameters)."""
     g = torch.Generator(device=dev).manual_seed(0)
     h = torch.rand(T, D, device=dev, dtype=bf16, generator=g) * 2 - 1
     dout = torch.rand(T, D, device=dev, dtype=bf16, generator=g) * 2 - 1
-    params = [(torch.rand(*s, device=dev, dtype=bf16, generator=g) - 0.5) * 0.1 for s in [(D, 1), (1,), (r, D), (r,), (r, D)]]
+    shapes = [*gate_shapes, (r, D), (r,), (r, D)]
+    params = [(torch.rand(*s, device=dev, dtype=bf16, generator=g) - 0.5) * 0.1 for s in shapes]
     return [h, *params], range(1 + len(params)), lambda out_and_gates: torch.autograd.backward(out_and_gates[0], dout)
+
+
+def intervention_mlp_inputs():
+    """As intervention_inputs, with the mlp<256, 64> gate's G1 [256, d], b1, G2 [64, 256], b2, G3 [1, 64], b3."""
+    return intervention_inputs(gate_shapes=((256, D), (256,), (64, 256), (64,), (1, 64), (1,)))
 
 
 def nll(x, y):
@@ -167,6 +183,8 @@ COMPUTATIONS = [
                 inputs=intervention_inputs, clear_grads=False),
     Computation(name="intervention_linear_direft4", what="intervention linear+direft4", math=intervention_direft,
                 inputs=intervention_inputs, clear_grads=False),
+    Computation(name="intervention_mlp_loreft4", what="intervention mlp+loreft4", math=intervention_mlp,
+                inputs=intervention_mlp_inputs, clear_grads=False),
     Computation(name="nll", what="nll", math=nll, inputs=nll_inputs, clear_grads=True),
     Computation(name="kl", what="kl", math=kl, inputs=kl_inputs, clear_grads=True),
 ]
