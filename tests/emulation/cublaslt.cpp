@@ -26,6 +26,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 #include <vector>
 
@@ -324,28 +327,96 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatm
 
 namespace {
 
-/// D = alpha · op(A) op(B) + beta · C: op(A) as rows of k and op(B) as columns of k, widened to fp32
-/// (each element read once, the layouts' bounds checked by AddressSanitizer there); then D's
-/// elements as dot products.
+/// The dot products of row x [k] of op(A) with columns j0 … j0 + W − 1 of op(B), held as bt [k][n]
+/// (k-major: the W columns' elements at one l are adjacent): out[w] = Σ_l x[l]·bt[l][j0 + w], each a
+/// chain of fp32 fused multiply-adds in l order from 0 — the same chain for every w, whichever way it
+/// is run. Generic: one column at a time (std::fma, a libm call without -mfma).
+void dots_scalar(const float* x, const float* bt, std::size_t k, std::size_t n, std::size_t j0, std::size_t W,
+                 float* out) {
+  for (std::size_t w = 0; w < W; ++w) {
+    float acc = 0.f;
+    for (std::size_t l = 0; l < k; ++l) acc = std::fma(x[l], bt[l * n + j0 + w], acc);
+    out[w] = acc;
+  }
+}
+
+#if defined(__x86_64__)
+/// dots_scalar for W = 32 columns and ROWS rows of op(A) (x, x + k, …; out, out + n, …) on AVX2 + FMA:
+/// 4·ROWS vectors of 8 chains side by side, so the latency of one chain's fma hides behind the others
+/// (the scalar loop waited ~4 cycles per multiply-add, through a call) and each loaded vector of bt
+/// serves ROWS rows. A vfmadd is a correctly rounded fma per lane: the same bits as dots_scalar.
+/// Not instrumented by AddressSanitizer (its checks were most of the loop): it reads only multiply's
+/// own buffers, sized there; the operands' bounds are checked as they are widened into them.
+constexpr std::size_t avx2_width = 32;
+template <int ROWS>
+__attribute__((target("avx2,fma"), no_sanitize_address)) void dots_avx2(const float* x, const float* bt, std::size_t k, std::size_t n,
+                                                      std::size_t j0, float* out) {
+  __m256 acc[ROWS][4];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm256_setzero_ps();
+  for (std::size_t l = 0; l < k; ++l) {
+    const float* b = bt + l * n + j0;
+    const __m256 y[4] = {_mm256_loadu_ps(b), _mm256_loadu_ps(b + 8), _mm256_loadu_ps(b + 16), _mm256_loadu_ps(b + 24)};
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 xl = _mm256_set1_ps(x[std::size_t(r) * k + l]);
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_fmadd_ps(xl, y[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + std::size_t(r) * n + 8 * v, acc[r][v]);
+}
+const bool have_avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+
+/// Rows [i0, i0 + ROWS) of op(A)·op(B) into out [ROWS][n]: dots_avx2 where it runs (n a multiple of
+/// avx2_width then: bt's rows padded with zero columns), else dots_scalar.
+template <int ROWS>
+void dot_rows(const float* a, const float* bt, std::size_t k, std::size_t n, std::size_t i0, float* out) {
+#if defined(__x86_64__)
+  if (have_avx2_fma) {
+    for (std::size_t j = 0; j < n; j += avx2_width) dots_avx2<ROWS>(a + i0 * k, bt, k, n, j, out + j);
+    return;
+  }
+#endif
+  for (int r = 0; r < ROWS; ++r) dots_scalar(a + (i0 + std::size_t(r)) * k, bt, k, n, 0, n, out + std::size_t(r) * n);
+}
+
+/// D = alpha · op(A) op(B) + beta · C: op(A) as rows of k and op(B) as bt [k][nb] (nb: n, or n rounded
+/// up to dots_avx2's width, the extra columns zero), widened to fp32 (each element read once, the
+/// layouts' bounds checked by AddressSanitizer there); then D's elements as dot products (dots_scalar's
+/// chains), scaled, plus beta · C.
 void multiply(const problem& p, const void* A, const void* B, const void* C, void* D, float a_scale, float b_scale) {
   const bool an = p.op.trans_a == CUBLAS_OP_N, bn = p.op.trans_b == CUBLAS_OP_N;
   const std::size_t m = p.m, n = p.n, k = p.k, lda = std::size_t(p.a.ld), ldb = std::size_t(p.b.ld),
                     ldc = std::size_t(p.c.ld), ldd = std::size_t(p.d.ld);
-  std::vector<float> a(m * k), b(n * k), result(m * n);  // all of D, then stored: C may be D
+#if defined(__x86_64__)
+  const std::size_t nb = have_avx2_fma ? (n + avx2_width - 1) / avx2_width * avx2_width : n;
+#else
+  const std::size_t nb = n;
+#endif
+  // Kept from call to call: fresh vectors of this size were mapped and faulted in by the OS each time.
+  static thread_local std::vector<float> a, bt, result;  // result: all of D, then stored (C may be D)
+  a.resize(m * k);
+  bt.assign(k * nb, 0.f);
+  result.resize(m * n);
   for (std::size_t i = 0; i < m; ++i)
     for (std::size_t l = 0; l < k; ++l) a[i * k + l] = load(A, p.a.type, an ? i + l * lda : l + i * lda);
   for (std::size_t j = 0; j < n; ++j)
-    for (std::size_t l = 0; l < k; ++l) b[j * k + l] = load(B, p.b.type, bn ? l + j * ldb : j + l * ldb);
-  for (std::size_t j = 0; j < n; ++j)
-    for (std::size_t i = 0; i < m; ++i) {
-      const float* x = a.data() + i * k;
-      const float* y = b.data() + j * k;
-      float acc = 0.f;
-      for (std::size_t l = 0; l < k; ++l) acc = std::fma(x[l], y[l], acc);
-      float v = a_scale * acc;
-      if (b_scale != 0.f) v = std::fma(b_scale, load(C, p.c.type, i + j * ldc), v);
-      result[i + j * m] = v;
-    }
+    for (std::size_t l = 0; l < k; ++l) bt[l * nb + j] = load(B, p.b.type, bn ? l + j * ldb : j + l * ldb);
+  constexpr std::size_t pair = 2;  // rows of op(A) per pass over bt
+  std::vector<float> dots(pair * nb);
+  for (std::size_t i0 = 0; i0 < m; i0 += pair) {
+    const std::size_t rows = m - i0 < pair ? m - i0 : pair;
+    if (rows == pair) dot_rows<2>(a.data(), bt.data(), k, nb, i0, dots.data());
+    else dot_rows<1>(a.data(), bt.data(), k, nb, i0, dots.data());
+    for (std::size_t r = 0; r < rows; ++r)
+      for (std::size_t j = 0; j < n; ++j) {
+        const std::size_t i = i0 + r;
+        float v = a_scale * dots[r * nb + j];
+        if (b_scale != 0.f) v = std::fma(b_scale, load(C, p.c.type, i + j * ldc), v);
+        result[i + j * m] = v;
+      }
+  }
   for (std::size_t j = 0; j < n; ++j)
     for (std::size_t i = 0; i < m; ++i) store(D, p.d.type, i + j * ldd, result[i + j * m]);
 }

@@ -8,7 +8,8 @@
 //
 //   - a launch `k<<<grid, block, smem, stream>>>(args)` is rewritten by rewrite_launches.py into a
 //     call of ::grun_emu::launch(grid, block, smem, stream); each CTA then runs as blockDim fibers
-//     (ucontext, each with its own stack) on the launching thread, CTAs one after another, the
+//     (each with its own stack; on x86-64 a switch saves the callee-saved registers and swaps
+//     stack pointers — runtime.cpp's switch_stack —, else ucontext) on the launching thread, CTAs one after another, the
 //     ready fibers of a CTA in rounds between barrier openings — each round in thread order or in
 //     reverse, alternating by CTA and round (run_order.hpp: GRUN_EMU_ORDER pins or shuffles it),
 //     so a race's two outcomes both occur; deterministic, and a barrier costs a context switch,

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -226,9 +227,124 @@ struct async_copy {
   const void* from;
 };
 
+// ---- switching stacks ----------------------------------------------------------------------------
+// A switch between fibers needs what a function call keeps: the callee-saved registers, the stack
+// pointer and the floating-point control words. glibc's swapcontext also saves and restores the
+// signal mask, a system call at every switch, and AddressSanitizer's interceptor of it clears the
+// shadow of the whole target stack (8 KiB of shadow for 64 KiB) at every switch: together ~60% of an
+// emulated test's time (perf, emulated_test_cuda_intervention_fused_ranks). On x86-64 the switch is
+// switch_stack below. Elsewhere, or when this thread runs with a shadow stack (CET: a `ret` onto
+// another stack's return address would fault), ucontext.
+
+#if defined(__x86_64__)
+// switch_stack(&from, to): pushes rbp, rbx, r12–r15 and the MXCSR / x87 control words on the current
+// stack, stores the stack pointer in *from, loads `to` and pops the same from it, then returns there.
+extern "C" void grun_emu_switch_stack(void** from, void* to);
+asm(R"(
+  .text
+  .p2align 4
+  .globl grun_emu_switch_stack
+  .type grun_emu_switch_stack, @function
+grun_emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size grun_emu_switch_stack, .-grun_emu_switch_stack
+)");
+
+/// Whether the kernel runs this process with a user shadow stack (Linux ≥ 6.6 says so in
+/// /proc/self/status as "x86_Thread_features: shstk"): then ucontext, which glibc keeps consistent.
+bool shadow_stack_enabled() {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (f == nullptr) return false;
+  char line[256];
+  bool on = false;
+  while (std::fgets(line, sizeof line, f) != nullptr)
+    if (std::string_view(line).starts_with("x86_Thread_features:") && std::string_view(line).find("shstk") != std::string_view::npos)
+      on = true;
+  std::fclose(f);
+  return on;
+}
+const bool use_switch_stack = !shadow_stack_enabled();
+#else
+constexpr bool use_switch_stack = false;
+#endif
+
+/// Where a parked fiber (or the scheduler) resumes.
+struct execution_context {
+  void* sp = nullptr;  // switch_stack's saved stack pointer
+  ucontext_t uc{};     // or ucontext's
+};
+
+/// Saves the running context in `from` and resumes `to`.
+void switch_context(execution_context& from, execution_context& to) {
+#if defined(__x86_64__)
+  if (use_switch_stack) {
+    grun_emu_switch_stack(&from.sp, to.sp);
+    return;
+  }
+#endif
+  swapcontext(&from.uc, &to.uc);
+}
+
+/// Makes `c` start entry() at the top of [stack, stack + bytes) when first resumed. entry never returns.
+void prepare_context(execution_context& c, unsigned char* stack, std::size_t bytes, void (*entry)()) {
+#if defined(__x86_64__)
+  if (use_switch_stack) {
+    // The frame switch_stack pops: control words, r15 … r12, rbx, rbp, then entry as the return
+    // address; above it a null return address for entry, placed so that entry starts with the stack
+    // pointer 8 past a multiple of 16 (as after a call).
+    const auto top = (reinterpret_cast<std::uintptr_t>(stack) + bytes) & ~std::uintptr_t(15);
+    auto* words = reinterpret_cast<std::uint64_t*>(top - 8 - 64);
+    std::uint32_t mxcsr = 0;
+    std::uint16_t x87 = 0;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(x87));
+    words[0] = std::uint64_t(mxcsr) | std::uint64_t(x87) << 32;
+    for (int i = 1; i <= 6; ++i) words[i] = 0;  // r15, r14, r13, r12, rbx, rbp
+    words[7] = reinterpret_cast<std::uint64_t>(entry);
+    words[8] = 0;
+    c.sp = words;
+    return;
+  }
+#endif
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+
+/// A fiber's stack, its shadow cleared once: ASan's interceptors of makecontext and swapcontext did
+/// that at every switch; frames left behind by fibers that finished (never returning from their entry)
+/// are laid out again, their shadow rewritten, by the same functions at the same addresses.
+struct fiber_stack {
+  std::unique_ptr<unsigned char[]> bytes{new unsigned char[fiber_stack_bytes]};
+  fiber_stack() { GRUN_EMU_UNPOISON(bytes.get(), fiber_stack_bytes); }
+  unsigned char* get() const { return bytes.get(); }
+};
+
 struct fiber {
-  ucontext_t context{};
-  std::unique_ptr<unsigned char[]> stack{new unsigned char[fiber_stack_bytes]};
+  execution_context context;
+  fiber_stack stack;
   uint3 thread{};
   bool done = false;
   barrier waiting = barrier::none;
@@ -238,7 +354,7 @@ struct fiber {
 
 /// The scheduler of the CTA that runs on this thread.
 struct cta_scheduler {
-  ucontext_t context{};
+  execution_context context;
   void* fake_stack = nullptr;
   const void* stack_bottom = nullptr;  // the launching thread's stack (ASan learns it at the first switch)
   std::size_t stack_size = 0;
@@ -259,7 +375,7 @@ std::vector<fiber>& fiber_pool() {
 void leave_fiber(bool finished) {
   void* fake = nullptr;
   start_switch(finished ? nullptr : &fake, scheduler.stack_bottom, scheduler.stack_size);
-  swapcontext(&scheduler.running->context, &scheduler.context);
+  switch_context(scheduler.running->context, scheduler.context);
   finish_switch(fake);
 }
 
@@ -274,7 +390,7 @@ void resume(fiber& f, const thread_context& where) {
   scheduler.running = &f;
   context = where;
   start_switch(&scheduler.fake_stack, f.stack.get(), fiber_stack_bytes);
-  swapcontext(&scheduler.context, &f.context);
+  switch_context(scheduler.context, f.context);
   finish_switch(scheduler.fake_stack);
 }
 
@@ -500,11 +616,7 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
       f.waiting = barrier::none;
       f.open_group.clear();
       f.committed.clear();
-      getcontext(&f.context);
-      f.context.uc_stack.ss_sp = f.stack.get();
-      f.context.uc_stack.ss_size = fiber_stack_bytes;
-      f.context.uc_link = nullptr;
-      makecontext(&f.context, fiber_entry, 0);
+      prepare_context(f.context, f.stack.get(), fiber_stack_bytes, fiber_entry);
     }
     // Rounds: every fiber not waiting runs, in the round's order (arrange), until it parks at a
     // barrier or returns; then the barriers all their fibers have reached open, and the next starts.

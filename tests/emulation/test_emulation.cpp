@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -251,6 +252,41 @@ TEST_CASE("emulation: cuBLASLt matmul, every transpose and storage type, against
       float want = 0.f;
       for (std::uint64_t l = 0; l < k; ++l) want += a32[i + l * m] * b32[l + j * k];
       CHECK(d32[i + j * m] == 0.25f * want + 3.f);
+    }
+}
+
+TEST_CASE("emulation: cuBLASLt matmul sums k as one fp32 fma chain per element, in order, at any width", "[emulation]") {
+  // n = 75: columns run 32 at a time on AVX2 + FMA where the CPU has them (two blocks), the rest
+  // one at a time; every element must be the same chain of fused multiply-adds either way.
+  const std::uint64_t m = 9, n = 75, k = 301;
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (auto ta : {CUBLAS_OP_N, CUBLAS_OP_T})
+    for (auto tb : {CUBLAS_OP_N, CUBLAS_OP_T}) {
+      INFO("transposes " << int(ta) << ", " << int(tb));
+      const bool an = ta == CUBLAS_OP_N, bn = tb == CUBLAS_OP_N;
+      const std::int64_t lda = std::int64_t(an ? m : k) + 1, ldb = std::int64_t(bn ? k : n) + 3;
+      std::vector<float> a(std::size_t(lda) * (an ? k : m)), b(std::size_t(ldb) * (bn ? n : k));
+      for (auto& v : a) v = u(rng);
+      for (auto& v : b) v = u(rng);
+      const device_array<float> da(a), db(b), dd(std::vector<float>(m * n, 0.f));
+      matmul_case c;
+      c.ta = ta;
+      c.tb = tb;
+      c.m = m;
+      c.n = n;
+      c.k = k;
+      REQUIRE(c.run(da.ptr, lda, db.ptr, ldb, dd.ptr, std::int64_t(m)) == CUBLAS_STATUS_SUCCESS);
+      const auto d = dd.to_host();
+      int differ = 0;
+      for (std::uint64_t j = 0; j < n; ++j)
+        for (std::uint64_t i = 0; i < m; ++i) {
+          float want = 0.f;
+          for (std::uint64_t l = 0; l < k; ++l)
+            want = std::fma(an ? a[i + l * lda] : a[l + i * lda], bn ? b[l + j * ldb] : b[j + l * ldb], want);
+          differ += d[i + j * m] != want;
+        }
+      CHECK(differ == 0);
     }
 }
 
