@@ -365,7 +365,10 @@ __attribute__((target("avx2,fma"), no_sanitize_address)) void dots_avx2(const fl
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + std::size_t(r) * n + 8 * v, acc[r][v]);
 }
-const bool have_avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+bool have_avx2_fma() {
+  static const bool have = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+  return have;
+}
 #endif
 
 /// Rows [i0, i0 + ROWS) of op(A)·op(B) into out [ROWS][n]: dots_avx2 where it runs (n a multiple of
@@ -373,7 +376,7 @@ const bool have_avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_suppo
 template <int ROWS>
 void dot_rows(const float* a, const float* bt, std::size_t k, std::size_t n, std::size_t i0, float* out) {
 #if defined(__x86_64__)
-  if (have_avx2_fma) {
+  if (have_avx2_fma()) {
     for (std::size_t j = 0; j < n; j += avx2_width) dots_avx2<ROWS>(a + i0 * k, bt, k, n, j, out + j);
     return;
   }
@@ -390,7 +393,7 @@ void multiply(const problem& p, const void* A, const void* B, const void* C, voi
   const std::size_t m = p.m, n = p.n, k = p.k, lda = std::size_t(p.a.ld), ldb = std::size_t(p.b.ld),
                     ldc = std::size_t(p.c.ld), ldd = std::size_t(p.d.ld);
 #if defined(__x86_64__)
-  const std::size_t nb = have_avx2_fma ? (n + avx2_width - 1) / avx2_width * avx2_width : n;
+  const std::size_t nb = have_avx2_fma() ? (n + avx2_width - 1) / avx2_width * avx2_width : n;
 #else
   const std::size_t nb = n;
 #endif

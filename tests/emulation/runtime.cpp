@@ -283,9 +283,13 @@ bool shadow_stack_enabled() {
   std::fclose(f);
   return on;
 }
-const bool use_switch_stack = !shadow_stack_enabled();
+/// Decided once, at the first switch or fiber made (not at static initialization: whatever runs first).
+bool use_switch_stack() {
+  static const bool use = !shadow_stack_enabled();
+  return use;
+}
 #else
-constexpr bool use_switch_stack = false;
+constexpr bool use_switch_stack() { return false; }
 #endif
 
 /// Where a parked fiber (or the scheduler) resumes.
@@ -297,7 +301,7 @@ struct execution_context {
 /// Saves the running context in `from` and resumes `to`.
 void switch_context(execution_context& from, execution_context& to) {
 #if defined(__x86_64__)
-  if (use_switch_stack) {
+  if (use_switch_stack()) {
     grun_emu_switch_stack(&from.sp, to.sp);
     return;
   }
@@ -308,7 +312,7 @@ void switch_context(execution_context& from, execution_context& to) {
 /// Makes `c` start entry() at the top of [stack, stack + bytes) when first resumed. entry never returns.
 void prepare_context(execution_context& c, unsigned char* stack, std::size_t bytes, void (*entry)()) {
 #if defined(__x86_64__)
-  if (use_switch_stack) {
+  if (use_switch_stack()) {
     // The frame switch_stack pops: control words, r15 … r12, rbx, rbp, then entry as the return
     // address; above it a null return address for entry, placed so that entry starts with the stack
     // pointer 8 past a multiple of 16 (as after a call).
