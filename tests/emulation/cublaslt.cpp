@@ -327,21 +327,20 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatm
 
 namespace {
 
-/// The dot products of row x [k] of op(A) with columns j0 … j0 + W − 1 of op(B), held as bt [k][n]
-/// (k-major: the W columns' elements at one l are adjacent): out[w] = Σ_l x[l]·bt[l][j0 + w], each a
-/// chain of fp32 fused multiply-adds in l order from 0 — the same chain for every w, whichever way it
-/// is run. Generic: one column at a time (std::fma, a libm call without -mfma).
-void dots_scalar(const float* x, const float* bt, std::size_t k, std::size_t n, std::size_t j0, std::size_t W,
-                 float* out) {
-  for (std::size_t w = 0; w < W; ++w) {
+/// The dot products of row x [k] of op(A) with every column of op(B), held as bt [k][n] (k-major: the
+/// columns' elements at one l are adjacent): out[j] = Σ_l x[l]·bt[l][j], each a chain of fp32 fused
+/// multiply-adds in l order from 0 — the same chain whichever way it is run. Generic: one column at a
+/// time (std::fma, a libm call without -mfma).
+void dots_scalar(const float* x, const float* bt, std::size_t k, std::size_t n, float* out) {
+  for (std::size_t j = 0; j < n; ++j) {
     float acc = 0.f;
-    for (std::size_t l = 0; l < k; ++l) acc = std::fma(x[l], bt[l * n + j0 + w], acc);
-    out[w] = acc;
+    for (std::size_t l = 0; l < k; ++l) acc = std::fma(x[l], bt[l * n + j], acc);
+    out[j] = acc;
   }
 }
 
 #if defined(__x86_64__)
-/// dots_scalar for W = 32 columns and ROWS rows of op(A) (x, x + k, …; out, out + n, …) on AVX2 + FMA:
+/// dots_scalar for columns j0 … j0 + 31 and ROWS rows of op(A) (x, x + k, …; out, out + n, …) on AVX2 + FMA:
 /// 4·ROWS vectors of 8 chains side by side, so the latency of one chain's fma hides behind the others
 /// (the scalar loop waited ~4 cycles per multiply-add, through a call) and each loaded vector of bt
 /// serves ROWS rows. A vfmadd is a correctly rounded fma per lane: the same bits as dots_scalar.
@@ -381,7 +380,7 @@ void dot_rows(const float* a, const float* bt, std::size_t k, std::size_t n, std
     return;
   }
 #endif
-  for (int r = 0; r < ROWS; ++r) dots_scalar(a + (i0 + std::size_t(r)) * k, bt, k, n, 0, n, out + std::size_t(r) * n);
+  for (int r = 0; r < ROWS; ++r) dots_scalar(a + (i0 + std::size_t(r)) * k, bt, k, n, out + std::size_t(r) * n);
 }
 
 /// D = alpha · op(A) op(B) + beta · C: op(A) as rows of k and op(B) as bt [k][nb] (nb: n, or n rounded
@@ -398,16 +397,16 @@ void multiply(const problem& p, const void* A, const void* B, const void* C, voi
   const std::size_t nb = n;
 #endif
   // Kept from call to call: fresh vectors of this size were mapped and faulted in by the OS each time.
-  static thread_local std::vector<float> a, bt, result;  // result: all of D, then stored (C may be D)
+  constexpr std::size_t pair = 2;  // rows of op(A) per pass over bt
+  static thread_local std::vector<float> a, bt, dots, result;  // result: all of D, then stored (C may be D)
   a.resize(m * k);
+  dots.resize(pair * nb);
   bt.assign(k * nb, 0.f);
   result.resize(m * n);
   for (std::size_t i = 0; i < m; ++i)
     for (std::size_t l = 0; l < k; ++l) a[i * k + l] = load(A, p.a.type, an ? i + l * lda : l + i * lda);
   for (std::size_t j = 0; j < n; ++j)
     for (std::size_t l = 0; l < k; ++l) bt[l * nb + j] = load(B, p.b.type, bn ? l + j * ldb : j + l * ldb);
-  constexpr std::size_t pair = 2;  // rows of op(A) per pass over bt
-  std::vector<float> dots(pair * nb);
   for (std::size_t i0 = 0; i0 < m; i0 += pair) {
     const std::size_t rows = m - i0 < pair ? m - i0 : pair;
     if (rows == pair) dot_rows<2>(a.data(), bt.data(), k, nb, i0, dots.data());

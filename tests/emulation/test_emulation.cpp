@@ -256,8 +256,9 @@ TEST_CASE("emulation: cuBLASLt matmul, every transpose and storage type, against
 }
 
 TEST_CASE("emulation: cuBLASLt matmul sums k as one fp32 fma chain per element, in order, at any width", "[emulation]") {
-  // n = 75: columns run 32 at a time on AVX2 + FMA where the CPU has them (two blocks), the rest
-  // one at a time; every element must be the same chain of fused multiply-adds either way.
+  // n = 75: on AVX2 + FMA columns run 32 at a time (the last block padded with zero columns) and
+  // rows two at a time (m = 9: the last alone); every element must be the same chain of fused
+  // multiply-adds as one column at a time.
   const std::uint64_t m = 9, n = 75, k = 301;
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
