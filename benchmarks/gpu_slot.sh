@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # benchmarks/gpu_slot.sh — one call on a lent GPU machine, everything in it: gpu_check.sh on a prebuilt
 # bundle (tests, bench_cuda, PyTorch / Liger, the table), bench_cuda's extra groups, ncu on the fused
-# intervention kernels, compute-sanitizer (memcheck on the intervention test programs, racecheck and
-# synccheck on the fused kernels' program). Each step is bounded; what it wrote lands in OUT (at most
-# 8 files, for transfers that return few files).
+# intervention kernels and on every kernel of one call of four fwd+bwd rows, compute-sanitizer
+# (memcheck on the intervention test programs, racecheck and synccheck on the fused kernels'
+# program). Each step is bounded; what it wrote lands in OUT (at most 8 files, for transfers that
+# return few files).
 #
 # Usage: benchmarks/gpu_slot.sh [--bundle DIR] [--out DIR] [--wheels DIR]
 #   --bundle  a bundle from benchmarks/gpu_bundle.sh: its folder, or its .tar.gz (unpacked here into a
@@ -13,8 +14,8 @@
 #             which the lent machines lack and cannot fetch)
 # Files in OUT: env.txt, gpu_check.log, results.txt (gpu_check.sh --table-only reprints the table),
 # extra.txt (bench_cuda --only intervention_scaling), fastest.txt (the table again with the fastest
-# measured schedules as the run's defaults), ncu.txt, memcheck.txt (every compute-sanitizer run's
-# summary), logs.tgz (every log).
+# measured schedules as the run's defaults), ncu.txt (the kernels' profiles, then step 3b's per-kernel
+# times), memcheck.txt (every compute-sanitizer run's summary), logs.tgz (every log).
 # Exit status: gpu_check.sh's (0 all passed; 1 a test or bench_cuda failed; 2 bad arguments; 3 no GPU).
 set -uo pipefail
 
@@ -103,7 +104,8 @@ fi
 cat "$out/fastest.txt"
 echo "fastest schedules done after $(elapsed) s"
 
-# 3. ncu on the fused intervention kernels (one launch each; --clock-control none leaves the clocks alone).
+# 3. ncu on the fused intervention kernels (one launch each; --clock-control none leaves the clocks alone),
+# then the kernels of one call of four fwd+bwd rows (3b).
 ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
 : >"$out/ncu.txt"
 if [[ -n $ncu ]]; then
@@ -126,6 +128,27 @@ if [[ -n $ncu ]]; then
       --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum \
       "$bin/bench_cuda" --only intervention_linear_loreft4 "$@" >>"$out/ncu.txt" 2>&1 ||
       echo "ncu $kernel ($*): exit $?" >>"$out/ncu.txt"
+  done
+  # 3b. Every kernel of one call of the fwd+bwd rows whose time has more than one or two kernels in it
+  # (the mlp gate's cuBLASLt matmuls and elementwise steps, the backward's packing and slot sums, the
+  # user gate's row kernels): bench_cuda --profile runs the row's call once more between
+  # cudaProfilerStart/Stop, ncu times each kernel of it, kernel_times.py lists them beside the row's
+  # median (what is left is time between kernels). Skipped once the call has run 330 s, for step 4.
+  for job in "intervention_mlp_loreft4 intervention_mlp_loreft4_fwdbwd" \
+             "intervention_mlp_loreft4 intervention_mlp_loreft4_fwdbwd_saved" \
+             "intervention_linear_loreft4 intervention_linear_loreft4_fwdbwd" \
+             "intervention_user_gate_loreft4 intervention_user_gate_loreft4_fwdbwd"; do
+    set -- $job  # a bench_cuda group, then its row
+    if (( $(elapsed) > 330 )); then
+      echo "== kernels of one $2 call: skipped, $(elapsed) s into the call" >>"$out/ncu.txt"
+      continue
+    fi
+    echo "== ncu --profile-from-start off: bench_cuda --only $1 --profile $2" >>"$out/ncu.txt"
+    timeout 45 "$ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+      --log-file "$work/kernels.$2.csv" "$bin/bench_cuda" --only "$1" --profile "$2" >"$work/kernels.$2.log" 2>&1 ||
+      echo "ncu --profile $2: exit $?" >>"$out/ncu.txt"
+    python3 "$here/cuda/kernel_times.py" --row "$2" --results "$out/results.txt" "$work/kernels.$2.csv" \
+      >>"$out/ncu.txt" 2>&1
   done
 else
   echo "no ncu on this machine" >"$out/ncu.txt"

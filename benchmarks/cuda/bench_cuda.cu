@@ -6,6 +6,7 @@
 //
 //   bench_cuda [--quick | --smoke] [--only NAME[,NAME…]] [--schedule stream|resident|staged|tensor|tensor_apply|tensor_pipelined]
 //              [--coef-schedule NAME] [--slot-schedule NAME] [--slots N] [--saved] [--fail-row KEY]
+//              [--profile KEY[,KEY…]]
 //     --quick  smaller sizes (smoke test of the script itself)
 //     --smoke  the fewest rows that keep every benchmark's d and V, each timed once: every path a GPU
 //              run takes, in seconds on the CPU emulation (tests/emulation runs it so)
@@ -21,6 +22,10 @@
 //   another schedule a line "OPTIONS <key> <options…>" gives the options above that make that row's
 //   configuration the run's default (what gpu_table.py --fastest-flags reads).
 //     --fail-row KEY  the opt-in row KEY throws instead of running (a test of the FAILED path)
+//     --profile KEY[,KEY…]  each row named runs its call once more after its timing, alone, between
+//              cudaProfilerStart() and cudaProfilerStop(), and prints "PROFILED <key>": under
+//              `ncu --profile-from-start off` every kernel of one call, in launch order (gpu_slot.sh
+//              reads it with benchmarks/cuda/kernel_times.py); a KEY no row of the run has: exit 2
 //     --only   run only the named benchmarks (copy_d2d, intervention_linear_loreft4, …_direft4,
 //              …_loreft4_generic, intervention_mlp_loreft4, …_loreft4_householder, intervention_user_gate_loreft4,
 //              intervention_scaling, nll,
@@ -30,6 +35,8 @@
 // intervention_schedules (the fused kernels' opt-in schedules, loreft4 and direft4) runs last. A row of
 // it that throws prints "FAILED <key> <what>" instead of its RESULT, the run goes on (unless the CUDA
 // context is lost), and bench_cuda exits 1 at the end.
+#include <cuda_profiler_api.h>
+
 #include <grun/cuda/adamw.cuh>
 #include <grun/cuda/intervention.cuh>
 #include <grun/cuda/kl.cuh>
@@ -147,7 +154,27 @@ double time_ms(const std::function<void()>& f, int warmup = 3, int reps = 10) {
   return ms[ms.size() / 2];
 }
 
-void result(const char* name, double ms, double bytes) { std::printf("RESULT %s %.6f %.0f\n", name, ms, bytes); }
+/// --profile: the rows whose call runs once more, alone, after its timing, between cudaProfilerStart()
+/// and cudaProfilerStop() — what `ncu --profile-from-start off` then profiles: every kernel of one
+/// call, in launch order (gpu_slot.sh's per-kernel times, benchmarks/cuda/kernel_times.py) — and the
+/// rows that did (a name in --profile that no row of the run has is refused at the end).
+std::vector<std::string> profile_rows, profiled_rows;
+
+/// Times f (time_ms) and prints
+///   RESULT <key> <milliseconds> <bytes moved at minimum>
+/// then, when --profile names the row, runs f once more between cudaProfilerStart and cudaProfilerStop
+/// and prints "PROFILED <key>".
+void timed_row(const std::string& key, double bytes, const std::function<void()>& f, int warmup = 3, int reps = 10) {
+  std::printf("RESULT %s %.6f %.0f\n", key.c_str(), time_ms(f, warmup, reps), bytes);
+  if (std::find(profile_rows.begin(), profile_rows.end(), key) == profile_rows.end()) return;
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  GRUN_CUDA_CHECK(cudaProfilerStart());
+  f();
+  GRUN_CUDA_CHECK(cudaDeviceSynchronize());
+  GRUN_CUDA_CHECK(cudaProfilerStop());
+  std::printf("PROFILED %s\n", key.c_str());
+  profiled_rows.push_back(key);
+}
 
 /// --only: the comma-separated benchmark names to run (empty: all), each one of these.
 std::vector<std::string> only;
@@ -174,8 +201,8 @@ void fill(gc::device_buffer<T>& d, unsigned seed, float lo, float hi) {
 
 void bench_copy(index_t bytes) {
   gc::device_buffer<unsigned char> a(bytes), b(bytes);
-  const double ms = time_ms([&] { GRUN_CUDA_CHECK(cudaMemcpy(b.data(), a.data(), std::size_t(bytes), cudaMemcpyDeviceToDevice)); });
-  result("copy_d2d", ms, 2.0 * double(bytes));  // one read + one write
+  timed_row("copy_d2d", 2.0 * double(bytes),  // one read + one write
+            [&] { GRUN_CUDA_CHECK(cudaMemcpy(b.data(), a.data(), std::size_t(bytes), cudaMemcpyDeviceToDevice)); });
 }
 
 /// What bench_intervention times: the path exec::cuda takes (fused kernels where the policies have
@@ -248,24 +275,24 @@ void bench_intervention(const std::string& name, index_t T_, index_t d, timing w
   const int warm = slow ? 1 : 3, reps = slow ? 3 : 10;
   const double elems = in.elems();
   // Minimum traffic: read h, write h' (gates and parameters are negligible).
-  result((name + "_fwd").c_str(), time_ms([&] { in.fwd(in.outv()); }, warm, reps), 2.0 * elems * 2);
+  timed_row(name + "_fwd", 2.0 * elems * 2, [&] { in.fwd(in.outv()); }, warm, reps);
   if (!slow) {
     // In place (out = h): h' overwrites h; values drift over repetitions, the timing does not.
     gc::device_buffer<bf16> hh(T_ * d);
     GRUN_CUDA_CHECK(cudaMemcpy(hh.data(), in.h.data(), sizeof(bf16) * std::size_t(T_ * d), cudaMemcpyDeviceToDevice));
     const grun::matrix_view<bf16, cuda_space> hhv(hh.data(), {T_, d});
-    result((name + "_fwd_inplace").c_str(),
-           time_ms([&] { impl::forward(grun::exec::cuda, in.mods(), 1.0, grun::matrix_view<const bf16, cuda_space>(hhv), in.pos, hhv, in.gv()); }, warm, reps), 2.0 * elems * 2);
+    timed_row(name + "_fwd_inplace", 2.0 * elems * 2, [&] {
+      impl::forward(grun::exec::cuda, in.mods(), 1.0, grun::matrix_view<const bf16, cuda_space>(hhv), in.pos, hhv, in.gv());
+    }, warm, reps);
   }
   // fwd + bwd minimum: fwd reads h, writes h'; bwd reads h and dout, writes dh. (--saved: from the kept values.)
   const bool from_kept = fwdbwd_saved && what == timing::fused_and_saved;
-  result((name + "_fwdbwd").c_str(),
-         time_ms([&] { from_kept ? in.fwd_bwd_kept() : (in.fwd(in.outv()), in.bwd()); }, 1, slow ? 2 : 5),
-         5.0 * elems * 2);
+  timed_row(name + "_fwdbwd", 5.0 * elems * 2,
+            [&] { from_kept ? in.fwd_bwd_kept() : (in.fwd(in.outv()), in.bwd()); }, 1, slow ? 2 : 5);
   if (what == timing::fused_and_saved && !from_kept) {
     const std::string saved_row = name + "_fwdbwd_saved";
     schedules{.from_kept = true}.print_options(saved_row, true);
-    result(saved_row.c_str(), time_ms([&] { in.fwd_bwd_kept(); }, 1, 5), 5.0 * elems * 2);
+    timed_row(saved_row, 5.0 * elems * 2, [&] { in.fwd_bwd_kept(); }, 1, 5);
   }
 }
 
@@ -319,7 +346,7 @@ void bench_schedules(const std::string& name, index_t T_, index_t d) {
     const std::string key = name + "_fwd_" + schedule;
     schedules config = run;
     config.forward = plan;
-    opt_in_row(key, config, false, [&] { result(key.c_str(), time_ms([&] { in.fwd(in.outv()); }), 2.0 * elems * 2); });
+    opt_in_row(key, config, false, [&] { timed_row(key, 2.0 * elems * 2, [&] { in.fwd(in.outv()); }); });
   }
   // fwd + bwd minimum: fwd reads h, writes h'; bwd reads h and dout, writes dh. Recomputing
   // (from_kept false) or from what the forward kept (true).
@@ -347,9 +374,7 @@ void bench_schedules(const std::string& name, index_t T_, index_t d) {
   for (const auto& [config, suffix] : fwdbwd_plans) {
     const std::string key = name + suffix;
     opt_in_row(key, config, true, [&] {
-      const double ms = config.from_kept ? time_ms([&] { in.fwd_bwd_kept(); }, 1, 5)
-                                         : time_ms([&] { in.fwd(in.outv()); in.bwd(); }, 1, 5);
-      result(key.c_str(), ms, 5.0 * elems * 2);
+      timed_row(key, 5.0 * elems * 2, [&] { config.from_kept ? in.fwd_bwd_kept() : (in.fwd(in.outv()), in.bwd()); }, 1, 5);
     });
   }
 }
@@ -364,16 +389,16 @@ void bench_nll(index_t T_, index_t V) {
   fill(dn, 5, 1.f, 1.f);
   const grun::matrix_view<const bf16, cuda_space> xv(x.data(), {T_, V});
   const grun::vector_view<const std::int64_t, cuda_space> yv(yd.data(), {T_});
-  const double fwd = time_ms([&] { grun::loss::token_nll_forward(grun::exec::cuda, xv, yv, nll.view(), lse.view()); });
-  result("nll_fwd", fwd, double(T_ * V) * 2);
+  timed_row("nll_fwd", double(T_ * V) * 2,
+            [&] { grun::loss::token_nll_forward(grun::exec::cuda, xv, yv, nll.view(), lse.view()); });
   // fwd + bwd, gradient written in place over the logits (values change; timing does not)
   gc::device_buffer<bf16> dx(T_ * V);
-  const double fb = time_ms([&] {
+  // The issue's yardstick: one read + one write.
+  timed_row("nll_fwdbwd", 2.0 * double(T_ * V) * 2, [&] {
     grun::loss::token_nll_forward(grun::exec::cuda, xv, yv, nll.view(), lse.view());
     grun::loss::token_nll_backward(grun::exec::cuda, xv, yv, grun::vector_view<const float, cuda_space>(lse.data(), {T_}),
                                    grun::vector_view<const float, cuda_space>(dn.data(), {T_}), dx.view<2>({T_, V}));
   });
-  result("nll_fwdbwd", fb, 2.0 * double(T_ * V) * 2);  // the issue's yardstick: one read + one write
 }
 
 /// Uniform [lo, hi) straight on the device (a hash of the index, not a quality RNG): the KL rows
@@ -403,18 +428,17 @@ void bench_kl(index_t T_, index_t V) {
   fill(dk, 8, 1.f, 1.f);
   const grun::matrix_view<const bf16, cuda_space> xv(x.data(), {T_, V}), rv(r.data(), {T_, V});
   const grun::vector_view<const std::int64_t, cuda_space> yv(yd.data(), {T_});
-  const double fwd = time_ms([&] { grun::loss::token_kl_forward(grun::exec::cuda, xv, rv, yv, kl.view(), lse.view(), lse_ref.view()); });
-  result("kl_fwd", fwd, 2.0 * double(T_ * V) * 2);  // one read of each logit tensor
+  timed_row("kl_fwd", 2.0 * double(T_ * V) * 2,  // one read of each logit tensor
+            [&] { grun::loss::token_kl_forward(grun::exec::cuda, xv, rv, yv, kl.view(), lse.view(), lse_ref.view()); });
   gc::device_buffer<bf16> dx(T_ * V);
-  const double fb = time_ms([&] {
+  // The yardstick: read both logit tensors once, write dlogits once (the fused kernels read both
+  // twice, since backward needs the saved log-sum-exps).
+  timed_row("kl_fwdbwd", 3.0 * double(T_ * V) * 2, [&] {
     grun::loss::token_kl_forward(grun::exec::cuda, xv, rv, yv, kl.view(), lse.view(), lse_ref.view());
     grun::loss::token_kl_backward(grun::exec::cuda, xv, rv, yv, grun::vector_view<const float, cuda_space>(lse.data(), {T_}),
                                   grun::vector_view<const float, cuda_space>(lse_ref.data(), {T_}),
                                   grun::vector_view<const float, cuda_space>(dk.data(), {T_}), dx.view<2>({T_, V}));
   });
-  // The yardstick: read both logit tensors once, write dlogits once (the fused kernels read both
-  // twice, since backward needs the saved log-sum-exps).
-  result("kl_fwdbwd", fb, 3.0 * double(T_ * V) * 2);
 }
 
 /// The unlearning losses on exec::cuda: RMU's retain term over P × d hidden states (bandwidth:
@@ -430,8 +454,7 @@ void bench_losses(index_t P, index_t d, index_t B, index_t G) {
   in.retain.hidden_ref = {h0.data(), {P, d}};
   loss::grads<bf16, cuda_space> g;
   g.retain.hidden = {dh.data(), {P, d}};
-  result("rmu_retain_fwdbwd", time_ms([&] { loss::rmu_retain{}.evaluate(grun::exec::cuda, in, g, 1.f); }),
-         4.0 * double(P * d) * 2);
+  timed_row("rmu_retain_fwdbwd", 4.0 * double(P * d) * 2, [&] { loss::rmu_retain{}.evaluate(grun::exec::cuda, in, g, 1.f); });
   gc::device_buffer<float> nll(B), nll_ref(B), dnll(B), gates(G), dgates(G);
   fill(nll, 13, 5.f, 40.f);
   fill(nll_ref, 14, 5.f, 40.f);
@@ -446,8 +469,8 @@ void bench_losses(index_t P, index_t d, index_t B, index_t G) {
   loss::grads<bf16, cuda_space> sg;
   sg.forget.nll = {dnll.data(), {B}};
   sg.forget.gate = {dgates.data(), {G}};
-  result("npo_b64", time_ms([&] { loss::npo{}.evaluate(grun::exec::cuda, seq, sg, 1.f); }), 0);
-  result("gate_bce_g16384", time_ms([&] { loss::gate_bce{}.evaluate(grun::exec::cuda, seq, sg, 1.f); }), 0);
+  timed_row("npo_b64", 0, [&] { loss::npo{}.evaluate(grun::exec::cuda, seq, sg, 1.f); });
+  timed_row("gate_bce_g16384", 0, [&] { loss::gate_bce{}.evaluate(grun::exec::cuda, seq, sg, 1.f); });
 }
 
 void bench_adamw(index_t d) {
@@ -456,8 +479,16 @@ void bench_adamw(index_t d) {
   gc::device_params<P> p(I::shape<float, cuda_space>(d)), g(*p);
   gc::device_param_state<float> m(*p), v(*p);
   grun::optim::adamw_coeffs<float> c{4e-3f, 0.9f, 0.999f, 1e-8f, 1.f - 4e-5f, 0.1f, 0.001f, 1.f};
-  const double ms = time_ms([&] { grun::optim::detail::adamw_impl<grun::exec::cuda_t>::step(grun::exec::cuda, *p, *g, m, v, c); });
-  result("adamw_mlp_loreft4", ms, 7.0 * double(p.size()) * 4);  // read θ g m v, write θ m v
+  timed_row("adamw_mlp_loreft4", 7.0 * double(p.size()) * 4,  // read θ g m v, write θ m v
+            [&] { grun::optim::detail::adamw_impl<grun::exec::cuda_t>::step(grun::exec::cuda, *p, *g, m, v, c); });
+}
+
+/// Appends the comma-separated names of `list` (an option's value) to `names`.
+void append_names(const std::string& list, std::vector<std::string>& names) {
+  for (std::size_t a = 0, b; a <= list.size(); a = b + 1) {
+    b = std::min(list.find(',', a), list.size());
+    if (b > a) names.push_back(list.substr(a, b - a));
+  }
 }
 
 }  // namespace
@@ -475,11 +506,9 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--smoke") == 0) {
       smoke = true;
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
-      std::string list = argv[++i];
-      for (std::size_t a = 0, b; a <= list.size(); a = b + 1) {
-        b = std::min(list.find(',', a), list.size());
-        if (b > a) only.push_back(list.substr(a, b - a));
-      }
+      append_names(argv[++i], only);
+    } else if (std::strcmp(argv[i], "--profile") == 0 && i + 1 < argc) {
+      append_names(argv[++i], profile_rows);
     } else if (std::strcmp(argv[i], "--fail-row") == 0 && i + 1 < argc) {
       fail_row = argv[++i];
     } else if (std::strcmp(argv[i], "--schedule") == 0 && i + 1 < argc) {
@@ -502,7 +531,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "bench_cuda: unknown argument '%s' (expected --quick, --smoke, --only NAME[,NAME...], --schedule NAME, "
-                   "--coef-schedule NAME, --slot-schedule NAME, --slots N, --saved, --fail-row KEY)\n",
+                   "--coef-schedule NAME, --slot-schedule NAME, --slots N, --saved, --fail-row KEY, --profile KEY[,KEY...])\n",
                    argv[i]);
       return 2;
     }
@@ -573,6 +602,12 @@ int main(int argc, char** argv) {
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda: %s\n", e.what());
     return 1;
+  }
+  for (const auto& key : profile_rows) {
+    if (std::find(profiled_rows.begin(), profiled_rows.end(), key) != profiled_rows.end()) continue;
+    std::fprintf(stderr, "bench_cuda: --profile: no row named '%s' ran (expected a key of a RESULT line of this run)\n",
+                 key.c_str());
+    return 2;
   }
   if (failed_rows > 0) {
     std::fprintf(stderr, "bench_cuda: %d opt-in schedule row(s) FAILED (see the FAILED lines)\n", failed_rows);

@@ -10,12 +10,14 @@ schedules, all but the run's default), each a finite, non-negative time with its
 the table from that output, as gpu_check.sh would. Also: every schedule row has an OPTIONS line,
 --schedule changes the default (its row goes, the others come), --coef-schedule / --slot-schedule /
 --slots / --saved change the backward's (named on the SCHEDULES line; given as a schedule row's
-OPTIONS line says), --only limits the run to the names given, a bad --schedule or argument is refused with exit 2
-and a message, and an opt-in row made to fail (--fail-row) is reported as FAILED while the rows after
-it still run. The timings are host time under the emulation and are not looked at.
+OPTIONS line says), --only limits the run to the names given, --profile brackets one more call of
+each row named with cudaProfilerStart / cudaProfilerStop, a bad --schedule or argument is refused with
+exit 2 and a message, and an opt-in row made to fail (--fail-row) is reported as FAILED while the rows
+after it still run. The timings are host time under the emulation and are not looked at.
 """
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 
@@ -108,6 +110,20 @@ def main(argv):
             or "FAILED" not in err:
         problems.append(f"--fail-row {failing}: exit {rc}, FAILED {sorted(parsed['failed'])}, stderr {err.strip()!r}; "
                         f"expected exit 1, that row FAILED and the rows after it ({after}) timed")
+    # --profile: each row named runs its call once more between cudaProfilerStart and cudaProfilerStop
+    # (the emulated runtime says how many grids ran in between: the call's, not none), and says so; a
+    # name no row of the run has is refused.
+    profiled = ["intervention_mlp_loreft4_fwdbwd", "intervention_linear_loreft4_fwdbwd_saved"]
+    rc, out, err = run(bench, "--smoke", "--only", "intervention_linear_loreft4,intervention_mlp_loreft4",
+                       "--profile", ",".join(profiled))
+    said = [line.split()[1] for line in out.splitlines() if line.startswith("PROFILED ")]
+    grids = [int(n) for n in re.findall(r"cudaProfilerStop: (\d+) grids ran since cudaProfilerStart", err)]
+    if rc != 0 or sorted(said) != sorted(profiled) or len(grids) != 2 or min(grids) < 4:
+        problems.append(f"--profile {','.join(profiled)}: exit {rc}, PROFILED {said}, grids between start and stop "
+                        f"{grids}; expected exit 0, both rows profiled, each call's grids (≥ 4) between")
+    rc, out, err = run(bench, "--smoke", "--only", "nll", "--profile", "nll_fwd,intervention_mlp_loreft4_fwdbwd")
+    if rc != 2 or "--profile: no row named 'intervention_mlp_loreft4_fwdbwd' ran" not in err:
+        problems.append(f"--profile of a row the run does not have: exit {rc}, {err.strip()!r}; expected exit 2 naming it")
     rc, out, err = run(bench, "--smoke", "--only", "nll,adamw")
     keys = sorted(table.parse(out.splitlines())["ms"])
     if rc != 0 or keys != ["adamw_mlp_loreft4", "copy_d2d", "nll_fwd", "nll_fwdbwd"]:

@@ -9,6 +9,7 @@
 // scribbling). Fresh allocations are filled with 0xFF bytes (NaN in every float type, −1 in
 // integers): a kernel that reads what no one wrote shows in the results.
 #include <cuda_emulation.hpp>
+#include <cuda_profiler_api.h>
 #include "run_order.hpp"
 
 #include <algorithm>
@@ -21,6 +22,7 @@
 #include <deque>
 #include <map>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string_view>
 #include <memory>
@@ -574,8 +576,16 @@ bool launch_allowed(const launch_config& config) {
   return true;
 }
 
+namespace {
+/// Grids run so far (run_grid), and their count at cudaProfilerStart while profiling: what a profiler
+/// started there would have seen is said at cudaProfilerStop.
+unsigned long long grids_run = 0;
+std::optional<unsigned long long> profiling_since;
+}  // namespace
+
 void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
   if (!launch_allowed(config)) return;
+  ++grids_run;
   const dim3 g = config.grid, b = config.block;
   const unsigned long long threads = 1ull * b.x * b.y * b.z;
   if (scheduler.running != nullptr) fail_device("a kernel launched from a kernel (dynamic parallelism is not emulated)");
@@ -1108,8 +1118,23 @@ cudaError_t CUDARTAPI cudaDeviceSynchronize(void) {
   return cudaSuccess;
 }
 
+// The profiler API (cuda_profiler_api.h). No profiler attaches here; cudaProfilerStop says how many
+// grids ran since cudaProfilerStart (grun's kernels; the emulated cuBLASLt matmuls are not grids
+// here), so a test can tell that the bracket held the work it was meant to.
+cudaError_t CUDARTAPI cudaProfilerStart(void) {
+  if (!profiling_since) profiling_since = grids_run;
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaProfilerStop(void) {
+  if (profiling_since)
+    std::fprintf(stderr, "grun_emu: cudaProfilerStop: %llu grids ran since cudaProfilerStart\n",
+                 grids_run - *std::exchange(profiling_since, std::nullopt));
+  return cudaSuccess;
+}
+
 // Device intrinsics with C linkage. __expf is the SFU's ex2.approx of x·log2(e): the product
 // rounded to float as on the device, the exponential then to the host's exp2f.
 float __expf(float x) { return std::exp2f(x * 1.4426950408889634f); }
 
 }  // extern "C"
+

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks of benchmarks/gpu_check.sh and benchmarks/cuda/gpu_table.py that need no GPU.
 
-Usage: test_gpu_check.py {no_gpu|keys|table|prebuilt|slot|sass} REPO_ROOT     (registered by tests/gpu_check/CMakeLists.txt)
+Usage: test_gpu_check.py {no_gpu|keys|table|prebuilt|slot|kernels|sass} REPO_ROOT     (registered by tests/gpu_check/CMakeLists.txt)
 Exit 0 when every check of the group holds; otherwise each failure is printed and the exit status is 1.
 """
 import os
@@ -64,8 +64,8 @@ def source(*path):
 def bench_cuda_keys():
     """Every RESULT key bench_cuda.cu can print: literal names, and bench_intervention's name + suffix."""
     src = source("benchmarks", "cuda", "bench_cuda.cu")
-    keys = set(re.findall(r'\bresult\("([A-Za-z0-9_]+)"', src))
-    suffixes = re.findall(r'\bresult\(\(name \+ "([A-Za-z0-9_]+)"\)', src)
+    keys = set(re.findall(r'\btimed_row\("([A-Za-z0-9_]+)"', src))
+    suffixes = re.findall(r'\btimed_row\(name \+ "([A-Za-z0-9_]+)"', src)
     calls = re.findall(r'\bbench_intervention<\w+>\("([A-Za-z0-9_]+)"([^;]*)\);', src)
     assert suffixes and calls, "bench_cuda.cu: bench_intervention's result names not found (update this test)"
     # bench_schedules<I>(name, …) adds the schedule rows: every "_fwd…_<schedule>" name in the file
@@ -447,9 +447,15 @@ def test_slot():
         check(p.returncode == 3, f"no GPU: exit 3 (got {p.returncode})")
         smi = os.path.join(tmp, "smi")
         write_program(smi, "echo 'Fake GPU 9000, 80000 MiB, 999.1'")
-        fakebin = os.path.join(tmp, "fakebin")  # an ncu that reports how it was called
+        # An ncu that reports how it was called, and given --log-file writes a profile there (step 3b's).
+        fakebin = os.path.join(tmp, "fakebin")
         os.makedirs(fakebin)
-        write_program(os.path.join(fakebin, "ncu"), 'echo "ncu $*"')
+        csv_sample = os.path.join(tmp, "ncu.csv")
+        with open(csv_sample, "w") as f:
+            f.write(NCU_CSV)
+        write_program(os.path.join(fakebin, "ncu"), "\n".join([
+            'echo "ncu $*"',
+            'while [ $# -gt 0 ]; do if [ "$1" = --log-file ]; then cp "' + csv_sample + '" "$2"; fi; shift; done']))
         # A compute-sanitizer that reports a clean run of each tool it is given.
         write_program(os.path.join(fakebin, "compute-sanitizer"),
                       'echo "sanitizer $*"; echo "========= ERROR SUMMARY: 0 errors"')
@@ -494,6 +500,14 @@ def test_slot():
                           and line.endswith(f"--only intervention_linear_loreft4 {options}")
                           for line in ncu.splitlines()),
                       f"ncu.txt: {kernel} profiled under bench_cuda {options}")
+            for group, row in [("intervention_mlp_loreft4", "intervention_mlp_loreft4_fwdbwd"),
+                               ("intervention_mlp_loreft4", "intervention_mlp_loreft4_fwdbwd_saved"),
+                               ("intervention_linear_loreft4", "intervention_linear_loreft4_fwdbwd"),
+                               ("intervention_user_gate_loreft4", "intervention_user_gate_loreft4_fwdbwd")]:
+                check(f"== ncu --profile-from-start off: bench_cuda --only {group} --profile {row}\n"
+                      f"== kernels of one {row} call (ncu gpu__time_duration.sum, launch order)\n" in ncu
+                      and "sum of 4 kernels" in ncu.split(f"--profile {row}\n")[1].split("== ")[1],
+                      f"ncu.txt: every kernel of one {row} call (bench_cuda --profile), listed by kernel_times.py")
 
         if "memcheck.txt" in files:
             with open(os.path.join(out, "memcheck.txt")) as f:
@@ -524,6 +538,65 @@ def test_slot():
         check(p.returncode == 2 and "expected a .tar.gz made by benchmarks/gpu_bundle.sh" in p.stderr
               and not os.path.exists(out3),
               f"a broken archive: exit 2 naming what was expected, nothing written (got {p.returncode}: {p.stderr.strip()!r})")
+
+
+# --------------------------------------------------------------------------------------------- kernels
+# What `ncu --csv --metrics gpu__time_duration.sum --log-file F` writes (the details page): its own
+# ==PROF== lines, a header, then a row per kernel and metric, in the unit ncu picked for each value.
+NCU_CSV = "\n".join([
+    "==PROF== Connected to process 4242 (/tmp/bundle/bin/bench_cuda)",
+    '==PROF== Profiling "widen_kernel" - 0: 0%....50%....100% - 1 pass',
+    '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
+    '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"',
+    '"0","4242","bench_cuda","127.0.0.1","void grun::cuda::mlp_gate::detail::widen_kernel<__nv_bfloat16>'
+    '(const T1 *, long, float *)","1","7","(256, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics",'
+    '"gpu__time_duration.sum","nsecond","2,144"',
+    '"1","4242","bench_cuda","127.0.0.1","sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_cublas",'
+    '"1","7","(384, 1, 1)","(2, 128, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum",'
+    '"usecond","61.28"',
+    '"2","4242","bench_cuda","127.0.0.1","void grun::cuda::mlp_gate::detail::widen_kernel<__nv_bfloat16>'
+    '(const T1 *, long, float *)","1","7","(256, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics",'
+    '"gpu__time_duration.sum","us","1.856"',
+    '"3","4242","bench_cuda","127.0.0.1","void grun::cuda::fused::detail::slot_kernel<grun::bfloat16, 4>'
+    '(grun::cuda::fused::detail::slot_args<grun::bfloat16>)","1","7","(128, 1, 1)","(512, 8, 1)","0","9.0",'
+    '"Command line profiler metrics","gpu__time_duration.sum","msecond","0.274"',
+    "==PROF== Disconnected from process 4242", ""])
+
+
+def test_kernels():
+    """benchmarks/cuda/kernel_times.py: ncu's CSV of one profiled call (gpu_slot.sh step 3b) as a list of
+    kernels in launch order with their sum beside the row's median, and the time per kernel name."""
+    import kernel_times
+    kernels = kernel_times.parse(NCU_CSV.splitlines())
+    check([(i, round(us, 3)) for i, _, us in kernels] == [(0, 2.144), (1, 61.28), (2, 1.856), (3, 274.0)],
+          f"ncu's rows in launch order, in µs whatever the unit (ns with a thousands comma, us, ms): {kernels}")
+    text = kernel_times.render("intervention_mlp_loreft4_fwdbwd", kernels, 0.5)
+    print(text)
+    check("     339.3  sum of 4 kernels: 68% of the row's median, 0.500 ms" in text,
+          "the kernels' sum beside the row's median")
+    check("       4.0    1%   2×  widen_kernel<__nv_bfloat16>" in text and
+          "     274.0   81%   1×  slot_kernel<bfloat16, 4>" in text,
+          "per kernel name: the sum of its launches and their count, largest first, names shortened")
+    check("no kernel rows" in kernel_times.render("x", [], None), "no rows: said, not an empty table")
+    try:
+        kernel_times.parse(NCU_CSV.replace('"usecond","61.28"', '"cycle","61.28"').splitlines())
+        check(False, "a unit that is not a time is refused")
+    except ValueError as e:
+        check("in unit 'cycle', expected one of nsecond" in str(e), f"a unit that is not a time is refused: {e}")
+    script = os.path.join(ROOT, "benchmarks", "cuda", "kernel_times.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        log, results = os.path.join(tmp, "ncu.csv"), os.path.join(tmp, "results.txt")
+        with open(log, "w") as f:
+            f.write(NCU_CSV)
+        with open(results, "w") as f:
+            f.write("RESULT intervention_mlp_loreft4_fwd 0.2 1\nRESULT intervention_mlp_loreft4_fwdbwd 0.678 1\n")
+        p = run([sys.executable, script, "--row", "intervention_mlp_loreft4_fwdbwd", "--results", results, log])
+        check(p.returncode == 0 and "50% of the row's median, 0.678 ms" in p.stdout,
+              f"the command line: the row's median read from --results (got {p.returncode}: {p.stdout[-300:]!r})")
+        p = run([sys.executable, script, "--row", "x", "--results", os.path.join(tmp, "none"), log])
+        check(p.returncode == 0 and "sum of 4 kernels\n" in p.stdout, "no results file: the sum alone")
+        p = run([sys.executable, script, "--row", "x", os.path.join(tmp, "none.csv")])
+        check(p.returncode == 2 and "none.csv" in p.stderr, f"no log: exit 2 naming it ({p.stderr.strip()!r})")
 
 
 # ------------------------------------------------------------------------------------------------ sass
@@ -591,6 +664,6 @@ def test_sass():
 
 
 {"no_gpu": test_no_gpu, "keys": test_keys, "table": test_table, "prebuilt": test_prebuilt, "slot": test_slot,
- "sass": test_sass}[MODE]()
+ "kernels": test_kernels, "sass": test_sass}[MODE]()
 print(f"\n{len(failures)} failure(s)" if failures else "\nall checks hold")
 sys.exit(1 if failures else 0)
