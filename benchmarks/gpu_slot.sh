@@ -105,7 +105,15 @@ cat "$out/fastest.txt"
 echo "fastest schedules done after $(elapsed) s"
 
 # 3. ncu on the fused intervention kernels (one launch each; --clock-control none leaves the clocks alone),
-# then the kernels of one call of four fwd+bwd rows (3b).
+# then the kernels of one call of four fwd+bwd rows (3b). A profile not started by ncu_until_s seconds
+# into the call is skipped (and says so), so that step 4 runs within a device call's limit whatever
+# the steps before it took.
+ncu_until_s="${GRUN_SLOT_NCU_UNTIL_S:-330}"
+ncu_in_time() {  # $1: what would be profiled
+  (( $(elapsed) <= ncu_until_s )) && return 0
+  echo "== $1: skipped, $(elapsed) s into the call (profiles start until ${ncu_until_s} s)" >>"$out/ncu.txt"
+  return 1
+}
 ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
 : >"$out/ncu.txt"
 if [[ -n $ncu ]]; then
@@ -122,6 +130,7 @@ if [[ -n $ncu ]]; then
     set -- $job
     kernel=$1
     shift
+    ncu_in_time "ncu $kernel (bench_cuda $*)" || continue
     echo "== ncu $kernel (bench_cuda $*)" >>"$out/ncu.txt"
     timeout 40 "$ncu" --clock-control none -k "regex:$kernel" -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section Occupancy --section LaunchStats --section WarpStateStats \
@@ -133,16 +142,14 @@ if [[ -n $ncu ]]; then
   # (the mlp gate's cuBLASLt matmuls and elementwise steps, the backward's packing and slot sums, the
   # user gate's row kernels): bench_cuda --profile runs the row's call once more between
   # cudaProfilerStart/Stop, ncu times each kernel of it, kernel_times.py lists them beside the row's
-  # median (what is left is time between kernels). Skipped once the call has run 330 s, for step 4.
+  # median (what is left is time between kernels).
   for job in "intervention_mlp_loreft4 intervention_mlp_loreft4_fwdbwd" \
              "intervention_mlp_loreft4 intervention_mlp_loreft4_fwdbwd_saved" \
              "intervention_linear_loreft4 intervention_linear_loreft4_fwdbwd" \
              "intervention_user_gate_loreft4 intervention_user_gate_loreft4_fwdbwd"; do
-    set -- $job  # a bench_cuda group, then its row
-    if (( $(elapsed) > 330 )); then
-      echo "== kernels of one $2 call: skipped, $(elapsed) s into the call" >>"$out/ncu.txt"
-      continue
-    fi
+    # shellcheck disable=SC2086  # a bench_cuda group, then its row
+    set -- $job
+    ncu_in_time "kernels of one $2 call" || continue
     echo "== ncu --profile-from-start off: bench_cuda --only $1 --profile $2" >>"$out/ncu.txt"
     timeout 45 "$ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
       --log-file "$work/kernels.$2.csv" "$bin/bench_cuda" --only "$1" --profile "$2" >"$work/kernels.$2.log" 2>&1 ||

@@ -519,6 +519,22 @@ def test_slot():
                 check(f"== {tool} {program}\n========= ERROR SUMMARY: 0 errors\nexit 0\n" in sanitized,
                       f"memcheck.txt: compute-sanitizer --tool {tool} on {program}, its summary and exit status")
 
+        # A call whose earlier steps ran long: no profile starts past GRUN_SLOT_NCU_UNTIL_S (330 s by
+        # default), each says it was skipped, and compute-sanitizer still runs.
+        late = os.path.join(tmp, "late")
+        p = run(["bash", slot, "--bundle", bundle, "--out", late],
+                dict(os.environ, GRUN_NVIDIA_SMI=smi, PATH=f"{fakebin}:/usr/bin:/bin", GRUN_SLOT_NCU_UNTIL_S="-1"))
+        with open(os.path.join(late, "ncu.txt")) as f:
+            ncu_late = f.read()
+        with open(os.path.join(late, "memcheck.txt")) as f:
+            sanitized_late = f.read()
+        skipped = re.findall(r"^== (.*): skipped, \d+ s into the call \(profiles start until -1 s\)$", ncu_late, re.M)
+        check(p.returncode == 0 and len(skipped) == 15 and "ncu --clock-control" not in ncu_late
+              and "kernels of one intervention_mlp_loreft4_fwdbwd call" in skipped
+              and sanitized_late.count("ERROR SUMMARY: 0 errors") == 6,
+              f"past the profiles' deadline: all 15 skipped, each said, the sanitizer runs (got {p.returncode}, "
+              f"{len(skipped)} skipped: {ncu_late[:300]!r})")
+
         # The archive gpu_bundle.sh writes beside the folder (what a device call carries): unpacked and run.
         archive = os.path.join(tmp, "bundle.tar.gz")
         subprocess.run(["tar", "czf", archive, "-C", bundle, "."], check=True)
