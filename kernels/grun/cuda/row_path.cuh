@@ -11,6 +11,8 @@
 // result is bitwise repeatable whatever the launch order, so exec::cuda_t::deterministic holds.
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -54,6 +56,27 @@ __global__ void sum_slots_kernel(const Acc* slots, index_t nslots, index_t np, T
   int leaf = 0;
   while (leaf + 1 < nleaves && i >= offsets[leaf + 1]) ++leaf;
   leaves[leaf][i - offsets[leaf]] = store<T>(s);
+}
+
+/// bound[i] for i < n: the aggregate protos[i / per] (slot 0's, then sink 0's) with every leaf's data
+/// pointer — an Acc* at byte data_at[f] of the aggregate — moved on by (i % per)·np elements: the
+/// aggregate of slot (or sink) i % per. Device code never reflects over fields; the host found where
+/// the pointers are, and each slot's aggregate is made here instead of on the host and copied over
+/// (at T = 16384 a user's gate has 16,384 slots: ~1 MB of pageable memory per backward).
+template <class Acc, class PA>
+__global__ void bind_slots_kernel(const PA* protos, const std::uint32_t* data_at, int nleaves, index_t np, index_t per,
+                                  index_t n, PA* bound) {
+  const index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  PA p = protos[i / per];
+  unsigned char* bytes = reinterpret_cast<unsigned char*>(&p);
+  for (int f = 0; f < nleaves; ++f) {
+    Acc* data;
+    memcpy(&data, bytes + data_at[f], sizeof data);
+    data += (i % per) * np;
+    memcpy(bytes + data_at[f], &data, sizeof data);
+  }
+  bound[i] = p;
 }
 
 /// The slots of one row-path backward over P positions: for each, a gradient aggregate PA (Acc leaves
@@ -105,6 +128,11 @@ class slot_aggregates {
     const index_t block = std::max<index_t>(1, cuda::ceil_div(std::max<index_t>(P, 1), max_slots));
     return {np, block, std::max<index_t>(1, cuda::ceil_div(P, block))};
   }
+  static index_t leaf_count(const PA& shaped) {
+    index_t n = 0;
+    for_each_param(shaped, [&](const auto&) { ++n; });
+    return n;
+  }
   template <class Grads>
   static layout layout_of(const PA& shaped, const Grads& grads) {
     layout l;
@@ -125,6 +153,8 @@ class slot_aggregates {
         sinks_(sinks ? plan_.nslots * plan_.np : 0, s),
         work_(plan_.nslots * work, s),
         bound_(plan_.nslots * (sinks ? 2 : 1), s),
+        protos_(2, s),
+        data_at_(leaf_count(shaped), s),
         offsets_(index_t(l.offsets.size()), s),
         leaves_(index_t(l.leaves.size()), s),
         nleaves_(int(l.leaves.size())),
@@ -134,18 +164,31 @@ class slot_aggregates {
                                     cudaMemcpyHostToDevice, s));
     if (nleaves_ > 0)
       GRUN_CUDA_CHECK(cudaMemcpyAsync(leaves_.ptr, l.leaves.data(), sizeof(T*) * l.leaves.size(), cudaMemcpyHostToDevice, s));
-    // One aggregate per slot (and per sink), bound on the host: device code never reflects over fields.
-    std::vector<PA> bound(std::size_t(plan_.nslots * (sinks ? 2 : 1)));
-    for (index_t b = 0; b < plan_.nslots; ++b) {
-      bound[std::size_t(b)] = grun::detail::bind_params(shaped, slots_.ptr + b * plan_.np);
-      if (sinks) bound[std::size_t(plan_.nslots + b)] = grun::detail::bind_params(shaped, sinks_.ptr + b * plan_.np);
-    }
-    GRUN_CUDA_CHECK(cudaMemcpyAsync(bound_.ptr, bound.data(), sizeof(PA) * bound.size(), cudaMemcpyHostToDevice, s));
+    // One aggregate per slot (and per sink): slot 0's and sink 0's bound here, where the leaves' data
+    // pointers sit in them found here too, and the rest made from those on the device (bind_slots_kernel).
+    static_assert(std::is_trivially_copyable_v<PA>, "a gradient aggregate is copied to the device as bytes");
+    const PA protos[2] = {grun::detail::bind_params(shaped, slots_.ptr),
+                          sinks ? grun::detail::bind_params(shaped, sinks_.ptr) : PA{}};
+    std::vector<std::uint32_t> data_at;
+    for_each_param(protos[0], [&](const auto& leaf) {
+      static_assert(std::is_same_v<std::remove_cvref_t<decltype(leaf.data)>, Acc*>, "an aggregate's leaves hold Acc");
+      data_at.push_back(std::uint32_t(reinterpret_cast<const unsigned char*>(&leaf.data) -
+                                      reinterpret_cast<const unsigned char*>(&protos[0])));
+    });
+    const index_t n = plan_.nslots * (sinks ? 2 : 1);
+    GRUN_CUDA_CHECK(cudaMemcpyAsync(protos_.ptr, protos, sizeof(PA) * 2, cudaMemcpyHostToDevice, s));
+    if (!data_at.empty())
+      GRUN_CUDA_CHECK(cudaMemcpyAsync(data_at_.ptr, data_at.data(), sizeof(std::uint32_t) * data_at.size(),
+                                      cudaMemcpyHostToDevice, s));
+    bind_slots_kernel<Acc, PA><<<unsigned(cuda::ceil_div(n, 256)), 256, 0, s>>>(
+        protos_.ptr, data_at_.ptr, int(data_at.size()), plan_.np, plan_.nslots, n, bound_.ptr);
+    GRUN_CUDA_CHECK_LAUNCH();
   }
 
   plan plan_;
   stream_scratch<Acc> slots_, sinks_, work_;
-  stream_scratch<PA> bound_;
+  stream_scratch<PA> bound_, protos_;
+  stream_scratch<std::uint32_t> data_at_;
   stream_scratch<index_t> offsets_;
   stream_scratch<T*> leaves_;
   int nleaves_;
