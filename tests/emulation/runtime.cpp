@@ -318,6 +318,11 @@ void prepare_context(execution_context& c, unsigned char* stack, std::size_t byt
     // The frame switch_stack pops: control words, r15 … r12, rbx, rbp, then entry as the return
     // address; above it a null return address for entry, placed so that entry starts with the stack
     // pointer 8 past a multiple of 16 (as after a call).
+    // The fiber's last run ended in a switch from leave_fiber that never returned: the frames above
+    // that switch's stack pointer (fiber_entry's, leave_fiber's) keep the shadow ASan gave them, and
+    // this run lays other frames there (the kernel's body where leave_fiber's was), whose own
+    // instrumentation rewrites only what it covers. Cleared here: a few hundred bytes per fiber.
+    if (c.sp != nullptr) GRUN_EMU_UNPOISON(c.sp, std::size_t(stack + bytes - static_cast<unsigned char*>(c.sp)));
     const auto top = (reinterpret_cast<std::uintptr_t>(stack) + bytes) & ~std::uintptr_t(15);
     auto* words = reinterpret_cast<std::uint64_t*>(top - 8 - 64);
     std::uint32_t mxcsr = 0;
@@ -339,9 +344,9 @@ void prepare_context(execution_context& c, unsigned char* stack, std::size_t byt
   makecontext(&c.uc, entry, 0);
 }
 
-/// A fiber's stack, its shadow cleared once: ASan's interceptors of makecontext and swapcontext did
-/// that at every switch; frames left behind by fibers that finished (never returning from their entry)
-/// are laid out again, their shadow rewritten, by the same functions at the same addresses.
+/// A fiber's stack, its shadow cleared when made: ASan's interceptors of makecontext and swapcontext
+/// did that at every switch. What a finished fiber leaves poisoned above its last switch (frames that
+/// never returned) is cleared as the fiber is prepared again (prepare_context).
 struct fiber_stack {
   std::unique_ptr<unsigned char[]> bytes{new unsigned char[fiber_stack_bytes]};
   fiber_stack() { GRUN_EMU_UNPOISON(bytes.get(), fiber_stack_bytes); }
