@@ -315,14 +315,14 @@ void switch_context(execution_context& from, execution_context& to) {
 void prepare_context(execution_context& c, unsigned char* stack, std::size_t bytes, void (*entry)()) {
 #if defined(__x86_64__)
   if (use_switch_stack()) {
-    // The frame switch_stack pops: control words, r15 … r12, rbx, rbp, then entry as the return
-    // address; above it a null return address for entry, placed so that entry starts with the stack
-    // pointer 8 past a multiple of 16 (as after a call).
     // The fiber's last run ended in a switch from leave_fiber that never returned: the frames above
     // that switch's stack pointer (fiber_entry's, leave_fiber's) keep the shadow ASan gave them, and
     // this run lays other frames there (the kernel's body where leave_fiber's was), whose own
     // instrumentation rewrites only what it covers. Cleared here: a few hundred bytes per fiber.
     if (c.sp != nullptr) GRUN_EMU_UNPOISON(c.sp, std::size_t(stack + bytes - static_cast<unsigned char*>(c.sp)));
+    // The frame switch_stack pops: control words, r15 … r12, rbx, rbp, then entry as the return
+    // address; above it a null return address for entry, placed so that entry starts with the stack
+    // pointer 8 past a multiple of 16 (as after a call).
     const auto top = (reinterpret_cast<std::uintptr_t>(stack) + bytes) & ~std::uintptr_t(15);
     auto* words = reinterpret_cast<std::uint64_t*>(top - 8 - 64);
     std::uint32_t mxcsr = 0;
