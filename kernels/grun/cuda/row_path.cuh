@@ -128,11 +128,6 @@ class slot_aggregates {
     const index_t block = std::max<index_t>(1, cuda::ceil_div(std::max<index_t>(P, 1), max_slots));
     return {np, block, std::max<index_t>(1, cuda::ceil_div(P, block))};
   }
-  static index_t leaf_count(const PA& shaped) {
-    index_t n = 0;
-    for_each_param(shaped, [&](const auto&) { ++n; });
-    return n;
-  }
   template <class Grads>
   static layout layout_of(const PA& shaped, const Grads& grads) {
     layout l;
@@ -154,7 +149,7 @@ class slot_aggregates {
         work_(plan_.nslots * work, s),
         bound_(plan_.nslots * (sinks ? 2 : 1), s),
         protos_(2, s),
-        data_at_(leaf_count(shaped), s),
+        data_at_(index_t(l.leaves.size()), s),
         offsets_(index_t(l.offsets.size()), s),
         leaves_(index_t(l.leaves.size()), s),
         nleaves_(int(l.leaves.size())),
