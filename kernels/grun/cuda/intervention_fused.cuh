@@ -407,8 +407,8 @@ bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_sp
 /// Fused backward core for gate mode GM: dh and the ReFT (and linear gate) gradients of module
 /// `trained` (overwritten). With gate_external, gext [K][P] holds the logits z, and after the coefficient
 /// kernel `mid(dz)` runs with dz [K][P] = dL/dz (the gate's last pre-activation, device fp32); with
-/// gate_value, gext holds g and mid gets dL/dg. mid returns a device [P, d] fp32 gate path added to dh
-/// (or nullptr). kept: null, or what the forward kept ([K][P][R + 1] fp32: e and z; 16-bit storage) —
+/// gate_value, gext holds g and mid gets dL/dg. mid returns the gate's path of dL/dh, added to dh
+/// (detail::gate_path; empty when there is none). kept: null, or what the forward kept ([K][P][R + 1] fp32: e and z; 16-bit storage) —
 /// then the coefficient kernel reads dout only. Returns false, having done nothing, when the call is
 /// not one the fused kernels take.
 template <class I, class T, int GM, class DG, class Mid>
@@ -494,7 +494,7 @@ bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, c
       }
       GRUN_CUDA_CHECK_LAUNCH();
     }
-    const float* dhg = mid(static_cast<const float*>(dz.ptr));
+    const detail::gate_path<T> dhg = mid(static_cast<const float*>(dz.ptr));
 
     auto launch_tensor = [&] {
       if constexpr (detail::slot_tensor_takes<T, R>) {
@@ -542,7 +542,7 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
   static_assert(supported<G, typename I::reft_type, typename I::ortho_type>);
   constexpr int GM = gate_kind<G>::value == 1 ? detail::gate_linear : detail::gate_none;
   return backward_impl<I, T, GM>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, nullptr,
-                                 [](const float*) -> const float* { return nullptr; }, kept);
+                                 [](const float*) { return detail::gate_path<T>{}; }, kept);
 }
 
 }  // namespace grun::cuda::fused

@@ -20,8 +20,11 @@
 //   dz2 = [a2 > 0] dz3 w3           elementwise
 //   dA1 = dZ2 W2                    cuBLASLt, fp32;  dz1 = [a1 > 0] dA1 elementwise (fp32, and as T;
 //                                   fp16 scaled by a power of two first: fp16_scale)
-//   DHg [P, d] = Σ_k dZ1_k W1_k     cuBLASLt (the gate path of dh, added by the fused slot kernel
-//                                   before the single rounding of dh)
+//   DHg [P, d] = Σ_k dZ1_k W1_k     cuBLASLt, written in T (the gate path of dh, which the fused slot
+//                                   kernel adds before dh's rounding: in 16-bit storage dh's gate path
+//                                   is rounded twice, once here, as eager autograd rounds each
+//                                   product; the fp32 buffer it replaced moved 512 MiB at T = 16384,
+//                                   d = 4096 where bf16 moves 256; beta = 1 adds module k > 0 in T)
 //   dW1 = dZ1ᵀ Hs, dW2 = dZ2ᵀ A1    cuBLASLt (trained module only)
 //   db1, db2, dw3, db3              column sums in double: fixed slices of 256 rows in parallel, then
 //                                   the slices in order (column_sums)
@@ -113,7 +116,8 @@ __host__ __device__ inline int fp16_scale_exponent(float amax) {
   return s < -100 ? -100 : s > 100 ? 100 : s;  // 2^±s stay normal fp32 (only a subnormal amax is clamped)
 }
 
-/// D (column-major [m, n], fp32, leading dimension ldd) = op(A) op(B) + beta D; fp32 compute.
+/// D (column-major [m, n], fp32 unless dt says otherwise, leading dimension ldd) = op(A) op(B) + beta D;
+/// fp32 compute (a 16-bit D, whose type must be A's, is rounded once from it: cuBLASLt's epilogue).
 /// With `scaled`, one operand was stored times 2^s: D = 2^-s op(A) op(B) + beta D, alpha and beta
 /// (0 or 1) read from the fp16_scale in device memory.
 struct gemm_args {
@@ -126,10 +130,11 @@ struct gemm_args {
   cudaDataType_t bt;
   index_t ldb;
   float beta;
-  float* D;
+  void* D;
   index_t ldd;
   const fp16_scale* scaled = nullptr;
   bool chunk_fp32_k = true;  // false: the result is rounded to 16 bits anyway (see fp32_k_chunk)
+  cudaDataType_t dt = CUDA_R_32F;
 };
 
 /// Largest power of two ≤ 256 dividing both the address and the row pitch (ld · element size): the
@@ -144,9 +149,9 @@ inline void gemm(const gemm_args& g, void* workspace, cudaStream_t s, bool deter
 
 /// The same, arguments spelled out (a braced gemm_args inside a device-launching lambda trips cudafe++).
 inline void gemm(cublasOperation_t ta, cublasOperation_t tb, index_t m, index_t n, index_t k, const void* A,
-                 cudaDataType_t at, index_t lda, const void* B, cudaDataType_t bt, index_t ldb, float beta, float* D,
+                 cudaDataType_t at, index_t lda, const void* B, cudaDataType_t bt, index_t ldb, float beta, void* D,
                  index_t ldd, void* workspace, cudaStream_t s, bool deterministic,
-                 const fp16_scale* scaled = nullptr, bool chunk_fp32_k = true) {
+                 const fp16_scale* scaled = nullptr, bool chunk_fp32_k = true, cudaDataType_t dt = CUDA_R_32F) {
   gemm_args g;
   g.ta = ta; g.tb = tb; g.m = m; g.n = n; g.k = k;
   g.A = A; g.at = at; g.lda = lda;
@@ -154,6 +159,7 @@ inline void gemm(cublasOperation_t ta, cublasOperation_t tb, index_t m, index_t 
   g.beta = beta; g.D = D; g.ldd = ldd;
   g.scaled = scaled;
   g.chunk_fp32_k = chunk_fp32_k;
+  g.dt = dt;
   gemm(g, workspace, s, deterministic);
 }
 
@@ -190,7 +196,7 @@ inline void gemm_once(const gemm_args& g, void* workspace, cudaStream_t s, bool 
   if (g.m == 0 || g.n == 0) return;
   if (g.k == 0) {
     if (g.beta == 0.f)
-      GRUN_CUDA_CHECK(cudaMemset2DAsync(g.D, sizeof(float) * std::size_t(g.ldd), 0, sizeof(float) * std::size_t(g.m),
+      GRUN_CUDA_CHECK(cudaMemset2DAsync(g.D, size_of(g.dt) * std::size_t(g.ldd), 0, size_of(g.dt) * std::size_t(g.m),
                                         std::size_t(g.n), s));
     return;
   }
@@ -223,12 +229,12 @@ inline void gemm_once(const gemm_args& g, void* workspace, cudaStream_t s, bool 
                                                  std::int64_t(g.lda)));
   GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&x.b, g.bt, std::uint64_t(bn ? g.k : g.n), std::uint64_t(bn ? g.n : g.k),
                                                  std::int64_t(g.ldb)));
-  GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&x.d, CUDA_R_32F, std::uint64_t(g.m), std::uint64_t(g.n), std::int64_t(g.ldd)));
+  GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&x.d, g.dt, std::uint64_t(g.m), std::uint64_t(g.n), std::int64_t(g.ldd)));
   GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&x.pref));
   const std::uint64_t ws = workspace_bytes;
   GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
   const std::uint32_t align_a = alignment_of(g.A, g.lda, size_of(g.at)), align_b = alignment_of(g.B, g.ldb, size_of(g.bt)),
-                      align_d = alignment_of(g.D, g.ldd, sizeof(float));
+                      align_d = alignment_of(g.D, g.ldd, size_of(g.dt));
   GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
                                                            sizeof(align_a)));
   GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
@@ -588,7 +594,7 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
   if (!detail::applicable<I, T>(h, K) || dout.stride(1) != 1 || dh.stride(1) != 1) return false;
   require_device("gated_intervention::backward");
   const cudaStream_t s = stream_of(ex);
-  auto no_gate_path = [](const float*) -> const float* { return nullptr; };
+  auto no_gate_path = [](const float*) { return fused::detail::gate_path<T>{}; };
   if (P == 0) {
     // No rows: dh = dout, every gradient zero.
     const bool ok = fused::backward_impl<I, T, fused::detail::gate_external>(ex, modules, scale, trained, h, pos, dout,
@@ -614,10 +620,13 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
   const float* const z3 = kept_base ? kept.z3 : g.ptr;
   constexpr index_t H1p = (H1 + 7) / 8 * 8;  // dZ1's row pitch as T (16-byte aligned rows)
   cuda::detail::stream_scratch<T> dz1(P * H1p, s);
-  cuda::detail::stream_scratch<float> dz1f(P * H1, s), dz2(P * H2, s), dhg(P * d, s), dw1(H1 * d, s), dw2(H2 * H1, s);
+  cuda::detail::stream_scratch<float> dz1f(P * H1, s), dz2(P * H2, s), dw1(H1 * d, s), dw2(H2 * H1, s);
+  // The gate's path of dh in T (fp32 storage: fp32), rows padded to 16 bytes (fused::detail::gate_path).
+  const index_t ldg = cuda::ceil_div(d, index_t(16 / sizeof(T))) * index_t(16 / sizeof(T));
+  cuda::detail::stream_scratch<T> dhg(P * ldg, s);
   constexpr bool scaled = detail::scaled_dz1<T>;
   cuda::detail::stream_scratch<detail::fp16_scale> dz1_scale(scaled ? 1 : 0, s);  // reused by each module, in stream order
-  auto gate_path = [&](const float* dz3) -> const float* {
+  auto gate_path = [&](const float* dz3) {
     for (index_t k = 0; k < K; ++k) {
       const auto& gp = modules[std::size_t(k)].gate;
       const float* a1k = a1_all + k * P * H1;
@@ -632,11 +641,12 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
       detail::dz1_kernel<T><<<detail::grid_for(P * H1, 256), 256, 0, s>>>(a1k, dz1f.ptr, P, H1, scaled ? nullptr : dz1.ptr, H1p);
       GRUN_CUDA_CHECK_LAUNCH();
       if constexpr (scaled) detail::store_scaled_dz1<T>(dz1f.ptr, P, H1, dz1_scale.ptr, dz1.ptr, H1p, s);
-      // DHg (+)= dZ1 W1: row-major [P, d] = column-major [d, P] = (W1 as column-major [d, H1]) · (dZ1 as column-major [H1, P]).
+      // DHg (+)= dZ1 W1: row-major [P, d] = column-major [d, P] = (W1 as column-major [d, H1]) · (dZ1 as column-major [H1, P]),
+      // rounded to T as it is written.
       const detail::aligned_w1<T> w1(gp.w1.data, H1, d, s);
       detail::gemm(CUBLAS_OP_N, CUBLAS_OP_N, d, P, H1, w1.data, detail::data_type<T>(), w1.ld, dz1.ptr,
-                   detail::data_type<T>(), H1p, k == 0 ? 0.f : 1.f, dhg.ptr, d, ws.ptr, s, ex.deterministic,
-                   dz1_scale.ptr);
+                   detail::data_type<T>(), H1p, k == 0 ? 0.f : 1.f, dhg.ptr, ldg, ws.ptr, s, ex.deterministic,
+                   dz1_scale.ptr, true, detail::data_type<T>());
       if (k != trained) continue;
       const auto& gg = grads.gate;
       // dW1 = dZ1ᵀ Hs: row-major [H1, d] = column-major [d, H1] = (Hs as column-major [d, P]) · op_T(dZ1 as column-major [H1, P]).
@@ -652,7 +662,7 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
       detail::column_sums<T>(a2k, P, H2, H2, dz3 + k * P, gg.w3.data, s);
       detail::column_sums<T>(dz3 + k * P, P, 1, 1, nullptr, gg.b3.data, s);
     }
-    return dhg.ptr;
+    return fused::detail::gate_path<T>{dhg.ptr, ldg, !std::is_same_v<T, float>};
   };
   return fused::backward_impl<I, T, fused::detail::gate_external>(ex, modules, scale, trained, h, pos, dout, dgates, dh,
                                                                    grads, z3, gate_path, kept.e);

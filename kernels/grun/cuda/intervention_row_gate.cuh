@@ -174,13 +174,13 @@ bool backward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_s
   const detail::device_gates<I, T> gates(modules, s);  // for both gate kernels
   const fused::detail::device_positions dpos(pos, h.extent(0), s);
   if (P > 0) detail::gate_values<I, T>(gates, K, h, dpos.ptr(), P, g.ptr, s);
-  auto gate_path = [&](const float* dg) -> const float* {
+  auto gate_path = [&](const float* dg) {
     const index_t nslots = slots.count();
     detail::gate_backward_kernel<G, T><<<unsigned(cuda::ceil_div(nslots, 64)), 64, 0, s>>>(
         gates.list.ptr, K, trained, h, dpos.ptr(), P, slots.positions_per_slot(), dg, dhg.ptr, slots.slot_params(),
         slots.sink_params(), slots.size(), slots.slot_storage(), slots.work(), nslots);
     GRUN_CUDA_CHECK_LAUNCH();
-    return dhg.ptr;
+    return fused::detail::gate_path<T>{dhg.ptr, d, false};  // fp32, Σ_k per row
   };
   const bool ok = fused::backward_impl<I, T, GM>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, g.ptr,
                                                  gate_path);

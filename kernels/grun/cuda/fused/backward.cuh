@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(block) slot_kernel(const T* __restrict__ pk, i
                                                      matrix_view<const T, cuda_space> dout,
                                                      const index_t* __restrict__ pos, index_t P, index_t rps,
                                                      const float* __restrict__ cf, const float* __restrict__ rc,
-                                                     const float* __restrict__ dhg, matrix_view<T, cuda_space> dh,
+                                                     gate_path<T> dhg, matrix_view<T, cuda_space> dh,
                                                      float* __restrict__ slots) {
   constexpr int NP = 2 * R + 1;
   constexpr int G = R < 8 ? R : 8;  // gradient rows of U (and of D) accumulated per pass over the slot
@@ -291,12 +291,7 @@ __global__ void __launch_bounds__(block) slot_kernel(const T* __restrict__ pk, i
           float o[CW];
 #pragma unroll
           for (int e = 0; e < CW; ++e) o[e] = y[e];
-          if (dhg != nullptr) {  // a gate path computed elsewhere (mlp: Σ_k dZ1_k W1_k) [P, d] fp32
-            float gp[CW];
-            load_param<CW>(dhg + q * d + col, gp);
-#pragma unroll
-            for (int e = 0; e < CW; ++e) o[e] += gp[e];
-          }
+          if (dhg.data != nullptr) dhg.template add_to<CW>(q, col, o);  // a gate path computed elsewhere (mlp: Σ_k dZ1_k W1_k)
           for (index_t k = 0; k < (HOLD ? 1 : K); ++k) {
             const float* ck = cf + (q * K + k) * NP;
             const T* pm = pk + k * ms;

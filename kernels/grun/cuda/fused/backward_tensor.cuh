@@ -213,7 +213,7 @@ template <int R>
 __global__ void __launch_bounds__(slot_tensor_block) slot_tensor_kernel(
     const bfloat16* __restrict__ pk, index_t ms, index_t dp, matrix_view<const bfloat16, cuda_space> h,
     matrix_view<const bfloat16, cuda_space> dout, const index_t* __restrict__ pos, index_t P, index_t rps,
-    const float* __restrict__ cf, const float* __restrict__ rc, const float* __restrict__ dhg,
+    const float* __restrict__ cf, const float* __restrict__ rc, gate_path<bfloat16> dhg,
     matrix_view<bfloat16, cuda_space> dh, float* __restrict__ slots) {
   constexpr int NP = 2 * R + 1, MT = (NP + 15) / 16, STEP = slot_tensor_step;
   static_assert(R <= 16, "the U rows (rc's s·g·e coefficients of dout) lie in the first tile of 16 rows");
@@ -292,13 +292,9 @@ __global__ void __launch_bounds__(slot_tensor_block) slot_tensor_kernel(
       float c[4];
       unpack_pair<bfloat16>(yw0, c[0], c[1]);
       unpack_pair<bfloat16>(yw1, c[2], c[3]);
-      if (dhg != nullptr && live) {  // the mlp gate's path [P, d] fp32, computed elsewhere
-        const float2 ga = *reinterpret_cast<const float2*>(dhg + in_slot(qs + g) * d + col + 2 * j);
-        const float2 gb = *reinterpret_cast<const float2*>(dhg + in_slot(qs + g + 8) * d + col + 2 * j);
-        c[0] += ga.x;
-        c[1] += ga.y;
-        c[2] += gb.x;
-        c[3] += gb.y;
+      if (dhg.data != nullptr && live) {  // a gate's path computed elsewhere (the mlp's)
+        dhg.template add_to<2>(in_slot(qs + g), col + 2 * j, c);
+        dhg.template add_to<2>(in_slot(qs + g + 8), col + 2 * j, c + 2);
       }
 #pragma unroll
       for (int kt = 0; kt < MT; ++kt) mma_split(c, dh_hi[kt], dh_lo[kt], pb[kt][j][0], pb[kt][j][1]);

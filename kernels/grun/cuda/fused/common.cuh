@@ -133,6 +133,31 @@ __device__ __forceinline__ void load_param(const P* __restrict__ p, float (&x)[V
   }
 }
 
+/// The gate's path of dL/dh, [P, ld] row q per selected position, that a gate computed outside the
+/// fused kernels hands the slot kernels; they add it to dh before dh's rounding. Its elements are
+/// fp32 (a user's gate on the row path sums Σ_k into them per row) or the storage type T (the mlp
+/// gate: cuBLASLt rounds Σ_k dZ1_k W1_k to T in its epilogue; bf16 moves half the bytes of fp32,
+/// 256 MiB fewer at T = 16384, d = 4096). One type for both producers, so a slot kernel is compiled
+/// once per storage type whichever feeds it; `narrow` is the same for every thread of a launch.
+/// Row pitch: a multiple of the widest load (4 fp32 or 8 16-bit elements) where rows are vectors.
+template <class T>
+struct gate_path {
+  const void* data = nullptr;  // null: no gate path (a linear gate, or none)
+  index_t ld = 0;              // elements per row
+  bool narrow = false;         // elements are T (else float)
+
+  /// x[e] += the path's element col + e of row q, e < V (one load of V elements: col and ld are
+  /// multiples of V).
+  template <int V>
+  __device__ __forceinline__ void add_to(index_t q, index_t col, float* x) const {
+    float g[V];
+    if (narrow) load_row<T, V>(static_cast<const T*>(data) + q * ld + col, g);
+    else load_row<float, V>(static_cast<const float*>(data) + q * ld + col, g);
+#pragma unroll
+    for (int e = 0; e < V; ++e) x[e] += g[e];
+  }
+};
+
 __device__ __forceinline__ float dsigmoid(float z) { return grun::sigmoid(z); }
 
 /// g of a gate given from outside, from gext[i]: σ(z) for an external logit, the value itself otherwise.
