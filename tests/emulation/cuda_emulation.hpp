@@ -19,9 +19,9 @@
 //     __syncwarp() and the steps of a warp collective park it until the 32 lanes of its warp have
 //     arrived (a lane that returned first, or barriers that can never open, stop the emulation);
 //   - __shared__ is `static`: every thread of the CTA sees one object, and CTAs never overlap;
-//     rewrite_launches.py registers each such variable of a kernel (GRUN_EMU_SHARED_REGION), and
-//     it is filled with 0xFF bytes when first reached and at the start of every CTA — so a CTA
-//     that reads what it did not write sees NaN, not the values its predecessor left there;
+//     rewrite_launches.py marks each such variable of a kernel (GRUN_EMU_SHARED_REGION), and the
+//     first thread of every CTA to reach its declaration fills it with 0xFF bytes — so a CTA that
+//     reads what it did not write sees NaN, not the values its predecessor left there;
 //     dynamic shared memory (extern __shared__ x[]) is a per-CTA buffer filled with 0xFF bytes
 //     (NaN for every float type), so a read before a write shows;
 //   - cub::BlockReduce, cub::WarpReduce, cub::DeviceReduce (Sum, Max), cooperative_groups::memcpy_async,
@@ -96,6 +96,7 @@ struct thread_context {
   dim3 block_dim{1, 1, 1};
   dim3 grid_dim{1, 1, 1};
   unsigned char* dynamic_shared = nullptr;
+  unsigned long long cta = 0;  // the CTA's serial number in this process, from 1 (shared_region)
 };
 /// The running fiber's: the scheduler sets it before it switches to a fiber.
 inline thread_local thread_context context;
@@ -114,13 +115,23 @@ void sync_cta();
 void sync_warp();
 inline unsigned char* dynamic_shared() { return context.dynamic_shared; }
 
-/// A kernel's static __shared__ variable, registered once (the first time a thread reaches its
-/// declaration): filled with 0xFF bytes then, and again by the runtime as every CTA starts.
+/// A kernel's static __shared__ variable: the first thread of each CTA to reach its declaration fills
+/// it with 0xFF bytes. (No thread of a CTA can touch it before one has reached the declaration, so
+/// that is as good as filling it as the CTA starts — which the runtime once did for every variable
+/// of every kernel seen so far, 3–7% of an emulated test's time.)
 struct shared_region {
-  shared_region(void* where, std::size_t bytes);
+  void* where;
+  std::size_t bytes;
+  mutable unsigned long long filled_for = 0;  // the CTA it was last filled for
+  void reached() const {
+    if (filled_for == context.cta) return;
+    std::memset(where, 0xFF, bytes);
+    filled_for = context.cta;
+  }
 };
-#define GRUN_EMU_SHARED_REGION(name) \
-  static const ::grun_emu::shared_region grun_emu_shared_region_##name { &(name), sizeof(name) }
+#define GRUN_EMU_SHARED_REGION(name)                                                                 \
+  static const ::grun_emu::shared_region grun_emu_shared_region_##name{&(name), sizeof(name)}; \
+  grun_emu_shared_region_##name.reached()
 
 /// Linear rank of the calling thread in its CTA (x fastest, as on the device).
 inline unsigned thread_rank() {

@@ -12,8 +12,8 @@ those three, and nothing else:
       -> unsigned char* const smem = reinterpret_cast<unsigned char*>(::grun_emu::dynamic_shared());
   __shared__ float part[8][32];
       -> __shared__ float part[8][32]; GRUN_EMU_SHARED_REGION(part);
-     (on the same line: the variable is registered with the runtime, which fills it with 0xFF bytes
-     at the start of every CTA, as the device's shared memory holds no CTA's values for the next)
+     (on the same line: the first thread of every CTA to reach it fills the variable with 0xFF
+     bytes, as the device's shared memory holds no CTA's values for the next)
 
 The kernel is called inside a generic lambda so that template arguments left to deduction (as a
 <<<>>> launch allows) are deduced from the arguments there; it captures by copy, since the launch

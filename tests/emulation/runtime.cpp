@@ -13,6 +13,7 @@
 #include "run_order.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -492,24 +493,9 @@ bool open_barriers(std::span<fiber> cta, const thread_context& where) {
 // ---- static shared memory ------------------------------------------------------------------------
 
 namespace {
-/// Every static __shared__ variable registered so far (GRUN_EMU_SHARED_REGION): where and how large.
-std::mutex regions_mutex;
-std::vector<std::pair<void*, std::size_t>>& shared_regions() {
-  static std::vector<std::pair<void*, std::size_t>> regions;
-  return regions;
-}
-/// As a CTA starts: what a device's shared memory holds for it is no CTA's values.
-void poison_shared_regions() {
-  const std::lock_guard lock(regions_mutex);
-  for (const auto& [where, bytes] : shared_regions()) std::memset(where, 0xFF, bytes);
-}
+/// Serial numbers of CTAs (thread_context::cta), unique across the host threads that launch.
+std::atomic<unsigned long long> ctas_started{0};
 }  // namespace
-
-shared_region::shared_region(void* where, std::size_t bytes) {
-  const std::lock_guard lock(regions_mutex);
-  std::memset(where, 0xFF, bytes);
-  shared_regions().emplace_back(where, bytes);
-}
 
 // ---- the order fibers and CTAs run in (run_order.hpp) ------------------------------------------
 // Thread order alone, the scheduler's first, hid every race whose writer has the lower rank (the
@@ -626,10 +612,9 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
   for (unsigned long long i = 0; i < ctas; ++i) {
     const unsigned long long c = cta_order[i];
     const unsigned x = unsigned(c % g.x), y = unsigned(c / g.x % g.y), z = unsigned(c / g.x / g.y);
-    // 0xFF-filled per CTA, static and dynamic: the device's shared memory holds whatever the last CTA
-    // left, so a kernel must not count on any of it.
+    // 0xFF-filled per CTA, static (as each declaration is first reached: shared_region) and dynamic:
+    // the device's shared memory holds whatever the last CTA left, so a kernel must not count on any of it.
     std::memset(shared.get(), 0xFF, shared_bytes);
-    poison_shared_regions();
     for (auto& f : cta) {
       f.done = false;
       f.waiting = barrier::none;
@@ -639,7 +624,7 @@ void run_grid(const launch_config& config, void (*body)(void*), void* closure) {
     }
     // Rounds: every fiber not waiting runs, in the round's order (arrange), until it parks at a
     // barrier or returns; then the barriers all their fibers have reached open, and the next starts.
-    const thread_context where{{0, 0, 0}, {x, y, z}, b, g, shared.get()};
+    const thread_context where{{0, 0, 0}, {x, y, z}, b, g, shared.get(), ++ctas_started};
     unsigned round = 0;
     do {
       arrange(sequence, c, round++, rng);

@@ -135,7 +135,7 @@ void cta_place(int* place, int* counter) {
   if (threadIdx.x == 0) place[blockIdx.x] = atomicAdd(counter, 1);
 }
 
-/// CTA 0 writes a static __shared__ variable (registered, as rewrite_launches.py registers a kernel's);
+/// CTA 0 writes a static __shared__ variable (marked, as rewrite_launches.py marks a kernel's);
 /// every CTA then reads it without a barrier's worth of writing of its own: CTA 0 its value, the
 /// others the 0xFF bytes every CTA starts with (not CTA 0's leftovers).
 void leftover_shared(int* seen) {
