@@ -34,8 +34,9 @@
 // running the gate's forward again — as exec::host does with its saved form of gate::mlp.
 //
 // Determinism: cuBLASLt returns the same bits for the same algorithm, problem and workspace on
-// the same GPU; the algorithm is the first heuristic answer for a fixed workspace size, and with
-// exec::cuda_t::deterministic split-K reductions are restricted to CUBLASLT_REDUCTION_SCHEME_NONE.
+// the same GPU; the algorithm is the first heuristic answer for a fixed workspace size (asked once
+// per problem and kept: kept_algorithms), and with exec::cuda_t::deterministic split-K reductions
+// are restricted to CUBLASLT_REDUCTION_SCHEME_NONE.
 // Everything else here is fixed-order. Users of this header link CUDA::cublasLt.
 #include <cublasLt.h>
 
@@ -43,6 +44,10 @@
 #include <cub/warp/warp_reduce.cuh>
 #include <thrust/iterator/transform_iterator.h>
 
+#include <map>
+#include <mutex>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #include "intervention_fused.cuh"
@@ -166,6 +171,49 @@ inline void gemm(cublasOperation_t ta, cublasOperation_t tb, index_t m, index_t 
 /// One cuBLASLt matmul for the whole problem.
 inline void gemm_once(const gemm_args& g, void* workspace, cudaStream_t s, bool deterministic);
 
+/// What cuBLASLt's heuristic answer for one of gemm_once's matmuls depends on: every attribute
+/// gemm_once sets on its descriptors and preference (the workspace size is a constant), and the device.
+struct algo_key {
+  int device, ta, tb, at, bt, dt;
+  index_t m, n, k, lda, ldb, ldd;
+  std::uint32_t align_a, align_b, align_d;
+  bool deterministic, device_scalars;
+  auto fields() const {
+    return std::tie(device, ta, tb, at, bt, dt, m, n, k, lda, ldb, ldd, align_a, align_b, align_d, deterministic,
+                    device_scalars);
+  }
+  friend bool operator<(const algo_key& x, const algo_key& y) { return x.fields() < y.fields(); }
+};
+
+/// cuBLASLt's first heuristic answer per problem, kept for the life of the process. The query is a
+/// search of cuBLASLt's kernels on the host, per matmul, and a fwd+bwd issues up to eight per module,
+/// each a few tens of µs on the device at T = 16384: asked every time, the device may wait for the
+/// host. The answer depends on the key alone: a kept one is the algorithm a new query would return,
+/// and results keep their bits. A few entries per token count P seen (~100 bytes
+/// each). Shared by the host threads (a mutex), as the handle is.
+struct kept_algorithms {
+  std::mutex guard;
+  std::map<algo_key, cublasLtMatmulAlgo_t> answers;
+
+  static kept_algorithms& instance() {
+    static kept_algorithms kept;
+    return kept;
+  }
+  std::optional<cublasLtMatmulAlgo_t> find(const algo_key& key) {
+    const std::lock_guard lock(guard);
+    const auto it = answers.find(key);
+    return it == answers.end() ? std::nullopt : std::optional(it->second);
+  }
+  void keep(const algo_key& key, const cublasLtMatmulAlgo_t& algo) {
+    const std::lock_guard lock(guard);
+    answers.emplace(key, algo);
+  }
+  std::size_t size() {
+    const std::lock_guard lock(guard);
+    return answers.size();
+  }
+};
+
 /// fp32 inputs sum over k in chunks of this many products, each chunk a matmul whose result the
 /// next one adds to (beta = 1). A dot product summed in one fp32 sequence — what cuBLASLt does with
 /// CUBLASLT_REDUCTION_SCHEME_NONE, which deterministic mode asks for, and what its heuristics pick
@@ -203,9 +251,7 @@ inline void gemm_once(const gemm_args& g, void* workspace, cudaStream_t s, bool 
   struct guard {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-    cublasLtMatmulPreference_t pref = nullptr;
     ~guard() {
-      if (pref) cublasLtMatmulPreferenceDestroy(pref);
       if (d) cublasLtMatrixLayoutDestroy(d);
       if (b) cublasLtMatrixLayoutDestroy(b);
       if (a) cublasLtMatrixLayoutDestroy(a);
@@ -230,38 +276,56 @@ inline void gemm_once(const gemm_args& g, void* workspace, cudaStream_t s, bool 
   GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&x.b, g.bt, std::uint64_t(bn ? g.k : g.n), std::uint64_t(bn ? g.n : g.k),
                                                  std::int64_t(g.ldb)));
   GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&x.d, g.dt, std::uint64_t(g.m), std::uint64_t(g.n), std::int64_t(g.ldd)));
-  GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&x.pref));
-  const std::uint64_t ws = workspace_bytes;
-  GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
   const std::uint32_t align_a = alignment_of(g.A, g.lda, size_of(g.at)), align_b = alignment_of(g.B, g.ldb, size_of(g.bt)),
                       align_d = alignment_of(g.D, g.ldd, size_of(g.dt));
-  GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
-                                                           sizeof(align_a)));
-  GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
-                                                           sizeof(align_b)));
-  GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d,
-                                                           sizeof(align_d)));
-  GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d,
-                                                           sizeof(align_d)));
-  if (deterministic) {
-    const std::uint32_t mask = CUBLASLT_REDUCTION_SCHEME_NONE;
-    GRUN_CUBLASLT_CHECK(
-        cublasLtMatmulPreferenceSetAttribute(x.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask, sizeof(mask)));
-  }
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
+  int device = 0;
+  GRUN_CUDA_CHECK(cudaGetDevice(&device));
+  const algo_key key{device, int(g.ta), int(g.tb), int(g.at), int(g.bt), int(g.dt),
+                     g.m, g.n, g.k, g.lda, g.ldb, g.ldd,
+                     align_a, align_b, align_d, deterministic, g.scaled != nullptr};
   const cublasLtHandle_t handle = lt_handle();
-  // "No algorithm" comes back either as NOT_SUPPORTED or as success with zero results: both are
-  // reported as one grun::error naming the problem; any other failure is a cuBLASLt error.
-  const cublasStatus_t heuristic =
-      cublasLtMatmulAlgoGetHeuristic(handle, x.op, x.a, x.b, x.d, x.d, x.pref, 1, &result, &found);
-  if (heuristic != CUBLAS_STATUS_NOT_SUPPORTED) GRUN_CUBLASLT_CHECK(heuristic);
-  require<error>(heuristic == CUBLAS_STATUS_SUCCESS && found > 0, "gate::mlp on exec::cuda: cuBLASLt has no algorithm for a ",
-                 g.m, " × ", g.n, " × ", g.k, " matmul (", g.at == CUDA_R_32F ? "fp32" : "16-bit", " inputs, alignment A/B/D ",
-                 align_a, "/", align_b, "/", align_d, " bytes)",
-                 deterministic ? " without split-K reduction (deterministic mode)" : "");
-  GRUN_CUBLASLT_CHECK(cublasLtMatmul(handle, x.op, alpha, g.A, x.a, g.B, x.b, beta, g.D, x.d, g.D, x.d,
-                                     &result.algo, workspace, workspace_bytes, s));
+  kept_algorithms& kept = kept_algorithms::instance();
+  std::optional<cublasLtMatmulAlgo_t> algo = kept.find(key);
+  if (!algo) {
+    struct preference_guard {
+      cublasLtMatmulPreference_t pref = nullptr;
+      ~preference_guard() {
+        if (pref) cublasLtMatmulPreferenceDestroy(pref);
+      }
+    } p;
+    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&p.pref));
+    const std::uint64_t ws = workspace_bytes;
+    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
+                                                             sizeof(align_a)));
+    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
+                                                             sizeof(align_b)));
+    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d,
+                                                             sizeof(align_d)));
+    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d,
+                                                             sizeof(align_d)));
+    if (deterministic) {
+      const std::uint32_t mask = CUBLASLT_REDUCTION_SCHEME_NONE;
+      GRUN_CUBLASLT_CHECK(
+          cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask, sizeof(mask)));
+    }
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    // "No algorithm" comes back either as NOT_SUPPORTED or as success with zero results: both are
+    // reported as one grun::error naming the problem (and not kept: the next call asks again); any
+    // other failure is a cuBLASLt error.
+    const cublasStatus_t heuristic =
+        cublasLtMatmulAlgoGetHeuristic(handle, x.op, x.a, x.b, x.d, x.d, p.pref, 1, &result, &found);
+    if (heuristic != CUBLAS_STATUS_NOT_SUPPORTED) GRUN_CUBLASLT_CHECK(heuristic);
+    require<error>(heuristic == CUBLAS_STATUS_SUCCESS && found > 0, "gate::mlp on exec::cuda: cuBLASLt has no algorithm for a ",
+                   g.m, " × ", g.n, " × ", g.k, " matmul (", g.at == CUDA_R_32F ? "fp32" : "16-bit", " inputs, alignment A/B/D ",
+                   align_a, "/", align_b, "/", align_d, " bytes)",
+                   deterministic ? " without split-K reduction (deterministic mode)" : "");
+    algo = result.algo;
+    kept.keep(key, result.algo);
+  }
+  GRUN_CUBLASLT_CHECK(cublasLtMatmul(handle, x.op, alpha, g.A, x.a, g.B, x.b, beta, g.D, x.d, g.D, x.d, &*algo,
+                                     workspace, workspace_bytes, s));
 }
 
 /// out [P, ld] (ld ≥ d) = the rows of h at pos.
