@@ -408,9 +408,9 @@ bool forward(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_sp
 /// `trained` (overwritten). With gate_external, gext [K][P] holds the logits z, and after the coefficient
 /// kernel `mid(dz)` runs with dz [K][P] = dL/dz (the gate's last pre-activation, device fp32); with
 /// gate_value, gext holds g and mid gets dL/dg. mid returns the gate's path of dL/dh, added to dh
-/// (detail::gate_path; empty when there is none). kept: null, or what the forward kept ([K][P][R + 1] fp32: e and z; 16-bit storage) —
-/// then the coefficient kernel reads dout only. Returns false, having done nothing, when the call is
-/// not one the fused kernels take.
+/// (detail::gate_path; empty when there is none). kept: null, or what the forward kept ([K][P][R + 1]
+/// fp32: e and z; 16-bit storage) — then the coefficient kernel reads dout only. Returns false,
+/// having done nothing, when the call is not one the fused kernels take.
 template <class I, class T, int GM, class DG, class Mid>
 bool backward_impl(const exec::cuda_t& ex, std::span<const module_params<I, T, cuda_space>> modules, double scale,
                    index_t trained, matrix_view<const T, cuda_space> h, const positions& pos,
