@@ -41,15 +41,39 @@ TEMPLATE_TEST_CASE("mlp gate path agrees with the generic device path", "[interv
   check_against_generic<mlp_lo4, TestType>(33, 77, {32, 0, 5});
 }
 
-TEMPLATE_TEST_CASE("mlp gate: cuBLASLt's algorithm is asked for once per problem", "[intervention][fused][mlp]", float,
+TEMPLATE_TEST_CASE("mlp gate: each matmul problem is planned once (descriptors and algorithm)", "[intervention][fused][mlp]", float,
                    grun::bfloat16) {
   GRUN_REQUIRE_DEVICE();
-  auto& kept = grun::cuda::mlp_gate::detail::kept_algorithms::instance();
+  auto& kept = grun::cuda::mlp_gate::detail::kept_matmuls::instance();
   check_against_generic<mlp_lo4, TestType>(217, 64, iota(217));
   const std::size_t known = kept.size();
   CHECK(known > 0);
-  check_against_generic<mlp_lo4, TestType>(217, 64, iota(217));  // the same problems: every algorithm kept, still right
+  check_against_generic<mlp_lo4, TestType>(217, 64, iota(217));  // the same problems: every plan kept, still right
   CHECK(kept.size() == known);
   check_against_generic<mlp_lo4, TestType>(218, 64, iota(218));  // another token count: other problems
   CHECK(kept.size() > known);
+}
+
+TEST_CASE("mlp gate: kept matmul plans stop at their capacity; a failed plan is not kept", "[nodevice][intervention][mlp]") {
+  using grun::cuda::mlp_gate::detail::kept_matmuls;
+  using grun::cuda::mlp_gate::detail::matmul_key;
+  using grun::cuda::mlp_gate::detail::matmul_plan;
+  kept_matmuls kept(2);
+  const auto key = [](grun::index_t m) { return matmul_key{0, 0, 0, 0, 0, 0, m, 1, 1, 1, 1, 1, 4, 4, 4, false, false}; };
+  int made = 0;
+  const auto make = [&](matmul_plan& plan) {
+    ++made;
+    plan.algo.data[0] = std::uint64_t(made);
+  };
+  matmul_plan* first = kept.find_or_make(key(1), make);
+  REQUIRE(first != nullptr);
+  CHECK(kept.find_or_make(key(1), make) == first);  // found, not made again
+  CHECK(made == 1);
+  CHECK_THROWS_AS(kept.find_or_make(key(2), [](matmul_plan&) { throw grun::error("no algorithm"); }), grun::error);
+  CHECK(kept.size() == 1);  // the failed plan left nothing behind
+  CHECK(kept.find_or_make(key(2), make) != nullptr);
+  CHECK(kept.size() == 2);
+  CHECK(kept.find_or_make(key(3), make) == nullptr);  // full: the caller plans this one per call
+  CHECK(made == 2);
+  CHECK(kept.find_or_make(key(1), make)->algo.data[0] == 1);  // kept plans stay where they were made
 }

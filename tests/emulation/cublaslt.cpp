@@ -168,15 +168,24 @@ const char* CUBLASWINAPI cublasLtGetStatusName(cublasStatus_t status) {
   }
 }
 
-cublasStatus_t CUBLASWINAPI cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* desc, cublasComputeType_t compute,
-                                                     cudaDataType_t scale) {
+// Init writes a descriptor into space the caller owns (cublasLt.h's inline *Init pass its size);
+// Create allocates that space and inits it.
+cublasStatus_t CUBLASWINAPI cublasLtMatmulDescInit_internal(cublasLtMatmulDesc_t desc, size_t size,
+                                                            cublasComputeType_t compute, cudaDataType_t scale) {
   if (desc == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
-  *desc = new cublasLtMatmulDescOpaque_t{};
+  if (size < sizeof(*desc)) return CUBLAS_STATUS_ALLOC_FAILED;
+  *desc = cublasLtMatmulDescOpaque_t{};
   operation op;
   op.compute = compute;
   op.scale = scale;
-  write(*desc, op);
+  write(desc, op);
   return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t CUBLASWINAPI cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* desc, cublasComputeType_t compute,
+                                                     cudaDataType_t scale) {
+  if (desc == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  *desc = new cublasLtMatmulDescOpaque_t;
+  return cublasLtMatmulDescInit(*desc, compute, scale);
 }
 cublasStatus_t CUBLASWINAPI cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t desc) {
   delete desc;
@@ -204,23 +213,36 @@ cublasStatus_t CUBLASWINAPI cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t 
   return CUBLAS_STATUS_SUCCESS;
 }
 
+cublasStatus_t CUBLASWINAPI cublasLtMatrixLayoutInit_internal(cublasLtMatrixLayout_t out, size_t size, cudaDataType type,
+                                                              uint64_t rows, uint64_t cols, int64_t ld) {
+  if (out == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  if (size < sizeof(*out)) return CUBLAS_STATUS_ALLOC_FAILED;
+  *out = cublasLtMatrixLayoutOpaque_t{};
+  write(out, layout{type, rows, cols, ld});
+  return CUBLAS_STATUS_SUCCESS;
+}
 cublasStatus_t CUBLASWINAPI cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* out, cudaDataType type, uint64_t rows,
                                                        uint64_t cols, int64_t ld) {
   if (out == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
-  *out = new cublasLtMatrixLayoutOpaque_t{};
-  write(*out, layout{type, rows, cols, ld});
-  return CUBLAS_STATUS_SUCCESS;
+  *out = new cublasLtMatrixLayoutOpaque_t;
+  return cublasLtMatrixLayoutInit(*out, type, rows, cols, ld);
 }
 cublasStatus_t CUBLASWINAPI cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
   delete l;
   return CUBLAS_STATUS_SUCCESS;
 }
 
+cublasStatus_t CUBLASWINAPI cublasLtMatmulPreferenceInit_internal(cublasLtMatmulPreference_t pref, size_t size) {
+  if (pref == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  if (size < sizeof(*pref)) return CUBLAS_STATUS_ALLOC_FAILED;
+  *pref = cublasLtMatmulPreferenceOpaque_t{};
+  write(pref, preference{});
+  return CUBLAS_STATUS_SUCCESS;
+}
 cublasStatus_t CUBLASWINAPI cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t* pref) {
   if (pref == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
-  *pref = new cublasLtMatmulPreferenceOpaque_t{};
-  write(*pref, preference{});
-  return CUBLAS_STATUS_SUCCESS;
+  *pref = new cublasLtMatmulPreferenceOpaque_t;
+  return cublasLtMatmulPreferenceInit(*pref);
 }
 cublasStatus_t CUBLASWINAPI cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t pref) {
   delete pref;

@@ -35,8 +35,8 @@
 //
 // Determinism: cuBLASLt returns the same bits for the same algorithm, problem and workspace on
 // the same GPU; the algorithm is the first heuristic answer for a fixed workspace size (asked once
-// per problem and kept: kept_algorithms), and with exec::cuda_t::deterministic split-K reductions
-// are restricted to CUBLASLT_REDUCTION_SCHEME_NONE.
+// per problem and kept with its descriptors: kept_matmuls), and with exec::cuda_t::deterministic
+// split-K reductions are restricted to CUBLASLT_REDUCTION_SCHEME_NONE.
 // Everything else here is fixed-order. Users of this header link CUDA::cublasLt.
 #include <cublasLt.h>
 
@@ -46,7 +46,6 @@
 
 #include <map>
 #include <mutex>
-#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -171,9 +170,9 @@ inline void gemm(cublasOperation_t ta, cublasOperation_t tb, index_t m, index_t 
 /// One cuBLASLt matmul for the whole problem.
 inline void gemm_once(const gemm_args& g, void* workspace, cudaStream_t s, bool deterministic);
 
-/// What cuBLASLt's heuristic answer for one of gemm_once's matmuls depends on: every attribute
-/// gemm_once sets on its descriptors and preference (the workspace size is a constant), and the device.
-struct algo_key {
+/// What one of gemm_once's matmul plans depends on: every attribute gemm_once sets on its
+/// descriptors and preference (the workspace size is a constant), and the device.
+struct matmul_key {
   int device, ta, tb, at, bt, dt;
   index_t m, n, k, lda, ldb, ldd;
   std::uint32_t align_a, align_b, align_d;
@@ -182,36 +181,63 @@ struct algo_key {
     return std::tie(device, ta, tb, at, bt, dt, m, n, k, lda, ldb, ldd, align_a, align_b, align_d, deterministic,
                     device_scalars);
   }
-  friend bool operator<(const algo_key& x, const algo_key& y) { return x.fields() < y.fields(); }
+  friend bool operator<(const matmul_key& x, const matmul_key& y) { return x.fields() < y.fields(); }
 };
 
-/// cuBLASLt's first heuristic answer per problem, kept for the life of the process. The query is a
-/// search of cuBLASLt's kernels on the host, per matmul, and a fwd+bwd issues up to eight per module,
-/// each a few tens of µs on the device at T = 16384: asked every time, the device may wait for the
-/// host. The answer depends on the key alone: a kept one is the algorithm a new query would return,
-/// and results keep their bits. A few entries per token count P seen (~100 bytes
-/// each). Shared by the host threads (a mutex), as the handle is.
-struct kept_algorithms {
-  std::mutex guard;
-  std::map<algo_key, cublasLtMatmulAlgo_t> answers;
+/// Everything gemm_once hands cuBLASLt for one problem besides its pointers and scalars: the
+/// device's handle, the descriptors (held by value and initialised in place, so there is nothing to
+/// destroy) and the algorithm the heuristic chose. Built in place and never moved: cuBLASLt's
+/// descriptors are initialised where they live.
+struct matmul_plan {
+  cublasLtHandle_t handle = nullptr;
+  cublasLtMatmulDescOpaque_t op{};
+  cublasLtMatrixLayoutOpaque_t a{}, b{}, d{};
+  cublasLtMatmulAlgo_t algo{};
+};
 
-  static kept_algorithms& instance() {
-    static kept_algorithms kept;
+/// The plans of the problems seen, kept for the life of the process. Planning creates four
+/// descriptors and runs cuBLASLt's heuristic, a search of its kernels on the host; a fwd+bwd issues
+/// up to eight matmuls per module, each a few tens of µs on the device at T = 16384, so planned every
+/// time the device may wait for the host. A plan depends on its key alone: a kept one is what a new
+/// plan would be, and results keep their bits. A server meets a new token count P with most
+/// batches, a few problems each: past `capacity` problems (~0.6 KB each) new ones are planned per
+/// call and not kept. Shared by the host threads, as the handle is: planning runs under the mutex
+/// (once per problem), and a kept plan is only read after.
+struct kept_matmuls {
+  static constexpr std::size_t default_capacity = 4096;
+  explicit kept_matmuls(std::size_t capacity = default_capacity) : capacity(capacity) {}
+
+  static kept_matmuls& instance() {
+    static kept_matmuls kept;
     return kept;
   }
-  std::optional<cublasLtMatmulAlgo_t> find(const algo_key& key) {
+  /// The plan kept under `key`, made by `make(plan&)` in place if there is none and room for it;
+  /// nullptr when full. A make that throws keeps nothing (the next call plans again). Not const
+  /// (cuBLASLt takes its descriptors as non-const handles) but only read once made: cublasLtMatmul
+  /// reads its descriptors.
+  template <class Make>
+  matmul_plan* find_or_make(const matmul_key& key, Make&& make) {
     const std::lock_guard lock(guard);
-    const auto it = answers.find(key);
-    return it == answers.end() ? std::nullopt : std::optional(it->second);
-  }
-  void keep(const algo_key& key, const cublasLtMatmulAlgo_t& algo) {
-    const std::lock_guard lock(guard);
-    answers.emplace(key, algo);
+    if (const auto it = plans.find(key); it != plans.end()) return &it->second;
+    if (plans.size() >= capacity) return nullptr;
+    const auto it = plans.try_emplace(key).first;  // map nodes never move: the plan stays where it is made
+    try {
+      make(it->second);
+    } catch (...) {
+      plans.erase(it);
+      throw;
+    }
+    return &it->second;
   }
   std::size_t size() {
     const std::lock_guard lock(guard);
-    return answers.size();
+    return plans.size();
   }
+
+ private:
+  std::size_t capacity;
+  std::mutex guard;
+  std::map<matmul_key, matmul_plan> plans;
 };
 
 /// fp32 inputs sum over k in chunks of this many products, each chunk a matmul whose result the
@@ -248,84 +274,74 @@ inline void gemm_once(const gemm_args& g, void* workspace, cudaStream_t s, bool 
                                         std::size_t(g.n), s));
     return;
   }
-  struct guard {
-    cublasLtMatmulDesc_t op = nullptr;
-    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-    ~guard() {
-      if (d) cublasLtMatrixLayoutDestroy(d);
-      if (b) cublasLtMatrixLayoutDestroy(b);
-      if (a) cublasLtMatrixLayoutDestroy(a);
-      if (op) cublasLtMatmulDescDestroy(op);
-    }
-  } x;
-  GRUN_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&x.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  GRUN_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(x.op, CUBLASLT_MATMUL_DESC_TRANSA, &g.ta, sizeof(g.ta)));
-  GRUN_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(x.op, CUBLASLT_MATMUL_DESC_TRANSB, &g.tb, sizeof(g.tb)));
   const float host_alpha = 1.f;
   const float *alpha = &host_alpha, *beta = &g.beta;
   if (g.scaled != nullptr) {
-    const std::int32_t mode = CUBLASLT_POINTER_MODE_DEVICE;
-    GRUN_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(x.op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof(mode)));
     require<error>(g.beta == 0.f || g.beta == 1.f, "gate::mlp on exec::cuda: a scaled matmul takes beta 0 or 1, got ", g.beta);
     alpha = &g.scaled->unscale;
     beta = g.beta == 0.f ? &g.scaled->zero : &g.scaled->one;
   }
-  const bool an = g.ta == CUBLAS_OP_N, bn = g.tb == CUBLAS_OP_N;
-  GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&x.a, g.at, std::uint64_t(an ? g.m : g.k), std::uint64_t(an ? g.k : g.m),
-                                                 std::int64_t(g.lda)));
-  GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&x.b, g.bt, std::uint64_t(bn ? g.k : g.n), std::uint64_t(bn ? g.n : g.k),
-                                                 std::int64_t(g.ldb)));
-  GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&x.d, g.dt, std::uint64_t(g.m), std::uint64_t(g.n), std::int64_t(g.ldd)));
   const std::uint32_t align_a = alignment_of(g.A, g.lda, size_of(g.at)), align_b = alignment_of(g.B, g.ldb, size_of(g.bt)),
                       align_d = alignment_of(g.D, g.ldd, size_of(g.dt));
   int device = 0;
   GRUN_CUDA_CHECK(cudaGetDevice(&device));
-  const algo_key key{device, int(g.ta), int(g.tb), int(g.at), int(g.bt), int(g.dt),
-                     g.m, g.n, g.k, g.lda, g.ldb, g.ldd,
-                     align_a, align_b, align_d, deterministic, g.scaled != nullptr};
-  const cublasLtHandle_t handle = lt_handle();
-  kept_algorithms& kept = kept_algorithms::instance();
-  std::optional<cublasLtMatmulAlgo_t> algo = kept.find(key);
-  if (!algo) {
-    struct preference_guard {
-      cublasLtMatmulPreference_t pref = nullptr;
-      ~preference_guard() {
-        if (pref) cublasLtMatmulPreferenceDestroy(pref);
-      }
-    } p;
-    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&p.pref));
+  const matmul_key key{device, int(g.ta), int(g.tb), int(g.at), int(g.bt), int(g.dt),
+                       g.m, g.n, g.k, g.lda, g.ldb, g.ldd,
+                       align_a, align_b, align_d, deterministic, g.scaled != nullptr};
+  const auto make = [&](matmul_plan& plan) {
+    plan.handle = lt_handle();
+    GRUN_CUBLASLT_CHECK(cublasLtMatmulDescInit(&plan.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    GRUN_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(&plan.op, CUBLASLT_MATMUL_DESC_TRANSA, &g.ta, sizeof(g.ta)));
+    GRUN_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(&plan.op, CUBLASLT_MATMUL_DESC_TRANSB, &g.tb, sizeof(g.tb)));
+    if (g.scaled != nullptr) {
+      const std::int32_t mode = CUBLASLT_POINTER_MODE_DEVICE;
+      GRUN_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(&plan.op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof(mode)));
+    }
+    const bool an = g.ta == CUBLAS_OP_N, bn = g.tb == CUBLAS_OP_N;
+    GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutInit(&plan.a, g.at, std::uint64_t(an ? g.m : g.k),
+                                                 std::uint64_t(an ? g.k : g.m), std::int64_t(g.lda)));
+    GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutInit(&plan.b, g.bt, std::uint64_t(bn ? g.k : g.n),
+                                                 std::uint64_t(bn ? g.n : g.k), std::int64_t(g.ldb)));
+    GRUN_CUBLASLT_CHECK(cublasLtMatrixLayoutInit(&plan.d, g.dt, std::uint64_t(g.m), std::uint64_t(g.n), std::int64_t(g.ldd)));
+    cublasLtMatmulPreferenceOpaque_t pref{};
+    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceInit(&pref));
     const std::uint64_t ws = workspace_bytes;
-    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
-                                                             sizeof(align_a)));
-    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
-                                                             sizeof(align_b)));
-    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d,
-                                                             sizeof(align_d)));
-    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d,
-                                                             sizeof(align_d)));
+    GRUN_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    GRUN_CUBLASLT_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+    GRUN_CUBLASLT_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+    GRUN_CUBLASLT_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+    GRUN_CUBLASLT_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
     if (deterministic) {
       const std::uint32_t mask = CUBLASLT_REDUCTION_SCHEME_NONE;
       GRUN_CUBLASLT_CHECK(
-          cublasLtMatmulPreferenceSetAttribute(p.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask, sizeof(mask)));
+          cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask, sizeof(mask)));
     }
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
     // "No algorithm" comes back either as NOT_SUPPORTED or as success with zero results: both are
-    // reported as one grun::error naming the problem (and not kept: the next call asks again); any
-    // other failure is a cuBLASLt error.
+    // reported as one grun::error naming the problem (and nothing is kept: the next call asks
+    // again); any other failure is a cuBLASLt error.
     const cublasStatus_t heuristic =
-        cublasLtMatmulAlgoGetHeuristic(handle, x.op, x.a, x.b, x.d, x.d, p.pref, 1, &result, &found);
+        cublasLtMatmulAlgoGetHeuristic(plan.handle, &plan.op, &plan.a, &plan.b, &plan.d, &plan.d, &pref, 1, &result, &found);
     if (heuristic != CUBLAS_STATUS_NOT_SUPPORTED) GRUN_CUBLASLT_CHECK(heuristic);
     require<error>(heuristic == CUBLAS_STATUS_SUCCESS && found > 0, "gate::mlp on exec::cuda: cuBLASLt has no algorithm for a ",
                    g.m, " × ", g.n, " × ", g.k, " matmul (", g.at == CUDA_R_32F ? "fp32" : "16-bit", " inputs, alignment A/B/D ",
                    align_a, "/", align_b, "/", align_d, " bytes)",
                    deterministic ? " without split-K reduction (deterministic mode)" : "");
-    algo = result.algo;
-    kept.keep(key, result.algo);
+    plan.algo = result.algo;
+  };
+  matmul_plan unkept;  // planned here when kept_matmuls is full
+  matmul_plan* plan = kept_matmuls::instance().find_or_make(key, make);
+  if (plan == nullptr) {
+    make(unkept);
+    plan = &unkept;
   }
-  GRUN_CUBLASLT_CHECK(cublasLtMatmul(handle, x.op, alpha, g.A, x.a, g.B, x.b, beta, g.D, x.d, g.D, x.d, &*algo,
-                                     workspace, workspace_bytes, s));
+  GRUN_CUBLASLT_CHECK(cublasLtMatmul(plan->handle, &plan->op, alpha, g.A, &plan->a, g.B, &plan->b, beta, g.D, &plan->d,
+                                     g.D, &plan->d, &plan->algo, workspace, workspace_bytes, s));
 }
 
 /// out [P, ld] (ld ≥ d) = the rows of h at pos.
