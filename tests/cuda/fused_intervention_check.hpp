@@ -3,7 +3,8 @@
 // (kernels/grun/cuda/intervention_fused.cuh, and the cuBLASLt mlp gate of intervention_mlp.cuh),
 // shared by the test_cuda_intervention_fused*.cu files. The cases are spread over several files
 // because each (policy, dtype) pair instantiates host and device kernels: one file held them all and
-// took ~4.5 minutes of nvcc for sm_90 alone; split, the files compile in parallel.
+// took ~4.5 minutes of nvcc for sm_90 alone; split, the files compile in parallel. The pairs several
+// files run are compiled once, in instances_*.cu (fused_cases.hpp).
 //
 // host_reference<I, T>: the setup every agreement case starts from — K modules on the host and the
 // same values on the device, the inputs, and exec::host's forward and backward as the reference.
@@ -14,19 +15,13 @@
 // check_against_generic<I, T>: the fused path against the generic per-thread device path.
 // check_all<I, T>: check<I, T> over the shapes that matter — d odd (scalar rows), P = 1, an empty
 // position list, T = 1, unaligned row stride, in place, stacks of K modules, many slots.
-#include <grun/cuda/intervention.cuh>
-#include <grun/gate/always.hpp>
-#include <grun/gate/linear.hpp>
-#include <grun/gate/mlp.hpp>
-#include <grun/reft/direft.hpp>
-#include <grun/reft/loreft.hpp>
-
 #include <cmath>
 #include <cstring>
 #include <utility>
 #include <vector>
 
 #include "agreement.hpp"
+#include "fused_cases.hpp"  // the policies (lin_lo4, …), and the pairs compiled once in instances_*.cu
 
 namespace grun::test::fused_case {
 
@@ -610,14 +605,5 @@ void check_all() {
   check<I, T>({13, 2048, iota(13)});
   check<I, T>({9, 4096, {8, 1, 2, 3, 4, 5, 0}, 2, 1, 0.8});
 }
-
-using lin_lo4 = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<4>>;
-using lin_lo1 = grun::gated_intervention<grun::gate::linear, grun::reft::loreft<1>>;
-using lin_no32 = grun::gated_intervention<grun::gate::linear, grun::reft::noreft<32>>;
-using all_no2 = grun::gated_intervention<grun::gate::always, grun::reft::noreft<2>>;
-using lin_di4 = grun::gated_intervention<grun::gate::linear, grun::reft::direft<4>>;
-using all_di8 = grun::gated_intervention<grun::gate::always, grun::reft::direft<8>>;
-using mlp_lo4 = grun::gated_intervention<grun::gate::mlp<>, grun::reft::loreft<4>>;
-using mlp_di2 = grun::gated_intervention<grun::gate::mlp<24, 8>, grun::reft::direft<2>>;
 
 }  // namespace grun::test::fused_case

@@ -241,22 +241,13 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
     }
   };
 
+  // The entry points below are defined after the class, so they are not inline: a program can then
+  // compile each (policy, storage) pair's kernels once, not once per .cu file that calls them
+  // (GRUN_CUDA_EXTERN_INTERVENTION at the end of this file; an explicit instantiation declaration does
+  // not stop a compiler from instantiating an inline function, to inline it).
   template <class T, class S>
   static void forward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
-                      matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates) {
-    static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
-    if constexpr (O::is_parametrization) {
-      const materialized<T> m(ex, modules, h.extent(1));
-      return plain_impl::forward(ex, m.view(), scale, h, pos, out, gates);
-    } else if constexpr (fused && cuda::fused::takes_storage<T>) {
-      if (cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
-    } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
-      if (cuda::mlp_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
-    } else if constexpr (fused_reft && cuda::fused::takes_storage<T>) {
-      if (cuda::row_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
-    }
-    generic_forward<T, S>(ex, modules, scale, h, pos, out, gates);
-  }
+                      matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates);
 
   /// Whether a forward of storage T may keep something for its backward (saved_activations: the fused
   /// forward's e and z, 16-bit storage; it decides for sure when it runs — a call the fused kernels
@@ -274,90 +265,31 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   template <class T, class S>
   static void forward_keeping(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                               matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out,
-                              matrix_view<T, S> gates, saved_activations<T>& saved) {
-    if constexpr (O::is_parametrization) {
-      const materialized<T> m(ex, modules, h.extent(1));
-      return plain_impl::forward_keeping(ex, m.view(), scale, h, pos, out, gates, saved);
-    } else if constexpr ((fused || fused_mlp) && cuda::fused::takes_storage<T>) {
-      const index_t K = index_t(modules.size()), P = pos.size(), d = h.extent(1);
-      auto keep = [&](index_t width) -> float* {
-        return saved_access::begin_on_device(saved, K, P, d, width, [&](std::size_t bytes) {
-          return cuda::detail::allocate_saved(bytes, cuda::stream_of(ex));
-        });
-      };
-      bool taken = false;
-      if constexpr (fused) taken = cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates, keep);
-      else taken = cuda::mlp_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates, keep);
-      if (taken) return;
-      saved_access::begin(saved, K, P, d, 0);  // (a call not taken keeps nothing, whatever it reserved)
-    }
-    forward(ex, modules, scale, h, pos, out, gates);
-  }
+                              matrix_view<T, S> gates, saved_activations<T>& saved);
 
   /// The backward from what the forward kept (kept: device, [K][P][r + 1]; see forward_keeping).
   template <class T, class S, class DG>
   static void backward_from_kept(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules,
                                  double scale, index_t trained, matrix_view<const T, S> h, const positions& pos,
                                  matrix_view<const T, S> dout, matrix_view<const DG, S> dgates, matrix_view<T, S> dh,
-                                 const module_params<I, T, S>& grads, const acc_t<T>* kept) {
-    if constexpr (O::is_parametrization) {
-      const materialized<T> m(ex, modules, h.extent(1));
-      plain_impl::backward_from_kept(ex, m.view(), scale, trained, h, pos, dout, dgates, dh, m.as_plain(grads), kept);
-      return m.pull_back(ex, modules, trained, grads);
-    } else if constexpr (fused && cuda::fused::takes_storage<T>) {
-      if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, kept)) return;
-    } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
-      if (cuda::mlp_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, kept)) return;
-    }
-    backward(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);  // (never kept: only the fused forwards keep)
-  }
+                                 const module_params<I, T, S>& grads, const acc_t<T>* kept);
 
   template <class T, class S, class DG>
   static void backward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                        index_t trained, matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout,
-                       matrix_view<const DG, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
-    static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
-    if constexpr (O::is_parametrization) {
-      const materialized<T> m(ex, modules, h.extent(1));
-      plain_impl::backward(ex, m.view(), scale, trained, h, pos, dout, dgates, dh, m.as_plain(grads));
-      return m.pull_back(ex, modules, trained, grads);
-    } else if constexpr (fused && cuda::fused::takes_storage<T>) {
-      if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
-    } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
-      if (cuda::mlp_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
-    } else if constexpr (fused_reft && cuda::fused::takes_storage<T>) {
-      if (cuda::row_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
-    }
-    generic_backward<T, S>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);
-  }
+                       matrix_view<const DG, S> dgates, matrix_view<T, S> dh, const module_params<I, T, S>& grads);
 
   /// The generic path (one thread per row, the policies' own row math); public so tests can compare.
   /// A parametrized rotation's R is materialized first, as forward and backward do.
   template <class T, class S>
   static void generic_forward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                               matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out,
-                              matrix_view<T, S> gates) {
-    if constexpr (O::is_parametrization) {
-      const materialized<T> m(ex, modules, h.extent(1));
-      plain_impl::template generic_forward<T, S>(ex, m.view(), scale, h, pos, out, gates);
-    } else {
-      generic_forward_rows<T, S>(ex, modules, scale, h, pos, out, gates);
-    }
-  }
+                              matrix_view<T, S> gates);
   template <class T, class S, class DG>
   static void generic_backward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
                                index_t trained, matrix_view<const T, S> h, const positions& pos,
                                matrix_view<const T, S> dout, matrix_view<const DG, S> dgates, matrix_view<T, S> dh,
-                               const module_params<I, T, S>& grads) {
-    if constexpr (O::is_parametrization) {
-      const materialized<T> m(ex, modules, h.extent(1));
-      plain_impl::template generic_backward<T, S>(ex, m.view(), scale, trained, h, pos, dout, dgates, dh,
-                                                  m.as_plain(grads));
-      m.pull_back(ex, modules, trained, grads);
-    } else {
-      generic_backward_rows<T, S>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);
-    }
-  }
+                               const module_params<I, T, S>& grads);
 
  private:
   template <class T, class S>
@@ -421,7 +353,173 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
   }
 };
 
+template <class G, class R, class O>
+template <class T, class S>
+void intervention_impl<exec::cuda_t, gated_intervention<G, R, O>>::forward(
+    const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
+    matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates) {
+  static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
+  if constexpr (O::is_parametrization) {
+    const materialized<T> m(ex, modules, h.extent(1));
+    return plain_impl::forward(ex, m.view(), scale, h, pos, out, gates);
+  } else if constexpr (fused && cuda::fused::takes_storage<T>) {
+    if (cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
+  } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
+    if (cuda::mlp_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
+  } else if constexpr (fused_reft && cuda::fused::takes_storage<T>) {
+    if (cuda::row_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates)) return;
+  }
+  generic_forward<T, S>(ex, modules, scale, h, pos, out, gates);
+}
+
+template <class G, class R, class O>
+template <class T, class S>
+void intervention_impl<exec::cuda_t, gated_intervention<G, R, O>>::forward_keeping(
+    const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
+    matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates,
+    saved_activations<T>& saved) {
+  if constexpr (O::is_parametrization) {
+    const materialized<T> m(ex, modules, h.extent(1));
+    return plain_impl::forward_keeping(ex, m.view(), scale, h, pos, out, gates, saved);
+  } else if constexpr ((fused || fused_mlp) && cuda::fused::takes_storage<T>) {
+    const index_t K = index_t(modules.size()), P = pos.size(), d = h.extent(1);
+    auto keep = [&](index_t width) -> float* {
+      return saved_access::begin_on_device(saved, K, P, d, width, [&](std::size_t bytes) {
+        return cuda::detail::allocate_saved(bytes, cuda::stream_of(ex));
+      });
+    };
+    bool taken = false;
+    if constexpr (fused) taken = cuda::fused::forward<I, T>(ex, modules, scale, h, pos, out, gates, keep);
+    else taken = cuda::mlp_gate::forward<I, T>(ex, modules, scale, h, pos, out, gates, keep);
+    if (taken) return;
+    saved_access::begin(saved, K, P, d, 0);  // (a call not taken keeps nothing, whatever it reserved)
+  }
+  forward(ex, modules, scale, h, pos, out, gates);
+}
+
+template <class G, class R, class O>
+template <class T, class S, class DG>
+void intervention_impl<exec::cuda_t, gated_intervention<G, R, O>>::backward_from_kept(
+    const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale, index_t trained,
+    matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout, matrix_view<const DG, S> dgates,
+    matrix_view<T, S> dh, const module_params<I, T, S>& grads, const acc_t<T>* kept) {
+  if constexpr (O::is_parametrization) {
+    const materialized<T> m(ex, modules, h.extent(1));
+    plain_impl::backward_from_kept(ex, m.view(), scale, trained, h, pos, dout, dgates, dh, m.as_plain(grads), kept);
+    return m.pull_back(ex, modules, trained, grads);
+  } else if constexpr (fused && cuda::fused::takes_storage<T>) {
+    if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, kept)) return;
+  } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
+    if (cuda::mlp_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads, kept)) return;
+  }
+  backward(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);  // (never kept: only the fused forwards keep)
+}
+
+template <class G, class R, class O>
+template <class T, class S, class DG>
+void intervention_impl<exec::cuda_t, gated_intervention<G, R, O>>::backward(
+    const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale, index_t trained,
+    matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout, matrix_view<const DG, S> dgates,
+    matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
+  static_assert(std::is_same_v<S, cuda_space>, "grun: exec::cuda needs cuda_space views");
+  if constexpr (O::is_parametrization) {
+    const materialized<T> m(ex, modules, h.extent(1));
+    plain_impl::backward(ex, m.view(), scale, trained, h, pos, dout, dgates, dh, m.as_plain(grads));
+    return m.pull_back(ex, modules, trained, grads);
+  } else if constexpr (fused && cuda::fused::takes_storage<T>) {
+    if (cuda::fused::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
+  } else if constexpr (fused_mlp && cuda::fused::takes_storage<T>) {
+    if (cuda::mlp_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
+  } else if constexpr (fused_reft && cuda::fused::takes_storage<T>) {
+    if (cuda::row_gate::backward<I, T>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads)) return;
+  }
+  generic_backward<T, S>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);
+}
+
+template <class G, class R, class O>
+template <class T, class S>
+void intervention_impl<exec::cuda_t, gated_intervention<G, R, O>>::generic_forward(
+    const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
+    matrix_view<const T, S> h, const positions& pos, matrix_view<T, S> out, matrix_view<T, S> gates) {
+  if constexpr (O::is_parametrization) {
+    const materialized<T> m(ex, modules, h.extent(1));
+    plain_impl::template generic_forward<T, S>(ex, m.view(), scale, h, pos, out, gates);
+  } else {
+    generic_forward_rows<T, S>(ex, modules, scale, h, pos, out, gates);
+  }
+}
+
+template <class G, class R, class O>
+template <class T, class S, class DG>
+void intervention_impl<exec::cuda_t, gated_intervention<G, R, O>>::generic_backward(
+    const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale, index_t trained,
+    matrix_view<const T, S> h, const positions& pos, matrix_view<const T, S> dout, matrix_view<const DG, S> dgates,
+    matrix_view<T, S> dh, const module_params<I, T, S>& grads) {
+  if constexpr (O::is_parametrization) {
+    const materialized<T> m(ex, modules, h.extent(1));
+    plain_impl::template generic_backward<T, S>(ex, m.view(), scale, trained, h, pos, dout, dgates, dh,
+                                                m.as_plain(grads));
+    m.pull_back(ex, modules, trained, grads);
+  } else {
+    generic_backward_rows<T, S>(ex, modules, scale, trained, h, pos, dout, dgates, dh, grads);
+  }
+}
+
 }  // namespace grun::detail
+
+// Build time. The exec::cuda path of one gated_intervention I stored as T is a few hundred kernels
+// (every schedule the runtime may pick, for every row width); each .cu file that calls it compiles
+// them again. To compile them once per program, name the pair in a header those files include
+//     GRUN_CUDA_EXTERN_INTERVENTION(my_intervention, grun::bfloat16)
+// and in exactly one .cu file (built with the same flags)
+//     GRUN_CUDA_INSTANTIATE_INTERVENTION(my_intervention, grun::bfloat16)
+// Both at global scope, I a name without unparenthesized commas (a `using` alias). They cover
+// forward, forward_keeping, backward and backward_from_kept (the front ends' run_forward / run_backward
+// reach nothing else) and the generic path, with gate gradients stored as T; the _DGATES forms add the
+// backward ones for gate gradients stored as DG (float: what grun's gate losses write for 16-bit T).
+#define GRUN_CUDA_INTERVENTION_FORWARDS_(EXT, I, T)                                                           \
+  EXT template void ::grun::detail::intervention_impl<::grun::exec::cuda_t, I>::forward<T, ::grun::cuda_space>( \
+      const ::grun::exec::cuda_t&, std::span<const ::grun::module_params<I, T, ::grun::cuda_space>>, double,   \
+      ::grun::matrix_view<const T, ::grun::cuda_space>, const ::grun::positions&,                               \
+      ::grun::matrix_view<T, ::grun::cuda_space>, ::grun::matrix_view<T, ::grun::cuda_space>);                  \
+  EXT template void                                                                                             \
+      ::grun::detail::intervention_impl<::grun::exec::cuda_t, I>::forward_keeping<T, ::grun::cuda_space>(     \
+          const ::grun::exec::cuda_t&, std::span<const ::grun::module_params<I, T, ::grun::cuda_space>>,       \
+          double, ::grun::matrix_view<const T, ::grun::cuda_space>, const ::grun::positions&,                  \
+          ::grun::matrix_view<T, ::grun::cuda_space>, ::grun::matrix_view<T, ::grun::cuda_space>,              \
+          ::grun::saved_activations<T>&);                                                                       \
+  EXT template void                                                                                             \
+      ::grun::detail::intervention_impl<::grun::exec::cuda_t, I>::generic_forward<T, ::grun::cuda_space>(     \
+          const ::grun::exec::cuda_t&, std::span<const ::grun::module_params<I, T, ::grun::cuda_space>>,       \
+          double, ::grun::matrix_view<const T, ::grun::cuda_space>, const ::grun::positions&,                  \
+          ::grun::matrix_view<T, ::grun::cuda_space>, ::grun::matrix_view<T, ::grun::cuda_space>);
+
+#define GRUN_CUDA_INTERVENTION_BACKWARDS_(EXT, I, T, DG)                                                           \
+  EXT template void ::grun::detail::intervention_impl<::grun::exec::cuda_t, I>::backward<T, ::grun::cuda_space, DG>( \
+      const ::grun::exec::cuda_t&, std::span<const ::grun::module_params<I, T, ::grun::cuda_space>>, double,        \
+      ::grun::index_t, ::grun::matrix_view<const T, ::grun::cuda_space>, const ::grun::positions&,                  \
+      ::grun::matrix_view<const T, ::grun::cuda_space>, ::grun::matrix_view<const DG, ::grun::cuda_space>,          \
+      ::grun::matrix_view<T, ::grun::cuda_space>, const ::grun::module_params<I, T, ::grun::cuda_space>&);          \
+  EXT template void                                                                                                  \
+      ::grun::detail::intervention_impl<::grun::exec::cuda_t, I>::backward_from_kept<T, ::grun::cuda_space, DG>(  \
+          const ::grun::exec::cuda_t&, std::span<const ::grun::module_params<I, T, ::grun::cuda_space>>,            \
+          double, ::grun::index_t, ::grun::matrix_view<const T, ::grun::cuda_space>, const ::grun::positions&,      \
+          ::grun::matrix_view<const T, ::grun::cuda_space>, ::grun::matrix_view<const DG, ::grun::cuda_space>,      \
+          ::grun::matrix_view<T, ::grun::cuda_space>, const ::grun::module_params<I, T, ::grun::cuda_space>&,       \
+          const ::grun::acc_t<T>*);                                                                                  \
+  EXT template void                                                                                                  \
+      ::grun::detail::intervention_impl<::grun::exec::cuda_t, I>::generic_backward<T, ::grun::cuda_space, DG>(    \
+          const ::grun::exec::cuda_t&, std::span<const ::grun::module_params<I, T, ::grun::cuda_space>>,            \
+          double, ::grun::index_t, ::grun::matrix_view<const T, ::grun::cuda_space>, const ::grun::positions&,      \
+          ::grun::matrix_view<const T, ::grun::cuda_space>, ::grun::matrix_view<const DG, ::grun::cuda_space>,      \
+          ::grun::matrix_view<T, ::grun::cuda_space>, const ::grun::module_params<I, T, ::grun::cuda_space>&);
+
+#define GRUN_CUDA_EXTERN_INTERVENTION(I, T) \
+  GRUN_CUDA_INTERVENTION_FORWARDS_(extern, I, T) GRUN_CUDA_INTERVENTION_BACKWARDS_(extern, I, T, T)
+#define GRUN_CUDA_INSTANTIATE_INTERVENTION(I, T) \
+  GRUN_CUDA_INTERVENTION_FORWARDS_(, I, T) GRUN_CUDA_INTERVENTION_BACKWARDS_(, I, T, T)
+#define GRUN_CUDA_EXTERN_INTERVENTION_DGATES(I, T, DG) GRUN_CUDA_INTERVENTION_BACKWARDS_(extern, I, T, DG)
+#define GRUN_CUDA_INSTANTIATE_INTERVENTION_DGATES(I, T, DG) GRUN_CUDA_INTERVENTION_BACKWARDS_(, I, T, DG)
 
 namespace grun::cuda {
 

@@ -46,6 +46,7 @@
 
 #include <map>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -334,11 +335,11 @@ inline void gemm_once(const gemm_args& g, void* workspace, cudaStream_t s, bool 
                    deterministic ? " without split-K reduction (deterministic mode)" : "");
     plan.algo = result.algo;
   };
-  matmul_plan unkept;  // planned here when kept_matmuls is full
+  std::optional<matmul_plan> unkept;  // planned here only when kept_matmuls is full (a kept plan costs no fill)
   matmul_plan* plan = kept_matmuls::instance().find_or_make(key, make);
   if (plan == nullptr) {
-    make(unkept);
-    plan = &unkept;
+    plan = &unkept.emplace();
+    make(*plan);
   }
   GRUN_CUBLASLT_CHECK(cublasLtMatmul(plan->handle, &plan->op, alpha, g.A, &plan->a, g.B, &plan->b, beta, g.D, &plan->d,
                                      g.D, &plan->d, &plan->algo, workspace, workspace_bytes, s));
@@ -452,11 +453,14 @@ void store_scaled_dz1(const float* dz1f, index_t P, index_t H1, fp16_scale* scal
 inline constexpr index_t colsum_slice = 256;
 
 /// partial[s][c] = Σ_{r in slice s} w[r] · x[r, c] (w ≡ 1 when null), rows in order, in double.
+/// (A template, as every kernel in grun's headers is: a plain __global__ function defined in a header
+/// is defined again in each .cu file that includes it, and two of them do not link into one program.)
+template <index_t Slice>
 __global__ void colsum_partial_kernel(const float* __restrict__ x, index_t rows, index_t cols, index_t ld,
                                       const float* __restrict__ weight, double* __restrict__ partial) {
   const index_t c = index_t(blockIdx.x) * blockDim.x + threadIdx.x, slice = blockIdx.y;
   if (c >= cols) return;
-  const index_t r0 = slice * colsum_slice, r1 = rows < r0 + colsum_slice ? rows : r0 + colsum_slice;
+  const index_t r0 = slice * Slice, r1 = rows < r0 + Slice ? rows : r0 + Slice;
   double acc = 0;
   for (index_t r = r0; r < r1; ++r) acc += double(weight ? weight[r] : 1.f) * double(x[r * ld + c]);
   partial[slice * cols + c] = acc;
@@ -480,8 +484,8 @@ void column_sums(const float* x, index_t rows, index_t cols, index_t ld, const f
   const index_t slices = cuda::ceil_div(rows, colsum_slice);
   require<shape_error>(slices <= 65535, "gate::mlp on exec::cuda: at most ", 65535 * colsum_slice, " selected rows, got ", rows);
   cuda::detail::stream_scratch<double> partial(slices * cols, s);
-  colsum_partial_kernel<<<dim3(unsigned(cuda::ceil_div(cols, 128)), unsigned(slices)), 128, 0, s>>>(x, rows, cols, ld, weight,
-                                                                                                   partial.ptr);
+  const dim3 grid(unsigned(cuda::ceil_div(cols, 128)), unsigned(slices));
+  colsum_partial_kernel<colsum_slice><<<grid, 128, 0, s>>>(x, rows, cols, ld, weight, partial.ptr);
   colsum_final_kernel<T><<<unsigned(cuda::ceil_div(cols, 128)), 128, 0, s>>>(partial.ptr, slices, cols, out);
   GRUN_CUDA_CHECK_LAUNCH();
 }
