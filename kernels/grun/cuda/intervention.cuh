@@ -243,7 +243,7 @@ struct intervention_impl<exec::cuda_t, gated_intervention<G, R, O>> {
 
   // The entry points below are defined after the class, so they are not inline: a program can then
   // compile each (policy, storage) pair's kernels once, not once per .cu file that calls them
-  // (GRUN_CUDA_EXTERN_INTERVENTION at the end of this file; an explicit instantiation declaration does
+  // (GRUN_CUDA_EXTERN_INTERVENTION, after the definitions below; an explicit instantiation declaration does
   // not stop a compiler from instantiating an inline function, to inline it).
   template <class T, class S>
   static void forward(const exec::cuda_t& ex, std::span<const module_params<I, T, S>> modules, double scale,
