@@ -4,9 +4,8 @@
 // program: those that several programs run (test_cuda_intervention, test_cuda_intervention_fused,
 // _direft, _generic, _mlp and test_cuda_large_index). Each pair's exec::cuda path is a few hundred
 // kernels; compiled in each program that ran it, they were 40% of the kernels nvcc and the emulation
-// compiled for these programs. Declared extern here, instantiated in instances_<policy>.cu (the
-// library grun_cuda_test_instances, and its emulated twin): a pair added to one list and not the
-// other is a link error naming it, or is compiled where it is used, as before.
+// compiled for these programs. Declared extern here and instantiated in instances_<policy>.cu (the
+// library grun_cuda_test_instances, and its emulated twin), both from one list per policy (below).
 #include <grun/cuda/intervention.cuh>
 #include <grun/gate/always.hpp>
 #include <grun/gate/linear.hpp>
@@ -27,23 +26,24 @@ using mlp_di2 = grun::gated_intervention<grun::gate::mlp<24, 8>, grun::reft::dir
 
 }  // namespace grun::test::fused_case
 
-// Instantiated in instances_lin_lo4.cu.
-GRUN_CUDA_EXTERN_INTERVENTION(grun::test::fused_case::lin_lo4, float)
-GRUN_CUDA_EXTERN_INTERVENTION(grun::test::fused_case::lin_lo4, grun::bfloat16)
-GRUN_CUDA_EXTERN_INTERVENTION(grun::test::fused_case::lin_lo4, grun::half)
-GRUN_CUDA_EXTERN_INTERVENTION_DGATES(grun::test::fused_case::lin_lo4, grun::bfloat16, float)
-GRUN_CUDA_EXTERN_INTERVENTION_DGATES(grun::test::fused_case::lin_lo4, grun::half, float)
-// Instantiated in instances_mlp_lo4.cu.
-GRUN_CUDA_EXTERN_INTERVENTION(grun::test::fused_case::mlp_lo4, float)
-GRUN_CUDA_EXTERN_INTERVENTION(grun::test::fused_case::mlp_lo4, grun::bfloat16)
-GRUN_CUDA_EXTERN_INTERVENTION(grun::test::fused_case::mlp_lo4, grun::half)
-GRUN_CUDA_EXTERN_INTERVENTION_DGATES(grun::test::fused_case::mlp_lo4, grun::bfloat16, float)
-GRUN_CUDA_EXTERN_INTERVENTION_DGATES(grun::test::fused_case::mlp_lo4, grun::half, float)
-// Instantiated in instances_lin_di4.cu.
-GRUN_CUDA_EXTERN_INTERVENTION(grun::test::fused_case::lin_di4, float)
-GRUN_CUDA_EXTERN_INTERVENTION(grun::test::fused_case::lin_di4, grun::bfloat16)
-GRUN_CUDA_EXTERN_INTERVENTION(grun::test::fused_case::lin_di4, grun::half)
-// Instantiated in instances_all_no2.cu.
-GRUN_CUDA_EXTERN_INTERVENTION(grun::test::fused_case::all_no2, float)
-GRUN_CUDA_EXTERN_INTERVENTION(grun::test::fused_case::all_no2, grun::bfloat16)
-GRUN_CUDA_EXTERN_INTERVENTION(grun::test::fused_case::all_no2, grun::half)
+// The pairs each instances_<policy>.cu compiles, one list per policy for both sides: KIND is EXTERN
+// (below, for every file that includes this header) or INSTANTIATE (in that policy's instance file),
+// so the declaration and the definition cannot drift apart. Every policy runs in all three storage
+// types; the two whose gate losses the tests exercise add the backward with fp32 gate gradients.
+#define GRUN_TEST_EVERY_STORAGE_(KIND, I)                                    \
+  GRUN_CUDA_##KIND##_INTERVENTION(grun::test::fused_case::I, float)          \
+  GRUN_CUDA_##KIND##_INTERVENTION(grun::test::fused_case::I, grun::bfloat16) \
+  GRUN_CUDA_##KIND##_INTERVENTION(grun::test::fused_case::I, grun::half)
+#define GRUN_TEST_FP32_DGATES_(KIND, I)                                                       \
+  GRUN_CUDA_##KIND##_INTERVENTION_DGATES(grun::test::fused_case::I, grun::bfloat16, float) \
+  GRUN_CUDA_##KIND##_INTERVENTION_DGATES(grun::test::fused_case::I, grun::half, float)
+
+#define GRUN_TEST_SHARED_LIN_LO4(KIND) GRUN_TEST_EVERY_STORAGE_(KIND, lin_lo4) GRUN_TEST_FP32_DGATES_(KIND, lin_lo4)
+#define GRUN_TEST_SHARED_MLP_LO4(KIND) GRUN_TEST_EVERY_STORAGE_(KIND, mlp_lo4) GRUN_TEST_FP32_DGATES_(KIND, mlp_lo4)
+#define GRUN_TEST_SHARED_LIN_DI4(KIND) GRUN_TEST_EVERY_STORAGE_(KIND, lin_di4)
+#define GRUN_TEST_SHARED_ALL_NO2(KIND) GRUN_TEST_EVERY_STORAGE_(KIND, all_no2)
+
+GRUN_TEST_SHARED_LIN_LO4(EXTERN)
+GRUN_TEST_SHARED_MLP_LO4(EXTERN)
+GRUN_TEST_SHARED_LIN_DI4(EXTERN)
+GRUN_TEST_SHARED_ALL_NO2(EXTERN)
