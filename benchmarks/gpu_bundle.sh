@@ -8,7 +8,7 @@
 # the CUDA tests. Built here (same nvcc 13.0; glibc ≥ 2.34, libstdc++ of GCC 12 needed there), the
 # slot only runs the programs:
 #
-#   benchmarks/gpu_bundle.sh                              # here: ~13 min of nvcc on 2 cores
+#   benchmarks/gpu_bundle.sh                              # here: ~16 min of nvcc on 2 cores
 #   benchmarks/gpu_check.sh --prebuilt build-gpu-bundle   # there: tests, bench_cuda, PyTorch, table
 #   benchmarks/gpu_slot.sh --bundle build-gpu-bundle.tar.gz   # or: the whole call, from the archive
 #
