@@ -14,11 +14,12 @@
 #
 # The bundle: bin/ (every tests/cuda test, examples' device_loop_cuda, bench_cuda, and
 # tests/torch_cuda's test_torch_adapter_cuda where a CUDA libtorch was fetched; stripped),
-# lib/libcudart.so.13 (cuBLASLt, 0.5 GB, is taken from the GPU machine's CUDA or PyTorch), and
+# lib/ (libcudart.so.13, and the tests' shared cases, libgrun_cuda_test_instances.so; cuBLASLt,
+# 0.5 GB, is taken from the GPU machine's CUDA or PyTorch; the scripts put lib/ on LD_LIBRARY_PATH), and
 # MANIFEST (the commit, whether the tree had changes, the architectures, nvcc's version, the torch
 # version test_torch_adapter_cuda was linked with). It is
 # written to DIR.tmp and renamed to DIR only when complete: a failed build never leaves a bundle.
-# The same bundle is also written as DIR.tar.gz (about 45% of the folder's size): a device call carries
+# The same bundle is also written as DIR.tar.gz (about 43% of the folder's size): a device call carries
 # at most 64 MiB with the working tree and the folder alone is ~79 MiB, so carry the archive
 # (gpu_slot.sh --bundle DIR.tar.gz unpacks it there). It too is written under a temporary name first.
 #
@@ -88,9 +89,18 @@ if [[ -n $torch_target ]]; then
   torch_dir="$(sed -n 's/^GRUN_TORCH_CUDA_DIR:PATH=//p' "$build/grun/CMakeCache.txt")"
   torch_version="$(cat "$torch_dir/VERSION" 2>/dev/null || echo unknown)"
 fi
+cp "$build/grun/tests/cuda/libgrun_cuda_test_instances.so" "$staging/lib/"
 strip "$staging"/bin/*
+strip --strip-unneeded "$staging"/lib/libgrun_cuda_test_instances.so
 cudart="$(ldd "$staging/bin/bench_cuda" | awk '/libcudart\.so/ { print $3 }')"
 [[ -n $cudart ]] && cp -L "$cudart" "$staging/lib/"
+
+# Every test program starts from the bundle, as it will there (its [nodevice] cases need no GPU): a
+# library left out of lib/ fails here, not in the slot.
+for t in $tests; do
+  LD_LIBRARY_PATH="$staging/lib" "$staging/bin/$t" "[nodevice]" >"$build/nodevice-$t.log" 2>&1 \
+    || { tail -n 20 "$build/nodevice-$t.log" >&2; echo "gpu_bundle.sh: $t does not run from the bundle, no bundle written" >&2; exit 1; }
+done
 
 commit="$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)"
 dirty="$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null | head -c1)"

@@ -3,6 +3,7 @@
 // The other fused cases live in test_cuda_intervention_fused_{direft,ranks,generic,mlp}.cu, so nvcc
 // compiles them in parallel.
 #include "fused_intervention_check.hpp"
+#include "instance_knobs.hpp"
 
 using namespace grun::test::fused_case;
 
@@ -11,6 +12,17 @@ static_assert(grun::detail::intervention_impl<grun::exec::cuda_t, lin_lo4>::fuse
 TEST_CASE("fused intervention: policy selection needs no device", "[nodevice][intervention]") {
   CHECK(grun::cuda::fused::supported<grun::gate::always, grun::reft::noreft<2>, grun::ortho::none>);
   CHECK_FALSE(grun::cuda::fused::supported<grun::gate::mlp<>, grun::reft::loreft<4>, grun::ortho::qr_retraction>);
+}
+
+// The shared cases run in the instance library (a shared library); the schedule tests set the knobs
+// here. One copy of each knob, or those tests would run the default schedule only (instance_knobs.hpp).
+TEST_CASE("fused intervention: the instance library reads the schedule knobs this program sets", "[nodevice]") {
+  const auto library = schedule_knobs_seen_by_instances();
+  const auto program = schedule_knobs_seen_here();
+  CHECK(library.forward_plan == program.forward_plan);
+  CHECK(library.coef_plan == program.coef_plan);
+  CHECK(library.slot_plan == program.slot_plan);
+  CHECK(library.slot_limit == program.slot_limit);
 }
 
 // The public question: which configurations exec::cuda runs on the fused kernels (the mlp gate's
