@@ -3,7 +3,7 @@
 // The other fused cases live in test_cuda_intervention_fused_{direft,ranks,generic,mlp}.cu, so nvcc
 // compiles them in parallel.
 #include "fused_intervention_check.hpp"
-#include "instance_knobs.hpp"
+#include "instances_knobs.hpp"
 
 using namespace grun::test::fused_case;
 
@@ -15,7 +15,7 @@ TEST_CASE("fused intervention: policy selection needs no device", "[nodevice][in
 }
 
 // The shared cases run in the instance library (a shared library); the schedule tests set the knobs
-// here. One copy of each knob, or those tests would run the default schedule only (instance_knobs.hpp).
+// here. One copy of each knob, or those tests would run the default schedule only (instances_knobs.hpp).
 TEST_CASE("fused intervention: the instance library reads the schedule knobs this program sets", "[nodevice]") {
   const auto library = schedule_knobs_seen_by_instances();
   const auto program = schedule_knobs_seen_here();

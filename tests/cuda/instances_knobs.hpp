@@ -1,5 +1,5 @@
 #pragma once
-// tests/cuda/instance_knobs.hpp — where the instance library (grun_cuda_test_instances, a shared
+// tests/cuda/instances_knobs.hpp — where the instance library (grun_cuda_test_instances, a shared
 // library: tests/cuda/CMakeLists.txt) finds the fused kernels' schedule knobs. The knobs are inline
 // variables (kernels/grun/cuda/fused/schedules.cuh) that the tests set before running a case; the
 // cases themselves run in the library. A program and a shared library each carry a definition of an
