@@ -553,11 +553,13 @@ struct intervention_impl<exec::host_t, gated_intervention<G, R, O>> {
   /// Rows in blocks when either policy has a block form: the gate's block size if it has one, else
   /// the ReFT's; within a block the ReFT takes reft_rows at a time (1: row by row).
   static constexpr bool row_blocks = gate_blocks || reft_blocks;
-  static consteval index_t reft_rows() {
+  // constexpr, not consteval: clang 14 rejects a consteval member called from another member of a
+  // class template (the call is an immediate invocation in a dependent context it will not fold).
+  static constexpr index_t reft_rows() {
     if constexpr (reft_blocks) return R::host_block_rows;
     else return 1;
   }
-  static consteval index_t block_rows() {
+  static constexpr index_t block_rows() {
     if constexpr (gate_blocks) return G::host_block_rows;
     else return reft_rows();
   }

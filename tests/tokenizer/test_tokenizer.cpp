@@ -440,9 +440,11 @@ TEST_CASE("tokenizer: hostile input on the model vocabulary round-trips and fini
       {"500,000 x 'ab '", [] { std::string s; for (int i = 0; i < 500'000; ++i) s += "ab "; return s; }()},
       {"mixed", mixed},
   };
-  for (const auto& [name, s] : inputs) {
+  for (const auto& input : inputs) {
+    const auto& [name, s] = input;
+    const std::string& text = s;  // a lambda may not capture a structured binding before clang 16
     std::vector<std::int32_t> ids;
-    const auto [wall, cpu] = seconds([&] { ids = tok.encode(s); });
+    const auto [wall, cpu] = seconds([&] { ids = tok.encode(text); });
     std::cout << "tokenizer: encode " << name << " (" << s.size() << " bytes) -> " << ids.size() << " tokens in " << wall
               << " s wall, " << cpu << " s CPU" << std::endl;
     CHECK(tok.decode(ids) == kept(s));

@@ -789,9 +789,11 @@ class intervention_stack final : public any_intervention_stack {
       pos.validate(h.numel() / d_, "torch_adapter::intervention_stack");
       return {h, at::empty({0, pos.size()}, h.options())};
     }
-    const auto [frozen, flat] = split();
+    // (frozen modules, trainable module) as a pair: before clang 16 a lambda may not capture a
+    // structured binding.
+    const std::pair<Tensor, Tensor> parts = split();
     return detail::in_param_dtype(h, modules_.front(), [&](const Tensor& x) {
-      return apply_stack<grun_type>(x, frozen, flat, rows, scale());
+      return apply_stack<grun_type>(x, parts.first, parts.second, rows, scale());
     });
   }
   void append(std::uint64_t seed) override {
