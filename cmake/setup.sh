@@ -10,6 +10,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 packages=(
   build-essential cmake ninja-build pkg-config
   ccache                  # a rebuild (another clone, CI again) compiles only what changed
+  clang                   # the second compiler: `--preset clang` builds the host library's tests with it
   libboost1.81-dev        # Boost.PFR: reflection over parameter structs
   catch2                  # tests (Catch2 v2)
   libbenchmark-dev        # Google Benchmark
