@@ -441,10 +441,10 @@ TEST_CASE("tokenizer: hostile input on the model vocabulary round-trips and fini
       {"mixed", mixed},
   };
   for (const auto& input : inputs) {
-    const auto& [name, s] = input;
-    const std::string& text = s;  // a lambda may not capture a structured binding before clang 16
+    const auto& name = input.first;
+    const std::string& s = input.second;  // not a structured binding: the lambda below captures it (clang < 16)
     std::vector<std::int32_t> ids;
-    const auto [wall, cpu] = seconds([&] { ids = tok.encode(text); });
+    const auto [wall, cpu] = seconds([&] { ids = tok.encode(s); });
     std::cout << "tokenizer: encode " << name << " (" << s.size() << " bytes) -> " << ids.size() << " tokens in " << wall
               << " s wall, " << cpu << " s CPU" << std::endl;
     CHECK(tok.decode(ids) == kept(s));
