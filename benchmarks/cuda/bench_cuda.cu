@@ -371,10 +371,11 @@ void bench_schedules(const std::string& name, index_t T_, index_t d) {
       // backward from them with both its kernels on tensor cores.
       {{fd::forward_schedule::tensor_pipelined, fd::coef_schedule::tensor, fd::slot_schedule::tensor, run.slots, true},
        "_fwdbwd_pipelined_tensor_saved"}};
-  for (const auto& [config, suffix] : fwdbwd_plans) {
-    const std::string key = name + suffix;
-    opt_in_row(key, config, true, [&] {
-      timed_row(key, 5.0 * elems * 2, [&] { config.from_kept ? in.fwd_bwd_kept() : (in.fwd(in.outv()), in.bwd()); }, 1, 5);
+  for (const auto& plan : fwdbwd_plans) {  // a member, not a structured binding: the lambdas capture it
+    const std::string key = name + plan.suffix;
+    opt_in_row(key, plan.config, true, [&] {
+      timed_row(key, 5.0 * elems * 2, [&] { plan.config.from_kept ? in.fwd_bwd_kept() : (in.fwd(in.outv()), in.bwd()); },
+                1, 5);
     });
   }
 }
