@@ -2,18 +2,20 @@
 # Fetches a CUDA build of libtorch's C++ side (headers, libc10, libc10_cuda, libtorch_cpu) so that
 # nvcc can build the libtorch adapter's CUDA path (grun/adapters/torch.hpp with GRUN_TORCH_CUDA) and
 # its test, tests/torch_cuda. Debian's libtorch-dev has no CUDA; PyPI's torch wheel is a CUDA 13.0
-# build (its dependencies name cuda-toolkit 13.0.2), the CUDA this machine's nvcc is.
+# build (its dependencies name cuda-toolkit 13.0.2), the CUDA this machine's nvcc is. Its CPU side
+# (libtorch_cpu, libc10) is also the libtorch the clang preset builds the adapter's test against
+# (GRUN_TORCH_FROM_WHEEL): Debian's 1.13 headers do not compile as C++20 under clang.
 #
 #   cmake/fetch_torch_cuda.sh            # download (if needed), verify, extract; print the directory
 #   cmake/fetch_torch_cuda.sh --print    # only print where the directory is expected (no network)
 #
 # Where it goes: ${GRUN_CACHE_DIR:-$HOME/.cache/grun}/torch-2.11.0-cu130 with include/, lib/ and
 # VERSION — the layout of an installed torch package (site-packages/torch), so CMake's
-# -DGRUN_TORCH_CUDA_DIR may name either. Only what building and linking need is kept (~490 MB of the
-# wheel's 1 GB): libtorch_cuda.so is not, the test loads it at run time, and only on a machine with
-# a GPU, from the torch installed there (tests/torch_cuda/CMakeLists.txt says why). Idempotent; the
-# wheel's sha256 is pinned; any failure exits non-zero with a message, and a partial directory is
-# never left where CMake looks.
+# -DGRUN_TORCH_CUDA_DIR and -DGRUN_TORCH_WHEEL_DIR may name either. Only what building and linking
+# need is kept (~490 MB of the wheel's 1 GB): libtorch_cuda.so is not, the test loads it at run
+# time, and only on a machine with a GPU, from the torch installed there
+# (tests/torch_cuda/CMakeLists.txt says why). Idempotent; the wheel's sha256 is pinned; any failure
+# exits non-zero with a message, and a partial directory is never left where CMake looks.
 set -euo pipefail
 
 readonly torch_version="2.11.0"
