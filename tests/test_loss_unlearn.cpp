@@ -386,8 +386,8 @@ TEST_CASE("every loss: finite-difference gradients in double through the objecti
 
 TEST_CASE("objective: terms, weights and warm-up", "[loss][objective]") {
   using obj_t = loss::objective<loss::npo, loss::retain_nll, loss::gate_bce>;
-  static_assert(obj_t::forget_policy::needs_reference && !obj_t::retain_policy::needs_reference);
-  static_assert(obj_t::gate_policy::needs_gates);
+  static_assert(obj_t::forget_policy::needs.reference && !obj_t::retain_policy::needs.reference);
+  static_assert(obj_t::gate_policy::needs.gates);
   static_assert(std::is_same_v<loss::grad_diff<>, loss::objective<loss::ga, loss::retain_nll, loss::gate_bce>>);
   obj_t obj{.w_retain = 2, .w_gate = 10, .warmup_steps = 4};
   CHECK(obj.warmup(0) == 0);
@@ -580,8 +580,7 @@ namespace {
 struct forget_hinge {
   static constexpr const char* name = "forget_hinge";
   static constexpr loss::loss_role slot = loss::loss_role::forget;
-  static constexpr bool needs_nll = true, needs_reference = false, needs_refusal = false, needs_hidden = false,
-                        needs_logits = false, needs_gates = false;
+  static constexpr loss::loss_needs needs{.nll = true};  // the rest false
   double tau = 5;
   template <executor E, class T>
   acc_t<T> evaluate(const E&, const loss::inputs<T>& in, const loss::grads<T>& g, acc_t<T> w) const {
@@ -600,6 +599,11 @@ struct forget_hinge {
 static_assert(loss::loss_policy<forget_hinge>);
 struct not_a_policy { static constexpr const char* name = "x"; };
 static_assert(!loss::loss_policy<not_a_policy>);
+/// needs must be a constant: a training loop reads it in if constexpr.
+struct runtime_needs : forget_hinge {
+  static inline loss::loss_needs needs{.nll = true};
+};
+static_assert(!loss::loss_policy<runtime_needs>);
 }  // namespace
 
 TEST_CASE("objective: a user-defined loss policy composes like a shipped one", "[loss][objective]") {

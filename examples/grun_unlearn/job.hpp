@@ -290,11 +290,11 @@ objective_fn make_objective(Forget f, Retain r, const job_config& cfg, std::stri
   obj_t obj{.forget = f, .retain = r, .gate = {}, .w_retain = cfg.w_retain, .w_gate = cfg.w_gate, .warmup_steps = cfg.warmup};
   objective_fn o;
   o.name = std::move(name);
-  o.needs_reference = Forget::needs_reference || Retain::needs_reference;
-  o.needs_refusal = Forget::needs_refusal;
-  o.needs_hidden = Forget::needs_hidden || Retain::needs_hidden;
-  o.retain_hidden = Retain::needs_hidden;
-  o.needs_logits = Retain::needs_logits;
+  o.needs_reference = Forget::needs.reference || Retain::needs.reference;
+  o.needs_refusal = Forget::needs.refusal;
+  o.needs_hidden = Forget::needs.hidden || Retain::needs.hidden;
+  o.retain_hidden = Retain::needs.hidden;
+  o.needs_logits = Retain::needs.logits;
   o.run = [obj](const grun::loss::inputs<float>& in, const grun::loss::grads<float>& g, index_t step) {
     return obj.value_and_grad(grun::exec::host, in, g, step);
   };

@@ -78,15 +78,22 @@ struct grads {
   side_grads<T, Sp> forget, retain;
 };
 
+/// What a loss reads of inputs<T, Sp>, so that a training loop computes only that. Every member is
+/// false unless a policy says otherwise: a policy names only what it reads.
+struct loss_needs {
+  bool nll = false;        ///< side.nll / count (the side's own answers, under θ)
+  bool reference = false;  ///< the frozen model's outputs (nll_ref, logits_ref or hidden_ref)
+  bool refusal = false;    ///< refusal_nll / refusal_count (and refusal_nll_ref if reference)
+  bool hidden = false;     ///< hidden [P, d] at the intervention / RMU layer
+  bool logits = false;     ///< logits [T, V] and labels
+  bool gates = false;      ///< gate (or gate_logit) values
+};
+
 /// grun::loss::loss_policy — the contract of every loss.
 ///   name             const char*, for logs and error messages
 ///   slot             loss_role: which objective slot it fills (forget, retain, gate, any)
-///   needs_nll        reads side.nll / count (the side's own answers, under θ)
-///   needs_reference  reads the frozen model's outputs (nll_ref, logits_ref or hidden_ref)
-///   needs_refusal    reads refusal_nll / refusal_count (and refusal_nll_ref if needs_reference)
-///   needs_hidden     reads hidden [P, d] at the intervention / RMU layer
-///   needs_logits     reads logits [T, V] and labels
-///   needs_gates      reads gate (or gate_logit) values
+///   needs            loss_needs, a constant: which inputs it reads (a training loop computes only
+///                    those), e.g. static constexpr loss_needs needs{.nll = true, .reference = true};
 ///   evaluate(ex, in, g, weight) -> acc_t<T>: returns L (unweighted) and adds weight · ∂L/∂x into
 ///                    the non-empty views of g; an input with nothing to average gives 0, not NaN.
 ///                    in and g live in ex's memory space (inputs<T, cuda_space> with exec::cuda;
@@ -97,12 +104,8 @@ concept loss_policy = std::copyable<P> && std::default_initializable<P> &&
     requires {
       { P::name } -> std::convertible_to<const char*>;
       { P::slot } -> std::convertible_to<loss_role>;
-      { P::needs_nll } -> std::convertible_to<bool>;
-      { P::needs_reference } -> std::convertible_to<bool>;
-      { P::needs_refusal } -> std::convertible_to<bool>;
-      { P::needs_hidden } -> std::convertible_to<bool>;
-      { P::needs_logits } -> std::convertible_to<bool>;
-      { P::needs_gates } -> std::convertible_to<bool>;
+      { P::needs } -> std::convertible_to<loss_needs>;
+      typename std::bool_constant<loss_needs(P::needs).nll>;  // a constant expression: read in if constexpr
     } &&
     requires(const P& p, const inputs<double>& in, const grads<double>& g, const inputs<float>& inf,
              const grads<float>& gf) {

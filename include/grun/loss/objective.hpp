@@ -10,7 +10,7 @@
 //
 //   using objective = grun::loss::objective<grun::loss::npo, grun::loss::retain_nll, grun::loss::gate_bce>;
 //   objective obj{.w_retain = 1, .w_gate = 10, .warmup_steps = 20};
-//   if constexpr (objective::forget_policy::needs_reference) { ... compute NLL_ref ... }
+//   if constexpr (objective::forget_policy::needs.reference) { ... compute NLL_ref ... }
 //   auto terms = obj.value_and_grad(grun::exec::host, in, g, step);  // g zeroed, then filled
 #include <cmath>
 #include <type_traits>

@@ -241,8 +241,7 @@ void require_hidden(const tensor_view<const T, 2, Sp>& h, const tensor_view<T, 2
 struct ga {
   static constexpr const char* name = "ga";
   static constexpr loss_role slot = loss_role::forget;
-  static constexpr bool needs_nll = true, needs_reference = false, needs_refusal = false, needs_hidden = false,
-                        needs_logits = false, needs_gates = false;
+  static constexpr loss_needs needs{.nll = true};
   nll_reduction reduction = nll_reduction::token_mean;
 
   template <executor E, class T, memory_space Sp>
@@ -262,8 +261,7 @@ struct ga {
 struct npo {
   static constexpr const char* name = "npo";
   static constexpr loss_role slot = loss_role::forget;
-  static constexpr bool needs_nll = true, needs_reference = true, needs_refusal = false, needs_hidden = false,
-                        needs_logits = false, needs_gates = false;
+  static constexpr loss_needs needs{.nll = true, .reference = true};
   double beta = 0.1;
 
   template <executor E, class T, memory_space Sp>
@@ -287,8 +285,7 @@ struct npo {
 struct simnpo {
   static constexpr const char* name = "simnpo";
   static constexpr loss_role slot = loss_role::forget;
-  static constexpr bool needs_nll = true, needs_reference = false, needs_refusal = false, needs_hidden = false,
-                        needs_logits = false, needs_gates = false;
+  static constexpr loss_needs needs{.nll = true};
   double beta = 0.1;
   double gamma = 0.0;
 
@@ -311,8 +308,7 @@ struct simnpo {
 struct idk {
   static constexpr const char* name = "idk";
   static constexpr loss_role slot = loss_role::forget;
-  static constexpr bool needs_nll = false, needs_reference = false, needs_refusal = true, needs_hidden = false,
-                        needs_logits = false, needs_gates = false;
+  static constexpr loss_needs needs{.refusal = true};
   nll_reduction reduction = nll_reduction::token_mean;
 
   template <executor E, class T, memory_space Sp>
@@ -334,8 +330,7 @@ struct idk {
 struct dpo {
   static constexpr const char* name = "dpo";
   static constexpr loss_role slot = loss_role::forget;
-  static constexpr bool needs_nll = true, needs_reference = true, needs_refusal = true, needs_hidden = false,
-                        needs_logits = false, needs_gates = false;
+  static constexpr loss_needs needs{.nll = true, .reference = true, .refusal = true};
   double beta = 0.1;
 
   template <executor E, class T, memory_space Sp>
@@ -365,8 +360,7 @@ struct dpo {
 struct rmu {
   static constexpr const char* name = "rmu";
   static constexpr loss_role slot = loss_role::forget;
-  static constexpr bool needs_nll = false, needs_reference = false, needs_refusal = false, needs_hidden = true,
-                        needs_logits = false, needs_gates = false;
+  static constexpr loss_needs needs{.hidden = true};
   double c = 20.0;
 
   template <executor E, class T, memory_space Sp>
@@ -409,8 +403,7 @@ buffer<Acc> rmu_direction(index_t d, std::uint64_t seed) {
 struct retain_nll {
   static constexpr const char* name = "retain_nll";
   static constexpr loss_role slot = loss_role::retain;
-  static constexpr bool needs_nll = true, needs_reference = false, needs_refusal = false, needs_hidden = false,
-                        needs_logits = false, needs_gates = false;
+  static constexpr loss_needs needs{.nll = true};
   nll_reduction reduction = nll_reduction::token_mean;
 
   template <executor E, class T, memory_space Sp>
@@ -425,8 +418,7 @@ struct retain_nll {
 struct retain_kl {
   static constexpr const char* name = "retain_kl";
   static constexpr loss_role slot = loss_role::retain;
-  static constexpr bool needs_nll = false, needs_reference = true, needs_refusal = false, needs_hidden = false,
-                        needs_logits = true, needs_gates = false;
+  static constexpr loss_needs needs{.reference = true, .logits = true};
 
   template <executor E, class T, memory_space Sp>
   acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
@@ -466,8 +458,7 @@ struct retain_kl {
 struct rmu_retain {
   static constexpr const char* name = "rmu_retain";
   static constexpr loss_role slot = loss_role::retain;
-  static constexpr bool needs_nll = false, needs_reference = true, needs_refusal = false, needs_hidden = true,
-                        needs_logits = false, needs_gates = false;
+  static constexpr loss_needs needs{.reference = true, .hidden = true};
 
   template <executor E, class T, memory_space Sp>
   acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
@@ -495,8 +486,7 @@ struct rmu_retain {
 struct gate_bce {
   static constexpr const char* name = "gate_bce";
   static constexpr loss_role slot = loss_role::gate;
-  static constexpr bool needs_nll = false, needs_reference = false, needs_refusal = false, needs_hidden = false,
-                        needs_logits = false, needs_gates = true;
+  static constexpr loss_needs needs{.gates = true};
   double eps = 1e-6;
 
   template <executor E, class T, memory_space Sp>
@@ -518,8 +508,7 @@ struct gate_bce {
 struct gate_bce_logits {
   static constexpr const char* name = "gate_bce_logits";
   static constexpr loss_role slot = loss_role::gate;
-  static constexpr bool needs_nll = false, needs_reference = false, needs_refusal = false, needs_hidden = false,
-                        needs_logits = false, needs_gates = true;
+  static constexpr loss_needs needs{.gates = true};
 
   template <executor E, class T, memory_space Sp>
   acc_t<T> evaluate(const E& ex, const inputs<T, Sp>& in, const grads<T, Sp>& g, acc_t<T> weight) const {
@@ -539,8 +528,7 @@ struct gate_bce_logits {
 struct none {
   static constexpr const char* name = "none";
   static constexpr loss_role slot = loss_role::any;
-  static constexpr bool needs_nll = false, needs_reference = false, needs_refusal = false, needs_hidden = false,
-                        needs_logits = false, needs_gates = false;
+  static constexpr loss_needs needs{};
 
   template <executor E, class T, memory_space Sp>
   acc_t<T> evaluate(const E&, const inputs<T, Sp>&, const grads<T, Sp>&, acc_t<T>) const { return acc_t<T>(0); }
