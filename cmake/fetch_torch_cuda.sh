@@ -3,7 +3,7 @@
 # nvcc can build the libtorch adapter's CUDA path (grun/adapters/torch.hpp with GRUN_TORCH_CUDA) and
 # its test, tests/torch_cuda. Debian's libtorch-dev has no CUDA; PyPI's torch wheel is a CUDA 13.0
 # build (its dependencies name cuda-toolkit 13.0.2), the CUDA this machine's nvcc is. Its CPU side
-# (libtorch_cpu, libc10) is also the libtorch the clang preset builds the adapter's test against
+# (libtorch_cpu, libc10) is also the libtorch the clang preset builds its libtorch parts against
 # (GRUN_TORCH_FROM_WHEEL): Debian's 1.13 headers do not compile as C++20 under clang.
 #
 #   cmake/fetch_torch_cuda.sh            # download (if needed), verify, extract; print the directory

@@ -51,8 +51,8 @@ if [ -x "$here/cmake/fetch_dlpack.sh" ]; then
 fi
 # libtorch 2.11's C++ side, a CUDA build (Debian's libtorch-dev is 1.13, without CUDA), from PyPI's
 # torch wheel (once; cached likewise): for nvcc to build the libtorch adapter's CUDA path and its test
-# (tests/torch_cuda), and for the clang preset to build and run the adapter's test with clang (Debian's
-# 1.13 headers do not compile as C++20 under clang).
+# (tests/torch_cuda), and for the clang preset to build and run every libtorch part but the op library
+# with clang (Debian's 1.13 headers do not compile as C++20 under clang).
 if [ -x "$here/cmake/fetch_torch_cuda.sh" ]; then
   "$here/cmake/fetch_torch_cuda.sh"
 fi
