@@ -1,5 +1,5 @@
 #pragma once
-// grun/exec/cuda.hpp — the CUDA executor tag: exec::cuda{stream}, chosen like thrust::device.
+// grun/exec/cuda.hpp — the CUDA executor tag: exec::cuda(stream), chosen like thrust::device.
 //
 // The tag itself is plain C++ so host code can name it; the algorithms it dispatches to live in
 // kernels/ and are only visible when the translation unit is compiled by nvcc.
