@@ -2,6 +2,8 @@
 // the rotate_layer transposition, 16-bit dtypes, and every metadata / tensor mismatch rejected.
 #include <catch2/catch.hpp>
 
+#include "test_files.hpp"
+
 #include <grun/gate/always.hpp>
 #include <grun/gate/linear.hpp>
 #include <grun/gate/mlp.hpp>
@@ -20,17 +22,9 @@ namespace fs = std::filesystem;
 using namespace grun;
 using namespace grun::io;
 
-namespace {
+using grun_test::temp_dir;
 
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    path = fs::temp_directory_path() / ("grun_adapter_" + std::to_string(std::random_device{}()));
-    fs::create_directories(path);
-  }
-  ~temp_dir() { std::error_code ec; fs::remove_all(path, ec); }
-  std::size_t entries() const { return std::distance(fs::directory_iterator(path), fs::directory_iterator{}); }
-};
+namespace {
 
 template <class Owned>
 bool same_bytes(const Owned& a, const Owned& b) {
@@ -46,17 +40,6 @@ bool same_params(const P& a, const P& b) {
   return ok;
 }
 
-#define REQUIRE_THROWS_CONTAINING(expr, E, fragment)                           \
-  do {                                                                         \
-    bool grun_thrown_ = false;                                                 \
-    try { (void)(expr); } catch (const E& e_) {                                \
-      grun_thrown_ = true;                                                     \
-      INFO("message: " << e_.what());                                          \
-      CHECK_THAT(std::string(e_.what()), Catch::Matchers::Contains(fragment)); \
-    }                                                                          \
-    REQUIRE(grun_thrown_);                                                     \
-  } while (0)
-
 using linear_loreft = gated_intervention<gate::linear, reft::loreft<4>>;
 using mlp_loreft = gated_intervention<gate::mlp<8, 4>, reft::loreft<4>>;
 
@@ -70,7 +53,7 @@ adapter_info one_site(index_t layer = 20) {
 }  // namespace
 
 TEST_CASE("adapter io: a module round-trips bitwise with pyreft key names", "[adapter_io]") {
-  temp_dir dir;
+  temp_dir dir("grun_adapter_");
   const auto path = dir.path / "a.safetensors";
   const index_t d = 16;
   linear_loreft::module<float> m(d, 1);
@@ -115,7 +98,7 @@ TEST_CASE("adapter io: a module round-trips bitwise with pyreft key names", "[ad
 
 TEST_CASE("adapter io: multi-site stacks round-trip bitwise (mlp gate, K = 2, stack scale)", "[adapter_io]") {
   using stack = intervention_stack<gate::mlp<8, 4>, reft::loreft<4>>;
-  temp_dir dir;
+  temp_dir dir("grun_adapter_");
   const auto path = dir.path / "s.safetensors";
   const index_t d = 12;
   std::vector<stack> sites;
@@ -179,7 +162,7 @@ TEST_CASE("adapter io: multi-site stacks round-trip bitwise (mlp gate, K = 2, st
 }
 
 TEST_CASE("adapter io: BF16 / F16 saves", "[adapter_io]") {
-  temp_dir dir;
+  temp_dir dir("grun_adapter_");
   const index_t d = 8;
   linear_loreft::module<float> m(d, 5);
   // make every parameter exactly representable in bf16 and f16 (few mantissa bits, moderate range)
@@ -208,7 +191,7 @@ TEST_CASE("adapter io: BF16 / F16 saves", "[adapter_io]") {
 }
 
 TEST_CASE("adapter io: loading checks kinds, rank, hidden size and fingerprint", "[adapter_io]") {
-  temp_dir dir;
+  temp_dir dir("grun_adapter_");
   const auto path = dir.path / "a.safetensors";
   linear_loreft::module<float> m(16, 1);
   save_adapter(path, m, one_site());
@@ -263,7 +246,7 @@ TEST_CASE("adapter io: loading checks kinds, rank, hidden size and fingerprint",
 }
 
 TEST_CASE("adapter io: missing, unexpected, misshapen or non-finite tensors are rejected", "[adapter_io]") {
-  temp_dir dir;
+  temp_dir dir("grun_adapter_");
   const auto path = dir.path / "a.safetensors";
   const index_t d = 8;
   linear_loreft::module<float> m(d, 1);
@@ -336,7 +319,7 @@ TEST_CASE("adapter io: missing, unexpected, misshapen or non-finite tensors are 
 
 TEST_CASE("adapter io: householder saves R for pyreft and the raw vectors for itself", "[adapter_io]") {
   using hh = gated_intervention<gate::linear, reft::loreft<4>, ortho::householder>;
-  temp_dir dir;
+  temp_dir dir("grun_adapter_");
   const auto path = dir.path / "h.safetensors";
   const index_t d = 10;
   hh::module<double> m(d, 4);
@@ -363,7 +346,7 @@ TEST_CASE("adapter io: householder saves R for pyreft and the raw vectors for it
 }
 
 TEST_CASE("adapter io: gate::always and direft have their own key sets", "[adapter_io]") {
-  temp_dir dir;
+  temp_dir dir("grun_adapter_");
   const auto path = dir.path / "x.safetensors";
   gated_intervention<gate::always, reft::loreft<2>>::module<float> plain(6, 1);
   save_adapter(path, plain, one_site(1));
@@ -385,7 +368,7 @@ TEST_CASE("adapter io: gate::always and direft have their own key sets", "[adapt
 }
 
 TEST_CASE("adapter io: bad save requests and unwritable paths", "[adapter_io]") {
-  temp_dir dir;
+  temp_dir dir("grun_adapter_");
   linear_loreft::module<float> m(8, 1);
   adapter_info none;
   REQUIRE_THROWS_AS(save_adapter(dir.path / "a.safetensors", m, none), shape_error);  // no layer
@@ -399,7 +382,7 @@ TEST_CASE("adapter io: bad save requests and unwritable paths", "[adapter_io]") 
 
 TEST_CASE("adapter io: half parameters' AdamW state is saved in fp32; files with half moments still load",
           "[adapter_io][optim]") {
-  temp_dir dir;
+  temp_dir dir("grun_adapter_");
   using params = linear_loreft::params<half>;
   linear_loreft::module<half> m(8, 1);
   auto& grads = m.owned_gradients();
@@ -438,7 +421,7 @@ TEST_CASE("adapter io: half parameters' AdamW state is saved in fp32; files with
 }
 
 TEST_CASE("adapter io: AdamW state round-trips and training resumes bit for bit", "[adapter_io][optim]") {
-  temp_dir dir;
+  temp_dir dir("grun_adapter_");
   const auto path = dir.path / "opt.safetensors";
   using params = linear_loreft::params<float>;
   linear_loreft::module<float> m(8, 1);

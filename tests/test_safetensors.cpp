@@ -2,6 +2,8 @@
 // rule rejected with format_error (each bad file crafted byte by byte below).
 #include <catch2/catch.hpp>
 
+#include "test_files.hpp"
+
 #include <grun/io/atomic_file.hpp>
 #include <grun/io/safetensors.hpp>
 
@@ -20,6 +22,8 @@ namespace fs = std::filesystem;
 using namespace grun;
 using namespace grun::io;
 
+using grun_test::temp_dir;
+
 namespace {
 
 std::vector<std::byte> raw_file(std::uint64_t header_len, const std::string& header, std::size_t data_bytes,
@@ -37,28 +41,6 @@ safetensors_file parse(std::vector<std::byte> b, read_options o = {}) {
   return safetensors_file::from_bytes(std::move(b), o, "test.safetensors");
 }
 
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    path = fs::temp_directory_path() / ("grun_st_" + std::to_string(std::random_device{}()));
-    fs::create_directories(path);
-  }
-  ~temp_dir() { std::error_code ec; fs::remove_all(path, ec); }
-  std::size_t entries() const { return std::distance(fs::directory_iterator(path), fs::directory_iterator{}); }
-};
-
-/// Requires `expr` to throw E whose message contains `fragment` (Catch2 v2 has no
-/// REQUIRE_THROWS_WITH_AS).
-#define REQUIRE_THROWS_CONTAINING(expr, E, fragment)                                   \
-  do {                                                                                 \
-    bool grun_thrown_ = false;                                                         \
-    try { (void)(expr); } catch (const E& e_) {                                        \
-      grun_thrown_ = true;                                                             \
-      INFO("message: " << e_.what());                                                  \
-      CHECK_THAT(std::string(e_.what()), Catch::Matchers::Contains(fragment));         \
-    }                                                                                  \
-    REQUIRE(grun_thrown_);                                                             \
-  } while (0)
 #define REQUIRE_FORMAT_ERROR(expr, fragment) REQUIRE_THROWS_CONTAINING(expr, grun::format_error, fragment)
 
 }  // namespace
@@ -76,7 +58,7 @@ TEST_CASE("safetensors: F32/F64 round trip is bitwise, metadata preserved", "[sa
   recs.push_back(make_tensor<double>("b", {3}, b));
   const metadata_map meta = {{"format", "grun"}, {"rank", "4"}};
 
-  temp_dir dir;
+  temp_dir dir("grun_st_");
   const auto path = dir.path / "x.safetensors";
   write_safetensors(path, recs, meta);
   REQUIRE(dir.entries() == 1);  // no temp file left
@@ -375,7 +357,7 @@ TEST_CASE("safetensors: the bytes of a tensor_info not from this file are refuse
 }
 
 TEST_CASE("atomic_file: unwritable path fails clearly and leaves nothing behind", "[safetensors][atomic]") {
-  temp_dir dir;
+  temp_dir dir("grun_st_");
   std::vector<tensor_record> recs{make_tensor<float>("a", {1}, std::vector<float>{1.0f})};
 
   SECTION("directory does not exist") {
