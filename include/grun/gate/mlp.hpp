@@ -5,6 +5,7 @@
 // reference names "0.weight", "2.weight", "4.weight".
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <string_view>
 #include <type_traits>
 #include <vector>
@@ -219,9 +220,13 @@ struct mlp {
         for (int v = 0; v < NV; ++v) acc[m][v] += wv * hv[v];
       }
     }
-    for (int m = 0; m < MR && i0 + m < H1; ++m)
-      GRUN_UNROLL
-      for (int v = 0; v < NV; ++v) detail::gemm_store(z + (i0 + m) * BP + v * VL, acc[m][v]);
+    // Unrolled with the bound inside: an index into acc known only at run time would keep the
+    // whole array in memory (clang then spills the accumulators in the loop above; GCC coped).
+    GRUN_UNROLL
+    for (int m = 0; m < MR; ++m)
+      if (i0 + m < H1)
+        GRUN_UNROLL
+        for (int v = 0; v < NV; ++v) detail::gemm_store(z + (i0 + m) * BP + v * VL, acc[m][v]);
   }
 
   /// scratch[b][i] = relu(b1[i] + Σ_j W1[i][j] h[b][j]) for b < B ≤ host_block_rows: the GEMM
@@ -248,8 +253,10 @@ struct mlp {
       for (index_t b = 0; b < nvec * VL; ++b) {  // ht[j][b] = h[b][j0 + j]; rows past B are zero
         if (b < B) {
           const Acc* hb = h[b] + j0;
+          GRUN_NO_VECTORIZE
           for (index_t j = 0; j < kc; ++j) ht[j * BP + b] = hb[j];
         } else {
+          GRUN_NO_VECTORIZE
           for (index_t j = 0; j < kc; ++j) ht[j * BP + b] = Acc(0);
         }
       }
@@ -435,9 +442,8 @@ struct mlp {
       const bool pack = B > NB;
       std::vector<Acc> slab(pack ? std::size_t(H1 * SW) : 0);
       for (; j0 + SW <= d; j0 += SW) {
-        if (pack)
-          for (index_t i = 0; i < H1; ++i)
-            for (index_t u = 0; u < SW; ++u) slab[std::size_t(i * SW + u)] = p.w1.row(i)[j0 + u];
+        if (pack)  // row by row with memcpy: clang copied the slab's elements one scalar at a time
+          for (index_t i = 0; i < H1; ++i) std::memcpy(slab.data() + i * SW, p.w1.row(i) + j0, sizeof(Acc) * SW);
         for (index_t b0 = 0; b0 < B; b0 += NB) {
           const int nb = int(B - b0 < NB ? B - b0 : NB);
           V acc[NB][U];
@@ -461,9 +467,11 @@ struct mlp {
               for (int u = 0; u < U; ++u) acc[k][u] += cv * wv[u];
             }
           }
-          for (int k = 0; k < nb; ++k)
-            GRUN_UNROLL
-            for (int u = 0; u < U; ++u) detail::gemm_store(dh[b0 + k] + j0 + u * VL, acc[k][u]);
+          GRUN_UNROLL  // the bound inside, as in gemm_tile: acc stays in registers
+          for (int k = 0; k < NB; ++k)
+            if (k < nb)
+              GRUN_UNROLL
+              for (int u = 0; u < U; ++u) detail::gemm_store(dh[b0 + k] + j0 + u * VL, acc[k][u]);
         }
       }
     }
