@@ -25,7 +25,7 @@
 
 /// Keep a loop scalar: for the strided copies (a transpose's writes) that clang would otherwise
 /// vectorize into AVX-512 scatter stores, slower than the scalar stores they replace on the AMD EPYC
-/// (Zen 4) grun is benchmarked on. GCC 12 leaves such loops scalar by itself.
+/// (AVX-512) grun is benchmarked on. GCC 12 leaves such loops scalar by itself.
 #if defined(__clang__) && !defined(__CUDA_ARCH__)
 #define GRUN_NO_VECTORIZE _Pragma("clang loop vectorize(disable)")
 #else
